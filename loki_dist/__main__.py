@@ -1,0 +1,4 @@
+from loki_dist.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Where each model family keeps its FFN down-projections.
+
+LoKI only ever touches one weight per decoder layer: the Linear F -> D that ends the MLP. Families name
+it differently, so this module is the single place that knows the names; everything else asks it for
+`down_proj_name(l)` (the tensor name in the safetensors files) or `down_projections(model)` (the
+modules), and gets shapes from the config without loading any weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from loki_dist.errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    layers: str  # attribute path from the *ForCausalLM module to the list of decoder layers
+    down_proj: str  # attribute path from one decoder layer to its down-projection Linear
+
+
+_DECODER = Family(layers="model.layers", down_proj="mlp.down_proj")
+
+FAMILIES: dict[str, Family] = {
+    "llama": _DECODER,
+    "mistral": _DECODER,
+    "qwen2": _DECODER,
+    "qwen3": _DECODER,
+    "gemma2": _DECODER,
+    "gemma3_text": _DECODER,
+    "phi3": _DECODER,
+    "gpt_neox": Family(layers="gpt_neox.layers", down_proj="mlp.dense_4h_to_h"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shapes LoKI needs: L layers, each with a down_proj weight of torch shape [D, F]."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
+
+    def down_proj_name(self, layer: int) -> str:
+        return f"{self.family.layers}.{layer}.{self.family.down_proj}.weight"
+
+    def layer_of(self, tensor_name: str) -> int | None:
+        """The layer whose down_proj weight this tensor is, or None."""
+        prefix, suffix = f"{self.family.layers}.", f".{self.family.down_proj}.weight"
+        if tensor_name.startswith(prefix) and tensor_name.endswith(suffix):
+            middle = tensor_name[len(prefix) : -len(suffix)]
+            if middle.isdigit():
+                return int(middle)
+        return None
+
+
+def spec_from_config(config: dict | object) -> ModelSpec:
+    """Read the shapes from a config (a dict or a transformers PretrainedConfig)."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    model_type = get("model_type")
+    if model_type not in FAMILIES:
+        supported = ", ".join(sorted(FAMILIES))
+        raise UserError(f"model type {model_type!r} is not supported; supported model types: {supported}")
+    return ModelSpec(
+        model_type=model_type,
+        num_layers=int(get("num_hidden_layers")),
+        hidden_size=int(get("hidden_size")),
+        intermediate_size=int(get("intermediate_size")),
+    )
+
+
+def spec_from_dir(model_dir: str | Path) -> ModelSpec:
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"--model {model_dir}: no config.json there; expected a Hugging Face model directory")
+    return spec_from_config(json.loads(config_path.read_text()))
+
+
+def _walk(obj: object, dotted: str) -> object:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def down_projections(model: nn.Module) -> list[nn.Linear]:
+    """The down_proj Linear of every decoder layer, in layer order."""
+    spec = spec_from_config(model.config)
+    layers = _walk(model, spec.family.layers)
+    return [_walk(layer, spec.family.down_proj) for layer in layers]

@@ -1,0 +1,96 @@
+"""Process-group plumbing shared by every stage.
+
+loki_dist is started the same way by torchrun, the deepspeed launcher, accelerate or a bare `srun`; all
+of them describe the job through environment variables, so rank and world size are read from there and
+nothing is hard-coded: NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return default
+
+
+def world_from_env() -> World:
+    """Rank and world size as the launcher set them (torchrun/deepspeed/accelerate first, then srun)."""
+    return World(
+        rank=_env_int("RANK", "SLURM_PROCID", default=0),
+        size=_env_int("WORLD_SIZE", "SLURM_NTASKS", default=1),
+        local_rank=_env_int("LOCAL_RANK", "SLURM_LOCALID", default=0),
+    )
+
+
+def device_for(world: World) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(world.local_rank)
+        return torch.device("cuda", world.local_rank)
+    return torch.device("cpu")
+
+
+def init(world: World, timeout_minutes: int = 30) -> None:
+    """Join the process group when there is more than one process; a single process needs none."""
+    if world.size == 1 or dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", str(world.rank))
+    os.environ.setdefault("WORLD_SIZE", str(world.size))
+    os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly: without the barrier a rank sometimes aborts at exit."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_varlen(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Concatenate 1-D tensors of known, rank-dependent lengths in rank order on every rank.
+
+    The lengths are passed in (every rank can compute them) so that no extra round trip is needed.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    longest = max(sizes)
+    padded = torch.zeros(longest, dtype=local.dtype, device=local.device)
+    padded[: local.numel()] = local
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([chunk[:n] for chunk, n in zip(gathered, sizes, strict=True)])

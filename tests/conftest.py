@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny models written as real Hugging Face directories, and a torchrun runner."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cli(args: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """Run `loki-dist ARGS`, as one plain process or under torchrun with NPROC ranks on loopback."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "loki_dist", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "loki_dist", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 32, intermediate 48) with the built-in tokenizer."""
+    from loki_dist.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny_llama"), "llama", seed=0)
