@@ -50,10 +50,12 @@ def device_for(world: World) -> torch.device:
     return torch.device("cpu")
 
 
-def init(world: World, timeout_minutes: int = 30) -> None:
-    """Join the process group when there is more than one process; a single process needs none."""
-    if world.size == 1 or dist.is_initialized():
+def init(world: World, always: bool = False, timeout_minutes: int = 30) -> None:
+    """Join the process group when there is more than one process (or `always`, as DeepSpeed wants)."""
+    if dist.is_initialized() or (world.size == 1 and not always):
         return
+    if world.size == 1:
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.setdefault("RANK", str(world.rank))
     os.environ.setdefault("WORLD_SIZE", str(world.size))
     os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
@@ -94,3 +96,27 @@ def all_gather_varlen(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(gathered, padded)
     return torch.cat([chunk[:n] for chunk, n in zip(gathered, sizes, strict=True)])
+
+
+def prepare_deepspeed(world: World) -> None:
+    """Make DeepSpeed use the process group we set up, and skip its CPU shared-memory op.
+
+    DeepSpeed always wants a process group (even for one process). On CPU its communication backend
+    otherwise compiles a shared-memory all-reduce kernel at start-up (about 35 s on a fresh machine)
+    that gloo training does not need.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    init(world, always=True)
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
