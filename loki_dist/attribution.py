@@ -1,0 +1,452 @@
+"""`loki-dist attribute`: data-parallel KVA attribution, written as one attribution file.
+
+Each rank scores a contiguous block of the samples (so gathering per-sample scores in rank order gives
+data order back), accumulates the statistics of loki_dist.stats, and all ranks sum them once at the
+end; rank 0 writes the file. With `--ds-config` the model is ZeRO-3-sharded over the ranks for
+inference; ZeRO-3 gathers each layer's parameters collectively, so then every rank makes exactly the
+same forward calls: shards are padded with dummy batches and every batch with dummy samples, whose
+scores are thrown away.
+
+Partial statistics are checkpointed per rank every `--checkpoint-every` samples. A rank keeps its last
+two checkpoints until every rank has written the newer one, so `--resume` always finds a step that all
+ranks share, even when a job was killed half-way through writing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from loki_dist import __version__
+from loki_dist.errors import UserError
+
+log = logging.getLogger("loki_dist.attribute")
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_KILL_ENV = "LOKI_DIST_TEST_KILL_AFTER_CHECKPOINT"  # tests only: SIGKILL self after this many checkpoints
+
+
+def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Hugging Face model directory")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="MMLU-layout data: saved `datasets` dir, parquet/JSON(L) file or folder, or hub name",
+    )
+    parser.add_argument("--output", required=True, help="attribution file to write (.safetensors)")
+    parser.add_argument("--data-config", default=None, help="hub data set configuration (e.g. `all`)")
+    parser.add_argument("--split", default="test", help="split to score (default: test)")
+    parser.add_argument("--steps", type=int, default=7, help="Riemann steps m (default 7)")
+    parser.add_argument(
+        "--per-subject", type=int, default=50, help="first N questions per subject (default 50)"
+    )
+    parser.add_argument("--shots", type=int, default=0, help="k-shot examples from the dev split (default 0)")
+    parser.add_argument("--subjects", default=None, help="comma-separated subjects (default: all)")
+    parser.add_argument("--batch-size", type=int, default=4, help="prompts per batch per rank (default 4)")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="model dtype (auto: bfloat16 on GPU, float32 on CPU)"
+    )
+    parser.add_argument(
+        "--ds-config",
+        default=None,
+        help="DeepSpeed ZeRO-3 inference config to shard the model (ds_configs/zero3_infer.json)",
+    )
+    parser.add_argument(
+        "--algorithm",
+        choices=("fast", "reference"),
+        default="fast",
+        help="fast: prefix KV cache + batched single-token rows; reference: m full copies per layer",
+    )
+    parser.add_argument(
+        "--max-rows",
+        type=int,
+        default=0,
+        help="rows per single-token forward in `fast` (default: from --cache-budget-gb)",
+    )
+    parser.add_argument(
+        "--cache-budget-gb",
+        type=float,
+        default=2.0,
+        help="memory for the repeated prefix KV cache of one chunk (default 2)",
+    )
+    parser.add_argument("--save-scores", action="store_true", help="also store per-sample scores [N, L, D]")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=200,
+        help="checkpoint partial statistics every N samples per rank (0: never)",
+    )
+    parser.add_argument("--checkpoint-dir", default=None, help="default: OUTPUT.partial")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoints in --checkpoint-dir"
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which samples this rank scores, and how many batches every rank runs."""
+
+    start: int
+    stop: int
+    num_batches: int
+    batch_size: int
+
+    @classmethod
+    def make(cls, num_samples: int, rank: int, world_size: int, batch_size: int) -> Plan:
+        base, extra = divmod(num_samples, world_size)
+        sizes = [base + (r < extra) for r in range(world_size)]
+        start = sum(sizes[:rank])
+        return cls(start, start + sizes[rank], math.ceil(max(sizes) / batch_size), batch_size)
+
+    def batch(self, index: int) -> range:
+        first = self.start + index * self.batch_size
+        return range(min(first, self.stop), min(first + self.batch_size, self.stop))
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+def _validate(args: argparse.Namespace):
+    """Everything that can be checked without a model: fails in a second, before any heavy work."""
+    from loki_dist.adapters import spec_from_dir
+
+    for flag, value, low in (
+        ("--steps", args.steps, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--max-rows", args.max_rows, 0),
+        ("--checkpoint-every", args.checkpoint_every, 0),
+    ):
+        if value < low:
+            raise UserError(f"{flag} {value}: must be at least {low}")
+    if args.cache_budget_gb <= 0:
+        raise UserError(f"--cache-budget-gb {args.cache_budget_gb}: must be positive")
+    if not Path(args.model).is_dir():
+        raise UserError(f"--model {args.model}: directory not found")
+    spec = spec_from_dir(args.model)
+    ds_config = _read_ds_config(args.ds_config) if args.ds_config else None
+    output = Path(args.output)
+    if output.is_dir():
+        raise UserError(f"--output {output}: is a directory; expected a file name")
+    return spec, ds_config
+
+
+def _read_ds_config(path: str) -> dict:
+    try:
+        config = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"--ds-config {path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"--ds-config {path}: not valid JSON ({err})") from None
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage != 3:
+        raise UserError(
+            f"--ds-config {path}: attribution shards with ZeRO stage 3, this config has stage {stage}"
+        )
+    if "optimizer" in config:
+        raise UserError(f"--ds-config {path}: an inference config must not define an optimizer")
+    return config
+
+
+def _fill_auto(config: dict, batch_size: int, world_size: int, dtype) -> dict:
+    """DeepSpeed wants concrete batch sizes and precision even without training; "auto" means ours."""
+    import torch
+
+    filled = json.loads(json.dumps(config))
+    values = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": batch_size * world_size,
+    }
+    for key, value in values.items():
+        if filled.get(key, "auto") == "auto":
+            filled[key] = value
+    for key, wanted in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        section = filled.setdefault(key, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = dtype == wanted
+    return filled
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
+def _load_model(args, world, ds_config: dict | None, dtype):
+    """(forward callable, model, device); the forward is a ZeRO-3 engine when --ds-config is given."""
+    from transformers import AutoModelForCausalLM
+
+    from loki_dist.distributed import device_for, init, prepare_deepspeed
+
+    device = device_for(world)
+    if ds_config is None:
+        init(world)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        model.requires_grad_(False)
+        return model, model, device
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    prepare_deepspeed(world)
+    config = _fill_auto(ds_config, args.batch_size, world.size, dtype)
+    keep_alive = HfDeepSpeedConfig(config)  # makes from_pretrained load straight into zero.Init shards
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    del keep_alive
+    held = sum(p.ds_tensor.numel() for p in model.parameters() if hasattr(p, "ds_tensor"))
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    log.info(f"ZeRO-3: rank {world.rank} holds {held:,} of {total:,} parameters")
+    # Call the wrapped module, not the engine: ZeRO-3's parameter gathering lives in hooks on the
+    # modules themselves (forward and backward), while the engine's own forward arms backward hooks
+    # that refuse any backward without an optimizer (engine.backward would step one).
+    return engine.module, model, device
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+class Checkpoints:
+    """Per-rank partial statistics, `rank{r}-step{s}.safetensors`, the last two kept."""
+
+    def __init__(self, directory: Path, rank: int, identity: dict[str, str]):
+        self.directory, self.rank, self.identity = directory, rank, identity
+
+    def _path(self, step: int) -> Path:
+        return self.directory / f"rank{self.rank}-step{step:09d}.safetensors"
+
+    def steps(self) -> list[int]:
+        if not self.directory.is_dir():
+            return []
+        prefix = f"rank{self.rank}-step"
+        return sorted(int(p.stem[len(prefix) :]) for p in self.directory.glob(f"{prefix}*.safetensors"))
+
+    def save(self, stats, step: int) -> None:
+        from loki_dist.distributed import barrier
+        from loki_dist.stats import save_atomic
+
+        save_atomic(stats.tensors(), self._path(step), {**self.identity, "step": str(step)})
+        barrier()  # every rank has `step` now, so older ones can go
+        for old in self.steps():
+            if old < step:
+                self._path(old).unlink(missing_ok=True)
+
+    def restore(self, stats, world_size: int) -> int:
+        """Load the newest step every rank has; returns the number of batches already done."""
+        import torch
+
+        from loki_dist.distributed import all_gather_varlen
+        from loki_dist.stats import load_file
+
+        mine = self.steps()
+        latest = torch.tensor([mine[-1] if mine else 0], dtype=torch.int64)
+        common = int(all_gather_varlen(latest, [1] * world_size).min())
+        if common == 0:
+            return 0
+        if common not in mine:
+            raise UserError(f"--resume: {self.directory} lacks step {common} for rank {self.rank}")
+        tensors, metadata = load_file(self._path(common), flag="--resume")
+        differs = [k for k, v in self.identity.items() if metadata.get(k) != v]
+        if differs:
+            raise UserError(
+                f"--resume: the checkpoint in {self.directory} was made with different settings "
+                f"({', '.join(differs)}); delete it or run without --resume"
+            )
+        stats.load(tensors)
+        return common
+
+    def clear(self) -> None:
+        for step in self.steps():
+            self._path(step).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+def run_attribute(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from loki_dist import mmlu
+    from loki_dist.distributed import world_from_env
+
+    spec, ds_config = _validate(args)
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+    questions, shot_map = mmlu.load_questions(
+        args.data, args.per_subject, args.shots, subjects, args.split, args.data_config
+    )
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    prompts = mmlu.build_prompts(tokenizer, questions, shot_map)
+    world = world_from_env()
+    if not world.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    identity = {
+        "model_type": spec.model_type,
+        "num_layers": str(spec.num_layers),
+        "hidden_size": str(spec.hidden_size),
+        "steps": str(args.steps),
+        "data_fingerprint": prompts.fingerprint(),
+        "num_samples": str(len(questions)),
+        "world_size": str(world.size),
+        "batch_size": str(args.batch_size),
+        "save_scores": str(args.save_scores),
+    }
+    checkpoints = Checkpoints(Path(args.checkpoint_dir or f"{args.output}.partial"), world.rank, identity)
+    dtype = _torch_dtype(args.dtype)
+    forward, model, device = _load_model(args, world, ds_config, dtype)
+    from loki_dist.adapters import down_projections
+
+    projections = down_projections(model)
+    if len(projections) != spec.num_layers:
+        raise UserError(
+            f"--model {args.model}: config says {spec.num_layers} layers, the model has {len(projections)}"
+        )
+    started = time.perf_counter()
+    stats = _score_all(
+        args, world, forward, model, projections, prompts, checkpoints, dtype, device, ds_config
+    )
+    _finish(args, world, spec, stats, prompts, identity, checkpoints, ds_config is not None)
+    if world.is_main:
+        wall, n = time.perf_counter() - started, len(prompts.input_ids)
+        log.info(
+            f"wall time {wall:.1f} s for {n} samples on {world.size} rank(s): {wall / n:.3f} s/sample "
+            f"-> {args.output}"
+        )
+
+
+def _max_rows(args, model, prompts, dtype, spec) -> int:
+    """Rows per single-token chunk: same on every rank (from the longest prompt of the whole data set)."""
+    from loki_dist.kva import cache_bytes_per_row
+
+    if args.max_rows:
+        return args.max_rows
+    longest = max(len(ids) for ids in prompts.input_ids)
+    per_row = cache_bytes_per_row(model.config, longest - 1, dtype)
+    return max(
+        1, min(int(args.cache_budget_gb * 2**30 // per_row), args.batch_size * spec.num_layers * args.steps)
+    )
+
+
+def _score_all(args, world, forward, model, projections, prompts, checkpoints, dtype, device, ds_config):
+    from tqdm import tqdm
+
+    from loki_dist import kva
+    from loki_dist.adapters import spec_from_config
+    from loki_dist.stats import Stats
+
+    spec = spec_from_config(model.config)
+    plan = Plan.make(len(prompts.input_ids), world.rank, world.size, args.batch_size)
+    stats = Stats(spec.num_layers, spec.hidden_size, args.save_scores)
+    done = checkpoints.restore(stats, world.size) if args.resume else 0
+    if not args.resume:
+        checkpoints.clear()
+    if done:
+        log.info(
+            f"resuming after {done} batches per rank ({int(stats.num_samples)} samples on rank {world.rank})"
+        )
+    max_rows = _max_rows(args, model, prompts, dtype, spec)
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    every = math.ceil(args.checkpoint_every / args.batch_size) if args.checkpoint_every else 0
+    kills = int(os.environ.get(_KILL_ENV, "0"))
+    bar = tqdm(
+        total=plan.stop - plan.start,
+        initial=int(stats.num_samples),
+        unit="sample",
+        disable=not world.is_main,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    started, scored = time.perf_counter(), 0
+    for index in range(done, plan.num_batches):
+        members = list(plan.batch(index))
+        ids = [prompts.input_ids[i] for i in members]
+        if ds_config is not None:  # ZeRO-3: identical calls on every rank, padded with dummy samples
+            ids += [prompts.input_ids[plan.start if plan.stop > plan.start else 0]] * (
+                args.batch_size - len(ids)
+            )
+        if ids:
+            batch = kva.Batch.left_pad(ids, pad_id, device)
+            if args.algorithm == "fast":
+                scores = kva.fast_scores(forward, projections, batch, args.steps, max_rows)
+            else:
+                scores = kva.reference_scores(forward, projections, batch, args.steps)
+            stats.add(scores[: len(members)])
+        scored += len(members)
+        bar.update(len(members))
+        bar.set_postfix_str(f"{(time.perf_counter() - started) / max(scored, 1):.3f} s/sample")
+        if every and (index + 1) % every == 0 and index + 1 < plan.num_batches:
+            checkpoints.save(stats, index + 1)
+            kills -= 1
+            if kills == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    return stats
+
+
+def _finish(args, world, spec, stats, prompts, identity, checkpoints, zero3: bool) -> None:
+    """Sum the statistics of all ranks, gather the scores in data order, write on rank 0."""
+    from loki_dist.distributed import all_gather_varlen, all_reduce_sum, barrier, shutdown
+    from loki_dist.stats import save_atomic
+
+    tensors = stats.tensors()
+    for name, tensor in tensors.items():
+        if name != "scores":
+            all_reduce_sum(tensor)
+    if "scores" in tensors:
+        plan_sizes = [Plan.make(len(prompts.input_ids), r, world.size, 1) for r in range(world.size)]
+        sizes = [(p.stop - p.start) * spec.num_layers * spec.hidden_size for p in plan_sizes]
+        flat = all_gather_varlen(tensors["scores"].reshape(-1).contiguous(), sizes)
+        tensors["scores"] = flat.view(-1, spec.num_layers, spec.hidden_size)
+    if world.is_main:
+        metadata = {
+            **identity,
+            "format": "loki_dist attribution v1",
+            "model": str(args.model),
+            "algorithm": args.algorithm,
+            "prompt": "mmlu single choice (DESIGN.md)",
+            "chat_template": str(prompts.chat_template),
+            "shots": str(args.shots),
+            "per_subject": str(args.per_subject),
+            "subjects": args.subjects or "all",
+            "split": args.split,
+            "data": str(args.data),
+            "dtype": args.dtype,
+            "zero3": str(zero3),
+            "loki_dist_version": __version__,
+        }
+        metadata.pop("batch_size")
+        save_atomic(tensors, args.output, metadata)
+        _summary(tensors, spec)
+    barrier()
+    checkpoints.clear()
+    if world.is_main and checkpoints.directory.is_dir() and not any(checkpoints.directory.iterdir()):
+        checkpoints.directory.rmdir()
+    shutdown()
+
+
+def _summary(tensors, spec) -> None:
+    n = int(tensors["num_samples"].item())
+    mean = tensors["score_sum"] / max(n, 1)
+    lines = [f"attribution: {n} samples"]
+    for layer in range(spec.num_layers):
+        row = mean[layer]
+        lines.append(
+            f"  layer {layer:3d}: mean score {row.mean().item():+.3e}  "
+            f"(min {row.min().item():+.3e}, max {row.max().item():+.3e})"
+        )
+    log.info("\n".join(lines))

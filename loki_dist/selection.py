@@ -1,0 +1,249 @@
+"""`loki-dist select`: turn an attribution file into a positions file (DESIGN.md, method step 2).
+
+Layer-balanced with quota q: every layer keeps k = floor(q*D/100) rows, the ones most often among the
+k lowest-scored nodes of a sample (ties: lower score sum, then lower index). The global ablations count
+per-sample bottom-T / top-T over all L*D nodes at once, T = floor(L*D*q/100). For an integer q the
+counts are read off the rank histograms; a fractional q needs the per-sample scores (`attribute
+--save-scores`). `random` is the control that tells whether attribution earns its cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from fractions import Fraction
+from pathlib import Path
+
+from loki_dist.errors import UserError
+
+STRATEGIES = ("layer_balanced", "global_lowest", "global_highest", "random")
+
+
+def add_select_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--attribution", help="attribution file written by `loki-dist attribute`")
+    parser.add_argument(
+        "--quota",
+        required=True,
+        type=str,
+        help="percent of rows per layer, in (0, 100]; fractional needs per-sample scores",
+    )
+    parser.add_argument("--output", required=True, help="positions file to write (JSON list of L lists)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="layer_balanced")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --strategy random")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="check the attribution file against this model (or give its shapes to random)",
+    )
+    parser.add_argument(
+        "--plot", default=None, help="also draw the selection and mean scores (PNG, needs matplotlib)"
+    )
+
+
+def parse_quota(text: str) -> Fraction:
+    try:
+        quota = Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"--quota {text}: not a number") from None
+    if not 0 < quota <= 100:
+        raise UserError(f"--quota {text}: must be in (0, 100] (percent of the rows of each layer)")
+    return quota
+
+
+# ----------------------------------------------------------------------------------------------- counts
+
+
+def _pick(count, score_sum, k: int, low_sum_first: bool = True):
+    """Indices of the k highest counts; ties: lower (or higher) score sum, then lower index."""
+    import torch
+
+    by_sum = torch.sort(score_sum if low_sum_first else -score_sum, stable=True).indices
+    return by_sum[torch.sort(-count[by_sum], stable=True).indices][:k]
+
+
+def bottom_counts_from_scores(scores, k: int, descending: bool = False):
+    """Per node, the samples in which it is among the k lowest (highest) along the last dim."""
+    from loki_dist.stats import ascending_ranks
+
+    return (ascending_ranks(-scores if descending else scores) < k).sum(0)
+
+
+def layer_balanced(tensors: dict, quota: Fraction) -> list[list[int]]:
+    num_layers, hidden = tensors["score_sum"].shape
+    k = math.floor(quota * hidden / 100)
+    if quota.denominator == 1:
+        count = tensors["bottom_rank_hist"][..., : int(quota)].sum(-1)
+    else:
+        count = bottom_counts_from_scores(tensors["scores"].float(), k)
+    return [
+        sorted(_pick(count[layer], tensors["score_sum"][layer], k).tolist()) for layer in range(num_layers)
+    ]
+
+
+def global_selection(tensors: dict, quota: Fraction, highest: bool) -> list[list[int]]:
+    from loki_dist.stats import GLOBAL_HIGH, GLOBAL_LOW
+
+    num_layers, hidden = tensors["score_sum"].shape
+    total = math.floor(quota * num_layers * hidden / 100)
+    name = GLOBAL_HIGH if highest else GLOBAL_LOW
+    if quota.denominator == 1 and name in tensors:
+        count = tensors[name][..., : int(quota)].sum(-1).reshape(-1)
+    else:
+        scores = tensors["scores"].float().reshape(tensors["scores"].shape[0], -1)
+        count = bottom_counts_from_scores(scores, total, descending=highest)
+    chosen = _pick(count, tensors["score_sum"].reshape(-1), total, low_sum_first=not highest)
+    positions: list[list[int]] = [[] for _ in range(num_layers)]
+    for flat in sorted(chosen.tolist()):
+        positions[flat // hidden].append(flat % hidden)
+    return positions
+
+
+def random_selection(num_layers: int, hidden: int, quota: Fraction, seed: int) -> list[list[int]]:
+    import torch
+
+    k = math.floor(quota * hidden / 100)
+    generator = torch.Generator().manual_seed(seed)
+    return [sorted(torch.randperm(hidden, generator=generator)[:k].tolist()) for _ in range(num_layers)]
+
+
+# ------------------------------------------------------------------------------------------ file checks
+
+
+def load_attribution(path: str, model: str | None = None) -> tuple[dict, dict]:
+    """Tensors and metadata, with every shape checked against each other (and --model if given)."""
+    from loki_dist.stats import BINS, GLOBAL_HIGH, GLOBAL_LOW, load_file
+
+    tensors, metadata = load_file(path)
+    missing = [n for n in ("bottom_rank_hist", "score_sum", "num_samples") if n not in tensors]
+    if missing:
+        raise UserError(
+            f"--attribution {path}: lacks tensor(s) {', '.join(missing)}; not an attribution file"
+        )
+    if tensors["score_sum"].dim() != 2:
+        raise UserError(
+            f"--attribution {path}: score_sum must be [L, D], got {list(tensors['score_sum'].shape)}"
+        )
+    num_layers, hidden = tensors["score_sum"].shape
+    expected = {
+        "bottom_rank_hist": [num_layers, hidden, BINS],
+        GLOBAL_LOW: [num_layers, hidden, BINS],
+        GLOBAL_HIGH: [num_layers, hidden, BINS],
+    }
+    n = int(tensors["num_samples"].reshape(-1)[0])
+    if "scores" in tensors:
+        expected["scores"] = [n, num_layers, hidden]
+    for name, shape in expected.items():
+        if name in tensors and list(tensors[name].shape) != shape:
+            raise UserError(
+                f"--attribution {path}: {name} has shape {list(tensors[name].shape)}, expected {shape}"
+            )
+    if model is not None:
+        from loki_dist.adapters import spec_from_dir
+
+        spec = spec_from_dir(model)
+        if (spec.num_layers, spec.hidden_size) != (num_layers, hidden):
+            raise UserError(
+                f"--attribution {path}: made for {num_layers} layers x {hidden} rows, but --model {model} "
+                f"has {spec.num_layers} layers x hidden_size {spec.hidden_size}"
+            )
+    return tensors, metadata
+
+
+def select(tensors: dict, quota: Fraction, strategy: str, seed: int = 0) -> list[list[int]]:
+    """The positions for a strategy; the UserErrors name what is missing for the quota asked."""
+    num_layers, hidden = tensors["score_sum"].shape
+    per_layer = math.floor(quota * hidden / 100)
+    total = math.floor(quota * num_layers * hidden / 100)
+    if (per_layer if strategy in ("layer_balanced", "random") else total) == 0:
+        raise UserError(f"--quota {float(quota):g}: selects no row at hidden_size {hidden}; raise it")
+    if strategy == "random":
+        return random_selection(num_layers, hidden, quota, seed)
+    needs_scores = quota.denominator != 1 or (
+        strategy.startswith("global") and "global_bottom_rank_hist" not in tensors
+    )
+    if needs_scores and "scores" not in tensors:
+        why = "a fractional --quota" if quota.denominator != 1 else f"--strategy {strategy} with this file"
+        raise UserError(f"{why} needs per-sample scores; rerun `loki-dist attribute` with --save-scores")
+    if strategy == "layer_balanced":
+        return layer_balanced(tensors, quota)
+    return global_selection(tensors, quota, highest=strategy == "global_highest")
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+def run_select(args: argparse.Namespace) -> None:
+    from loki_dist import positions as positions_file
+
+    quota = parse_quota(args.quota)
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise UserError(f"--plot {args.plot}: expected a .png file name")
+    if args.attribution is None:
+        if args.strategy != "random" or args.model is None:
+            raise UserError("--attribution is required (only --strategy random can do with --model alone)")
+        from loki_dist.adapters import spec_from_dir
+
+        spec = spec_from_dir(args.model)
+        positions = random_selection(spec.num_layers, spec.hidden_size, quota, args.seed)
+        tensors = None
+    else:
+        tensors, _ = load_attribution(args.attribution, args.model)
+        positions = select(tensors, quota, args.strategy, args.seed)
+    positions_file.save(positions, args.output)
+    print(summary(positions, tensors, args.strategy, quota))
+    if args.plot:
+        plot(positions, tensors, args.plot)
+    print(f"wrote {args.output}")
+
+
+def summary(positions: list[list[int]], tensors: dict | None, strategy: str, quota: Fraction) -> str:
+    lines = [f"{strategy} selection, quota {float(quota):g}%: {sum(map(len, positions))} rows"]
+    mean = None
+    if tensors is not None:
+        mean = tensors["score_sum"] / max(int(tensors["num_samples"].reshape(-1)[0]), 1)
+    for layer, rows in enumerate(positions):
+        text = f"  layer {layer:3d}: {len(rows):6d} rows"
+        if mean is not None:
+            chosen = mean[layer, rows].mean().item() if rows else float("nan")
+            text += f"  mean score {chosen:+.3e} (layer mean {mean[layer].mean().item():+.3e})"
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def plot(positions: list[list[int]], tensors: dict | None, path: str, bins: int = 256) -> None:
+    """Heat maps, layers x binned nodes: share of selected rows, and the mean score."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'loki-dist[plot]'") from None
+    import torch
+
+    num_layers = len(positions)
+    hidden = (
+        tensors["score_sum"].shape[1]
+        if tensors is not None
+        else 1 + max(max(r, default=0) for r in positions)
+    )
+    bins = min(bins, hidden)
+    edges = torch.linspace(0, hidden, bins + 1).long()
+    chosen = torch.zeros(num_layers, hidden)
+    for layer, rows in enumerate(positions):
+        chosen[layer, rows] = 1.0
+    panels = [("selected share", chosen)]
+    if tensors is not None:
+        panels.append(
+            ("mean score", tensors["score_sum"].float() / max(int(tensors["num_samples"].reshape(-1)[0]), 1))
+        )
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2 + 0.25 * num_layers * len(panels)), squeeze=False)
+    for axis, (title, values) in zip(axes[:, 0], panels, strict=True):
+        binned = torch.stack([values[:, a:b].mean(1) for a, b in zip(edges[:-1], edges[1:], strict=True)], 1)
+        image = axis.imshow(binned.numpy(), aspect="auto", interpolation="nearest", cmap="viridis")
+        axis.set(title=title, xlabel=f"node bin ({hidden // bins or 1}+ rows each)", ylabel="layer")
+        fig.colorbar(image, ax=axis)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
