@@ -1,0 +1,195 @@
+"""KVA attribution: fast == reference == an independent finite-difference computation; batching,
+world size and ZeRO-3 sharding change no result; a killed run resumes to the identical file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli
+from mmlu_fixture import write_mmlu
+from safetensors.torch import load_file
+
+from loki_dist import kva
+from loki_dist.adapters import down_projections
+from loki_dist.cli import main
+from loki_dist.tiny import build_model, save_tiny, tiny_config
+
+CPU = torch.device("cpu")
+LENGTHS = (9, 23, 4, 15)  # prompts of very different lengths, batched with padding
+
+
+def _prompts(seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [[1, *torch.randint(6, 500, (n,), generator=gen).tolist()] for n in LENGTHS]
+
+
+def _gemma2_short_window():
+    """Gemma-2 with a sliding window shorter than the prompts, so the window really cuts."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("gemma2", num_layers=3)
+    config.sliding_window = 6
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gemma2-window"])
+def test_fast_equals_reference_and_batching_changes_nothing(family):
+    model = _gemma2_short_window() if family == "gemma2-window" else build_model(family, seed=0, num_layers=3)
+    projections = down_projections(model)
+    prompts = _prompts()
+    batch = kva.Batch.left_pad(prompts, pad_id=0, device=CPU)
+    reference = kva.reference_scores(model, projections, batch, steps=7)
+    fast = kva.fast_scores(model, projections, batch, steps=7, max_rows=10)  # several chunks
+    scale = reference.abs().max()
+    assert scale > 0
+    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-4 * scale)
+    for i, prompt in enumerate(prompts):
+        alone = kva.fast_scores(model, projections, kva.Batch.left_pad([prompt], 0, CPU), 7, max_rows=1000)
+        torch.testing.assert_close(fast[i], alone[0], rtol=0, atol=1e-4 * scale)
+
+
+def test_one_node_against_finite_differences():
+    """score[l, j] = z_j/m * sum_k dP/dz_j at alpha_k z, by central differences in float64."""
+    model = build_model("llama", seed=3, num_layers=3).double()
+    projections = down_projections(model)
+    prompts = _prompts(seed=1)
+    fast = kva.fast_scores(model, projections, kva.Batch.left_pad(prompts, 0, CPU), steps=7, max_rows=64)
+    sample, layer, steps, eps = 1, 1, 7, 1e-3  # RMSNorm computes in float32: no smaller eps
+    ids = torch.tensor([prompts[sample]])
+    captured = {}
+    handle = projections[layer].register_forward_hook(lambda m, i, out: captured.setdefault("z", out[0, -1]))
+    with torch.no_grad():
+        target = model(ids).logits[0, -1].argmax()
+    handle.remove()
+    z = captured["z"].clone()
+
+    def probability(value: torch.Tensor) -> float:
+        def replace(_m, _i, out):
+            out = out.clone()
+            out[0, -1] = value
+            return out
+
+        handle = projections[layer].register_forward_hook(replace)
+        with torch.no_grad():
+            p = torch.softmax(model(ids).logits[0, -1], -1)[target].item()
+        handle.remove()
+        return p
+
+    for node in (int(fast[sample, layer].abs().argmax()), 5):
+        bump = torch.zeros_like(z)
+        bump[node] = eps
+        derivative_sum = sum(
+            (probability(k / steps * z + bump) - probability(k / steps * z - bump)) / (2 * eps)
+            for k in range(steps)
+        )
+        expected = z[node].item() / steps * derivative_sum
+        assert fast[sample, layer, node].item() == pytest.approx(expected, rel=1e-4, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------- through the CLI
+
+
+@pytest.fixture(scope="module")
+def attribution_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("attr")
+    model = save_tiny(root / "model", "qwen2", seed=0, num_layers=3)
+    data = write_mmlu(root / "mmlu", per_subject=3)  # 9 samples: uneven shards over 2 ranks
+    args = ["attribute", "--model", str(model), "--data", str(data), "--batch-size", "2", "--save-scores"]
+    single = root / "ws1.safetensors"
+    run_cli([*args, "--output", str(single)])
+    return root, args, single
+
+
+def _assert_same(a_path, b_path):
+    a, b = load_file(a_path), load_file(b_path)
+    assert a.keys() == b.keys()
+    for name in a:
+        if a[name].dtype.is_floating_point:
+            scale = a[name].abs().max().item()
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5 * scale)
+        else:
+            assert torch.equal(a[name], b[name]), name
+
+
+def test_world_size_two_and_zero3_give_the_same_file(attribution_setup):
+    root, args, single = attribution_setup
+    ws1 = load_file(single)
+    assert ws1["bottom_rank_hist"].shape == (3, 32, 100) and ws1["scores"].shape == (9, 3, 32)
+    assert ws1["num_samples"].item() == 9 and ws1["bottom_rank_hist"].sum().item() == 9 * 3 * 32
+    plain = root / "ws2.safetensors"
+    run_cli([*args, "--output", str(plain)], nproc=2)
+    _assert_same(single, plain)
+    sharded = root / "ws2z3.safetensors"
+    proc = run_cli([*args, "--output", str(sharded), "--ds-config", "ds_configs/zero3_infer.json"], nproc=2)
+    _assert_same(single, sharded)
+    held = [line for line in proc.stderr.splitlines() if "ZeRO-3: rank 0 holds" in line]
+    assert held, proc.stderr[-2000:]
+    part, whole = (
+        int(x.replace(",", "")) for x in held[0].split("holds ")[1].split(" parameters")[0].split(" of ")
+    )
+    assert part < whole
+
+
+def test_killed_run_resumes_to_the_identical_file(attribution_setup):
+    root, args, single = attribution_setup
+    output = root / "resumed.safetensors"
+    resumable = [*args, "--output", str(output), "--checkpoint-every", "4"]
+    killed = run_cli(resumable, env={"LOKI_DIST_TEST_KILL_AFTER_CHECKPOINT": "1"}, check=False)
+    assert killed.returncode != 0 and not output.exists()
+    assert list((root / "resumed.safetensors.partial").glob("rank0-step*.safetensors"))
+    proc = run_cli([*resumable, "--resume"])
+    assert "resuming after 2 batches" in proc.stderr
+    # bit-identical tensors and metadata (safetensors writes the metadata map in hash order)
+    from loki_dist.stats import load_file as load_with_metadata
+
+    (resumed, meta_resumed), (whole, meta_whole) = load_with_metadata(output), load_with_metadata(single)
+    assert meta_resumed == meta_whole and resumed.keys() == whole.keys()
+    assert all(torch.equal(resumed[name], whole[name]) for name in whole)
+    assert not (root / "resumed.safetensors.partial").exists()
+
+
+def test_summary_and_metadata(attribution_setup):
+    _, _, single = attribution_setup
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as handle:
+        meta = handle.metadata()
+    assert meta["model_type"] == "qwen2" and meta["steps"] == "7" and meta["world_size"] == "1"
+    assert len(meta["data_fingerprint"]) == 64 and meta["chat_template"] == "True"
+
+
+# -------------------------------------------------------------------------------------------- bad input
+
+
+def _fails(argv, capsys, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_bad_input_fails_in_one_line_before_work(tmp_path, capsys, tiny_llama):
+    data = write_mmlu(tmp_path / "mmlu")
+    out = str(tmp_path / "a.safetensors")
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    base = ["attribute", "--output", out]
+    _fails([*base, "--model", str(bert), "--data", str(data)], capsys, "not supported")
+    _fails([*base, "--model", str(tmp_path / "nope"), "--data", str(data)], capsys, "directory not found")
+    for change, needle in ((lambda r: r.pop("subject"), "lacks column(s) subject"),
+                           (lambda r: r.update(answer=7), "`answer` must be 0-3"),
+                           (lambda r: r.update(choices=["x", "y"]), "exactly 4 strings")):  # fmt: skip
+        rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+        change(rows[0])
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text("\n".join(json.dumps(r) for r in rows))
+        _fails([*base, "--model", str(tiny_llama), "--data", str(bad)], capsys, needle)
+    _fails([*base, "--model", str(tiny_llama), "--data", str(data), "--steps", "0"], capsys, "--steps 0")
+    _fails([*base, "--model", str(tiny_llama), "--data", str(data), "--ds-config", str(tmp_path / "x.json")],
+           capsys, "file not found")  # fmt: skip
+    assert not (tmp_path / "a.safetensors").exists()

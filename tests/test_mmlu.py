@@ -1,0 +1,115 @@
+"""MMLU-layout loading and the exact prompt of DESIGN.md."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from mmlu_fixture import SUBJECTS, make_rows, write_mmlu
+
+from loki_dist import mmlu
+from loki_dist.errors import UserError
+from loki_dist.tiny import build_tokenizer
+
+EXPECTED = (
+    "There is a single choice question about High School Biology. "
+    "Answer the question by replying A, B, C or D.\n"
+    "Question: What is a cell?\n"
+    "Choices:\n"
+    "A. a\n"
+    "B. b\n"
+    "C. c\n"
+    "D. d\n"
+    "Answer: \n"
+)
+
+
+def _question(subject="high_school_biology", answer=2):
+    return mmlu.Question(subject, "What is a cell?", ("a", "b", "c", "d"), answer)
+
+
+def test_prompt_text_is_exactly_the_design():
+    assert mmlu.prompt_text(_question()) == EXPECTED
+    assert mmlu.subject_title("us_foreign_policy") == "Us Foreign Policy"
+
+
+def test_chat_template_with_generation_prompt_and_k_shot():
+    tokenizer = build_tokenizer()
+    shot = _question("high_school_biology", answer=1)
+    ids = mmlu.encode(tokenizer, _question(), [shot])
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": mmlu.prompt_text(shot)}, {"role": "assistant", "content": "B"},
+         {"role": "user", "content": EXPECTED}],
+        tokenize=False, add_generation_prompt=True,
+    )  # fmt: skip
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids).endswith("Answer: \n<|end|>\n<|assistant|>\n")
+    assert ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_no_chat_template_uses_the_plain_prompt_and_says_so(caplog):
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = None
+    with caplog.at_level(logging.WARNING):
+        prompts = mmlu.build_prompts(tokenizer, [_question()], {})
+    assert "no chat template" in caplog.text
+    assert not prompts.chat_template
+    assert tokenizer.decode(prompts.input_ids[0], skip_special_tokens=True) == EXPECTED
+
+
+def test_sources_agree_and_first_n_per_subject_in_data_order(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    folder = write_mmlu(tmp_path / "jsonl", per_subject=5)
+    test_rows = make_rows(5, 0)
+    dev_rows = make_rows(2, 1)
+    DatasetDict({"test": Dataset.from_list(test_rows), "dev": Dataset.from_list(dev_rows)}).save_to_disk(
+        str(tmp_path / "saved")
+    )
+    parquet = tmp_path / "pq"
+    parquet.mkdir()
+    Dataset.from_list(test_rows).to_parquet(str(parquet / "test-00000-of-00001.parquet"))
+    Dataset.from_list(dev_rows).to_parquet(str(parquet / "dev-00000-of-00001.parquet"))
+    (tmp_path / "one.json").write_text(json.dumps(test_rows))
+    results = [
+        mmlu.load_questions(str(src), per_subject=3, shots=1) for src in (folder, tmp_path / "saved", parquet)
+    ]
+    assert results[0] == results[1] == results[2]
+    questions, shots = results[0]
+    assert len(questions) == 3 * len(SUBJECTS)
+    expected = [r for i, r in enumerate(test_rows) if i < 3 * len(SUBJECTS)]
+    assert [q.question for q in questions] == [r["question"] for r in expected]
+    assert all(len(s) == 1 for s in shots.values())
+    single, _ = mmlu.load_questions(str(tmp_path / "one.json"), per_subject=2, subjects=["world_religions"])
+    assert [q.subject for q in single] == ["world_religions"] * 2
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r: r.pop("answer"), r"lacks column\(s\) answer"),
+        (lambda r: r.update(answer=4), "`answer` must be 0-3"),
+        (lambda r: r.update(choices=["a", "b", "c"]), "exactly 4 strings, got 3"),
+    ],
+)
+def test_bad_rows_name_the_row(tmp_path, change, message):
+    rows = make_rows(2)
+    change(rows[3])
+    (tmp_path / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(UserError, match=message) as err:
+        mmlu.load_questions(str(tmp_path / "bad.jsonl"))
+    assert "row 3" in str(err.value)
+
+
+def test_other_user_errors(tmp_path):
+    write_mmlu(tmp_path / "d")
+    with pytest.raises(UserError, match="not found"):
+        mmlu.load_questions(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(UserError, match="not in --data"):
+        mmlu.load_questions(str(tmp_path / "d"), subjects=["astronomy"])
+    (tmp_path / "only.jsonl").write_text(json.dumps(make_rows(1)[0]) + "\n")
+    with pytest.raises(UserError, match="no 'dev' split"):
+        mmlu.load_questions(str(tmp_path / "only.jsonl"), shots=1)
+    with pytest.raises(UserError, match="too few examples"):
+        mmlu.load_questions(str(tmp_path / "d"), shots=3)
