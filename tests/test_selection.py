@@ -1,0 +1,167 @@
+"""`select` against a brute-force reading of DESIGN.md, on scores full of ties."""
+
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+from loki_dist.cli import main
+from loki_dist.errors import UserError
+from loki_dist.selection import select
+from loki_dist.stats import Stats, save_atomic
+
+L, D, N = 3, 40, 7
+
+
+def _scores(seed: int = 0) -> torch.Tensor:
+    """Small integers: many exact ties within a sample, and tied counts and sums across samples."""
+    return torch.randint(-3, 4, (N, L, D), generator=torch.Generator().manual_seed(seed)).float()
+
+
+def _tensors(scores: torch.Tensor, keep_scores: bool = True) -> dict:
+    stats = Stats(L, D, keep_scores)
+    for chunk in scores.split(3):  # accumulated over several batches, as a run does
+        stats.add(chunk.double())
+    return stats.tensors()
+
+
+def _brute(scores: torch.Tensor, quota: Fraction, strategy: str) -> list[list[int]]:
+    """Plain Python from the text of DESIGN.md."""
+    s = scores.tolist()
+    if strategy == "layer_balanced":
+        k = math.floor(quota * D / 100)
+        picked = []
+        for layer in range(L):
+            count, total = [0] * D, [0.0] * D
+            for sample in s:
+                row = sample[layer]
+                for j in sorted(range(D), key=lambda j: (row[j], j))[:k]:
+                    count[j] += 1
+                for j in range(D):
+                    total[j] += row[j]
+            picked.append(sorted(sorted(range(D), key=lambda j: (-count[j], total[j], j))[:k]))
+        return picked
+    highest = strategy == "global_highest"
+    t = math.floor(quota * L * D / 100)
+    nodes = [(layer, j) for layer in range(L) for j in range(D)]
+    count = dict.fromkeys(nodes, 0)
+    total = dict.fromkeys(nodes, 0.0)
+    for sample in s:
+        flat = {(layer, j): sample[layer][j] for layer, j in nodes}
+        sign = -1 if highest else 1
+        for node in sorted(nodes, key=lambda n: (sign * flat[n], n[0] * D + n[1]))[:t]:
+            count[node] += 1
+        for node in nodes:
+            total[node] += flat[node]
+    sign = -1 if highest else 1
+    best = sorted(nodes, key=lambda n: (-count[n], sign * total[n], n[0] * D + n[1]))[:t]
+    picked = [[] for _ in range(L)]
+    for layer, j in best:
+        picked[layer].append(j)
+    return [sorted(rows) for rows in picked]
+
+
+@pytest.mark.parametrize("strategy", ["layer_balanced", "global_lowest", "global_highest"])
+def test_select_equals_brute_force_with_ties(strategy):
+    scores = _scores()
+    from_hist = _tensors(scores, keep_scores=False)
+    with_scores = _tensors(scores)
+    for quota in ("1", "5", "10", "33", "50", "99", "100", "2.5", "12.5", "37.75"):
+        q = Fraction(quota)
+        if math.floor(q * D / 100) == 0 and strategy == "layer_balanced":
+            with pytest.raises(UserError, match="selects no row"):
+                select(with_scores, q, strategy)
+            continue
+        expected = _brute(scores, q, strategy)
+        assert select(with_scores, q, strategy) == expected, (strategy, quota)
+        if q.denominator == 1:  # integer quota: from the histograms alone
+            assert select(from_hist, q, strategy) == expected, (strategy, quota)
+
+
+def test_histogram_bins_count_bottom_k_for_every_integer_quota():
+    scores = _scores(1)
+    hist = _tensors(scores)["bottom_rank_hist"]
+    assert hist.sum().item() == N * L * D
+    for q in (1, 7, 50, 100):
+        k = q * D // 100
+        ranks = torch.tensor([[sorted(range(D), key=lambda j, r=row: (r[j], j)).index(j) for j in range(D)]
+                              for sample in scores.tolist() for row in sample]).view(N, L, D)  # fmt: skip
+        assert torch.equal(hist[..., :q].sum(-1), (ranks < k).sum(0))
+
+
+def test_random_is_seeded_and_fills_every_layer():
+    tensors = _tensors(_scores())
+    a = select(tensors, Fraction(10), "random", seed=1)
+    assert a == select(tensors, Fraction(10), "random", seed=1)
+    assert a != select(tensors, Fraction(10), "random", seed=2)
+    assert [len(rows) for rows in a] == [4] * L and all(rows == sorted(set(rows)) for rows in a)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def attribution(tmp_path):
+    path = tmp_path / "attribution.safetensors"
+    save_atomic(_tensors(_scores()), path, {"model_type": "llama"})
+    return path
+
+
+def test_cli_writes_positions_summary_and_plot(attribution, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "positions.json", tmp_path / "sel.png"
+    main(
+        [
+            "select",
+            "--attribution",
+            str(attribution),
+            "--quota",
+            "10",
+            "--output",
+            str(out),
+            "--plot",
+            str(png),
+        ]
+    )
+    assert json.loads(out.read_text()) == _brute(_scores(), Fraction(10), "layer_balanced")
+    printed = capsys.readouterr().out
+    assert "layer   2:      4 rows  mean score" in printed
+    assert png.stat().st_size > 1000
+
+
+def _fails(argv, capsys, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_bad_input_fails_in_one_line(attribution, tmp_path, capsys, tiny_llama):
+    out = str(tmp_path / "p.json")
+    base = ["select", "--output", out, "--attribution", str(attribution)]
+    out_of_range = "must be in (0, 100]"
+    for quota, needle in (("0", out_of_range), ("101", out_of_range), ("ten", "not a number"),
+                          ("1", "selects no row")):  # fmt: skip
+        _fails([*base, "--quota", quota], capsys, needle)
+    _fails([*base, "--quota", "10", "--model", str(tiny_llama)], capsys, "made for 3 layers x 40 rows")
+    no_scores = tmp_path / "no_scores.safetensors"
+    save_atomic(_tensors(_scores(), keep_scores=False), no_scores, {})
+    _fails(
+        ["select", "--output", out, "--attribution", str(no_scores), "--quota", "12.5"],
+        capsys,
+        "--save-scores",
+    )
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(attribution.read_bytes()[:-100])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x13" * 64)
+    for broken in (truncated, garbage, tmp_path / "missing.safetensors"):
+        _fails(
+            ["select", "--output", out, "--attribution", str(broken), "--quota", "10"], capsys, str(broken)
+        )
+    assert not (tmp_path / "p.json").exists()
