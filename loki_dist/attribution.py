@@ -63,19 +63,19 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
         "--algorithm",
         choices=("fast", "reference"),
         default="fast",
-        help="fast: prefix KV cache + batched single-token rows; reference: m full copies per layer",
+        help="fast: shared prefix KV cache + packed (layer, step) rows; reference: m full copies per layer",
     )
     parser.add_argument(
         "--max-rows",
         type=int,
         default=0,
-        help="rows per single-token forward in `fast` (default: from --cache-budget-gb)",
+        help="packed (layer, step) rows per forward in `fast`, whole batch (default: from --chunk-memory-gb)",
     )
     parser.add_argument(
-        "--cache-budget-gb",
+        "--chunk-memory-gb",
         type=float,
         default=2.0,
-        help="memory for the repeated prefix KV cache of one chunk (default 2)",
+        help="memory budget of one chunk of packed rows: masks, attention, activations (default 2)",
     )
     parser.add_argument("--save-scores", action="store_true", help="also store per-sample scores [N, L, D]")
     parser.add_argument(
@@ -126,8 +126,8 @@ def _validate(args: argparse.Namespace):
     ):
         if value < low:
             raise UserError(f"{flag} {value}: must be at least {low}")
-    if args.cache_budget_gb <= 0:
-        raise UserError(f"--cache-budget-gb {args.cache_budget_gb}: must be positive")
+    if args.chunk_memory_gb <= 0:
+        raise UserError(f"--chunk-memory-gb {args.chunk_memory_gb}: must be positive")
     if not Path(args.model).is_dir():
         raise UserError(f"--model {args.model}: directory not found")
     spec = spec_from_dir(args.model)
@@ -330,15 +330,15 @@ def run_attribute(args: argparse.Namespace) -> None:
 
 
 def _max_rows(args, model, prompts, dtype, spec) -> int:
-    """Rows per single-token chunk: same on every rank (from the longest prompt of the whole data set)."""
-    from loki_dist.kva import cache_bytes_per_row
+    """Packed rows per chunk: same on every rank (from the longest prompt of the whole data set)."""
+    from loki_dist.kva import bytes_per_row
 
     if args.max_rows:
         return args.max_rows
     longest = max(len(ids) for ids in prompts.input_ids)
-    per_row = cache_bytes_per_row(model.config, longest - 1, dtype)
+    per_row = bytes_per_row(model.config, longest - 1, dtype)
     return max(
-        1, min(int(args.cache_budget_gb * 2**30 // per_row), args.batch_size * spec.num_layers * args.steps)
+        1, min(int(args.chunk_memory_gb * 2**30 // per_row), args.batch_size * spec.num_layers * args.steps)
     )
 
 

@@ -150,13 +150,6 @@ def _cache_argument(forward: Forward) -> str:
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
-def _cache(keys_values: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor):
-    """A fresh full-length DynamicCache holding the prefix cache of sample rows[r] in row r."""
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in keys_values])
-
-
 def _prefix_cache(forward: Forward, batch: Batch, cache_arg: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Key/value tensors of positions < t for every layer (the part no replacement at t can change).
 
@@ -178,14 +171,40 @@ def _prefix_cache(forward: Forward, batch: Batch, cache_arg: str) -> list[tuple[
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def cache_bytes_per_row(config, prefix_len: int, dtype: torch.dtype) -> int:
-    """Memory of one row's repeated prefix KV cache: what bounds the rows of one chunk."""
+def _row_masks(config, prefix_mask: torch.Tensor, rows: int, dtype: torch.dtype):
+    """Additive 4-D masks [B, 1, R, T-1+R]: row r sees the real prefix tokens and itself, nothing else.
+
+    transformers uses a 4-D mask as it is, so the model's sliding window (if any) is applied here too:
+    a prefix key at padded index i is visible from t (index T-1) when i > T-1-W. Families that mix full
+    and sliding layers (`layer_types`) take a dict of both masks.
+    """
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    batch, prefix = prefix_mask.shape
+    blocked = torch.finfo(dtype).min
+    eye = torch.eye(rows, dtype=torch.bool, device=prefix_mask.device).expand(batch, rows, rows)
+
+    def build(window: int | None) -> torch.Tensor:
+        visible = prefix_mask.bool()
+        if window is not None:
+            visible = visible & (torch.arange(prefix, device=prefix_mask.device) > prefix - window)
+        allowed = torch.cat([visible[:, None, :].expand(batch, rows, prefix), eye], dim=2)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=prefix_mask.device)
+        return mask.masked_fill_(~allowed, blocked)[:, None]
+
+    window = getattr(text, "sliding_window", None)
+    if getattr(text, "layer_types", None) is not None:
+        full = build(None)
+        return {"full_attention": full, "sliding_attention": build(window) if window else full}
+    return build(window)
+
+
+def bytes_per_row(config, prefix_len: int, dtype: torch.dtype) -> int:
+    """Memory one row adds to a chunk: its share of the attention mask and scores over the prefix."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", 1)
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     element = torch.empty((), dtype=dtype).element_size()
-    return 2 * text.num_hidden_layers * max(prefix_len, 1) * kv_heads * head_dim * element
+    activations = 16 * max(text.hidden_size, getattr(text, "intermediate_size", 0) or 0)
+    return element * (max(prefix_len, 1) * (heads * 3 + 1) + activations * text.num_hidden_layers)
 
 
 def fast_scores(
@@ -195,47 +214,54 @@ def fast_scores(
     steps: int,
     max_rows: int,
 ) -> torch.Tensor:
-    """Scores [B, L, D] float64 from one prefix forward and single-token forwards over m*L*B rows.
+    """Scores [B, L, D] float64 from one prefix forward and a few forwards of m*L packed rows per sample.
 
-    Row r = (b, l, k) in that order; a chunk holds at most `max_rows` rows, so the number of chunks
-    depends only on B, L, m and max_rows, never on the data (ZeRO-3 needs every rank to make the same
-    forward calls).
+    The (layer, step) rows of a sample are packed as extra query tokens after its prefix cache, all at
+    position t, with a mask that lets each see the prefix and itself only; so the prefix KV cache is
+    shared, never copied per row. Row r = (l, k) = (r // m, r % m); a chunk holds at most `max_rows`
+    rows over the whole batch, so the number of chunks depends only on B, L, m and max_rows, never on
+    the data (ZeRO-3 needs every rank to make the same forward calls).
     """
+    from transformers import DynamicCache
+
     num_layers, device = len(projections), batch.input_ids.device
-    token_inputs = dict(
-        input_ids=batch.input_ids[:, -1:],
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids[:, -1:],
-    )
+    cache_arg = _cache_argument(forward)
     store: dict[int, torch.Tensor] = {}
     with torch.no_grad():
-        cache_arg = _cache_argument(forward)
         keys_values = _prefix_cache(forward, batch, cache_arg)
-        everyone = torch.arange(len(batch), device=device)
         with hooked(projections, _capture_last(store)):
-            cache = {cache_arg: _cache(keys_values, everyone)}
-            out = forward(**token_inputs, **cache, use_cache=True)
+            out = forward(
+                input_ids=batch.input_ids[:, -1:],
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids[:, -1:],
+                use_cache=True,
+                **{cache_arg: DynamicCache(ddp_cache_data=keys_values)},
+            )
     z, y = _stack_layers(store, num_layers), out.logits[:, -1].argmax(-1)
     scale = alphas(steps, z.dtype, device)
     grad_sum = torch.zeros(z.shape, dtype=torch.float64, device=device)
-    total = len(batch) * num_layers * steps
-    for start in range(0, total, max_rows):
-        row = torch.arange(start, min(start + max_rows, total), device=device)
-        b_of, l_of, k_of = row // (num_layers * steps), (row // steps) % num_layers, row % steps
-        value = (scale[k_of, None] * z[b_of, l_of]).requires_grad_(True)
+    config = getattr(forward, "module", forward).config
+    total, per_chunk = num_layers * steps, max(1, max_rows // len(batch))
+    prefix_mask = batch.attention_mask[:, :-1]
+    for start in range(0, total, per_chunk):
+        row = torch.arange(start, min(start + per_chunk, total), device=device)
+        l_of, k_of = row // steps, row % steps
+        value = (scale[k_of, None] * z[:, l_of]).requires_grad_(True)  # [B, R, D]
 
         def hook_for(layer: int, value=value, l_of=l_of) -> Callable:
-            mine = (l_of == layer)[:, None, None]
-            return lambda _m, _i, output: torch.where(mine, value[:, None].to(output.dtype), output)
+            mine = (l_of == layer)[None, :, None]
+            return lambda _m, _i, output: torch.where(mine, value.to(output.dtype), output)
 
         with torch.enable_grad(), hooked(projections, hook_for):
             out = forward(
-                input_ids=token_inputs["input_ids"][b_of],
-                attention_mask=token_inputs["attention_mask"][b_of],
-                position_ids=token_inputs["position_ids"][b_of],
+                input_ids=batch.input_ids[:, -1:].expand(-1, len(row)),
+                attention_mask=_row_masks(config, prefix_mask, len(row), z.dtype),
+                position_ids=batch.position_ids[:, -1:].expand(-1, len(row)),
                 use_cache=True,
-                **{cache_arg: _cache(keys_values, b_of)},
+                **{cache_arg: DynamicCache(ddp_cache_data=keys_values)},
             )
-            (grad,) = torch.autograd.grad(_target_probability(out.logits, y[b_of]), value)
-        grad_sum.index_put_((b_of, l_of), grad.double(), accumulate=True)
+            probs = torch.softmax(out.logits.float(), dim=-1)  # [B, R, V]
+            chosen = probs.gather(2, y[:, None, None].expand(-1, len(row), 1)).sum()
+            (grad,) = torch.autograd.grad(chosen, value)
+        grad_sum.index_add_(1, l_of, grad.double())
     return _finish(z, grad_sum, steps)
