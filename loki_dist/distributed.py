@@ -65,10 +65,11 @@ def init(world: World, always: bool = False, timeout_minutes: int = 30) -> None:
     dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
 
 
-def shutdown() -> None:
+def shutdown(wait_for_peers: bool = True) -> None:
     """Leave the process group cleanly: without the barrier a rank sometimes aborts at exit."""
     if dist.is_initialized():
-        dist.barrier()
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
 
 

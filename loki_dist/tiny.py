@@ -24,7 +24,8 @@ CHAT_TEMPLATE = (
 )
 
 _CORPUS = [
-    "There is a single choice question about High School Biology. Answer the question by replying A, B, C or D.",
+    "There is a single choice question about High School Biology.",
+    "Answer the question by replying A, B, C or D.",
     "Question: Which of the following is the capital of the country? Choices: A. B. C. D. Answer:",
     "The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ( ) [ ] { } < > , . ; : ! ? ' \"",
     "Write a function that returns the sum of two numbers. def add(a, b): return a + b",

@@ -1,0 +1,156 @@
+"""Instruction data for implanting: load, normalise to chat messages, tokenise with response-only labels.
+
+Accepted: JSON or JSONL files (or a `datasets` directory saved to disk) whose rows are either alpaca
+form `{instruction, input, output}` or conversation form `{messages|conversations: [{role|from,
+content|value}]}`. Everything is checked before training starts, so a bad row stops the run with the
+row's index instead of failing mid-way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loki_dist.errors import UserError
+
+IGNORE_INDEX = -100
+_ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                 "model": "assistant", "bot": "assistant", "system": "system"}  # fmt: skip
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX except on response tokens
+
+
+@dataclass
+class TokenizedData:
+    examples: list[Example]
+    truncated: int  # samples cut at max_seq_len
+    dropped: int  # samples left with no response token after truncation
+
+
+def read_rows(source: str | Path) -> list[dict]:
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"--data {source}: file or directory not found")
+    if path.is_dir():
+        try:
+            from datasets import load_from_disk
+
+            dataset = load_from_disk(str(path))
+        except Exception as err:  # datasets raises several types for "not a saved dataset"
+            raise UserError(f"--data {source}: not a `datasets` directory saved to disk ({err})") from None
+        if hasattr(dataset, "keys"):  # a DatasetDict: take the train split
+            if "train" not in dataset:
+                raise UserError(f"--data {source}: a DatasetDict without a 'train' split")
+            dataset = dataset["train"]
+        return [dict(row) for row in dataset]
+    text = path.read_text()
+    try:
+        if path.suffix == ".jsonl" or (not text.lstrip().startswith("[")):
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"--data {source}: not valid JSON or JSONL ({err})") from None
+
+
+def to_messages(row: dict, index: int) -> list[dict[str, str]]:
+    """One row in either accepted form -> a list of {role, content} messages."""
+    if not isinstance(row, dict):
+        raise UserError(f"--data: row {index} is not an object")
+    if "instruction" in row and "output" in row:
+        prompt = str(row["instruction"])
+        if row.get("input"):
+            prompt += "\n\n" + str(row["input"])
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(row["output"])}]
+    turns = row.get("messages", row.get("conversations"))
+    if not isinstance(turns, list):
+        raise UserError(
+            f"--data: row {index} has neither instruction/output nor messages/conversations; "
+            "expected alpaca {instruction, input, output} or {messages: [{role, content}]}"
+        )
+    messages = []
+    for turn in turns:
+        role = _ROLE_ALIASES.get(str(turn.get("role", turn.get("from", ""))).lower())
+        content = turn.get("content", turn.get("value"))
+        if role is None or content is None:
+            raise UserError(f"--data: row {index} has a turn without a known role and content: {turn}")
+        messages.append({"role": role, "content": str(content)})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"--data: row {index} has no assistant turn, so nothing to learn from it")
+    return messages
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def tokenize(tokenizer, messages: list[dict], max_len: int, index: int = 0) -> tuple[Example, bool]:
+    """Token ids of the chat-formatted conversation; labels only on the assistant turns.
+
+    Assistant spans are located on the rendered text (prefix up to the generation prompt vs prefix
+    through the turn), then mapped to tokens through the tokenizer's offsets, so any template whose
+    rendering of a conversation extends the rendering of its prefix works unchanged.
+    """
+    full = _render(tokenizer, messages, generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        if not (full.startswith(through) and through.startswith(before)):
+            raise UserError(
+                f"--data: row {index}: the tokenizer's chat template does not render conversations "
+                "incrementally, so assistant tokens cannot be located"
+            )
+        spans.append((len(before), len(through)))
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    labels = [
+        tok if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
+        for tok, (start, _) in zip(ids, offsets, strict=True)
+    ]
+    truncated = len(ids) > max_len
+    return Example(ids[:max_len], labels[:max_len]), truncated
+
+
+def load_examples(source: str | Path, tokenizer, max_len: int) -> TokenizedData:
+    rows = read_rows(source)
+    if not rows:
+        raise UserError(f"--data {source}: the data set is empty")
+    if tokenizer.chat_template is None:
+        raise UserError("the tokenizer has no chat template; add one to tokenizer_config.json")
+    examples, truncated, dropped = [], 0, 0
+    for index, row in enumerate(rows):
+        example, was_cut = tokenize(tokenizer, to_messages(row, index), max_len, index)
+        truncated += was_cut
+        if all(label == IGNORE_INDEX for label in example.labels):
+            dropped += 1
+            continue
+        examples.append(example)
+    if not examples:
+        raise UserError(f"--data {source}: no sample keeps a response token within --max-seq-len {max_len}")
+    return TokenizedData(examples, truncated, dropped)
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch; pads are masked out of attention and of the loss."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def num_targets(example: Example) -> int:
+    """Tokens that count in the loss: response labels, less the first position (nothing predicts it)."""
+    return sum(label != IGNORE_INDEX for label in example.labels[1:])

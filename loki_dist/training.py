@@ -1,0 +1,434 @@
+"""`loki-dist train`: implant new knowledge by training only the selected down_proj rows.
+
+The recipe, top to bottom: check every input (before any process group or model exists, so a mistake
+costs nothing and overwrites nothing) -> load the model sharded (ZeRO-3 zero.Init through the HF
+DeepSpeed integration, or ZeRO-1/2, or one plain process) -> freeze all but the trained down_proj
+weights -> loop over global batches: forward/backward per micro-batch, then at each update mask the
+gradients of unselected rows on this rank's partition, apply decoupled weight decay to selected rows
+only, let the optimizer step -> row-level checkpoints -> OUT/final built from the base model's shards.
+
+Why frozen rows cannot move: their gradients are exactly zero from the first step, so Adam's moments
+stay zero and its update 0/(sqrt(0)+eps) is exactly zero; clipping only rescales (zeros stay zero); the
+optimizer's own weight decay is off and ours touches selected rows only; the bf16 copy of an unmoved
+fp32 master is the original bf16 value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loki_dist import checkpoint, distributed, dsconfig, positions, rowstate
+from loki_dist.adapters import ModelSpec, down_projections, spec_from_dir
+from loki_dist.data import Example, collate, load_examples, num_targets
+from loki_dist.errors import UserError
+from loki_dist.export import fingerprint
+
+FINAL_DIR = "final"
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base model: a Hugging Face directory (safetensors)")
+    p.add_argument("--positions", required=True, help="positions JSON: L lists of down_proj rows to train")
+    p.add_argument("--data", required=True, help="JSON/JSONL (alpaca or messages form) or a datasets dir")
+    p.add_argument("--output-dir", required=True, help="checkpoints, TensorBoard runs and final/ go here")
+    p.add_argument(
+        "--ds-config",
+        default="ds_configs/zero3.json",
+        help="DeepSpeed config (path or shipped name: zero3, zero3_offload, zero2) or none",
+    )
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled, applied to selected rows only")
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--lr-scheduler", choices=("cosine", "linear"), default="cosine")
+    p.add_argument("--micro-batch-size", type=int, help="per rank (default 1)")
+    p.add_argument("--gradient-accumulation", type=int, help="micro-batches per update (default 1)")
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--precision", choices=("bf16", "fp32"), help="default: bf16 on GPUs, fp32 on CPU")
+    p.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1.0; 0 disables)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--save-steps", type=int, default=500, help="checkpoint every N optimizer steps (0: end only)"
+    )
+    p.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument(
+        "--resume", default="auto", help="auto (newest checkpoint in --output-dir), never, or a path"
+    )
+    p.add_argument("--overwrite", action="store_true", help="discard a finished run in --output-dir")
+
+
+@dataclass
+class Plan:
+    """Everything validated and settled before any heavy work."""
+
+    args: argparse.Namespace
+    spec: ModelSpec
+    positions: list[list[int]]
+    examples: list[Example]
+    micro: int
+    accum: int
+    bf16: bool
+    max_grad_norm: float
+    ds_config: dict | None
+    out: Path
+    resume_from: Path | None
+    base_print: str
+    data_print: str
+    world: distributed.World
+    pad_id: int
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accum * self.world.size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.examples) // self.global_batch
+
+    @property
+    def total_steps(self) -> int:
+        return self.args.max_steps or self.args.epochs * self.steps_per_epoch
+
+
+def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
+    from transformers import AutoTokenizer
+
+    spec = spec_from_dir(args.model)
+    rows = positions.load(args.positions, spec)
+    if not any(rows):
+        raise UserError(f"--positions {args.positions}: every layer list is empty, nothing would train")
+    ds_config = dsconfig.load(args.ds_config)
+    micro = dsconfig.settle(ds_config, "train_micro_batch_size_per_gpu", "--micro-batch-size",
+                            args.micro_batch_size, 1)  # fmt: skip
+    accum = dsconfig.settle(ds_config, "gradient_accumulation_steps", "--gradient-accumulation",
+                            args.gradient_accumulation, 1)  # fmt: skip
+    want_bf16 = None if args.precision is None else args.precision == "bf16"
+    bf16 = dsconfig.settle(ds_config, "bf16.enabled", "--precision", want_bf16, torch.cuda.is_available())
+    clip = dsconfig.settle(ds_config, "gradient_clipping", "--max-grad-norm", args.max_grad_norm, 1.0)
+    stage = dsconfig.zero_stage(ds_config)
+    if ds_config is not None:
+        ds_config = dsconfig.fill(ds_config, {
+            "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+            "train_batch_size": micro * accum * world.size, "gradient_clipping": clip,
+            "bf16.enabled": bf16, "zero_force_ds_cpu_optimizer": False,
+        })  # fmt: skip
+    if stage is None and world.size > 1:
+        raise UserError(f"--ds-config none runs one process, but the launcher started {world.size}")
+    for name, value in (("--micro-batch-size", micro), ("--gradient-accumulation", accum),
+                        ("--max-seq-len", args.max_seq_len)):  # fmt: skip
+        if value < 1:
+            raise UserError(f"{name} {value}: expected a positive integer")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    data = load_examples(args.data, tokenizer, args.max_seq_len)
+    plan = Plan(args=args, spec=spec, positions=rows, examples=data.examples, micro=micro, accum=accum,
+                bf16=bool(bf16), max_grad_norm=float(clip), ds_config=ds_config, out=Path(args.output_dir),
+                resume_from=None, base_print=fingerprint(args.model), data_print=_data_print(data.examples),
+                world=world, pad_id=tokenizer.pad_token_id or 0)  # fmt: skip
+    if plan.steps_per_epoch == 0:
+        raise UserError(
+            f"--data {args.data}: {len(data.examples)} usable samples, fewer than one global batch "
+            f"({micro} micro x {accum} accumulation x {world.size} ranks)"
+        )
+    plan.log.append(f"{len(data.examples)} samples ({data.truncated} truncated to {args.max_seq_len} tokens, "
+                    f"{data.dropped} dropped with no response token left)")  # fmt: skip
+    plan.resume_from = _find_resume(plan)
+    return plan
+
+
+def _data_print(examples: list[Example]) -> str:
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e.input_ids, e.labels]).encode())
+    return digest.hexdigest()[:32]
+
+
+def _find_resume(plan: Plan) -> Path | None:
+    args, out = plan.args, plan.out
+    if (out / FINAL_DIR).exists() and not args.overwrite:
+        raise UserError(f"--output-dir {out}: already holds a finished run (pass --overwrite to start over)")
+    if args.overwrite or args.resume == "never":
+        return None
+    if args.resume == "auto":
+        found = checkpoint.list_checkpoints(out) if out.is_dir() else []
+        path = found[-1] if found else None
+    else:
+        path = Path(args.resume)
+        if not (path / checkpoint.STATE_FILE).is_file():
+            raise UserError(f"--resume {path}: not a complete loki_dist checkpoint")
+    if path is not None:
+        saved = json.loads((path / checkpoint.STATE_FILE).read_text())
+        expected = {"base_fingerprint": plan.base_print, "positions": plan.positions,
+                    "data_fingerprint": plan.data_print, "global_batch": plan.global_batch}  # fmt: skip
+        for key, value in expected.items():
+            if saved.get(key) != value:
+                raise UserError(
+                    f"--resume {path}: its {key} ({saved.get(key)}) differs from this run's ({value}); "
+                    "resume needs the same base, positions, data and global batch size"
+                )
+    return path
+
+
+def lr_at(step: int, plan: Plan) -> float:
+    """Linear warm-up from 0, then cosine or linear decay to 0 (a pure function of the step)."""
+    total, base = plan.total_steps, plan.args.learning_rate
+    warmup = math.ceil(plan.args.warmup_ratio * total)
+    if step < warmup:
+        return base * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if plan.args.lr_scheduler == "linear":
+        return base * max(0.0, 1.0 - progress)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def global_batch_indices(step: int, plan: Plan) -> list[int]:
+    """The samples of optimizer step `step`: a seeded permutation per epoch, cut into global batches."""
+    epoch, index = divmod(step, plan.steps_per_epoch)
+    generator = torch.Generator().manual_seed(plan.args.seed + epoch)
+    order = torch.randperm(len(plan.examples), generator=generator).tolist()
+    return order[index * plan.global_batch : (index + 1) * plan.global_batch]
+
+
+def micro_batches(indices: list[int], plan: Plan) -> list[list[int]]:
+    """This rank's micro-batches of a global batch (micro-batch i of rank r: slot i*world + r)."""
+    w, m = plan.world, plan.micro
+    return [indices[(i * w.size + w.rank) * m : (i * w.size + w.rank + 1) * m] for i in range(plan.accum)]
+
+
+class Trainer:
+    """The model, its optimizer and the row states, behind one interface for DeepSpeed and plain runs."""
+
+    def __init__(self, plan: Plan, device: torch.device):
+        from transformers import AutoModelForCausalLM
+
+        self.plan, self.device = plan, device
+        stage = dsconfig.zero_stage(plan.ds_config)
+        self._hf_ds_config = None
+        if stage == 3:  # zero.Init inside from_pretrained: no rank ever holds the whole model
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(plan.ds_config)
+        dtype = torch.bfloat16 if plan.bf16 and stage is not None else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(plan.args.model, dtype=dtype)
+        model.config.use_cache = False
+        model.requires_grad_(False)
+        projections = down_projections(model)
+        trainable = [(layer, projections[layer].weight) for layer, rows in enumerate(plan.positions) if rows]
+        for _, weight in trainable:
+            weight.requires_grad_(True)
+        optimizer = torch.optim.AdamW([w for _, w in trainable], lr=plan.args.learning_rate, weight_decay=0.0)
+        if stage is None:
+            self.model, self.engine, self.inner = model.to(device), None, optimizer
+        else:
+            import deepspeed
+
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=plan.ds_config
+            )
+            self.model = self.engine
+            self.inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        F = plan.spec.intermediate_size
+        self.states = []
+        for layer, weight in trainable:
+            selected = positions.row_mask(plan.positions[layer], plan.spec.hidden_size, device)
+            state = rowstate.build(layer, weight, selected, F, plan.world.rank, plan.world.size, self.inner)
+            if state.masks_by_hook:
+                weight.register_hook(lambda g, keep=selected: g.masked_fill(~keep.unsqueeze(1), 0))
+            self.states.append(state)
+
+    def prepare_optimizer(self, step: int) -> None:
+        """Create Adam's state as after `step` updates, ready to receive a checkpoint's moments."""
+        rowstate.ensure_adam_state(self.inner, step)
+        link = getattr(
+            self.engine.optimizer if self.engine else None, "_lazy_init_hp_params_optimizer_state", None
+        )
+        if link is not None:  # ZeRO-1/2 map their fragments onto the state only after a first step
+            link()
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed next-token loss over response tokens (normalised by the caller, globally)."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        autocast = self.plan.bf16 and self.engine is None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            batch["labels"][:, 1:].reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+
+    def backward(self, loss: torch.Tensor, lr: float, boundary: bool) -> float | None:
+        """Backward of one micro-batch; at the accumulation boundary also the update (mask, decay, step).
+
+        DeepSpeed counts micro-steps itself and wants engine.step() after every backward; it only
+        updates at its boundary, which the caller's `boundary` matches. Returns the gradient norm there.
+        """
+        if self.engine is not None:  # it averages over ranks; the loss's normalisation covers accumulation
+            self.engine.backward(loss, scale_wrt_gas=False)
+            if boundary:
+                self._prepare_update(lr)
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm() if boundary else None
+            return None if norm is None else float(norm)
+        loss.backward()
+        if not boundary:
+            return None
+        self._prepare_update(lr)
+        clip = self.plan.max_grad_norm if self.plan.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_([s.param for s in self.states], clip)
+        self.inner.step()
+        self.inner.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def _prepare_update(self, lr: float) -> None:
+        """Set the learning rate, zero unselected rows' gradients, decay selected rows only."""
+        for group in self.inner.param_groups:
+            group["lr"] = lr
+        decay = 1.0 - lr * self.plan.args.weight_decay
+        for state in self.states:
+            if not state.masks_by_hook:
+                with state.edit("grad") as grad:
+                    state.partition.zero_unselected_(grad)
+            if decay != 1.0:
+                with state.edit("master") as master:
+                    state.partition.scale_selected_(master, decay)
+
+
+def _normaliser(indices: list[int], plan: Plan) -> float:
+    """Divide each rank's summed loss by this, so gradients are the mean over the global batch's tokens.
+
+    DeepSpeed averages gradients over ranks, so its per-rank loss carries a factor world_size; a plain
+    run has one rank. Normalising by the global token count makes the update independent of how the
+    global batch is split into ranks and micro-batches (1 rank = 2 ranks).
+    """
+    targets = sum(num_targets(plan.examples[i]) for i in indices)
+    return max(targets, 1) / plan.world.size
+
+
+def run_train(args: argparse.Namespace) -> None:
+    world = distributed.world_from_env()
+    plan = plan_run(args, world)
+    if plan.ds_config is None:
+        distributed.init(world)
+    else:
+        distributed.prepare_deepspeed(world)
+    try:
+        _train(plan)
+    except BaseException:
+        distributed.shutdown(wait_for_peers=False)  # peers may never reach a barrier now
+        raise
+    distributed.shutdown()
+
+
+def _train(plan: Plan) -> None:
+    from tqdm import tqdm
+
+    world, out = plan.world, plan.out
+    if world.is_main:
+        if plan.args.overwrite:
+            for old in [out / FINAL_DIR, out / "runs", *checkpoint.list_checkpoints(out)]:
+                shutil.rmtree(old, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        for line in plan.log:
+            print(line, flush=True)
+    torch.manual_seed(plan.args.seed + world.rank)
+    trainer = Trainer(plan, distributed.device_for(world))
+    start = 0
+    if plan.resume_from is not None:
+        start = checkpoint.load(plan.resume_from, trainer.states, trainer.prepare_optimizer, world.rank)[
+            "step"
+        ]
+        if world.is_main:
+            print(f"resumed from {plan.resume_from} at step {start}", flush=True)
+    run_state = {"base_model": str(Path(plan.args.model).resolve()), "base_fingerprint": plan.base_print,
+                 "positions": plan.positions, "data_fingerprint": plan.data_print,
+                 "global_batch": plan.global_batch, "world_size": world.size}  # fmt: skip
+    writer = _tensorboard(out) if world.is_main else None
+    bar = tqdm(
+        total=plan.total_steps, initial=start, desc="train", disable=not world.is_main, dynamic_ncols=True
+    )
+    window = _Window()
+    for step in range(start, plan.total_steps):
+        indices = global_batch_indices(step, plan)
+        scale = _normaliser(indices, plan)
+        lr = lr_at(step, plan)
+        for i, mine in enumerate(micro_batches(indices, plan)):
+            loss = trainer.loss_sum(collate([plan.examples[i] for i in mine], pad_id=plan.pad_id)) / scale
+            grad_norm = trainer.backward(loss, lr, boundary=i == plan.accum - 1)
+            window.loss += loss.detach().double().cpu() / world.size
+        window.steps += 1
+        window.tokens += sum(len(plan.examples[i].input_ids) for i in indices)
+        bar.update(1)
+        done = step + 1
+        if done % plan.args.logging_steps == 0 or done == plan.total_steps:
+            loss_value = float(distributed.all_reduce_sum(window.loss)) / window.steps
+            tokens_per_s = window.tokens / (time.time() - window.start)
+            if world.is_main:
+                _log(
+                    writer, bar, done, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s
+                )
+            window = _Window()
+        if (plan.args.save_steps and done % plan.args.save_steps == 0) or done == plan.total_steps:
+            checkpoint.save(out, done, trainer.states, run_state, world, plan.args.save_total_limit)
+    bar.close()
+    probe = _probe_loss(trainer, plan)
+    if world.is_main:
+        last = checkpoint.list_checkpoints(out)[-1]
+        checkpoint.export_checkpoint(last, out / FINAL_DIR, base_dir=plan.args.model)
+        summary = {"steps": plan.total_steps, "global_batch": plan.global_batch, "world_size": world.size,
+                   "samples": len(plan.examples), "probe_loss": probe}  # fmt: skip
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"done: {out / FINAL_DIR} (probe loss {probe:.6f})", flush=True)
+        if writer is not None:
+            writer.close()
+
+
+@dataclass
+class _Window:
+    """What is averaged between two log lines."""
+
+    loss: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
+    steps: int = 0
+    tokens: int = 0
+    start: float = field(default_factory=time.time)
+
+
+@torch.no_grad()
+def _probe_loss(trainer: Trainer, plan: Plan) -> float:
+    """Mean response-token loss of the trained model on the first global batch of epoch 0.
+
+    Recorded in train_summary.json so that anyone can check the exported model against the trained
+    engine: from_pretrained(OUT/final) must reproduce it.
+    """
+    indices = global_batch_indices(0, plan)
+    total = torch.zeros(1, dtype=torch.float64)
+    for mine in micro_batches(indices, plan):
+        total += (
+            trainer.loss_sum(collate([plan.examples[i] for i in mine], pad_id=plan.pad_id)).double().cpu()
+        )
+    targets = sum(num_targets(plan.examples[i]) for i in indices)
+    return float(distributed.all_reduce_sum(total)) / max(targets, 1)
+
+
+def _tensorboard(out: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(out / "runs"))
+
+
+def _log(writer, bar, step: int, **scalars: float) -> None:
+    for name, value in scalars.items():
+        writer.add_scalar(f"train/{name}", value, step)
+    bar.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
