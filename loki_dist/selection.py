@@ -176,8 +176,10 @@ def run_select(args: argparse.Namespace) -> None:
     from loki_dist import positions as positions_file
 
     quota = parse_quota(args.quota)
-    if args.plot and not args.plot.lower().endswith(".png"):
-        raise UserError(f"--plot {args.plot}: expected a .png file name")
+    if args.plot:
+        if not args.plot.lower().endswith(".png"):
+            raise UserError(f"--plot {args.plot}: expected a .png file name")
+        _pyplot()  # missing matplotlib is reported before any work
     if args.attribution is None:
         if args.strategy != "random" or args.model is None:
             raise UserError("--attribution is required (only --strategy random can do with --model alone)")
@@ -210,8 +212,7 @@ def summary(positions: list[list[int]], tensors: dict | None, strategy: str, quo
     return "\n".join(lines)
 
 
-def plot(positions: list[list[int]], tensors: dict | None, path: str, bins: int = 256) -> None:
-    """Heat maps, layers x binned nodes: share of selected rows, and the mean score."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -219,8 +220,14 @@ def plot(positions: list[list[int]], tensors: dict | None, path: str, bins: int 
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'loki-dist[plot]'") from None
+    return plt
+
+
+def plot(positions: list[list[int]], tensors: dict | None, path: str, bins: int = 256) -> None:
+    """Heat maps, layers x binned nodes: share of selected rows, and the mean score."""
     import torch
 
+    plt = _pyplot()
     num_layers = len(positions)
     hidden = (
         tensors["score_sum"].shape[1]
