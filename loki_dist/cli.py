@@ -44,5 +44,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args._run(args)
     except UserError as err:
-        print(f"loki-dist {args.command}: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank finds the same mistake; say it once
+            print(f"loki-dist {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)

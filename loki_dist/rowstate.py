@@ -167,18 +167,29 @@ def build(
     return PlainRowState(layer, param, partition, optimizer)
 
 
-def ensure_adam_state(optimizer: torch.optim.Optimizer, step: int) -> None:
+def ensure_adam_state(optimizer: torch.optim.Optimizer, step: int, holders: list[torch.Tensor]) -> None:
     """Create (or overwrite the step of) torch Adam's lazily created state, so a resume can fill it.
 
     torch.optim.Adam/AdamW create `step`, `exp_avg`, `exp_avg_sq` at the first step(); a resumed run
     must write its saved moments before that, and Adam's bias correction must see the saved step.
+    `holders` are the tensors the state is keyed by: the parameters, or DeepSpeed's flat fp32 partitions
+    (ZeRO-3 hands them to the optimizer only inside step()).
     """
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state[p]
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            old = state.get("step")
-            device = old.device if isinstance(old, torch.Tensor) else torch.device("cpu")
-            state["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
+    for p in holders:
+        state = optimizer.state[p]
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        old = state.get("step")
+        device = old.device if isinstance(old, torch.Tensor) else torch.device("cpu")
+        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
+
+
+def optimizer_state_holders(
+    optimizer: torch.optim.Optimizer, zero_optimizer: object | None
+) -> list[torch.Tensor]:
+    """The tensors Adam's state is keyed by, for each layout (see ensure_adam_state)."""
+    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):  # ZeRO-3, ZeRO-1/2
+        if zero_optimizer is not None and hasattr(zero_optimizer, name):
+            return list(getattr(zero_optimizer, name))
+    return [p for group in optimizer.param_groups for p in group["params"]]

@@ -100,10 +100,12 @@ def build_model(model_type: str = "llama", seed: int = 0, **config_kwargs) -> to
     return model.eval()
 
 
-def save_tiny(out_dir: str | Path, model_type: str = "llama", seed: int = 0, **config_kwargs) -> Path:
+def save_tiny(
+    out_dir: str | Path, model_type: str = "llama", seed: int = 0, dtype=torch.float32, **config_kwargs
+) -> Path:
     """Write a tiny model and the tokenizer as a standard Hugging Face directory."""
     out_dir = Path(out_dir)
-    model = build_model(model_type, seed=seed, **config_kwargs)
+    model = build_model(model_type, seed=seed, **config_kwargs).to(dtype)
     model.save_pretrained(out_dir, safe_serialization=True)
     build_tokenizer(vocab_size=model.config.vocab_size).save_pretrained(out_dir)
     return out_dir

@@ -249,10 +249,10 @@ class Trainer:
 
     def prepare_optimizer(self, step: int) -> None:
         """Create Adam's state as after `step` updates, ready to receive a checkpoint's moments."""
-        rowstate.ensure_adam_state(self.inner, step)
-        link = getattr(
-            self.engine.optimizer if self.engine else None, "_lazy_init_hp_params_optimizer_state", None
-        )
+        zero_optimizer = self.engine.optimizer if self.engine else None
+        holders = rowstate.optimizer_state_holders(self.inner, zero_optimizer)
+        rowstate.ensure_adam_state(self.inner, step, holders)
+        link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
         if link is not None:  # ZeRO-1/2 map their fragments onto the state only after a first step
             link()
 
@@ -388,7 +388,8 @@ def _train(plan: Plan) -> None:
         last = checkpoint.list_checkpoints(out)[-1]
         checkpoint.export_checkpoint(last, out / FINAL_DIR, base_dir=plan.args.model)
         summary = {"steps": plan.total_steps, "global_batch": plan.global_batch, "world_size": world.size,
-                   "samples": len(plan.examples), "probe_loss": probe}  # fmt: skip
+                   "samples": len(plan.examples), "probe_loss": probe,
+                   "probe_samples": global_batch_indices(0, plan)}  # fmt: skip
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         print(f"done: {out / FINAL_DIR} (probe loss {probe:.6f})", flush=True)
         if writer is not None:
