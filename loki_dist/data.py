@@ -17,8 +17,15 @@ import torch
 from loki_dist.errors import UserError
 
 IGNORE_INDEX = -100
-_ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                 "model": "assistant", "bot": "assistant", "system": "system"}  # fmt: skip
+_ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "system": "system",
+}
 
 
 @dataclass

@@ -119,8 +119,10 @@ def load_implant(path: str | Path) -> tuple[dict[int, torch.Tensor], dict[int, t
 
 def check_implant_fits(metadata: dict[str, str], spec: ModelSpec, base_print: str, base_dir) -> None:
     shape = (spec.model_type, spec.num_layers, spec.hidden_size, spec.intermediate_size)
-    implant_shape = (metadata.get("model_type"), *(int(metadata.get(k, -1)) for k in
-                     ("num_layers", "hidden_size", "intermediate_size")))  # fmt: skip
+    implant_shape = (
+        metadata.get("model_type"),
+        *(int(metadata.get(k, -1)) for k in ("num_layers", "hidden_size", "intermediate_size")),
+    )
     if implant_shape != shape:
         raise UserError(
             f"--base {base_dir}: model (type, layers, hidden, intermediate) {shape} does not match the "

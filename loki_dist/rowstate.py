@@ -87,8 +87,10 @@ class Zero3RowState(RowState):
 
         p = self.partition
         per_rank = self.param.ds_tensor.ds_numel
-        sizes = [RowPartition.of_rank(p.selected, p.row_len, r, per_rank).num_selected
-                 for r in range(self.world_size)]  # fmt: skip
+        sizes = [
+            RowPartition.of_rank(p.selected, p.row_len, r, per_rank).num_selected
+            for r in range(self.world_size)
+        ]
         return all_gather_varlen(p.take(self.read(what)), sizes)
 
     def scatter(self, what: str, selected: torch.Tensor) -> None:

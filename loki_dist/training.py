@@ -110,39 +110,65 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
     if not any(rows):
         raise UserError(f"--positions {args.positions}: every layer list is empty, nothing would train")
     ds_config = dsconfig.load(args.ds_config)
-    micro = dsconfig.settle(ds_config, "train_micro_batch_size_per_gpu", "--micro-batch-size",
-                            args.micro_batch_size, 1)  # fmt: skip
-    accum = dsconfig.settle(ds_config, "gradient_accumulation_steps", "--gradient-accumulation",
-                            args.gradient_accumulation, 1)  # fmt: skip
+    micro = dsconfig.settle(
+        ds_config, "train_micro_batch_size_per_gpu", "--micro-batch-size", args.micro_batch_size, 1
+    )
+    accum = dsconfig.settle(
+        ds_config, "gradient_accumulation_steps", "--gradient-accumulation", args.gradient_accumulation, 1
+    )
     want_bf16 = None if args.precision is None else args.precision == "bf16"
     bf16 = dsconfig.settle(ds_config, "bf16.enabled", "--precision", want_bf16, torch.cuda.is_available())
     clip = dsconfig.settle(ds_config, "gradient_clipping", "--max-grad-norm", args.max_grad_norm, 1.0)
     stage = dsconfig.zero_stage(ds_config)
     if ds_config is not None:
-        ds_config = dsconfig.fill(ds_config, {
-            "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
-            "train_batch_size": micro * accum * world.size, "gradient_clipping": clip,
-            "bf16.enabled": bf16, "zero_force_ds_cpu_optimizer": False,
-        })  # fmt: skip
+        ds_config = dsconfig.fill(
+            ds_config,
+            {
+                "train_micro_batch_size_per_gpu": micro,
+                "gradient_accumulation_steps": accum,
+                "train_batch_size": micro * accum * world.size,
+                "gradient_clipping": clip,
+                "bf16.enabled": bf16,
+                "zero_force_ds_cpu_optimizer": False,
+            },
+        )
     if stage is None and world.size > 1:
         raise UserError(f"--ds-config none runs one process, but the launcher started {world.size}")
-    for name, value in (("--micro-batch-size", micro), ("--gradient-accumulation", accum),
-                        ("--max-seq-len", args.max_seq_len)):  # fmt: skip
+    for name, value in (
+        ("--micro-batch-size", micro),
+        ("--gradient-accumulation", accum),
+        ("--max-seq-len", args.max_seq_len),
+    ):
         if value < 1:
             raise UserError(f"{name} {value}: expected a positive integer")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data = load_examples(args.data, tokenizer, args.max_seq_len)
-    plan = Plan(args=args, spec=spec, positions=rows, examples=data.examples, micro=micro, accum=accum,
-                bf16=bool(bf16), max_grad_norm=float(clip), ds_config=ds_config, out=Path(args.output_dir),
-                resume_from=None, base_print=fingerprint(args.model), data_print=_data_print(data.examples),
-                world=world, pad_id=tokenizer.pad_token_id or 0)  # fmt: skip
+    plan = Plan(
+        args=args,
+        spec=spec,
+        positions=rows,
+        examples=data.examples,
+        micro=micro,
+        accum=accum,
+        bf16=bool(bf16),
+        max_grad_norm=float(clip),
+        ds_config=ds_config,
+        out=Path(args.output_dir),
+        resume_from=None,
+        base_print=fingerprint(args.model),
+        data_print=_data_print(data.examples),
+        world=world,
+        pad_id=tokenizer.pad_token_id or 0,
+    )
     if plan.steps_per_epoch == 0:
         raise UserError(
             f"--data {args.data}: {len(data.examples)} usable samples, fewer than one global batch "
             f"({micro} micro x {accum} accumulation x {world.size} ranks)"
         )
-    plan.log.append(f"{len(data.examples)} samples ({data.truncated} truncated to {args.max_seq_len} tokens, "
-                    f"{data.dropped} dropped with no response token left)")  # fmt: skip
+    plan.log.append(
+        f"{len(data.examples)} samples ({data.truncated} truncated to {args.max_seq_len} tokens, "
+        f"{data.dropped} dropped with no response token left)"
+    )
     plan.resume_from = _find_resume(plan)
     return plan
 
@@ -169,8 +195,12 @@ def _find_resume(plan: Plan) -> Path | None:
             raise UserError(f"--resume {path}: not a complete loki_dist checkpoint")
     if path is not None:
         saved = json.loads((path / checkpoint.STATE_FILE).read_text())
-        expected = {"base_fingerprint": plan.base_print, "positions": plan.positions,
-                    "data_fingerprint": plan.data_print, "global_batch": plan.global_batch}  # fmt: skip
+        expected = {
+            "base_fingerprint": plan.base_print,
+            "positions": plan.positions,
+            "data_fingerprint": plan.data_print,
+            "global_batch": plan.global_batch,
+        }
         for key, value in expected.items():
             if saved.get(key) != value:
                 raise UserError(
@@ -352,9 +382,14 @@ def _train(plan: Plan) -> None:
         ]
         if world.is_main:
             print(f"resumed from {plan.resume_from} at step {start}", flush=True)
-    run_state = {"base_model": str(Path(plan.args.model).resolve()), "base_fingerprint": plan.base_print,
-                 "positions": plan.positions, "data_fingerprint": plan.data_print,
-                 "global_batch": plan.global_batch, "world_size": world.size}  # fmt: skip
+    run_state = {
+        "base_model": str(Path(plan.args.model).resolve()),
+        "base_fingerprint": plan.base_print,
+        "positions": plan.positions,
+        "data_fingerprint": plan.data_print,
+        "global_batch": plan.global_batch,
+        "world_size": world.size,
+    }
     writer = _tensorboard(out) if world.is_main else None
     bar = tqdm(
         total=plan.total_steps, initial=start, desc="train", disable=not world.is_main, dynamic_ncols=True
@@ -387,9 +422,14 @@ def _train(plan: Plan) -> None:
     if world.is_main:
         last = checkpoint.list_checkpoints(out)[-1]
         checkpoint.export_checkpoint(last, out / FINAL_DIR, base_dir=plan.args.model)
-        summary = {"steps": plan.total_steps, "global_batch": plan.global_batch, "world_size": world.size,
-                   "samples": len(plan.examples), "probe_loss": probe,
-                   "probe_samples": global_batch_indices(0, plan)}  # fmt: skip
+        summary = {
+            "steps": plan.total_steps,
+            "global_batch": plan.global_batch,
+            "world_size": world.size,
+            "samples": len(plan.examples),
+            "probe_loss": probe,
+            "probe_samples": global_batch_indices(0, plan),
+        }
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         print(f"done: {out / FINAL_DIR} (probe loss {probe:.6f})", flush=True)
         if writer is not None:

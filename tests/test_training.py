@@ -38,12 +38,23 @@ def make_data(path: Path, n: int = 48, seed: int = 0) -> Path:
     for i in range(n):
         a, b = rng.randint(0, 99), rng.randint(0, 99)
         if i % 3 == 0:
-            rows.append({"messages": [{"role": "system", "content": "Be brief."},
-                                      {"role": "user", "content": f"Add {a} and {b}."},
-                                      {"role": "assistant", "content": f"{a + b}"}]})  # fmt: skip
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": f"Add {a} and {b}."},
+                        {"role": "assistant", "content": f"{a + b}"},
+                    ]
+                }
+            )
         else:
-            rows.append({"instruction": f"What is {a} plus {b}?", "input": "" if i % 2 else "Show the sum.",
-                         "output": f"{a} plus {b} is {a + b}." * (1 + i % 4)})  # fmt: skip
+            rows.append(
+                {
+                    "instruction": f"What is {a} plus {b}?",
+                    "input": "" if i % 2 else "Show the sum.",
+                    "output": f"{a} plus {b} is {a + b}." * (1 + i % 4),
+                }
+            )
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
 
@@ -58,10 +69,32 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 
 
 def train_args(setup, out: Path, *extra: str) -> list[str]:
-    return ["train", "--model", str(setup["base"]), "--positions", str(setup["positions"]),
-            "--data", str(setup["data"]), "--output-dir", str(out), "--max-steps", "6",
-            "--learning-rate", "1e-2", "--weight-decay", "0.1", "--max-grad-norm", "0.05",
-            "--warmup-ratio", "0.2", "--logging-steps", "2", "--save-steps", "3", *extra]  # fmt: skip
+    return [
+        "train",
+        "--model",
+        str(setup["base"]),
+        "--positions",
+        str(setup["positions"]),
+        "--data",
+        str(setup["data"]),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "6",
+        "--learning-rate",
+        "1e-2",
+        "--weight-decay",
+        "0.1",
+        "--max-grad-norm",
+        "0.05",
+        "--warmup-ratio",
+        "0.2",
+        "--logging-steps",
+        "2",
+        "--save-steps",
+        "3",
+        *extra,
+    ]
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -158,8 +191,17 @@ def test_apply_reproduces_final_and_from_pretrained_matches_engine(setup, zero3_
     from loki_dist.data import collate, load_examples, num_targets
 
     merged = tmp_path / "merged"
-    run_cli(["apply", "--base", str(setup["base"]), "--implant", str(zero3_run / "final" / "implant.safetensors"),
-             "--output", str(merged)])  # fmt: skip
+    run_cli(
+        [
+            "apply",
+            "--base",
+            str(setup["base"]),
+            "--implant",
+            str(zero3_run / "final" / "implant.safetensors"),
+            "--output",
+            str(merged),
+        ]
+    )
     for name in ("model.safetensors", "implant.safetensors", "config.json"):
         assert (merged / name).read_bytes() == (zero3_run / "final" / name).read_bytes(), name
 
@@ -179,8 +221,18 @@ def test_apply_reproduces_final_and_from_pretrained_matches_engine(setup, zero3_
 
 def test_apply_refuses_another_base(setup, zero3_run, tmp_path):
     other = save_tiny(tmp_path / "other", "llama", seed=7, num_layers=3)
-    proc = run_cli(["apply", "--base", str(other), "--implant", str(zero3_run / "final" / "implant.safetensors"),
-                    "--output", str(tmp_path / "merged")], check=False)  # fmt: skip
+    proc = run_cli(
+        [
+            "apply",
+            "--base",
+            str(other),
+            "--implant",
+            str(zero3_run / "final" / "implant.safetensors"),
+            "--output",
+            str(tmp_path / "merged"),
+        ],
+        check=False,
+    )
     assert proc.returncode == 2 and "fingerprint" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "merged").exists()
 
@@ -194,10 +246,20 @@ def test_export_checkpoint_equals_final(setup, zero3_run, tmp_path):
 
 def _launch(args: list[str], nproc: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "loki_dist", *args]  # fmt: skip
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "loki_dist",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
 
 
 def _descendants(pid: int) -> list[int]:
