@@ -1,0 +1,138 @@
+"""The small pieces the training recipe stands on, each against an obvious brute-force version."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from loki_dist import adapters, dsconfig, positions
+from loki_dist.data import IGNORE_INDEX, to_messages, tokenize
+from loki_dist.errors import UserError
+from loki_dist.partition import RowPartition
+from loki_dist.tiny import build_model, build_tokenizer
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5, 7])
+def test_row_partition_matches_dense_mask(world):
+    D, F = 11, 7
+    selected = torch.zeros(D, dtype=torch.bool)
+    selected[[0, 3, 4, 9, 10]] = True
+    weight = torch.randn(D, F)
+    dense = selected.unsqueeze(1).expand(D, F).reshape(-1)
+    per_rank = -(-D * F // world)
+    pieces = []
+    for rank in range(world):
+        part = RowPartition.of_rank(selected, F, rank, per_rank)
+        local = torch.zeros(per_rank)
+        flat = weight.view(-1)[part.start : part.start + part.length]
+        local[: part.length] = flat
+        expected = flat * dense[part.start : part.start + part.length]
+        masked = local.clone()
+        part.zero_unselected_(masked[: part.length])
+        assert torch.equal(masked[: part.length], expected)
+        taken = part.take(local[: part.length])
+        assert torch.equal(taken, flat[dense[part.start : part.start + part.length]])
+        assert taken.numel() == part.num_selected
+        assert part.selected_before(part.start) == int(dense[: part.start].sum())
+        pieces.append(taken)
+        scaled = local.clone()
+        part.scale_selected_(scaled[: part.length], 0.5)
+        assert torch.equal(
+            scaled[: part.length], torch.where(dense[part.start : part.start + part.length], flat * 0.5, flat)
+        )
+        restored = torch.zeros(per_rank)
+        part.put_(restored[: part.length], taken)
+        assert torch.equal(restored[: part.length], expected)
+    assert torch.equal(torch.cat(pieces), weight[selected].reshape(-1))
+
+
+@pytest.mark.parametrize("model_type", sorted(adapters.FAMILIES))
+def test_every_family_exposes_its_down_projections(model_type):
+    model = build_model(model_type, num_layers=2, hidden_size=32, intermediate_size=48)
+    spec = adapters.spec_from_config(model.config)
+    named = dict(model.named_parameters())
+    projections = adapters.down_projections(model)
+    assert len(projections) == spec.num_layers == 2
+    for layer, proj in enumerate(projections):
+        assert proj.weight.shape == (spec.hidden_size, spec.intermediate_size) == (32, 48)
+        assert named[spec.down_proj_name(layer)] is proj.weight
+        assert spec.layer_of(spec.down_proj_name(layer)) == layer
+
+
+def test_unsupported_model_type_lists_supported_ones():
+    with pytest.raises(UserError, match=r"'bert' is not supported; supported model types: gemma2, .*llama"):
+        adapters.spec_from_config({"model_type": "bert", "num_hidden_layers": 2, "hidden_size": 8})
+
+
+def test_positions_validation():
+    spec = adapters.ModelSpec("llama", num_layers=2, hidden_size=8, intermediate_size=4)
+    assert positions.validate([[3, 1], []], spec) == [[1, 3], []]
+    for bad, message in [
+        ([[1]], "has 1 layer lists but the model has 2 layers"),
+        ([[1], [8]], "index 8, outside \\[0, 8\\)"),
+        ([[1, 1], []], "lists index 1 more than once"),
+        ([[1.5], []], "non-integer index"),
+        ({"0": [1]}, "expected a JSON list"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            positions.validate(bad, spec)
+
+
+def test_only_assistant_tokens_are_labelled():
+    tokenizer = build_tokenizer()
+    messages = to_messages(
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "A1"},
+                {"from": "human", "value": "more"},
+                {"from": "gpt", "value": "B2"},
+            ]
+        },
+        0,
+    )
+    example, truncated = tokenize(tokenizer, messages, max_len=1000)
+    assert not truncated
+    labelled = tokenizer.decode(
+        [t for t, lab in zip(example.input_ids, example.labels, strict=True) if lab != IGNORE_INDEX]
+    )
+    assert labelled == "A1<|end|>\nB2<|end|>\n"
+    cut, truncated = tokenize(tokenizer, messages, max_len=5)
+    assert truncated and len(cut.input_ids) == 5
+
+
+def test_alpaca_rows_become_chat_turns():
+    row = {"instruction": "Add", "input": "2 and 3", "output": "5"}
+    assert to_messages(row, 0) == [
+        {"role": "user", "content": "Add\n\n2 and 3"},
+        {"role": "assistant", "content": "5"},
+    ]
+    with pytest.raises(UserError, match="row 4 has no assistant turn"):
+        to_messages({"messages": [{"role": "user", "content": "x"}]}, 4)
+
+
+def test_ds_config_values_and_flags_must_agree():
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": "auto",
+        "bf16": {"enabled": "auto"},
+    }
+    assert dsconfig.settle(config, "train_micro_batch_size_per_gpu", "--micro-batch-size", None, 1) == 4
+    assert dsconfig.settle(config, "train_micro_batch_size_per_gpu", "--micro-batch-size", 4, 1) == 4
+    assert dsconfig.settle(config, "gradient_accumulation_steps", "--gradient-accumulation", None, 1) == 1
+    assert dsconfig.settle(config, "bf16.enabled", "--precision", True, False) is True
+    with pytest.raises(UserError, match="--micro-batch-size 2 contradicts train_micro_batch_size_per_gpu=4"):
+        dsconfig.settle(config, "train_micro_batch_size_per_gpu", "--micro-batch-size", 2, 1)
+    for name in ("zero3", "zero2", "zero3_offload", "ds_configs/zero3.json"):
+        assert dsconfig.zero_stage(dsconfig.load(name)) in (2, 3)
+    assert dsconfig.load("none") is None
+
+
+def test_tiny_tokenizer_is_deterministic_and_total():
+    a, b = build_tokenizer(), build_tokenizer()
+    text = "Ünïcode ✓ and 数字 123"
+    assert a(text)["input_ids"] == b(text)["input_ids"]
+    assert a.decode(a(text)["input_ids"]) == text
+    assert list(itertools.islice(a.get_vocab(), 1))  # non-empty vocabulary

@@ -1,0 +1,141 @@
+"""Bad input to `loki-dist train`: one clear line, exit status 2, before any work, nothing overwritten."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from loki_dist.cli import main
+from loki_dist.tiny import save_tiny
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad")
+    base = save_tiny(root / "base", "llama", seed=0)
+    good_positions = root / "positions.json"
+    good_positions.write_text(json.dumps([[0, 1], [2]]))
+    data = root / "data.json"
+    data.write_text(json.dumps([{"instruction": "Say hi", "input": "", "output": "hi"}] * 4))
+    bert = root / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(
+        json.dumps({"model_type": "bert", "num_hidden_layers": 2, "hidden_size": 32})
+    )
+    finished = root / "finished_run"
+    (finished / "final").mkdir(parents=True)
+    (finished / "final" / "model.safetensors").write_bytes(b"weights of a finished run")
+    (finished / "checkpoint-3").mkdir()
+    (finished / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    return {
+        "root": root,
+        "base": base,
+        "positions": good_positions,
+        "data": data,
+        "bert": bert,
+        "finished": finished,
+    }
+
+
+def write(root: Path, name: str, content) -> Path:
+    path = root / name
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+CASES = {
+    "positions with the wrong number of layers": (
+        {"positions": [[0]]},
+        "has 1 layer lists but the model has 2 layers",
+    ),
+    "an index >= D": ({"positions": [[0], [32]]}, "index 32, outside [0, 32)"),
+    "a duplicate index": ({"positions": [[0, 5, 5], []]}, "lists index 5 more than once"),
+    "an unsupported model type": (
+        {"model": "bert"},
+        "model type 'bert' is not supported; supported model types",
+    ),
+    "an empty data set": ({"data": ""}, "the data set is empty"),
+    "a conversation with no assistant turn": (
+        {"data": [{"messages": [{"role": "user", "content": "hello"}]}]},
+        "row 0 has no assistant turn",
+    ),
+    "a missing file": ({"data": None}, "file or directory not found"),
+    "an output directory holding a finished run": ({"out": "finished"}, "already holds a finished run"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_clear_line(case, inputs, tmp_path, capsys):
+    change, expected = CASES[case]
+    model = inputs["bert"] if change.get("model") == "bert" else inputs["base"]
+    positions = (
+        write(tmp_path, "p.json", change["positions"]) if "positions" in change else inputs["positions"]
+    )
+    if "data" in change:
+        data = (
+            tmp_path / "missing.json" if change["data"] is None else write(tmp_path, "d.json", change["data"])
+        )
+    else:
+        data = inputs["data"]
+    out = inputs["finished"] if change.get("out") == "finished" else tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    (out / "precious.txt").write_text("user file")
+    before = snapshot(out)
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "train",
+                "--model",
+                str(model),
+                "--positions",
+                str(positions),
+                "--data",
+                str(data),
+                "--output-dir",
+                str(out),
+                "--ds-config",
+                "none",
+                "--max-steps",
+                "1",
+            ]
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert snapshot(out) == before, "the output directory changed"
+
+
+def test_bad_input_under_torchrun_exits_nonzero_without_traceback(inputs, tmp_path):
+    bad = write(tmp_path, "p.json", [[0], [99]])
+    proc = run_cli(
+        [
+            "train",
+            "--model",
+            str(inputs["base"]),
+            "--positions",
+            str(bad),
+            "--data",
+            str(inputs["data"]),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        nproc=2,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.count("loki-dist train: error: --positions") == 1
+    # torchrun itself reports a failed child with a traceback of its own; none may come from loki_dist
+    assert not [line for line in proc.stderr.splitlines() if 'File "' in line and "loki_dist" in line]
+    assert not (tmp_path / "out").exists()
