@@ -4,6 +4,7 @@ world size and ZeRO-3 sharding change no result; a killed run resumes to the ide
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +104,15 @@ def attribution_setup(tmp_path_factory):
     return root, args, single
 
 
+@pytest.fixture(scope="module")
+def two_rank_file(attribution_setup) -> Path:
+    """The same attribution with 2 ranks (shared by the world-size and the resume tests)."""
+    root, args, _ = attribution_setup
+    path = root / "ws2.safetensors"
+    run_cli([*args, "--output", str(path)], nproc=2)
+    return path
+
+
 def _assert_same(a_path, b_path):
     a, b = load_file(a_path), load_file(b_path)
     assert a.keys() == b.keys()
@@ -114,14 +124,12 @@ def _assert_same(a_path, b_path):
             assert torch.equal(a[name], b[name]), name
 
 
-def test_world_size_two_and_zero3_give_the_same_file(attribution_setup):
+def test_world_size_two_and_zero3_give_the_same_file(attribution_setup, two_rank_file):
     root, args, single = attribution_setup
     ws1 = load_file(single)
     assert ws1["bottom_rank_hist"].shape == (3, 32, 100) and ws1["scores"].shape == (9, 3, 32)
     assert ws1["num_samples"].item() == 9 and ws1["bottom_rank_hist"].sum().item() == 9 * 3 * 32
-    plain = root / "ws2.safetensors"
-    run_cli([*args, "--output", str(plain)], nproc=2)
-    _assert_same(single, plain)
+    _assert_same(single, two_rank_file)
     sharded = root / "ws2z3.safetensors"
     proc = run_cli([*args, "--output", str(sharded), "--ds-config", "ds_configs/zero3_infer.json"], nproc=2)
     _assert_same(single, sharded)
@@ -133,22 +141,28 @@ def test_world_size_two_and_zero3_give_the_same_file(attribution_setup):
     assert part < whole
 
 
-def test_killed_run_resumes_to_the_identical_file(attribution_setup):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_killed_run_resumes_to_the_identical_file(attribution_setup, two_rank_file, nproc):
     root, args, single = attribution_setup
-    output = root / "resumed.safetensors"
+    uninterrupted = single if nproc == 1 else two_rank_file
+    output = root / f"resumed{nproc}.safetensors"
+    partial = root / f"resumed{nproc}.safetensors.partial"
     resumable = [*args, "--output", str(output), "--checkpoint-every", "4"]
-    killed = run_cli(resumable, env={"LOKI_DIST_TEST_KILL_AFTER_CHECKPOINT": "1"}, check=False)
+    killed = run_cli(resumable, nproc, env={"LOKI_DIST_TEST_KILL_AFTER_CHECKPOINT": "1"}, check=False)
     assert killed.returncode != 0 and not output.exists()
-    assert list((root / "resumed.safetensors.partial").glob("rank0-step*.safetensors"))
-    proc = run_cli([*resumable, "--resume"])
+    assert len(list(partial.glob("rank*-step000000002.safetensors"))) == nproc
+    proc = run_cli([*resumable, "--resume"], nproc)
     assert "resuming after 2 batches" in proc.stderr
     # bit-identical tensors and metadata (safetensors writes the metadata map in hash order)
     from loki_dist.stats import load_file as load_with_metadata
 
-    (resumed, meta_resumed), (whole, meta_whole) = load_with_metadata(output), load_with_metadata(single)
+    (resumed, meta_resumed), (whole, meta_whole) = (
+        load_with_metadata(output),
+        load_with_metadata(uninterrupted),
+    )
     assert meta_resumed == meta_whole and resumed.keys() == whole.keys()
     assert all(torch.equal(resumed[name], whole[name]) for name in whole)
-    assert not (root / "resumed.safetensors.partial").exists()
+    assert not partial.exists()
 
 
 def test_summary_and_metadata(attribution_setup):
