@@ -6,8 +6,9 @@ For one prompt with last position t, model prediction y and layer-l down_proj ou
 
 `reference` runs, per layer, m copies of the whole prompt with position t of that layer replaced.
 `fast` uses causality: replacing position t changes nothing at positions < t, so the KV cache of the
-prefix is computed once and every (layer, step) pair becomes one row of a single-token forward over
-that cache. Both differentiate with `torch.autograd.grad` with respect to the replaced activation
+prefix is computed once, and every (layer, step) pair becomes one extra query token at position t,
+packed after that shared cache with a mask that lets it see the prefix and itself only (the cache is
+never copied per row). Both differentiate with `torch.autograd.grad` with respect to the replaced activation
 itself (never `loss.backward()`, which a DeepSpeed inference engine refuses), so the same code runs on a
 plain model and on a ZeRO-3 engine.
 
