@@ -15,7 +15,6 @@ ranks share, even when a job was killed half-way through writing.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -25,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loki_dist import __version__
+from loki_dist import __version__, dsconfig
 from loki_dist.errors import UserError
 
 log = logging.getLogger("loki_dist.attribute")
@@ -138,20 +137,13 @@ def _validate(args: argparse.Namespace):
     return spec, ds_config
 
 
-def _read_ds_config(path: str) -> dict:
-    try:
-        config = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"--ds-config {path}: file not found") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"--ds-config {path}: not valid JSON ({err})") from None
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage != 3:
-        raise UserError(
-            f"--ds-config {path}: attribution shards with ZeRO stage 3, this config has stage {stage}"
-        )
+def _read_ds_config(name: str) -> dict:
+    config = dsconfig.load(name)
+    stage = dsconfig.zero_stage(config)
+    if config is None or stage != 3:
+        raise UserError(f"--ds-config {name}: attribution shards with ZeRO stage 3, this has stage {stage}")
     if "optimizer" in config:
-        raise UserError(f"--ds-config {path}: an inference config must not define an optimizer")
+        raise UserError(f"--ds-config {name}: an inference config must not define an optimizer")
     return config
 
 
@@ -159,20 +151,15 @@ def _fill_auto(config: dict, batch_size: int, world_size: int, dtype) -> dict:
     """DeepSpeed wants concrete batch sizes and precision even without training; "auto" means ours."""
     import torch
 
-    filled = json.loads(json.dumps(config))
-    values = {
+    wanted = {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": 1,
         "train_batch_size": batch_size * world_size,
+        "bf16.enabled": dtype == torch.bfloat16,
+        "fp16.enabled": dtype == torch.float16,
     }
-    for key, value in values.items():
-        if filled.get(key, "auto") == "auto":
-            filled[key] = value
-    for key, wanted in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        section = filled.setdefault(key, {})
-        if section.get("enabled", "auto") == "auto":
-            section["enabled"] = dtype == wanted
-    return filled
+    settled = {key: dsconfig.settle(config, key, key, None, value) for key, value in wanted.items()}
+    return dsconfig.fill(config, settled)
 
 
 # ------------------------------------------------------------------------------------------------ model
