@@ -53,14 +53,36 @@ def make_inputs(root: Path, world: distributed.World, quota: float = 0.1) -> lis
         rng = random.Random(0)
         rows = [sorted(rng.sample(range(256), int(quota * 256))) for _ in range(4)]
         (root / "positions.json").write_text(json.dumps(rows))
-        words = "the of and to in is that for it as with was on knowledge model layer row".split()
-        data = [{"instruction": " ".join(rng.choices(words, k=120)), "input": "",
-                 "output": " ".join(rng.choices(words, k=120))} for _ in range(64)]  # fmt: skip
+        words = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "knowledge", "model", "row"]
+        data = [
+            {
+                "instruction": " ".join(rng.choices(words, k=120)),
+                "input": "",
+                "output": " ".join(rng.choices(words, k=120)),
+            }
+            for _ in range(64)
+        ]
         (root / "data.json").write_text(json.dumps(data))
     distributed.barrier()
-    return ["train", "--model", str(model_dir), "--positions", str(root / "positions.json"),
-            "--data", str(root / "data.json"), "--output-dir", str(root / "out"), "--max-seq-len", "256",
-            "--micro-batch-size", "1", "--gradient-accumulation", "1", "--weight-decay", "0.01"]  # fmt: skip
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--positions",
+        str(root / "positions.json"),
+        "--data",
+        str(root / "data.json"),
+        "--output-dir",
+        str(root / "out"),
+        "--max-seq-len",
+        "256",
+        "--micro-batch-size",
+        "1",
+        "--gradient-accumulation",
+        "1",
+        "--weight-decay",
+        "0.01",
+    ]
 
 
 def time_steps(trainer: Trainer, plan, steps: int) -> list[float]:
@@ -105,7 +127,8 @@ def main() -> None:
             f"| ZeRO-3, {world.size} ranks, {torch.get_num_threads()} thread(s)/rank | median step (s) |\n"
             f"|---|---|\n| masking off | {unmasked:.4f} |\n| masked (loki_dist) | {masked:.4f} |\n"
             f"| difference of medians | {overhead:+.1f}% |\n"
-            f"| masking + row decay, timed alone | {mask_cost:.4f} ({100 * mask_cost / masked:.1f}% of a step) |\n"
+            f"| masking + row decay, timed alone | {mask_cost:.4f} "
+            f"({100 * mask_cost / masked:.1f}% of a step) |\n"
         )
         print(table)
         if opts.markdown:
