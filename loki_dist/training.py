@@ -390,6 +390,7 @@ def _train(plan: Plan) -> None:
         "global_batch": plan.global_batch,
         "world_size": world.size,
     }
+    probe_at_start = _probe_loss(trainer, plan)
     writer = _tensorboard(out) if world.is_main else None
     bar = tqdm(
         total=plan.total_steps, initial=start, desc="train", disable=not world.is_main, dynamic_ncols=True
@@ -428,6 +429,8 @@ def _train(plan: Plan) -> None:
             "world_size": world.size,
             "samples": len(plan.examples),
             "probe_loss": probe,
+            "probe_loss_at_start": probe_at_start,
+            "start_step": start,
             "probe_samples": global_batch_indices(0, plan),
         }
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
