@@ -44,6 +44,17 @@ def run_cli(
     return proc
 
 
+def assert_user_error(argv: list[str], capsys, needle: str) -> None:
+    """In-process CLI call that must fail as a user mistake: exit 2 and one stderr line containing needle."""
+    from loki_dist.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 32, intermediate 48) with the built-in tokenizer."""

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import assert_user_error, run_cli
 from mmlu_fixture import write_mmlu
 from safetensors.torch import load_file
 
 from loki_dist import kva
 from loki_dist.adapters import down_projections
-from loki_dist.cli import main
 from loki_dist.tiny import build_model, save_tiny, tiny_config
 
 CPU = torch.device("cpu")
@@ -178,14 +177,6 @@ def test_summary_and_metadata(attribution_setup):
 # -------------------------------------------------------------------------------------------- bad input
 
 
-def _fails(argv, capsys, needle):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and needle in err, err
-
-
 def test_bad_input_fails_in_one_line_before_work(tmp_path, capsys, tiny_llama):
     data = write_mmlu(tmp_path / "mmlu")
     out = str(tmp_path / "a.safetensors")
@@ -193,8 +184,10 @@ def test_bad_input_fails_in_one_line_before_work(tmp_path, capsys, tiny_llama):
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
     base = ["attribute", "--output", out]
-    _fails([*base, "--model", str(bert), "--data", str(data)], capsys, "not supported")
-    _fails([*base, "--model", str(tmp_path / "nope"), "--data", str(data)], capsys, "directory not found")
+    assert_user_error([*base, "--model", str(bert), "--data", str(data)], capsys, "not supported")
+    assert_user_error(
+        [*base, "--model", str(tmp_path / "nope"), "--data", str(data)], capsys, "directory not found"
+    )
     for change, needle in ((lambda r: r.pop("subject"), "lacks column(s) subject"),
                            (lambda r: r.update(answer=7), "`answer` must be 0-3"),
                            (lambda r: r.update(choices=["x", "y"]), "exactly 4 strings")):  # fmt: skip
@@ -202,8 +195,11 @@ def test_bad_input_fails_in_one_line_before_work(tmp_path, capsys, tiny_llama):
         change(rows[0])
         bad = tmp_path / "bad.jsonl"
         bad.write_text("\n".join(json.dumps(r) for r in rows))
-        _fails([*base, "--model", str(tiny_llama), "--data", str(bad)], capsys, needle)
-    _fails([*base, "--model", str(tiny_llama), "--data", str(data), "--steps", "0"], capsys, "--steps 0")
-    _fails([*base, "--model", str(tiny_llama), "--data", str(data), "--ds-config", str(tmp_path / "x.json")],
-           capsys, "file not found")  # fmt: skip
+        assert_user_error([*base, "--model", str(tiny_llama), "--data", str(bad)], capsys, needle)
+    assert_user_error(
+        [*base, "--model", str(tiny_llama), "--data", str(data), "--steps", "0"], capsys, "--steps 0"
+    )
+    missing_config = str(tmp_path / "x.json")
+    argv = [*base, "--model", str(tiny_llama), "--data", str(data), "--ds-config", missing_config]
+    assert_user_error(argv, capsys, "file not found")
     assert not (tmp_path / "a.safetensors").exists()

@@ -8,6 +8,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from conftest import assert_user_error
 
 from loki_dist.cli import main
 from loki_dist.errors import UserError
@@ -133,25 +134,19 @@ def test_cli_writes_positions_summary_and_plot(attribution, tmp_path, capsys):
     assert png.stat().st_size > 1000
 
 
-def _fails(argv, capsys, needle):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and needle in err, err
-
-
 def test_bad_input_fails_in_one_line(attribution, tmp_path, capsys, tiny_llama):
     out = str(tmp_path / "p.json")
     base = ["select", "--output", out, "--attribution", str(attribution)]
     out_of_range = "must be in (0, 100]"
     for quota, needle in (("0", out_of_range), ("101", out_of_range), ("ten", "not a number"),
                           ("1", "selects no row")):  # fmt: skip
-        _fails([*base, "--quota", quota], capsys, needle)
-    _fails([*base, "--quota", "10", "--model", str(tiny_llama)], capsys, "made for 3 layers x 40 rows")
+        assert_user_error([*base, "--quota", quota], capsys, needle)
+    assert_user_error(
+        [*base, "--quota", "10", "--model", str(tiny_llama)], capsys, "made for 3 layers x 40 rows"
+    )
     no_scores = tmp_path / "no_scores.safetensors"
     save_atomic(_tensors(_scores(), keep_scores=False), no_scores, {})
-    _fails(
+    assert_user_error(
         ["select", "--output", out, "--attribution", str(no_scores), "--quota", "12.5"],
         capsys,
         "--save-scores",
@@ -161,7 +156,7 @@ def test_bad_input_fails_in_one_line(attribution, tmp_path, capsys, tiny_llama):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x13" * 64)
     for broken in (truncated, garbage, tmp_path / "missing.safetensors"):
-        _fails(
+        assert_user_error(
             ["select", "--output", out, "--attribution", str(broken), "--quota", "10"], capsys, str(broken)
         )
     assert not (tmp_path / "p.json").exists()

@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import assert_user_error, run_cli
 
-from loki_dist.cli import main
 from loki_dist.tiny import save_tiny
 
 
@@ -93,27 +92,9 @@ def test_bad_input_is_one_clear_line(case, inputs, tmp_path, capsys):
     out.mkdir(exist_ok=True)
     (out / "precious.txt").write_text("user file")
     before = snapshot(out)
-    with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "train",
-                "--model",
-                str(model),
-                "--positions",
-                str(positions),
-                "--data",
-                str(data),
-                "--output-dir",
-                str(out),
-                "--ds-config",
-                "none",
-                "--max-steps",
-                "1",
-            ]
-        )
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and expected in err, err
+    argv = ["train", "--model", str(model), "--positions", str(positions), "--data", str(data),
+            "--output-dir", str(out), "--ds-config", "none", "--max-steps", "1"]  # fmt: skip
+    assert_user_error(argv, capsys, expected)
     assert snapshot(out) == before, "the output directory changed"
 
 
