@@ -7,6 +7,11 @@ weights -> loop over global batches: forward/backward per micro-batch, then at e
 gradients of unselected rows on this rank's partition, apply decoupled weight decay to selected rows
 only, let the optimizer step -> row-level checkpoints -> OUT/final built from the base model's shards.
 
+Requeue: SIGUSR1 or SIGTERM (Slurm's warning before the time limit, a preemption, `kill`) does not stop
+a step half-way. The step in progress finishes, every rank agrees on the stop at the step boundary, a
+checkpoint is saved, and the process exits with REQUEUE_EXIT_CODE; the next run with the same command
+resumes from that checkpoint (`--resume auto`).
+
 Why frozen rows cannot move: their gradients are exactly zero from the first step, so Adam's moments
 stay zero and its update 0/(sqrt(0)+eps) is exactly zero; clipping only rescales (zeros stay zero); the
 optimizer's own weight decay is off and ours touches selected rows only; the bf16 copy of an unmoved
@@ -20,6 +25,8 @@ import hashlib
 import json
 import math
 import shutil
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +40,10 @@ from loki_dist.errors import UserError
 from loki_dist.export import fingerprint
 
 FINAL_DIR = "final"
+# sysexits' EX_TEMPFAIL, "try again later": stopped on a signal after saving a checkpoint. Distinct from
+# 0 (finished), 1 (crash) and 2 (user error) so that a job script can tell "requeue me" from the rest.
+REQUEUE_EXIT_CODE = 75
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -355,17 +366,45 @@ def run_train(args: argparse.Namespace) -> None:
     else:
         distributed.prepare_deepspeed(world)
     try:
-        _train(plan)
+        stopped = _train(plan)
     except BaseException:
         distributed.shutdown(wait_for_peers=False)  # peers may never reach a barrier now
         raise
     distributed.shutdown()
+    if stopped:
+        sys.exit(REQUEUE_EXIT_CODE)
 
 
-def _train(plan: Plan) -> None:
+class StopRequest:
+    """Turns SIGUSR1/SIGTERM into a request to stop at the next step boundary, agreed by all ranks.
+
+    The handler only records the signal: stopping inside a step would leave ranks in different
+    collectives. `agreed` runs at every step boundary; with several ranks it all-reduces one flag (a
+    single-element collective, negligible next to a ZeRO step), so a signal that reached only some ranks
+    stops all of them at the same step.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._record)
+
+    def _record(self, signum: int, frame) -> None:
+        self.received = signum
+
+    def agreed(self, world: distributed.World, device: torch.device) -> bool:
+        if world.size == 1:
+            return self.received is not None
+        flag = torch.tensor([0.0 if self.received is None else 1.0], device=device)
+        return bool(distributed.all_reduce_sum(flag).item() > 0)
+
+
+def _train(plan: Plan) -> bool:
+    """The training loop; returns True when a stop signal ended it early (after a checkpoint)."""
     from tqdm import tqdm
 
     world, out = plan.world, plan.out
+    stop = StopRequest()
     if world.is_main:
         if plan.args.overwrite:
             for old in [out / FINAL_DIR, out / "runs", *checkpoint.list_checkpoints(out)]:
@@ -416,8 +455,25 @@ def _train(plan: Plan) -> None:
                     writer, bar, done, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s
                 )
             window = _Window()
-        if (plan.args.save_steps and done % plan.args.save_steps == 0) or done == plan.total_steps:
+        stopping = done < plan.total_steps and stop.agreed(world, trainer.device)
+        if (
+            (plan.args.save_steps and done % plan.args.save_steps == 0)
+            or done == plan.total_steps
+            or stopping
+        ):
             checkpoint.save(out, done, trainer.states, run_state, world, plan.args.save_total_limit)
+        if stopping:
+            bar.close()
+            if world.is_main:
+                print(
+                    f"stopped by signal {stop.received or 'on another rank'} after step {done}: saved "
+                    f"{out / f'checkpoint-{done}'}; rerun the same command to resume "
+                    f"(exit status {REQUEUE_EXIT_CODE})",
+                    flush=True,
+                )
+                if writer is not None:
+                    writer.close()
+            return True
     bar.close()
     probe = _probe_loss(trainer, plan)
     if world.is_main:
@@ -437,6 +493,7 @@ def _train(plan: Plan) -> None:
         print(f"done: {out / FINAL_DIR} (probe loss {probe:.6f})", flush=True)
         if writer is not None:
             writer.close()
+    return False
 
 
 @dataclass

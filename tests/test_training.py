@@ -268,39 +268,56 @@ def _descendants(pid: int) -> list[int]:
     return found + [d for c in found for d in _descendants(c)]
 
 
-def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path):
-    steps = [
-        "--max-steps",
-        "40",
-        "--save-steps",
-        "4",
-        "--micro-batch-size",
-        "1",
-        "--gradient-accumulation",
-        "2",
-    ]
-    full = tmp_path / "full"
-    run_cli([*train_args(setup, full), *steps], nproc=2)
+LONG_RUN = [
+    "--max-steps",
+    "40",
+    "--save-steps",
+    "4",
+    "--micro-batch-size",
+    "1",
+    "--gradient-accumulation",
+    "2",
+]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup) -> Path:
+    """The 40-step, 2-rank run that interrupted and resumed runs must reproduce bit for bit."""
+    out = setup["root"] / "uninterrupted"
+    run_cli([*train_args(setup, out), *LONG_RUN], nproc=2)
+    return out
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.time() < deadline, f"the run ended before {path} appeared"
+        time.sleep(0.01)
+
+
+def assert_equal_weights(expected: Path, got: Path) -> None:
+    want, have = final_weights(expected), final_weights(got)
+    for name in want:
+        assert torch.equal(want[name], have[name]), f"{name}: resume differs from uninterrupted run"
+
+
+def test_sigkill_then_resume_equals_uninterrupted(setup, uninterrupted, tmp_path):
+    steps = LONG_RUN
     killed = tmp_path / "killed"
     proc = _launch([*train_args(setup, killed), *steps], nproc=2)
-    deadline = time.time() + 120
-    while not (killed / "checkpoint-4" / "trainer_state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.01)
+    _wait_for(killed / "checkpoint-4" / "trainer_state.json", proc)
     for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun puts its workers in their own sessions
         os.kill(pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "final").exists(), "the run finished before it could be killed"
     one = tmp_path / "one_rank"  # for the world-size change below
-    newest = sorted(killed.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    newest = sorted(killed.glob("checkpoint-*"), key=checkpoint_step)[-1]
     shutil.copytree(newest, one / newest.name)
 
     resumed = run_cli([*train_args(setup, killed), *steps], nproc=2)
     assert "resumed from" in resumed.stdout
-    full_w, resumed_w = final_weights(full), final_weights(killed)
-    for name in full_w:
-        assert torch.equal(full_w[name], resumed_w[name]), f"{name}: resume differs from uninterrupted run"
+    assert_equal_weights(uninterrupted, killed)
+    full_w = final_weights(uninterrupted)
 
     # the same checkpoint resumed on ONE rank (twice the accumulation keeps the global batch)
     steps_one = [*steps[:-1], "4"]
@@ -308,3 +325,30 @@ def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path):
     for name, tensor in full_w.items():
         diff = (tensor - final_weights(one)[name]).abs().max().item()
         assert diff <= TOLERANCE, f"{name}: 2-rank checkpoint resumed on 1 rank differs by {diff}"
+
+
+def test_signal_on_one_rank_checkpoints_all_and_resumes_exactly(setup, uninterrupted, tmp_path):
+    """SIGUSR1 to ONE worker (as Slurm's pre-timeout signal might reach it): both ranks finish the step,
+    agree to stop, save a checkpoint and exit with REQUEUE_EXIT_CODE; the rerun ends bit-identical."""
+    from loki_dist.training import REQUEUE_EXIT_CODE
+
+    out = tmp_path / "signalled"
+    proc = _launch([*train_args(setup, out), *LONG_RUN], nproc=2)
+    _wait_for(out / "checkpoint-4" / "trainer_state.json", proc)
+    workers = _descendants(proc.pid)
+    assert len(workers) >= 2, workers
+    os.kill(workers[1], signal.SIGUSR1)  # direct children (the workers) come first
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode != 0 and f"exitcode  : {REQUEUE_EXIT_CODE}" in stderr, stderr[-3000:]
+    assert not (out / "final").exists(), "the run finished before the signal arrived"
+    saved = [checkpoint_step(p) for p in out.glob("checkpoint-*")]
+    assert 4 < max(saved) < 40, saved  # saved at the step the signal interrupted
+    assert not list(out.glob(".checkpoint-*")), "a partial checkpoint was left behind"
+
+    resumed = run_cli([*train_args(setup, out), *LONG_RUN], nproc=2)
+    assert f"resumed from {out / f'checkpoint-{max(saved)}'}" in resumed.stdout
+    assert_equal_weights(uninterrupted, out)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[1])
