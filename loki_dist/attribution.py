@@ -175,29 +175,22 @@ def _torch_dtype(name: str):
 
 def _load_model(args, world, ds_config: dict | None, dtype):
     """(forward callable, model, device); the forward is a ZeRO-3 engine when --ds-config is given."""
-    from transformers import AutoModelForCausalLM
-
     from loki_dist.distributed import device_for, init, prepare_deepspeed
+    from loki_dist.modeling import load_causal_lm, zero3_share
 
     device = device_for(world)
     if ds_config is None:
         init(world)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
-        model.requires_grad_(False)
+        model = load_causal_lm(args.model, dtype, None).to(device).eval()
         return model, model, device
     import deepspeed
-    from transformers.integrations import HfDeepSpeedConfig
 
     prepare_deepspeed(world)
     config = _fill_auto(ds_config, args.batch_size, world.size, dtype)
-    keep_alive = HfDeepSpeedConfig(config)  # makes from_pretrained load straight into zero.Init shards
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
-    model.requires_grad_(False)
+    model = load_causal_lm(args.model, dtype, config).eval()
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
-    del keep_alive
-    held = sum(p.ds_tensor.numel() for p in model.parameters() if hasattr(p, "ds_tensor"))
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    held, total = zero3_share(model)
     log.info(f"ZeRO-3: rank {world.rank} holds {held:,} of {total:,} parameters")
     # Call the wrapped module, not the engine: ZeRO-3's parameter gathering lives in hooks on the
     # modules themselves (forward and backward), while the engine's own forward arms backward hooks
