@@ -1,0 +1,117 @@
+"""launch/ and slurm/: shellcheck, pass-through of loki-dist commands, and the Slurm wrapper's node logic.
+
+The Slurm wrapper runs here against stand-ins for `srun` (one task per node, each with its own
+SLURM_NODEID, as srun --ntasks-per-node=1 does) and `scontrol`, with a real torchrun c10d rendezvous
+between the "nodes" on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, free_port
+
+SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("slurm/*.sh"), *REPO.glob("slurm/*.sbatch")])
+
+FAKE_SRUN = """#!/usr/bin/env bash
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i "$@" & pids+=($!); done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit "$rc"
+"""
+# node names that do not resolve, as on the CI machine: the address must come from NodeAddr
+FAKE_SCONTROL = """#!/usr/bin/env bash
+case "$1 $2" in
+    "show hostnames") printf 'zz-node-1\\nzz-node-2\\n' ;;
+    "show node") echo "NodeName=$3 Arch=x86_64 CoresPerSocket=1 NodeAddr=127.0.0.1 NodeHostName=$3" ;;
+    *) exit 1 ;;
+esac
+"""
+
+
+def test_every_shell_script_passes_shellcheck():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (.ci/run installs it with apt-get)")
+    assert len(SCRIPTS) >= 7, SCRIPTS
+    proc = subprocess.run(
+        ["shellcheck", "-x", *[str(p.relative_to(REPO)) for p in SCRIPTS], ".ci/run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **extra}
+
+
+def test_torchrun_wrapper_prints_and_passes_the_command_through():
+    proc = subprocess.run(
+        ["launch/torchrun.sh", "--version"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=_env(NPROC_PER_NODE="2"),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "+ " in proc.stderr and "--nproc_per_node 2 --standalone -m loki_dist --version" in proc.stderr
+    assert proc.stdout.count("loki_dist ") == 2  # both ranks ran `loki-dist --version`
+
+
+def _fake_bin(tmp_path: Path, with_scontrol: bool) -> Path:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text(FAKE_SRUN)
+    if with_scontrol:
+        (fake / "scontrol").write_text(FAKE_SCONTROL)
+    for tool in fake.iterdir():
+        tool.chmod(0o755)
+    return fake
+
+
+def test_slurm_wrapper_gives_each_node_its_id_and_finds_the_address_from_nodeaddr(tmp_path):
+    fake = _fake_bin(tmp_path, with_scontrol=True)
+    env = _env(
+        PATH=f"{fake}:{os.environ['PATH']}",
+        SLURM_JOB_ID="77",
+        SLURM_NNODES="2",
+        SLURM_JOB_NODELIST="zz-node-[1-2]",
+        NPROC_PER_NODE="1",
+        RDZV_PORT=str(free_port()),
+    )
+    proc = subprocess.run(
+        ["slurm/srun_torchrun.sh", "--version"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"rendezvous 127.0.0.1:{env['RDZV_PORT']}, 2 node(s), job 77" in proc.stderr
+    for node in (0, 1):  # expanded by each task's shell, not once by the batch shell
+        assert f"--rdzv_id 77 --node_rank {node} -m loki_dist --version" in proc.stderr, proc.stderr
+    assert proc.stdout.count("loki_dist ") == 2  # the two "nodes" met at the c10d rendezvous and ran
+
+
+def test_slurm_wrapper_refuses_to_guess_without_scontrol(tmp_path):
+    fake = _fake_bin(tmp_path, with_scontrol=False)
+    for tool in ("bash", "basename", "dirname", "head", "grep", "cut", "getent"):
+        if shutil.which(tool):
+            (fake / tool).symlink_to(shutil.which(tool))
+    env = _env(PATH=str(fake), SLURM_JOB_ID="77", SLURM_NNODES="2", SLURM_JOB_NODELIST="zz-node-[1-2]")
+    proc = subprocess.run(
+        ["slurm/srun_torchrun.sh", "train"], cwd=REPO, capture_output=True, text=True, env=env, timeout=60
+    )
+    assert proc.returncode != 0
+    assert "scontrol not found" in proc.stderr and "RDZV_HOST" in proc.stderr
+    assert "localhost" not in proc.stderr and "rendezvous" not in proc.stderr
