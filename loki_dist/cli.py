@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("loki_dist.training", "implant: train only the selected down_proj rows"),
     "export": ("loki_dist.export", "turn a training checkpoint into a Hugging Face model and an implant"),
     "apply": ("loki_dist.export", "merge an implant file into its base model"),
+    "pipeline": (
+        "loki_dist.pipeline",
+        "attribute -> select -> train from one YAML file, skipping current stages",
+    ),
     "demo": (
         "loki_dist.demo",
         "the whole job offline on a built-in tiny model (attribute, select, train, apply)",

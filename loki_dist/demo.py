@@ -17,12 +17,10 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from loki_dist.errors import UserError
+from loki_dist.pipeline import run_stage
 
 _NAMES = ["Zorvan", "Telmira", "Quessa", "Baldric", "Onyxa", "Prenn", "Valto", "Ismere", "Kadrun", "Liora"]
 _THINGS = {"colour": ["red", "blue", "green", "amber"], "home": ["Esk", "Mardo", "Ultha", "Brin"],
@@ -60,28 +58,6 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="start again in an existing --output-dir")
 
 
-def _stage(name: str, args: list[str], nproc: int) -> float:
-    """Run one loki-dist stage as its own process group; returns its wall time."""
-    if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                    "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]  # fmt: skip
-    else:
-        launcher = [sys.executable]
-    command = [*launcher, "-m", "loki_dist", *args]
-    print(f"\n=== {name}: loki-dist {' '.join(args)}", flush=True)
-    start = time.time()
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    if subprocess.run(command, env=env).returncode != 0:
-        raise UserError(f"the {name} stage failed (its output is above)")
-    return time.time() - start
-
-
-def _free_port() -> int:
-    from loki_dist.distributed import _free_port
-
-    return _free_port()
-
-
 def run_demo(args: argparse.Namespace) -> None:
     import torch
     from safetensors.torch import load_file
@@ -117,7 +93,7 @@ def run_demo(args: argparse.Namespace) -> None:
         "apply": (1, ["apply", "--base", base, "--implant", run / "final" / "implant.safetensors",
                       "--output", out / "merged"]),
     }  # fmt: skip
-    times = {name: _stage(name, [str(a) for a in argv], nproc) for name, (nproc, argv) in stages.items()}
+    times = {name: run_stage(name, [str(a) for a in argv], nproc) for name, (nproc, argv) in stages.items()}
 
     before = load_file(str(base / "model.safetensors"))
     after = load_file(str(out / "merged" / "model.safetensors"))

@@ -1,0 +1,296 @@
+"""`loki-dist pipeline --config pipeline.yaml`: attribute -> select -> train from one YAML file.
+
+Each stage runs as its own `loki-dist` process, exactly as a user would run it by hand: as one process,
+under torchrun with `nproc` ranks on this machine, or through a launcher command (`launcher:` in the
+YAML or `--launcher`, e.g. slurm/srun_torchrun.sh, which starts torchrun on every node of a Slurm job).
+Separate processes keep every stage's process group, memory and DeepSpeed state apart, and a failed
+stage leaves the earlier outputs in place.
+
+Skipping: beside each output the pipeline records the inputs it was made from (OUTPUT.inputs.json: the
+stage's command line and a fingerprint of every file or directory it names). A stage whose output exists
+and whose recorded inputs equal the current ones is skipped, so rerunning the same YAML (a requeued
+Slurm job, a changed quota) redoes only what changed: a new quota reruns select, and train only if the
+positions came out different.
+
+Config (unknown keys are refused):
+
+    output_dir: runs/llama8b                 # attribution.safetensors, positions.json, train/ go here
+    model: /models/Llama-3.1-8B-Instruct     # a Hugging Face directory
+    nproc: 8                                 # ranks per node for attribute and train (default 1)
+    launcher: slurm/srun_torchrun.sh         # optional command prefix that starts the ranks itself
+    attribute: {data: cais/mmlu, data_config: all, ds_config: zero3_infer}
+    select: {quota: 10}
+    train: {data: toolace.jsonl, epochs: 2, ds_config: zero3}
+
+Stage sections hold that command's flags (`data_config: all` -> `--data-config all`; `true` -> a bare
+flag) and may set their own `nproc`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from loki_dist.errors import UserError
+
+STAGES = ("attribute", "select", "train")
+TOP_LEVEL_KEYS = {"output_dir", "model", "nproc", "launcher", *STAGES}
+# files up to this size are fingerprinted by content, larger ones by size and modification time
+CONTENT_HASH_LIMIT = 64 * 2**20
+
+
+def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="pipeline YAML (see examples/)")
+    p.add_argument(
+        "--launcher",
+        help="command prefix that starts the ranks of attribute and train (e.g. slurm/srun_torchrun.sh); "
+        "overrides the YAML's launcher",
+    )
+    p.add_argument("--force", action="store_true", help="rerun every stage even if its output is current")
+
+
+@dataclass
+class Stage:
+    """One stage's command line, what it produces, and where its inputs record goes."""
+
+    name: str
+    argv: list[str]
+    output: Path
+    done_marker: Path
+    output_flag: str
+    nproc: int
+    distributed: bool
+
+    @property
+    def record(self) -> Path:
+        return self.output.with_name(self.output.name + ".inputs.json")
+
+
+def load_config(path: str) -> dict:
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path}: not valid YAML ({err})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--config {path}: expected a mapping of settings")
+    unknown = sorted(set(config) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise UserError(f"--config {path}: unknown keys {unknown}; expected {sorted(TOP_LEVEL_KEYS)}")
+    for key in ("output_dir", "model"):
+        if not config.get(key):
+            raise UserError(f"--config {path}: `{key}` is required")
+    for name in STAGES:
+        if not isinstance(config.get(name) or {}, dict):
+            raise UserError(f"--config {path}: `{name}` must be a mapping of its flags")
+    return config
+
+
+def _flags(section: dict) -> list[str]:
+    """YAML mapping -> command-line flags (`data_config: all` -> `--data-config all`)."""
+    out = []
+    for key, value in section.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value not in (False, None):
+            out += [flag, str(value)]
+    return out
+
+
+def build_stages(config: dict) -> list[Stage]:
+    out, model = Path(config["output_dir"]), str(config["model"])
+    sections = {name: dict(config.get(name) or {}) for name in STAGES}
+    nproc = {name: int(sections[name].pop("nproc", config.get("nproc", 1))) for name in STAGES}
+    attribution, positions, run = out / "attribution.safetensors", out / "positions.json", out / "train"
+    fixed = {
+        "attribute": ["--model", model, "--output", str(attribution)],
+        "select": ["--attribution", str(attribution), "--output", str(positions), "--model", model],
+        "train": ["--model", model, "--positions", str(positions), "--output-dir", str(run)],
+    }
+    for name, section in sections.items():
+        clash = sorted({f for f in _flags(section) if f.startswith("--")} & set(fixed[name]))
+        if clash:
+            raise UserError(f"pipeline `{name}`: {clash} are set by the pipeline itself")
+    return [
+        Stage("attribute", ["attribute", *fixed["attribute"], *_flags(sections["attribute"])],
+              attribution, attribution, "--output", nproc["attribute"], distributed=True),
+        Stage("select", ["select", *fixed["select"], *_flags(sections["select"])],
+              positions, positions, "--output", 1, distributed=False),
+        Stage("train", ["train", *fixed["train"], *_flags(sections["train"])],
+              run, run / "final" / "implant.safetensors", "--output-dir", nproc["train"], distributed=True),
+    ]  # fmt: skip
+
+
+def fingerprint_path(path: Path) -> str:
+    """A digest of a file or directory: content for small files, size and mtime for big ones.
+
+    A model directory uses export.fingerprint (its config, shard headers and the first bytes of every
+    tensor), so a 70B base is identified in a few MB of reads rather than 140 GB.
+    """
+    from loki_dist.export import fingerprint
+
+    if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return "model:" + fingerprint(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path) if path.is_dir() else ''}:{stat.st_size}:".encode())
+        if stat.st_size <= CONTENT_HASH_LIMIT:
+            digest.update(hashlib.sha256(file.read_bytes()).digest())
+        else:
+            digest.update(str(stat.st_mtime_ns).encode())
+    return digest.hexdigest()[:32]
+
+
+def stage_inputs(stage: Stage) -> dict:
+    """What the stage's output is made from: its command line and every existing path it names."""
+    skip = stage.argv.index(stage.output_flag) + 1
+    files = {
+        value: fingerprint_path(Path(value))
+        for i, value in enumerate(stage.argv)
+        if i != skip and not value.startswith("--") and Path(value).exists()
+    }
+    return {"argv": stage.argv, "files": files}
+
+
+def recorded(stage: Stage) -> dict | None:
+    """The record beside the output: {"inputs": ..., "complete": bool}, or None."""
+    return json.loads(stage.record.read_text()) if stage.record.is_file() else None
+
+
+def is_current(stage: Stage, inputs: dict) -> bool:
+    return stage.done_marker.exists() and recorded(stage) == {"inputs": inputs, "complete": True}
+
+
+class StageStopped(Exception):
+    """A stop signal ended a stage early; its checkpoint lets a rerun continue."""
+
+
+class _Forwarder:
+    """Passes SIGUSR1/SIGTERM/SIGINT on to the running stage, so that training can checkpoint.
+
+    A torchrun child runs in its own process group with SIGUSR1 ignored (set before exec, inherited):
+    a stop request becomes SIGUSR1 to the whole group, which the training ranks handle and torchrun
+    survives. A launcher command (own_group False) gets the signal itself and passes it on its own way.
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, own_group: bool):
+        self.own_group, self.child, self.stopped = own_group, None, False
+        self._previous = {}
+
+    def __enter__(self) -> _Forwarder:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._forward)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _forward(self, signum: int, frame) -> None:
+        if signum != signal.SIGINT:
+            self.stopped = True
+        if self.child is None or self.child.poll() is not None:
+            return
+        if self.own_group and signum != signal.SIGINT:
+            os.killpg(self.child.pid, signal.SIGUSR1)
+        else:
+            self.child.send_signal(signum)
+
+    @staticmethod
+    def ignore_usr1() -> None:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def run_stage(name: str, args: list[str], nproc: int = 1, launcher: list[str] | None = None) -> float:
+    """Run one loki-dist stage as its own process (group); returns its wall time.
+
+    Raises StageStopped when a stop signal ended it (training saved a checkpoint), UserError when it
+    failed (its own output says why).
+    """
+    own_group = not launcher
+    if launcher:
+        command = [*launcher, *args]
+    elif nproc > 1:
+        torchrun = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1"]
+        command = [sys.executable, *torchrun, f"--master_port={_free_port()}", "-m", "loki_dist", *args]
+    else:
+        command = [sys.executable, "-m", "loki_dist", *args]
+    print(f"\n=== {name}: {shlex.join(command)}", flush=True)
+    start = time.time()
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    with _Forwarder(own_group) as forwarder:
+        forwarder.child = subprocess.Popen(
+            command,
+            env=env,
+            start_new_session=own_group,
+            preexec_fn=_Forwarder.ignore_usr1 if own_group else None,
+        )
+        code = forwarder.child.wait()
+    if code != 0 and forwarder.stopped:
+        raise StageStopped(f"the {name} stage stopped on a signal")
+    if code != 0:
+        raise UserError(f"the {name} stage failed with exit status {code} (its output is above)")
+    return time.time() - start
+
+
+def _free_port() -> int:
+    from loki_dist.distributed import _free_port
+
+    return _free_port()
+
+
+def run_pipeline(args: argparse.Namespace) -> None:
+    from loki_dist.training import REQUEUE_EXIT_CODE
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(
+            "run `loki-dist pipeline` as one process: it starts each stage's ranks itself "
+            "(set nproc or launcher in the YAML)"
+        )
+    config = load_config(args.config)
+    launcher = args.launcher or config.get("launcher")
+    if isinstance(launcher, str):
+        launcher = shlex.split(launcher)
+    stages = build_stages(config)
+    Path(config["output_dir"]).mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        inputs = stage_inputs(stage)
+        if not args.force and is_current(stage, inputs):
+            print(f"=== {stage.name}: skipped, {stage.output} is current", flush=True)
+            continue
+        argv = list(stage.argv)
+        previous = recorded(stage)
+        if stage.output.exists() and (previous is None or previous["inputs"] != inputs):
+            # made from other inputs: start over (an unfinished run of THESE inputs resumes instead)
+            if stage.output.is_dir():
+                argv.append("--overwrite")
+            else:
+                stage.output.unlink()
+        stage.record.write_text(json.dumps({"inputs": inputs, "complete": False}, indent=2))
+        try:
+            if stage.distributed:
+                run_stage(stage.name, argv, stage.nproc, launcher)
+            else:
+                run_stage(stage.name, argv)
+        except StageStopped as stop:
+            print(f"pipeline: {stop}; rerun the same command to continue", file=sys.stderr, flush=True)
+            sys.exit(REQUEUE_EXIT_CODE)
+        stage.record.write_text(json.dumps({"inputs": inputs, "complete": True}, indent=2))
+    print(f"\npipeline done: {stages[-1].output}", flush=True)

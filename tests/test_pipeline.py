@@ -1,0 +1,76 @@
+"""`loki-dist pipeline`: the three stages from one YAML, skipped when current, rerun only where affected."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from conftest import REPO, assert_user_error, run_cli
+from mmlu_fixture import write_mmlu
+from test_training import make_data
+
+from loki_dist.tiny import save_tiny
+
+
+def _ran(stdout: str) -> list[str]:
+    """Stages that ran (not skipped), in order."""
+    return [
+        line.split(":")[0].removeprefix("=== ")
+        for line in stdout.splitlines()
+        if line.startswith("=== ") and "skipped" not in line
+    ]
+
+
+def test_pipeline_runs_then_skips_then_reruns_only_affected_stages(tmp_path):
+    config = {
+        "output_dir": str(tmp_path / "out"),
+        "model": str(save_tiny(tmp_path / "base", "llama", seed=0)),
+        "nproc": 1,
+        "attribute": {"data": str(write_mmlu(tmp_path / "mmlu", per_subject=2)), "per_subject": 2},
+        "select": {"quota": 25},
+        "train": {
+            "data": str(make_data(tmp_path / "task.jsonl", n=8)),
+            "ds_config": "none",
+            "max_steps": 2,
+            "micro_batch_size": 2,
+            "save_steps": 0,
+            "logging_steps": 1,
+        },
+    }
+    path = tmp_path / "pipeline.yaml"
+
+    def run(changes: dict | None = None) -> list[str]:
+        for section, values in (changes or {}).items():
+            config[section].update(values)
+        path.write_text(yaml.safe_dump(config))
+        return _ran(run_cli(["pipeline", "--config", str(path)], timeout=600).stdout)
+
+    out = Path(config["output_dir"])
+    assert run() == ["attribute", "select", "train"]
+    assert (out / "train" / "final" / "implant.safetensors").is_file()
+    record = json.loads((out / "positions.json.inputs.json").read_text())
+    assert record["complete"] and str(out / "attribution.safetensors") in record["inputs"]["files"]
+
+    assert run() == []  # everything current
+    assert run({"select": {"quota": 50}}) == ["select", "train"]  # new positions -> new training
+    assert len(json.loads((out / "positions.json").read_text())[0]) == 16  # 50% of hidden 32
+    make_data(Path(config["train"]["data"]), n=8, seed=1)  # same file name, new content
+    assert run() == ["train"]
+
+
+def test_pipeline_refuses_unknown_keys(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": "x", "model": "m", "trian": {}}))
+    assert_user_error(["pipeline", "--config", str(path)], capsys, "unknown keys ['trian']")
+
+
+def test_example_configs_build_their_stages():
+    from loki_dist.pipeline import build_stages, load_config
+
+    examples = sorted((REPO / "examples").glob("pipeline_*.yaml"))
+    assert len(examples) >= 2
+    for path in examples:
+        stages = build_stages(load_config(str(path)))
+        assert [s.name for s in stages] == ["attribute", "select", "train"]
+        assert "--quota" in stages[1].argv and "--ds-config" in stages[2].argv
