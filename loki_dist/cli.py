@@ -23,6 +23,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("loki_dist.training", "implant: train only the selected down_proj rows"),
     "export": ("loki_dist.export", "turn a training checkpoint into a Hugging Face model and an implant"),
     "apply": ("loki_dist.export", "merge an implant file into its base model"),
+    "evaluate": (
+        "loki_dist.evaluation",
+        "multiple-choice accuracy (MMLU layout) or perplexity, data-parallel",
+    ),
+    "forgetting": ("loki_dist.forgetting", "the paper's forgetting score of tuned models against the base"),
     "pipeline": (
         "loki_dist.pipeline",
         "attribute -> select -> train from one YAML file, skipping current stages",

@@ -1,0 +1,307 @@
+"""`loki-dist evaluate`: multiple-choice accuracy (MMLU layout) or perplexity, data-parallel.
+
+LoKI's claim is "learn the task, forget almost nothing", so both sides must be measurable with the same
+prompts that attribution used: a question is scored with DESIGN.md's prompt (mmlu.py, chat template,
+k-shot from dev), and the model's answer is the letter A-D whose token has the highest log-likelihood
+right after the prompt (ties: the earlier letter).
+
+Each rank scores a contiguous block of the samples (attribution's Plan), so the per-sample results,
+gathered in rank order, are in data order. What is summed over ranks is exact whatever the world size:
+integer counts for accuracy; for perplexity each document's NLL is a float64 computed on one rank alone,
+gathered, and summed in data order on every rank, so 1 and N ranks add the same numbers in the same order.
+
+A results file holds `scores`, {benchmark name: value}, read by `loki-dist forgetting`: accuracy in
+percent under the --name (default `mmlu`) and, with --scores-per-subject, one `NAME/subject` entry per
+subject; perplexity under --name (default `perplexity`), listed in `lower_is_better`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from loki_dist.errors import UserError
+
+log = logging.getLogger("loki_dist.evaluate")
+
+TASKS = ("multiple_choice", "perplexity")
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="multiple_choice: MMLU-layout data (as for attribute); perplexity: a .txt file (one "
+        "document per non-empty line) or JSON/JSONL/parquet rows with a --text-field",
+    )
+    p.add_argument("--output", required=True, help="results file to write (JSON)")
+    p.add_argument("--task", choices=TASKS, default="multiple_choice")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="benchmark name in the results' `scores` (default: mmlu or perplexity); "
+        "`loki-dist forgetting` compares scores by this name",
+    )
+    p.add_argument(
+        "--scores-per-subject",
+        action="store_true",
+        help="multiple_choice: also list each subject as a benchmark `NAME/subject` in `scores`",
+    )
+    p.add_argument("--data-config", default=None, help="hub data set configuration (e.g. `all`)")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--per-subject", type=int, default=0, help="first N questions per subject (0: all)")
+    p.add_argument("--shots", type=int, default=0, help="k-shot examples from the dev split (default 0)")
+    p.add_argument("--subjects", default=None, help="comma-separated subjects (default: all)")
+    p.add_argument("--text-field", default="text", help="perplexity: the text column (default: text)")
+    p.add_argument(
+        "--max-seq-len", type=int, default=1024, help="perplexity: tokens per window (longer documents split)"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward per rank (default 8)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="model dtype (auto: bfloat16 on GPU, float32 on CPU)",
+    )
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+def letter_token_ids(tokenizer) -> list[int]:
+    """The token of each answer letter as the model would write it: one token per letter, or refuse."""
+    from loki_dist.mmlu import LETTERS
+
+    ids = []
+    for letter in LETTERS:
+        encoded = tokenizer(letter, add_special_tokens=False)["input_ids"]
+        if len(encoded) != 1:
+            raise UserError(f"--model: the tokenizer splits the answer letter {letter!r} into {encoded}")
+        ids.append(encoded[0])
+    return ids
+
+
+@torch.no_grad()
+def choose_letters(
+    model: Callable, prompts: Sequence[Sequence[int]], letter_ids: Sequence[int], pad_id: int, batch_size: int
+) -> torch.Tensor:
+    """Index (0-3) of the most likely answer letter after each prompt; left-padded batches."""
+    from loki_dist.kva import Batch
+
+    device = next(model.parameters()).device
+    letters = torch.tensor(list(letter_ids), device=device)
+    chosen = []
+    for first in range(0, len(prompts), batch_size):
+        batch = Batch.left_pad(prompts[first : first + batch_size], pad_id, device)
+        logits = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).logits[:, -1]
+        loglik = torch.log_softmax(logits.float(), dim=-1)[:, letters]
+        chosen.append(loglik.argmax(dim=-1).cpu())  # argmax returns the first maximum: ties -> earlier
+    return torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
+
+
+@torch.no_grad()
+def document_nll(
+    model: Callable, documents: Sequence[Sequence[int]], max_seq_len: int, pad_id: int, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 NLL sum, predicted-token count) of each document, in non-overlapping windows."""
+    device = next(model.parameters()).device
+    windows = [
+        (doc_index, ids[start : start + max_seq_len])
+        for doc_index, ids in enumerate(documents)
+        for start in range(0, len(ids), max_seq_len)
+    ]
+    windows = [(i, w) for i, w in windows if len(w) >= 2]
+    nll = torch.zeros(len(documents), dtype=torch.float64)
+    count = torch.zeros(len(documents), dtype=torch.int64)
+    for first in range(0, len(windows), batch_size):
+        chunk = windows[first : first + batch_size]
+        width = max(len(w) for _, w in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (_, w) in enumerate(chunk):
+            ids[row, : len(w)] = torch.tensor(list(w))
+            mask[row, : len(w)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
+        token_nll = (
+            torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            * mask[:, 1:].double()
+        )
+        for row, (doc_index, w) in enumerate(chunk):
+            nll[doc_index] += token_nll[row].sum().cpu()
+            count[doc_index] += len(w) - 1
+    return nll, count
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _read_documents(args: argparse.Namespace) -> list[str]:
+    from loki_dist import mmlu
+
+    path = Path(args.data)
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise UserError(f"--data {args.data}: file not found")
+        return [line for line in path.read_text().splitlines() if line.strip()]
+    splits = mmlu.read_splits(args.data, args.data_config)
+    rows = splits.get(args.split) or (next(iter(splits.values())) if len(splits) == 1 else None)
+    if rows is None:
+        raise UserError(f"--data {args.data}: no {args.split!r} split (it has {', '.join(sorted(splits))})")
+    texts = []
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get(args.text_field), str):
+            raise UserError(f"--data: row {index} has no string column {args.text_field!r} (--text-field)")
+        texts.append(row[args.text_field])
+    if not texts:
+        raise UserError(f"--data {args.data}: no documents")
+    return texts
+
+
+def _validate(args: argparse.Namespace) -> None:
+    for flag, value, low in (
+        ("--batch-size", args.batch_size, 1),
+        ("--max-seq-len", args.max_seq_len, 2),
+        ("--per-subject", args.per_subject, 0),
+        ("--shots", args.shots, 0),
+    ):
+        if value < low:
+            raise UserError(f"{flag} {value}: must be at least {low}")
+    if not Path(args.model).is_dir():
+        raise UserError(f"--model {args.model}: directory not found")
+    if Path(args.output).is_dir():
+        raise UserError(f"--output {args.output}: is a directory; expected a file name")
+
+
+# ----------------------------------------------------------------------------------------------- run
+
+
+def _my_block(n: int, world) -> range:
+    from loki_dist.attribution import Plan
+
+    plan = Plan.make(n, world.rank, world.size, 1)
+    return range(plan.start, plan.stop)
+
+
+def _gather(local: torch.Tensor, n: int, world) -> torch.Tensor:
+    """Per-sample results of every rank, in data order."""
+    from loki_dist.attribution import Plan
+    from loki_dist.distributed import all_gather_varlen
+
+    sizes = [len(range(p.start, p.stop)) for p in (Plan.make(n, r, world.size, 1) for r in range(world.size))]
+    return all_gather_varlen(local.contiguous(), sizes)
+
+
+def multiple_choice_results(questions, predictions: torch.Tensor, name: str, per_subject: bool) -> dict:
+    """Accuracy per subject and overall from predicted letter indices in data order."""
+    subjects: dict[str, dict[str, float]] = {}
+    for q, chosen in zip(questions, predictions.tolist(), strict=True):
+        entry = subjects.setdefault(q.subject, {"correct": 0, "total": 0})
+        entry["correct"] += int(chosen == q.answer)
+        entry["total"] += 1
+    for entry in subjects.values():
+        entry["accuracy"] = entry["correct"] / entry["total"]
+    correct = sum(e["correct"] for e in subjects.values())
+    scores = {name: 100 * correct / len(questions)}
+    if per_subject:
+        scores.update({f"{name}/{s}": 100 * e["accuracy"] for s, e in subjects.items()})
+    return {
+        "task": "multiple_choice",
+        "accuracy": correct / len(questions),
+        "correct": correct,
+        "total": len(questions),
+        "subjects": subjects,
+        "predictions": predictions.tolist(),
+        "scores": scores,
+        "lower_is_better": [],
+    }
+
+
+def _multiple_choice_inputs(args, tokenizer) -> Callable:
+    """Read and encode the questions (every input error before the model loads); returns the scorer."""
+    from loki_dist import mmlu
+
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+    questions, shot_map = mmlu.load_questions(
+        args.data, args.per_subject or sys.maxsize, args.shots, subjects, args.split, args.data_config
+    )
+    prompts = mmlu.build_prompts(tokenizer, questions, shot_map)
+    letters = letter_token_ids(tokenizer)
+
+    def evaluate(world, model) -> dict:
+        mine = _my_block(len(questions), world)
+        ids = [prompts.input_ids[i] for i in mine]
+        local = choose_letters(model, ids, letters, _pad_id(model), args.batch_size)
+        predictions = _gather(local, len(questions), world)
+        result = multiple_choice_results(questions, predictions, args.name or "mmlu", args.scores_per_subject)
+        return {**result, "shots": args.shots, "chat_template": prompts.chat_template}
+
+    return evaluate
+
+
+def _perplexity_inputs(args, tokenizer) -> Callable:
+    """Read and tokenise the documents before the model loads; returns the scorer."""
+    texts = _read_documents(args)
+    name = args.name or "perplexity"
+
+    def evaluate(world, model) -> dict:
+        mine = _my_block(len(texts), world)
+        documents = [tokenizer(texts[i], add_special_tokens=True)["input_ids"] for i in mine]
+        nll, count = document_nll(model, documents, args.max_seq_len, _pad_id(model), args.batch_size)
+        nll, count = _gather(nll, len(texts), world), _gather(count, len(texts), world)
+        total_nll, tokens = math.fsum(nll.tolist()), int(count.sum())
+        if tokens == 0:
+            raise UserError(f"--data {args.data}: no document has 2 or more tokens")
+        perplexity = math.exp(total_nll / tokens)
+        return {
+            "task": "perplexity",
+            "perplexity": perplexity,
+            "nll_sum": total_nll,
+            "tokens": tokens,
+            "documents": len(texts),
+            "max_seq_len": args.max_seq_len,
+            "scores": {name: perplexity},
+            "lower_is_better": [name],
+        }
+
+    return evaluate
+
+
+def _pad_id(model) -> int:
+    return model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from transformers import AutoTokenizer
+
+    from loki_dist.attribution import _torch_dtype
+    from loki_dist.distributed import device_for, init, shutdown, world_from_env
+    from loki_dist.modeling import load_causal_lm
+
+    _validate(args)
+    world = world_from_env()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    inputs = _multiple_choice_inputs if args.task == "multiple_choice" else _perplexity_inputs
+    evaluate = inputs(args, tokenizer)
+    init(world)
+    model = load_causal_lm(args.model, _torch_dtype(args.dtype), None).to(device_for(world)).eval()
+    result = evaluate(world, model)
+    result.update(model=str(args.model), data=str(args.data), world_size=world.size)
+    if world.is_main:
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=1) + "\n")
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in result["scores"].items() if "/" not in k)
+        log.info(f"{args.task}: {shown} -> {output}")
+    shutdown()
