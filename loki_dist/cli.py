@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "loki_dist.pipeline",
         "attribute -> select -> train from one YAML file, skipping current stages",
     ),
+    "estimate-memory": (
+        "loki_dist.memory",
+        "per-GPU memory of LoKI, full fine-tuning and LoRA for a model, cluster size and ZeRO stage",
+    ),
     "demo": (
         "loki_dist.demo",
         "the whole job offline on a built-in tiny model (attribute, select, train, apply)",
@@ -46,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
         command = sub.add_parser(name, help=help_text, description=help_text)
-        getattr(module, f"add_{name}_arguments")(command)
-        command.set_defaults(_run=getattr(module, f"run_{name}"))
+        function_name = name.replace("-", "_")
+        getattr(module, f"add_{function_name}_arguments")(command)
+        command.set_defaults(_run=getattr(module, f"run_{function_name}"))
     return parser
 
 

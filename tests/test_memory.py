@@ -1,0 +1,286 @@
+"""`loki-dist estimate-memory` against DeepSpeed's estimators, real transformers models, DESIGN.md's
+reference facts, and the bytes of real tensors after an optimizer step on CPU."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from fractions import Fraction
+
+import pytest
+import torch
+from conftest import assert_user_error
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from loki_dist.memory import GIB, PRESETS, Setup, architecture, estimate, lora_params
+from loki_dist.tiny import build_model, tiny_config
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt_neox")
+
+
+def model_state_bytes(estimate_of_method) -> int:
+    return estimate_of_method.parameters + estimate_of_method.gradients + estimate_of_method.optimizer_state
+
+
+# --- (a) DeepSpeed's own estimators ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize(("nodes", "gpus_per_node"), [(1, 1), (1, 8), (8, 8)])
+def test_full_finetuning_matches_deepspeed_model_state_estimators(preset, nodes, gpus_per_node):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    arch = architecture(PRESETS[preset])
+    total, largest, world = arch.total_params, arch.largest_module_params, nodes * gpus_per_node
+    sizes = dict(num_gpus_per_node=gpus_per_node, num_nodes=nodes)
+
+    def ours(zero: int, offload: bool):
+        return estimate(arch, Fraction(10), Setup(world_size=world, zero=zero, offload=offload))["full"]
+
+    # ZeRO-3 without offload: 18 bytes/param sharded + 4 bytes/param of the largest module, on the GPU
+    _, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, **sizes, cpu_offload=False)
+    assert abs(model_state_bytes(ours(3, False)) - gpu) <= 2  # integer division of three parts vs one
+    # ZeRO-3 offloading parameters and optimizer (ds_configs/zero3_offload.json), zero.Init
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+        total, largest, **sizes, cpu_offload=True, cpu_offload_params=True, zero_init=True
+    )
+    offloaded = ours(3, True)
+    assert model_state_bytes(offloaded) == gpu
+    # DeepSpeed's CPU figure is per node and carries its 1.5 buffer factor
+    assert offloaded.cpu_offload * gpus_per_node * 1.5 == pytest.approx(cpu, rel=1e-9, abs=8)
+    # ZeRO-2: the whole 16-bit model on every GPU, 16 bytes/param of gradients and Adam state sharded
+    _, gpu = estimate_zero2_model_states_mem_needs(total, **sizes, cpu_offload=False)
+    assert abs(model_state_bytes(ours(2, False)) - gpu) <= 2
+    _, gpu = estimate_zero2_model_states_mem_needs(total, **sizes, cpu_offload=True)
+    assert model_state_bytes(ours(2, True)) == gpu
+
+
+def _deepspeed_table(function, *args) -> dict[str, float]:
+    """The GPU column of an `*_all_cold` printout, keyed by its options text without spaces.
+
+    DeepSpeed labels the column "GB" but divides by 2**30; on Python >= 3.12 its options read
+    "OffloadDeviceEnum.cpu" where it means "cpu".
+    """
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        function(*args)
+    rows = re.findall(r"^\s*[\d.]+GB \|\s*([\d.]+)GB \| (.+)$", out.getvalue(), flags=re.MULTILINE)
+    return {re.sub(r"\s|OffloadDeviceEnum\.", "", options): float(gpu) for gpu, options in rows}
+
+
+def test_printed_all_cold_tables_agree_for_llama_70b_on_64_gpus():
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
+
+    arch = architecture(PRESETS["llama-3-70b"])
+    total, largest = arch.total_params, arch.largest_module_params
+    zero3 = _deepspeed_table(estimate_zero3_model_states_mem_needs_all_cold, total, largest, 8, 8)
+    zero2 = _deepspeed_table(estimate_zero2_model_states_mem_needs_all_cold, total, 8, 8)
+
+    def gib(zero: int, offload: bool) -> float:
+        setup = Setup(world_size=64, zero=zero, offload=offload)
+        return round(model_state_bytes(estimate(arch, Fraction(10), setup)["full"]) / GIB, 2)
+
+    assert gib(3, False) == zero3["offload_param=none,offload_optimizer=none,zero_init=1"]
+    assert gib(3, True) == zero3["offload_param=cpu,offload_optimizer=cpu,zero_init=1"]
+    assert gib(2, False) == zero2["offload_optimizer=none"]
+    assert gib(2, True) == zero2["offload_optimizer=cpu"]
+
+
+# --- (b) parameter counts of real transformers models ----------------------------------------------------
+
+
+def _meta_counts(config) -> tuple[int, int]:
+    """Total parameters (shared ones once) and the largest module's own parameters, on the meta device."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return total, largest
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_parameter_counts_equal_transformers_models(preset):
+    arch = architecture(PRESETS[preset])
+    assert (arch.total_params, arch.largest_module_params) == _meta_counts(
+        AutoConfig.for_model(**PRESETS[preset])
+    )
+
+
+def test_published_sizes_of_presets():
+    sizes = {name: architecture(config).total_params for name, config in PRESETS.items()}
+    assert round(sizes["llama-3-8b"] / 1e9, 2) == 8.03
+    assert round(sizes["llama-3-70b"] / 1e9, 2) == 70.55
+    assert round(sizes["qwen2.5-0.5b"] / 1e6) == 494
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_supported_family_counts_like_transformers(family):
+    config = tiny_config(family, hidden_size=64, intermediate_size=96, num_layers=3)
+    arch = architecture(config)
+    assert (arch.total_params, arch.largest_module_params) == _meta_counts(config)
+
+
+# --- (c) DESIGN.md's reference facts --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("preset", "quota", "rows", "millions"),
+    [
+        ("llama-3-8b", 10, 409, 188),
+        ("llama-3-8b", 20, 819, 376),
+        ("llama-3-8b", 30, 1228, 563),
+        ("qwen2.5-0.5b", 5, 44, 5.1),
+        ("qwen2.5-0.5b", 10, 89, 10.4),
+        ("qwen2.5-0.5b", 20, 179, 20.9),
+        ("qwen2.5-0.5b", 30, 268, 31.3),
+    ],
+)
+def test_trainable_parameters_match_the_paper(preset, quota, rows, millions, tmp_path, capsys):
+    from loki_dist.cli import main
+
+    out = tmp_path / "memory.json"
+    main(["estimate-memory", "--preset", preset, "--quota", str(quota), "--json", str(out)])
+    numbers = json.loads(out.read_text())
+    assert f"{rows} rows per layer" in capsys.readouterr().out
+    assert numbers["rows_per_layer"] == rows
+    trainable = numbers["bytes_per_gpu"]["loki_compact"]["trainable_params"]
+    arch = architecture(PRESETS[preset])
+    assert trainable == arch.num_layers * rows * arch.intermediate_size
+    digits = 0 if millions >= 100 else 1
+    assert round(trainable / 1e6, digits) == millions
+    assert numbers["bytes_per_gpu"]["loki_masked"]["trainable_params"] == trainable
+
+
+# --- (d) real tensors on CPU ------------------------------------------------------------------------------
+
+TINY = dict(num_layers=2, hidden_size=64, intermediate_size=176, vocab_size=512, num_heads=4, num_kv_heads=2)
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _one_adamw_step(model: torch.nn.Module, params: list[torch.Tensor]) -> dict[str, int]:
+    """Bytes of the parameters, gradients and AdamW state after one real training step."""
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    optimizer.step()
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    return {
+        "parameters": _bytes(model.parameters()),
+        "gradients": _bytes(p.grad for p in model.parameters() if p.grad is not None),
+        "optimizer_state": _bytes(state),
+    }
+
+
+def _predicted(model: torch.nn.Module, method: str, quota: int = 25) -> dict[str, int]:
+    """fp32 on one rank, ZeRO-2 accounting: no sharding and no gathered working set, like plain torch."""
+    result = estimate(
+        architecture(model.config), Fraction(quota), Setup(world_size=1, zero=2, precision="fp32")
+    )
+    return {part: getattr(result[method], part) for part in ("parameters", "gradients", "optimizer_state")}
+
+
+def _assert_within_15_percent(measured: dict[str, int], predicted: dict[str, int]) -> None:
+    for part, value in measured.items():
+        assert predicted[part] == pytest.approx(value, rel=0.15), (part, measured, predicted)
+
+
+def test_full_finetuning_state_bytes_on_cpu():
+    model = build_model("llama", **TINY).train()
+    _assert_within_15_percent(_one_adamw_step(model, list(model.parameters())), _predicted(model, "full"))
+
+
+def test_loki_masked_state_bytes_on_cpu():
+    """Masked LoKI: dense gradient and dense AdamW state for every down_proj weight."""
+    model = build_model("llama", **TINY).train()
+    downs = [layer.mlp.down_proj.weight for layer in model.model.layers]
+    model.requires_grad_(False)
+    for weight in downs:
+        weight.requires_grad_(True)
+    _assert_within_15_percent(_one_adamw_step(model, downs), _predicted(model, "loki_masked"))
+
+
+def test_loki_compact_state_bytes_on_cpu():
+    """Compact LoKI's target: AdamW state for the selected rows only (a [k, F] tensor per layer)."""
+    model = build_model("llama", **TINY).train()
+    k = 25 * TINY["hidden_size"] // 100
+    rows = [
+        torch.nn.Parameter(layer.mlp.down_proj.weight[:k].detach().clone()) for layer in model.model.layers
+    ]
+    optimizer = torch.optim.AdamW(rows, lr=1e-3)
+    sum(row.square().sum() for row in rows).backward()
+    optimizer.step()
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    predicted = _predicted(model, "loki_compact")
+    assert predicted["optimizer_state"] == pytest.approx(_bytes(state), rel=0.15)
+    assert predicted["gradients"] == pytest.approx(_bytes(row.grad for row in rows), rel=0.15)
+
+
+def test_lora_state_bytes_on_cpu():
+    from peft import LoraConfig, get_peft_model
+
+    base = build_model("llama", **TINY)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=targets)).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == lora_params(architecture(base.config))
+    _assert_within_15_percent(_one_adamw_step(model, trainable), _predicted(base, "lora"))
+
+
+def test_bf16_parameter_bytes():
+    model = build_model("llama", **TINY).to(torch.bfloat16)
+    setup = Setup(world_size=1, zero=2, precision="bf16")
+    assert estimate(architecture(model.config), Fraction(25), setup)["full"].parameters == _bytes(
+        model.parameters()
+    )
+
+
+# --- the command ---------------------------------------------------------------------------------------
+
+
+def test_model_directory_and_table(tiny_llama, tmp_path, capsys):
+    from loki_dist.cli import main
+
+    main(["estimate-memory", "--model-config", str(tiny_llama), "--world-size", "2", "--quota", "25"])
+    out = capsys.readouterr().out
+    for text in ("per GPU (GiB)", "per GPU (bytes)", "LoKI masked", "LoKI compact", "full FT", "LoRA r=16"):
+        assert text in out
+    total_row = next(line for line in out.splitlines() if line.startswith("total") and "," in line)
+    assert len(total_row.split()) == 5
+
+
+def test_checkpointing_and_offload_shrink_the_gpu_share():
+    arch = architecture(PRESETS["llama-3-70b"])
+    plain = estimate(arch, Fraction(10), Setup(world_size=64))
+    checkpointed = estimate(arch, Fraction(10), Setup(world_size=64, gradient_checkpointing=True))
+    offloaded = estimate(arch, Fraction(10), Setup(world_size=64, offload=True))
+    for method in plain:
+        assert checkpointed[method].activations < plain[method].activations / 5
+        assert offloaded[method].total < plain[method].total
+        assert offloaded[method].cpu_offload > 0
+    assert plain["loki_compact"].optimizer_state < 0.15 * plain["loki_masked"].optimizer_state
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--preset", "llama-3-8b", "--quota", "0"], "--quota 0"),
+        (["--preset", "llama-3-8b", "--quota", "0.01"], "selects no row"),
+        (["--preset", "llama-3-8b", "--world-size", "0"], "--world-size 0"),
+        (["--model-config", "/nonexistent/config.json"], "--model-config /nonexistent"),
+    ],
+)
+def test_user_errors(argv, needle, capsys):
+    assert_user_error(["estimate-memory", *argv], capsys, needle)
+
+
+def test_unsupported_model_type(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**PRESETS["llama-3-8b"], "model_type": "bert"}))
+    assert_user_error(["estimate-memory", "--model-config", str(config)], capsys, "not supported")
