@@ -4,15 +4,19 @@ Everything is computed from the model config alone (no weights, no GPU). Per GPU
 
 * **parameters**: the 16-bit (or fp32) weights a rank holds. ZeRO-3 shards them, P/N each, plus the one
   module that is gathered whole while it runs (the largest); ZeRO-2 keeps all P on every rank.
-* **gradients**: DeepSpeed keeps each rank's gradient partition in fp32 (`gradient_accumulation_dtype`,
-  4 bytes per trainable element); ZeRO-3 also holds the 16-bit gradient of the largest trainable module
-  before it is reduce-scattered, ZeRO-2 a 16-bit partition besides the fp32 one.
+* **gradients**: ZeRO-3 keeps each rank's gradient partition in the model's dtype (DeepSpeed's default
+  `grad_accum_dtype`), and during the step an fp32 copy of one optimizer sub-group (`sub_group_size`,
+  10^9 elements by default) at a time; it also holds the 16-bit gradient of the largest trainable module
+  before that is reduce-scattered. ZeRO-2 keeps a 16-bit and an fp32 gradient partition.
 * **optimizer state**: Adam's fp32 master weights, momentum and variance (12 bytes per trainable element
   in bf16; 8 in fp32, where the weight is its own master), sharded over all ranks in both stages.
 * **activations**: what the forward pass saves for backward (formula in `activation_bytes`).
 
 These model-state rules are DeepSpeed's own estimator's (`estimate_zero3_model_states_mem_needs`,
-`estimate_zero2_model_states_mem_needs`, no `additional_buffer_factor` on the GPU), which the tests check;
+`estimate_zero2_model_states_mem_needs`, without its CPU `additional_buffer_factor`) except for ZeRO-3's
+gradients, which that estimator counts as one fp32 partition (4 bytes per element) while DeepSpeed 0.19
+holds a 16-bit partition plus the fp32 sub-group copy (measured in tests/memory_probe.py); the tests pin
+both the agreement and this difference. With offload the CPU side keeps DeepSpeed's accounting. Then
 the methods differ only in which elements are trainable:
 
 * LoKI (masked): the whole down_proj weight of every trained layer, since masking the gradient leaves
@@ -43,6 +47,7 @@ from loki_dist.errors import UserError
 from loki_dist.selection import parse_quota
 
 GIB = 2**30
+SUB_GROUP_SIZE = 10**9  # DeepSpeed's default zero_optimization.sub_group_size (elements)
 LORA_RANK = 16
 METHODS = ("loki_masked", "loki_compact", "full", "lora")
 METHOD_TITLES = {
@@ -258,7 +263,7 @@ class ModelStates:
 def model_states(
     held_params: int, trainable: int, largest_module: int, largest_trainable_module: int, setup: Setup
 ) -> ModelStates:
-    """Parameters, gradients and Adam state on one rank, by DeepSpeed's accounting (module docstring).
+    """Parameters, gradients and Adam state on one rank, as DeepSpeed lays them out (module docstring).
 
     held_params: every parameter the engine holds (frozen ones included); trainable: how many elements
     have gradients and optimizer state; the largest modules set ZeRO-3's gathered working set.
@@ -267,11 +272,13 @@ def model_states(
     optimizer_bytes = 12 if setup.precision == "bf16" else 8
     optimizer = optimizer_bytes * trainable // n
     if setup.zero == 3:
-        param_partition, grad_partition = w * held_params // n, 4 * trainable // n
+        param_partition = w * held_params // n
         working_params, working_grads = w * largest_module, w * largest_trainable_module
         if setup.offload:
-            return ModelStates(working_params, working_grads, 0, param_partition + grad_partition + optimizer)
-        return ModelStates(working_params + param_partition, working_grads + grad_partition, optimizer, 0)
+            cpu = param_partition + 4 * trainable // n + optimizer
+            return ModelStates(working_params, working_grads, 0, cpu)
+        grads = w * trainable // n + 4 * min(trainable // n, SUB_GROUP_SIZE)
+        return ModelStates(working_params + param_partition, working_grads + grads, optimizer, 0)
     # ZeRO-2: whole 16-bit model on every rank; gradients reduce-scattered into fp32 partitions
     if setup.offload:
         return ModelStates(w * held_params, 0, 0, 4 * trainable // n + optimizer)
