@@ -1,0 +1,178 @@
+"""A real two-node Slurm cluster on this machine, for the sbatch templates' tests.
+
+Debian's slurmctld/slurmd 22.05 and munge, one slurm.conf under a temporary directory, two node daemons
+(n1 on 127.0.0.2, n2 on 127.0.0.3: loopback only, never a private-range network) on distinct ports.
+The node names do not resolve, which is what makes the templates take the rendezvous address from
+NodeAddr. Every daemon is started here and stopped here, by the pid it wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+NODES = {"n1": ("127.0.0.2", 16818), "n2": ("127.0.0.3", 16819)}
+CTLD_PORT = 16817
+
+
+def install() -> str | None:
+    """Install the packages with apt when missing; returns why not, or None when they are there."""
+    if all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged")):
+        return None
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return "Slurm is not installed and apt-get cannot run here (not root or not Debian)"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        if proc.returncode != 0:
+            return f"apt-get could not install {' '.join(PACKAGES)}: {proc.stderr.strip()[-300:]}"
+    return None
+
+
+def _conf(root: Path, host: str) -> str:
+    nodes = "\n".join(
+        f"NodeName={name} NodeAddr={addr} NodeHostname={host} Port={port} CPUs=2 State=UNKNOWN"
+        for name, (addr, port) in NODES.items()
+    )
+    return f"""ClusterName=lokitest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={CTLD_PORT}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={root}/munge.sock
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool/%n
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd-%n.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SlurmdParameters=config_overrides
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+ReturnToService=2
+MpiDefault=none
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+MinJobAge=600
+{nodes}
+PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+class Cluster:
+    """Start munged, slurmctld and two slurmd; `env` points Slurm's clients at this cluster."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.conf = root / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.pid_files: list[Path] = []
+
+    def start(self) -> None:
+        root = self.root
+        for sub in ("state", "spool/n1", "spool/n2"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(_conf(root, socket.gethostname()))
+        key = root / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+        munge = root / "munged.pid"
+        files = [
+            f"--socket={root}/munge.sock",
+            f"--log-file={root}/munged.log",
+            f"--seed-file={root}/munge.seed",
+        ]
+        self._run(["munged", "--force", f"--key-file={key}", f"--pid-file={munge}", *files])
+        self.pid_files.append(munge)
+        self._run(["slurmctld", "-f", str(self.conf)])
+        self.pid_files.append(root / "slurmctld.pid")
+        for name in NODES:
+            self._run(["slurmd", "-f", str(self.conf), "-N", name])
+            self.pid_files.append(root / f"slurmd-{name}.pid")
+        deadline = time.time() + 60
+        while True:
+            out = self.client(["sinfo", "-h", "-o", "%t %D"], check=False).stdout.split()
+            if out[:2] == ["idle", "2"]:
+                return
+            if time.time() > deadline:
+                raise RuntimeError(f"the nodes never became idle: {out}\n{self.logs()}")
+            time.sleep(0.5)
+
+    def _run(self, cmd: list[str]) -> None:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr}\n{self.logs()}")
+
+    def client(self, cmd: list[str], check: bool = True, cwd=None) -> subprocess.CompletedProcess:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=60, cwd=cwd)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr}")
+        return proc
+
+    def submit(self, args: list[str], cwd: Path, env: dict | None = None) -> str:
+        proc = subprocess.run(
+            ["sbatch", "--parsable", *args],
+            capture_output=True,
+            text=True,
+            env={**self.env, **(env or {})},
+            timeout=60,
+            cwd=cwd,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"sbatch {' '.join(args)} failed: {proc.stderr}")
+        return proc.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        out = self.client(["scontrol", "show", "job", "-o", job_id]).stdout
+        return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+    def wait(self, job_id: str, timeout: float = 300, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")):
+        """Poll every half second (sbatch --wait notices a finished job only after up to 42 s)."""
+        deadline = time.time() + timeout
+        while True:
+            info = self.job(job_id)
+            if info.get("JobState") in states:
+                return info
+            if time.time() > deadline:
+                raise TimeoutError(f"job {job_id} still {info.get('JobState')}\n{self.logs()}")
+            time.sleep(0.5)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.root.glob("*.log")))
+
+    def stop(self) -> None:
+        """Stop the daemons this object started, by the pids they wrote (all at once, then wait)."""
+        pids = []
+        for pid_file in self.pid_files:
+            try:
+                pid = int(pid_file.read_text().split()[0])
+                os.kill(pid, signal.SIGTERM)
+                pids.append(pid)
+            except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
+                continue
+        deadline = time.time() + 15
+        for pid in pids:
+            while _alive(pid) and time.time() < deadline:
+                time.sleep(0.05)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,0 +1,105 @@
+"""slurm/train.sbatch on a real two-node Slurm (tests/slurm_cluster.py).
+
+One job on the two node daemons gets the pre-timeout signal mid-run: it must checkpoint, requeue itself,
+resume as one world of size 2 again, and end bit-identical to one node running 2 processes without
+interruption. That single comparison covers the world formed across nodes (c10d rendezvous through
+NodeAddr), the signal path (batch shell -> srun -> training ranks) and the requeue.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli
+from slurm_cluster import Cluster, install
+from test_training import LONG_RUN, assert_equal_weights, make_data, train_args
+
+from loki_dist.tiny import save_tiny
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    why_not = install()
+    if why_not:
+        pytest.skip(why_not)
+    root = Path(tempfile.mkdtemp(prefix="loki_slurm_"))
+    cluster = Cluster(root)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("slurm_train")
+    positions = root / "positions.json"
+    positions.write_text(json.dumps([[0, 3, 5, 17, 31], [], [1, 2, 10, 30]]))
+    return {
+        "root": root,
+        "base": save_tiny(root / "base", "llama", seed=1, num_layers=3),
+        "positions": positions,
+        "data": make_data(root / "data.jsonl"),
+    }
+
+
+def _submit_train(cluster: Cluster, setup, out: Path) -> str:
+    logs = setup["root"] / "logs"
+    logs.mkdir(exist_ok=True)
+    return cluster.submit(
+        [
+            "-N2",
+            "--cpus-per-task=1",
+            "--gpus-per-node=0",
+            f"--output={logs}/%j.out",
+            f"--error={logs}/%j.err",
+            "slurm/train.sbatch",
+            *train_args(setup, out)[1:],
+            *LONG_RUN,
+        ],
+        cwd=REPO,
+        env={"PYTHON": sys.executable, "NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1"},
+    )
+
+
+def _log(setup, job_id: str) -> str:
+    logs = setup["root"] / "logs"
+    return "".join(p.read_text() for p in (logs / f"{job_id}.out", logs / f"{job_id}.err") if p.exists())
+
+
+def test_two_node_job_checkpoints_on_signal_requeues_and_equals_one_node(cluster, setup):
+    out = setup["root"] / "requeued"
+    job = _submit_train(cluster, setup, out)
+    deadline = time.time() + 120
+    while not (out / "checkpoint-4" / "trainer_state.json").exists():
+        assert time.time() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), (
+            _log(setup, job) + cluster.logs()
+        )
+        time.sleep(0.05)
+    # what `#SBATCH --signal=B:USR1@600` does before the time limit
+    cluster.client(["scancel", "--signal=USR1", "--batch", job])
+    deadline = time.time() + 240
+    while True:
+        info = cluster.job(job)
+        if info.get("Restarts") == "1" and info["JobState"] in ("COMPLETED", "FAILED"):
+            break
+        if time.time() > deadline:
+            pytest.fail(f"job {job}: {info}\n{_log(setup, job)}")
+        if info["JobState"] == "PENDING":  # a requeued job waits for a begin time: start it now
+            cluster.client(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+        time.sleep(0.5)
+    log = _log(setup, job)
+    assert info["JobState"] == "COMPLETED", log
+    assert "requeueing job" in log and "resumed from" in log, log
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch"] == 4 and summary["start_step"] > 4
+
+    one_node = setup["root"] / "one_node"
+    run_cli([*train_args(setup, one_node), *LONG_RUN], nproc=2)
+    assert_equal_weights(one_node, out)
