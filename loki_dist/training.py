@@ -38,6 +38,7 @@ from loki_dist.adapters import ModelSpec, down_projections, spec_from_dir
 from loki_dist.data import Example, collate, load_examples, num_targets
 from loki_dist.errors import UserError
 from loki_dist.export import fingerprint
+from loki_dist.modeling import load_causal_lm, zero3_share
 
 FINAL_DIR = "final"
 # sysexits' EX_TEMPFAIL, "try again later": stopped on a signal after saving a checkpoint. Distinct from
@@ -251,19 +252,11 @@ class Trainer:
     """The model, its optimizer and the row states, behind one interface for DeepSpeed and plain runs."""
 
     def __init__(self, plan: Plan, device: torch.device):
-        from transformers import AutoModelForCausalLM
-
         self.plan, self.device = plan, device
         stage = dsconfig.zero_stage(plan.ds_config)
-        self._hf_ds_config = None
-        if stage == 3:  # zero.Init inside from_pretrained: no rank ever holds the whole model
-            from transformers.integrations import HfDeepSpeedConfig
-
-            self._hf_ds_config = HfDeepSpeedConfig(plan.ds_config)
         dtype = torch.bfloat16 if plan.bf16 and stage is not None else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(plan.args.model, dtype=dtype)
+        model = load_causal_lm(plan.args.model, dtype, plan.ds_config)
         model.config.use_cache = False
-        model.requires_grad_(False)
         projections = down_projections(model)
         trainable = [(layer, projections[layer].weight) for layer, rows in enumerate(plan.positions) if rows]
         for _, weight in trainable:
@@ -279,6 +272,9 @@ class Trainer:
             )
             self.model = self.engine
             self.inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+            if stage == 3 and plan.world.is_main:
+                held, total = zero3_share(model)
+                print(f"ZeRO-3: rank 0 holds {held:,} of {total:,} parameter elements", flush=True)
         F = plan.spec.intermediate_size
         self.states = []
         for layer, weight in trainable:
@@ -529,7 +525,8 @@ def _tensorboard(out: Path):
     return SummaryWriter(log_dir=str(out / "runs"))
 
 
-def _log(writer, bar, step: int, **scalars: float) -> None:
+def _log(writer, bar, step: int, **scalars: float | None) -> None:
+    scalars = {name: value for name, value in scalars.items() if value is not None}  # ZeRO-0: no grad norm
     for name, value in scalars.items():
         writer.add_scalar(f"train/{name}", value, step)
     bar.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -30,6 +31,7 @@ POSITIONS = [[0, 3, 5, 17, 31], [], [1, 2, 10, 30]]  # layer 1 stays frozen
 # (moved by ~1e-2 here) agree to about 1e-8; 2e-6 leaves room without hiding a wrong row (a masking or
 # decay error moves a row by ~lr = 1e-2).
 TOLERANCE = 2e-6
+MAX_GRAD_NORM = 0.005  # below every step's gradient norm here, so clipping acts on every update
 
 
 def make_data(path: Path, n: int = 48, seed: int = 0) -> Path:
@@ -86,7 +88,7 @@ def train_args(setup, out: Path, *extra: str) -> list[str]:
         "--weight-decay",
         "0.1",
         "--max-grad-norm",
-        "0.05",
+        str(MAX_GRAD_NORM),
         "--warmup-ratio",
         "0.2",
         "--logging-steps",
@@ -128,7 +130,8 @@ def assert_close_to(reference: Path, out: Path) -> None:
 @pytest.fixture(scope="module")
 def zero3_run(setup) -> Path:
     out = setup["root"] / "zero3"
-    run_cli(train_args(setup, out, "--micro-batch-size", "1", "--gradient-accumulation", "2"), nproc=2)
+    proc = run_cli(train_args(setup, out, "--micro-batch-size", "1", "--gradient-accumulation", "2"), nproc=2)
+    (setup["root"] / "zero3.log").write_text(proc.stdout + proc.stderr)
     return out
 
 
@@ -137,6 +140,11 @@ def test_zero3_two_ranks_moves_only_selected_rows(setup, zero3_run):
     summary = json.loads((zero3_run / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch"] == 4
     assert (zero3_run / "runs").is_dir() and any((zero3_run / "runs").iterdir())  # TensorBoard events
+    log = (setup["root"] / "zero3.log").read_text()
+    held, total = re.search(r"ZeRO-3: rank 0 holds ([\d,]+) of ([\d,]+) parameter", log).groups()
+    assert int(held.replace(",", "")) <= int(total.replace(",", "")) // 2  # zero.Init: no rank holds all
+    norms = [float(n) for n in re.findall(r"grad_norm=([\d.e+-]+)", log)]
+    assert norms and min(norms) > MAX_GRAD_NORM  # clipping was active on the logged steps
 
 
 def test_plain_process_matches_zero3(setup, zero3_run):
@@ -153,6 +161,18 @@ def test_plain_process_matches_zero3(setup, zero3_run):
 def test_zero2_two_ranks_matches_zero3(setup, zero3_run):
     out = setup["root"] / "zero2"
     run_cli(train_args(setup, out, "--ds-config", "zero2", "--micro-batch-size", "2"), nproc=2)
+    assert_only_selected_rows_moved(setup["base"], out)
+    assert_close_to(zero3_run, out)
+
+
+def test_zero0_two_ranks_matches_zero3(setup, zero3_run):
+    """Stage 0 (plain data parallel inside DeepSpeed): whole parameters, masked after the all-reduce."""
+    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    config["zero_optimization"] = {"stage": 0}
+    config_path = setup["root"] / "zero0.json"
+    config_path.write_text(json.dumps(config))
+    out = setup["root"] / "zero0"
+    run_cli(train_args(setup, out, "--ds-config", str(config_path), "--micro-batch-size", "2"), nproc=2)
     assert_only_selected_rows_moved(setup["base"], out)
     assert_close_to(zero3_run, out)
 
