@@ -114,6 +114,7 @@ class Architecture:
     hidden_size: int
     intermediate_size: int
     vocab_size: int
+    num_heads: int
     kv_size: int  # num_key_value_heads * head_dim: the width of k and v, smaller than D with GQA
     layer_linears: tuple[Linear, ...]
     layer_norm_params: int  # norm weights (and biases) inside one decoder layer
@@ -200,6 +201,7 @@ def architecture(config: dict | object) -> Architecture:
         hidden_size=d,
         intermediate_size=f,
         vocab_size=int(get("vocab_size")),
+        num_heads=heads,
         kv_size=kv_size,
         layer_linears=linears,
         layer_norm_params=layer_norms,
@@ -286,29 +288,50 @@ def model_states(
     return ModelStates(w * held_params, (low_precision_grads + 4) * trainable // n, optimizer, 0)
 
 
-def activation_bytes(arch: Architecture, setup: Setup, stored_layers: int) -> int:
-    """Saved activations of one micro-batch on one GPU.
+def activation_bytes(arch: Architecture, setup: Setup, method: str) -> int:
+    """Bytes autograd saves for backward in one micro-batch on one GPU (held until backward frees them).
 
-    Per decoder layer and token, the tensors autograd keeps (after Korthikanti et al. 2022, "Reducing
-    Activation Recomputation in Large Transformer Models", adapted to pre-norm SwiGLU layers and a fused
-    attention kernel that stores no s x s matrix): attention norm input and output (2D), q (D) and k, v
-    (2 * kv), the attention output (D); MLP norm input and output (2D), gate, up, SiLU(gate) and their
-    product (4F). That is 6D + 2kv + 4F elements of `precision` per token per layer. With gradient
-    checkpointing only each layer's input (D per token) is kept, plus one layer's full set while it is
-    recomputed. Outside the layers: the logits in `precision` and their fp32 copy for the loss (V * (w+4)
-    bytes per token), which dominates for short models with large vocabularies.
+    Per decoder layer and token, in the spirit of Korthikanti et al. 2022 ("Reducing Activation
+    Recomputation in Large Transformer Models") but for pre-RMSNorm SwiGLU layers with a fused attention
+    kernel (no s x s matrix), w = bytes per element of `precision`, as PyTorch and transformers save them:
 
-    `stored_layers` is the number of layers whose activations backward needs: layers below the first
-    trained one need none (nothing under them trains). For LoKI every layer has rows at any q >= 100/D
-    with layer-balanced selection, and LoRA adapts every layer, so all four methods store all L layers here.
+    * each of the two RMSNorms: its input upcast to fp32 (4D) and 1/rms (4); plus, in full fine-tuning,
+      the normalised input its own weight's gradient needs (wD); plus its output (wD) when a trainable
+      weight reads it (q/k/v/gate/up in full fine-tuning, LoRA's A). A frozen weight saves no input,
+      which is why LoKI, training only down_proj, keeps less than full fine-tuning.
+    * attention: rotated q (D), k and v (2kv) and the output (D) in w bytes, the fp32 log-sum-exp (4H);
+    * MLP: gate, up, SiLU(gate) and their product (4F) in w bytes, needed by every method because the
+      SiLU-product gradient flows to the (trained or not) layers below and down_proj's input is needed
+      whenever any down_proj trains;
+    * LoRA only: each adapter's r-wide intermediate (r per adapted Linear).
+
+    Outside the layers: the final norm (same rule; only full fine-tuning trains lm_head), the fp32
+    log-softmax the loss saves (4V) and the w-byte logits the forward returns (wV); they dominate short
+    models with large vocabularies. Left out as negligible at scale: token ids and rotary tables.
+    Below the lowest trainable weight nothing needs a gradient, so autograd records nothing there. With
+    frozen embeddings that saves, in LoKI, everything of the first layer but down_proj's input (wF; with
+    layer-balanced selection every layer has rows at q >= 100/D, so the first trained layer is layer 0),
+    and in LoRA the first norm's fp32 input and 1/rms. With gradient checkpointing each layer keeps only
+    its input (wD per token), plus one layer's full set while it is recomputed. Other families (fused
+    projections, LayerNorm, GELU) are approximated by the same formula.
     """
-    tokens, w = setup.micro_batch * setup.seq_len, setup.weight_bytes
-    per_layer = tokens * w * (6 * arch.hidden_size + 2 * arch.kv_size + 4 * arch.intermediate_size)
+    d, w = arch.hidden_size, setup.weight_bytes
+
+    def norm(own_weight_trains: bool, output_read_by_trainable: bool) -> int:
+        return 4 * d + 4 + w * d * (int(own_weight_trains) + int(output_read_by_trainable))
+
+    full, lora = method == "full", method == "lora"
+    attention = w * (2 * d + 2 * arch.kv_size) + 4 * arch.num_heads
+    adapters = w * LORA_RANK * len(arch.layer_linears) if method == "lora" else 0
+    per_token_layer = 2 * norm(full, full or lora) + attention + w * 4 * arch.intermediate_size + adapters
     if setup.gradient_checkpointing:
-        layers = stored_layers * tokens * w * arch.hidden_size + (per_layer if stored_layers else 0)
+        per_token_layers = arch.num_layers * w * d + per_token_layer
+    elif method in ("loki_masked", "loki_compact"):
+        per_token_layers = (arch.num_layers - 1) * per_token_layer + w * arch.intermediate_size
     else:
-        layers = stored_layers * per_layer
-    return layers + tokens * arch.vocab_size * (w + 4)
+        per_token_layers = arch.num_layers * per_token_layer - (4 * d + 4 if lora else 0)
+    head = norm(full, full) + (4 + w) * arch.vocab_size
+    return setup.micro_batch * setup.seq_len * (per_token_layers + head)
 
 
 def estimate(arch: Architecture, quota: Fraction, setup: Setup) -> dict[str, Estimate]:
@@ -330,7 +353,6 @@ def estimate(arch: Architecture, quota: Fraction, setup: Setup) -> dict[str, Est
         "lora": (total + adapters, adapters, largest_adapter),
     }
     trainable_params = {"loki_masked": arch.num_layers * k * arch.intermediate_size, "lora": adapters}
-    activations = activation_bytes(arch, setup, stored_layers=arch.num_layers)
     result = {}
     for name, (held, trainable, largest_trainable) in methods.items():
         states = model_states(held, trainable, largest, largest_trainable, setup)
@@ -339,7 +361,7 @@ def estimate(arch: Architecture, quota: Fraction, setup: Setup) -> dict[str, Est
             parameters=states.parameters,
             gradients=states.gradients,
             optimizer_state=states.optimizer_state,
-            activations=activations,
+            activations=activation_bytes(arch, setup, name),
             cpu_offload=states.cpu,
         )
     return result

@@ -18,7 +18,16 @@ from conftest import REPO, assert_user_error, free_port
 from memory_probe import TINY
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from loki_dist.memory import GIB, PRESETS, SUB_GROUP_SIZE, Setup, architecture, estimate, lora_params
+from loki_dist.memory import (
+    GIB,
+    PRESETS,
+    SUB_GROUP_SIZE,
+    Setup,
+    activation_bytes,
+    architecture,
+    estimate,
+    lora_params,
+)
 from loki_dist.tiny import build_model, tiny_config
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt_neox")
@@ -236,8 +245,7 @@ def test_lora_state_bytes_on_cpu():
     from peft import LoraConfig, get_peft_model
 
     base = build_model("llama", **TINY)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=targets)).train()
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS)).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) == lora_params(architecture(base.config))
     _assert_within_15_percent(_one_adamw_step(model, trainable), _predicted(base, "lora"))
@@ -271,6 +279,49 @@ def test_zero3_bf16_state_bytes_of_a_real_deepspeed_engine_on_2_ranks(tmp_path):
             for part, value in parts.items():
                 ours = getattr(predicted[method], part) - gathered.get(part, 0)
                 assert ours == pytest.approx(value, rel=0.15), (rank, method, part, ours, value)
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
+    """Bytes of every distinct storage autograd saves in one forward (parameters excluded), plus the
+    logits the forward returns."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logits = model(input_ids=tokens, labels=tokens).logits
+    saved[logits.untyped_storage().data_ptr()] = logits.untyped_storage().nbytes()
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("method", ["full", "loki_masked", "lora"])
+def test_activation_bytes_saved_by_autograd_on_cpu(method, precision):
+    """The formula against the tensors autograd really saves (CPU SDPA runs a flash kernel, like a GPU)."""
+    from peft import LoraConfig, get_peft_model
+
+    shapes = dict(num_layers=3, hidden_size=256, intermediate_size=688, vocab_size=512, num_heads=4)
+    model = build_model("llama", **shapes, num_kv_heads=2)
+    arch = architecture(model.config)
+    model = model.to(torch.bfloat16 if precision == "bf16" else torch.float32).train()
+    if method == "loki_masked":
+        model.requires_grad_(False)
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.requires_grad_(True)
+    if method == "lora":  # adapters in the base dtype, as under DeepSpeed bf16
+        lora = LoraConfig(r=16, target_modules=LORA_TARGETS)
+        model = get_peft_model(model, lora, autocast_adapter_dtype=False)
+    tokens = torch.randint(0, 512, (2, 128), generator=torch.Generator().manual_seed(0))
+    predicted = activation_bytes(arch, Setup(micro_batch=2, seq_len=128, precision=precision), method)
+    assert predicted == pytest.approx(_saved_activation_bytes(model, tokens), rel=0.15)
 
 
 # --- the command ---------------------------------------------------------------------------------------
