@@ -24,8 +24,5 @@ if [[ "$nnodes" != 1 ]]; then
         --main_process_ip "${MASTER_ADDR:?NNODES > 1 needs MASTER_ADDR}"
         --main_process_port "${MASTER_PORT:-29500}")
 fi
-if ! command -v nvidia-smi >/dev/null 2>&1; then
-    cmd+=(--cpu)
-fi
 cmd+=(-m loki_dist "$@")
 show_and_exec "${cmd[@]}"

@@ -53,18 +53,45 @@ def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **extra}
 
 
-def test_torchrun_wrapper_prints_and_passes_the_command_through():
+@pytest.mark.parametrize(
+    ("script", "env", "expected"),
+    [
+        ("torchrun.sh", {"NPROC_PER_NODE": "2"}, "--nproc_per_node 2 --standalone -m loki_dist --version"),
+        ("accelerate.sh", {"NPROC_PER_NODE": "2"}, "--num_processes 2 -m loki_dist --version"),
+        ("deepspeed.sh", {"NUM_GPUS": "2"}, "--num_gpus 2 --module loki_dist --version"),
+    ],
+)
+def test_launch_wrapper_prints_and_passes_the_command_through(script, env, expected):
     proc = subprocess.run(
-        ["launch/torchrun.sh", "--version"],
+        [f"launch/{script}", "--version"],
         cwd=REPO,
         capture_output=True,
         text=True,
-        env=_env(NPROC_PER_NODE="2"),
-        timeout=120,
+        env=_env(MASTER_PORT=str(free_port()), **env),
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "+ " in proc.stderr and "--nproc_per_node 2 --standalone -m loki_dist --version" in proc.stderr
-    assert proc.stdout.count("loki_dist ") == 2  # both ranks ran `loki-dist --version`
+    assert "+ " in proc.stderr and expected in proc.stderr, proc.stderr
+    assert proc.stdout.count("loki_dist 0.") == 2  # both ranks ran `loki-dist --version`
+
+
+def test_shipped_ds_configs_match_their_purpose():
+    import json
+
+    configs = {p.stem: json.loads(p.read_text()) for p in (REPO / "ds_configs").glob("*.json")}
+    assert set(configs) == {"zero3", "zero3_offload", "zero2", "zero3_infer"}
+    for name, config in configs.items():
+        assert config["bf16"]["enabled"] == "auto", name
+        assert "optimizer" not in config, name  # loki_dist builds its own (row-masked decay)
+    for name in ("zero3", "zero3_offload", "zero2"):
+        zero = configs[name]["zero_optimization"]
+        assert zero["overlap_comm"] and zero["contiguous_gradients"], name
+    for name in ("zero3", "zero3_offload"):
+        assert configs[name]["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"], name
+    offload = configs["zero3_offload"]["zero_optimization"]
+    assert offload["offload_param"]["device"] == offload["offload_optimizer"]["device"] == "cpu"
+    assert configs["zero3_infer"]["zero_optimization"]["stage"] == 3
+    assert "gradient_clipping" not in configs["zero3_infer"]  # inference: nothing to train
 
 
 def _fake_bin(tmp_path: Path, with_scontrol: bool) -> Path:
