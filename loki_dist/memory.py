@@ -57,6 +57,14 @@ METHOD_TITLES = {
     "lora": f"LoRA r={LORA_RANK}",
 }
 PARTS = ("parameters", "gradients", "optimizer_state", "activations")
+REQUIRED_KEYS = (
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "vocab_size",
+    "num_attention_heads",
+)
 
 # Built-in configs, in the Hugging Face config.json form, so that they go through the same code as a file.
 PRESETS: dict[str, dict] = {
@@ -345,19 +353,19 @@ def estimate(arch: Architecture, quota: Fraction, setup: Setup) -> dict[str, Est
     total, largest, down = arch.total_params, arch.largest_module_params, arch.down_proj_params
     adapters = lora_params(arch)
     largest_adapter = max(LORA_RANK * max(lin.in_features, lin.out_features) for lin in arch.layer_linears)
-    # (params held, trainable elements, largest trainable module)
+    selected = arch.num_layers * k * arch.intermediate_size
+    # method: (params held, elements with gradients and Adam state, the largest such module, params that move)
     methods = {
-        "loki_masked": (total, arch.num_layers * down, down),
-        "loki_compact": (total, arch.num_layers * k * arch.intermediate_size, k * arch.intermediate_size),
-        "full": (total, total, largest),
-        "lora": (total + adapters, adapters, largest_adapter),
+        "loki_masked": (total, arch.num_layers * down, down, selected),
+        "loki_compact": (total, selected, k * arch.intermediate_size, selected),
+        "full": (total, total, largest, total),
+        "lora": (total + adapters, adapters, largest_adapter, adapters),
     }
-    trainable_params = {"loki_masked": arch.num_layers * k * arch.intermediate_size, "lora": adapters}
     result = {}
-    for name, (held, trainable, largest_trainable) in methods.items():
-        states = model_states(held, trainable, largest, largest_trainable, setup)
+    for name, (held, with_state, largest_with_state, moving) in methods.items():
+        states = model_states(held, with_state, largest, largest_with_state, setup)
         result[name] = Estimate(
-            trainable_params=trainable_params.get(name, trainable),
+            trainable_params=moving,
             parameters=states.parameters,
             gradients=states.gradients,
             optimizer_state=states.optimizer_state,
@@ -404,18 +412,7 @@ def load_config(args: argparse.Namespace) -> tuple[dict, str]:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"--model-config {path}: not valid JSON ({err})") from None
-    missing = [
-        key
-        for key in (
-            "model_type",
-            "num_hidden_layers",
-            "hidden_size",
-            "intermediate_size",
-            "vocab_size",
-            "num_attention_heads",
-        )
-        if key not in config
-    ]
+    missing = [key for key in REQUIRED_KEYS if key not in config]
     if missing:
         raise UserError(f"--model-config {path}: missing {', '.join(missing)}")
     return config, str(path)
@@ -483,6 +480,8 @@ def run_estimate_memory(args: argparse.Namespace) -> None:
     arch = architecture(config)
     quota = parse_quota(args.quota)
     setup = setup_from_args(args)
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UserError(f"--json {args.json}: its directory does not exist")
     result = estimate(arch, quota, setup)
     print(format_table(name, arch, quota, setup, result))
     if args.json:

@@ -357,6 +357,7 @@ def test_checkpointing_and_offload_shrink_the_gpu_share():
         (["--preset", "llama-3-8b", "--quota", "0.01"], "selects no row"),
         (["--preset", "llama-3-8b", "--world-size", "0"], "--world-size 0"),
         (["--model-config", "/nonexistent/config.json"], "--model-config /nonexistent"),
+        (["--preset", "qwen2.5-0.5b", "--json", "/nonexistent/memory.json"], "--json /nonexistent"),
     ],
 )
 def test_user_errors(argv, needle, capsys):
