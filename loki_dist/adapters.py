@@ -91,8 +91,14 @@ def _walk(obj: object, dotted: str) -> object:
     return obj
 
 
+def down_proj_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent module, attribute) of every decoder layer's down_proj, in layer order: where to swap it."""
+    spec = spec_from_config(model.config)
+    *parent_path, attribute = spec.family.down_proj.split(".")
+    layers = _walk(model, spec.family.layers)
+    return [(_walk(layer, ".".join(parent_path)) if parent_path else layer, attribute) for layer in layers]
+
+
 def down_projections(model: nn.Module) -> list[nn.Linear]:
     """The down_proj Linear of every decoder layer, in layer order."""
-    spec = spec_from_config(model.config)
-    layers = _walk(model, spec.family.layers)
-    return [_walk(layer, spec.family.down_proj) for layer in layers]
+    return [getattr(parent, attribute) for parent, attribute in down_proj_slots(model)]

@@ -49,8 +49,8 @@ def save(out_dir: Path, step: int, states: list[RowState], trainer_state: dict, 
     staging = out_dir / f".checkpoint-{step}.partial"
     tensors = {}
     for state in states:
-        k = int(state.partition.selected.sum())
-        tensors[f"layers.{state.layer}.rows"] = state.partition.selected.nonzero().view(-1).cpu()
+        k = state.rows.numel()
+        tensors[f"layers.{state.layer}.rows"] = state.rows
         for what in QUANTITIES:
             tensors[f"layers.{state.layer}.{what}"] = state.gather(what).view(k, -1).float().cpu()
     if world.is_main:
@@ -83,7 +83,7 @@ def load(path: Path, states: list[RowState], prepare_optimizer: Callable[[int], 
     tensors = load_file(str(path / ROWS_FILE))
     for state in states:
         saved_rows = tensors[f"layers.{state.layer}.rows"]
-        if not torch.equal(saved_rows, state.partition.selected.nonzero().view(-1).cpu()):
+        if not torch.equal(saved_rows, state.rows):
             raise UserError(f"{path}: layer {state.layer} was trained on other rows than --positions gives")
         for what in QUANTITIES:
             state.scatter(what, tensors[f"layers.{state.layer}.{what}"].view(-1))

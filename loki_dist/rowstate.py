@@ -34,6 +34,13 @@ class RowState:
 
     def __init__(self, layer: int, param: torch.nn.Parameter, partition: RowPartition):
         self.layer, self.param, self.partition = layer, param, partition
+        #: the down_proj rows the selected elements belong to, in order (set by build)
+        self.rows = partition.selected.nonzero().view(-1).cpu()
+
+    @property
+    def needs_mask(self) -> bool:
+        """False when every row of the parameter trains (the split layout): nothing to mask."""
+        return not bool(self.partition.selected.all())
 
     def _get(self, what: str) -> torch.Tensor:
         raise NotImplementedError
@@ -158,15 +165,25 @@ def build(
     rank: int,
     world_size: int,
     optimizer: torch.optim.Optimizer,
+    rows: list[int] | None = None,
 ) -> RowState:
-    """Pick the layout from the parameter itself (ZeRO-3 params carry ds_id, ZeRO-1/2 _hp_mapping)."""
+    """Pick the layout from the parameter itself (ZeRO-3 params carry ds_id, ZeRO-1/2 _hp_mapping).
+
+    `selected` marks the parameter's rows that train; `rows` names the down_proj rows they are, when the
+    parameter is not the whole down_proj weight (the split layout: all of its rows train).
+    """
     if hasattr(param, "ds_id"):
         partition = RowPartition.of_rank(selected, row_len, rank, param.ds_tensor.ds_numel)
-        return Zero3RowState(layer, param, partition, world_size)
-    partition = RowPartition.whole(selected, row_len)
-    if hasattr(param, "_hp_mapping"):  # None on ranks whose partition misses this param, but present
-        return FullApiRowState(layer, param, partition)
-    return PlainRowState(layer, param, partition, optimizer)
+        state: RowState = Zero3RowState(layer, param, partition, world_size)
+    else:
+        partition = RowPartition.whole(selected, row_len)
+        if hasattr(param, "_hp_mapping"):  # None on ranks whose partition misses this param, but present
+            state = FullApiRowState(layer, param, partition)
+        else:
+            state = PlainRowState(layer, param, partition, optimizer)
+    if rows is not None:
+        state.rows = torch.tensor(rows, dtype=torch.long)
+    return state
 
 
 def ensure_adam_state(optimizer: torch.optim.Optimizer, step: int, holders: list[torch.Tensor]) -> None:

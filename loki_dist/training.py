@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from loki_dist import checkpoint, distributed, dsconfig, positions, rowstate
-from loki_dist.adapters import ModelSpec, down_projections, spec_from_dir
+from loki_dist import checkpoint, distributed, dsconfig, positions, rowsplit, rowstate
+from loki_dist.adapters import ModelSpec, down_proj_slots, spec_from_dir
 from loki_dist.data import Example, collate, load_examples, num_targets
 from loki_dist.errors import UserError
 from loki_dist.export import fingerprint
@@ -67,6 +67,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-accumulation", type=int, help="micro-batches per update (default 1)")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--precision", choices=("bf16", "fp32"), help="default: bf16 on GPUs, fp32 on CPU")
+    p.add_argument(
+        "--row-params",
+        choices=("split", "masked"),
+        default="masked",
+        help="split: the selected rows are their own parameter (gradients and optimizer state "
+        "only for them); masked: the whole down_proj trains with unselected rows' gradients zeroed",
+    )
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1.0; 0 disables)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
@@ -257,11 +265,28 @@ class Trainer:
         dtype = torch.bfloat16 if plan.bf16 and stage is not None else torch.float32
         model = load_causal_lm(plan.args.model, dtype, plan.ds_config)
         model.config.use_cache = False
-        projections = down_projections(model)
-        trainable = [(layer, projections[layer].weight) for layer, rows in enumerate(plan.positions) if rows]
-        for _, weight in trainable:
-            weight.requires_grad_(True)
-        optimizer = torch.optim.AdamW([w for _, w in trainable], lr=plan.args.learning_rate, weight_decay=0.0)
+        model.train()  # from_pretrained returns eval mode; dropout and checkpointing follow this flag
+        if plan.args.gradient_checkpointing:
+            # non-reentrant: the reentrant variant drops gradients when a block's inputs need none
+            # (frozen embeddings), and it is the variant tested with ZeRO-3 and frozen parameters here
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # (layer, trainable parameter, which of its rows train, which down_proj rows those are)
+        trainable: list[tuple[int, torch.nn.Parameter, torch.Tensor, list[int]]] = []
+        for layer, ((parent, attribute), rows) in enumerate(
+            zip(down_proj_slots(model), plan.positions, strict=True)
+        ):
+            if not rows:
+                continue
+            if plan.args.row_params == "split":
+                param = rowsplit.split(parent, attribute, rows)
+                selected = torch.ones(len(rows), dtype=torch.bool, device=device)
+            else:
+                param = getattr(parent, attribute).weight
+                selected = positions.row_mask(rows, plan.spec.hidden_size, device)
+            param.requires_grad_(True)
+            trainable.append((layer, param, selected, rows))
+        params = [param for _, param, _, _ in trainable]
+        optimizer = torch.optim.AdamW(params, lr=plan.args.learning_rate, weight_decay=0.0)
         if stage is None:
             self.model, self.engine, self.inner = model.to(device), None, optimizer
         else:
@@ -277,11 +302,11 @@ class Trainer:
                 print(f"ZeRO-3: rank 0 holds {held:,} of {total:,} parameter elements", flush=True)
         F = plan.spec.intermediate_size
         self.states = []
-        for layer, weight in trainable:
-            selected = positions.row_mask(plan.positions[layer], plan.spec.hidden_size, device)
-            state = rowstate.build(layer, weight, selected, F, plan.world.rank, plan.world.size, self.inner)
-            if state.masks_by_hook:
-                weight.register_hook(lambda g, keep=selected: g.masked_fill(~keep.unsqueeze(1), 0))
+        for layer, param, selected, rows in trainable:
+            w = plan.world
+            state = rowstate.build(layer, param, selected, F, w.rank, w.size, self.inner, rows=rows)
+            if state.needs_mask and state.masks_by_hook:
+                param.register_hook(lambda g, keep=selected: g.masked_fill(~keep.unsqueeze(1), 0))
             self.states.append(state)
 
     def prepare_optimizer(self, step: int) -> None:
@@ -335,7 +360,7 @@ class Trainer:
             group["lr"] = lr
         decay = 1.0 - lr * self.plan.args.weight_decay
         for state in self.states:
-            if not state.masks_by_hook:
+            if state.needs_mask and not state.masks_by_hook:
                 with state.edit("grad") as grad:
                     state.partition.zero_unselected_(grad)
             if decay != 1.0:
@@ -511,10 +536,12 @@ def _probe_loss(trainer: Trainer, plan: Plan) -> float:
     """
     indices = global_batch_indices(0, plan)
     total = torch.zeros(1, dtype=torch.float64)
+    trainer.model.eval()
     for mine in micro_batches(indices, plan):
         total += (
             trainer.loss_sum(collate([plan.examples[i] for i in mine], pad_id=plan.pad_id)).double().cpu()
         )
+    trainer.model.train()
     targets = sum(num_targets(plan.examples[i]) for i in indices)
     return float(distributed.all_reduce_sum(total)) / max(targets, 1)
 
