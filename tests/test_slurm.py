@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, free_port, run_cli
 from slurm_cluster import Cluster, install
 from test_training import LONG_RUN, assert_equal_weights, make_data, train_args
 
@@ -64,7 +64,12 @@ def _submit_train(cluster: Cluster, setup, out: Path) -> str:
             *LONG_RUN,
         ],
         cwd=REPO,
-        env={"PYTHON": sys.executable, "NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1"},
+        env={
+            "PYTHON": sys.executable,
+            "NPROC_PER_NODE": "1",
+            "OMP_NUM_THREADS": "1",
+            "RDZV_PORT": str(free_port()),
+        },
     )
 
 
@@ -84,18 +89,19 @@ def test_two_node_job_checkpoints_on_signal_requeues_and_equals_one_node(cluster
         time.sleep(0.05)
     # what `#SBATCH --signal=B:USR1@600` does before the time limit
     cluster.client(["scancel", "--signal=USR1", "--batch", job])
-    deadline = time.time() + 240
+    deadline, failed_since = time.time() + 240, None
     while True:
         info = cluster.job(job)
-        if info.get("Restarts") == "1" and info["JobState"] in ("COMPLETED", "FAILED"):
+        if info.get("Restarts") == "1" and info["JobState"] == "COMPLETED":
             break
-        if time.time() > deadline:
-            pytest.fail(f"job {job}: {info}\n{_log(setup, job)}")
+        # the first run ends with status 75 and may show FAILED for a moment before the requeue lands
+        failed_since = (failed_since or time.time()) if info["JobState"] == "FAILED" else None
+        if time.time() > deadline or (failed_since and time.time() - failed_since > 10):
+            pytest.fail(f"job {job}: {info}\n{_log(setup, job)}\n{cluster.logs()}")
         if info["JobState"] == "PENDING":  # a requeued job waits for a begin time: start it now
             cluster.client(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
         time.sleep(0.5)
     log = _log(setup, job)
-    assert info["JobState"] == "COMPLETED", log
     assert "requeueing job" in log and "resumed from" in log, log
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch"] == 4 and summary["start_step"] > 4
