@@ -1,13 +1,16 @@
-"""What does row masking cost? Step time of masked ZeRO-3 training vs the same run with masking off.
+"""Training cost of the two row layouts: masked and split, against masking switched off.
 
 Run on 2 ranks (gloo on CPU, or NCCL on GPUs):
 
-    torchrun --nproc_per_node 2 bench/bench_masking.py [--steps 12] [--rounds 3] [--markdown bench/masking.md]
+    torchrun --nproc_per_node 2 bench/bench_training.py [--steps 14] [--rounds 3] [--markdown FILE]
 
-A tiny Llama of realistic proportions (4 layers, hidden 256, intermediate 688, 256-token sequences) is
-trained by the real Trainer; "masking off" is the same Trainer with the per-update mask and row decay
-skipped (the rows are then not protected: this is only a cost reference). Rounds alternate between the
-two so that machine noise hits both alike; the median step time of each is reported.
+A tiny Llama of realistic proportions (4 layers, hidden 256, intermediate 688, 256-token sequences,
+q = 10%) is trained by the real Trainer under ZeRO-3:
+- masked: `--row-params masked`, the whole down_proj trains, unselected rows' gradients are zeroed;
+- masking off: the same with the mask and row decay skipped (rows unprotected: only a cost reference);
+- split: `--row-params split`, the selected rows are their own parameter.
+Rounds rotate the order so that machine noise hits all alike; median step times are reported, with the
+optimizer-state bytes rank 0 holds (DeepSpeed's fp32 master partition plus Adam's two moments).
 """
 
 from __future__ import annotations
@@ -30,9 +33,14 @@ from loki_dist.training import Trainer, _normaliser, global_batch_indices, micro
 
 
 class MaskedTrainer(Trainer):
-    """The real Trainer, timing its masking and row decay on its own."""
+    """The real Trainer with --row-params masked, timing its masking and row decay on its own."""
 
+    row_params = "masked"
     mask_seconds: list[float] = []
+
+    def __init__(self, plan, device):
+        plan.args.row_params = self.row_params
+        super().__init__(plan, device)
 
     def _prepare_update(self, lr: float) -> None:
         start = time.perf_counter()
@@ -40,7 +48,11 @@ class MaskedTrainer(Trainer):
         self.mask_seconds.append(time.perf_counter() - start)
 
 
-class UnmaskedTrainer(Trainer):
+class SplitTrainer(MaskedTrainer):
+    row_params = "split"
+
+
+class UnmaskedTrainer(MaskedTrainer):
     def _prepare_update(self, lr: float) -> None:
         for group in self.inner.param_groups:
             group["lr"] = lr
@@ -85,6 +97,15 @@ def make_inputs(root: Path, world: distributed.World, quota: float = 0.1) -> lis
     ]
 
 
+def optimizer_state_bytes(trainer: Trainer) -> int:
+    """fp32 master partitions plus every tensor of Adam's state, as held by this rank."""
+    from loki_dist.rowstate import optimizer_state_holders
+
+    holders = optimizer_state_holders(trainer.inner, trainer.engine.optimizer if trainer.engine else None)
+    state = [t for s in trainer.inner.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in [*holders, *state] if t.dim() > 0)
+
+
 def time_steps(trainer: Trainer, plan, steps: int) -> list[float]:
     times = []
     for step in range(steps):
@@ -112,23 +133,32 @@ def main() -> None:
         root.mkdir(exist_ok=True)
         args = build_parser().parse_args(make_inputs(root, world))
         plan = plan_run(args, world)
-        results: dict[str, list[float]] = {"masked": [], "unmasked": []}
-        order = [("masked", MaskedTrainer), ("unmasked", UnmaskedTrainer)]
+        variants = {"masked": MaskedTrainer, "masking off": UnmaskedTrainer, "split": SplitTrainer}
+        results: dict[str, list[float]] = {name: [] for name in variants}
+        state_bytes: dict[str, int] = {}
         for round_index in range(opts.rounds):
-            for name, cls in order[:: 1 if round_index % 2 == 0 else -1]:
-                trainer = cls(plan, distributed.device_for(world))
+            names = list(variants)
+            for name in names[round_index % 3 :] + names[: round_index % 3]:
+                trainer = variants[name](plan, distributed.device_for(world))
                 results[name] += time_steps(trainer, plan, opts.steps)
+                state_bytes[name] = optimizer_state_bytes(trainer)
                 del trainer
-    masked, unmasked = (statistics.median(results[k]) for k in ("masked", "unmasked"))
-    overhead = 100.0 * (masked - unmasked) / unmasked
+    medians = {name: statistics.median(times) for name, times in results.items()}
+    reference = medians["masking off"]
     mask_cost = statistics.median(MaskedTrainer.mask_seconds)
     if world.is_main:
+        rows = "".join(
+            f"| {name} | {medians[name]:.4f} | {100 * (medians[name] - reference) / reference:+.1f}% | "
+            f"{state_bytes[name] / 2**20:.2f} MiB "
+            f"({100 * state_bytes[name] / state_bytes['masked']:.0f}%) |\n"
+            for name in variants
+        )
         table = (
-            f"| ZeRO-3, {world.size} ranks, {torch.get_num_threads()} thread(s)/rank | median step (s) |\n"
-            f"|---|---|\n| masking off | {unmasked:.4f} |\n| masked (loki_dist) | {masked:.4f} |\n"
-            f"| difference of medians | {overhead:+.1f}% |\n"
-            f"| masking + row decay, timed alone | {mask_cost:.4f} "
-            f"({100 * mask_cost / masked:.1f}% of a step) |\n"
+            f"| ZeRO-3, {world.size} ranks, {torch.get_num_threads()} thread(s)/rank, q = 10% "
+            f"| median step (s) | vs masking off | optimizer state, rank 0 (vs masked) |\n"
+            f"|---|---|---|---|\n{rows}"
+            f"\nMasking plus row decay, timed alone: {1000 * mask_cost:.2f} ms per update "
+            f"({100 * mask_cost / medians['masked']:.1f}% of a masked step).\n"
         )
         print(table)
         if opts.markdown:

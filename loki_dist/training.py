@@ -70,7 +70,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--row-params",
         choices=("split", "masked"),
-        default="masked",
+        default="split",
         help="split: the selected rows are their own parameter (gradients and optimizer state "
         "only for them); masked: the whole down_proj trains with unselected rows' gradients zeroed",
     )

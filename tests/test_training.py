@@ -95,6 +95,8 @@ def train_args(setup, out: Path, *extra: str) -> list[str]:
         "2",
         "--save-steps",
         "3",
+        "--row-params",  # the layout these tests exercise; the split test overrides it
+        "masked",
         *extra,
     ]
 
