@@ -1,13 +1,18 @@
-"""`loki-dist demo`: the whole LoKI job, offline, on a built-in tiny model and made-up data.
+"""`loki-dist demo`: LoKI's trade-off, offline, on a tiny model that first learns some "general knowledge".
 
-It writes a tiny Llama and its tokenizer, a general-knowledge set in the MMLU layout and a new task in
-alpaca form, then runs the real stages one after another, each as its own `loki-dist` process (under
-torchrun when --nproc > 1), exactly as a user would: attribute -> select -> train (DeepSpeed ZeRO-3) ->
-apply. At the end it checks the promise LoKI makes (every weight outside the selected rows is the base
-model's, bit for bit) and reports the task loss before and after.
+1. Build a tiny Llama and a tokenizer in code; teach it the toy world of toyworld.py (clans, homes,
+   trades, colours, asked as four-way questions with DESIGN.md's prompt) until it answers most of it.
+2. Run the real stages on it, each as its own `loki-dist` process (under torchrun when --nproc > 1):
+   `attribute` on the general set, `select --quota Q` (layer-balanced) and `select --strategy random`.
+3. Implant a new task (every person's pet) four ways through one training loop (demo_methods.py):
+   LoKI rows, random rows (the control), full fine-tuning, LoRA of about LoKI's trainable size (peft,
+   optional). Each trains until the target task accuracy or the step cap.
+4. Print and save a table (task accuracy, general accuracy, forgetting score over the general subjects,
+   trainable parameters, steps, wall time) as JSON, and a trade-off plot (matplotlib, optional); check
+   that LoKI moved no weight outside its rows.
 
-What it does not show: whether attribution keeps more general knowledge than other choices of rows.
-A random tiny model has no knowledge to keep; that comparison needs a model that knows something.
+What it cannot show: a tiny model's memorised toy facts are not Llama-3.1-8B's knowledge; the numbers are
+whatever this run measures, with fixed seeds, and say nothing about any real model.
 """
 
 from __future__ import annotations
@@ -15,111 +20,219 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
+import time
 from pathlib import Path
 
 from loki_dist.errors import UserError
 from loki_dist.pipeline import run_stage
 
-_NAMES = ["Zorvan", "Telmira", "Quessa", "Baldric", "Onyxa", "Prenn", "Valto", "Ismere", "Kadrun", "Liora"]
-_THINGS = {"colour": ["red", "blue", "green", "amber"], "home": ["Esk", "Mardo", "Ultha", "Brin"],
-           "trade": ["smith", "baker", "scribe", "pilot"]}  # fmt: skip
-
-
-def general_knowledge(seed: int) -> list[dict]:
-    """Four-way multiple-choice questions about invented people, in the MMLU layout."""
-    rng = random.Random(seed)
-    rows = []
-    for name in _NAMES:
-        for relation, options in _THINGS.items():
-            answer = rng.randrange(4)
-            rows.append({"subject": f"invented_{relation}s", "question": f"What is the {relation} of {name}?",
-                         "choices": list(options), "answer": answer})  # fmt: skip
-    return rows
-
-
-def new_task(seed: int, n: int = 64) -> list[dict]:
-    """A task the base model cannot do: spell a number's digits backwards."""
-    rng = random.Random(seed + 1)
-    rows = []
-    for _ in range(n):
-        number = str(rng.randint(100, 99999))
-        rows.append({"instruction": f"Reverse the digits of {number}.", "input": "", "output": number[::-1]})
-    return rows
+LEARNING_RATES = {"teach": 5e-3, "rows": 1e-2, "full": 1e-3, "lora": 1e-2}
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default="loki_demo", help="where the demo writes everything")
-    p.add_argument("--nproc", type=int, default=min(2, os.cpu_count() or 1), help="ranks per stage")
-    p.add_argument("--quota", type=float, default=25.0, help="percent of rows per layer to train")
-    p.add_argument("--steps", type=int, default=40, help="training steps")
+    p.add_argument("--nproc", type=int, default=min(2, os.cpu_count() or 1), help="ranks of attribute")
+    p.add_argument("--quota", type=float, default=25.0, help="percent of down_proj rows per layer to train")
+    p.add_argument(
+        "--people", type=int, default=60, help="invented people (3 general facts and 1 task fact each)"
+    )
+    p.add_argument("--hidden-size", type=int, default=64, help="model width (4 layers, 4 heads)")
+    p.add_argument("--teach-steps", type=int, default=600, help="step cap for teaching the general knowledge")
+    p.add_argument("--task-steps", type=int, default=300, help="step cap of each method on the new task")
+    p.add_argument("--target", type=float, default=0.9, help="task accuracy at which a method stops")
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="start again in an existing --output-dir")
 
 
-def run_demo(args: argparse.Namespace) -> None:
-    import torch
-    from safetensors.torch import load_file
-
-    from loki_dist.tiny import save_tiny
-
+def _validate(args: argparse.Namespace) -> Path:
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"--output-dir {out}: already exists and is not empty (pass --overwrite)")
-    if args.nproc < 1:
-        raise UserError(f"--nproc {args.nproc}: expected at least 1")
+    for flag, value, low in (("--nproc", args.nproc, 1), ("--people", args.people, 4),
+                             ("--teach-steps", args.teach_steps, 0), ("--task-steps", args.task_steps, 1),
+                             ("--batch-size", args.batch_size, 1)):  # fmt: skip
+        if value < low:
+            raise UserError(f"{flag} {value}: expected at least {low}")
+    if args.hidden_size < 8 or args.hidden_size % 4:
+        raise UserError(f"--hidden-size {args.hidden_size}: expected a multiple of 4, at least 8")
+    if not 0 < args.quota <= 100:
+        raise UserError(f"--quota {args.quota:g}: must be in (0, 100]")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    base = save_tiny(
-        out / "base", "llama", seed=args.seed, num_layers=4, hidden_size=64, intermediate_size=172
-    )
-    (out / "general.json").write_text(json.dumps(general_knowledge(args.seed)))
-    (out / "task.json").write_text(json.dumps(new_task(args.seed)))
-    print(f"built-in tiny Llama (4 layers, hidden 64, intermediate 172) and data in {out}", flush=True)
+    return out
 
-    attribution, positions_file, run = out / "attribution.safetensors", out / "positions.json", out / "run"
+
+def _teach_base(args, out: Path, world):
+    """The tiny model, taught the general knowledge, saved as a Hugging Face directory."""
+    from loki_dist.demo_methods import Budget, Encoded, train_letters
+    from loki_dist.mmlu import encode
+    from loki_dist.tiny import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer(vocab_size=1024, corpus=world.corpus())
+    model = build_model(
+        "llama", seed=args.seed, vocab_size=1024, num_layers=4, hidden_size=args.hidden_size,
+        intermediate_size=args.hidden_size * 11 // 4, num_heads=4, num_kv_heads=2,
+    )  # fmt: skip
+    general, task = (
+        Encoded(qs, [encode(tokenizer, q, []) for q in qs]) for qs in (world.general, world.task)
+    )
+    letters = [tokenizer.convert_tokens_to_ids(letter) for letter in "ABCD"]
+    budget = Budget(LEARNING_RATES["teach"], args.teach_steps, args.batch_size, target=0.98, eval_every=25)
+    model.requires_grad_(True)
+    started = time.perf_counter()
+    steps, accuracy = train_letters(
+        model, list(model.parameters()), general, letters, budget, args.seed, "teach"
+    )
+    model.requires_grad_(False)
+    print(f"taught the general knowledge: {100 * accuracy:.1f}% after {steps} steps "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+    model.save_pretrained(out / "base", safe_serialization=True)
+    tokenizer.save_pretrained(out / "base")
+    return model, general, task, letters
+
+
+def _select_rows(args, out: Path, base_dir: Path) -> tuple[dict[str, list[list[int]]], dict[str, float]]:
+    """The real stages: attribute on the general set, then layer-balanced and random selection."""
+    attribution = out / "attribution.safetensors"
+    files = {"LoKI": out / "positions.json", "random rows": out / "positions_random.json"}
     stages = {
-        "attribute": (args.nproc, ["attribute", "--model", base, "--data", out / "general.json",
-                                   "--output", attribution, "--per-subject", 10]),
+        "attribute": (args.nproc, ["attribute", "--model", base_dir, "--data", out / "general.json",
+                                   "--output", attribution, "--per-subject", args.people]),
         "select": (1, ["select", "--attribution", attribution, "--quota", f"{args.quota:g}",
-                       "--output", positions_file]),
-        "train": (args.nproc, ["train", "--model", base, "--positions", positions_file, "--data",
-                               out / "task.json", "--output-dir", run, "--max-steps", args.steps,
-                               "--learning-rate", 1e-2, "--warmup-ratio", 0.1, "--micro-batch-size", 4,
-                               "--gradient-accumulation", max(1, 2 // args.nproc), "--logging-steps", 10,
-                               "--save-steps", 20]),
-        "apply": (1, ["apply", "--base", base, "--implant", run / "final" / "implant.safetensors",
-                      "--output", out / "merged"]),
+                       "--output", files["LoKI"]]),
+        "select random": (1, ["select", "--attribution", attribution, "--quota", f"{args.quota:g}",
+                              "--strategy", "random", "--seed", args.seed, "--output", files["random rows"]]),
     }  # fmt: skip
     times = {name: run_stage(name, [str(a) for a in argv], nproc) for name, (nproc, argv) in stages.items()}
+    return {label: json.loads(path.read_text()) for label, path in files.items()}, times
 
-    before = load_file(str(base / "model.safetensors"))
-    after = load_file(str(out / "merged" / "model.safetensors"))
-    positions = json.loads(positions_file.read_text())
-    moved_elsewhere, rows_trained = 0, 0
-    for name, tensor in before.items():
-        changed = tensor != after[name]
-        if ".mlp.down_proj." in name:
-            selected = torch.zeros(tensor.shape[0], dtype=torch.bool)
-            selected[positions[int(name.split(".")[2])]] = True
-            moved_elsewhere += int(changed[~selected].sum())
-            rows_trained += int(selected.sum())
-        else:
-            moved_elsewhere += int(changed.sum())
-    total = sum(t.numel() for t in before.values())
-    trainable = rows_trained * 172
-    summary = json.loads((run / "train_summary.json").read_text())
-    print("\n=== summary")
-    print(f"trainable parameters: {trainable} of {total} ({100 * trainable / total:.2f}%), "
-          f"{rows_trained} down_proj rows at quota {args.quota:g}%")  # fmt: skip
-    print(f"weights outside the selected rows that changed: {moved_elsewhere} (LoKI promises 0)")
-    print(
-        f"task loss on the first batch: {summary['probe_loss_at_start']:.4f} before training, "
-        f"{summary['probe_loss']:.4f} after"
-    )
-    print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
-    print(f"merged model (loads with AutoModelForCausalLM.from_pretrained): {out / 'merged'}")
-    if moved_elsewhere:
-        raise UserError("frozen weights moved: this is a bug, please report it")
+
+def _methods(args, base, positions, task, letters):
+    """Each method's trained model: LoKI rows, random rows, full fine-tuning, LoRA (if peft is there)."""
+    from loki_dist import demo_methods as m
+
+    def budget(kind: str) -> m.Budget:
+        return m.Budget(LEARNING_RATES[kind], args.task_steps, args.batch_size, target=args.target)
+
+    trained = {
+        label: m.rows_finetune(base, rows, task, letters, budget("rows"), args.seed, label)
+        for label, rows in positions.items()
+    }
+    trained["full fine-tuning"] = m.full_finetune(base, task, letters, budget("full"), args.seed)
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        print("LoRA skipped: the peft library is not installed (pip install 'loki-dist[demo]')", flush=True)
+        return trained
+    rank = m.lora_rank_for(trained["LoKI"].trainable, base)
+    trained[f"LoRA r={rank}"] = m.lora_finetune(base, rank, task, letters, budget("lora"), args.seed)
+    return trained
+
+
+def _table(base, general, task, letters, trained) -> list[dict]:
+    from loki_dist.forgetting import Scores, forgetting_score
+
+    base_subjects = general.subject_accuracy(base, letters)
+    base_scores = Scores(base_subjects, frozenset())
+    rows = [
+        {
+            "method": "base (taught)",
+            "task_accuracy": task.accuracy(base, letters),
+            "general_accuracy": general.accuracy(base, letters),
+            "forgetting": 0.0,
+            "general_by_subject": base_subjects,
+            "trainable_params": 0,
+            "steps": 0,
+            "seconds": 0.0,
+        }
+    ]
+    for label, result in trained.items():
+        subjects = general.subject_accuracy(result.model, letters)
+        rows.append({
+            "method": label,
+            "task_accuracy": task.accuracy(result.model, letters),
+            "general_accuracy": general.accuracy(result.model, letters),
+            "forgetting": forgetting_score(base_scores, Scores(subjects, frozenset()), list(base_subjects)),
+            "general_by_subject": subjects,
+            "trainable_params": result.trainable,
+            "steps": result.steps,
+            "seconds": result.seconds,
+        })  # fmt: skip
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    header = f"{'method':<18} {'task acc':>8} {'general acc':>11} {'forgetting':>10} {'trainable':>9} " \
+             f"{'steps':>5} {'wall s':>6}"  # fmt: skip
+    lines = [header]
+    for r in rows:
+        lines.append(
+            f"{r['method']:<18} {100 * r['task_accuracy']:7.1f}% {100 * r['general_accuracy']:10.1f}% "
+            f"{r['forgetting']:9.2f}% {r['trainable_params']:>9,} {r['steps']:>5} {r['seconds']:>6.1f}"
+        )
+    return "\n".join(lines)
+
+
+def plot_trade_off(rows: list[dict], path: Path) -> bool:
+    """Task accuracy against forgetting, one point per method; False (and a message) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install 'loki-dist[plot]')", flush=True)
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for row in rows:
+        x, y = row["forgetting"], 100 * row["task_accuracy"]
+        ax.scatter([x], [y], s=40)
+        ax.annotate(row["method"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("forgetting score over the general subjects (%, lower is better)")
+    ax.set_ylabel("new-task accuracy (%)")
+    ax.set_title("LoKI demo: learning the task vs forgetting the rest")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    import torch
+
+    from loki_dist.demo_methods import frozen_weights_moved
+    from loki_dist.toyworld import ToyWorld, build_world
+
+    out = _validate(args)
+    # One thread: at this size a step is a few milliseconds of work, and a second OpenMP thread spinning
+    # on a shared 2-core machine made steps 10x slower (measured), not faster.
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    world = build_world(args.people, args.seed)
+    (out / "general.json").write_text(json.dumps(ToyWorld.rows(world.general)))
+    (out / "task.json").write_text(json.dumps(ToyWorld.rows(world.task)))
+    print(f"toy world: {len(world.general)} general questions, {len(world.task)} task questions, in {out}")
+    print(f"=== teach: a 4-layer Llama (hidden {args.hidden_size}) learns the general knowledge", flush=True)
+    base, general, task, letters = _teach_base(args, out, world)
+    positions, stage_times = _select_rows(args, out, out / "base")
+    print("\n=== implant the new task (every person's pet) four ways", flush=True)
+    trained = _methods(args, base, positions, task, letters)
+    for label in ("LoKI", "random rows"):
+        moved = frozen_weights_moved(base, trained[label].model, positions[label])
+        print(f"{label}: weights outside the selected rows that changed: {moved} (LoKI promises 0)")
+        if moved:
+            raise UserError("frozen weights moved: this is a bug, please report it")
+    rows = _table(base, general, task, letters, trained)
+    print("\n=== summary (forgetting: the paper's Avg over the general subjects; lower is better)")
+    print(format_rows(rows))
+    result = {"settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+              "learning_rates": LEARNING_RATES, "stage_seconds": stage_times, "rows": rows,
+              "total_seconds": time.perf_counter() - started}  # fmt: skip
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    plotted = plot_trade_off(rows, out / "trade_off.png")
+    print(f"table: {out / 'results.json'}" + (f", plot: {out / 'trade_off.png'}" if plotted else ""))
+    print(f"total wall time: {result['total_seconds']:.0f} s")
