@@ -29,6 +29,7 @@ flag) and may set their own `nproc`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -183,9 +184,12 @@ class StageStopped(Exception):
 class _Forwarder:
     """Passes SIGUSR1/SIGTERM/SIGINT on to the running stage, so that training can checkpoint.
 
-    A torchrun child runs in its own process group with SIGUSR1 ignored (set before exec, inherited):
-    a stop request becomes SIGUSR1 to the whole group, which the training ranks handle and torchrun
-    survives. A launcher command (own_group False) gets the signal itself and passes it on its own way.
+    A torchrun child starts with SIGUSR1 ignored (set before exec, inherited), and a stop request
+    (SIGUSR1 or SIGTERM) becomes SIGUSR1 to it and to its children, the ranks: they checkpoint, torchrun
+    survives to collect them. Its children must be found by parent pid because torchrun starts each in
+    a session of its own, out of reach of a process-group signal; and SIGTERM is not passed on as is
+    because torchrun kills its ranks 30 s after forwarding one, which can be mid-checkpoint. A launcher
+    command (own_group False) gets the signal itself and passes it on its own way.
     """
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
@@ -209,13 +213,25 @@ class _Forwarder:
         if self.child is None or self.child.poll() is not None:
             return
         if self.own_group and signum != signal.SIGINT:
-            os.killpg(self.child.pid, signal.SIGUSR1)
+            for pid in [self.child.pid, *_children(self.child.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGUSR1)
         else:
             self.child.send_signal(signum)
 
     @staticmethod
     def ignore_usr1() -> None:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc (Linux; elsewhere none are found and only `pid` is told)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
 
 
 def run_stage(name: str, args: list[str], nproc: int = 1, launcher: list[str] | None = None) -> float:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -11,6 +16,7 @@ from mmlu_fixture import write_mmlu
 from test_training import make_data
 
 from loki_dist.tiny import save_tiny
+from loki_dist.training import REQUEUE_EXIT_CODE
 
 
 def _ran(stdout: str) -> list[str]:
@@ -22,7 +28,7 @@ def _ran(stdout: str) -> list[str]:
     ]
 
 
-def test_pipeline_runs_then_skips_then_reruns_only_affected_stages(tmp_path):
+def test_pipeline_runs_stops_resumes_skips_and_reruns_only_affected_stages(tmp_path):
     config = {
         "output_dir": str(tmp_path / "out"),
         "model": str(save_tiny(tmp_path / "base", "llama", seed=0)),
@@ -32,31 +38,52 @@ def test_pipeline_runs_then_skips_then_reruns_only_affected_stages(tmp_path):
         "train": {
             "data": str(make_data(tmp_path / "task.jsonl", n=8)),
             "ds_config": "none",
-            "max_steps": 2,
+            "max_steps": 100,
             "micro_batch_size": 2,
-            "save_steps": 0,
-            "logging_steps": 1,
+            "save_steps": 4,
+            "logging_steps": 50,
         },
     }
     path = tmp_path / "pipeline.yaml"
+    out = Path(config["output_dir"])
 
-    def run(changes: dict | None = None) -> list[str]:
+    def run(changes: dict | None = None) -> tuple[list[str], str]:
         for section, values in (changes or {}).items():
             config[section].update(values)
         path.write_text(yaml.safe_dump(config))
-        return _ran(run_cli(["pipeline", "--config", str(path)], timeout=600).stdout)
+        stdout = run_cli(["pipeline", "--config", str(path)], timeout=600).stdout
+        return _ran(stdout), stdout
 
-    out = Path(config["output_dir"])
-    assert run() == ["attribute", "select", "train"]
+    # a stop signal to the pipeline reaches training: checkpoint, exit 75, and a rerun resumes it
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loki_dist", "pipeline", "--config", str(path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not (out / "train" / "checkpoint-4" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == REQUEUE_EXIT_CODE and "stopped by signal" in log, log[-3000:]
+    assert _ran(log) == ["attribute", "select", "train"] and not (out / "train" / "final").exists()
+    ran, stdout = run()
+    assert ran == ["train"] and "resumed from" in stdout
     assert (out / "train" / "final" / "implant.safetensors").is_file()
     record = json.loads((out / "positions.json.inputs.json").read_text())
     assert record["complete"] and str(out / "attribution.safetensors") in record["inputs"]["files"]
 
-    assert run() == []  # everything current
-    assert run({"select": {"quota": 50}}) == ["select", "train"]  # new positions -> new training
+    assert run()[0] == []  # everything current
+    assert run({"select": {"quota": 50}, "train": {"max_steps": 2}})[0] == ["select", "train"]
     assert len(json.loads((out / "positions.json").read_text())[0]) == 16  # 50% of hidden 32
     make_data(Path(config["train"]["data"]), n=8, seed=1)  # same file name, new content
-    assert run() == ["train"]
+    assert run()[0] == ["train"]
 
 
 def test_pipeline_refuses_unknown_keys(tmp_path, capsys):
