@@ -1,25 +1,27 @@
-"""Training cost of the two row layouts: masked and split, against masking switched off.
+"""Training methods side by side on one model and one data set: LoKI (masked, split), full fine-tuning and
+LoRA r=16, under DeepSpeed ZeRO-3; then attribution `fast` against `reference`.
 
-Run on 2 ranks (gloo on CPU, or NCCL on GPUs):
+    python bench/bench_training.py [--nproc 2] [--steps 14] [--markdown bench/training.md]
 
-    torchrun --nproc_per_node 2 bench/bench_training.py [--steps 14] [--rounds 3] [--markdown FILE]
-
-A tiny Llama of realistic proportions (4 layers, hidden 256, intermediate 688, 256-token sequences,
-q = 10%) is trained by the real Trainer under ZeRO-3:
-- masked: `--row-params masked`, the whole down_proj trains, unselected rows' gradients are zeroed;
-- masking off: the same with the mask and row decay skipped (rows unprotected: only a cost reference);
-- split: `--row-params split`, the selected rows are their own parameter.
-Rounds rotate the order so that machine noise hits all alike; median step times are reported, with the
-optimizer-state bytes rank 0 holds (DeepSpeed's fp32 master partition plus Adam's two moments).
+Each method runs in its own `torchrun` process group (so peak memory is its own) on a tiny Llama of
+realistic proportions (4 layers, hidden 256, intermediate 688, 256-token sequences, q = 10% for LoKI),
+with the real Trainer: LoKI masked (`--row-params masked`), LoKI split (`--row-params split`, the
+default: gradients and optimizer state only for the selected rows), masking switched off (a cost
+reference only: rows unprotected), full fine-tuning, and LoRA r=16 on every projection (peft). Reported:
+median step time, tokens/s, peak resident memory of rank 0, optimizer-state bytes of rank 0 (DeepSpeed's
+fp32 master partition plus Adam's moments) and trainable parameters.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import resource
 import statistics
-import tempfile
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,15 +33,17 @@ from loki_dist.data import collate
 from loki_dist.tiny import save_tiny
 from loki_dist.training import Trainer, _normaliser, global_batch_indices, micro_batches, plan_run
 
+METHODS = ("LoKI masked", "LoKI split", "masking off", "full fine-tuning", "LoRA r=16")
 
-class MaskedTrainer(Trainer):
-    """The real Trainer with --row-params masked, timing its masking and row decay on its own."""
+
+class BenchTrainer(Trainer):
+    """The real Trainer for one method, timing its masking and row decay on their own."""
 
     row_params = "masked"
-    mask_seconds: list[float] = []
 
     def __init__(self, plan, device):
         plan.args.row_params = self.row_params
+        self.mask_seconds: list[float] = []
         super().__init__(plan, device)
 
     def _prepare_update(self, lr: float) -> None:
@@ -48,53 +52,44 @@ class MaskedTrainer(Trainer):
         self.mask_seconds.append(time.perf_counter() - start)
 
 
-class SplitTrainer(MaskedTrainer):
+class SplitTrainer(BenchTrainer):
     row_params = "split"
 
 
-class UnmaskedTrainer(MaskedTrainer):
+class UnmaskedTrainer(BenchTrainer):
     def _prepare_update(self, lr: float) -> None:
         for group in self.inner.param_groups:
             group["lr"] = lr
 
 
-def make_inputs(root: Path, world: distributed.World, quota: float = 0.1) -> list[str]:
-    model_dir = root / "model"
-    if world.is_main:
-        save_tiny(model_dir, "llama", seed=0, num_layers=4, hidden_size=256, intermediate_size=688)
-        rng = random.Random(0)
-        rows = [sorted(rng.sample(range(256), int(quota * 256))) for _ in range(4)]
-        (root / "positions.json").write_text(json.dumps(rows))
-        words = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "knowledge", "model", "row"]
-        data = [
-            {
-                "instruction": " ".join(rng.choices(words, k=120)),
-                "input": "",
-                "output": " ".join(rng.choices(words, k=120)),
-            }
-            for _ in range(64)
-        ]
-        (root / "data.json").write_text(json.dumps(data))
-    distributed.barrier()
-    return [
-        "train",
-        "--model",
-        str(model_dir),
-        "--positions",
-        str(root / "positions.json"),
-        "--data",
-        str(root / "data.json"),
-        "--output-dir",
-        str(root / "out"),
-        "--max-seq-len",
-        "256",
-        "--micro-batch-size",
-        "1",
-        "--gradient-accumulation",
-        "1",
-        "--weight-decay",
-        "0.01",
-    ]
+class FullTrainer(BenchTrainer):
+    def make_trainable(self, model):
+        model.requires_grad_(True)
+        return model, []
+
+
+class LoraTrainer(BenchTrainer):
+    def make_trainable(self, model):
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets)), []
+
+
+TRAINERS = dict(
+    zip(METHODS, (BenchTrainer, SplitTrainer, UnmaskedTrainer, FullTrainer, LoraTrainer), strict=True)
+)
+
+
+def make_inputs(root: Path, quota: float = 0.1) -> None:
+    save_tiny(root / "model", "llama", seed=0, num_layers=4, hidden_size=256, intermediate_size=688)
+    rng = random.Random(0)
+    rows = [sorted(rng.sample(range(256), int(quota * 256))) for _ in range(4)]
+    (root / "positions.json").write_text(json.dumps(rows))
+    words = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "knowledge", "model", "row"]
+    text = lambda: " ".join(rng.choices(words, k=120))  # noqa: E731
+    data = [{"instruction": text(), "input": "", "output": text()} for _ in range(64)]
+    (root / "data.json").write_text(json.dumps(data))
 
 
 def optimizer_state_bytes(trainer: Trainer) -> int:
@@ -106,9 +101,19 @@ def optimizer_state_bytes(trainer: Trainer) -> int:
     return sum(t.numel() * t.element_size() for t in [*holders, *state] if t.dim() > 0)
 
 
-def time_steps(trainer: Trainer, plan, steps: int) -> list[float]:
-    times = []
-    for step in range(steps):
+def worker(method: str, root: Path, steps: int, result: Path) -> None:
+    """One method under torchrun: time `steps` optimizer steps after two warm-up steps."""
+    world = distributed.world_from_env()
+    distributed.prepare_deepspeed(world)
+    args = build_parser().parse_args(
+        ["train", "--model", str(root / "model"), "--positions", str(root / "positions.json"),
+         "--data", str(root / "data.json"), "--output-dir", str(root / "out"), "--max-seq-len", "256",
+         "--micro-batch-size", "1", "--gradient-accumulation", "1", "--weight-decay", "0.01"]
+    )  # fmt: skip
+    plan = plan_run(args, world)
+    trainer = TRAINERS[method](plan, distributed.device_for(world))
+    times, tokens = [], []
+    for step in range(steps + 2):
         indices = global_batch_indices(step, plan)
         scale = _normaliser(indices, plan)
         start = time.perf_counter()
@@ -117,53 +122,86 @@ def time_steps(trainer: Trainer, plan, steps: int) -> list[float]:
             trainer.backward(loss, 1e-4, boundary=i == plan.accum - 1)
         distributed.barrier()
         times.append(time.perf_counter() - start)
-    return times[2:]  # the first steps warm up allocators and DeepSpeed's prefetch
+        tokens.append(sum(len(plan.examples[j].input_ids) for j in indices))
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.params)
+    if world.is_main:
+        step_time = statistics.median(times[2:])
+        result.write_text(json.dumps({
+            "step_s": step_time, "tokens_per_s": statistics.median(tokens[2:]) / step_time,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "optimizer_state_mib": optimizer_state_bytes(trainer) / 2**20, "trainable": trainable,
+            "mask_ms": 1000 * statistics.median(trainer.mask_seconds) if trainer.mask_seconds else None,
+        }))  # fmt: skip
+    distributed.shutdown()
+
+
+def run_method(method: str, root: Path, steps: int, nproc: int) -> dict:
+    result = root / f"{METHODS.index(method)}.json"
+    port = 29000 + (os.getpid() % 1000) * 10 + METHODS.index(method)
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                "--master_addr=127.0.0.1", f"--master_port={port}"]  # fmt: skip
+    job = ["--worker", method, "--root", str(root), "--steps", str(steps), "--result", str(result)]
+    command = [*launcher, __file__, *job]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads(result.read_text())
+
+
+def attribution_rows() -> str:
+    """fast vs reference attribution, as bench_attribution.py times them on a 16-layer model."""
+    script = str(Path(__file__).with_name("bench_attribution.py"))
+    output = subprocess.run(
+        [sys.executable, script, "--skip-ranks"], capture_output=True, text=True, check=True
+    )
+    keep = ("model:", "fast", "reference", "speed-up")
+    return "```\n" + "\n".join(line for line in output.stdout.splitlines() if line.startswith(keep)) + "\n```"
+
+
+def markdown(results: dict[str, dict], nproc: int) -> str:
+    masked = results["LoKI masked"]
+    lines = [
+        f"| ZeRO-3, {nproc} ranks | step (s) | tokens/s | peak RSS rank 0 (MiB) | optimizer state rank 0 "
+        "| trainable |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, r in results.items():
+        share = 100 * r["optimizer_state_mib"] / masked["optimizer_state_mib"]
+        lines.append(
+            f"| {method} | {r['step_s']:.4f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} | "
+            f"{r['optimizer_state_mib']:.2f} MiB ({share:.0f}% of masked) | {r['trainable']:,} |"
+        )
+    lines.append(f"\nMasking plus row decay, timed alone: {masked['mask_ms']:.2f} ms per update.")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--skip-attribution", action="store_true")
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    world = distributed.world_from_env()
-    distributed.prepare_deepspeed(world)
+    if opts.worker:
+        worker(opts.worker, opts.root, opts.steps, opts.result)
+        return
+    import tempfile
+
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) if world.size == 1 else Path("/tmp/loki_bench_masking")
-        root.mkdir(exist_ok=True)
-        args = build_parser().parse_args(make_inputs(root, world))
-        plan = plan_run(args, world)
-        variants = {"masked": MaskedTrainer, "masking off": UnmaskedTrainer, "split": SplitTrainer}
-        results: dict[str, list[float]] = {name: [] for name in variants}
-        state_bytes: dict[str, int] = {}
-        for round_index in range(opts.rounds):
-            names = list(variants)
-            for name in names[round_index % 3 :] + names[: round_index % 3]:
-                trainer = variants[name](plan, distributed.device_for(world))
-                results[name] += time_steps(trainer, plan, opts.steps)
-                state_bytes[name] = optimizer_state_bytes(trainer)
-                del trainer
-    medians = {name: statistics.median(times) for name, times in results.items()}
-    reference = medians["masking off"]
-    mask_cost = statistics.median(MaskedTrainer.mask_seconds)
-    if world.is_main:
-        rows = "".join(
-            f"| {name} | {medians[name]:.4f} | {100 * (medians[name] - reference) / reference:+.1f}% | "
-            f"{state_bytes[name] / 2**20:.2f} MiB "
-            f"({100 * state_bytes[name] / state_bytes['masked']:.0f}%) |\n"
-            for name in variants
-        )
-        table = (
-            f"| ZeRO-3, {world.size} ranks, {torch.get_num_threads()} thread(s)/rank, q = 10% "
-            f"| median step (s) | vs masking off | optimizer state, rank 0 (vs masked) |\n"
-            f"|---|---|---|---|\n{rows}"
-            f"\nMasking plus row decay, timed alone: {1000 * mask_cost:.2f} ms per update "
-            f"({100 * mask_cost / medians['masked']:.1f}% of a masked step).\n"
-        )
-        print(table)
-        if opts.markdown:
-            opts.markdown.write_text(table)
-    distributed.shutdown()
+        root = Path(tmp)
+        make_inputs(root)
+        results = {}
+        for method in METHODS:
+            print(f"{method} ...", flush=True)
+            results[method] = run_method(method, root, opts.steps, opts.nproc)
+    table = markdown(results, opts.nproc)
+    if not opts.skip_attribution:
+        table += "\nAttribution, fast against reference:\n\n" + attribution_rows() + "\n"
+    print(table)
+    if opts.markdown:
+        opts.markdown.write_text(table)
 
 
 if __name__ == "__main__":

@@ -256,6 +256,14 @@ def micro_batches(indices: list[int], plan: Plan) -> list[list[int]]:
     return [indices[(i * w.size + w.rank) * m : (i * w.size + w.rank + 1) * m] for i in range(plan.accum)]
 
 
+@dataclass
+class TrainableRows:
+    layer: int
+    param: torch.nn.Parameter  # the down_proj weight (masked) or its selected rows (split)
+    selected: torch.Tensor  # bool over the parameter's rows: which of them train
+    rows: list[int]  # the down_proj rows those are
+
+
 class Trainer:
     """The model, its optimizer and the row states, behind one interface for DeepSpeed and plain runs."""
 
@@ -270,23 +278,9 @@ class Trainer:
             # non-reentrant: the reentrant variant drops gradients when a block's inputs need none
             # (frozen embeddings), and it is the variant tested with ZeRO-3 and frozen parameters here
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # (layer, trainable parameter, which of its rows train, which down_proj rows those are)
-        trainable: list[tuple[int, torch.nn.Parameter, torch.Tensor, list[int]]] = []
-        for layer, ((parent, attribute), rows) in enumerate(
-            zip(down_proj_slots(model), plan.positions, strict=True)
-        ):
-            if not rows:
-                continue
-            if plan.args.row_params == "split":
-                param = rowsplit.split(parent, attribute, rows)
-                selected = torch.ones(len(rows), dtype=torch.bool, device=device)
-            else:
-                param = getattr(parent, attribute).weight
-                selected = positions.row_mask(rows, plan.spec.hidden_size, device)
-            param.requires_grad_(True)
-            trainable.append((layer, param, selected, rows))
-        params = [param for _, param, _, _ in trainable]
-        optimizer = torch.optim.AdamW(params, lr=plan.args.learning_rate, weight_decay=0.0)
+        model, trainable = self.make_trainable(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=plan.args.learning_rate, weight_decay=0.0)
         if stage is None:
             self.model, self.engine, self.inner = model.to(device), None, optimizer
         else:
@@ -302,12 +296,32 @@ class Trainer:
                 print(f"ZeRO-3: rank 0 holds {held:,} of {total:,} parameter elements", flush=True)
         F = plan.spec.intermediate_size
         self.states = []
-        for layer, param, selected, rows in trainable:
+        for t in trainable:
             w = plan.world
-            state = rowstate.build(layer, param, selected, F, w.rank, w.size, self.inner, rows=rows)
+            state = rowstate.build(t.layer, t.param, t.selected, F, w.rank, w.size, self.inner, rows=t.rows)
             if state.needs_mask and state.masks_by_hook:
-                param.register_hook(lambda g, keep=selected: g.masked_fill(~keep.unsqueeze(1), 0))
+                t.param.register_hook(lambda g, keep=t.selected: g.masked_fill(~keep.unsqueeze(1), 0))
             self.states.append(state)
+
+    def make_trainable(self, model: torch.nn.Module) -> tuple[torch.nn.Module, list[TrainableRows]]:
+        """Unfreeze what LoKI trains: per layer with positions, the down_proj weight (masked) or a new
+        parameter holding just its selected rows (split). Subclasses may train something else (the
+        benchmark's full fine-tuning and LoRA baselines) and return no rows."""
+        trainable = []
+        for layer, ((parent, attribute), rows) in enumerate(
+            zip(down_proj_slots(model), self.plan.positions, strict=True)
+        ):
+            if not rows:
+                continue
+            if self.plan.args.row_params == "split":
+                param = rowsplit.split(parent, attribute, rows)
+                selected = torch.ones(len(rows), dtype=torch.bool, device=self.device)
+            else:
+                param = getattr(parent, attribute).weight
+                selected = positions.row_mask(rows, self.plan.spec.hidden_size, self.device)
+            param.requires_grad_(True)
+            trainable.append(TrainableRows(layer, param, selected, rows))
+        return model, trainable
 
     def prepare_optimizer(self, step: int) -> None:
         """Create Adam's state as after `step` updates, ready to receive a checkpoint's moments."""
@@ -349,7 +363,7 @@ class Trainer:
             return None
         self._prepare_update(lr)
         clip = self.plan.max_grad_norm if self.plan.max_grad_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_([s.param for s in self.states], clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         self.inner.step()
         self.inner.zero_grad(set_to_none=True)
         return float(norm)
