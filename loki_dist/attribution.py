@@ -414,6 +414,7 @@ def _finish(args, world, spec, stats, prompts, identity, checkpoints, zero3: boo
         _summary(tensors, spec)
     barrier()
     checkpoints.clear()
+    barrier()  # every rank's files are gone before rank 0 looks at the directory
     if world.is_main and checkpoints.directory.is_dir() and not any(checkpoints.directory.iterdir()):
         checkpoints.directory.rmdir()
     shutdown()
