@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loki_dist import __version__, dsconfig
-from loki_dist.errors import UserError
+from loki_dist.errors import UserError, require_at_least
 
 log = logging.getLogger("loki_dist.attribute")
 
@@ -117,14 +117,12 @@ def _validate(args: argparse.Namespace):
     """Everything that can be checked without a model: fails in a second, before any heavy work."""
     from loki_dist.adapters import spec_from_dir
 
-    for flag, value, low in (
+    require_at_least(
         ("--steps", args.steps, 1),
         ("--batch-size", args.batch_size, 1),
         ("--max-rows", args.max_rows, 0),
         ("--checkpoint-every", args.checkpoint_every, 0),
-    ):
-        if value < low:
-            raise UserError(f"{flag} {value}: must be at least {low}")
+    )
     if args.chunk_memory_gb <= 0:
         raise UserError(f"--chunk-memory-gb {args.chunk_memory_gb}: must be positive")
     if not Path(args.model).is_dir():

@@ -7,3 +7,10 @@ bug and keeps its traceback.
 
 class UserError(Exception):
     """A mistake in the user's input: names the bad value and what is expected."""
+
+
+def require_at_least(*checks: tuple[str, float, float]) -> None:
+    """(flag, value, lowest allowed) for each numeric flag: the first one below its bound is an error."""
+    for flag, value, low in checks:
+        if value < low:
+            raise UserError(f"{flag} {value}: must be at least {low}")

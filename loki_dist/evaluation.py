@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from loki_dist.errors import UserError
+from loki_dist.errors import UserError, require_at_least
 
 log = logging.getLogger("loki_dist.evaluate")
 
@@ -169,14 +169,12 @@ def _read_documents(args: argparse.Namespace) -> list[str]:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    for flag, value, low in (
+    require_at_least(
         ("--batch-size", args.batch_size, 1),
         ("--max-seq-len", args.max_seq_len, 2),
         ("--per-subject", args.per_subject, 0),
         ("--shots", args.shots, 0),
-    ):
-        if value < low:
-            raise UserError(f"{flag} {value}: must be at least {low}")
+    )
     if not Path(args.model).is_dir():
         raise UserError(f"--model {args.model}: directory not found")
     if Path(args.output).is_dir():

@@ -19,25 +19,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def cli_command(args: list[str], nproc: int = 1) -> list[str]:
+    """`python -m loki_dist ARGS`, under torchrun on loopback when nproc > 1."""
+    if nproc == 1:
+        return [sys.executable, "-m", "loki_dist", *args]
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}"]  # fmt: skip
+    return [*launcher, "-m", "loki_dist", *args]
+
+
 def run_cli(
     args: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None, check: bool = True
 ) -> subprocess.CompletedProcess:
     """Run `loki-dist ARGS`, as one plain process or under torchrun with NPROC ranks on loopback."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "loki_dist", *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            "-m",
-            "loki_dist",
-            *args,
-        ]
+    cmd = cli_command(args, nproc)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

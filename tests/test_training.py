@@ -14,13 +14,12 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, free_port, run_cli
+from conftest import REPO, cli_command, run_cli
 from safetensors.torch import load_file
 
 from loki_dist.tiny import save_tiny
@@ -286,17 +285,7 @@ def test_export_checkpoint_equals_final(setup, zero3_run, tmp_path):
 
 def _launch(args: list[str], nproc: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "loki_dist",
-        *args,
-    ]
+    cmd = cli_command(args, nproc)
     return subprocess.Popen(
         cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
