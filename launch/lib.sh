@@ -10,9 +10,13 @@ gpus_per_node() {
     fi
 }
 
-# Print the command (so every log shows exactly what ran), then become it.
+# Print the command, shell-quoted (so every log shows exactly what ran, ready to paste), then become it.
 show_and_exec() {
-    echo "+ $*" >&2
+    {
+        printf '+'
+        printf ' %q' "$@"
+        printf '\n'
+    } >&2
     exec "$@"
 }
 
