@@ -27,7 +27,10 @@ from pathlib import Path
 from loki_dist.errors import UserError
 from loki_dist.pipeline import run_stage
 
-LEARNING_RATES = {"teach": 5e-3, "rows": 1e-2, "full": 1e-3, "lora": 1e-2}
+# Per method, the better of two rates tried on the default toy world, judged by forgetting at 90% task
+# accuracy (rows: 1e-2 and 2e-3 forgot the same, 1e-2 in 4x fewer steps; full: 1e-3 -> 58%, 2e-4 -> 40%;
+# LoRA: 1e-2 -> 75%, 2e-3 -> 73%). A tiny sweep, not a tuning: README says so.
+LEARNING_RATES = {"teach": 3e-3, "rows": 1e-2, "full": 2e-4, "lora": 2e-3}
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,10 +41,12 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         "--people", type=int, default=60, help="invented people (3 general facts and 1 task fact each)"
     )
     p.add_argument("--hidden-size", type=int, default=64, help="model width (4 layers, 4 heads)")
-    p.add_argument("--teach-steps", type=int, default=600, help="step cap for teaching the general knowledge")
+    p.add_argument(
+        "--teach-steps", type=int, default=1500, help="step cap for teaching the general knowledge"
+    )
     p.add_argument("--task-steps", type=int, default=300, help="step cap of each method on the new task")
     p.add_argument("--target", type=float, default=0.9, help="task accuracy at which a method stops")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="start again in an existing --output-dir")
 

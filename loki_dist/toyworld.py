@@ -4,8 +4,10 @@ LoKI's promise is about knowledge a model already has, so the demo first teaches
 random facts share nothing (every fact lives in its own weights), which is unlike a real model's
 knowledge, so here part of it is compositional: people belong to clans, a clan fixes its members' home
 and trade (learned once per clan, used for every member), and each person also has a colour of their
-own (memorised). The new task is a relation the model has never seen about the same people (their pet),
-so learning it touches the same representations that the general knowledge uses.
+own (memorised). The new task is a relation the model has never seen about the same people: their pet,
+which, like home and trade, their clan decides. Learning it builds on what the model knows (who is in
+which clan is in the question; what the clan's members share is not) and touches the same
+representations that the general knowledge uses.
 
 Everything is four-way multiple choice in the MMLU layout, asked with DESIGN.md's prompt (mmlu.py), so
 the real `attribute` stage and `evaluate`'s scoring apply to it unchanged.
@@ -48,7 +50,9 @@ class ToyWorld:
 def build_world(people: int, seed: int) -> ToyWorld:
     """`people` invented people: 3 general questions each (home, trade, colour) and 1 task question."""
     rng = random.Random(seed)
-    clan_answer = {(clan, rel): rng.randrange(4) for clan in CLANS for rel in ("home", "trade")}
+    clan_answer = {
+        (clan, rel): rng.randrange(4) for clan in CLANS for rel in ("home", "trade", TASK_RELATION)
+    }
     names: list[str] = []
     while len(names) < people:
         name = "".join(rng.choice(_SYLLABLES) for _ in range(3)).title()
@@ -61,7 +65,7 @@ def build_world(people: int, seed: int) -> ToyWorld:
         answers = {**{rel: clan_answer[clan, rel] for rel in ("home", "trade")}, "colour": rng.randrange(4)}
         for relation in GENERAL_RELATIONS:
             general.append(_question(relation, who, answers[relation]))
-        task.append(_question(TASK_RELATION, who, rng.randrange(4)))
+        task.append(_question(TASK_RELATION, who, clan_answer[clan, TASK_RELATION]))
     return ToyWorld(general, task)
 
 
