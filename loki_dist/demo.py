@@ -24,7 +24,7 @@ import shutil
 import time
 from pathlib import Path
 
-from loki_dist.errors import UserError
+from loki_dist.errors import UserError, require_at_least
 from loki_dist.pipeline import run_stage
 
 # Per method, the better of two rates tried on the default toy world, judged by forgetting at 90% task
@@ -55,11 +55,9 @@ def _validate(args: argparse.Namespace) -> Path:
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"--output-dir {out}: already exists and is not empty (pass --overwrite)")
-    for flag, value, low in (("--nproc", args.nproc, 1), ("--people", args.people, 4),
-                             ("--teach-steps", args.teach_steps, 0), ("--task-steps", args.task_steps, 1),
-                             ("--batch-size", args.batch_size, 1)):  # fmt: skip
-        if value < low:
-            raise UserError(f"{flag} {value}: expected at least {low}")
+    require_at_least(("--nproc", args.nproc, 1), ("--people", args.people, 4),
+                     ("--teach-steps", args.teach_steps, 0), ("--task-steps", args.task_steps, 1),
+                     ("--batch-size", args.batch_size, 1))  # fmt: skip
     if args.hidden_size < 8 or args.hidden_size % 4:
         raise UserError(f"--hidden-size {args.hidden_size}: expected a multiple of 4, at least 8")
     if not 0 < args.quota <= 100:
@@ -73,6 +71,7 @@ def _validate(args: argparse.Namespace) -> Path:
 def _teach_base(args, out: Path, world):
     """The tiny model, taught the general knowledge, saved as a Hugging Face directory."""
     from loki_dist.demo_methods import Budget, Encoded, train_letters
+    from loki_dist.evaluation import letter_token_ids
     from loki_dist.mmlu import encode
     from loki_dist.tiny import build_model, build_tokenizer
 
@@ -84,7 +83,7 @@ def _teach_base(args, out: Path, world):
     general, task = (
         Encoded(qs, [encode(tokenizer, q, []) for q in qs]) for qs in (world.general, world.task)
     )
-    letters = [tokenizer.convert_tokens_to_ids(letter) for letter in "ABCD"]
+    letters = letter_token_ids(tokenizer)
     budget = Budget(LEARNING_RATES["teach"], args.teach_steps, args.batch_size, target=0.98, eval_every=25)
     model.requires_grad_(True)
     started = time.perf_counter()
@@ -138,29 +137,24 @@ def _methods(args, base, positions, task, letters):
 
 
 def _table(base, general, task, letters, trained) -> list[dict]:
+    """One row per model; "general kept" is its general accuracy as a share of the base model's."""
+    from loki_dist.demo_methods import Trained
     from loki_dist.forgetting import Scores, forgetting_score
 
     base_subjects = general.subject_accuracy(base, letters)
-    base_scores = Scores(base_subjects, frozenset())
-    rows = [
-        {
-            "method": "base (taught)",
-            "task_accuracy": task.accuracy(base, letters),
-            "general_accuracy": general.accuracy(base, letters),
-            "forgetting": 0.0,
-            "general_by_subject": base_subjects,
-            "trainable_params": 0,
-            "steps": 0,
-            "seconds": 0.0,
-        }
-    ]
-    for label, result in trained.items():
+    base_general = general.accuracy(base, letters)
+    rows = []
+    for label, result in {"base (taught)": Trained(base, 0, 0, 0.0, 0.0), **trained}.items():
         subjects = general.subject_accuracy(result.model, letters)
+        general_accuracy = general.accuracy(result.model, letters)
         rows.append({
             "method": label,
             "task_accuracy": task.accuracy(result.model, letters),
-            "general_accuracy": general.accuracy(result.model, letters),
-            "forgetting": forgetting_score(base_scores, Scores(subjects, frozenset()), list(base_subjects)),
+            "general_accuracy": general_accuracy,
+            "general_kept": general_accuracy / base_general,
+            "forgetting": forgetting_score(
+                Scores(base_subjects, frozenset()), Scores(subjects, frozenset()), list(base_subjects)
+            ),
             "general_by_subject": subjects,
             "trainable_params": result.trainable,
             "steps": result.steps,
@@ -170,13 +164,14 @@ def _table(base, general, task, letters, trained) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-    header = f"{'method':<18} {'task acc':>8} {'general acc':>11} {'forgetting':>10} {'trainable':>9} " \
-             f"{'steps':>5} {'wall s':>6}"  # fmt: skip
+    header = f"{'method':<18} {'task acc':>8} {'general acc':>11} {'kept':>6} {'forgetting':>10} " \
+             f"{'trainable':>9} {'steps':>5} {'wall s':>6}"  # fmt: skip
     lines = [header]
     for r in rows:
         lines.append(
             f"{r['method']:<18} {100 * r['task_accuracy']:7.1f}% {100 * r['general_accuracy']:10.1f}% "
-            f"{r['forgetting']:9.2f}% {r['trainable_params']:>9,} {r['steps']:>5} {r['seconds']:>6.1f}"
+            f"{100 * r['general_kept']:5.1f}% {r['forgetting']:9.2f}% {r['trainable_params']:>9,} "
+            f"{r['steps']:>5} {r['seconds']:>6.1f}"
         )
     return "\n".join(lines)
 

@@ -25,6 +25,7 @@ def test_demo_runs_every_method_and_writes_table_and_plot(tmp_path):
     for row in results["rows"]:
         assert row["method"] in proc.stdout
         assert 0 <= row["task_accuracy"] <= 1 and 0 <= row["general_accuracy"] <= 1
+        assert row["general_kept"] == row["general_accuracy"] / results["rows"][0]["general_accuracy"]
         assert row["steps"] <= 5
     loki = results["rows"][1]
     assert loki["trainable_params"] == 4 * 8 * (32 * 11 // 4)  # layers * rows * intermediate
