@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, free_port, run_cli
 from slurm_cluster import Cluster, install
 from test_training import LONG_RUN, assert_equal_weights, make_data, train_args
@@ -109,3 +110,40 @@ def test_two_node_job_checkpoints_on_signal_requeues_and_equals_one_node(cluster
     one_node = setup["root"] / "one_node"
     run_cli([*train_args(setup, one_node), *LONG_RUN], nproc=2)
     assert_equal_weights(one_node, out)
+
+
+def test_two_node_attribution_job_equals_one_process(cluster, tmp_path):
+    """slurm/attribute.sbatch across the two node daemons writes the file one plain process writes."""
+    from mmlu_fixture import write_mmlu
+    from safetensors.torch import load_file
+
+    model = save_tiny(tmp_path / "model", "llama", seed=0)
+    args = [
+        "--model",
+        str(model),
+        "--data",
+        str(write_mmlu(tmp_path / "mmlu", per_subject=3)),
+        "--batch-size",
+        "2",
+    ]
+    single, sharded = tmp_path / "one.safetensors", tmp_path / "two_nodes.safetensors"
+    run_cli(["attribute", *args, "--output", str(single)])
+    job = cluster.submit(
+        ["-N2", "--cpus-per-task=1", "--gpus-per-node=0", f"--output={tmp_path}/%j.out",
+         f"--error={tmp_path}/%j.err", "slurm/attribute.sbatch", *args, "--output", str(sharded)],
+        cwd=REPO,
+        env={"PYTHON": sys.executable, "NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1",
+             "RDZV_PORT": str(free_port())},
+    )  # fmt: skip
+    deadline = time.time() + 180
+    while (state := cluster.job(job)["JobState"]) in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
+        assert time.time() < deadline, f"job {job} still {state}\n{cluster.logs()}"
+        time.sleep(0.5)
+    logs = "".join(p.read_text() for p in tmp_path.glob(f"{job}.*"))
+    assert state == "COMPLETED", f"job {job}: {state}\n{logs}\n{cluster.logs()}"
+    one, two = load_file(str(single)), load_file(str(sharded))
+    assert (
+        torch.equal(one["bottom_rank_hist"], two["bottom_rank_hist"])
+        and one["num_samples"] == two["num_samples"]
+    )
+    torch.testing.assert_close(one["score_sum"], two["score_sum"], rtol=1e-5, atol=1e-12)
