@@ -136,6 +136,39 @@ def _methods(args, base, positions, task, letters):
     return trained
 
 
+def _implant_with_trainer(args, out: Path, world, trained, task, letters):
+    """The LoKI rows once more, through the real distributed trainer: `loki-dist train` (DeepSpeed
+    ZeRO-3, split rows, --nproc ranks) on the task as chat data, then `loki-dist apply`. Its loss covers
+    the assistant turn (the letter and the end-of-turn token), so it is not the in-process run's twin; the
+    row shows what the production path gives at the same step budget, from a standard HF directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loki_dist.demo_methods import Trained
+    from loki_dist.mmlu import messages_for
+
+    chat = [
+        {"messages": [*messages_for(q, []), {"role": "assistant", "content": "ABCD"[q.answer]}]}
+        for q in world.task
+    ]
+    (out / "task_chat.json").write_text(json.dumps(chat))
+    run, merged = out / "implant", out / "merged"
+    train = {
+        "--model": out / "base", "--positions": out / "positions.json", "--data": out / "task_chat.json",
+        "--output-dir": run, "--max-steps": max(1, trained["LoKI"].steps), "--warmup-ratio": 0,
+        "--learning-rate": LEARNING_RATES["rows"], "--save-steps": 0, "--logging-steps": 25,
+        "--micro-batch-size": max(1, min(args.batch_size, len(chat)) // args.nproc),
+    }  # fmt: skip
+    apply = {"--base": out / "base", "--implant": run / "final" / "implant.safetensors", "--output": merged}
+    started = time.perf_counter()
+    run_stage("train", ["train", *[str(x) for pair in train.items() for x in pair]], args.nproc)
+    run_stage("apply", ["apply", *[str(x) for pair in apply.items() for x in pair]], 1)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    steps = json.loads((run / "train_summary.json").read_text())["steps"]
+    seconds = time.perf_counter() - started
+    return Trained(model, trained["LoKI"].trainable, steps, task.accuracy(model, letters), seconds)
+
+
 def _table(base, general, task, letters, trained) -> list[dict]:
     """One row per model; "general kept" is its general accuracy as a share of the base model's."""
     from loki_dist.demo_methods import Trained
@@ -221,7 +254,11 @@ def run_demo(args: argparse.Namespace) -> None:
     positions, stage_times = _select_rows(args, out, out / "base")
     print("\n=== implant the new task (every person's pet) four ways", flush=True)
     trained = _methods(args, base, positions, task, letters)
-    for label in ("LoKI", "random rows"):
+    label = "LoKI via loki-dist train"
+    print(f"\n=== {label}: DeepSpeed ZeRO-3 on {args.nproc} rank(s), then apply", flush=True)
+    trained[label] = _implant_with_trainer(args, out, world, trained, task, letters)
+    positions[label] = positions["LoKI"]
+    for label in ("LoKI", "random rows", "LoKI via loki-dist train"):
         moved = frozen_weights_moved(base, trained[label].model, positions[label])
         print(f"{label}: weights outside the selected rows that changed: {moved} (LoKI promises 0)")
         if moved:

@@ -12,14 +12,17 @@ def test_demo_runs_every_method_and_writes_table_and_plot(tmp_path):
     proc = run_cli([*argv, "--task-steps", "5", "--nproc", "1"], timeout=600)
     assert "LoKI: weights outside the selected rows that changed: 0 (LoKI promises 0)" in proc.stdout
     assert "random rows: weights outside the selected rows that changed: 0" in proc.stdout
+    assert "LoKI via loki-dist train: weights outside the selected rows that changed: 0" in proc.stdout
+    assert (out / "merged" / "model.safetensors").is_file()  # the real train + apply stages ran
     for label in ("positions.json", "positions_random.json"):
         positions = json.loads((out / label).read_text())
         assert [len(rows) for rows in positions] == [8, 8, 8, 8]  # 25% of hidden 32, every layer
     results = json.loads((out / "results.json").read_text())
     methods = [row["method"] for row in results["rows"]]
     assert methods[:4] == ["base (taught)", "LoKI", "random rows", "full fine-tuning"]
+    assert "LoKI via loki-dist train" in methods
     if importlib.util.find_spec("peft"):
-        assert methods[4].startswith("LoRA r=")
+        assert any(m.startswith("LoRA r=") for m in methods)
     else:
         assert "LoRA skipped: the peft library is not installed" in proc.stdout
     for row in results["rows"]:
