@@ -147,3 +147,46 @@ def test_two_node_attribution_job_equals_one_process(cluster, tmp_path):
         and one["num_samples"] == two["num_samples"]
     )
     torch.testing.assert_close(one["score_sum"], two["score_sum"], rtol=1e-5, atol=1e-12)
+
+
+def test_two_node_pipeline_job_runs_every_stage(cluster, tmp_path):
+    """slurm/pipeline.sbatch: the pipeline in the batch shell, each distributed stage through srun +
+    torchrun on both node daemons; the trained model equals the same pipeline run as one 2-rank job."""
+    import yaml
+    from mmlu_fixture import write_mmlu
+
+    def config(out: Path) -> Path:
+        path = tmp_path / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "output_dir": str(out), "model": str(save_tiny(tmp_path / "base", "llama", seed=0)),
+            "attribute": {"data": str(write_mmlu(tmp_path / "mmlu", per_subject=2)), "per_subject": 2},
+            "select": {"quota": 25},
+            "train": {"data": str(make_data(tmp_path / "task.jsonl", n=8)), "max_steps": 4,
+                      "micro_batch_size": 1, "gradient_accumulation": 1, "save_steps": 2},
+        }))  # fmt: skip
+        return path
+
+    slurm_out, local_out = tmp_path / "slurm_run", tmp_path / "local_run"
+    job = cluster.submit(
+        ["-N2", "--cpus-per-task=1", "--gpus-per-node=0", f"--output={tmp_path}/%j.out",
+         f"--error={tmp_path}/%j.err", "slurm/pipeline.sbatch", str(config(slurm_out))],
+        cwd=REPO,
+        env={"PYTHON": sys.executable, "NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1",
+             "RDZV_PORT": str(free_port())},
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while (state := cluster.job(job)["JobState"]) in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
+        assert time.time() < deadline, f"job {job} still {state}\n{cluster.logs()}"
+        time.sleep(0.5)
+    logs = "".join(p.read_text() for p in tmp_path.glob(f"{job}.*"))
+    assert state == "COMPLETED", f"job {job}: {state}\n{logs}\n{cluster.logs()}"
+    summary = json.loads((slurm_out / "train" / "train_summary.json").read_text())
+    assert summary["world_size"] == 2
+    local = yaml.safe_load(config(local_out).read_text())
+    local["nproc"] = 2
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(local))
+    run_cli(["pipeline", "--config", str(tmp_path / "local.yaml")], timeout=600)
+    assert json.loads((slurm_out / "positions.json").read_text()) == json.loads(
+        (local_out / "positions.json").read_text()
+    )
+    assert_equal_weights(local_out / "train", slurm_out / "train")
