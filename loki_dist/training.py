@@ -2,20 +2,22 @@
 
 The recipe, top to bottom: check every input (before any process group or model exists, so a mistake
 costs nothing and overwrites nothing) -> load the model sharded (ZeRO-3 zero.Init through the HF
-DeepSpeed integration, or ZeRO-1/2, or one plain process) -> freeze all but the trained down_proj
-weights -> loop over global batches: forward/backward per micro-batch, then at each update mask the
-gradients of unselected rows on this rank's partition, apply decoupled weight decay to selected rows
-only, let the optimizer step -> row-level checkpoints -> OUT/final built from the base model's shards.
+DeepSpeed integration, or ZeRO-1/2, or one plain process) -> freeze everything, then make the selected
+rows trainable: as their own parameter (`--row-params split`, rowsplit.py) or as the whole down_proj
+weight whose other rows' gradients are masked -> loop over global batches: forward/backward per
+micro-batch, then at each update (masked layout) zero the gradients of unselected rows on this rank's
+partition, apply decoupled weight decay to selected rows only, let the optimizer step -> row-level
+checkpoints -> OUT/final built from the base model's shards.
 
 Requeue: SIGUSR1 or SIGTERM (Slurm's warning before the time limit, a preemption, `kill`) does not stop
 a step half-way. The step in progress finishes, every rank agrees on the stop at the step boundary, a
 checkpoint is saved, and the process exits with REQUEUE_EXIT_CODE; the next run with the same command
 resumes from that checkpoint (`--resume auto`).
 
-Why frozen rows cannot move: their gradients are exactly zero from the first step, so Adam's moments
-stay zero and its update 0/(sqrt(0)+eps) is exactly zero; clipping only rescales (zeros stay zero); the
-optimizer's own weight decay is off and ours touches selected rows only; the bf16 copy of an unmoved
-fp32 master is the original bf16 value.
+Why frozen rows cannot move: split, they are not parameters at all. Masked, their gradients are exactly
+zero from the first step, so Adam's moments stay zero and its update 0/(sqrt(0)+eps) is exactly zero;
+clipping only rescales (zeros stay zero); the optimizer's own weight decay is off and ours touches
+selected rows only; the bf16 copy of an unmoved fp32 master is the original bf16 value.
 """
 
 from __future__ import annotations
