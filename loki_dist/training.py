@@ -64,7 +64,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled, applied to selected rows only")
     p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--lr-scheduler", choices=("cosine", "linear"), default="cosine")
+    p.add_argument(
+        "--lr-scheduler",
+        choices=("cosine", "linear", "constant"),
+        default="cosine",
+        help="after warm-up: decay to 0 (cosine, linear) or stay at --learning-rate (constant)",
+    )
     p.add_argument("--micro-batch-size", type=int, help="per rank (default 1)")
     p.add_argument("--gradient-accumulation", type=int, help="micro-batches per update (default 1)")
     p.add_argument("--max-seq-len", type=int, default=2048)
@@ -233,12 +238,14 @@ def _find_resume(plan: Plan) -> Path | None:
 
 
 def lr_at(step: int, plan: Plan) -> float:
-    """Linear warm-up from 0, then cosine or linear decay to 0 (a pure function of the step)."""
+    """Linear warm-up from 0, then cosine or linear decay to 0, or constant (a pure function of the step)."""
     total, base = plan.total_steps, plan.args.learning_rate
     warmup = math.ceil(plan.args.warmup_ratio * total)
     if step < warmup:
         return base * step / warmup
     progress = (step - warmup) / max(1, total - warmup)
+    if plan.args.lr_scheduler == "constant":
+        return base
     if plan.args.lr_scheduler == "linear":
         return base * max(0.0, 1.0 - progress)
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))

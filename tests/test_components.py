@@ -136,3 +136,18 @@ def test_tiny_tokenizer_is_deterministic_and_total():
     assert a(text)["input_ids"] == b(text)["input_ids"]
     assert a.decode(a(text)["input_ids"]) == text
     assert list(itertools.islice(a.get_vocab(), 1))  # non-empty vocabulary
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "linear", "constant"])
+def test_learning_rate_schedules(scheduler):
+    from types import SimpleNamespace
+
+    from loki_dist.training import lr_at
+
+    args = SimpleNamespace(learning_rate=0.1, warmup_ratio=0.1, lr_scheduler=scheduler)
+    plan = SimpleNamespace(total_steps=100, args=args)
+    rates = [lr_at(step, plan) for step in range(101)]
+    assert rates[0] == 0.0 and rates[5] == pytest.approx(0.05) and rates[10] == pytest.approx(0.1)
+    middle = {"cosine": 0.05, "linear": 0.05, "constant": 0.1}[scheduler]
+    assert rates[55] == pytest.approx(middle)
+    assert rates[100] == pytest.approx(0.1 if scheduler == "constant" else 0.0, abs=1e-12)
