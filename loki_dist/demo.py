@@ -72,7 +72,6 @@ def _teach_base(args, out: Path, world):
     """The tiny model, taught the general knowledge, saved as a Hugging Face directory."""
     from loki_dist.demo_methods import Budget, Encoded, train_letters
     from loki_dist.evaluation import letter_token_ids
-    from loki_dist.mmlu import encode
     from loki_dist.tiny import build_model, build_tokenizer
 
     tokenizer = build_tokenizer(vocab_size=1024, corpus=world.corpus())
@@ -80,9 +79,7 @@ def _teach_base(args, out: Path, world):
         "llama", seed=args.seed, vocab_size=1024, num_layers=4, hidden_size=args.hidden_size,
         intermediate_size=args.hidden_size * 11 // 4, num_heads=4, num_kv_heads=2,
     )  # fmt: skip
-    general, task = (
-        Encoded(qs, [encode(tokenizer, q, []) for q in qs]) for qs in (world.general, world.task)
-    )
+    general, task = (Encoded.of(tokenizer, qs) for qs in (world.general, world.task))
     letters = letter_token_ids(tokenizer)
     budget = Budget(LEARNING_RATES["teach"], args.teach_steps, args.batch_size, target=0.98, eval_every=25)
     model.requires_grad_(True)
@@ -138,24 +135,24 @@ def _methods(args, base, positions, task, letters):
 
 def _implant_with_trainer(args, out: Path, world, trained, task, letters):
     """The LoKI rows once more, through the real distributed trainer: `loki-dist train` (DeepSpeed
-    ZeRO-3, split rows, --nproc ranks) on the task as chat data, then `loki-dist apply`. Its loss covers
-    the assistant turn (the letter and the end-of-turn token), so it is not the in-process run's twin; the
-    row shows what the production path gives at the same step budget, from a standard HF directory."""
+    ZeRO-3, split rows, --nproc ranks) on the task as chat data, then `loki-dist apply`, for as many steps
+    as the in-process LoKI run took, with the same rate, batch and loss (constant rate, no clipping). The
+    two differ in the order of samples only, so their rows should agree closely; a standard HF directory
+    comes out.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     from loki_dist.demo_methods import Trained
-    from loki_dist.mmlu import messages_for
+    from loki_dist.mmlu import answered_messages
 
-    chat = [
-        {"messages": [*messages_for(q, []), {"role": "assistant", "content": "ABCD"[q.answer]}]}
-        for q in world.task
-    ]
+    chat = [{"messages": answered_messages(q)} for q in world.task]
     (out / "task_chat.json").write_text(json.dumps(chat))
     run, merged = out / "implant", out / "merged"
     train = {
         "--model": out / "base", "--positions": out / "positions.json", "--data": out / "task_chat.json",
         "--output-dir": run, "--max-steps": max(1, trained["LoKI"].steps), "--warmup-ratio": 0,
+        "--lr-scheduler": "constant", "--max-grad-norm": 0, "--seed": args.seed,
         "--learning-rate": LEARNING_RATES["rows"], "--save-steps": 0, "--logging-steps": 25,
         "--micro-batch-size": max(1, min(args.batch_size, len(chat)) // args.nproc),
     }  # fmt: skip
@@ -197,12 +194,12 @@ def _table(base, general, task, letters, trained) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-    header = f"{'method':<18} {'task acc':>8} {'general acc':>11} {'kept':>6} {'forgetting':>10} " \
+    header = f"{'method':<24} {'task acc':>8} {'general acc':>11} {'kept':>6} {'forgetting':>10} " \
              f"{'trainable':>9} {'steps':>5} {'wall s':>6}"  # fmt: skip
     lines = [header]
     for r in rows:
         lines.append(
-            f"{r['method']:<18} {100 * r['task_accuracy']:7.1f}% {100 * r['general_accuracy']:10.1f}% "
+            f"{r['method']:<24} {100 * r['task_accuracy']:7.1f}% {100 * r['general_accuracy']:10.1f}% "
             f"{100 * r['general_kept']:5.1f}% {r['forgetting']:9.2f}% {r['trainable_params']:>9,} "
             f"{r['steps']:>5} {r['seconds']:>6.1f}"
         )

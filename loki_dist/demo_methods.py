@@ -1,12 +1,13 @@
 """The demo's in-process training: teaching general knowledge, then one task by four methods.
 
-Every method runs through the same loop (AdamW, no weight decay, same batch size, same loss: the
-cross-entropy of the answer letter after DESIGN.md's prompt, which is exactly what evaluation scores),
-so they differ only in what may move: all weights (full fine-tuning), LoRA adapters on down_proj, or the
-selected down_proj rows (LoKI, or the random-rows control). Rows are trained by zeroing the gradient of
-every other row; with no weight decay Adam then leaves them bit-identical, which the demo checks.
-Training stops at the target task accuracy or at the step cap, so methods are compared at equal task
-skill where they reach it, and the steps each one took are reported.
+Every method runs through the same loop (AdamW, no weight decay, constant rate, same batch size, same
+loss: the mean cross-entropy of the assistant turn, i.e. the answer letter and the end-of-turn tokens,
+after DESIGN.md's prompt; `loki-dist train` minimises the same on the same chat data, so the production
+path is this loop's twin). Methods differ only in what may move: all weights (full fine-tuning), LoRA
+adapters on down_proj, or the selected down_proj rows (LoKI, or the random-rows control). Rows are
+trained by zeroing the gradient of every other row; with no weight decay Adam then leaves the others
+bit-identical, which the demo checks. Training stops at the target task accuracy or at the step cap, so
+methods are compared at equal task skill where they reach it, and the steps each one took are reported.
 """
 
 from __future__ import annotations
@@ -18,17 +19,26 @@ from dataclasses import dataclass
 
 import torch
 
+from loki_dist.data import Example, collate, tokenize
 from loki_dist.evaluation import choose_letters
-from loki_dist.kva import Batch
-from loki_dist.mmlu import Question
+from loki_dist.mmlu import Question, answered_messages, encode
 
 
 @dataclass
 class Encoded:
-    """Questions with their prompt token ids, ready to train on or score."""
+    """Questions with their prompt token ids (to score) and answered turns (to train on)."""
 
     questions: list[Question]
     input_ids: list[list[int]]
+    turns: list[Example]
+
+    @classmethod
+    def of(cls, tokenizer, questions: list[Question]) -> Encoded:
+        turns = [tokenize(tokenizer, answered_messages(q), max_len=1 << 20)[0] for q in questions]
+        return cls(questions, [encode(tokenizer, q, []) for q in questions], turns)
+
+    def subset(self, keep: list[int]) -> Encoded:
+        return Encoded(*([items[i] for i in keep] for items in (self.questions, self.input_ids, self.turns)))
 
     def accuracy(self, model, letters: list[int], batch_size: int = 64) -> float:
         was_training = model.training
@@ -43,8 +53,7 @@ class Encoded:
         """Accuracy per subject: each subject is one benchmark of the forgetting score."""
         out = {}
         for subject in dict.fromkeys(q.subject for q in self.questions):
-            keep = [i for i, q in enumerate(self.questions) if q.subject == subject]
-            part = Encoded([self.questions[i] for i in keep], [self.input_ids[i] for i in keep])
+            part = self.subset([i for i, q in enumerate(self.questions) if q.subject == subject])
             out[subject] = part.accuracy(model, letters)
         return out
 
@@ -67,12 +76,11 @@ def train_letters(
     seed: int,
     desc: str,
 ) -> tuple[int, float]:
-    """Train `params` on the answer letters of `data`; returns (steps taken, final accuracy on data)."""
+    """Train `params` on the answered turns of `data`; returns (steps taken, final accuracy on data)."""
     from tqdm import tqdm
 
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(params, lr=budget.lr, weight_decay=0.0)
-    targets = torch.tensor([letters[q.answer] for q in data.questions])
     order: list[int] = []
     model.train()
     accuracy = data.accuracy(model, letters)
@@ -82,11 +90,7 @@ def train_letters(
         if len(order) < budget.batch_size:
             order += rng.sample(range(len(data.questions)), len(data.questions))
         picked, order = order[: budget.batch_size], order[budget.batch_size :]
-        batch = Batch.left_pad([data.input_ids[i] for i in picked], 0, torch.device("cpu"))
-        logits = model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
-        ).logits[:, -1]
-        loss = torch.nn.functional.cross_entropy(logits, targets[picked])
+        loss = model(**collate([data.turns[i] for i in picked], pad_id=0)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -78,6 +78,11 @@ def messages_for(q: Question, shots: list[Question]) -> list[dict[str, str]]:
     return messages
 
 
+def answered_messages(q: Question) -> list[dict[str, str]]:
+    """The 0-shot prompt answered by its letter: one chat example to train on."""
+    return [*messages_for(q, []), {"role": "assistant", "content": LETTERS[q.answer]}]
+
+
 def encode(tokenizer, q: Question, shots: list[Question]) -> list[int]:
     """Token ids of one prompt; the last id is the attributed position t."""
     if tokenizer.chat_template:
