@@ -24,12 +24,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loki_dist import __version__, dsconfig
+from loki_dist import __version__
 from loki_dist.errors import UserError, require_at_least
+from loki_dist.modeling import add_inference_arguments, read_inference_config
 
 log = logging.getLogger("loki_dist.attribute")
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 _KILL_ENV = "LOKI_DIST_TEST_KILL_AFTER_CHECKPOINT"  # tests only: SIGKILL self after this many checkpoints
 
 
@@ -50,14 +50,7 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shots", type=int, default=0, help="k-shot examples from the dev split (default 0)")
     parser.add_argument("--subjects", default=None, help="comma-separated subjects (default: all)")
     parser.add_argument("--batch-size", type=int, default=4, help="prompts per batch per rank (default 4)")
-    parser.add_argument(
-        "--dtype", choices=DTYPES, default="auto", help="model dtype (auto: bfloat16 on GPU, float32 on CPU)"
-    )
-    parser.add_argument(
-        "--ds-config",
-        default=None,
-        help="DeepSpeed ZeRO-3 inference config to shard the model (ds_configs/zero3_infer.json)",
-    )
+    add_inference_arguments(parser)
     parser.add_argument(
         "--algorithm",
         choices=("fast", "reference"),
@@ -128,72 +121,11 @@ def _validate(args: argparse.Namespace):
     if not Path(args.model).is_dir():
         raise UserError(f"--model {args.model}: directory not found")
     spec = spec_from_dir(args.model)
-    ds_config = _read_ds_config(args.ds_config) if args.ds_config else None
+    ds_config = read_inference_config(args.ds_config) if args.ds_config else None
     output = Path(args.output)
     if output.is_dir():
         raise UserError(f"--output {output}: is a directory; expected a file name")
     return spec, ds_config
-
-
-def _read_ds_config(name: str) -> dict:
-    config = dsconfig.load(name)
-    stage = dsconfig.zero_stage(config)
-    if config is None or stage != 3:
-        raise UserError(f"--ds-config {name}: attribution shards with ZeRO stage 3, this has stage {stage}")
-    if "optimizer" in config:
-        raise UserError(f"--ds-config {name}: an inference config must not define an optimizer")
-    return config
-
-
-def _fill_auto(config: dict, batch_size: int, world_size: int, dtype) -> dict:
-    """DeepSpeed wants concrete batch sizes and precision even without training; "auto" means ours."""
-    import torch
-
-    wanted = {
-        "train_micro_batch_size_per_gpu": batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": batch_size * world_size,
-        "bf16.enabled": dtype == torch.bfloat16,
-        "fp16.enabled": dtype == torch.float16,
-    }
-    settled = {key: dsconfig.settle(config, key, key, None, value) for key, value in wanted.items()}
-    return dsconfig.fill(config, settled)
-
-
-# ------------------------------------------------------------------------------------------------ model
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, name)
-
-
-def _load_model(args, world, ds_config: dict | None, dtype):
-    """(forward callable, model, device); the forward is a ZeRO-3 engine when --ds-config is given."""
-    from loki_dist.distributed import device_for, init, prepare_deepspeed
-    from loki_dist.modeling import load_causal_lm, zero3_share
-
-    device = device_for(world)
-    if ds_config is None:
-        init(world)
-        model = load_causal_lm(args.model, dtype, None).to(device).eval()
-        return model, model, device
-    import deepspeed
-
-    prepare_deepspeed(world)
-    config = _fill_auto(ds_config, args.batch_size, world.size, dtype)
-    model = load_causal_lm(args.model, dtype, config).eval()
-    engine, *_ = deepspeed.initialize(model=model, config=config)
-    engine.eval()
-    held, total = zero3_share(model)
-    log.info(f"ZeRO-3: rank {world.rank} holds {held:,} of {total:,} parameters")
-    # Call the wrapped module, not the engine: ZeRO-3's parameter gathering lives in hooks on the
-    # modules themselves (forward and backward), while the engine's own forward arms backward hooks
-    # that refuse any backward without an optimizer (engine.backward would step one).
-    return engine.module, model, device
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -260,6 +192,7 @@ def run_attribute(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from loki_dist import mmlu
     from loki_dist.distributed import world_from_env
+    from loki_dist.modeling import load_for_inference, torch_dtype
 
     spec, ds_config = _validate(args)
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
@@ -285,8 +218,9 @@ def run_attribute(args: argparse.Namespace) -> None:
         "save_scores": str(args.save_scores),
     }
     checkpoints = Checkpoints(Path(args.checkpoint_dir or f"{args.output}.partial"), world.rank, identity)
-    dtype = _torch_dtype(args.dtype)
-    forward, model, device = _load_model(args, world, ds_config, dtype)
+    dtype = torch_dtype(args.dtype)
+    loaded = load_for_inference(args.model, world, dtype, ds_config, args.batch_size)
+    model, device = loaded.model, loaded.device
     from loki_dist.adapters import down_projections
 
     projections = down_projections(model)
@@ -295,9 +229,7 @@ def run_attribute(args: argparse.Namespace) -> None:
             f"--model {args.model}: config says {spec.num_layers} layers, the model has {len(projections)}"
         )
     started = time.perf_counter()
-    stats = _score_all(
-        args, world, forward, model, projections, prompts, checkpoints, dtype, device, ds_config
-    )
+    stats = _score_all(args, world, model, projections, prompts, checkpoints, dtype, device, ds_config)
     _finish(args, world, spec, stats, prompts, identity, checkpoints, ds_config is not None)
     if world.is_main:
         wall, n = time.perf_counter() - started, len(prompts.input_ids)
@@ -320,7 +252,7 @@ def _max_rows(args, model, prompts, dtype, spec) -> int:
     )
 
 
-def _score_all(args, world, forward, model, projections, prompts, checkpoints, dtype, device, ds_config):
+def _score_all(args, world, model, projections, prompts, checkpoints, dtype, device, ds_config):
     from tqdm import tqdm
 
     from loki_dist import kva
@@ -360,9 +292,9 @@ def _score_all(args, world, forward, model, projections, prompts, checkpoints, d
         if ids:
             batch = kva.Batch.left_pad(ids, pad_id, device)
             if args.algorithm == "fast":
-                scores = kva.fast_scores(forward, projections, batch, args.steps, max_rows)
+                scores = kva.fast_scores(model, projections, batch, args.steps, max_rows)
             else:
-                scores = kva.reference_scores(forward, projections, batch, args.steps)
+                scores = kva.reference_scores(model, projections, batch, args.steps)
             stats.add(scores[: len(members)])
         scored += len(members)
         bar.update(len(members))

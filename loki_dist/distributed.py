@@ -84,6 +84,18 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def agree_max(value: int, device: torch.device) -> int:
+    """The largest of every rank's value (the value itself without a process group).
+
+    `device` is where the collective can run: the model's device (NCCL takes no CPU tensors).
+    """
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def all_gather_varlen(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Concatenate 1-D tensors of known, rank-dependent lengths in rank order on every rank.
 

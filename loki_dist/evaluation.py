@@ -10,6 +10,14 @@ gathered in rank order, are in data order. What is summed over ranks is exact wh
 integer counts for accuracy; for perplexity each document's NLL is a float64 computed on one rank alone,
 gathered, and summed in data order on every rank, so 1 and N ranks add the same numbers in the same order.
 
+With `--ds-config` (a ZeRO-3 inference config, ds_configs/zero3_infer.json) the model is sharded over the
+ranks instead of loaded whole on each, so a model larger than one device can be evaluated. ZeRO-3 gathers
+every layer's parameters collectively during a forward, so then all ranks make the same number of model
+calls: they agree on the most batches any rank has (an all-reduce MAX), and a rank with fewer runs
+one-token dummy forwards whose outputs are discarded. The batches themselves may differ in shape between
+ranks (the gathering depends only on the order of the calls), and the results are those of the whole
+model.
+
 A results file holds `scores`, {benchmark name: value}, read by `loki-dist forgetting`: accuracy in
 percent under the --name (default `mmlu`) and, with --scores-per-subject, one `NAME/subject` entry per
 subject; perplexity under --name (default `perplexity`), listed in `lower_is_better`.
@@ -22,12 +30,13 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from loki_dist.errors import UserError, require_at_least
+from loki_dist.modeling import add_inference_arguments, read_inference_config
 
 log = logging.getLogger("loki_dist.evaluate")
 
@@ -65,12 +74,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         "--max-seq-len", type=int, default=1024, help="perplexity: tokens per window (longer documents split)"
     )
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward per rank (default 8)")
-    p.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        default="auto",
-        help="model dtype (auto: bfloat16 on GPU, float32 on CPU)",
-    )
+    add_inference_arguments(p)
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -89,18 +93,43 @@ def letter_token_ids(tokenizer) -> list[int]:
     return ids
 
 
+def _batches(model: Callable, items: Sequence, batch_size: int, lockstep: bool) -> Iterator[Sequence]:
+    """Consecutive slices of batch_size items. With lockstep (ZeRO-3), as many as the rank with the most
+    batches has: once this rank's items run out it calls the model on one dummy token per missing batch,
+    so that every rank gathers the sharded parameters equally often; those outputs are discarded."""
+    device = next(model.parameters()).device
+    count = math.ceil(len(items) / batch_size)
+    if lockstep:
+        from loki_dist.distributed import agree_max
+
+        count = agree_max(count, device)
+    for first in range(0, count * batch_size, batch_size):
+        if first < len(items):
+            yield items[first : first + batch_size]
+        else:
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+
+
 @torch.no_grad()
 def choose_letters(
-    model: Callable, prompts: Sequence[Sequence[int]], letter_ids: Sequence[int], pad_id: int, batch_size: int
+    model: Callable,
+    prompts: Sequence[Sequence[int]],
+    letter_ids: Sequence[int],
+    pad_id: int,
+    batch_size: int,
+    lockstep: bool = False,
 ) -> torch.Tensor:
-    """Index (0-3) of the most likely answer letter after each prompt; left-padded batches."""
+    """Index (0-3) of the most likely answer letter after each prompt; left-padded batches.
+
+    lockstep: the model is ZeRO-3-sharded, so every rank must make the same number of calls (_batches).
+    """
     from loki_dist.kva import Batch
 
     device = next(model.parameters()).device
     letters = torch.tensor(list(letter_ids), device=device)
     chosen = []
-    for first in range(0, len(prompts), batch_size):
-        batch = Batch.left_pad(prompts[first : first + batch_size], pad_id, device)
+    for prompt_batch in _batches(model, prompts, batch_size, lockstep):
+        batch = Batch.left_pad(prompt_batch, pad_id, device)
         logits = model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
         ).logits[:, -1]
@@ -111,9 +140,17 @@ def choose_letters(
 
 @torch.no_grad()
 def document_nll(
-    model: Callable, documents: Sequence[Sequence[int]], max_seq_len: int, pad_id: int, batch_size: int
+    model: Callable,
+    documents: Sequence[Sequence[int]],
+    max_seq_len: int,
+    pad_id: int,
+    batch_size: int,
+    lockstep: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float64 NLL sum, predicted-token count) of each document, in non-overlapping windows."""
+    """(float64 NLL sum, predicted-token count) of each document, in non-overlapping windows.
+
+    lockstep: as for choose_letters; ranks may hold different numbers of windows.
+    """
     device = next(model.parameters()).device
     windows = [
         (doc_index, ids[start : start + max_seq_len])
@@ -123,8 +160,7 @@ def document_nll(
     windows = [(i, w) for i, w in windows if len(w) >= 2]
     nll = torch.zeros(len(documents), dtype=torch.float64)
     count = torch.zeros(len(documents), dtype=torch.int64)
-    for first in range(0, len(windows), batch_size):
-        chunk = windows[first : first + batch_size]
+    for chunk in _batches(model, windows, batch_size, lockstep):
         width = max(len(w) for _, w in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -168,7 +204,8 @@ def _read_documents(args: argparse.Namespace) -> list[str]:
     return texts
 
 
-def _validate(args: argparse.Namespace) -> None:
+def _validate(args: argparse.Namespace) -> dict | None:
+    """Everything checked before any work; returns the --ds-config (None: the model whole per rank)."""
     require_at_least(
         ("--batch-size", args.batch_size, 1),
         ("--max-seq-len", args.max_seq_len, 2),
@@ -179,6 +216,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError(f"--model {args.model}: directory not found")
     if Path(args.output).is_dir():
         raise UserError(f"--output {args.output}: is a directory; expected a file name")
+    return read_inference_config(args.ds_config) if args.ds_config else None
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -191,13 +229,14 @@ def _my_block(n: int, world) -> range:
     return range(plan.start, plan.stop)
 
 
-def _gather(local: torch.Tensor, n: int, world) -> torch.Tensor:
-    """Per-sample results of every rank, in data order."""
+def _gather(local: torch.Tensor, n: int, world, device: torch.device) -> torch.Tensor:
+    """Per-sample results of every rank, in data order (gathered on the model's device: NCCL takes no
+    CPU tensors), on the CPU."""
     from loki_dist.attribution import Plan
     from loki_dist.distributed import all_gather_varlen
 
     sizes = [len(range(p.start, p.stop)) for p in (Plan.make(n, r, world.size, 1) for r in range(world.size))]
-    return all_gather_varlen(local.contiguous(), sizes)
+    return all_gather_varlen(local.to(device).contiguous(), sizes).cpu()
 
 
 def multiple_choice_results(questions, predictions: torch.Tensor, name: str, per_subject: bool) -> dict:
@@ -236,11 +275,12 @@ def _multiple_choice_inputs(args, tokenizer) -> Callable:
     prompts = mmlu.build_prompts(tokenizer, questions, shot_map)
     letters = letter_token_ids(tokenizer)
 
-    def evaluate(world, model) -> dict:
+    def evaluate(world, loaded) -> dict:
         mine = _my_block(len(questions), world)
         ids = [prompts.input_ids[i] for i in mine]
-        local = choose_letters(model, ids, letters, _pad_id(model), args.batch_size)
-        predictions = _gather(local, len(questions), world)
+        model = loaded.model
+        local = choose_letters(model, ids, letters, _pad_id(model), args.batch_size, loaded.sharded)
+        predictions = _gather(local, len(questions), world, loaded.device)
         result = multiple_choice_results(questions, predictions, args.name or "mmlu", args.scores_per_subject)
         return {**result, "shots": args.shots, "chat_template": prompts.chat_template}
 
@@ -252,11 +292,14 @@ def _perplexity_inputs(args, tokenizer) -> Callable:
     texts = _read_documents(args)
     name = args.name or "perplexity"
 
-    def evaluate(world, model) -> dict:
+    def evaluate(world, loaded) -> dict:
         mine = _my_block(len(texts), world)
         documents = [tokenizer(texts[i], add_special_tokens=True)["input_ids"] for i in mine]
-        nll, count = document_nll(model, documents, args.max_seq_len, _pad_id(model), args.batch_size)
-        nll, count = _gather(nll, len(texts), world), _gather(count, len(texts), world)
+        model = loaded.model
+        nll, count = document_nll(
+            model, documents, args.max_seq_len, _pad_id(model), args.batch_size, loaded.sharded
+        )
+        nll, count = (_gather(t, len(texts), world, loaded.device) for t in (nll, count))
         total_nll, tokens = math.fsum(nll.tolist()), int(count.sum())
         if tokens == 0:
             raise UserError(f"--data {args.data}: no document has 2 or more tokens")
@@ -283,18 +326,18 @@ def run_evaluate(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from transformers import AutoTokenizer
 
-    from loki_dist.attribution import _torch_dtype
-    from loki_dist.distributed import device_for, init, shutdown, world_from_env
-    from loki_dist.modeling import load_causal_lm
+    from loki_dist.distributed import shutdown, world_from_env
+    from loki_dist.modeling import load_for_inference, torch_dtype
 
-    _validate(args)
+    ds_config = _validate(args)
     world = world_from_env()
+    if not world.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     inputs = _multiple_choice_inputs if args.task == "multiple_choice" else _perplexity_inputs
     evaluate = inputs(args, tokenizer)
-    init(world)
-    model = load_causal_lm(args.model, _torch_dtype(args.dtype), None).to(device_for(world)).eval()
-    result = evaluate(world, model)
+    loaded = load_for_inference(args.model, world, torch_dtype(args.dtype), ds_config, args.batch_size)
+    result = evaluate(world, loaded)
     result.update(model=str(args.model), data=str(args.data), world_size=world.size)
     if world.is_main:
         output = Path(args.output)

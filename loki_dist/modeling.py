@@ -1,25 +1,38 @@
-"""Loading a causal LM whole, or straight into ZeRO-3 shards.
+"""Loading a causal LM whole, or straight into ZeRO-3 shards; and the inference side of that choice.
 
 Under ZeRO-3 the model must never exist whole on one rank (a 70B model is 140 GB in bf16). transformers
 loads into `deepspeed.zero.Init` shards, one checkpoint shard at a time, while an HfDeepSpeedConfig of a
 stage-3 config is alive; the returned model is frozen and still to be wrapped by deepspeed.initialize.
+
+The inference commands (attribute, evaluate) share their `--dtype` and `--ds-config` flags and the way
+they load: whole on every rank, or ZeRO-3-sharded over the ranks (`load_for_inference`). A sharded model
+gathers each layer's parameters collectively while it runs, so then every rank must call it the same
+number of times, in the same order (the shapes of the inputs may differ between ranks).
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from loki_dist import dsconfig
+from loki_dist.errors import UserError
+
+log = logging.getLogger("loki_dist.modeling")
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def load_causal_lm(model_dir: str | Path, dtype: torch.dtype, ds_config: dict | None) -> torch.nn.Module:
     """The model with every parameter frozen: whole, or sharded if ds_config is a ZeRO-3 config."""
     from transformers import AutoModelForCausalLM
 
-    from loki_dist.dsconfig import zero_stage
-
     keep_alive = None
-    if zero_stage(ds_config) == 3:
+    if dsconfig.zero_stage(ds_config) == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 - from_pretrained reads it while it lives
@@ -35,3 +48,91 @@ def zero3_share(model: torch.nn.Module) -> tuple[int, int]:
     )
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     return held, total
+
+
+# -------------------------------------------------------------------------------------------- inference
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--dtype` and `--ds-config`, as every inference command spells them."""
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="model dtype (auto: bfloat16 on GPU, float32 on CPU)"
+    )
+    parser.add_argument(
+        "--ds-config",
+        default=None,
+        help="DeepSpeed ZeRO-3 inference config to shard the model (ds_configs/zero3_infer.json)",
+    )
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """A --dtype choice as a torch dtype; `auto` is bfloat16 on GPU and float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
+def read_inference_config(name: str) -> dict:
+    """The --ds-config of an inference command: ZeRO stage 3 and no optimizer, or a UserError."""
+    config = dsconfig.load(name)
+    stage = dsconfig.zero_stage(config)
+    if config is None or stage != 3:
+        raise UserError(f"--ds-config {name}: inference shards with ZeRO stage 3, this has stage {stage}")
+    if "optimizer" in config:
+        raise UserError(f"--ds-config {name}: an inference config must not define an optimizer")
+    return config
+
+
+def fill_inference_config(config: dict, batch_size: int, world_size: int, dtype: torch.dtype) -> dict:
+    """DeepSpeed wants concrete batch sizes and precision even without training; "auto" means ours."""
+    wanted = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": batch_size * world_size,
+        "bf16.enabled": dtype == torch.bfloat16,
+        "fp16.enabled": dtype == torch.float16,
+    }
+    settled = {key: dsconfig.settle(config, key, key, None, value) for key, value in wanted.items()}
+    return dsconfig.fill(config, settled)
+
+
+@dataclass(frozen=True)
+class InferenceModel:
+    """A frozen model in eval mode, on `device`, whole or ZeRO-3-sharded.
+
+    Call `model` itself, also when sharded: ZeRO-3's parameter gathering lives in hooks on the modules
+    (forward and backward), while the engine's own forward arms backward hooks that refuse any backward
+    without an optimizer (engine.backward would step one). `engine` is kept only so that those hooks
+    live as long as the model is used: destroying the engine removes them.
+    """
+
+    model: torch.nn.Module
+    device: torch.device
+    engine: object | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.engine is not None
+
+
+def load_for_inference(
+    model_dir: str | Path, world, dtype: torch.dtype, ds_config: dict | None, batch_size: int
+) -> InferenceModel:
+    """Join the process group and load the model: whole on every rank, or ZeRO-3-sharded if ds_config
+    (a config from read_inference_config) is given; batch_size fills the config's "auto" batch sizes."""
+    from loki_dist.distributed import device_for, init, prepare_deepspeed
+
+    device = device_for(world)
+    if ds_config is None:
+        init(world)
+        return InferenceModel(load_causal_lm(model_dir, dtype, None).to(device).eval(), device)
+    import deepspeed
+
+    prepare_deepspeed(world)
+    config = fill_inference_config(ds_config, batch_size, world.size, dtype)
+    model = load_causal_lm(model_dir, dtype, config).eval()
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    held, total = zero3_share(model)
+    log.info(f"ZeRO-3: rank {world.rank} holds {held:,} of {total:,} parameters")
+    return InferenceModel(model, device, engine)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -49,6 +50,14 @@ def assert_user_error(argv: list[str], capsys, needle: str) -> None:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def zero3_rank0_share(log: str) -> tuple[int, int]:
+    """(parameter elements rank 0 holds, elements of the whole model) from an inference command's log."""
+    found = re.search(r"ZeRO-3: rank 0 holds ([\d,]+) of ([\d,]+) parameters", log)
+    assert found, log[-2000:]
+    held, total = (int(x.replace(",", "")) for x in found.groups())
+    return held, total
 
 
 @pytest.fixture(scope="session")

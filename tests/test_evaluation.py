@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, run_cli, zero3_rank0_share
 from mmlu_fixture import write_mmlu
 
 
@@ -66,14 +66,36 @@ def _direct_perplexity(model_dir, texts, window: int) -> tuple[float, int]:
     return math.fsum(nll), count
 
 
-def test_multiple_choice_equals_direct_and_world_sizes_agree(opinionated_llama, tmp_path):
-    data = write_mmlu(tmp_path / "mmlu", per_subject=7, dev_per_subject=1)
-    common = ["evaluate", "--model", str(opinionated_llama), "--data", str(data), "--shots", "1"]
-    common += ["--batch-size", "3", "--scores-per-subject"]
-    run_cli([*common, "--output", str(tmp_path / "one.json")])
-    run_cli([*common, "--output", str(tmp_path / "two.json")], nproc=2)
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+# 2 ranks with the model whole on each, and 2 ranks with it ZeRO-3-sharded over both. Under ZeRO-3 the
+# ranks hold different numbers of batches in every case here, so the dummy forwards that keep them in step
+# run (with batch shapes that differ between the ranks), and the results must still be the 1-rank ones.
+ZERO3 = ["--ds-config", "ds_configs/zero3_infer.json"]
+TWO_RANKS = {"whole": [], "zero3": ZERO3}  # how the model is held on 2 ranks
 
+
+def _run(args: list[str], output, nproc: int = 1) -> tuple[dict, str]:
+    proc = run_cli([*args, "--output", str(output)], nproc=nproc)
+    return json.loads(output.read_text()), proc.stderr
+
+
+def _assert_sharded_log(log: str) -> None:
+    held, total = zero3_rank0_share(log)
+    assert 0.45 < held / total < 0.55  # each parameter split in two
+
+
+@pytest.fixture(scope="module")
+def mc_one_rank(opinionated_llama, tmp_path_factory):
+    """21 questions (11 and 10 per rank on 2 ranks), and their 1-rank results at batch size 3."""
+    root = tmp_path_factory.mktemp("mc")
+    data = write_mmlu(root / "mmlu", per_subject=7, dev_per_subject=1)
+    args = ["evaluate", "--model", str(opinionated_llama), "--data", str(data), "--shots", "1"]
+    args += ["--scores-per-subject"]
+    one, _ = _run([*args, "--batch-size", "3"], root / "one.json")
+    return root, data, args, one
+
+
+def test_multiple_choice_equals_direct(opinionated_llama, mc_one_rank):
+    _, data, _, one = mc_one_rank
     chosen, questions = _direct_letters(opinionated_llama, data, shots=1)
     assert len(set(chosen)) > 1, "the test model must not answer every question alike"
     assert one["predictions"] == chosen
@@ -84,24 +106,56 @@ def test_multiple_choice_equals_direct_and_world_sizes_agree(opinionated_llama, 
         mine = [c == q.answer for c, q in zip(chosen, questions, strict=True) if q.subject == subject]
         assert (entry["correct"], entry["total"]) == (sum(mine), len(mine))
         assert one["scores"][f"mmlu/{subject}"] == pytest.approx(100 * sum(mine) / len(mine))
-    assert (one.pop("world_size"), two.pop("world_size")) == (1, 2)
-    assert one == two
 
 
-def test_perplexity_equals_direct_and_world_sizes_agree(tiny_llama, tmp_path):
-    texts = ["the quick brown fox jumps over the lazy dog " * (i % 4 + 1) + str(i) for i in range(7)]
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
-    common = ["evaluate", "--model", str(tiny_llama), "--data", str(tmp_path / "docs.jsonl")]
-    common += ["--task", "perplexity", "--text-field", "body", "--max-seq-len", "16", "--batch-size", "3"]
-    run_cli([*common, "--output", str(tmp_path / "one.json"), "--name", "web"])
-    run_cli([*common, "--output", str(tmp_path / "two.json"), "--name", "web"], nproc=2)
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
-    nll, tokens = _direct_perplexity(tiny_llama, texts, 16)
-    assert one["tokens"] == two["tokens"] == tokens
+@pytest.mark.parametrize("mode", TWO_RANKS)
+def test_multiple_choice_two_ranks_agree(mc_one_rank, mode):
+    """Batch size 2 on 2 ranks: 6 batches on rank 0 (11 questions), 5 and a dummy one on rank 1."""
+    root, _, args, one = mc_one_rank
+    two, log = _run([*args, "--batch-size", "2", *TWO_RANKS[mode]], root / f"two-{mode}.json", nproc=2)
+    if mode == "zero3":
+        _assert_sharded_log(log)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert {**two, "world_size": 1} == one
+
+
+TEXTS = ["the quick brown fox jumps over the lazy dog " * (i % 4 + 1) + str(i) for i in range(7)]
+
+
+@pytest.fixture(scope="module")
+def ppl_one_rank(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppl")
+    (root / "docs.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in TEXTS))
+    args = ["evaluate", "--model", str(tiny_llama), "--data", str(root / "docs.jsonl"), "--name", "web"]
+    args += ["--task", "perplexity", "--text-field", "body", "--max-seq-len", "16", "--batch-size", "3"]
+    one, _ = _run(args, root / "one.json")
+    return root, args, one
+
+
+def test_perplexity_equals_direct(tiny_llama, ppl_one_rank):
+    _, _, one = ppl_one_rank
+    nll, tokens = _direct_perplexity(tiny_llama, TEXTS, 16)
+    assert one["tokens"] == tokens
     assert one["nll_sum"] == pytest.approx(nll, rel=1e-6)
-    assert two["nll_sum"] == pytest.approx(one["nll_sum"], rel=1e-6)
     assert one["scores"] == {"web": pytest.approx(math.exp(nll / tokens), rel=1e-6)}
     assert one["lower_is_better"] == ["web"]
+
+
+def test_perplexity_two_ranks_whole_and_zero3_agree(tiny_llama, ppl_one_rank):
+    from transformers import AutoTokenizer
+
+    root, args, one = ppl_one_rank
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    windows = [math.ceil(len(tokenizer(t)["input_ids"]) / 16) for t in TEXTS]
+    assert (sum(windows[:4]), sum(windows[4:])) == (8, 5)  # rank 0: 3 batches of 3, rank 1: 2
+    whole, _ = _run(args, root / "two-whole.json", nproc=2)
+    zero3, log = _run(args + ZERO3, root / "two-zero3.json", nproc=2)
+    _assert_sharded_log(log)
+    assert (whole["tokens"], whole["world_size"]) == (one["tokens"], 2)
+    # 1 and 2 ranks batch (and pad) the windows differently, so the float32 logits may differ in their
+    # last bits: measured 8e-12 relative in nll_sum
+    assert whole["nll_sum"] == pytest.approx(one["nll_sum"], rel=1e-9)
+    assert zero3 == whole  # same batches: the sharded model computes exactly what the whole one does
 
 
 def test_plain_text_file_is_one_document_per_line(tiny_llama, tmp_path):
@@ -124,3 +178,10 @@ def test_evaluate_user_errors(tiny_llama, tmp_path, capsys):
     assert_user_error(argv, capsys, "no string column 'text'")
     argv = ["evaluate", "--model", str(tmp_path / "nope"), "--data", str(data), "--output", "r.json"]
     assert_user_error(argv, capsys, "directory not found")
+    # a --ds-config that is not ZeRO-3 inference: one line, before anything is read or loaded
+    argv = [*base, "--data", str(data), "--ds-config", "zero2"]
+    assert_user_error(argv, capsys, "--ds-config zero2: inference shards with ZeRO stage 3, this has stage 2")
+    (tmp_path / "opt.json").write_text(json.dumps({"zero_optimization": {"stage": 3}, "optimizer": {}}))
+    argv = [*base, "--data", str(data), "--ds-config", str(tmp_path / "opt.json")]
+    assert_user_error(argv, capsys, "must not define an optimizer")
+    assert not (tmp_path / "r.json").exists()
