@@ -78,20 +78,32 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+def _on_wire(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor where the backend can move it: NCCL takes only CUDA tensors, gloo takes CPU ones.
+
+    Callers keep statistics and flags on the CPU (the model may live anywhere), so every collective
+    here goes through this and hands its result back on the caller's device.
+    """
+    if dist.get_backend() == "nccl":
+        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
     return tensor
 
 
-def agree_max(value: int, device: torch.device) -> int:
-    """The largest of every rank's value (the value itself without a process group).
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (and returned), on whatever device `tensor` lives."""
+    if dist.is_initialized():
+        wire = _on_wire(tensor)
+        dist.all_reduce(wire, op=dist.ReduceOp.SUM)
+        if wire is not tensor:
+            tensor.copy_(wire)
+    return tensor
 
-    `device` is where the collective can run: the model's device (NCCL takes no CPU tensors).
-    """
+
+def agree_max(value: int) -> int:
+    """The largest of every rank's value (the value itself without a process group)."""
     if not dist.is_initialized():
         return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    tensor = _on_wire(torch.tensor([value], dtype=torch.int64))
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
 
@@ -99,16 +111,16 @@ def agree_max(value: int, device: torch.device) -> int:
 def all_gather_varlen(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Concatenate 1-D tensors of known, rank-dependent lengths in rank order on every rank.
 
-    The lengths are passed in (every rank can compute them) so that no extra round trip is needed.
+    The lengths are passed in (every rank can compute them) so that no extra round trip is needed. The
+    result lives on `local`'s device.
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return local
-    longest = max(sizes)
-    padded = torch.zeros(longest, dtype=local.dtype, device=local.device)
+    padded = _on_wire(torch.zeros(max(sizes), dtype=local.dtype, device=local.device))
     padded[: local.numel()] = local
     gathered = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(gathered, padded)
-    return torch.cat([chunk[:n] for chunk, n in zip(gathered, sizes, strict=True)])
+    return torch.cat([chunk[:n] for chunk, n in zip(gathered, sizes, strict=True)]).to(local.device)
 
 
 def prepare_deepspeed(world: World) -> None:

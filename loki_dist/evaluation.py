@@ -102,7 +102,7 @@ def _batches(model: Callable, items: Sequence, batch_size: int, lockstep: bool) 
     if lockstep:
         from loki_dist.distributed import agree_max
 
-        count = agree_max(count, device)
+        count = agree_max(count)
     for first in range(0, count * batch_size, batch_size):
         if first < len(items):
             yield items[first : first + batch_size]
@@ -229,14 +229,13 @@ def _my_block(n: int, world) -> range:
     return range(plan.start, plan.stop)
 
 
-def _gather(local: torch.Tensor, n: int, world, device: torch.device) -> torch.Tensor:
-    """Per-sample results of every rank, in data order (gathered on the model's device: NCCL takes no
-    CPU tensors), on the CPU."""
+def _gather(local: torch.Tensor, n: int, world) -> torch.Tensor:
+    """Per-sample results of every rank, in data order, on the CPU."""
     from loki_dist.attribution import Plan
     from loki_dist.distributed import all_gather_varlen
 
     sizes = [len(range(p.start, p.stop)) for p in (Plan.make(n, r, world.size, 1) for r in range(world.size))]
-    return all_gather_varlen(local.to(device).contiguous(), sizes).cpu()
+    return all_gather_varlen(local.contiguous(), sizes).cpu()
 
 
 def multiple_choice_results(questions, predictions: torch.Tensor, name: str, per_subject: bool) -> dict:
@@ -280,7 +279,7 @@ def _multiple_choice_inputs(args, tokenizer) -> Callable:
         ids = [prompts.input_ids[i] for i in mine]
         model = loaded.model
         local = choose_letters(model, ids, letters, _pad_id(model), args.batch_size, loaded.sharded)
-        predictions = _gather(local, len(questions), world, loaded.device)
+        predictions = _gather(local, len(questions), world)
         result = multiple_choice_results(questions, predictions, args.name or "mmlu", args.scores_per_subject)
         return {**result, "shots": args.shots, "chat_template": prompts.chat_template}
 
@@ -299,7 +298,7 @@ def _perplexity_inputs(args, tokenizer) -> Callable:
         nll, count = document_nll(
             model, documents, args.max_seq_len, _pad_id(model), args.batch_size, loaded.sharded
         )
-        nll, count = (_gather(t, len(texts), world, loaded.device) for t in (nll, count))
+        nll, count = (_gather(t, len(texts), world) for t in (nll, count))
         total_nll, tokens = math.fsum(nll.tolist()), int(count.sum())
         if tokens == 0:
             raise UserError(f"--data {args.data}: no document has 2 or more tokens")
