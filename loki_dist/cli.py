@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "demo": (
         "loki_dist.demo",
-        "the whole job offline on a built-in tiny model (attribute, select, train, apply)",
+        "the whole job offline, on SmolLM2-135M when installed or a built-in tiny model",
     ),
 }
 

@@ -150,14 +150,8 @@ def _parse_sample(subject: str, sample: dict) -> Question | None:
     return Question(subject, question, choices, "ABCD".index(answers[-1]))
 
 
-def mmlu_dev_questions(tasks_dir: Path | None = None) -> list[Question] | None:
-    """MMLU's dev-split questions from the installed `lm-eval` files, or None when it is not installed.
-
-    Subjects in alphabetical order, each one's examples in file order. `tasks_dir`: the folder of the
-    `mmlu_<subject>.yaml` files instead of the installed one (tests point it elsewhere). These are the
-    Flan chain-of-thought copies of the dev set: lm-eval 0.4.13 has 282 of MMLU's 285 (three subjects
-    keep 4) and one with a fifth choice, which is skipped, so 281 come back.
-    """
+def _flan_cot_samples(tasks_dir: Path | None) -> list[tuple[str, dict]] | None:
+    """(subject, sample) for every few-shot sample of the flan-CoT MMLU configs; None if there are none."""
     if tasks_dir is None:
         dirs = [d.joinpath(*FLAN_COT_DIR) for d in package_dirs(LM_EVAL_PACKAGE)]
         tasks_dir = next((d for d in dirs if d.is_dir()), None)
@@ -166,22 +160,41 @@ def mmlu_dev_questions(tasks_dir: Path | None = None) -> list[Question] | None:
         return None
     import yaml
 
-    questions, skipped = [], 0
+    samples = []
     for file in files:
         config = yaml.safe_load(file.read_text())
         subject = config.get("dataset_name") or file.stem.removeprefix("mmlu_")
-        for sample in config.get("fewshot_config", {}).get("samples", []):
-            q = _parse_sample(subject, sample)
-            skipped += q is None
-            questions += [q] if q else []
-    if skipped:
-        log.info("%d lm-eval MMLU dev example(s) without exactly 4 choices skipped", skipped)
+        samples += [(subject, sample) for sample in config.get("fewshot_config", {}).get("samples", [])]
+    return samples
+
+
+def mmlu_dev_questions(tasks_dir: Path | None = None) -> list[Question] | None:
+    """MMLU's dev-split questions from the installed `lm-eval` files, or None when it is not installed.
+
+    Subjects in alphabetical order, each one's examples in file order. `tasks_dir`: the folder of the
+    `mmlu_<subject>.yaml` files instead of the installed one (tests point it elsewhere). These are the
+    Flan chain-of-thought copies of the dev set: lm-eval 0.4.13 has 282 of MMLU's 285 (three subjects
+    keep 4) and one with a fifth choice, which is skipped, so 281 come back.
+    """
+    samples = _flan_cot_samples(tasks_dir)
+    if samples is None:
+        return None
+    parsed = [_parse_sample(subject, sample) for subject, sample in samples]
+    questions = [q for q in parsed if q is not None]
+    if len(questions) < len(parsed):
+        log.info(
+            "%d lm-eval MMLU dev example(s) without exactly 4 choices skipped", len(parsed) - len(questions)
+        )
     return questions or None
 
 
-def mmlu_rows(questions: list[Question]) -> list[dict]:
-    """Questions as rows in the MMLU layout that `--data` reads (a JSON list of these is a data file)."""
-    return [
-        {"question": q.question, "subject": q.subject, "choices": list(q.choices), "answer": q.answer}
-        for q in questions
+def mmlu_dev_documents(tasks_dir: Path | None = None) -> list[tuple[str, str]] | None:
+    """(subject, text): each dev question with its worked explanation, as plain English prose the model
+    should keep predicting well (its perplexity moves smoothly where a chance-level accuracy is noise)."""
+    samples = _flan_cot_samples(tasks_dir)
+    if samples is None:
+        return None
+    texts = [
+        (s, f"{sample.get('question', '')}\n{sample.get('target', '')}".strip()) for s, sample in samples
     ]
+    return [(s, t) for s, t in texts if t] or None

@@ -40,7 +40,7 @@ class Encoded:
     def subset(self, keep: list[int]) -> Encoded:
         return Encoded(*([items[i] for i in keep] for items in (self.questions, self.input_ids, self.turns)))
 
-    def accuracy(self, model, letters: list[int], batch_size: int = 64) -> float:
+    def accuracy(self, model, letters: list[int], batch_size: int = 8) -> float:
         was_training = model.training
         model.eval()
         chosen = choose_letters(model, self.input_ids, letters, 0, batch_size)

@@ -121,21 +121,30 @@ def choose_letters(
 ) -> torch.Tensor:
     """Index (0-3) of the most likely answer letter after each prompt; left-padded batches.
 
+    Prompts are batched in order of length (answers come back in the given order): MMLU prompts range
+    from under 100 to over 600 tokens, and padding every batch to its longest cost about 30% (measured).
     lockstep: the model is ZeRO-3-sharded, so every rank must make the same number of calls (_batches).
     """
     from loki_dist.kva import Batch
 
     device = next(model.parameters()).device
     letters = torch.tensor(list(letter_ids), device=device)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     chosen = []
-    for prompt_batch in _batches(model, prompts, batch_size, lockstep):
+    for prompt_batch in _batches(model, [prompts[i] for i in order], batch_size, lockstep):
         batch = Batch.left_pad(prompt_batch, pad_id, device)
-        logits = model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        logits = model(  # only the last position's logits: a [B, T, vocab] tensor can be gigabytes
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            logits_to_keep=1,
         ).logits[:, -1]
         loglik = torch.log_softmax(logits.float(), dim=-1)[:, letters]
         chosen.append(loglik.argmax(dim=-1).cpu())  # argmax returns the first maximum: ties -> earlier
-    return torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
+    answers = torch.zeros(len(prompts), dtype=torch.long)
+    if chosen:
+        answers[order] = torch.cat(chosen)
+    return answers
 
 
 @torch.no_grad()

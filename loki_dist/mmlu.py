@@ -78,6 +78,14 @@ def messages_for(q: Question, shots: list[Question]) -> list[dict[str, str]]:
     return messages
 
 
+def question_rows(questions: list[Question]) -> list[dict]:
+    """Questions as rows in the MMLU layout that `--data` reads (a JSON list of these is a data file)."""
+    return [
+        {"subject": q.subject, "question": q.question, "choices": list(q.choices), "answer": q.answer}
+        for q in questions
+    ]
+
+
 def answered_messages(q: Question) -> list[dict[str, str]]:
     """The 0-shot prompt answered by its letter: one chat example to train on."""
     return [*messages_for(q, []), {"role": "assistant", "content": LETTERS[q.answer]}]

@@ -16,7 +16,7 @@ the real `attribute` stage and `evaluate`'s scoring apply to it unchanged.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from loki_dist.mmlu import Question, prompt_text
 
@@ -40,11 +40,6 @@ class ToyWorld:
     def corpus(self) -> tuple[str, ...]:
         """Every prompt text: what the demo's tokenizer learns its merges from."""
         return tuple(prompt_text(q) for q in (*self.general, *self.task))
-
-    @staticmethod
-    def rows(questions: list[Question]) -> list[dict]:
-        """MMLU-layout rows for a JSON file (what `loki-dist attribute/evaluate --data` reads)."""
-        return [{**asdict(q), "choices": list(q.choices)} for q in questions]
 
 
 def build_world(people: int, seed: int) -> ToyWorld:

