@@ -228,7 +228,8 @@ def _select_rows(args, out: Path, setup: Setup, data: Path) -> tuple[dict[str, l
     files = {"LoKI": out / "positions.json", "random rows": out / "positions_random.json"}
     stages = {
         "attribute": (args.nproc, ["attribute", "--model", setup.base_dir, "--data", data,
-                                   "--output", attribution, "--batch-size", 4]),
+                                   "--output", attribution, "--batch-size", 4,
+                                   "--per-subject", len(json.loads(data.read_text()))]),  # all of them
         "select": (1, ["select", "--attribution", attribution, "--quota", f"{args.quota:g}",
                        "--output", files["LoKI"]]),
         "select random": (1, ["select", "--attribution", attribution, "--quota", f"{args.quota:g}",
