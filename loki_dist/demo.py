@@ -67,7 +67,8 @@ class Setup:
     general: Encoded  # general questions the table scores
     task: Encoded
     letters: list[int]
-    benchmarks: Callable[[torch.nn.Module], dict[str, float]]  # the forgetting score's inputs
+    # The forgetting score's inputs, from a model and its accuracy on `general` (computed once, by _table)
+    benchmarks: Callable[[torch.nn.Module, float], dict[str, float]]
     lower_is_better: frozenset[str] = frozenset()
 
 
@@ -170,7 +171,7 @@ def _toy_setup(args, out: Path) -> tuple[Setup, Path]:
     model.save_pretrained(out / "base", safe_serialization=True)
     tokenizer.save_pretrained(out / "base")
     setup = Setup("toy", out / "base", model, general, task, letters,
-                  lambda m: general.subject_accuracy(m, letters))  # fmt: skip
+                  lambda m, _: general.subject_accuracy(m, letters))  # fmt: skip
     return setup, _write_rows(out / "general.json", world.general)
 
 
@@ -210,10 +211,10 @@ def _smollm2_setup(args, out: Path) -> tuple[Setup, Path]:
     print(f"{len(scored)} general questions scored, {len(attribute_on)} for attribution, {len(prose)} "
           f"explanations for perplexity; {len(task.questions)} task questions", flush=True)  # fmt: skip
 
-    def benchmarks(m: torch.nn.Module) -> dict[str, float]:
+    def benchmarks(m: torch.nn.Module, general_accuracy: float) -> dict[str, float]:
         nll, count = document_nll(m, prose, 1024, 0, 1)  # one at a time: no padding, no [8, T, vocab]
         return {
-            "MMLU dev accuracy": 100 * general.accuracy(m, letters),
+            "MMLU dev accuracy": 100 * general_accuracy,
             "dev explanations perplexity": math.exp(float(nll.sum()) / float(count.sum())),
         }
 
@@ -299,13 +300,15 @@ def _table(setup: Setup, trained: dict[str, Trained]) -> list[dict]:
     """One row per model; "general kept" is its general accuracy as a share of the base model's."""
     from loki_dist.forgetting import Scores, forgetting_score
 
-    base_scores = setup.benchmarks(setup.base)
-    base_general = setup.general.accuracy(setup.base, setup.letters)
-    rows = []
+    def measure(model: torch.nn.Module) -> tuple[float, dict[str, float]]:
+        accuracy = setup.general.accuracy(model, setup.letters)
+        return accuracy, setup.benchmarks(model, accuracy)
+
+    rows, (base_general, base_scores) = [], measure(setup.base)
     bar = tqdm(total=1 + len(trained), desc="score", unit="model", dynamic_ncols=True)
     for label, result in {"base": Trained(setup.base, 0, 0, 0.0, 0.0), **trained}.items():
-        scores = base_scores if result.model is setup.base else setup.benchmarks(result.model)
-        general_accuracy = setup.general.accuracy(result.model, setup.letters)
+        is_base = result.model is setup.base
+        general_accuracy, scores = (base_general, base_scores) if is_base else measure(result.model)
         forgetting = forgetting_score(
             Scores(base_scores, setup.lower_is_better), Scores(scores, setup.lower_is_better), list(scores)
         )
