@@ -63,7 +63,7 @@ def test_demo_on_smollm2_at_reduced_size(tmp_path):
     assert "setup: smollm2" in proc.stdout  # auto picks the real model when it is installed
     assert "LoKI via loki-dist train: weights outside the selected rows that changed: 0" in proc.stdout
     positions = json.loads((out / "positions.json").read_text())
-    assert [len(rows) for rows in positions] == [384] * 30  # 25% of 1536 rows in each of 30 layers
+    assert [len(rows) for rows in positions] == [144] * 30  # 25% of the 576 down_proj rows, 30 layers
     assert len(json.loads((out / "general.json").read_text())) == 3  # one question per subject attributed
     results = json.loads((out / "results.json").read_text())
     assert results["setup"] == "smollm2"
