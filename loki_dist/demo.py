@@ -85,12 +85,16 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: $XDG_CACHE_HOME/loki_dist or ~/.cache/loki_dist)")  # fmt: skip
     p.add_argument("--nproc", type=int, default=min(2, os.cpu_count() or 1), help="ranks of attribute/train")
     p.add_argument("--quota", type=float, default=25.0, help="percent of down_proj rows per layer to train")
-    p.add_argument("--people", type=int, help="invented people: the task asks each one's pet (60 toy, 40)")
+    p.add_argument(
+        "--people",
+        type=int,
+        help="invented people: the task asks each one's pet (default: toy 60, smollm2 40)",
+    )
     p.add_argument("--hidden-size", type=int, default=64, help="toy: model width (4 layers, 4 heads)")
     p.add_argument("--teach-steps", type=int, default=1500, help="toy: step cap for teaching the world")
-    p.add_argument("--task-steps", type=int, help="step cap of each method on the task (300 toy, 40)")
+    p.add_argument("--task-steps", type=int, help="step cap of each method on the task (toy 300, smollm2 40)")
     p.add_argument("--target", type=float, default=0.9, help="task accuracy at which a method stops")
-    p.add_argument("--batch-size", type=int, help="samples per step (32 toy, 8)")
+    p.add_argument("--batch-size", type=int, help="samples per step (default: toy 32, smollm2 8)")
     p.add_argument("--general-per-subject", type=int, default=2, help="smollm2: dev questions scored")
     p.add_argument("--subjects", type=int, default=57, help="smollm2: the first N MMLU subjects (of 57)")
     p.add_argument("--seed", type=int, default=0)
@@ -128,6 +132,10 @@ def _validate(args: argparse.Namespace) -> Path:
         raise UserError(f"--hidden-size {args.hidden_size}: expected a multiple of 4, at least 8")
     if not 0 < args.quota <= 100:
         raise UserError(f"--quota {args.quota:g}: must be in (0, 100]")
+    if args.general_per_subject > 2:  # every subject keeps 3 dev questions or more; one is attributed
+        raise UserError(
+            f"--general-per-subject {args.general_per_subject}: at most 2 (the 3rd is for attribute)"
+        )
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

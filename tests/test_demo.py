@@ -43,6 +43,15 @@ def test_demo_runs_every_method_and_writes_table_and_plot(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
+def test_demo_rejects_bad_input_before_any_work(tmp_path):
+    out = tmp_path / "never"
+    bad = run_cli(
+        ["demo", "--setup", "toy", "--general-per-subject", "3", "--output-dir", str(out)], check=False
+    )
+    assert bad.returncode == 2 and "--general-per-subject 3: at most 2" in bad.stderr
+    assert "Traceback" not in bad.stderr and not out.exists()
+
+
 def test_auto_falls_back_to_toy_and_smollm2_names_the_install_when_missing(monkeypatch):
     from loki_dist import demo, demo_assets
 
