@@ -148,9 +148,9 @@ class Checkpoints:
 
     def save(self, stats, step: int) -> None:
         from loki_dist.distributed import barrier
-        from loki_dist.stats import save_atomic
+        from loki_dist.files import save_tensors
 
-        save_atomic(stats.tensors(), self._path(step), {**self.identity, "step": str(step)})
+        save_tensors(stats.tensors(), self._path(step), {**self.identity, "step": str(step)})
         barrier()  # every rank has `step` now, so older ones can go
         for old in self.steps():
             if old < step:
@@ -311,7 +311,7 @@ def _score_all(args, world, model, projections, prompts, checkpoints, dtype, dev
 def _finish(args, world, spec, stats, prompts, identity, checkpoints, zero3: bool) -> None:
     """Sum the statistics of all ranks, gather the scores in data order, write on rank 0."""
     from loki_dist.distributed import all_gather_varlen, all_reduce_sum, barrier, shutdown
-    from loki_dist.stats import save_atomic
+    from loki_dist.files import save_tensors
 
     tensors = stats.tensors()
     for name, tensor in tensors.items():
@@ -340,7 +340,7 @@ def _finish(args, world, spec, stats, prompts, identity, checkpoints, zero3: boo
             "loki_dist_version": __version__,
         }
         metadata.pop("batch_size")
-        save_atomic(tensors, args.output, metadata)
+        save_tensors(args.output, tensors, metadata)
         _summary(tensors, spec)
     barrier()
     checkpoints.clear()

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from loki_dist import files
 from loki_dist.demo_methods import Encoded, Trained
 from loki_dist.errors import UserError, require_at_least
 from loki_dist.evaluation import letter_token_ids
@@ -145,7 +146,7 @@ def _validate(args: argparse.Namespace) -> Path:
 def _write_rows(path: Path, questions) -> Path:
     from loki_dist.mmlu import question_rows
 
-    path.write_text(json.dumps(question_rows(questions)))
+    files.write_json(path, question_rows(questions), indent=None)
     return path
 
 
@@ -285,7 +286,7 @@ def _implant_with_trainer(args, out: Path, setup: Setup, loki: Trained) -> Train
     from loki_dist.mmlu import answered_messages
 
     chat = [{"messages": answered_messages(q)} for q in setup.task.questions]
-    (out / "task_chat.json").write_text(json.dumps(chat))
+    files.write_json(out / "task_chat.json", chat, indent=None)
     run, merged = out / "implant", out / "merged"
     train = {
         "--model": setup.base_dir, "--positions": out / "positions.json", "--data": out / "task_chat.json",
@@ -384,7 +385,7 @@ def run_demo(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     print(f"setup: {args.setup}, in {out}", flush=True)
     setup, general_data = (_toy_setup if args.setup == "toy" else _smollm2_setup)(args, out)
-    (out / "task.json").write_text(json.dumps(question_rows(setup.task.questions)))
+    files.write_json(out / "task.json", question_rows(setup.task.questions), indent=None)
     positions, stage_times = _select_rows(args, out, setup, general_data)
     print("\n=== implant the new task (every person's pet) four ways", flush=True)
     trained = _methods(args, setup, positions)
@@ -404,7 +405,7 @@ def run_demo(args: argparse.Namespace) -> None:
     result = {"setup": args.setup, "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
               "learning_rates": LEARNING_RATES[args.setup], "stage_seconds": stage_times, "rows": rows,
               "total_seconds": time.perf_counter() - started}  # fmt: skip
-    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    files.write_json(out / "results.json", result)
     plotted = plot_trade_off(rows, out / "trade_off.png", args.setup)
     print(f"table: {out / 'results.json'}" + (f", plot: {out / 'trade_off.png'}" if plotted else ""))
     print(f"total wall time: {result['total_seconds']:.0f} s")

@@ -20,9 +20,9 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
+from loki_dist import files
 from loki_dist.mmlu import Question
 
 log = logging.getLogger(__name__)
@@ -105,14 +105,16 @@ def convert_smollm2(cache_dir: str | Path, search: list[Path] | None = None) -> 
     plain.generation_config = quantized.generation_config
     expected = {k: v.clone() for k, v in plain.state_dict().items()}
     del quantized
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIR}.", dir=cache_dir))
+    files.remove_stale_temporaries(cache_dir)
+    tmp = files.temporary_name(target)
     try:
-        tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+        tmp.mkdir(mode=0o755)
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _check_hf_dir(tmp, expected)
+        files.fsync_tree(tmp)
         try:
-            os.rename(tmp, target)
+            os.rename(tmp, target)  # not publish(): a directory another process just made stays
         except OSError:
             if not (target / "config.json").is_file():  # not a lost race: a real failure
                 raise

@@ -26,7 +26,6 @@ subject; perplexity under --name (default `perplexity`), listed in `lower_is_bet
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from loki_dist import files
 from loki_dist.errors import UserError, require_at_least
 from loki_dist.modeling import add_inference_arguments, read_inference_config
 
@@ -350,7 +350,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     if world.is_main:
         output = Path(args.output)
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=1) + "\n")
+        files.write_json(output, result)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in result["scores"].items() if "/" not in k)
         log.info(f"{args.task}: {shown} -> {output}")
     shutdown()

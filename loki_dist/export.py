@@ -11,15 +11,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
 
-from loki_dist import __version__
+from loki_dist import __version__, files
 from loki_dist.adapters import ModelSpec, spec_from_dir
 from loki_dist.errors import UserError
 
@@ -78,8 +76,6 @@ def save_implant(
     positions: list[list[int]],
 ) -> None:
     """Write rows[l] (int64 [k]) and weights[l] ([k, F], base dtype) for every trained layer."""
-    from safetensors.torch import save_file
-
     tensors = {}
     for layer in sorted(rows):
         tensors[f"layers.{layer}.rows"] = rows[layer].to(torch.int64).contiguous()
@@ -95,7 +91,7 @@ def save_implant(
         "positions": json.dumps(positions),
         "loki_dist_version": __version__,
     }
-    _atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    files.save_tensors(path, tensors, metadata)
 
 
 def load_implant(path: str | Path) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[str, str]]:
@@ -138,19 +134,6 @@ def check_implant_fits(metadata: dict[str, str], spec: ModelSpec, base_print: st
 # ------------------------------------------------------------------------------------------- merging
 
 
-def _atomic(target: Path, write) -> None:
-    """Write a file or directory next to its target, then rename: readers never see half of it."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.")) / target.name
-    try:
-        write(tmp)
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
-
-
 def merge_into_base(base_dir: str | Path, implant_path: str | Path, out_dir: str | Path) -> None:
     """out_dir := base model with the implant's rows written into its down_proj weights, shard by shard."""
     from safetensors import safe_open
@@ -183,7 +166,7 @@ def merge_into_base(base_dir: str | Path, implant_path: str | Path, out_dir: str
             raise UserError(f"--base {base_dir}: no down_proj weight found for layers {sorted(pending)}")
         shutil.copy2(implant_path, tmp / IMPLANT_NAME)
 
-    _atomic(out_dir, write)
+    files.atomic_write(out_dir, write)
 
 
 def refuse_existing(out_dir: Path, overwrite: bool, flag: str = "--output") -> None:

@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from loki_dist import files
 from loki_dist.errors import UserError
 
 
@@ -130,4 +131,4 @@ def run_forgetting(args: argparse.Namespace) -> None:
     print(format_table(table))
     print("Avg = 100/N * sum (S_base - S_tuned) / S_base over the N benchmarks (higher = more forgetting)")
     if args.output:
-        Path(args.output).write_text(json.dumps(table, indent=1) + "\n")
+        files.write_json(args.output, table)

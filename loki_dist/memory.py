@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
+from loki_dist import files
 from loki_dist.adapters import spec_from_config
 from loki_dist.errors import UserError
 from loki_dist.selection import parse_quota
@@ -493,4 +494,4 @@ def run_estimate_memory(args: argparse.Namespace) -> None:
             "setup": asdict(setup),
             "bytes_per_gpu": {m: {**asdict(e), "total": e.total} for m, e in result.items()},
         }
-        Path(args.json).write_text(json.dumps(numbers, indent=2) + "\n")
+        files.write_json(args.json, numbers, indent=2)

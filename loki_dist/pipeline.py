@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from loki_dist import files
 from loki_dist.errors import UserError
 
 STAGES = ("attribute", "select", "train")
@@ -299,7 +300,7 @@ def run_pipeline(args: argparse.Namespace) -> None:
                 argv.append("--overwrite")
             else:
                 stage.output.unlink()
-        stage.record.write_text(json.dumps({"inputs": inputs, "complete": False}, indent=2))
+        files.write_json(stage.record, {"inputs": inputs, "complete": False}, indent=2)
         try:
             if stage.distributed:
                 run_stage(stage.name, argv, stage.nproc, launcher)
@@ -308,5 +309,5 @@ def run_pipeline(args: argparse.Namespace) -> None:
         except StageStopped as stop:
             print(f"pipeline: {stop}; rerun the same command to continue", file=sys.stderr, flush=True)
             sys.exit(REQUEUE_EXIT_CODE)
-        stage.record.write_text(json.dumps({"inputs": inputs, "complete": True}, indent=2))
+        files.write_json(stage.record, {"inputs": inputs, "complete": True}, indent=2)
     print(f"\npipeline done: {stages[-1].output}", flush=True)

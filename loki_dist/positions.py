@@ -7,12 +7,11 @@ list of L lists of row indices. loki_dist writes each list sorted ascending and 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from loki_dist import files
 from loki_dist.adapters import ModelSpec
 from loki_dist.errors import UserError
 
@@ -57,13 +56,8 @@ def load(path: str | Path, spec: ModelSpec) -> Positions:
 
 def save(positions: Positions, path: str | Path) -> None:
     """Write atomically (a reader never sees half a file), each layer sorted ascending."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps([sorted(int(r) for r in rows) for rows in positions])
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text + "\n")
-    os.replace(tmp, path)
+    files.write_text(path, text + "\n")
 
 
 def row_mask(rows: list[int], hidden_size: int, device: torch.device | str = "cpu") -> torch.Tensor:

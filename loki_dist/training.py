@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from loki_dist import checkpoint, distributed, dsconfig, positions, rowsplit, rowstate
+from loki_dist import checkpoint, distributed, dsconfig, files, positions, rowsplit, rowstate
 from loki_dist.adapters import ModelSpec, down_proj_slots, spec_from_dir
 from loki_dist.data import Example, collate, load_examples, num_targets
 from loki_dist.errors import UserError
@@ -533,7 +533,7 @@ def _train(plan: Plan) -> bool:
             "start_step": start,
             "probe_samples": global_batch_indices(0, plan),
         }
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        files.write_json(out / "train_summary.json", summary, indent=2)
         print(f"done: {out / FINAL_DIR} (probe loss {probe:.6f})", flush=True)
         if writer is not None:
             writer.close()
