@@ -14,6 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from loki_dist import metering
+
 
 @dataclass(frozen=True)
 class World:
@@ -66,7 +68,11 @@ def init(world: World, always: bool = False, timeout_minutes: int = 30) -> None:
 
 
 def shutdown(wait_for_peers: bool = True) -> None:
-    """Leave the process group cleanly: without the barrier a rank sometimes aborts at exit."""
+    """Leave the process group cleanly: without the barrier a rank sometimes aborts at exit.
+
+    Also where each rank writes its metering report (metering.py), with or without a process group.
+    """
+    metering.dump(dist.get_rank() if dist.is_initialized() else world_from_env().rank)
     if dist.is_initialized():
         if wait_for_peers:
             dist.barrier()
@@ -94,6 +100,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         wire = _on_wire(tensor)
         dist.all_reduce(wire, op=dist.ReduceOp.SUM)
+        metering.count("received", _nbytes(tensor))
         if wire is not tensor:
             tensor.copy_(wire)
     return tensor
@@ -120,7 +127,12 @@ def all_gather_varlen(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     padded[: local.numel()] = local
     gathered = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(gathered, padded)
+    metering.count("received", sum(sizes) * local.element_size())
     return torch.cat([chunk[:n] for chunk, n in zip(gathered, sizes, strict=True)]).to(local.device)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def prepare_deepspeed(world: World) -> None:
