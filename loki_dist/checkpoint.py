@@ -1,19 +1,24 @@
-"""Row-level training checkpoints.
+"""Row-level training checkpoints, written and read in shards so that no rank holds more than its share.
 
 Only the selected rows ever change, so a checkpoint holds only them: their fp32 master values and Adam
-moments ([k, F] per layer, in row order), the step (from which the data position and the learning rate
-follow), and each rank's RNG state. The frozen 99% of the model is re-read from the base on resume, so it
-cannot be lost or re-initialised, a checkpoint of a 70B run is a few GB instead of hundreds, and because
-rows are stored whole (not as ZeRO partitions) a run can resume on a different number of ranks.
+moments, the step (from which the data position and the learning rate follow), and each rank's RNG
+state. The frozen 99% of the model is re-read from the base on resume, so it cannot be lost or
+re-initialised, and a checkpoint of a 70B run is a few GB instead of hundreds.
 
-Layout of OUT/checkpoint-<step>/: rows.safetensors, trainer_state.json, rng_state_<rank>.pt. A checkpoint
-is written under a temporary name and renamed when complete, so a killed run never leaves half of one.
+Each rank writes the part of the rows it owns (see rowstate.py: a contiguous range of each layer's
+selected elements in flat order) to its own shard, so saving moves nothing between ranks; rank 0 then
+writes a small index saying which shard holds which range. A resume, on any number of ranks, reads only
+the ranges its own slices need (safetensors slices), so reading is spread over the ranks too.
+
+Layout of OUT/checkpoint-<step>/: rows-<r>-of-<W>.safetensors (tensors layers.<l>.<quantity>, flat),
+rows_index.json, trainer_state.json, rng_state_<rank>.pt. The directory is filled under a staging name
+and renamed when complete, so a checkpoint is either whole or absent. Checkpoints of loki_dist 0.1 (one
+rows.safetensors holding [k, F] tensors and layers.<l>.rows) are read as one shard covering everything.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from collections.abc import Callable
@@ -21,14 +26,19 @@ from pathlib import Path
 
 import torch
 
-from loki_dist import distributed, export
-from loki_dist.adapters import spec_from_dir
+from loki_dist import distributed, export, files, metering
 from loki_dist.errors import UserError
 from loki_dist.rowstate import ADAM_STATE_KEYS, RowState
 
-ROWS_FILE = "rows.safetensors"
 STATE_FILE = "trainer_state.json"
+INDEX_FILE = "rows_index.json"
+LEGACY_ROWS_FILE = "rows.safetensors"
+INDEX_FORMAT = "loki_dist.rows/2"
 QUANTITIES = ("master", *ADAM_STATE_KEYS)
+
+
+def shard_name(rank: int, world_size: int) -> str:
+    return f"rows-{rank:05d}-of-{world_size:05d}.safetensors"
 
 
 def step_of(path: Path) -> int:
@@ -41,53 +51,163 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     return sorted((p for p in found if (p / STATE_FILE).is_file()), key=step_of)
 
 
+# ------------------------------------------------------------------------------------------------ save
+
+
 def save(out_dir: Path, step: int, states: list[RowState], trainer_state: dict, world, keep: int) -> Path:
-    """Collective: every rank contributes its rows and RNG state; rank 0 writes and renames."""
+    """Collective: every rank writes its own rows and RNG state; rank 0 indexes, renames and prunes."""
     from safetensors.torch import save_file
 
     final = out_dir / f"checkpoint-{step}"
-    staging = out_dir / f".checkpoint-{step}.partial"
-    tensors = {}
-    for state in states:
-        k = state.rows.numel()
-        tensors[f"layers.{state.layer}.rows"] = state.rows
-        for what in QUANTITIES:
-            tensors[f"layers.{state.layer}.{what}"] = state.gather(what).view(k, -1).float().cpu()
-    if world.is_main:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    distributed.barrier()
-    torch.save(_rng_state(), staging / f"rng_state_{world.rank}.pt")
-    if world.is_main:
-        save_file(tensors, str(staging / ROWS_FILE))
-        (staging / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-    distributed.barrier()
-    if world.is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier()
+    staging = files.staging_path(final)
+    with metering.phase("checkpoint_save"):
+        if world.is_main:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
+            staging.mkdir(parents=True)
+        distributed.barrier()
+        tensors, ranges = {}, {}
+        for state in states:
+            begin, end = state.selected_range()
+            if end == begin or not (state.owns_slice or world.is_main):
+                continue
+            ranges[str(state.layer)] = [begin, end]
+            for what in QUANTITIES:
+                tensors[f"layers.{state.layer}.{what}"] = state.take(what).float().cpu()
+        shard = staging / shard_name(world.rank, world.size)
+        save_file(tensors, str(shard), metadata={"ranges": json.dumps(ranges)})
+        del tensors
+        torch.save(_rng_state(), staging / f"rng_state_{world.rank}.pt")
+        files.fsync_tree(shard)
+        distributed.barrier()
+        if world.is_main:
+            (staging / INDEX_FILE).write_text(json.dumps(_index(staging, states, world.size)))
+            (staging / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+            files.publish(staging, final)
+            for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
     return final
 
 
+def _index(staging: Path, states: list[RowState], world_size: int) -> dict:
+    """Which shard holds which range of each layer, from the shards' own headers; checks they tile."""
+    from safetensors import safe_open
+
+    shards = {}
+    for rank in range(world_size):
+        name = shard_name(rank, world_size)
+        with safe_open(str(staging / name), framework="pt") as handle:
+            shards[name] = json.loads(handle.metadata()["ranges"])
+    layers = {str(s.layer): {"rows": s.rows.tolist(), "length": s.num_selected} for s in states}
+    for layer, entry in layers.items():
+        pieces = sorted(r[layer] for r in shards.values() if layer in r)
+        covered = 0
+        for begin, end in pieces:
+            if begin != covered:
+                raise RuntimeError(f"checkpoint shards of layer {layer} leave a gap or overlap at {covered}")
+            covered = end
+        if covered != entry["length"]:
+            raise RuntimeError(f"checkpoint shards of layer {layer} cover {covered} of {entry['length']}")
+    return {"format": INDEX_FORMAT, "layers": layers, "shards": shards}
+
+
+# ------------------------------------------------------------------------------------------------ read
+
+
+class RowsReader:
+    """Ranges of each layer's selected sequence, read from whichever shards hold them (nothing else)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if (path / INDEX_FILE).is_file():
+            index = json.loads((path / INDEX_FILE).read_text())
+            if index.get("format") != INDEX_FORMAT:
+                raise UserError(f"{path}: rows index format {index.get('format')!r}, expected {INDEX_FORMAT}")
+            self.rows = {int(k): v["rows"] for k, v in index["layers"].items()}
+            self.lengths = {int(k): v["length"] for k, v in index["layers"].items()}
+            self.shards = {
+                name: {int(k): r for k, r in ranges.items()} for name, ranges in index["shards"].items()
+            }
+        elif (path / LEGACY_ROWS_FILE).is_file():
+            self.rows, self.shards = self._legacy_layout(path / LEGACY_ROWS_FILE)
+            self.lengths = {layer: r[1] for layer, r in self.shards[LEGACY_ROWS_FILE].items()}
+        else:
+            raise UserError(f"{path}: not a loki_dist checkpoint (no {INDEX_FILE} or {LEGACY_ROWS_FILE})")
+        self._handles: dict[str, object] = {}
+
+    @staticmethod
+    def _legacy_layout(file: Path) -> tuple[dict[int, list[int]], dict[str, dict[int, list[int]]]]:
+        from safetensors import safe_open
+
+        rows, ranges = {}, {}
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                _, layer, what = name.split(".")
+                if what == "rows":
+                    rows[int(layer)] = handle.get_tensor(name).tolist()
+                elif what == "master":
+                    k, row_len = handle.get_slice(name).get_shape()
+                    ranges[int(layer)] = [0, k * row_len]
+        return rows, {file.name: ranges}
+
+    def _handle(self, name: str):
+        from safetensors import safe_open
+
+        if name not in self._handles:
+            try:
+                self._handles[name] = safe_open(str(self.path / name), framework="pt")
+            except Exception as err:  # safetensors raises several types for missing or damaged files
+                raise UserError(f"{self.path / name}: unreadable checkpoint shard ({err})") from None
+        return self._handles[name]
+
+    def read(self, layer: int, what: str, begin: int, end: int) -> torch.Tensor:
+        """Elements [begin, end) of `what` over layer's selected sequence, as a flat fp32 tensor."""
+        out = torch.empty(end - begin, dtype=torch.float32)
+        filled = 0
+        for name, ranges in self.shards.items():
+            if layer not in ranges:
+                continue
+            lo, hi = max(begin, ranges[layer][0]), min(end, ranges[layer][1])
+            if lo >= hi:
+                continue
+            piece = self._slice(self._handle(name), f"layers.{layer}.{what}", lo - ranges[layer][0], hi - lo)
+            out[lo - begin : hi - begin] = piece
+            filled += hi - lo
+        if filled != end - begin:
+            raise UserError(f"{self.path}: layer {layer} lacks elements {begin}..{end} of {what}")
+        metering.count("read", out.numel() * out.element_size())
+        return out
+
+    @staticmethod
+    def _slice(handle, name: str, offset: int, count: int) -> torch.Tensor:
+        """count elements from flat offset of a stored tensor: 1-D (shards) or [k, F] (legacy)."""
+        view = handle.get_slice(name)
+        shape = view.get_shape()
+        if len(shape) == 1:
+            return view[offset : offset + count].float()
+        row_len = shape[1]
+        first, last = offset // row_len, (offset + count - 1) // row_len + 1
+        rows = view[first:last].float().reshape(-1)
+        start = offset - first * row_len
+        return rows[start : start + count]
+
+
 def load(path: Path, states: list[RowState], prepare_optimizer: Callable[[int], None], rank: int) -> dict:
-    """Write a checkpoint's rows into this rank's parts; returns its trainer state (step included).
+    """Write a checkpoint's rows into this rank's slices; returns its trainer state (step included).
 
     `prepare_optimizer(step)` must create the optimizer state the rows are written into.
     """
-    from safetensors.torch import load_file
-
     trainer_state = json.loads((path / STATE_FILE).read_text())
-    prepare_optimizer(trainer_state["step"])
-    tensors = load_file(str(path / ROWS_FILE))
+    reader = RowsReader(path)
     for state in states:
-        saved_rows = tensors[f"layers.{state.layer}.rows"]
-        if not torch.equal(saved_rows, state.rows):
+        if reader.rows.get(state.layer) != state.rows.tolist():
             raise UserError(f"{path}: layer {state.layer} was trained on other rows than --positions gives")
-        for what in QUANTITIES:
-            state.scatter(what, tensors[f"layers.{state.layer}.{what}"].view(-1))
-        state.scatter("model", tensors[f"layers.{state.layer}.master"].view(-1))
+    prepare_optimizer(trainer_state["step"])
+    with metering.phase("resume"):
+        for state in states:
+            for what in QUANTITIES:
+                state.put(what, reader.read(state.layer, what, *state.selected_range(what)))
+            state.put("model", reader.read(state.layer, "master", *state.selected_range("model")))
     rng_file = path / f"rng_state_{rank}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
@@ -108,40 +228,28 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def write_implant(rows_file: Path, implant_path: Path, base_dir: Path, base_print: str) -> None:
-    """The implant of a rows file: trained rows cast to the base model's down_proj dtype."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    spec = spec_from_dir(base_dir)
-    tensors = load_file(str(rows_file))
-    rows = {int(n.split(".")[1]): t for n, t in tensors.items() if n.endswith(".rows")}
-    shard_of = _shard_index(base_dir)
-    weights = {}
-    for layer in rows:
-        name = spec.down_proj_name(layer)
-        with safe_open(str(shard_of[name]), framework="pt") as handle:
-            dtype = handle.get_slice(name).get_dtype()
-        weights[layer] = tensors[f"layers.{layer}.master"].to(_DTYPES[dtype])
-    positions = [rows[layer].tolist() if layer in rows else [] for layer in range(spec.num_layers)]
-    export.save_implant(implant_path, rows, weights, spec, base_print, positions)
+# ---------------------------------------------------------------------------------------------- export
 
 
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+class CheckpointRows(export.RowSource):
+    """A checkpoint's trained rows, one layer at a time, cast to the base model's dtype."""
+
+    def __init__(self, path: Path):
+        self.reader = RowsReader(path)
+
+    def layers(self) -> list[int]:
+        return sorted(self.reader.rows)
+
+    def rows(self, layer: int) -> torch.Tensor:
+        return torch.tensor(self.reader.rows[layer], dtype=torch.int64)
+
+    def weight(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
+        k = len(self.reader.rows[layer])
+        return self.reader.read(layer, "master", 0, self.reader.lengths[layer]).view(k, -1).to(dtype)
 
 
-def _shard_index(base_dir: Path) -> dict[str, Path]:
-    from safetensors import safe_open
-
-    index = {}
-    for shard in export.weight_shards(base_dir):
-        with safe_open(str(shard), framework="pt") as handle:
-            index.update({name: shard for name in handle.keys()})  # noqa: SIM118
-    return index
-
-
-def export_checkpoint(checkpoint_dir: Path, out_dir: Path, base_dir: str | Path | None = None) -> None:
-    """A checkpoint -> a standard Hugging Face directory with implant.safetensors (see export.py)."""
+def export_checkpoint(checkpoint_dir: Path, out_dir: Path, world, base_dir: str | Path | None = None) -> None:
+    """Collective: a checkpoint -> a standard Hugging Face directory with implant.safetensors (export.py)."""
     if not (checkpoint_dir / STATE_FILE).is_file():
         raise UserError(f"--checkpoint {checkpoint_dir}: not a complete loki_dist checkpoint")
     trainer_state = json.loads((checkpoint_dir / STATE_FILE).read_text())
@@ -149,9 +257,4 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path, base_dir: str | Path 
     base_print = export.fingerprint(base)
     if base_print != trainer_state["base_fingerprint"]:
         raise UserError(f"--base {base}: fingerprint {base_print} is not the run's base model's")
-    implant_path = out_dir.parent / f".{out_dir.name}.{export.IMPLANT_NAME}"
-    try:
-        write_implant(checkpoint_dir / ROWS_FILE, implant_path, base, base_print)
-        export.merge_into_base(base, implant_path, out_dir)
-    finally:
-        implant_path.unlink(missing_ok=True)
+    export.export_model(base, CheckpointRows(checkpoint_dir), out_dir, world, base_print)

@@ -115,6 +115,11 @@ def agree_max(value: int) -> int:
     return int(tensor.item())
 
 
+def all_true(flag: bool) -> bool:
+    """Whether every rank's flag is true: how ranks agree that a shared piece of work succeeded."""
+    return agree_max(0 if flag else 1) == 0
+
+
 def all_gather_varlen(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Concatenate 1-D tensors of known, rank-dependent lengths in rank order on every rank.
 

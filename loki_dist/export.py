@@ -13,16 +13,20 @@ import hashlib
 import json
 import shutil
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from loki_dist import __version__, files
+from loki_dist import __version__, files, metering
 from loki_dist.adapters import ModelSpec, spec_from_dir
 from loki_dist.errors import UserError
 
 IMPLANT_NAME = "implant.safetensors"
 IMPLANT_FORMAT = "loki_dist.implant/1"
+# shard metadata key of an exported model: a digest of the rows written into that shard
+IMPLANTED_KEY = "loki_dist_implant"
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures"}
 
 
@@ -64,23 +68,61 @@ def weight_shards(model_dir: str | Path) -> list[Path]:
     return shards
 
 
-# --------------------------------------------------------------------------------------- implant files
+# ----------------------------------------------------------------------------------------- row sources
 
 
-def save_implant(
-    path: str | Path,
-    rows: dict[int, torch.Tensor],
-    weights: dict[int, torch.Tensor],
-    spec: ModelSpec,
-    base_fingerprint: str,
-    positions: list[list[int]],
-) -> None:
-    """Write rows[l] (int64 [k]) and weights[l] ([k, F], base dtype) for every trained layer."""
-    tensors = {}
-    for layer in sorted(rows):
-        tensors[f"layers.{layer}.rows"] = rows[layer].to(torch.int64).contiguous()
-        tensors[f"layers.{layer}.weight"] = weights[layer].contiguous()
-    metadata = {
+class RowSource:
+    """Trained rows by layer, wherever they are kept: an implant file or a training checkpoint.
+
+    An export asks for one layer at a time, so a source never needs to hold all rows at once.
+    """
+
+    def layers(self) -> list[int]:
+        raise NotImplementedError
+
+    def rows(self, layer: int) -> torch.Tensor:
+        """The down_proj rows trained in `layer`, int64 [k]."""
+        raise NotImplementedError
+
+    def weight(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
+        """Their trained values, [k, F] in `dtype`."""
+        raise NotImplementedError
+
+
+class ImplantRows(RowSource):
+    """An implant file, read one layer at a time."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"--implant {self.path}: file not found")
+        try:
+            self.handle = safe_open(str(self.path), framework="pt")
+            self.metadata = self.handle.metadata() or {}
+            names = list(self.handle.keys())
+        except Exception as err:  # safetensors raises several types for truncated/corrupted files
+            raise UserError(f"--implant {self.path}: not a readable safetensors file ({err})") from None
+        if self.metadata.get("format") != IMPLANT_FORMAT:
+            raise UserError(
+                f"--implant {self.path}: not a loki_dist implant file "
+                f"(format {self.metadata.get('format')!r})"
+            )
+        self._layers = sorted({int(name.split(".")[1]) for name in names})
+
+    def layers(self) -> list[int]:
+        return self._layers
+
+    def rows(self, layer: int) -> torch.Tensor:
+        return self.handle.get_tensor(f"layers.{layer}.rows")
+
+    def weight(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.handle.get_tensor(f"layers.{layer}.weight").to(dtype)
+
+
+def implant_metadata(spec: ModelSpec, base_fingerprint: str, positions: list[list[int]]) -> dict[str, str]:
+    return {
         "format": IMPLANT_FORMAT,
         "base_fingerprint": base_fingerprint,
         "model_type": spec.model_type,
@@ -91,26 +133,27 @@ def save_implant(
         "positions": json.dumps(positions),
         "loki_dist_version": __version__,
     }
-    files.save_tensors(path, tensors, metadata)
 
 
-def load_implant(path: str | Path) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+def write_implant(
+    path: Path, source: RowSource, spec: ModelSpec, dtypes: dict[int, torch.dtype], base_print: str
+):
+    """The implant file of `source`: per trained layer its rows (int64 [k]) and weight ([k, F], the base
+    model's dtype), streamed one layer at a time."""
+    layers = source.layers()
+    rows = {layer: source.rows(layer) for layer in layers}
+    positions = [rows[layer].tolist() if layer in rows else [] for layer in range(spec.num_layers)]
+    specs = []
+    for layer in layers:
+        specs.append((f"layers.{layer}.rows", torch.int64, (len(rows[layer]),)))
+        specs.append((f"layers.{layer}.weight", dtypes[layer], (len(rows[layer]), spec.intermediate_size)))
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--implant {path}: file not found")
-    rows, weights = {}, {}
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        if metadata.get("format") != IMPLANT_FORMAT:
-            raise UserError(
-                f"--implant {path}: not a loki_dist implant file (format {metadata.get('format')!r})"
-            )
-        for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-            _, layer, kind = name.split(".")
-            (rows if kind == "rows" else weights)[int(layer)] = handle.get_tensor(name)
-    return rows, weights, metadata
+    def fill(stream: files.TensorStream) -> None:
+        for layer in layers:
+            stream.write(f"layers.{layer}.rows", rows[layer])
+            stream.write(f"layers.{layer}.weight", source.weight(layer, dtypes[layer]))
+
+    files.stream_tensors(path, specs, fill, implant_metadata(spec, base_print, positions))
 
 
 def check_implant_fits(metadata: dict[str, str], spec: ModelSpec, base_print: str, base_dir) -> None:
@@ -131,42 +174,158 @@ def check_implant_fits(metadata: dict[str, str], spec: ModelSpec, base_print: st
         )
 
 
-# ------------------------------------------------------------------------------------------- merging
+# ------------------------------------------------------------------------------------------- exporting
 
 
-def merge_into_base(base_dir: str | Path, implant_path: str | Path, out_dir: str | Path) -> None:
-    """out_dir := base model with the implant's rows written into its down_proj weights, shard by shard."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+@dataclass
+class BaseShards:
+    """The base model's weight shards, from their headers alone: which holds each down_proj, and dtypes."""
 
-    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    paths: list[Path]
+    down_proj: dict[int, Path]  # layer -> shard holding its down_proj weight
+    dtypes: dict[int, torch.dtype]  # layer -> its down_proj dtype
+    implanted: str | None  # a shard already carrying an implant (the base is itself an export)
+
+    @classmethod
+    def read(cls, base_dir: Path, spec: ModelSpec) -> BaseShards:
+        paths, down_proj, dtypes, implanted = weight_shards(base_dir), {}, {}, None
+        for shard in paths:
+            header = json.loads(_safetensors_header(shard)[1])
+            if IMPLANTED_KEY in (header.get("__metadata__") or {}):
+                implanted = implanted or shard.name
+            for name, entry in header.items():
+                layer = spec.layer_of(name) if name != "__metadata__" else None
+                if layer is not None:
+                    down_proj[layer], dtypes[layer] = shard, _DTYPES[entry["dtype"]]
+        return cls(paths, down_proj, dtypes, implanted)
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _assign(sizes: list[int], world_size: int) -> list[int]:
+    """Rank of each job, largest first onto the least loaded rank: the slowest rank's extra work is at
+    most one job, so nobody waits in the closing collective for longer than one shard takes."""
+    load, owner = [0] * world_size, [0] * len(sizes)
+    for job in sorted(range(len(sizes)), key=lambda j: (-sizes[j], j)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner[job], load[rank] = rank, load[rank] + sizes[job]
+    return owner
+
+
+def _rewrite_shard(shard: Path, target: Path, layers: list[int], source: RowSource, spec: ModelSpec) -> None:
+    """`shard` with the trained rows of `layers` written in, holding one tensor at a time.
+
+    The header keeps the base's tensor layout byte for byte and adds, in its metadata, a digest of the
+    rows written (so an export never fingerprints as its base). The digest's length is fixed: it is
+    written as zeros first and filled in once the data is through.
+    """
+    if not layers:
+        shutil.copyfile(shard, target)
+        files.fsync_tree(target)
+        return
+    data_start, raw = _safetensors_header(shard)
+    header = json.loads(raw)
+    metadata = dict(header.pop("__metadata__", None) or {})
+    trained = {spec.down_proj_name(layer): layer for layer in layers}
+
+    def encoded(digest: str) -> bytes:
+        head = {"__metadata__": dict(sorted({**metadata, IMPLANTED_KEY: digest}.items())), **header}
+        text = json.dumps(head, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        return len(text).to_bytes(8, "little") + text
+
+    digest = hashlib.sha256()
+    with shard.open("rb") as src, target.open("wb") as dst:
+        dst.write(encoded("0" * 32))
+        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = entry["data_offsets"]
+            src.seek(data_start + begin)
+            if name not in trained:
+                _copy_bytes(src, dst, end - begin)
+                continue
+            buffer = bytearray(end - begin)
+            if src.readinto(buffer) != len(buffer):
+                raise UserError(f"{shard}: the file is shorter than its header says (truncated?)")
+            weight = torch.frombuffer(buffer, dtype=_DTYPES[entry["dtype"]])
+            weight = weight.view(entry["shape"])
+            rows = source.rows(trained[name])
+            weight[rows] = source.weight(trained[name], weight.dtype)
+            digest.update(str(trained[name]).encode() + rows.numpy().tobytes())
+            digest.update(weight[rows].view(torch.uint8).numpy().tobytes())
+            dst.write(weight.view(-1).view(torch.uint8).numpy().tobytes())
+        dst.seek(0)
+        dst.write(encoded(digest.hexdigest()[:32]))
+    files.fsync_tree(target)  # each writer flushes its own files: they may live on another node
+
+
+def _copy_bytes(src, dst, count: int, chunk: int = 64 << 20) -> None:
+    while count > 0:
+        data = src.read(min(chunk, count))
+        if not data:
+            raise UserError(f"{src.name}: the file is shorter than its header says (truncated?)")
+        dst.write(data)
+        count -= len(data)
+
+
+def export_model(
+    base_dir: Path, source: RowSource, out_dir: Path, world, base_print: str, implant: Path | None = None
+) -> None:
+    """Collective: out_dir := the base model with `source`'s rows written in, plus its implant file.
+
+    The ranks split the work: each rewrites its share of the base's shards (untouched ones are copied
+    byte for byte) into one staging directory, and one of them writes the implant file (a copy of
+    `implant` when given, else streamed from `source`); rank 0 then renames the directory into place.
+    A failure on any rank fails every rank at the closing agreement, never leaving peers waiting.
+    """
+    from loki_dist import distributed
+
     spec = spec_from_dir(base_dir)
-    rows, weights, metadata = load_implant(implant_path)
-    check_implant_fits(metadata, spec, fingerprint(base_dir), base_dir)
-    shards = weight_shards(base_dir)
-
-    def write(tmp: Path) -> None:
-        tmp.mkdir()
+    shards = BaseShards.read(base_dir, spec)
+    if shards.implanted:
+        raise UserError(
+            f"--base {base_dir}: {shards.implanted} already carries a loki_dist implant; implant into the "
+            "original base model instead"
+        )
+    missing = [layer for layer in source.layers() if layer not in shards.down_proj]
+    if missing:
+        raise UserError(f"--base {base_dir}: no down_proj weight found for layers {missing}")
+    staging = files.staging_path(out_dir)
+    if world.is_main:
+        files.remove_stale_temporaries(out_dir.parent)
+        shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
+        staging.mkdir(parents=True)
         for item in base_dir.iterdir():
             if item.is_file() and item.suffix != ".safetensors":
-                shutil.copy2(item, tmp / item.name)
-        pending = set(rows)
-        for shard in shards:
-            with safe_open(str(shard), framework="pt") as handle:
-                shard_meta = handle.metadata()
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-            for name, tensor in tensors.items():
-                layer = spec.layer_of(name)
-                if layer in pending:
-                    tensor[rows[layer]] = weights[layer].to(tensor.dtype)
-                    pending.discard(layer)
-            save_file(tensors, str(tmp / shard.name), metadata=shard_meta)
-            del tensors
-        if pending:
-            raise UserError(f"--base {base_dir}: no down_proj weight found for layers {sorted(pending)}")
-        shutil.copy2(implant_path, tmp / IMPLANT_NAME)
-
-    files.atomic_write(out_dir, write)
+                shutil.copy2(item, staging / item.name)
+    distributed.barrier()
+    implant_size = sum(source.rows(layer).numel() for layer in source.layers()) * spec.intermediate_size * 4
+    jobs = [*shards.paths, None]  # None: the implant file
+    owner = _assign([p.stat().st_size for p in shards.paths] + [implant_size], world.size)
+    failure: BaseException | None = None
+    with metering.phase("export"):
+        try:
+            for job, rank in zip(jobs, owner, strict=True):
+                if rank != world.rank:
+                    continue
+                if job is None:
+                    if implant is not None:
+                        shutil.copyfile(implant, staging / IMPLANT_NAME)
+                    else:
+                        write_implant(staging / IMPLANT_NAME, source, spec, shards.dtypes, base_print)
+                    continue
+                layers = [layer for layer in source.layers() if shards.down_proj[layer] == job]
+                _rewrite_shard(job, staging / job.name, layers, source, spec)
+        except BaseException as err:  # every rank must reach the agreement below, failed or not
+            failure = err
+        everyone_ok = distributed.all_true(failure is None)
+    if failure is not None:
+        raise failure
+    if not everyone_ok:
+        raise RuntimeError(f"export into {out_dir} failed on another rank (its error is in its output)")
+    if world.is_main:
+        files.publish(staging, out_dir)
+    distributed.barrier()
 
 
 def refuse_existing(out_dir: Path, overwrite: bool, flag: str = "--output") -> None:
@@ -184,11 +343,35 @@ def add_apply_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
 
+def apply_implant(base_dir: Path, implant: Path, out_dir: Path, world) -> None:
+    """Collective: out_dir := base_dir with the implant merged in (and the implant file beside it)."""
+    source = ImplantRows(implant)
+    spec = spec_from_dir(base_dir)
+    base_print = fingerprint(base_dir)
+    check_implant_fits(source.metadata, spec, base_print, base_dir)
+    export_model(base_dir, source, out_dir, world, base_print, implant=implant)
+
+
+def run_collectively(work: Callable[[object], None], out: Path) -> None:
+    """Run `work(world)` as one process or, under a launcher, on every rank sharing the work."""
+    from loki_dist import distributed
+
+    world = distributed.world_from_env()
+    distributed.init(world)
+    try:
+        work(world)
+    except BaseException:
+        distributed.shutdown(wait_for_peers=False)  # peers may never reach a barrier now
+        raise
+    distributed.shutdown()
+    if world.is_main:
+        print(f"wrote {out}")
+
+
 def run_apply(args: argparse.Namespace) -> None:
     out = Path(args.output)
     refuse_existing(out, args.overwrite)
-    merge_into_base(args.base, args.implant, out)
-    print(f"wrote {out}")
+    run_collectively(lambda world: apply_implant(Path(args.base), Path(args.implant), out, world), out)
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -203,5 +386,6 @@ def run_export(args: argparse.Namespace) -> None:
 
     out = Path(args.output)
     refuse_existing(out, args.overwrite)
-    checkpoint.export_checkpoint(Path(args.checkpoint), out, base_dir=args.base)
-    print(f"wrote {out}")
+    run_collectively(
+        lambda world: checkpoint.export_checkpoint(Path(args.checkpoint), out, world, args.base), out
+    )

@@ -147,3 +147,79 @@ def save_tensors(
 
     contiguous = {name: t.contiguous() for name, t in tensors.items()}
     return atomic_write(target, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+
+
+# ------------------------------------------------------------------------------- streamed safetensors
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class TensorStream:
+    """Fill a safetensors file one piece at a time, in the order its tensors were declared.
+
+    safetensors is an 8-byte header length, a JSON header giving each tensor's dtype, shape and byte
+    range, then the raw little-endian bytes. Knowing every dtype and shape up front, the header is
+    written first and each tensor's bytes follow in pieces, so a file far larger than memory (all
+    trained rows of a 70B model, [N, L, D] attribution scores) is written holding one piece at a time.
+    """
+
+    def __init__(self, handle, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict | None):
+        self.handle, self.pending = handle, []
+        header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        for name, dtype, shape in specs:
+            size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}  # fmt: skip
+            self.pending.append((name, dtype, size))
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        handle.write(len(text).to_bytes(8, "little") + text)
+        self.left = self.pending[0][2] if self.pending else 0
+
+    def write(self, name: str, piece: torch.Tensor) -> None:
+        """Append the next piece of tensor `name` (any shape; its elements in row-major order)."""
+        expected, dtype, _ = self.pending[0]
+        if name != expected or piece.dtype != dtype:
+            raise ValueError(f"expected a piece of {expected} ({dtype}), got {name} ({piece.dtype})")
+        data = piece.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        if len(data) > self.left:
+            raise ValueError(f"{name}: {len(data)} bytes more than its declared size allows")
+        self.handle.write(data)
+        self.left -= len(data)
+        while self.pending and self.left == 0:
+            self.pending.pop(0)
+            self.left = self.pending[0][2] if self.pending else 0
+
+    def close(self) -> None:
+        if self.pending:
+            raise ValueError(f"{self.pending[0][0]}: {self.left} bytes were never written")
+
+
+def stream_tensors(
+    target: str | Path,
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    fill: Callable[[TensorStream], object],
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write a safetensors file atomically through `fill(stream)`, which writes every declared tensor."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
+            stream = TensorStream(handle, specs, metadata)
+            fill(stream)
+            stream.close()
+
+    return atomic_write(target, write)

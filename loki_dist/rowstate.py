@@ -1,13 +1,21 @@
 """Reaching a trainable down_proj weight's gradient, fp32 master copy and Adam state, however it is held.
 
-Three layouts exist, and the trainer should not care which one it runs on:
+Three layouts exist, and the trainer should not care which one it runs on. In each, a rank touches only
+its own slice of the fp32 master and of Adam's moments; nothing here gathers a whole weight:
 - ZeRO-3: each rank holds a padded slice of every tensor; DeepSpeed's local API reads and writes it.
   Its results may be copies (in bf16 an in-place edit is silently lost), so every edit is read, change,
   write back.
-- ZeRO-1/2 (and bf16 at stage 0): parameters are whole, the fp32 master and optimizer state are flat
-  fragments reached through DeepSpeed's full-parameter API.
+- ZeRO-1/2 (and bf16 at stage 0): parameters are whole on every rank, the fp32 master and the optimizer
+  state are flat fragments; each parameter's `_hp_mapping` says which slice of it this rank's fragment is.
 - Plain (one process without DeepSpeed, or ZeRO-0 in fp32): the parameter is its own master and
-  `optimizer.state[param]` holds the Adam moments.
+  `optimizer.state[param]` holds the Adam moments; every rank holds all of it, so rank 0 speaks for it.
+
+The selected elements of a weight, taken in flat (row-major) order, form one sequence of k*F numbers per
+layer; a rank's slice covers one contiguous range of it (`selected_range`). Checkpoints store and read
+exactly those ranges, which is what lets a run resume on any number of ranks.
+
+The DeepSpeed internals used here are listed in `DEEPSPEED_INTERNALS`; `check_deepspeed_internals`
+names the first one an upgrade removed, and a test runs it against real engines.
 """
 
 from __future__ import annotations
@@ -20,27 +28,46 @@ import torch
 from loki_dist.partition import RowPartition
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+#: DeepSpeed releases whose internals below are tested (pyproject pins the same range)
+TESTED_DEEPSPEED = (">=0.18", "<0.20")
+#: (where, attribute) pairs this module and the trainer read from DeepSpeed objects
+DEEPSPEED_INTERNALS = {
+    "zero3_param": ("ds_id", "ds_tensor", "ds_numel"),
+    "zero3_partition": ("ds_numel",),
+    "zero12_param": ("_hp_mapping",),
+    "zero12_mapping": ("lp_fragment_address", "get_hp_fragment", "optim_fragment"),
+    "zero12_optimizer": ("_lazy_init_hp_params_optimizer_state",),
+}
+#: the attribute holding the flat fp32 partitions Adam's state is keyed by: ZeRO-3, ZeRO-1/2, bf16 ZeRO-0
+HOLDERS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
 
 
 class RowState:
-    """One layer's trainable weight on this rank: its RowPartition and get/set for each quantity.
+    """One layer's trainable weight on this rank, the slice of it this rank owns, and get/set by quantity.
 
-    Quantities: "grad", "master" (fp32 weights the optimizer updates), "exp_avg", "exp_avg_sq" and
-    "model" (the weight the forward pass uses, possibly bf16).
+    Quantities: "grad", "master" (fp32 weights the optimizer updates), "exp_avg", "exp_avg_sq" (each
+    over `partition`, this rank's slice of the optimizer's view) and "model" (the weight the forward pass
+    uses, possibly bf16, over `model_partition`).
     """
 
     #: gradients of this layout are masked by a tensor hook rather than edited after backward
     masks_by_hook = False
+    #: whether this rank's slice is its own (sharded layouts) or a copy every rank holds (plain)
+    owns_slice = True
 
-    def __init__(self, layer: int, param: torch.nn.Parameter, partition: RowPartition):
-        self.layer, self.param, self.partition = layer, param, partition
-        #: the down_proj rows the selected elements belong to, in order (set by build)
-        self.rows = partition.selected.nonzero().view(-1).cpu()
+    def __init__(self, layer: int, param: torch.nn.Parameter, partition: RowPartition, rows: torch.Tensor):
+        self.layer, self.param, self.partition, self.rows = layer, param, partition, rows
+        self.model_partition = partition
 
     @property
     def needs_mask(self) -> bool:
         """False when every row of the parameter trains (the split layout): nothing to mask."""
         return not bool(self.partition.selected.all())
+
+    @property
+    def num_selected(self) -> int:
+        """k*F: the length of the layer's selected sequence."""
+        return int(self.partition.selected.sum()) * self.partition.row_len
 
     def _get(self, what: str) -> torch.Tensor:
         raise NotImplementedError
@@ -48,29 +75,39 @@ class RowState:
     def _set(self, what: str, value: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def _part(self, what: str) -> RowPartition:
+        return self.model_partition if what == "model" else self.partition
+
     def read(self, what: str) -> torch.Tensor:
-        return self._get(what)[: self.partition.length]
+        return self._get(what)[: self._part(what).length]
 
     @contextmanager
     def edit(self, what: str) -> Iterator[torch.Tensor]:
         with torch.no_grad():  # masters are leaf tensors that require grad in some layouts
             local = self._get(what)
-            yield local[: self.partition.length]
+            yield local[: self._part(what).length]
             self._set(what, local)
 
-    def gather(self, what: str) -> torch.Tensor:
-        """The selected rows of a quantity, flattened [k*F] in row order, on every rank (collective)."""
-        return self.partition.take(self.read(what))
+    def selected_range(self, what: str = "master") -> tuple[int, int]:
+        """[begin, end) of the layer's selected sequence that this rank's slice of `what` covers."""
+        p = self._part(what)
+        return p.selected_before(p.start), p.selected_before(p.start + p.length)
 
-    def scatter(self, what: str, selected: torch.Tensor) -> None:
-        """Inverse of gather: write the [k*F] selected values into this rank's part."""
+    def take(self, what: str) -> torch.Tensor:
+        """This rank's selected elements of a quantity, in flat order (the `selected_range` of it)."""
+        return self._part(what).take(self.read(what))
+
+    def put(self, what: str, selected: torch.Tensor) -> None:
+        """Inverse of take: write the selected elements of this rank's slice."""
         with self.edit(what) as local:
-            self.partition.put_(local, selected.to(local.device))
+            self._part(what).put_(local, selected.to(local.device))
 
 
 class PlainRowState(RowState):
-    def __init__(self, layer, param, partition, optimizer: torch.optim.Optimizer):
-        super().__init__(layer, param, partition)
+    owns_slice = False  # replicated: every rank holds the same values
+
+    def __init__(self, layer, param, partition, rows, optimizer: torch.optim.Optimizer):
+        super().__init__(layer, param, partition, rows)
         self.optimizer = optimizer
 
     def _get(self, what: str) -> torch.Tensor:
@@ -85,25 +122,6 @@ class PlainRowState(RowState):
 
 
 class Zero3RowState(RowState):
-    def __init__(self, layer, param, partition, world_size: int):
-        super().__init__(layer, param, partition)
-        self.world_size = world_size
-
-    def gather(self, what: str) -> torch.Tensor:
-        from loki_dist.distributed import all_gather_varlen
-
-        p = self.partition
-        per_rank = self.param.ds_tensor.ds_numel
-        sizes = [
-            RowPartition.of_rank(p.selected, p.row_len, r, per_rank).num_selected
-            for r in range(self.world_size)
-        ]
-        return all_gather_varlen(p.take(self.read(what)), sizes)
-
-    def scatter(self, what: str, selected: torch.Tensor) -> None:
-        first = self.partition.selected_before(self.partition.start)
-        super().scatter(what, selected[first : first + self.partition.num_selected])
-
     def _get(self, what: str) -> torch.Tensor:
         from deepspeed.utils import (
             safe_get_local_fp32_param,
@@ -134,27 +152,27 @@ class Zero3RowState(RowState):
             safe_set_local_optimizer_state(self.param, value, what)
 
 
-class FullApiRowState(RowState):
+class FragmentRowState(RowState):
+    """ZeRO-1/2: this rank's fp32 fragment of a whole parameter, read and written in place."""
+
     masks_by_hook = True
 
-    def _get(self, what: str) -> torch.Tensor:
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    def __init__(self, layer, param, partition, rows):
+        super().__init__(layer, param, partition, rows)
+        self.model_partition = RowPartition.whole(partition.selected, partition.row_len)
+        self.mapping = param._hp_mapping  # None where this rank's partition misses the parameter
 
-        if what == "master":
-            return safe_get_full_fp32_param(self.param).view(-1)
+    def _get(self, what: str) -> torch.Tensor:
         if what == "model":
             return self.param.data.view(-1)
         if what == "grad":
             raise RuntimeError("ZeRO-1/2 gradients are masked by a tensor hook, not edited")
-        return safe_get_full_optimizer_state(self.param, what).view(-1)
+        if self.mapping is None:
+            return torch.empty(0)
+        return self.mapping.get_hp_fragment(None if what == "master" else what).view(-1)
 
     def _set(self, what: str, value: torch.Tensor) -> None:
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        if what == "master":
-            safe_set_full_fp32_param(self.param, value.view(self.param.shape))
-        elif what != "model":
-            safe_set_full_optimizer_state(self.param, value.view(self.param.shape), what)
+        pass  # fragments are views of the optimizer's flat partitions: edits already landed
 
 
 def build(
@@ -163,27 +181,23 @@ def build(
     selected: torch.Tensor,
     row_len: int,
     rank: int,
-    world_size: int,
     optimizer: torch.optim.Optimizer,
-    rows: list[int] | None = None,
+    rows: list[int],
 ) -> RowState:
     """Pick the layout from the parameter itself (ZeRO-3 params carry ds_id, ZeRO-1/2 _hp_mapping).
 
-    `selected` marks the parameter's rows that train; `rows` names the down_proj rows they are, when the
-    parameter is not the whole down_proj weight (the split layout: all of its rows train).
+    `selected` marks the parameter's rows that train; `rows` names the down_proj rows they are (all of
+    the parameter's rows in the split layout, where it holds only the selected ones).
     """
+    row_ids = torch.tensor(rows, dtype=torch.long)
     if hasattr(param, "ds_id"):
         partition = RowPartition.of_rank(selected, row_len, rank, param.ds_tensor.ds_numel)
-        state: RowState = Zero3RowState(layer, param, partition, world_size)
-    else:
-        partition = RowPartition.whole(selected, row_len)
-        if hasattr(param, "_hp_mapping"):  # None on ranks whose partition misses this param, but present
-            state = FullApiRowState(layer, param, partition)
-        else:
-            state = PlainRowState(layer, param, partition, optimizer)
-    if rows is not None:
-        state.rows = torch.tensor(rows, dtype=torch.long)
-    return state
+        return Zero3RowState(layer, param, partition, row_ids)
+    if hasattr(param, "_hp_mapping"):  # None on ranks whose partition misses this param, but present
+        address = param._hp_mapping.lp_fragment_address if param._hp_mapping is not None else None
+        start, length = (address.start, address.numel) if address is not None else (0, 0)
+        return FragmentRowState(layer, param, RowPartition(start, length, row_len, selected), row_ids)
+    return PlainRowState(layer, param, RowPartition.whole(selected, row_len), row_ids, optimizer)
 
 
 def ensure_adam_state(optimizer: torch.optim.Optimizer, step: int, holders: list[torch.Tensor]) -> None:
@@ -208,7 +222,43 @@ def optimizer_state_holders(
     optimizer: torch.optim.Optimizer, zero_optimizer: object | None
 ) -> list[torch.Tensor]:
     """The tensors Adam's state is keyed by, for each layout (see ensure_adam_state)."""
-    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):  # ZeRO-3, ZeRO-1/2
+    for name in HOLDERS:
         if zero_optimizer is not None and hasattr(zero_optimizer, name):
             return list(getattr(zero_optimizer, name))
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def check_deepspeed_internals(engine) -> None:
+    """Raise naming the first DeepSpeed internal this code relies on that `engine` lacks.
+
+    loki_dist reads a few private attributes of DeepSpeed (no public API reaches a rank's own slice of
+    the master weights and moments). An upgrade that renamed one would otherwise surface as a wrong
+    layout or a silent no-op; this makes it one clear error at start-up.
+    """
+    import deepspeed
+
+    zero = engine.optimizer
+    stage = engine.zero_optimization_stage()
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    checks: list[tuple[str, object]] = []
+    if stage == 3:
+        checks += [("zero3_param", p) for p in trainable[:1]]
+        checks += [("zero3_partition", p.ds_tensor) for p in trainable[:1]]
+    elif stage in (1, 2):
+        checks += [("zero12_optimizer", zero)] + [("zero12_param", p) for p in trainable[:1]]
+        mapped = [p._hp_mapping for p in trainable if getattr(p, "_hp_mapping", None) is not None]
+        checks += [("zero12_mapping", m) for m in mapped[:1]]
+    if stage > 0 and not any(hasattr(zero, name) for name in HOLDERS):
+        raise RuntimeError(
+            f"DeepSpeed {deepspeed.__version__}: {type(zero).__name__} has none of {', '.join(HOLDERS)}, "
+            f"which loki_dist relies on; loki_dist is tested with deepspeed {','.join(TESTED_DEEPSPEED)}"
+        )
+    for where, obj in checks:
+        for attribute in DEEPSPEED_INTERNALS[where]:
+            if not hasattr(obj, attribute):
+                raise RuntimeError(
+                    f"DeepSpeed {deepspeed.__version__}: {type(obj).__name__} has no attribute "
+                    f"{attribute!r}, "
+                    f"which loki_dist relies on ({where}); loki_dist is tested with deepspeed "
+                    f"{','.join(TESTED_DEEPSPEED)}"
+                )

@@ -299,6 +299,7 @@ class Trainer:
                 model=model, optimizer=optimizer, config=plan.ds_config
             )
             self.model = self.engine
+            rowstate.check_deepspeed_internals(self.engine)
             self.inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
             if stage == 3 and plan.world.is_main:
                 held, total = zero3_share(model)
@@ -307,7 +308,7 @@ class Trainer:
         self.states = []
         for t in trainable:
             w = plan.world
-            state = rowstate.build(t.layer, t.param, t.selected, F, w.rank, w.size, self.inner, rows=t.rows)
+            state = rowstate.build(t.layer, t.param, t.selected, F, w.rank, self.inner, t.rows)
             if state.needs_mask and state.masks_by_hook:
                 t.param.register_hook(lambda g, keep=t.selected: g.masked_fill(~keep.unsqueeze(1), 0))
             self.states.append(state)
@@ -520,9 +521,9 @@ def _train(plan: Plan) -> bool:
             return True
     bar.close()
     probe = _probe_loss(trainer, plan)
+    last = out / f"checkpoint-{plan.total_steps}"  # saved by the last step (every rank knows its name)
+    checkpoint.export_checkpoint(last, out / FINAL_DIR, world, base_dir=plan.args.model)
     if world.is_main:
-        last = checkpoint.list_checkpoints(out)[-1]
-        checkpoint.export_checkpoint(last, out / FINAL_DIR, base_dir=plan.args.model)
         summary = {
             "steps": plan.total_steps,
             "global_batch": plan.global_batch,
