@@ -64,6 +64,7 @@ def init(world: World, always: bool = False, timeout_minutes: int = 30) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    metering.count_collectives()
     dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
 
 
@@ -100,7 +101,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         wire = _on_wire(tensor)
         dist.all_reduce(wire, op=dist.ReduceOp.SUM)
-        metering.count("received", _nbytes(tensor))
         if wire is not tensor:
             tensor.copy_(wire)
     return tensor
@@ -115,9 +115,24 @@ def agree_max(value: int) -> int:
     return int(tensor.item())
 
 
-def all_true(flag: bool) -> bool:
-    """Whether every rank's flag is true: how ranks agree that a shared piece of work succeeded."""
-    return agree_max(0 if flag else 1) == 0
+def raise_if_any_failed(failure: BaseException | None, what: str) -> None:
+    """Collective, reached by every rank after its share of `what`, failed or not: if any rank failed,
+    every rank raises (the failed ones their own error, the others one naming the first failed rank and
+    its message, as a UserError when that was a user mistake). Nobody is left waiting for a peer that
+    has given up."""
+    from loki_dist.errors import UserError
+
+    mine = None if failure is None else (isinstance(failure, UserError), str(failure))
+    reports = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        reports = [None] * dist.get_world_size()
+        dist.all_gather_object(reports, mine)
+    if failure is not None:
+        raise failure
+    for rank, report in enumerate(reports):
+        if report is not None:
+            user_mistake, message = report
+            raise (UserError if user_mistake else RuntimeError)(f"{what} failed on rank {rank}: {message}")
 
 
 def all_gather_varlen(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -132,12 +147,7 @@ def all_gather_varlen(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     padded[: local.numel()] = local
     gathered = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(gathered, padded)
-    metering.count("received", sum(sizes) * local.element_size())
     return torch.cat([chunk[:n] for chunk, n in zip(gathered, sizes, strict=True)]).to(local.device)
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 def prepare_deepspeed(world: World) -> None:

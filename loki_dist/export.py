@@ -200,6 +200,7 @@ class BaseShards:
         return cls(paths, down_proj, dtypes, implanted)
 
 
+DAMAGED = "its size does not match its safetensors header (truncated or damaged?)"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -220,12 +221,15 @@ def _rewrite_shard(shard: Path, target: Path, layers: list[int], source: RowSour
     rows written (so an export never fingerprints as its base). The digest's length is fixed: it is
     written as zeros first and filled in once the data is through.
     """
+    data_start, raw = _safetensors_header(shard)
+    header = json.loads(raw)
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    if shard.stat().st_size != data_start + max(ends, default=0):
+        raise UserError(f"{shard}: {DAMAGED}")
     if not layers:
         shutil.copyfile(shard, target)
         files.fsync_tree(target)
         return
-    data_start, raw = _safetensors_header(shard)
-    header = json.loads(raw)
     metadata = dict(header.pop("__metadata__", None) or {})
     trained = {spec.down_proj_name(layer): layer for layer in layers}
 
@@ -246,7 +250,7 @@ def _rewrite_shard(shard: Path, target: Path, layers: list[int], source: RowSour
                 continue
             buffer = bytearray(end - begin)
             if src.readinto(buffer) != len(buffer):
-                raise UserError(f"{shard}: the file is shorter than its header says (truncated?)")
+                raise UserError(f"{shard}: {DAMAGED}")
             weight = torch.frombuffer(buffer, dtype=_DTYPES[entry["dtype"]])
             weight = weight.view(entry["shape"])
             rows = source.rows(trained[name])
@@ -263,7 +267,7 @@ def _copy_bytes(src, dst, count: int, chunk: int = 64 << 20) -> None:
     while count > 0:
         data = src.read(min(chunk, count))
         if not data:
-            raise UserError(f"{src.name}: the file is shorter than its header says (truncated?)")
+            raise UserError(f"{src.name}: {DAMAGED}")
         dst.write(data)
         count -= len(data)
 
@@ -316,13 +320,9 @@ def export_model(
                     continue
                 layers = [layer for layer in source.layers() if shards.down_proj[layer] == job]
                 _rewrite_shard(job, staging / job.name, layers, source, spec)
-        except BaseException as err:  # every rank must reach the agreement below, failed or not
+        except Exception as err:  # every rank must reach the agreement below, failed or not
             failure = err
-        everyone_ok = distributed.all_true(failure is None)
-    if failure is not None:
-        raise failure
-    if not everyone_ok:
-        raise RuntimeError(f"export into {out_dir} failed on another rank (its error is in its output)")
+        distributed.raise_if_any_failed(failure, f"export into {out_dir}")
     if world.is_main:
         files.publish(staging, out_dir)
     distributed.barrier()

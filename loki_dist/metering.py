@@ -1,18 +1,20 @@
 """What a rank moves, reads and holds in each phase of a job: the evidence for the 1/world scale law.
 
 loki_dist promises that nothing on a rank grows with the model beyond its share (plus one layer). The
-promise is checked by counting, not timing: every collective helper in `distributed.py` adds the bytes
-that reach this rank, every reader of rows and statistics adds the bytes it pulls from disk, and each
+promise is checked by counting, not timing: while metering is on, every torch.distributed collective
+(DeepSpeed's own included) adds the bytes of the result that lands on this rank, every reader of rows
+and statistics adds the bytes it pulls from disk, and each
 phase (`with metering.phase("checkpoint_save"):`) records those counts and the rise of the process's
 peak resident memory (Linux resets the peak through /proc/self/clear_refs) above where it started.
 
 Set LOKI_DIST_METER=DIR and every rank writes DIR/rank<r>.json when it leaves the process group; the
-scale tests and bench/bench_scale.py read those files. Without the variable nothing is written and the
-counting costs a few integer additions per collective.
+scale tests and bench/bench_scale.py read those files. Without the variable nothing is wrapped or
+written.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Iterator
@@ -23,12 +25,73 @@ ENV = "LOKI_DIST_METER"
 KINDS = ("received", "read")
 
 _totals = dict.fromkeys(KINDS, 0)
+_largest = dict.fromkeys(KINDS, 0)  # the largest single piece of each kind (in the current phase)
 _phases: dict[str, dict[str, int]] = {}
 
 
 def count(kind: str, nbytes: int) -> None:
     """Add bytes of one kind: "received" (over the process boundary) or "read" (from disk)."""
     _totals[kind] += int(nbytes)
+    _largest[kind] = max(_largest[kind], int(nbytes))
+
+
+def enabled() -> bool:
+    return bool(os.environ.get(ENV))
+
+
+# The bytes of the result each collective leaves on this rank, from its bound arguments.
+def _size(*names: str):
+    def measure(bound: dict) -> int:
+        total = 0
+        for name in names:
+            value = bound.get(name)
+            for tensor in value if isinstance(value, (list, tuple)) else [value]:
+                if hasattr(tensor, "element_size"):
+                    total += tensor.numel() * tensor.element_size()
+        return total
+
+    return measure
+
+
+_COLLECTIVES = {
+    "all_reduce": _size("tensor"),
+    "broadcast": _size("tensor"),
+    "reduce": _size("tensor"),
+    "all_gather": _size("tensor_list"),
+    "all_gather_into_tensor": _size("output_tensor"),
+    "reduce_scatter": _size("output"),
+    "reduce_scatter_tensor": _size("output"),
+    "gather": _size("gather_list"),
+    "scatter": _size("tensor"),
+    "recv": _size("tensor"),
+    "irecv": _size("tensor"),
+    "all_to_all_single": _size("output"),
+}
+
+
+def count_collectives() -> None:
+    """While metering is on, wrap torch.distributed's collectives so that what they receive is counted.
+
+    Called before the process group (and DeepSpeed's communication backend, which keeps references to
+    these functions) is set up; a no-op without LOKI_DIST_METER or when already done.
+    """
+    import torch.distributed as dist
+
+    if not enabled() or getattr(dist, "_loki_dist_metered", False):
+        return
+    for name, measure in _COLLECTIVES.items():
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
+        signature = inspect.signature(original)
+
+        def counted(*args, _original=original, _signature=signature, _measure=measure, **kwargs):
+            result = _original(*args, **kwargs)
+            count("received", _measure(_signature.bind(*args, **kwargs).arguments))
+            return result
+
+        setattr(dist, name, counted)
+    dist._loki_dist_metered = True
 
 
 def _status_kib(field: str) -> int | None:
@@ -51,19 +114,24 @@ def _reset_peak() -> bool:
 
 @contextmanager
 def phase(name: str) -> Iterator[None]:
-    """Record the bytes received and read, and the peak resident memory rise, of the enclosed work.
-
-    A phase entered twice adds up its counts and keeps the larger memory rise.
+    """Record the bytes received and read, the largest single piece of each, and the peak resident
+    memory rise of the enclosed work. A phase entered twice adds up its counts and keeps the maxima.
     """
-    before = dict(_totals)
+    before, outer_largest = dict(_totals), dict(_largest)
+    _largest.update(dict.fromkeys(KINDS, 0))
     rss_start = _status_kib("VmRSS")
-    can_reset = os.environ.get(ENV) is not None and _reset_peak()
+    can_reset = enabled() and _reset_peak()
     try:
         yield
     finally:
-        record = _phases.setdefault(name, {**dict.fromkeys(KINDS, 0), "peak_rss_rise": 0, "calls": 0})
+        largest = {f"largest_{kind}": 0 for kind in KINDS}
+        record = _phases.setdefault(
+            name, {**dict.fromkeys(KINDS, 0), **largest, "peak_rss_rise": 0, "calls": 0}
+        )
         for kind in KINDS:
             record[kind] += _totals[kind] - before[kind]
+            record[f"largest_{kind}"] = max(record[f"largest_{kind}"], _largest[kind])
+            _largest[kind] = max(_largest[kind], outer_largest[kind])
         record["calls"] += 1
         peak = _status_kib("VmHWM")
         if can_reset and peak is not None and rss_start is not None:

@@ -105,11 +105,18 @@ def build_model(model_type: str = "llama", seed: int = 0, **config_kwargs) -> to
 
 
 def save_tiny(
-    out_dir: str | Path, model_type: str = "llama", seed: int = 0, dtype=torch.float32, **config_kwargs
+    out_dir: str | Path,
+    model_type: str = "llama",
+    seed: int = 0,
+    dtype=torch.float32,
+    max_shard_size: str | None = None,
+    **config_kwargs,
 ) -> Path:
-    """Write a tiny model and the tokenizer as a standard Hugging Face directory."""
+    """Write a tiny model and the tokenizer as a standard Hugging Face directory (in several safetensors
+    shards when `max_shard_size` is small, as big models come)."""
     out_dir = Path(out_dir)
     model = build_model(model_type, seed=seed, **config_kwargs).to(dtype)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(out_dir, safe_serialization=True, **shards)
     build_tokenizer(vocab_size=model.config.vocab_size).save_pretrained(out_dir)
     return out_dir

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from loki_dist import checkpoint, distributed, dsconfig, files, positions, rowsplit, rowstate
+from loki_dist import checkpoint, distributed, dsconfig, files, metering, positions, rowsplit, rowstate
 from loki_dist.adapters import ModelSpec, down_proj_slots, spec_from_dir
 from loki_dist.data import Example, collate, load_examples, num_targets
 from loki_dist.errors import UserError
@@ -379,17 +379,19 @@ class Trainer:
         return float(norm)
 
     def _prepare_update(self, lr: float) -> None:
-        """Set the learning rate, zero unselected rows' gradients, decay selected rows only."""
+        """Set the learning rate, zero unselected rows' gradients, decay selected rows only (each rank
+        on its own slice: nothing here communicates)."""
         for group in self.inner.param_groups:
             group["lr"] = lr
         decay = 1.0 - lr * self.plan.args.weight_decay
-        for state in self.states:
-            if state.needs_mask and not state.masks_by_hook:
-                with state.edit("grad") as grad:
-                    state.partition.zero_unselected_(grad)
-            if decay != 1.0:
-                with state.edit("master") as master:
-                    state.partition.scale_selected_(master, decay)
+        with metering.phase("update"):
+            for state in self.states:
+                if state.needs_mask and not state.masks_by_hook:
+                    with state.edit("grad") as grad:
+                        state.partition.zero_unselected_(grad)
+                if decay != 1.0:
+                    with state.edit("master") as master:
+                        state.partition.scale_selected_(master, decay)
 
 
 def _normaliser(indices: list[int], plan: Plan) -> float:
