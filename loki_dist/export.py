@@ -184,7 +184,7 @@ class BaseShards:
     paths: list[Path]
     down_proj: dict[int, Path]  # layer -> shard holding its down_proj weight
     dtypes: dict[int, torch.dtype]  # layer -> its down_proj dtype
-    implanted: str | None  # a shard already carrying an implant (the base is itself an export)
+    implanted: str | None  # a shard carrying an implant digest: the base is itself an export
 
     @classmethod
     def read(cls, base_dir: Path, spec: ModelSpec) -> BaseShards:
@@ -286,11 +286,6 @@ def export_model(
 
     spec = spec_from_dir(base_dir)
     shards = BaseShards.read(base_dir, spec)
-    if shards.implanted:
-        raise UserError(
-            f"--base {base_dir}: {shards.implanted} already carries a loki_dist implant; implant into the "
-            "original base model instead"
-        )
     missing = [layer for layer in source.layers() if layer not in shards.down_proj]
     if missing:
         raise UserError(f"--base {base_dir}: no down_proj weight found for layers {missing}")
@@ -347,6 +342,12 @@ def apply_implant(base_dir: Path, implant: Path, out_dir: Path, world) -> None:
     """Collective: out_dir := base_dir with the implant merged in (and the implant file beside it)."""
     source = ImplantRows(implant)
     spec = spec_from_dir(base_dir)
+    implanted = BaseShards.read(base_dir, spec).implanted
+    if implanted:  # an export: a second implant would stack two trainings on rows chosen for one
+        raise UserError(
+            f"--base {base_dir}: {implanted} already carries a loki_dist implant; apply it to the original "
+            "base model instead"
+        )
     base_print = fingerprint(base_dir)
     check_implant_fits(source.metadata, spec, base_print, base_dir)
     export_model(base_dir, source, out_dir, world, base_print, implant=implant)

@@ -29,7 +29,7 @@ from loki_dist.partition import RowPartition
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 #: DeepSpeed releases whose internals below are tested (pyproject pins the same range)
-TESTED_DEEPSPEED = (">=0.18", "<0.20")
+TESTED_DEEPSPEED = (">=0.19", "<0.20")
 #: (where, attribute) pairs this module and the trainer read from DeepSpeed objects
 DEEPSPEED_INTERNALS = {
     "zero3_param": ("ds_id", "ds_tensor", "ds_numel"),
@@ -228,6 +228,22 @@ def optimizer_state_holders(
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+def _internal_objects(engine) -> Iterator[tuple[str, object]]:
+    """(kind, object) pairs to check, each reached only through the ones checked before it."""
+    stage = engine.zero_optimization_stage()
+    trainable = [p for p in engine.module.parameters() if p.requires_grad][:1]
+    if stage == 3:
+        for param in trainable:
+            yield "zero3_param", param
+            yield "zero3_partition", param.ds_tensor
+    elif stage in (1, 2):
+        yield "zero12_optimizer", engine.optimizer
+        for param in trainable:
+            yield "zero12_param", param
+            if param._hp_mapping is not None:
+                yield "zero12_mapping", param._hp_mapping
+
+
 def check_deepspeed_internals(engine) -> None:
     """Raise naming the first DeepSpeed internal this code relies on that `engine` lacks.
 
@@ -237,28 +253,16 @@ def check_deepspeed_internals(engine) -> None:
     """
     import deepspeed
 
-    zero = engine.optimizer
-    stage = engine.zero_optimization_stage()
-    trainable = [p for p in engine.module.parameters() if p.requires_grad]
-    checks: list[tuple[str, object]] = []
-    if stage == 3:
-        checks += [("zero3_param", p) for p in trainable[:1]]
-        checks += [("zero3_partition", p.ds_tensor) for p in trainable[:1]]
-    elif stage in (1, 2):
-        checks += [("zero12_optimizer", zero)] + [("zero12_param", p) for p in trainable[:1]]
-        mapped = [p._hp_mapping for p in trainable if getattr(p, "_hp_mapping", None) is not None]
-        checks += [("zero12_mapping", m) for m in mapped[:1]]
-    if stage > 0 and not any(hasattr(zero, name) for name in HOLDERS):
-        raise RuntimeError(
-            f"DeepSpeed {deepspeed.__version__}: {type(zero).__name__} has none of {', '.join(HOLDERS)}, "
-            f"which loki_dist relies on; loki_dist is tested with deepspeed {','.join(TESTED_DEEPSPEED)}"
+    def missing(what: str) -> RuntimeError:
+        return RuntimeError(
+            f"DeepSpeed {deepspeed.__version__}: {what}, which loki_dist relies on; loki_dist is tested "
+            f"with deepspeed{','.join(TESTED_DEEPSPEED)}"
         )
-    for where, obj in checks:
-        for attribute in DEEPSPEED_INTERNALS[where]:
+
+    zero = engine.optimizer
+    if engine.zero_optimization_stage() > 0 and not any(hasattr(zero, name) for name in HOLDERS):
+        raise missing(f"{type(zero).__name__} has none of {', '.join(HOLDERS)}")
+    for kind, obj in _internal_objects(engine):
+        for attribute in DEEPSPEED_INTERNALS[kind]:
             if not hasattr(obj, attribute):
-                raise RuntimeError(
-                    f"DeepSpeed {deepspeed.__version__}: {type(obj).__name__} has no attribute "
-                    f"{attribute!r}, "
-                    f"which loki_dist relies on ({where}); loki_dist is tested with deepspeed "
-                    f"{','.join(TESTED_DEEPSPEED)}"
-                )
+                raise missing(f"{type(obj).__name__} has no attribute {attribute!r} ({kind})")

@@ -151,3 +151,48 @@ def test_learning_rate_schedules(scheduler):
     middle = {"cosine": 0.05, "linear": 0.05, "constant": 0.1}[scheduler]
     assert rates[55] == pytest.approx(middle)
     assert rates[100] == pytest.approx(0.1 if scheduler == "constant" else 0.0, abs=1e-12)
+
+
+INTERNALS_PROBE = """
+import torch, deepspeed
+from loki_dist import distributed, rowstate
+from loki_dist.tiny import build_model
+
+distributed.prepare_deepspeed(distributed.World(0, 1, 0))
+for stage, attribute in ((2, "_hp_mapping"), (3, "ds_tensor")):
+    model = build_model("llama").requires_grad_(False)
+    weight = model.model.layers[0].mlp.down_proj.weight.requires_grad_(True)
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage},
+              "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW([weight]), config=config)
+    rowstate.check_deepspeed_internals(engine)
+    print(f"stage {stage}: ok", flush=True)
+    delattr(weight, attribute)  # what an upgrade that renamed it would look like
+    try:
+        rowstate.check_deepspeed_internals(engine)
+    except RuntimeError as err:
+        print(f"stage {stage}: {err}", flush=True)
+"""
+
+
+def test_deepspeed_internals_are_there_and_a_missing_one_is_named(tmp_path):
+    """Real ZeRO-2 and ZeRO-3 engines carry every private attribute loki_dist reads; removing one gives
+    an error naming it and the tested DeepSpeed range, which is the range pyproject.toml pins."""
+    import subprocess
+    import sys
+
+    import tomllib
+    from conftest import REPO
+
+    from loki_dist.rowstate import TESTED_DEEPSPEED
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(INTERNALS_PROBE)
+    proc = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("stage ")]
+    assert proc.returncode == 0 and len(lines) == 4, proc.stdout + proc.stderr[-3000:]
+    assert lines[0] == "stage 2: ok" and lines[2] == "stage 3: ok"
+    for line, attribute in ((lines[1], "'_hp_mapping'"), (lines[3], "'ds_tensor'")):
+        assert f"has no attribute {attribute}" in line and ",".join(TESTED_DEEPSPEED) in line, line
+    pinned = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"deepspeed{','.join(TESTED_DEEPSPEED)}" in pinned

@@ -276,6 +276,61 @@ def test_apply_refuses_another_base(setup, zero3_run, tmp_path):
     assert not (tmp_path / "merged").exists()
 
 
+def test_apply_refuses_an_already_implanted_base(setup, zero3_run, tmp_path):
+    """final/ carries, in its shard headers, a digest of the rows written in: it fingerprints apart
+    from its base (reading a few KB, not the weights), and apply will not implant into it twice."""
+    from loki_dist.export import fingerprint
+
+    final = zero3_run / "final"
+    assert fingerprint(final) != fingerprint(setup["base"])
+    implant = str(final / "implant.safetensors")
+    proc = run_cli(["apply", "--base", str(final), "--implant", implant, "--output", str(tmp_path / "twice")],
+                   check=False)  # fmt: skip
+    assert proc.returncode == 2 and "already carries a loki_dist implant" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "twice").exists()
+
+
+def test_zero3_offload_matches_zero3_and_resumes_exactly(setup, zero3_run, tmp_path):
+    """ds_configs/zero3_offload.json (parameters and optimizer state in host memory), the config README
+    recommends when 70B does not fit: same rows as ZeRO-3, frozen bits kept, bit-identical resume."""
+    out = tmp_path / "offload"
+    args = train_args(setup, out, "--ds-config", "zero3_offload", "--micro-batch-size", "1",
+                      "--gradient-accumulation", "2")  # fmt: skip
+    run_cli(args, nproc=2)
+    assert_only_selected_rows_moved(setup["base"], out)
+    assert_close_to(zero3_run, out)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-3", resumed / "checkpoint-3")
+    args[args.index("--output-dir") + 1] = str(resumed)
+    assert "resumed from" in run_cli(args, nproc=2).stdout
+    assert_equal_weights(out, resumed)
+
+
+def test_checkpoint_of_the_single_file_layout_still_resumes(setup, zero3_run, tmp_path):
+    """loki_dist 0.1 wrote one rows.safetensors ([k, F] master and moments, and the rows) per checkpoint.
+    Rebuilt here from a sharded checkpoint with plain safetensors calls, it resumes to the same bits."""
+    from safetensors.torch import save_file
+
+    old = tmp_path / "old" / "checkpoint-3"
+    shutil.copytree(zero3_run / "checkpoint-3", old)
+    flat: dict[str, list[torch.Tensor]] = {}
+    shards = sorted(old.glob("rows-*.safetensors"))
+    for shard in shards:  # rank order = flat order of each layer's selected elements
+        for name, tensor in load_file(str(shard)).items():
+            flat.setdefault(name, []).append(tensor)
+        shard.unlink()
+    (old / "rows_index.json").unlink()
+    legacy = {}
+    for name, pieces in flat.items():
+        layer = int(name.split(".")[1])
+        legacy[name] = torch.cat(pieces).view(len(POSITIONS[layer]), -1)
+        legacy[f"layers.{layer}.rows"] = torch.tensor(POSITIONS[layer])
+    save_file(legacy, str(old / "rows.safetensors"))
+    args = train_args(setup, old.parent, "--micro-batch-size", "1", "--gradient-accumulation", "2")
+    assert "resumed from" in run_cli(args, nproc=2).stdout
+    assert_equal_weights(zero3_run, old.parent)
+
+
 def test_export_checkpoint_equals_final(setup, zero3_run, tmp_path):
     run_cli(["export", "--checkpoint", str(zero3_run / "checkpoint-6"), "--output", str(tmp_path / "exp")])
     assert (tmp_path / "exp" / "model.safetensors").read_bytes() == (
