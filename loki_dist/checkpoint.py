@@ -56,8 +56,6 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 def save(out_dir: Path, step: int, states: list[RowState], trainer_state: dict, world, keep: int) -> Path:
     """Collective: every rank writes its own rows and RNG state; rank 0 indexes, renames and prunes."""
-    from safetensors.torch import save_file
-
     final = out_dir / f"checkpoint-{step}"
     staging = files.staging_path(final)
     with metering.phase("checkpoint_save"):
@@ -65,19 +63,21 @@ def save(out_dir: Path, step: int, states: list[RowState], trainer_state: dict, 
             shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
             staging.mkdir(parents=True)
         distributed.barrier()
-        tensors, ranges = {}, {}
-        for state in states:
-            begin, end = state.selected_range()
-            if end == begin or not (state.owns_slice or world.is_main):
-                continue
-            ranges[str(state.layer)] = [begin, end]
-            for what in QUANTITIES:
-                tensors[f"layers.{state.layer}.{what}"] = state.take(what).float().cpu()
+        # this rank's non-empty slices (a replicated layout is written by rank 0 alone)
+        mine = {s.layer: (s, s.selected_range()) for s in states if s.owns_slice or world.is_main}
+        mine = {layer: (s, (b, e)) for layer, (s, (b, e)) in mine.items() if e > b}
+        specs = [(f"layers.{layer}.{what}", torch.float32, (e - b,))
+                 for layer, (_, (b, e)) in mine.items() for what in QUANTITIES]  # fmt: skip
+
+        def fill(stream: files.TensorStream) -> None:  # one layer's quantity in memory at a time
+            for layer, (state, _) in mine.items():
+                for what in QUANTITIES:
+                    stream.write(f"layers.{layer}.{what}", state.take(what).float())
+
         shard = staging / shard_name(world.rank, world.size)
-        save_file(tensors, str(shard), metadata={"ranges": json.dumps(ranges)})
-        del tensors
+        ranges = {str(layer): list(r) for layer, (_, r) in mine.items()}
+        files.stream_tensors(shard, specs, fill, metadata={"ranges": json.dumps(ranges)})
         torch.save(_rng_state(), staging / f"rng_state_{world.rank}.pt")
-        files.fsync_tree(shard)
         distributed.barrier()
         if world.is_main:
             (staging / INDEX_FILE).write_text(json.dumps(_index(staging, states, world.size)))

@@ -194,11 +194,11 @@ class TensorStream:
         expected, dtype, _ = self.pending[0]
         if name != expected or piece.dtype != dtype:
             raise ValueError(f"expected a piece of {expected} ({dtype}), got {name} ({piece.dtype})")
-        data = piece.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        if len(data) > self.left:
-            raise ValueError(f"{name}: {len(data)} bytes more than its declared size allows")
+        data = piece.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()  # no copy
+        if data.nbytes > self.left:
+            raise ValueError(f"{name}: {data.nbytes} bytes more than its declared size allows")
         self.handle.write(data)
-        self.left -= len(data)
+        self.left -= data.nbytes
         while self.pending and self.left == 0:
             self.pending.pop(0)
             self.left = self.pending[0][2] if self.pending else 0

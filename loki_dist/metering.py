@@ -4,8 +4,9 @@ loki_dist promises that nothing on a rank grows with the model beyond its share 
 promise is checked by counting, not timing: while metering is on, every torch.distributed collective
 (DeepSpeed's own included) adds the bytes of the result that lands on this rank, every reader of rows
 and statistics adds the bytes it pulls from disk, and each
-phase (`with metering.phase("checkpoint_save"):`) records those counts and the rise of the process's
-peak resident memory (Linux resets the peak through /proc/self/clear_refs) above where it started.
+phase (`with metering.phase("checkpoint_save"):`) records those counts, the rise of the process's peak
+resident memory (Linux resets the peak through /proc/self/clear_refs) above where it started, and its
+wall time (for the benchmarks; tests never look at times).
 
 Set LOKI_DIST_METER=DIR and every rank writes DIR/rank<r>.json when it leaves the process group; the
 scale tests and bench/bench_scale.py read those files. Without the variable nothing is wrapped or
@@ -17,6 +18,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -121,13 +123,15 @@ def phase(name: str) -> Iterator[None]:
     _largest.update(dict.fromkeys(KINDS, 0))
     rss_start = _status_kib("VmRSS")
     can_reset = enabled() and _reset_peak()
+    started = time.perf_counter()
     try:
         yield
     finally:
         largest = {f"largest_{kind}": 0 for kind in KINDS}
         record = _phases.setdefault(
-            name, {**dict.fromkeys(KINDS, 0), **largest, "peak_rss_rise": 0, "calls": 0}
+            name, {**dict.fromkeys(KINDS, 0), **largest, "peak_rss_rise": 0, "calls": 0, "seconds": 0.0}
         )
+        record["seconds"] += time.perf_counter() - started
         for kind in KINDS:
             record[kind] += _totals[kind] - before[kind]
             record[f"largest_{kind}"] = max(record[f"largest_{kind}"], _largest[kind])
