@@ -8,6 +8,7 @@ nothing is hard-coded: NCCL on CUDA, gloo on CPU.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -129,6 +130,66 @@ def all_gather_varlen(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     dist.all_gather(gathered, padded)
     metering.count("received", sum(sizes) * local.element_size())
     return torch.cat([chunk[:n] for chunk, n in zip(gathered, sizes, strict=True)]).to(local.device)
+
+
+def _settled(wire: torch.Tensor) -> torch.Tensor:
+    """Wait until the device is done with `wire`: a rank that only sends would otherwise queue every
+    chunk of a stream on the device at once, and the bound of one chunk in flight would not hold."""
+    if wire.is_cuda:
+        torch.cuda.current_stream(wire.device).synchronize()
+    return wire
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def reduce_to_main(tensor: torch.Tensor, dtype: torch.dtype, chunk_bytes: int) -> Iterator[torch.Tensor]:
+    """The sum over ranks of `tensor`, cast to `dtype`, handed to rank 0 in flat pieces on the CPU.
+
+    No rank ever holds more than its own `tensor` plus one piece of at most `chunk_bytes`, and only
+    rank 0 receives a result: a reduction to one rank moves a sum, not every rank's copy, so rank 0
+    takes in the size of the result whatever the world size. Every rank must drain the iterator (each
+    piece is a collective); other ranks get nothing from it. Casting per piece lets callers keep
+    their running sums in a narrow type and still sum exactly in a wide one.
+    """
+    numel = max(1, chunk_bytes // torch.empty((), dtype=dtype).element_size())
+    for piece in tensor.reshape(-1).split(numel):
+        wide = piece.to("cpu", dtype, copy=True)  # a copy: the reduction works in place
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            wire = _on_wire(wide)
+            dist.reduce(wire, dst=0, op=dist.ReduceOp.SUM)
+            _settled(wire)
+            if _rank() == 0:
+                metering.count("received", _nbytes(wire))
+                yield wire.cpu()
+        else:
+            yield wide
+
+
+def stream_to_main(local: torch.Tensor, sizes: list[int], chunk_bytes: int) -> Iterator[torch.Tensor]:
+    """Every rank's 1-D `local` (lengths `sizes`, known to all) in rank order, handed to rank 0 in
+    pieces of at most `chunk_bytes`; point to point, so no other rank receives anything.
+
+    Rank 0 holds one piece of another rank's data at a time (its consumer writes it before asking for
+    the next); the other ranks send theirs and get nothing from the iterator, which they must drain.
+    """
+    numel = max(1, chunk_bytes // local.element_size())
+    rank = _rank()
+    if rank != 0:
+        for piece in local.reshape(-1).split(numel):
+            wire = _on_wire(piece)
+            dist.send(wire, dst=0)
+            _settled(wire)
+        return
+    yield from local.reshape(-1).split(numel)
+    for source, size in enumerate(sizes[1:], start=1):
+        buffer = _on_wire(torch.empty(min(numel, size), dtype=local.dtype, device=local.device))
+        for start in range(0, size, numel):
+            wire = buffer[: min(numel, size - start)]
+            dist.recv(wire, src=source)
+            metering.count("received", _nbytes(wire))
+            yield wire.cpu()
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

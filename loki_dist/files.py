@@ -14,11 +14,13 @@ compute, and `publish` once every rank is done.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
 import socket
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -147,3 +149,69 @@ def save_tensors(
 
     contiguous = {name: t.contiguous() for name, t in tensors.items()}
     return atomic_write(target, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def _safetensors_header(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
+    """The header bytes (length prefix included) and each tensor's size in bytes, in layout order."""
+    entries: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    sizes, offset = {}, 0
+    for name, (dtype, shape) in layout.items():
+        sizes[name] = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        entries[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + sizes[name]],
+        }
+        offset += sizes[name]
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors itself writes
+    return len(text).to_bytes(8, "little") + text, sizes
+
+
+def save_tensors_streaming(
+    target: str | Path,
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    pieces: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """A safetensors file written atomically from pieces that arrive one at a time.
+
+    A safetensors file is a JSON header of byte offsets followed by the raw little-endian data, so
+    the header can be written from `layout` (name -> dtype, shape, in file order) before any data
+    exists, and then each piece appended as it comes: `pieces` yields (name, tensor) with the
+    tensors in layout order, each tensor's pieces being consecutive runs of its flat data. The writer
+    never holds more than one piece, which is what lets rank 0 write statistics and scores larger
+    than its memory. A piece of the wrong tensor, type or size is a bug and fails before publishing.
+    """
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors stores little-endian data; this host is big-endian")
+    header, sizes = _safetensors_header(layout, metadata or {})
+
+    def write(tmp: Path) -> None:
+        order, remaining = iter(layout), dict(sizes)
+        current = None
+        with open(tmp, "wb") as handle:
+            handle.write(header)
+            for name, piece in pieces:
+                while current != name:
+                    if current is not None and remaining[current]:
+                        raise ValueError(f"{current}: {remaining[current]} bytes missing before {name}")
+                    current = next(order, None)
+                    if current is None:
+                        raise ValueError(f"{name}: not in the layout, or out of order")
+                if piece.dtype != layout[name][0] or piece.nbytes > remaining[name]:
+                    raise ValueError(f"{name}: piece {piece.dtype} x {piece.numel()} does not fit")
+                handle.write(piece.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+                remaining[name] -= piece.nbytes
+        missing = {name: left for name, left in remaining.items() if left}
+        if missing:
+            raise ValueError(f"tensors not filled: {missing}")
+
+    return atomic_write(target, write)
