@@ -144,6 +144,23 @@ def test_cli_writes_positions_summary_and_plot(attribution, tmp_path, capsys):
     assert png.stat().st_size > 1000
 
 
+def test_select_reads_only_what_the_strategy_needs(attribution, tmp_path, capsys):
+    """A 70B file holds 7.5 GB of scores and 1.6 GB of histograms: an integer quota reads one
+    histogram and the score sums, and the scores are read only for a fractional quota."""
+    from loki_dist import metering
+
+    hist, sums, scores = L * D * 100 * 8, L * D * 8 + 8, N * L * D * 4
+    for strategy, quota, expected in (("layer_balanced", "10", hist + sums),
+                                      ("global_highest", "10", 2 * hist + sums),
+                                      ("layer_balanced", "12.5", hist + sums + scores)):  # fmt: skip
+        before = metering.report()["totals"]["read"]
+        argv = ["--attribution", str(attribution), "--quota", quota, "--strategy", strategy]
+        main(["select", *argv, "--output", str(tmp_path / "p.json")])
+        assert metering.report()["totals"]["read"] - before == expected, strategy
+        assert json.loads((tmp_path / "p.json").read_text()) == _brute(_scores(), Fraction(quota), strategy)
+    capsys.readouterr()
+
+
 def test_bad_input_fails_in_one_line(attribution, tmp_path, capsys, tiny_llama):
     out = str(tmp_path / "p.json")
     base = ["select", "--output", out, "--attribution", str(attribution)]
