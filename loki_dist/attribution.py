@@ -33,6 +33,7 @@ log = logging.getLogger("loki_dist.attribute")
 
 _KILL_ENV = "LOKI_DIST_TEST_KILL_AFTER_CHECKPOINT"  # tests only: SIGKILL self after this many checkpoints
 CHUNK_BYTES = 64 << 20  # at the end, what a rank holds of the summed statistics or of another's scores
+_CHUNK_ENV = "LOKI_DIST_TEST_CHUNK_BYTES"  # tests and benches only: a smaller CHUNK_BYTES, many pieces
 
 
 def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
@@ -358,18 +359,21 @@ def _write_attribution(args, world, spec, stats, num_samples: int, metadata: dic
 
     layout = file_layout(spec.num_layers, spec.hidden_size, num_samples, args.save_scores)
     tensors = stats.tensors()
+    chunk = int(os.environ.get(_CHUNK_ENV, CHUNK_BYTES))
 
-    def summed(name: str):
-        return reduce_to_main(tensors[name], layout[name][0], CHUNK_BYTES)
+    def summed(names: tuple[str, ...]):
+        parts = reduce_to_main([tensors[n] for n in names], layout[names[0]][0], chunk)
+        return ((names[index], piece) for index, piece in parts)
 
-    small = {name: list(summed(name)) for name in ("num_samples", "score_sum")}  # [] off rank 0
+    # the small sums first, kept on rank 0 for the summary (a piece is only valid until the next one)
+    small = {name: [p.clone() for _, p in summed((name,))] for name in ("num_samples", "score_sum")}
 
     def pieces():
         yield from ((name, piece) for name, parts in small.items() for piece in parts)
-        yield from ((name, piece) for name in HISTOGRAMS for piece in summed(name))
+        yield from summed(HISTOGRAMS)
         if args.save_scores:
             sizes = [n * spec.num_layers * spec.hidden_size for n in Plan.shares(num_samples, world.size)]
-            yield from (("scores", p) for p in stream_to_main(tensors["scores"], sizes, CHUNK_BYTES))
+            yield from (("scores", p) for p in stream_to_main(tensors["scores"], sizes, chunk))
 
     if not world.is_main:
         for _ in pieces():  # the collectives, in the same order as on rank 0

@@ -144,52 +144,78 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def reduce_to_main(tensor: torch.Tensor, dtype: torch.dtype, chunk_bytes: int) -> Iterator[torch.Tensor]:
-    """The sum over ranks of `tensor`, cast to `dtype`, handed to rank 0 in flat pieces on the CPU.
+def _staging(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One buffer where the backend moves data, and one on the CPU (the same buffer under gloo).
 
-    No rank ever holds more than its own `tensor` plus one piece of at most `chunk_bytes`, and only
-    rank 0 receives a result: a reduction to one rank moves a sum, not every rank's copy, so rank 0
-    takes in the size of the result whatever the world size. Every rank must drain the iterator (each
-    piece is a collective); other ranks get nothing from it. Casting per piece lets callers keep
-    their running sums in a narrow type and still sum exactly in a wide one.
+    Streams reuse these for every piece, so what a rank holds stays one piece however many pass
+    through it and however long a consumer keeps a reference to the last one.
     """
-    numel = max(1, chunk_bytes // torch.empty((), dtype=dtype).element_size())
-    for piece in tensor.reshape(-1).split(numel):
-        wide = piece.to("cpu", dtype, copy=True)  # a copy: the reduction works in place
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            wire = _on_wire(wide)
-            dist.reduce(wire, dst=0, op=dist.ReduceOp.SUM)
-            _settled(wire)
-            if _rank() == 0:
-                metering.count("received", _nbytes(wire))
-                yield wire.cpu()
-        else:
-            yield wide
+    host = torch.empty(numel, dtype=dtype)
+    wire = _on_wire(host) if dist.is_initialized() else host
+    return wire, host
+
+
+def _pieces(numel: int, chunk_bytes: int, dtype: torch.dtype) -> tuple[int, range]:
+    """Elements per piece, and where each piece starts."""
+    step = max(1, min(numel, chunk_bytes // torch.empty((), dtype=dtype).element_size()))
+    return step, range(0, numel, step)
+
+
+def reduce_to_main(
+    tensors: list[torch.Tensor], dtype: torch.dtype, chunk_bytes: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """The sum over ranks of each tensor in turn, cast to `dtype`, handed to rank 0 in flat pieces
+    (index of the tensor, piece) on the CPU.
+
+    No rank holds more than its own tensors plus one piece of at most `chunk_bytes`, and only rank 0
+    receives: a reduction to one rank delivers the sum, not every rank's copy, so rank 0 takes in the
+    size of the result whatever the world size. Every rank must drain the iterator (each piece is a
+    collective); the other ranks get nothing from it. A piece is valid until the next one is asked
+    for. Casting per piece lets callers count in a narrow type and still sum exactly in a wide one.
+    """
+    flats = [tensor.reshape(-1) for tensor in tensors]
+    step, _ = _pieces(max((flat.numel() for flat in flats), default=0), chunk_bytes, dtype)
+    wire, host = _staging(step, dtype)
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    for index, flat in enumerate(flats):
+        for start in range(0, flat.numel(), step):
+            summed = wire[: min(step, flat.numel() - start)]
+            summed.copy_(flat[start : start + summed.numel()])  # widened where the backend sums
+            if several:
+                dist.reduce(summed, dst=0, op=dist.ReduceOp.SUM)
+                _settled(summed)
+                if _rank() != 0:
+                    continue
+                metering.count("received", _nbytes(summed))
+            yield index, host[: summed.numel()].copy_(summed) if host is not wire else summed
 
 
 def stream_to_main(local: torch.Tensor, sizes: list[int], chunk_bytes: int) -> Iterator[torch.Tensor]:
     """Every rank's 1-D `local` (lengths `sizes`, known to all) in rank order, handed to rank 0 in
     pieces of at most `chunk_bytes`; point to point, so no other rank receives anything.
 
-    Rank 0 holds one piece of another rank's data at a time (its consumer writes it before asking for
-    the next); the other ranks send theirs and get nothing from the iterator, which they must drain.
+    Rank 0 holds one piece of another rank's data at a time (a piece is valid until the next one is
+    asked for); the other ranks send theirs and get nothing from the iterator, which they must drain.
     """
-    numel = max(1, chunk_bytes // local.element_size())
-    rank = _rank()
-    if rank != 0:
-        for piece in local.reshape(-1).split(numel):
-            wire = _on_wire(piece)
-            dist.send(wire, dst=0)
-            _settled(wire)
+    local = local.reshape(-1)
+    if _rank() == 0:
+        yield from local.split(_pieces(local.numel(), chunk_bytes, local.dtype)[0])
+    if len(sizes) == 1:
         return
-    yield from local.reshape(-1).split(numel)
+    step, _ = _pieces(max(sizes), chunk_bytes, local.dtype)
+    wire, host = _staging(step, local.dtype)
     for source, size in enumerate(sizes[1:], start=1):
-        buffer = _on_wire(torch.empty(min(numel, size), dtype=local.dtype, device=local.device))
-        for start in range(0, size, numel):
-            wire = buffer[: min(numel, size - start)]
-            dist.recv(wire, src=source)
-            metering.count("received", _nbytes(wire))
-            yield wire.cpu()
+        if _rank() not in (0, source):
+            continue
+        for start in range(0, size, step):
+            part = wire[: min(step, size - start)]
+            if _rank() == source:
+                dist.send(part.copy_(local[start : start + part.numel()]), dst=0)
+                _settled(part)  # sent before the buffer is refilled
+                continue
+            dist.recv(part, src=source)
+            metering.count("received", _nbytes(part))
+            yield host[: part.numel()].copy_(part) if host is not wire else part
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

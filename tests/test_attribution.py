@@ -107,10 +107,12 @@ def attribution_setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_rank_file(attribution_setup) -> Path:
     """The same attribution with 2 ranks (shared by the world-size, scale-law and resume tests); each
-    rank's metering report lands in meter2/."""
+    rank's metering report lands in meter2/. The end moves 1000-byte pieces (not a multiple of any
+    tensor's row), so every tensor of the file arrives in many pieces."""
     root, args, _ = attribution_setup
     path = root / "ws2.safetensors"
-    run_cli([*args, "--output", str(path)], nproc=2, env={"LOKI_DIST_METER": str(root / "meter2")})
+    env = {"LOKI_DIST_METER": str(root / "meter2"), "LOKI_DIST_TEST_CHUNK_BYTES": "1000"}
+    run_cli([*args, "--output", str(path)], nproc=2, env=env)
     return path
 
 
