@@ -199,8 +199,12 @@ class Checkpoints:
         return common
 
     def clear(self) -> None:
+        """Remove this rank's checkpoints, and what killed writers on this host left half-written."""
+        from loki_dist.files import remove_stale_temporaries
+
         for step in self.steps():
             self._path(step).unlink(missing_ok=True)
+        remove_stale_temporaries(self.directory)
 
 
 # ------------------------------------------------------------------------------------------------- run

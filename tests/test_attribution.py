@@ -5,6 +5,8 @@ is DESIGN.md's whatever the ranks kept, and only rank 0 receives the statistics 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from safetensors.torch import load_file
 
 from loki_dist import kva
 from loki_dist.adapters import down_projections
+from loki_dist.files import temporary_name
 from loki_dist.tiny import build_model, save_tiny, tiny_config
 
 CPU = torch.device("cpu")
@@ -210,6 +213,12 @@ def test_only_rank0_receives_and_only_the_other_ranks_share(attribution_setup, t
     assert rank1_scores < finish[0]["received"] <= rank1_scores + statistics
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_killed_run_resumes_to_the_identical_file(attribution_setup, two_rank_file, nproc):
     root, args, single = attribution_setup
@@ -230,6 +239,10 @@ def test_killed_run_resumes_to_the_identical_file(attribution_setup, two_rank_fi
         assert checkpoint[name].dtype == torch.uint8 and checkpoint[name].shape == (3, 32, 100)
         assert checkpoint[name].sum().item() == 4 * 3 * 32
     assert (partial / "rank0-step000000002.safetensors").stat().st_size < 3 * 3 * 32 * 100 * 2
+    # as if killed while writing step 3: a half-written temporary of a writer that is gone
+    half = temporary_name(partial / "rank0-step000000003.safetensors")
+    half = half.with_name(half.name.replace(f"-{os.getpid()}-", f"-{_dead_pid()}-"))
+    half.write_bytes(b"half a checkpoint")
     proc = run_cli([*resumable, "--resume"], nproc)
     assert "resuming after 2 batches" in proc.stderr
     # bit-identical tensors and metadata (safetensors writes the metadata map in hash order)
