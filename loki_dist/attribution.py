@@ -1,15 +1,16 @@
 """`loki-dist attribute`: data-parallel KVA attribution, written as one attribution file.
 
-Each rank scores a contiguous block of the samples (so gathering per-sample scores in rank order gives
-data order back), accumulates the statistics of loki_dist.stats, and all ranks sum them once at the
-end; rank 0 writes the file. With `--ds-config` the model is ZeRO-3-sharded over the ranks for
-inference; ZeRO-3 gathers each layer's parameters collectively, so then every rank makes exactly the
-same forward calls: shards are padded with dummy batches and every batch with dummy samples, whose
-scores are thrown away.
+Each rank scores a contiguous block of the samples (so its scores, sent in rank order, come out in
+data order) and accumulates the statistics of loki_dist.stats. At the end the statistics are summed
+into rank 0 a bounded piece at a time and rank 0 streams them, then every rank's scores, into the
+file: no rank ever holds the whole sums or another rank's whole scores, and only rank 0 receives.
+With `--ds-config` the model is ZeRO-3-sharded over the ranks for inference; ZeRO-3 gathers each
+layer's parameters collectively, so then every rank makes exactly the same forward calls: shards are
+padded with dummy batches and every batch with dummy samples, whose scores are thrown away.
 
-Partial statistics are checkpointed per rank every `--checkpoint-every` samples. A rank keeps its last
-two checkpoints until every rank has written the newer one, so `--resume` always finds a step that all
-ranks share, even when a job was killed half-way through writing.
+Partial statistics are checkpointed per rank every `--checkpoint-every` samples, one file per rank. A
+rank removes its previous checkpoint only once every rank has written the new one, so `--resume`
+always finds a step that all ranks share, even when a job was killed half-way through writing.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from loki_dist.modeling import add_inference_arguments, read_inference_config
 log = logging.getLogger("loki_dist.attribute")
 
 _KILL_ENV = "LOKI_DIST_TEST_KILL_AFTER_CHECKPOINT"  # tests only: SIGKILL self after this many checkpoints
+CHUNK_BYTES = 64 << 20  # at the end, what a rank holds of the summed statistics or of another's scores
+_CHUNK_ENV = "LOKI_DIST_TEST_CHUNK_BYTES"  # tests and benches only: a smaller CHUNK_BYTES, many pieces
 
 
 def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,10 +94,15 @@ class Plan:
     num_batches: int
     batch_size: int
 
+    @staticmethod
+    def shares(num_samples: int, world_size: int) -> list[int]:
+        """Samples per rank: contiguous blocks in rank order, the first ones one larger."""
+        base, extra = divmod(num_samples, world_size)
+        return [base + (r < extra) for r in range(world_size)]
+
     @classmethod
     def make(cls, num_samples: int, rank: int, world_size: int, batch_size: int) -> Plan:
-        base, extra = divmod(num_samples, world_size)
-        sizes = [base + (r < extra) for r in range(world_size)]
+        sizes = cls.shares(num_samples, world_size)
         start = sum(sizes[:rank])
         return cls(start, start + sizes[rank], math.ceil(max(sizes) / batch_size), batch_size)
 
@@ -132,7 +140,12 @@ def _validate(args: argparse.Namespace):
 
 
 class Checkpoints:
-    """Per-rank partial statistics, `rank{r}-step{s}.safetensors`, the last two kept."""
+    """Per-rank partial statistics, `rank{r}-step{s}.safetensors`: one per rank between saves.
+
+    A save writes the new step beside the old one and removes the old one only once every rank has
+    written the new one (a barrier), so the second file lives only for the length of that commit
+    and the ranks' newest steps never differ by more than one, which `restore` relies on.
+    """
 
     def __init__(self, directory: Path, rank: int, identity: dict[str, str]):
         self.directory, self.rank, self.identity = directory, rank, identity
@@ -147,14 +160,19 @@ class Checkpoints:
         return sorted(int(p.stem[len(prefix) :]) for p in self.directory.glob(f"{prefix}*.safetensors"))
 
     def save(self, stats, step: int) -> None:
+        from loki_dist import metering
         from loki_dist.distributed import barrier
-        from loki_dist.files import save_tensors
+        from loki_dist.files import save_tensors_streaming
 
-        save_tensors(stats.tensors(), self._path(step), {**self.identity, "step": str(step)})
-        barrier()  # every rank has `step` now, so older ones can go
-        for old in self.steps():
-            if old < step:
-                self._path(old).unlink(missing_ok=True)
+        with metering.phase("attribute_checkpoint"):
+            tensors = stats.tensors()  # views: written as they are, never copied whole
+            layout = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+            metadata = {**self.identity, "step": str(step)}
+            save_tensors_streaming(self._path(step), layout, tensors.items(), metadata)
+            barrier()  # every rank has `step` now, so older ones can go
+            for old in self.steps():
+                if old < step:
+                    self._path(old).unlink(missing_ok=True)
 
     def restore(self, stats, world_size: int) -> int:
         """Load the newest step every rank has; returns the number of batches already done."""
@@ -181,8 +199,12 @@ class Checkpoints:
         return common
 
     def clear(self) -> None:
+        """Remove this rank's checkpoints, and what killed writers on this host left half-written."""
+        from loki_dist.files import remove_stale_temporaries
+
         for step in self.steps():
             self._path(step).unlink(missing_ok=True)
+        remove_stale_temporaries(self.directory)
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -261,7 +283,7 @@ def _score_all(args, world, model, projections, prompts, checkpoints, dtype, dev
 
     spec = spec_from_config(model.config)
     plan = Plan.make(len(prompts.input_ids), world.rank, world.size, args.batch_size)
-    stats = Stats(spec.num_layers, spec.hidden_size, args.save_scores)
+    stats = Stats(spec.num_layers, spec.hidden_size, args.save_scores, capacity=plan.stop - plan.start)
     done = checkpoints.restore(stats, world.size) if args.resume else 0
     if not args.resume:
         checkpoints.clear()
@@ -309,50 +331,86 @@ def _score_all(args, world, model, projections, prompts, checkpoints, dtype, dev
 
 
 def _finish(args, world, spec, stats, prompts, identity, checkpoints, zero3: bool) -> None:
-    """Sum the statistics of all ranks, gather the scores in data order, write on rank 0."""
-    from loki_dist.distributed import all_gather_varlen, all_reduce_sum, barrier, shutdown
-    from loki_dist.files import save_tensors
+    """Bring the statistics to rank 0, which writes the file as they arrive; then drop the checkpoints."""
+    from loki_dist import metering
+    from loki_dist.distributed import barrier, shutdown
 
-    tensors = stats.tensors()
-    for name, tensor in tensors.items():
-        if name != "scores":
-            all_reduce_sum(tensor)
-    if "scores" in tensors:
-        plan_sizes = [Plan.make(len(prompts.input_ids), r, world.size, 1) for r in range(world.size)]
-        sizes = [(p.stop - p.start) * spec.num_layers * spec.hidden_size for p in plan_sizes]
-        flat = all_gather_varlen(tensors["scores"].reshape(-1).contiguous(), sizes)
-        tensors["scores"] = flat.view(-1, spec.num_layers, spec.hidden_size)
-    if world.is_main:
-        metadata = {
-            **identity,
-            "format": "loki_dist attribution v1",
-            "model": str(args.model),
-            "algorithm": args.algorithm,
-            "prompt": "mmlu single choice (DESIGN.md)",
-            "chat_template": str(prompts.chat_template),
-            "shots": str(args.shots),
-            "per_subject": str(args.per_subject),
-            "subjects": args.subjects or "all",
-            "split": args.split,
-            "data": str(args.data),
-            "dtype": args.dtype,
-            "zero3": str(zero3),
-            "loki_dist_version": __version__,
-        }
-        metadata.pop("batch_size")
-        save_tensors(args.output, tensors, metadata)
-        _summary(tensors, spec)
-    barrier()
-    checkpoints.clear()
-    barrier()  # every rank's files are gone before rank 0 looks at the directory
-    if world.is_main and checkpoints.directory.is_dir() and not any(checkpoints.directory.iterdir()):
-        checkpoints.directory.rmdir()
+    with metering.phase("attribute_finish"):
+        _write_attribution(
+            args, world, spec, stats, len(prompts.input_ids), _metadata(args, identity, prompts, zero3)
+        )
+        barrier()
+        checkpoints.clear()
+        barrier()  # every rank's files are gone before rank 0 looks at the directory
+        if world.is_main and checkpoints.directory.is_dir() and not any(checkpoints.directory.iterdir()):
+            checkpoints.directory.rmdir()
     shutdown()
 
 
-def _summary(tensors, spec) -> None:
-    n = int(tensors["num_samples"].item())
-    mean = tensors["score_sum"] / max(n, 1)
+def _write_attribution(args, world, spec, stats, num_samples: int, metadata: dict[str, str]) -> None:
+    """Sum the ranks' statistics into rank 0 piece by piece, and stream them and the scores to the file.
+
+    At 70B (L=80, D=8192, 2850 samples) the summed histograms are 1.6 GB and the scores 7.5 GB: no
+    rank may hold either whole. The sums reach only rank 0, CHUNK_BYTES at a time, widened there to
+    the file's int64; the scores travel point to point from each rank to rank 0, in rank (= data)
+    order, while rank 0 appends them to the file. The other ranks receive nothing.
+    """
+    import torch
+
+    from loki_dist.distributed import reduce_to_main, stream_to_main
+    from loki_dist.files import save_tensors_streaming
+    from loki_dist.stats import HISTOGRAMS, file_layout
+
+    layout = file_layout(spec.num_layers, spec.hidden_size, num_samples, args.save_scores)
+    tensors = stats.tensors()
+    chunk = int(os.environ.get(_CHUNK_ENV, CHUNK_BYTES))
+
+    def summed(names: tuple[str, ...]):
+        parts = reduce_to_main([tensors[n] for n in names], layout[names[0]][0], chunk)
+        return ((names[index], piece) for index, piece in parts)
+
+    # the small sums first, kept on rank 0 for the summary (a piece is only valid until the next one)
+    small = {name: [p.clone() for _, p in summed((name,))] for name in ("num_samples", "score_sum")}
+
+    def pieces():
+        yield from ((name, piece) for name, parts in small.items() for piece in parts)
+        yield from summed(HISTOGRAMS)
+        if args.save_scores:
+            sizes = [n * spec.num_layers * spec.hidden_size for n in Plan.shares(num_samples, world.size)]
+            yield from (("scores", p) for p in stream_to_main(tensors["scores"], sizes, chunk))
+
+    if not world.is_main:
+        for _ in pieces():  # the collectives, in the same order as on rank 0
+            pass
+        return
+    save_tensors_streaming(args.output, layout, pieces(), metadata)
+    score_sum = torch.cat(small["score_sum"]).view(spec.num_layers, spec.hidden_size)
+    _summary(score_sum, int(torch.cat(small["num_samples"]).item()), spec)
+
+
+def _metadata(args, identity: dict[str, str], prompts, zero3: bool) -> dict[str, str]:
+    metadata = {
+        **identity,
+        "format": "loki_dist attribution v1",
+        "model": str(args.model),
+        "algorithm": args.algorithm,
+        "prompt": "mmlu single choice (DESIGN.md)",
+        "chat_template": str(prompts.chat_template),
+        "shots": str(args.shots),
+        "per_subject": str(args.per_subject),
+        "subjects": args.subjects or "all",
+        "split": args.split,
+        "data": str(args.data),
+        "dtype": args.dtype,
+        "zero3": str(zero3),
+        "loki_dist_version": __version__,
+    }
+    metadata.pop("batch_size")
+    return metadata
+
+
+def _summary(score_sum, n: int, spec) -> None:
+    mean = score_sum / max(n, 1)
     lines = [f"attribution: {n} samples"]
     for layer in range(spec.num_layers):
         row = mean[layer]

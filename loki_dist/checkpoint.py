@@ -66,17 +66,16 @@ def save(out_dir: Path, step: int, states: list[RowState], trainer_state: dict, 
         # this rank's non-empty slices (a replicated layout is written by rank 0 alone)
         mine = {s.layer: (s, s.selected_range()) for s in states if s.owns_slice or world.is_main}
         mine = {layer: (s, (b, e)) for layer, (s, (b, e)) in mine.items() if e > b}
-        specs = [(f"layers.{layer}.{what}", torch.float32, (e - b,))
-                 for layer, (_, (b, e)) in mine.items() for what in QUANTITIES]  # fmt: skip
-
-        def fill(stream: files.TensorStream) -> None:  # one layer's quantity in memory at a time
-            for layer, (state, _) in mine.items():
-                for what in QUANTITIES:
-                    stream.write(f"layers.{layer}.{what}", state.take(what).float())
-
+        layout = {f"layers.{layer}.{what}": (torch.float32, (e - b,))
+                  for layer, (_, (b, e)) in mine.items() for what in QUANTITIES}  # fmt: skip
+        pieces = (  # one layer's quantity in memory at a time
+            (f"layers.{layer}.{what}", state.take(what).float())
+            for layer, (state, _) in mine.items()
+            for what in QUANTITIES
+        )
         shard = staging / shard_name(world.rank, world.size)
         ranges = {str(layer): list(r) for layer, (_, r) in mine.items()}
-        files.stream_tensors(shard, specs, fill, metadata={"ranges": json.dumps(ranges)})
+        files.save_tensors_streaming(shard, layout, pieces, metadata={"ranges": json.dumps(ranges)})
         torch.save(_rng_state(), staging / f"rng_state_{world.rank}.pt")
         distributed.barrier()
         if world.is_main:

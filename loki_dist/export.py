@@ -13,7 +13,7 @@ import hashlib
 import json
 import shutil
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,17 +143,17 @@ def write_implant(
     layers = source.layers()
     rows = {layer: source.rows(layer) for layer in layers}
     positions = [rows[layer].tolist() if layer in rows else [] for layer in range(spec.num_layers)]
-    specs = []
+    layout = {}
     for layer in layers:
-        specs.append((f"layers.{layer}.rows", torch.int64, (len(rows[layer]),)))
-        specs.append((f"layers.{layer}.weight", dtypes[layer], (len(rows[layer]), spec.intermediate_size)))
+        layout[f"layers.{layer}.rows"] = (torch.int64, (len(rows[layer]),))
+        layout[f"layers.{layer}.weight"] = (dtypes[layer], (len(rows[layer]), spec.intermediate_size))
 
-    def fill(stream: files.TensorStream) -> None:
+    def pieces() -> Iterator[tuple[str, torch.Tensor]]:  # one layer in memory at a time
         for layer in layers:
-            stream.write(f"layers.{layer}.rows", rows[layer])
-            stream.write(f"layers.{layer}.weight", source.weight(layer, dtypes[layer]))
+            yield f"layers.{layer}.rows", rows[layer]
+            yield f"layers.{layer}.weight", source.weight(layer, dtypes[layer])
 
-    files.stream_tensors(path, specs, fill, implant_metadata(spec, base_print, positions))
+    files.save_tensors_streaming(path, layout, pieces(), implant_metadata(spec, base_print, positions))
 
 
 def check_implant_fits(metadata: dict[str, str], spec: ModelSpec, base_print: str, base_dir) -> None:

@@ -14,11 +14,13 @@ compute, and `publish` once every rank is done.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
 import socket
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -149,77 +151,67 @@ def save_tensors(
     return atomic_write(target, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
 
 
-# ------------------------------------------------------------------------------- streamed safetensors
-
 _SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
-}
+}  # fmt: skip
 
 
-class TensorStream:
-    """Fill a safetensors file one piece at a time, in the order its tensors were declared.
-
-    safetensors is an 8-byte header length, a JSON header giving each tensor's dtype, shape and byte
-    range, then the raw little-endian bytes. Knowing every dtype and shape up front, the header is
-    written first and each tensor's bytes follow in pieces, so a file far larger than memory (all
-    trained rows of a 70B model, [N, L, D] attribution scores) is written holding one piece at a time.
-    """
-
-    def __init__(self, handle, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict | None):
-        self.handle, self.pending = handle, []
-        header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
-        offset = 0
-        for name, dtype, shape in specs:
-            size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + size]}  # fmt: skip
-            self.pending.append((name, dtype, size))
-            offset += size
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-        handle.write(len(text).to_bytes(8, "little") + text)
-        self.left = self.pending[0][2] if self.pending else 0
-
-    def write(self, name: str, piece: torch.Tensor) -> None:
-        """Append the next piece of tensor `name` (any shape; its elements in row-major order)."""
-        expected, dtype, _ = self.pending[0]
-        if name != expected or piece.dtype != dtype:
-            raise ValueError(f"expected a piece of {expected} ({dtype}), got {name} ({piece.dtype})")
-        data = piece.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()  # no copy
-        if data.nbytes > self.left:
-            raise ValueError(f"{name}: {data.nbytes} bytes more than its declared size allows")
-        self.handle.write(data)
-        self.left -= data.nbytes
-        while self.pending and self.left == 0:
-            self.pending.pop(0)
-            self.left = self.pending[0][2] if self.pending else 0
-
-    def close(self) -> None:
-        if self.pending:
-            raise ValueError(f"{self.pending[0][0]}: {self.left} bytes were never written")
+def _safetensors_header(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
+    """The header bytes (length prefix included) and each tensor's size in bytes, in layout order."""
+    entries: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    sizes, offset = {}, 0
+    for name, (dtype, shape) in layout.items():
+        sizes[name] = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        entries[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + sizes[name]],
+        }
+        offset += sizes[name]
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors itself writes
+    return len(text).to_bytes(8, "little") + text, sizes
 
 
-def stream_tensors(
+def save_tensors_streaming(
     target: str | Path,
-    specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-    fill: Callable[[TensorStream], object],
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    pieces: Iterable[tuple[str, torch.Tensor]],
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write a safetensors file atomically through `fill(stream)`, which writes every declared tensor."""
+    """A safetensors file written atomically from pieces that arrive one at a time.
+
+    A safetensors file is a JSON header of byte offsets followed by the raw little-endian data, so
+    the header can be written from `layout` (name -> dtype, shape, in file order) before any data
+    exists, and then each piece appended as it comes: `pieces` yields (name, tensor) with the
+    tensors in layout order, each tensor's pieces being consecutive runs of its flat data. The writer
+    never holds more than one piece, which is what lets rank 0 write statistics and scores larger
+    than its memory. A piece of the wrong tensor, type or size is a bug and fails before publishing.
+    """
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors stores little-endian data; this host is big-endian")
+    header, sizes = _safetensors_header(layout, metadata or {})
 
     def write(tmp: Path) -> None:
-        with tmp.open("wb") as handle:
-            stream = TensorStream(handle, specs, metadata)
-            fill(stream)
-            stream.close()
+        order, remaining = iter(layout), dict(sizes)
+        current = None
+        with open(tmp, "wb") as handle:
+            handle.write(header)
+            for name, piece in pieces:
+                while current != name:
+                    if current is not None and remaining[current]:
+                        raise ValueError(f"{current}: {remaining[current]} bytes missing before {name}")
+                    current = next(order, None)
+                    if current is None:
+                        raise ValueError(f"{name}: not in the layout, or out of order")
+                if piece.dtype != layout[name][0] or piece.nbytes > remaining[name]:
+                    raise ValueError(f"{name}: piece {piece.dtype} x {piece.numel()} does not fit")
+                handle.write(piece.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+                remaining[name] -= piece.nbytes
+        missing = {name: left for name, left in remaining.items() if left}
+        if missing:
+            raise ValueError(f"tensors not filled: {missing}")
 
     return atomic_write(target, write)

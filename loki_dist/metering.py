@@ -55,16 +55,27 @@ def _size(*names: str):
     return measure
 
 
+def _at(root: str, receives_at_root: bool, measure):
+    """A rooted collective delivers at its root (reduce, gather) or everywhere else (broadcast, scatter)."""
+
+    def rooted(bound: dict) -> int:
+        import torch.distributed as dist
+
+        return measure(bound) if (dist.get_rank() == bound.get(root)) == receives_at_root else 0
+
+    return rooted
+
+
 _COLLECTIVES = {
     "all_reduce": _size("tensor"),
-    "broadcast": _size("tensor"),
-    "reduce": _size("tensor"),
+    "broadcast": _at("src", False, _size("tensor")),
+    "reduce": _at("dst", True, _size("tensor")),
     "all_gather": _size("tensor_list"),
     "all_gather_into_tensor": _size("output_tensor"),
     "reduce_scatter": _size("output"),
     "reduce_scatter_tensor": _size("output"),
-    "gather": _size("gather_list"),
-    "scatter": _size("tensor"),
+    "gather": _at("dst", True, _size("gather_list")),
+    "scatter": _at("src", False, _size("tensor")),
     "recv": _size("tensor"),
     "irecv": _size("tensor"),
     "all_to_all_single": _size("output"),

@@ -109,11 +109,44 @@ def random_selection(num_layers: int, hidden: int, quota: Fraction, seed: int) -
 # ------------------------------------------------------------------------------------------ file checks
 
 
-def load_attribution(path: str, model: str | None = None) -> tuple[dict, dict]:
-    """Tensors and metadata, with every shape checked against each other (and --model if given)."""
+def _global_hist(strategy: str) -> str:
+    from loki_dist.stats import GLOBAL_HIGH, GLOBAL_LOW
+
+    return GLOBAL_HIGH if strategy == "global_highest" else GLOBAL_LOW
+
+
+def _needs_scores(quota: Fraction, strategy: str, names) -> bool:
+    """A fractional quota reads the scores; so does a global strategy on a file without its histogram."""
+    if strategy == "random":
+        return False
+    return quota.denominator != 1 or (strategy.startswith("global") and _global_hist(strategy) not in names)
+
+
+def _reads(quota: Fraction, strategy: str):
+    """The tensors a selection reads from the file: the rest (scores: 7.5 GB at 70B) stays on disk."""
+
+    def pick(names: list[str]) -> set[str]:
+        chosen = {"bottom_rank_hist", "score_sum", "num_samples"}
+        if strategy.startswith("global"):
+            chosen.add(_global_hist(strategy))
+        if _needs_scores(quota, strategy, names):
+            chosen.add("scores")
+        return chosen
+
+    return pick
+
+
+def load_attribution(
+    path: str, model: str | None = None, quota: Fraction | None = None, strategy: str | None = None
+) -> tuple[dict, dict]:
+    """Tensors and metadata, with every shape checked against each other (and --model if given).
+
+    With a quota and strategy, only what that selection reads is loaded.
+    """
     from loki_dist.stats import BINS, GLOBAL_HIGH, GLOBAL_LOW, load_file
 
-    tensors, metadata = load_file(path)
+    pick = _reads(quota, strategy) if quota is not None and strategy is not None else None
+    tensors, metadata = load_file(path, pick=pick)
     missing = [n for n in ("bottom_rank_hist", "score_sum", "num_samples") if n not in tensors]
     if missing:
         raise UserError(
@@ -158,10 +191,7 @@ def select(tensors: dict, quota: Fraction, strategy: str, seed: int = 0) -> list
         raise UserError(f"--quota {float(quota):g}: selects no row at hidden_size {hidden}; raise it")
     if strategy == "random":
         return random_selection(num_layers, hidden, quota, seed)
-    needs_scores = quota.denominator != 1 or (
-        strategy.startswith("global") and "global_bottom_rank_hist" not in tensors
-    )
-    if needs_scores and "scores" not in tensors:
+    if _needs_scores(quota, strategy, tensors) and "scores" not in tensors:
         why = "a fractional --quota" if quota.denominator != 1 else f"--strategy {strategy} with this file"
         raise UserError(f"{why} needs per-sample scores; rerun `loki-dist attribute` with --save-scores")
     if strategy == "layer_balanced":
@@ -189,7 +219,7 @@ def run_select(args: argparse.Namespace) -> None:
         positions = random_selection(spec.num_layers, spec.hidden_size, quota, args.seed)
         tensors = None
     else:
-        tensors, _ = load_attribution(args.attribution, args.model)
+        tensors, _ = load_attribution(args.attribution, args.model, quota, args.strategy)
         positions = select(tensors, quota, args.strategy, args.seed)
     positions_file.save(positions, args.output)
     print(summary(positions, tensors, args.strategy, quota))

@@ -1,9 +1,12 @@
 """KVA attribution: fast == reference == an independent finite-difference computation; batching,
-world size and ZeRO-3 sharding change no result; a killed run resumes to the identical file."""
+world size and ZeRO-3 sharding change no result; a killed run resumes to the identical file; the file
+is DESIGN.md's whatever the ranks kept, and only rank 0 receives the statistics and scores."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from safetensors.torch import load_file
 
 from loki_dist import kva
 from loki_dist.adapters import down_projections
+from loki_dist.files import temporary_name
 from loki_dist.tiny import build_model, save_tiny, tiny_config
 
 CPU = torch.device("cpu")
@@ -105,10 +109,13 @@ def attribution_setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_rank_file(attribution_setup) -> Path:
-    """The same attribution with 2 ranks (shared by the world-size and the resume tests)."""
+    """The same attribution with 2 ranks (shared by the world-size, scale-law and resume tests); each
+    rank's metering report lands in meter2/. The end moves 1000-byte pieces (not a multiple of any
+    tensor's row), so every tensor of the file arrives in many pieces."""
     root, args, _ = attribution_setup
     path = root / "ws2.safetensors"
-    run_cli([*args, "--output", str(path)], nproc=2)
+    env = {"LOKI_DIST_METER": str(root / "meter2"), "LOKI_DIST_TEST_CHUNK_BYTES": "1000"}
+    run_cli([*args, "--output", str(path)], nproc=2, env=env)
     return path
 
 
@@ -136,16 +143,106 @@ def test_world_size_two_and_zero3_give_the_same_file(attribution_setup, two_rank
     assert 0.45 < held / total < 0.55  # each parameter split in two
 
 
+def _ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Ascending rank along the last dim, ties to the lower index, by counting (no sort)."""
+    less = scores[..., None, :] < scores[..., :, None]
+    index = torch.arange(scores.shape[-1])
+    tied_before = (scores[..., None, :] == scores[..., :, None]) & (index[None, :] < index[:, None])
+    return (less | tied_before).sum(-1)
+
+
+def _histogram(ranks: torch.Tensor, n: int) -> torch.Tensor:
+    """[..., n] ranks -> [..., 100] counts over the samples (dim 0): bin b holds [b*n//100, (b+1)*n//100)."""
+    hist = torch.zeros(*ranks.shape[1:], 100, dtype=torch.int64)
+    for b in range(100):
+        hist[..., b] = ((ranks >= b * n // 100) & (ranks < (b + 1) * n // 100)).sum(0)
+    return hist
+
+
+def test_two_rank_file_is_the_design_contract_in_data_order(attribution_setup, two_rank_file):
+    """Streamed to rank 0 piece by piece, the file still holds DESIGN.md's tensors, consistent with
+    its own scores, and the scores are in data order across the uneven 5 + 4 split."""
+    root, args, _ = attribution_setup
+    f = load_file(two_rank_file)
+    n, layers, hidden = 9, 3, 32
+    assert {name: (t.dtype, list(t.shape)) for name, t in f.items()} == {
+        "bottom_rank_hist": (torch.int64, [layers, hidden, 100]),
+        "global_bottom_rank_hist": (torch.int64, [layers, hidden, 100]),
+        "global_top_rank_hist": (torch.int64, [layers, hidden, 100]),
+        "score_sum": (torch.float64, [layers, hidden]),
+        "num_samples": (torch.int64, [1]),
+        "scores": (torch.float32, [n, layers, hidden]),
+    }
+    scores = f["scores"]
+    assert f["num_samples"].item() == n
+    expected_sum = scores.double().sum(0)
+    torch.testing.assert_close(
+        f["score_sum"], expected_sum, rtol=0, atol=1e-12 * expected_sum.abs().max().item()
+    )
+    assert torch.equal(f["bottom_rank_hist"], _histogram(_ranks(scores), hidden))
+    flat = scores.reshape(n, -1)
+    for name, key in (("global_bottom_rank_hist", flat), ("global_top_rank_hist", -flat)):
+        assert torch.equal(f[name], _histogram(_ranks(key), layers * hidden).view(layers, hidden, 100))
+    # data order: samples on both sides of the rank boundary, each scored alone here
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loki_dist import mmlu
+
+    model_dir, data = args[args.index("--model") + 1], args[args.index("--data") + 1]
+    questions, shots = mmlu.load_questions(data, 50, 0, None, "test", None)
+    prompts = mmlu.build_prompts(AutoTokenizer.from_pretrained(model_dir), questions, shots).input_ids
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for i in (0, 4, 5, 8):
+        alone = kva.fast_scores(
+            model, down_projections(model), kva.Batch.left_pad([prompts[i]], 0, CPU), 7, 1000
+        )
+        torch.testing.assert_close(scores[i], alone[0].float(), rtol=0, atol=1e-4 * alone.abs().max().item())
+
+
+def test_only_rank0_receives_and_only_the_other_ranks_share(attribution_setup, two_rank_file):
+    """The scale law, from the metering reports: at the end rank 1 receives nothing (the sums go to
+    rank 0 only, the scores point to point), rank 0 receives rank 1's scores plus one copy of the
+    summed statistics, not every rank's scores (the old all-gather) nor world x the statistics."""
+    root = attribution_setup[0]
+    reports = [json.loads((root / "meter2" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    finish = [report["phases"]["attribute_finish"] for report in reports]
+    layers, hidden, rank1_samples = 3, 32, 4  # 9 samples: ranks score 5 and 4
+    rank1_scores = rank1_samples * layers * hidden * 4
+    statistics = 3 * layers * hidden * 100 * 8 + layers * hidden * 8 + 8  # int64 hists, score_sum, count
+    assert finish[1]["received"] == 0
+    assert rank1_scores < finish[0]["received"] <= rank1_scores + statistics
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_killed_run_resumes_to_the_identical_file(attribution_setup, two_rank_file, nproc):
     root, args, single = attribution_setup
     uninterrupted = single if nproc == 1 else two_rank_file
     output = root / f"resumed{nproc}.safetensors"
     partial = root / f"resumed{nproc}.safetensors.partial"
-    resumable = [*args, "--output", str(output), "--checkpoint-every", "4"]
-    killed = run_cli(resumable, nproc, env={"LOKI_DIST_TEST_KILL_AFTER_CHECKPOINT": "1"}, check=False)
+    resumable = [*args, "--output", str(output), "--checkpoint-every", "2"]  # every batch
+    killed = run_cli(resumable, nproc, env={"LOKI_DIST_TEST_KILL_AFTER_CHECKPOINT": "2"}, check=False)
     assert killed.returncode != 0 and not output.exists()
-    assert len(list(partial.glob("rank*-step000000002.safetensors"))) == nproc
+    # after two checkpoints, one file per rank: the second step's
+    assert sorted(p.name for p in partial.iterdir()) == [
+        f"rank{r}-step000000002.safetensors" for r in range(nproc)
+    ]
+    checkpoint = load_file(partial / "rank0-step000000002.safetensors")
+    assert checkpoint["num_samples"].item() == 4 and checkpoint["scores"].shape == (4, 3, 32)
+    for name in ("bottom_rank_hist", "global_bottom_rank_hist", "global_top_rank_hist"):
+        # at most 9 samples per rank: one byte per bin, an eighth of the file's int64
+        assert checkpoint[name].dtype == torch.uint8 and checkpoint[name].shape == (3, 32, 100)
+        assert checkpoint[name].sum().item() == 4 * 3 * 32
+    assert (partial / "rank0-step000000002.safetensors").stat().st_size < 3 * 3 * 32 * 100 * 2
+    # as if killed while writing step 3: a half-written temporary of a writer that is gone
+    half = temporary_name(partial / "rank0-step000000003.safetensors")
+    half = half.with_name(half.name.replace(f"-{os.getpid()}-", f"-{_dead_pid()}-"))
+    half.write_bytes(b"half a checkpoint")
     proc = run_cli([*resumable, "--resume"], nproc)
     assert "resuming after 2 batches" in proc.stderr
     # bit-identical tensors and metadata (safetensors writes the metadata map in hash order)

@@ -12,8 +12,9 @@ from conftest import assert_user_error
 
 from loki_dist.cli import main
 from loki_dist.errors import UserError
+from loki_dist.files import save_tensors
 from loki_dist.selection import select
-from loki_dist.stats import Stats, save_atomic
+from loki_dist.stats import Stats
 
 L, D, N = 3, 40, 7
 
@@ -24,10 +25,19 @@ def _scores(seed: int = 0) -> torch.Tensor:
 
 
 def _tensors(scores: torch.Tensor, keep_scores: bool = True) -> dict:
-    stats = Stats(L, D, keep_scores)
+    """The statistics as a run keeps them: histograms in the narrow type (uint8 for 7 samples)."""
+    stats = Stats(L, D, keep_scores, capacity=N)
     for chunk in scores.split(3):  # accumulated over several batches, as a run does
         stats.add(chunk.double())
-    return stats.tensors()
+    tensors = stats.tensors()
+    assert tensors["bottom_rank_hist"].dtype == torch.uint8
+    return tensors
+
+
+def _save(tensors: dict, path, metadata: dict) -> None:
+    """An attribution file as DESIGN.md has it: histograms widened to int64."""
+    widened = {n: t.long() if n.endswith("_hist") else t for n, t in tensors.items()}
+    save_tensors(path, widened, metadata)
 
 
 def _brute(scores: torch.Tensor, quota: Fraction, strategy: str) -> list[list[int]]:
@@ -108,7 +118,7 @@ def test_random_is_seeded_and_fills_every_layer():
 @pytest.fixture
 def attribution(tmp_path):
     path = tmp_path / "attribution.safetensors"
-    save_atomic(_tensors(_scores()), path, {"model_type": "llama"})
+    _save(_tensors(_scores()), path, {"model_type": "llama"})
     return path
 
 
@@ -134,6 +144,23 @@ def test_cli_writes_positions_summary_and_plot(attribution, tmp_path, capsys):
     assert png.stat().st_size > 1000
 
 
+def test_select_reads_only_what_the_strategy_needs(attribution, tmp_path, capsys):
+    """A 70B file holds 7.5 GB of scores and 1.6 GB of histograms: an integer quota reads one
+    histogram and the score sums, and the scores are read only for a fractional quota."""
+    from loki_dist import metering
+
+    hist, sums, scores = L * D * 100 * 8, L * D * 8 + 8, N * L * D * 4
+    for strategy, quota, expected in (("layer_balanced", "10", hist + sums),
+                                      ("global_highest", "10", 2 * hist + sums),
+                                      ("layer_balanced", "12.5", hist + sums + scores)):  # fmt: skip
+        before = metering.report()["totals"]["read"]
+        argv = ["--attribution", str(attribution), "--quota", quota, "--strategy", strategy]
+        main(["select", *argv, "--output", str(tmp_path / "p.json")])
+        assert metering.report()["totals"]["read"] - before == expected, strategy
+        assert json.loads((tmp_path / "p.json").read_text()) == _brute(_scores(), Fraction(quota), strategy)
+    capsys.readouterr()
+
+
 def test_bad_input_fails_in_one_line(attribution, tmp_path, capsys, tiny_llama):
     out = str(tmp_path / "p.json")
     base = ["select", "--output", out, "--attribution", str(attribution)]
@@ -145,7 +172,7 @@ def test_bad_input_fails_in_one_line(attribution, tmp_path, capsys, tiny_llama):
         [*base, "--quota", "10", "--model", str(tiny_llama)], capsys, "made for 3 layers x 40 rows"
     )
     no_scores = tmp_path / "no_scores.safetensors"
-    save_atomic(_tensors(_scores(), keep_scores=False), no_scores, {})
+    _save(_tensors(_scores(), keep_scores=False), no_scores, {})
     assert_user_error(
         ["select", "--output", out, "--attribution", str(no_scores), "--quota", "12.5"],
         capsys,
