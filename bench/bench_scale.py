@@ -34,6 +34,14 @@ from loki_dist import files
 REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
 TRAIN_PHASES = ("checkpoint_save", "resume", "export")
+ATTRIBUTION_INTRO = """
+
+`attribute --save-scores` ({attr_layers} layers, hidden {attr_hidden}, 3 x {attr_per_subject} questions): the
+end of the run, where the statistics are summed and the scores gathered into the file. Rank 0 receives
+the summed statistics and the other ranks' scores one piece at a time and writes them as they arrive;
+the other ranks receive nothing.
+
+"""
 
 
 def torchrun(args: list[str], world: int, meter: Path) -> None:
@@ -42,6 +50,10 @@ def torchrun(args: list[str], world: int, meter: Path) -> None:
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "LOKI_DIST_METER": str(meter),
+        # glibc would otherwise serve a phase's allocations from memory freed earlier and hide them from
+        # the resident-memory peak: large blocks are mapped, and returned when freed
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+        "MALLOC_TRIM_THRESHOLD_": "0",
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
            f"--master_port={_free_port()}", "-m", "loki_dist", *args]  # fmt: skip
@@ -100,6 +112,54 @@ def train_phases(root: Path, inputs: dict[str, Path], quota: int, world: int) ->
     return ranks
 
 
+def attribution_inputs(root: Path, opts) -> dict[str, Path]:
+    """A model whose statistics dominate (many layers, wide hidden, tiny attention and MLP) and MMLU-
+    layout questions; the histograms are 3 x L x D x 100 counts, the scores N x L x D floats."""
+    from transformers import AutoModelForCausalLM
+
+    from loki_dist.tiny import build_tokenizer, tiny_config
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from mmlu_fixture import write_mmlu
+
+    config = tiny_config("llama", num_layers=opts.attr_layers, hidden_size=opts.attr_hidden,
+                         intermediate_size=16, num_heads=1, num_kv_heads=1)  # fmt: skip
+    config.head_dim = 8
+    torch.manual_seed(0)
+    model_dir = root / "attr_model"
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(model_dir)
+    build_tokenizer(vocab_size=config.vocab_size).save_pretrained(model_dir)
+    return {"model": model_dir, "data": write_mmlu(root / "mmlu", per_subject=opts.attr_per_subject)}
+
+
+def attribution_phase(root: Path, inputs: dict[str, Path], world: int) -> dict:
+    """`attribute --save-scores` at one world size: every rank's end-of-run report and the file size."""
+    out, meter = root / f"attr_w{world}.safetensors", root / f"m_attr_w{world}"
+    args = ["attribute", "--model", str(inputs["model"]), "--data", str(inputs["data"]), "--output", str(out),
+            "--save-scores", "--batch-size", "4", "--checkpoint-every", "0"]  # fmt: skip
+    torchrun(args, world, meter)
+    size = out.stat().st_size
+    out.unlink()
+    return {"ranks": [r["attribute_finish"] for r in reports(meter, world)], "file_bytes": size}
+
+
+def attribution_table(results: dict[int, dict]) -> str:
+    from loki_dist.attribution import CHUNK_BYTES
+
+    lines = [
+        "| world | rank | peak rise at the end (MiB) | received (MiB) | file (MiB) | one piece (MiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for world, result in results.items():
+        for rank, report in enumerate(result["ranks"]):
+            rise, received = report["peak_rss_rise"] / MIB, report["received"] / MIB
+            lines.append(
+                f"| {world} | {rank} | {rise:.1f} | {received:.1f} | {result['file_bytes'] / MIB:.1f} | "
+                f"{CHUNK_BYTES / MIB:.0f} |"
+            )
+    return "\n".join(lines)
+
+
 def law_bound(opts, quota: int, world: int) -> tuple[int, int]:
     """(1/world share, one layer) of the rows in bytes: fp32 master + two Adam moments per element."""
     elements = opts.hidden * quota // 100 * opts.intermediate
@@ -133,6 +193,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--intermediate", type=int, default=32768)
+    parser.add_argument("--attr-layers", type=int, default=32)
+    parser.add_argument("--attr-hidden", type=int, default=4096)
+    parser.add_argument("--attr-per-subject", type=int, default=4, help="questions per subject (3 subjects)")
     parser.add_argument("--markdown", type=Path, help="write the table here (bench/scale.md)")
     opts = parser.parse_args()
     torch.set_num_threads(1)
@@ -143,9 +206,13 @@ def main() -> None:
         for world in opts.worlds:
             print(f"train q={quota} world={world}", flush=True)
             results.setdefault(quota, {})[world] = train_phases(root, inputs, quota, world)
-    text = table(results, opts)
+    attr_inputs = attribution_inputs(root, opts)
+    attribution = {}
+    for world in opts.worlds:
+        print(f"attribute world={world}", flush=True)
+        attribution[world] = attribution_phase(root, attr_inputs, world)
+    text = table(results, opts) + ATTRIBUTION_INTRO.format(**vars(opts)) + attribution_table(attribution)
     print(text)
-    (root / "results.json").write_text(json.dumps(results, indent=1))
     if opts.markdown:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=REPO).stdout.strip()  # fmt: skip
