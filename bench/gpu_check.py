@@ -299,7 +299,9 @@ def attribution_worker(opts) -> None:
     synchronize(device)
     result["build_s"] = time.perf_counter() - started
     prompts = mmlu_prompts(1 + sizes.fast_b1_samples + 8 * (1 + sizes.fast_b8_batches), sizes.prompt_tokens)
-    result["prompt_tokens_mean"] = statistics.mean(len(p) for p in prompts)
+    tokens = result["prompt_tokens_mean"] = statistics.mean(len(p) for p in prompts)
+    m, layers = 7, sizes.shape.layers  # DESIGN.md: m*T*L tokens per sample against T + m*L
+    result["work_ratio_reference_over_fast"] = m * tokens * layers / (tokens + m * layers)
     result["rows_per_chunk"] = "all (layer, step) rows of a batch in one chunk"
     write_json(opts.result, result)
 
@@ -536,13 +538,18 @@ def source_identity(given: str | None) -> dict[str, str]:
 
 
 FIGURE_NOTES = {
-    "train_bf16_split_vs_fp32": "bf16 split rows' updates vs an fp32 run, |a-b|/|b| (Frobenius)",
+    "train_bf16_split_vs_fp32": "bf16 split rows' updates vs an fp32 run, norm(a-b)/norm(b)",
     "train_bf16_masked_vs_fp32": "bf16 masked rows' updates vs the fp32 run",
     "train_bf16_split_vs_masked": "bf16 split vs bf16 masked updates",
     "train_bf16_split_2ranks_vs_fp32": "bf16 split on 2 ranks vs the 1-rank fp32 run",
+    "attribute_cli_1rank_vs_cpu_reference": "`attribute` (ZeRO-3, fp32) on the device vs CPU reference",
+    "attribute_cli_2rank_vs_cpu_reference": "the same on 2 ranks",
+    "collectives_1rank": "every distributed.py collective, device and CPU tensors, 1 rank",
+    "collectives_2rank": "the same on 2 ranks",
+    "train_repeat_max_abs_diff": "two identical bf16 runs (deterministic kernels): largest weight difference",
     "train_resumed_from_step": "checkpoint the SIGKILLed run resumed from (then bit-identical)",
-    "attr_fp32_fast_vs_reference": "fp32 fast vs reference, max|diff|/max|ref| (limit 1e-5)",
-    "attr_bf16_fast_vs_reference": "bf16 fast vs bf16 reference, max|diff|/max|ref|",
+    "attr_fp32_fast_vs_reference": "fp32 fast vs reference, max |diff| / max |ref| (limit 1e-5)",
+    "attr_bf16_fast_vs_reference": "bf16 fast vs bf16 reference, max |diff| / max |ref|",
     "attr_bf16_spearman_min": "bf16 fast vs fp32: per-layer Spearman of summed scores, worst layer",
     "attr_bf16_spearman_mean": "... mean over layers",
     "attr_bf16_bottom10_overlap_min": "bf16 vs fp32: shared share of the bottom-10% nodes, worst layer",
@@ -550,6 +557,11 @@ FIGURE_NOTES = {
     "evaluate_questions": "questions evaluated on the device, all equal to the CPU's letters",
     "evaluate_min_letter_margin": "smallest log-likelihood gap between the top two letters (CPU)",
 }
+
+
+def _cell(text: object) -> str:
+    """Text for a markdown table cell: a `|` would end the cell."""
+    return str(text).replace("|", "\\|")
 
 
 def _size(value: float) -> str:
@@ -590,11 +602,11 @@ def _correctness_md(parts: dict) -> list[str]:
         return lines
     lines += ["| test | outcome | s | note |", "|---|---|---|---|"]
     for name, test in part["tests"].items():
-        lines.append(f"| `{name}` | {test['outcome']} | {test['seconds']:.1f} | {test['message']} |")
+        lines.append(f"| `{name}` | {test['outcome']} | {test['seconds']:.1f} | {_cell(test['message'])} |")
     lines += ["", "| figure | value | what |", "|---|---|---|"]
     for name, value in part["figures"].items():
-        shown = f"{value:.3g}" if isinstance(value, float) else str(value)
-        lines.append(f"| `{name}` | {shown} | {FIGURE_NOTES.get(name, '')} |")
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        lines.append(f"| `{name}` | {shown} | {_cell(FIGURE_NOTES.get(name, ''))} |")
     return lines
 
 
@@ -619,12 +631,17 @@ def _attribution_md(parts: dict) -> list[str]:
     for key, name in (("fast_b1", "fast"), ("fast_b8", "fast"), ("reference", "reference (per layer)")):
         r = part.get(key, {})
         if "error" in r:
-            lines.append(f"| {name} | | | {r['error']} | | |")
+            lines.append(f"| {name} | | | {_cell(r['error'])} | | |")
         elif r:
             lines.append(
                 f"| {name} | {r['batch_size']} | {r['samples']} | {r['s_per_sample']:.4g} | "
                 f"{r['paper_over_this']:.1f}x | {r.get('this_over_fast_b1') or float('nan'):.2f} |"
             )
+    lines.append(
+        f"\nTokens through the model per sample: reference m*T*L, fast T + m*L, a ratio of "
+        f"{part['work_ratio_reference_over_fast']:.0f} at T = {part['prompt_tokens_mean']:.0f} and "
+        f"L = {s['layers']}."
+    )
     if "fast_vs_reference_max_rel" in part:
         lines.append(
             f"\nfast vs reference on the same prompts: max|diff|/max|ref| = "
@@ -661,7 +678,7 @@ def _training_md(parts: dict) -> list[str]:
             else ["", "", "", ""]
         )
         ratio = f"{c['measured_over_predicted']:.2f}" if done else ""
-        status = c["status"] + (f" ({c['error']})" if c.get("error") else "")
+        status = _cell(c["status"] + (f" ({c['error']})" if c.get("error") else ""))
         lines.append(
             f"| {c['method']} | {'on' if c['gradient_checkpointing'] else 'off'} | {status} | "
             + " | ".join(cells)

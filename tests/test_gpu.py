@@ -7,8 +7,8 @@ how `gpu_check.py --device cpu --tiny`, and so CI, keeps them from rotting witho
 
 What is checked, against computations written here (CPU references, sums of known values):
 - `train` under ZeRO-3 in bf16, split and masked row layouts: frozen tensors bit-identical to the base,
-  selected rows close to an fp32 run of the same steps (the gap is measured and reported), and a run
-  killed with SIGKILL then resumed equal to the uninterrupted run bit for bit;
+  selected rows close to an fp32 run of the same steps (the gap is measured and reported), two identical
+  runs equal, and a run killed with SIGKILL then resumed equal to the uninterrupted run bit for bit;
 - attribution: `fast` against `reference` on the device in fp32 (<= 1e-5 relative) and, in bf16, the
   per-layer Spearman correlation and bottom-10% overlap against fp32; `attribute` (ZeRO-3 inference)
   on the device against the reference algorithm on the CPU;
@@ -302,10 +302,12 @@ def gpu_train_args(setup, out: Path, layout: str, precision: str, nproc: int = 1
 
 @pytest.fixture(scope="module")
 def trained(train_setup) -> dict[str, Path]:
-    """Uninterrupted one-rank runs: bf16 split, bf16 masked, and fp32 (the precision reference)."""
-    runs = {"split": ("split", "bf16"), "masked": ("masked", "bf16"), "fp32": ("split", "fp32")}
+    """Uninterrupted one-rank runs, side by side: bf16 split twice (are two runs identical at all?), bf16
+    masked, and fp32 (the precision reference)."""
+    runs = {"split": ("split", "bf16"), "repeat": ("split", "bf16"), "masked": ("masked", "bf16"),
+            "fp32": ("split", "fp32")}  # fmt: skip
     outs = {name: train_setup["root"] / name for name in runs}
-    started = [start(gpu_train_args(train_setup, outs[n], *runs[n])) for n in runs]  # side by side
+    started = [start(gpu_train_args(train_setup, outs[n], *runs[n])) for n in runs]
     for proc in started:
         finish(proc)
     return outs
@@ -344,6 +346,16 @@ def test_split_and_masked_agree_in_bf16(train_setup, trained, record):
     gap = relative_gap(selected_updates(base, trained["split"]), selected_updates(base, trained["masked"]))
     record("train_bf16_split_vs_masked", gap)
     assert gap <= BF16_UPDATE_TOLERANCE
+
+
+def test_two_identical_runs_are_bit_identical(trained, record):
+    """What makes the resume test below meaningful: with deterministic kernels a run repeats exactly."""
+    from test_training import final_weights
+
+    first, second = final_weights(trained["split"]), final_weights(trained["repeat"])
+    diff = max((first[name].float() - second[name].float()).abs().max().item() for name in first)
+    record("train_repeat_max_abs_diff", diff)
+    assert diff == 0
 
 
 def _kill_after_first_checkpoint(args: list[str], out: Path) -> None:

@@ -12,13 +12,16 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO
+
+from loki_dist.cli import main
 
 METHODS = ("LoKI split", "LoKI masked", "LoRA r=16")
 FIGURES = (
     "train_bf16_split_vs_fp32",
     "train_bf16_masked_vs_fp32",
     "train_bf16_split_vs_masked",
+    "train_repeat_max_abs_diff",
     "train_resumed_from_step",
     "attr_fp32_fast_vs_reference",
     "attr_bf16_fast_vs_reference",
@@ -90,9 +93,9 @@ def test_training_reports_six_configurations_next_to_estimate_memory(checked, tm
     planner = {"LoKI split": "loki_compact", "LoKI masked": "loki_masked", "LoRA r=16": "lora"}
     for checkpointing in (True, False):
         estimate = tmp_path / f"estimate{checkpointing}.json"
-        run_cli(["estimate-memory", "--model-config", str(model_dir), "--world-size", "1", "--zero", "3",
-                 "--micro-batch", "1", "--seq-len", str(part["seq_len"]), "--quota", "10", "--json",
-                 str(estimate), *(["--gradient-checkpointing"] if checkpointing else [])])  # fmt: skip
+        main(["estimate-memory", "--model-config", str(model_dir), "--world-size", "1", "--zero", "3",
+              "--micro-batch", "1", "--seq-len", str(part["seq_len"]), "--quota", "10", "--json",
+              str(estimate), *(["--gradient-checkpointing"] if checkpointing else [])])  # fmt: skip
         predicted = json.loads(estimate.read_text())["bytes_per_gpu"]
         for method in METHODS:
             config = configs[(method, checkpointing)]
