@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,16 +88,24 @@ def command(args: list[str], nproc: int) -> list[str]:
     return [*launcher, __file__, *args]
 
 
-def start(args: list[str], nproc: int = 1, **popen) -> subprocess.Popen:
-    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
-    return subprocess.Popen(command(args, nproc), env=child_env(), cwd=REPO, **popen)
+def start(args: list[str], nproc: int = 1) -> subprocess.Popen:
+    """Start this file as a program in a session of its own; its output (stdout and stderr together) goes
+    to a temporary file, so that processes running side by side never block on a full pipe."""
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - outlives this function; finish() closes it
+    proc = subprocess.Popen(command(args, nproc), env=child_env(), cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    proc.log = log
+    return proc
 
 
 def finish(proc: subprocess.Popen, timeout: int = 300) -> str:
-    """Wait for a started process; its stdout, or a failure showing both streams."""
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, f"{proc.args} failed ({proc.returncode}):\n{out}\n{err}"
-    return out
+    """Wait for a started process; its output, or a failure showing it."""
+    proc.wait(timeout=timeout)
+    with proc.log:
+        proc.log.seek(0)
+        output = proc.log.read()
+    assert proc.returncode == 0, f"{proc.args} failed ({proc.returncode}):\n{output[-6000:]}"
+    return output
 
 
 def run(args: list[str], nproc: int = 1) -> str:
@@ -359,13 +368,14 @@ def test_two_identical_runs_are_bit_identical(trained, record):
 
 
 def _kill_after_first_checkpoint(args: list[str], out: Path) -> None:
-    proc = start(args, 1, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start(args)
     deadline = time.time() + 240
     while not list(out.glob("checkpoint-*")):  # published by a rename: complete once it appears
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)  # one process (nproc 1), leader of its own group
     proc.wait()
+    proc.log.close()
     assert not (out / "final").exists(), "the run finished before it could be killed"
 
 
