@@ -264,7 +264,7 @@ def random_model(shape: Shape, device: torch.device, dtype: torch.dtype):
     torch.manual_seed(0)
     with device:
         model = AutoModelForCausalLM.from_config(shape.config(), dtype=dtype)
-    return model.eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(False)  # .to: in case a version builds elsewhere
 
 
 def mmlu_prompts(count: int, tokens: int, seed: int = 0) -> list[list[int]]:
