@@ -519,21 +519,22 @@ def versions() -> dict[str, str]:
     return found
 
 
+def _git(*args: str) -> str | None:
+    try:
+        proc = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+    except OSError:  # no git on the machine
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
 def source_identity(given: str | None) -> dict[str, str]:
     """The commit (from git, or --commit where the checkout has no .git) and a digest of the sources."""
     digest = hashlib.sha256()
     for path in sorted([*REPO.glob("loki_dist/*.py"), *BENCH.glob("*.py"), REPO / "tests" / "test_gpu.py"]):
         digest.update(path.read_bytes())
-    commit = given
-    if commit is None:
-        git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-        commit = git.stdout.strip() if git.returncode == 0 else "unknown (no git checkout; pass --commit)"
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        commit += " with uncommitted changes" if dirty else ""
+    commit = given or _git("rev-parse", "HEAD") or "unknown (no git checkout; pass --commit)"
+    if given is None and _git("status", "--porcelain", "--untracked-files=no"):
+        commit += " with uncommitted changes"
     return {"commit": commit, "source_sha256": digest.hexdigest()[:16]}
 
 
