@@ -101,6 +101,24 @@ def optimizer_state_bytes(trainer: Trainer) -> int:
     return sum(t.numel() * t.element_size() for t in [*holders, *state] if t.dim() > 0)
 
 
+def timed_steps(trainer: Trainer, plan, steps: int, warmup: int = 2) -> tuple[list[float], list[int]]:
+    """Seconds and tokens of `steps` optimizer steps after `warmup` untimed ones (device-synchronised)."""
+    times, tokens = [], []
+    for step in range(steps + warmup):
+        indices = global_batch_indices(step, plan)
+        scale = _normaliser(indices, plan)
+        start = time.perf_counter()
+        for i, mine in enumerate(micro_batches(indices, plan)):
+            loss = trainer.loss_sum(collate([plan.examples[j] for j in mine], pad_id=plan.pad_id)) / scale
+            trainer.backward(loss, 1e-4, boundary=i == plan.accum - 1)
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
+        distributed.barrier()
+        times.append(time.perf_counter() - start)
+        tokens.append(sum(len(plan.examples[j].input_ids) for j in indices))
+    return times[warmup:], tokens[warmup:]
+
+
 def worker(method: str, root: Path, steps: int, result: Path) -> None:
     """One method under torchrun: time `steps` optimizer steps after two warm-up steps."""
     world = distributed.world_from_env()
@@ -112,22 +130,12 @@ def worker(method: str, root: Path, steps: int, result: Path) -> None:
     )  # fmt: skip
     plan = plan_run(args, world)
     trainer = TRAINERS[method](plan, distributed.device_for(world))
-    times, tokens = [], []
-    for step in range(steps + 2):
-        indices = global_batch_indices(step, plan)
-        scale = _normaliser(indices, plan)
-        start = time.perf_counter()
-        for i, mine in enumerate(micro_batches(indices, plan)):
-            loss = trainer.loss_sum(collate([plan.examples[j] for j in mine], pad_id=plan.pad_id)) / scale
-            trainer.backward(loss, 1e-4, boundary=i == plan.accum - 1)
-        distributed.barrier()
-        times.append(time.perf_counter() - start)
-        tokens.append(sum(len(plan.examples[j].input_ids) for j in indices))
+    times, tokens = timed_steps(trainer, plan, steps)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.params)
     if world.is_main:
-        step_time = statistics.median(times[2:])
+        step_time = statistics.median(times)
         result.write_text(json.dumps({
-            "step_s": step_time, "tokens_per_s": statistics.median(tokens[2:]) / step_time,
+            "step_s": step_time, "tokens_per_s": statistics.median(tokens) / step_time,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "optimizer_state_mib": optimizer_state_bytes(trainer) / 2**20, "trainable": trainable,
             "mask_ms": 1000 * statistics.median(trainer.mask_seconds) if trainer.mask_seconds else None,
