@@ -3,7 +3,11 @@
 Each stage module owns its command line through two functions per command, `add_<command>_arguments`
 and `run_<command>`; this file only routes to them. Stage modules keep their heavy imports (DeepSpeed,
 transformers) inside functions so that building the parser stays fast. A UserError becomes one line on
-stderr and exit status 2, with no traceback.
+stderr and exit status 2, with no traceback: agreed by every rank (a command's checks end in
+`distributed.validation`), it is printed once, by one rank, and names the ranks it concerns when they are
+not all alike; raised later, when peers may be busy in another collective, it is printed by the rank
+that found it, prefixed with that rank. Every way out (success, user error, crash, Ctrl-C, the exit
+status 75 of a stopped training) leaves the process group first: with a barrier only on success.
 """
 
 from __future__ import annotations
@@ -11,10 +15,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import traceback
 
-from loki_dist import __version__
-from loki_dist.errors import UserError
+import torch.distributed as dist
+
+from loki_dist import __version__, distributed
+from loki_dist.errors import RankErrors, UserError
 
 # sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -62,6 +70,50 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args._run(args)
     except UserError as err:
-        if os.environ.get("RANK", "0") == "0":  # every rank finds the same mistake; say it once
-            print(f"loki-dist {args.command}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        rank, size = _rank_and_size()
+        for line in _error_lines(err, rank, size):
+            print(f"loki-dist {args.command}: error: {line}", file=sys.stderr, flush=True)
+        crashed = isinstance(err, RankErrors) and err.crashed
+        if isinstance(err, RankErrors) and not crashed:
+            # every rank is here: none exits (and has its launcher stop the rest) before the line is out
+            distributed.agreement_barrier()
+        _leave(size)
+        sys.exit(1 if crashed else 2)
+    except KeyboardInterrupt:
+        _leave(_rank_and_size()[1])
+        sys.exit(130)
+    except SystemExit:  # 75: training stopped on a signal, after its checkpoint
+        _leave(_rank_and_size()[1])
+        raise
+    except Exception:
+        traceback.print_exc()  # before leaving: a launcher may stop this process once a peer has exited
+        sys.stderr.flush()
+        _leave(_rank_and_size()[1])
+        sys.exit(1)
+    distributed.shutdown()
+
+
+def _leave(world_size: int) -> None:
+    """Leave the process group on a way out that is not success: without a barrier (peers may be gone).
+
+    With several ranks, the launcher stops the others as soon as one has exited (torchrun: SIGTERM).
+    This rank has its exit status by now; ignoring that signal lets it finish leaving and exit with it,
+    instead of dying of the signal half-way (reported as -15, not 2).
+    """
+    if world_size > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    distributed.shutdown(wait_for_peers=False)
+
+
+def _rank_and_size() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    world = distributed.world_from_env()
+    return world.rank, world.size
+
+
+def _error_lines(err: UserError, rank: int, size: int) -> list[str]:
+    """What this rank prints: an agreed error on its reporting rank only, any other with this rank."""
+    if isinstance(err, RankErrors):
+        return err.lines() if rank == err.reporter else []
+    return [f"rank {rank}: {err}" if size > 1 else str(err)]

@@ -1,7 +1,8 @@
 """A real two-node Slurm cluster on this machine, for the sbatch templates' tests.
 
 Debian's slurmctld/slurmd 22.05 and munge, one slurm.conf under a temporary directory, two node daemons
-(n1 on 127.0.0.2, n2 on 127.0.0.3: loopback only, never a private-range network) on distinct ports.
+(n1 on 127.0.0.2, n2 on 127.0.0.3: loopback only, never a private-range network). The daemons' ports
+are free ones picked at start, so two clusters (two test runs on one machine) do not take each other's.
 The node names do not resolve, which is what makes the templates take the rendezvous address from
 NodeAddr. Every daemon is started here and stopped here, by the pid it wrote.
 """
@@ -9,6 +10,7 @@ NodeAddr. Every daemon is started here and stopped here, by the pid it wrote.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -17,8 +19,7 @@ import time
 from pathlib import Path
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
-NODES = {"n1": ("127.0.0.2", 16818), "n2": ("127.0.0.3", 16819)}
-CTLD_PORT = 16817
+NODES = {"n1": "127.0.0.2", "n2": "127.0.0.3"}
 
 
 def install() -> str | None:
@@ -35,14 +36,30 @@ def install() -> str | None:
     return None
 
 
+def _free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now, distinct (all held open until every one is chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def _conf(root: Path, host: str) -> str:
+    ctld_port, *node_ports = _free_ports(1 + len(NODES))
     nodes = "\n".join(
         f"NodeName={name} NodeAddr={addr} NodeHostname={host} Port={port} CPUs=2 State=UNKNOWN"
-        for name, (addr, port) in NODES.items()
+        for (name, addr), port in zip(NODES.items(), node_ports, strict=True)
     )
+    # job ids differ between clusters too, so ports derived from them (a bare srun's MASTER_PORT) do
+    first_job_id = random.randrange(1000, 1_000_000)
     return f"""ClusterName=lokitest
+FirstJobId={first_job_id}
 SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={CTLD_PORT}
+SlurmctldPort={ctld_port}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={root}/munge.sock
