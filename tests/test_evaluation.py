@@ -276,3 +276,25 @@ def test_document_nll_equals_float64_cross_entropy_per_document(tiny_llama):
             # measured: at most 7.3e-11 relative (float32 exponentials summed in float64)
             assert float(nll[index]) == pytest.approx(expected, rel=1e-9, abs=0)
     assert count[-1] == 0 and nll[-1] == 0
+
+
+def test_a_crash_in_one_ranks_checks_stops_every_rank(tiny_llama, tmp_path):
+    """Rank 1's copy of the model has a truncated tokenizer.json: not a mistake loki_dist knows, so
+    that rank shows its traceback; the agreement still stops rank 0, which names rank 1, and both exit 1."""
+    import shutil
+
+    from test_train_errors import assert_clean_failure, error_lines
+
+    for rank in (0, 1):
+        shutil.copytree(tiny_llama, tmp_path / str(rank))
+    (tmp_path / "1" / "tokenizer.json").write_text('{"version": "1.')
+    (tmp_path / "docs.txt").write_text("a document\n")
+    argv = ["evaluate", "--task", "perplexity", "--model", f"{tmp_path}/$LOCAL_RANK",
+            "--data", str(tmp_path / "docs.txt"), "--output", str(tmp_path / "r.json")]  # fmt: skip
+    proc = _per_rank_run(argv, tmp_path)
+    lines = error_lines(proc.stderr, "evaluate")
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("loki-dist evaluate: error: rank 1: crashed (") and lines[0].endswith(
+        "); its traceback is in its output"
+    ), lines
+    assert_clean_failure(proc, tmp_path / "meter", status=1)

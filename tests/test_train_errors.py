@@ -103,8 +103,9 @@ def error_lines(stderr: str, command: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith(f"loki-dist {command}: error: ")]
 
 
-def assert_clean_failure(proc, meter_dir: Path, ranks: int = 2) -> None:
-    """Every rank exited 2 after leaving the process group; no traceback came from loki_dist.
+def assert_clean_failure(proc, meter_dir: Path, ranks: int = 2, status: int = 2) -> None:
+    """Every rank exited with `status` after leaving the process group; for a user error (2), no
+    traceback came from loki_dist.
 
     torchrun lists the exit status of each child it saw fail (`exitcode : N`); a child it stopped
     because a peer had failed first is not listed. Each rank writes its metering report in
@@ -112,10 +113,11 @@ def assert_clean_failure(proc, meter_dir: Path, ranks: int = 2) -> None:
     """
     assert proc.returncode != 0
     codes = [int(code) for code in re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)]
-    assert codes and set(codes) == {2}, proc.stderr
+    assert codes and set(codes) == {status}, proc.stderr
     assert sorted(p.name for p in meter_dir.iterdir()) == [f"rank{r}.json" for r in range(ranks)]
     # torchrun itself reports a failed child with a traceback of its own; none may come from loki_dist
-    assert not [line for line in proc.stderr.splitlines() if 'File "' in line and "loki_dist" in line]
+    tracebacks = [line for line in proc.stderr.splitlines() if 'File "' in line and "loki_dist" in line]
+    assert bool(tracebacks) == (status != 2), proc.stderr
 
 
 def test_same_mistake_on_every_rank_is_said_once(inputs, tmp_path):
