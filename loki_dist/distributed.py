@@ -87,9 +87,15 @@ def device_index(local_rank: int, visible: int) -> int:
     )
 
 
+def _device_ordinal(world: World) -> int:
+    if torch.cuda.is_available():
+        return device_index(world.local_rank, torch.cuda.device_count())
+    return world.local_rank
+
+
 def device_for(world: World) -> torch.device:
     if torch.cuda.is_available():
-        index = device_index(world.local_rank, torch.cuda.device_count())
+        index = _device_ordinal(world)
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
@@ -152,7 +158,8 @@ def init(world: World, always: bool = False, timeout_minutes: int = 30) -> None:
         rendezvous_env(os.environ)
     os.environ.setdefault("RANK", str(world.rank))
     os.environ.setdefault("WORLD_SIZE", str(world.size))
-    os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
+    # DeepSpeed takes LOCAL_RANK for the device ordinal: under srun with one GPU per task that is 0
+    os.environ.setdefault("LOCAL_RANK", str(_device_ordinal(world)))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -169,8 +169,32 @@ class Cluster:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.root.glob("*.log")))
 
+    def step_daemons(self) -> list[int]:
+        """The slurmstepd processes of this cluster's jobs: they run in its directory, as slurmd does."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                comm, cwd = (entry / "comm").read_text().strip(), Path(os.readlink(entry / "cwd"))
+            except OSError:  # gone meanwhile
+                continue
+            if comm == "slurmstepd" and cwd == self.root.resolve():
+                pids.append(int(entry.name))
+        return pids
+
     def stop(self) -> None:
-        """Stop the daemons this object started, by the pids they wrote (all at once, then wait)."""
+        """Stop the daemons this object started, by the pids they wrote (all at once, then wait).
+
+        First the step daemons finish: a job shows COMPLETED while its slurmstepd processes still
+        report to their node daemon for a second or two, and one whose slurmd is gone retries for
+        ever (seen: one left behind per run whose last test ended right after a bare srun).
+        """
+        deadline = time.time() + 30
+        while (steps := self.step_daemons()) and time.time() < deadline:
+            time.sleep(0.1)
+        for pid in steps:  # still there after 30 s: stuck, and ours
+            os.kill(pid, signal.SIGKILL)
         pids = []
         for pid_file in self.pid_files:
             try:
