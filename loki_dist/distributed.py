@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import traceback
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -194,21 +195,20 @@ def validation(world: World) -> Iterator[None]:
     Every rank reaches the agreement whether its checks passed or not, so a mistake that some ranks see
     (a file missing on one node) stops all of them, none waits for a peer that has left, and the error
     is printed once with the ranks it concerns (errors.RankErrors). The device is chosen here too, so
-    an ambiguous GPU mapping is one of the checks. A rank whose checks crashed (not a UserError) raises
-    its own exception after the agreement; its peers raise RankErrors naming it.
+    an ambiguous GPU mapping is one of the checks. A rank whose checks crashed (not a UserError) prints
+    its traceback before the agreement and fails it like the others: no rank is left waiting.
     """
     found: tuple[str, str] | None = None
-    crash: Exception | None = None
     try:
         device_for(world)
         yield
     except UserError as err:
         found = ("user", str(err))
     except Exception as err:
-        crash, found = err, ("crash", f"{type(err).__name__}: {err}")
+        traceback.print_exc()
+        sys.stderr.flush()
+        found = ("crash", f"{type(err).__name__}: {err}")
     outcomes = _all_gather_objects(world, found)
-    if crash is not None:
-        raise crash
     failures = {rank: outcome for rank, outcome in enumerate(outcomes) if outcome is not None}
     if failures:
         raise RankErrors(failures, world.size)

@@ -16,9 +16,9 @@ class UserError(Exception):
 class RankErrors(UserError):
     """What every rank's checks found, agreed by all ranks: {rank: (kind, message)} of the failing ones.
 
-    kind is "user" (a UserError) or "crash" (any other exception; that rank shows its own traceback).
-    Every rank raises the same RankErrors; `reporter` prints it, so a mistake that all ranks share is
-    said once, and a rank-specific one is said with the rank it concerns.
+    kind is "user" (a UserError) or "crash" (any other exception; that rank printed its traceback
+    before the agreement). Every rank raises the same RankErrors and rank 0 prints it, so a mistake
+    that all ranks share is said once, and a rank-specific one is said with the ranks it concerns.
     """
 
     def __init__(self, failures: dict[int, tuple[str, str]], world_size: int):
@@ -29,18 +29,12 @@ class RankErrors(UserError):
     def crashed(self) -> bool:
         return any(kind == "crash" for kind, _ in self.failures.values())
 
-    @property
-    def reporter(self) -> int:
-        """The lowest rank whose own traceback does not already fill its output."""
-        fine = (r for r in range(self.world_size) if self.failures.get(r, ("", ""))[0] != "crash")
-        return min(fine, default=-1)
-
     def lines(self) -> list[str]:
         """One line per distinct message; unprefixed when every rank failed with the same one."""
         by_message: dict[str, list[int]] = {}
         for rank in sorted(self.failures):
             kind, message = self.failures[rank]
-            text = message if kind == "user" else f"crashed ({message}); its traceback is in its output"
+            text = message if kind == "user" else f"crashed ({message}; traceback above)"
             by_message.setdefault(text, []).append(rank)
         if len(by_message) == 1 and len(self.failures) == self.world_size:
             return list(by_message)

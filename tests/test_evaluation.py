@@ -280,7 +280,7 @@ def test_document_nll_equals_float64_cross_entropy_per_document(tiny_llama):
 
 def test_a_crash_in_one_ranks_checks_stops_every_rank(tiny_llama, tmp_path):
     """Rank 1's copy of the model has a truncated tokenizer.json: not a mistake loki_dist knows, so
-    that rank shows its traceback; the agreement still stops rank 0, which names rank 1, and both exit 1."""
+    that rank prints its traceback; the agreement still stops rank 0, which names rank 1; both exit 1."""
     import shutil
 
     from test_train_errors import assert_clean_failure, error_lines
@@ -295,6 +295,6 @@ def test_a_crash_in_one_ranks_checks_stops_every_rank(tiny_llama, tmp_path):
     lines = error_lines(proc.stderr, "evaluate")
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("loki-dist evaluate: error: rank 1: crashed (") and lines[0].endswith(
-        "); its traceback is in its output"
+        "; traceback above)"
     ), lines
     assert_clean_failure(proc, tmp_path / "meter", status=1)
