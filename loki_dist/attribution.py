@@ -213,19 +213,20 @@ class Checkpoints:
 def run_attribute(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from loki_dist import mmlu
-    from loki_dist.distributed import world_from_env
+    from loki_dist.distributed import agreement, world_from_env
     from loki_dist.modeling import load_for_inference, torch_dtype
 
-    spec, ds_config = _validate(args)
-    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
-    questions, shot_map = mmlu.load_questions(
-        args.data, args.per_subject, args.shots, subjects, args.split, args.data_config
-    )
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    prompts = mmlu.build_prompts(tokenizer, questions, shot_map)
     world = world_from_env()
+    with agreement(world):  # every rank checks; one agreed error before any work
+        spec, ds_config = _validate(args)
+        subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+        questions, shot_map = mmlu.load_questions(
+            args.data, args.per_subject, args.shots, subjects, args.split, args.data_config
+        )
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        prompts = mmlu.build_prompts(tokenizer, questions, shot_map)
     if not world.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     identity = {

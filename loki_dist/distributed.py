@@ -3,12 +3,24 @@
 loki_dist is started the same way by torchrun, the deepspeed launcher, accelerate or a bare `srun`; all
 of them describe the job through environment variables, so rank and world size are read from there and
 nothing is hard-coded: NCCL on CUDA, gloo on CPU.
+
+A bare `srun` says only who each task is (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID), not where
+rank 0 listens: without MASTER_ADDR the rendezvous host is the step's first node (task 0 runs there), as
+`scontrol` names it, or its NodeAddr where that name does not resolve, and the port MASTER_PORT or one
+derived from the job and step ids. srun may also bind one GPU per task, so the device is local rank only
+where this process sees that many GPUs (device 0 where it sees exactly one).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import shutil
+import socket
+import subprocess
+import sys
+import traceback
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -16,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from loki_dist import metering
+from loki_dist.errors import RankErrors, UserError
 
 
 @dataclass(frozen=True)
@@ -37,20 +50,103 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+def _srun_step(env: Mapping[str, str]) -> bool:
+    """A task of an srun step that no launcher of ours started (torchrun and co. set RANK).
+
+    SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: an sbatch script's own shell has SLURM_NTASKS (the job's
+    task count) and SLURM_PROCID 0 too, and a plain command there is one process, not rank 0 of many.
+    """
+    return "RANK" not in env and bool(env.get("SLURM_STEP_NUM_TASKS"))
+
+
 def world_from_env() -> World:
     """Rank and world size as the launcher set them (torchrun/deepspeed/accelerate first, then srun)."""
-    return World(
-        rank=_env_int("RANK", "SLURM_PROCID", default=0),
-        size=_env_int("WORLD_SIZE", "SLURM_NTASKS", default=1),
-        local_rank=_env_int("LOCAL_RANK", "SLURM_LOCALID", default=0),
+    if _srun_step(os.environ):
+        names = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
+    else:
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    rank, size, local_rank = (_env_int(name, default=d) for name, d in zip(names, (0, 1, 0), strict=True))
+    return World(rank=rank, size=size, local_rank=local_rank)
+
+
+def device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of a process with this local rank that sees `visible` devices.
+
+    One visible device is this process's own (srun --gpus-per-task=1, CUDA_VISIBLE_DEVICES per task);
+    with several, local rank i takes device i. A local rank past the visible devices has no right
+    answer (a modulo would put two ranks on one GPU when they share the list), so that is an error.
+    """
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    listed = f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else ""
+    raise UserError(
+        f"local rank {local_rank} but this process sees {visible} GPUs{listed}: start one process per "
+        "GPU, or give each task its own GPU (srun --gpus-per-task=1)"
     )
+
+
+def _device_ordinal(world: World) -> int:
+    if torch.cuda.is_available():
+        return device_index(world.local_rank, torch.cuda.device_count())
+    return world.local_rank
 
 
 def device_for(world: World) -> torch.device:
     if torch.cuda.is_available():
-        torch.cuda.set_device(world.local_rank)
-        return torch.device("cuda", world.local_rank)
+        index = _device_ordinal(world)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def slurm_port(job_id: int, step_id: int) -> int:
+    """A port every task of one srun step derives alike, distinct for the steps of a job (up to 16 at
+    once) and spread over jobs; in 20000-29999, below Linux's ephemeral ports."""
+    return 20000 + (job_id * 16 + step_id) % 10000
+
+
+def _run_scontrol(*args: str) -> str:
+    proc = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+def _first_node_address(nodelist: str) -> str:
+    """The step's first node: its name where that resolves, else its NodeAddr (as srun_torchrun.sh)."""
+    unset = f"under srun with SLURM_STEP_NODELIST={nodelist} but no MASTER_ADDR:"
+    advice = "export MASTER_ADDR=<address of that list's first node> (and MASTER_PORT) for every task"
+    if shutil.which("scontrol") is None:
+        raise UserError(f"{unset} scontrol is not found to look up its first node; {advice}")
+    names = _run_scontrol("show", "hostnames", nodelist).split()
+    if not names:
+        raise UserError(f"{unset} scontrol cannot expand that node list; {advice}")
+    try:
+        socket.getaddrinfo(names[0], None)
+        return names[0]
+    except OSError:
+        pass
+    for field in _run_scontrol("show", "node", names[0]).split():
+        if field.startswith("NodeAddr=") and field != "NodeAddr=":
+            return field.split("=", 1)[1]
+    raise UserError(
+        f"{unset} node {names[0]} does not resolve and scontrol shows no NodeAddr for it; {advice}"
+    )
+
+
+def rendezvous_env(env: MutableMapping[str, str]) -> None:
+    """Under a bare srun, fill in MASTER_ADDR and MASTER_PORT where the user did not (see the top)."""
+    if not _srun_step(env):
+        return
+    nodes = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+    if not env.get("MASTER_ADDR"):
+        env["MASTER_ADDR"] = _first_node_address(nodes)
+    if not env.get("MASTER_PORT"):
+        env["MASTER_PORT"] = str(slurm_port(int(env["SLURM_JOB_ID"]), int(env.get("SLURM_STEP_ID", "0"))))
+    if env.get("SLURM_PROCID") == "0":  # where a hung start looks first, as srun_torchrun.sh's line
+        where = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+        print(f"+ srun rendezvous {where}, {env['SLURM_STEP_NUM_TASKS']} tasks on {nodes}", file=sys.stderr)
 
 
 def init(world: World, always: bool = False, timeout_minutes: int = 30) -> None:
@@ -59,9 +155,12 @@ def init(world: World, always: bool = False, timeout_minutes: int = 30) -> None:
         return
     if world.size == 1:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    else:
+        rendezvous_env(os.environ)
     os.environ.setdefault("RANK", str(world.rank))
     os.environ.setdefault("WORLD_SIZE", str(world.size))
-    os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
+    # DeepSpeed takes LOCAL_RANK for the device ordinal: under srun with one GPU per task that is 0
+    os.environ.setdefault("LOCAL_RANK", str(_device_ordinal(world)))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -72,18 +171,72 @@ def init(world: World, always: bool = False, timeout_minutes: int = 30) -> None:
 def shutdown(wait_for_peers: bool = True) -> None:
     """Leave the process group cleanly: without the barrier a rank sometimes aborts at exit.
 
+    wait_for_peers=False on every failure path: peers may be gone, or waiting in another collective.
     Also where each rank writes its metering report (metering.py), with or without a process group.
+    Calling it again, or without a process group, is harmless (the CLI calls it on every exit path).
     """
+    global _agreement_group
     metering.dump(dist.get_rank() if dist.is_initialized() else world_from_env().rank)
     if dist.is_initialized():
         if wait_for_peers:
             dist.barrier()
+        _agreement_group = None
         dist.destroy_process_group()
 
 
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextmanager
+def agreement(world: World) -> Iterator[None]:
+    """Run work that every rank does (a command's checks, its share of an export), then agree on what
+    each found (joining the process group).
+
+    Every rank reaches the agreement whether its work succeeded or not, so a mistake that some ranks see
+    (a file missing on one node) stops all of them, none waits for a peer that has left, and the error
+    is printed once with the ranks it concerns (errors.RankErrors). The device is chosen here too, so
+    an ambiguous GPU mapping is one of the checks. A rank whose checks crashed (not a UserError) prints
+    its traceback before the agreement and fails it like the others: no rank is left waiting.
+    """
+    found: tuple[str, str] | None = None
+    try:
+        device_for(world)
+        yield
+    except UserError as err:
+        found = ("user", str(err))
+    except Exception as err:
+        traceback.print_exc()
+        sys.stderr.flush()
+        found = ("crash", f"{type(err).__name__}: {err}")
+    outcomes = _all_gather_objects(world, found)
+    failures = {rank: outcome for rank, outcome in enumerate(outcomes) if outcome is not None}
+    if failures:
+        raise RankErrors(failures, world.size)
+
+
+_agreement_group: dist.ProcessGroup | None = None
+
+
+def agreement_barrier() -> None:
+    """Wait for every rank over the group `agreement` agrees on (gloo: no GPU needed, even where a
+    rank's device could not be chosen)."""
+    if dist.is_initialized():
+        dist.barrier(group=_agreement_group)
+
+
+def _all_gather_objects(world: World, value: object) -> list:
+    """Every rank's small picklable value, in rank order, over gloo (no device needed, even under NCCL)."""
+    global _agreement_group
+    if world.size == 1:
+        return [value]
+    init(world)
+    if dist.get_backend() != "gloo" and _agreement_group is None:
+        _agreement_group = dist.new_group(backend="gloo")
+    gathered: list = [None] * world.size
+    dist.all_gather_object(gathered, value, group=_agreement_group)
+    return gathered
 
 
 def _on_wire(tensor: torch.Tensor) -> torch.Tensor:
@@ -114,26 +267,6 @@ def agree_max(value: int) -> int:
     tensor = _on_wire(torch.tensor([value], dtype=torch.int64))
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
-
-
-def raise_if_any_failed(failure: BaseException | None, what: str) -> None:
-    """Collective, reached by every rank after its share of `what`, failed or not: if any rank failed,
-    every rank raises (the failed ones their own error, the others one naming the first failed rank and
-    its message, as a UserError when that was a user mistake). Nobody is left waiting for a peer that
-    has given up."""
-    from loki_dist.errors import UserError
-
-    mine = None if failure is None else (isinstance(failure, UserError), str(failure))
-    reports = [mine]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        reports = [None] * dist.get_world_size()
-        dist.all_gather_object(reports, mine)
-    if failure is not None:
-        raise failure
-    for rank, report in enumerate(reports):
-        if report is not None:
-            user_mistake, message = report
-            raise (UserError if user_mistake else RuntimeError)(f"{what} failed on rank {rank}: {message}")
 
 
 def all_gather_varlen(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:

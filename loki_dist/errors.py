@@ -1,12 +1,56 @@
-"""The one exception type that means "the user asked for something we cannot do".
+"""The one exception type that means "the user asked for something we cannot do", and its multi-rank form.
 
-The CLI turns it into a single line on stderr and exit status 2, with no traceback; everything else is a
-bug and keeps its traceback.
+The CLI turns a UserError into a single line on stderr and exit status 2, with no traceback; everything
+else is a bug and keeps its traceback. With several ranks, a mistake may be seen by all of them (a bad
+flag) or by some (a file missing on one node's disk): a command's checks end with every rank agreeing on
+what each one found (`distributed.agreement`), and the outcome is a RankErrors that one rank prints.
 """
+
+from __future__ import annotations
 
 
 class UserError(Exception):
     """A mistake in the user's input: names the bad value and what is expected."""
+
+
+class RankErrors(UserError):
+    """What every rank's checks found, agreed by all ranks: {rank: (kind, message)} of the failing ones.
+
+    kind is "user" (a UserError) or "crash" (any other exception; that rank printed its traceback
+    before the agreement). Every rank raises the same RankErrors and rank 0 prints it, so a mistake
+    that all ranks share is said once, and a rank-specific one is said with the ranks it concerns.
+    """
+
+    def __init__(self, failures: dict[int, tuple[str, str]], world_size: int):
+        self.failures, self.world_size = failures, world_size
+        super().__init__("; ".join(self.lines()))
+
+    @property
+    def crashed(self) -> bool:
+        return any(kind == "crash" for kind, _ in self.failures.values())
+
+    def lines(self) -> list[str]:
+        """One line per distinct message; unprefixed when every rank failed with the same one."""
+        by_message: dict[str, list[int]] = {}
+        for rank in sorted(self.failures):
+            kind, message = self.failures[rank]
+            text = message if kind == "user" else f"crashed ({message}; traceback above)"
+            by_message.setdefault(text, []).append(rank)
+        if len(by_message) == 1 and len(self.failures) == self.world_size:
+            return list(by_message)
+        return [f"{rank_list(ranks)}: {text}" for text, ranks in by_message.items()]
+
+
+def rank_list(ranks: list[int]) -> str:
+    """`rank 3`, or `ranks 0-2,5` for several (sorted, consecutive runs collapsed)."""
+    runs: list[list[int]] = []
+    for rank in ranks:
+        if runs and rank == runs[-1][1] + 1:
+            runs[-1][1] = rank
+        else:
+            runs.append([rank, rank])
+    spans = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    return f"rank {spans}" if len(ranks) == 1 else f"ranks {spans}"
 
 
 def require_at_least(*checks: tuple[str, float, float]) -> None:

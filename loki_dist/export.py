@@ -301,23 +301,18 @@ def export_model(
     implant_size = sum(source.rows(layer).numel() for layer in source.layers()) * spec.intermediate_size * 4
     jobs = [*shards.paths, None]  # None: the implant file
     owner = _assign([p.stat().st_size for p in shards.paths] + [implant_size], world.size)
-    failure: BaseException | None = None
-    with metering.phase("export"):
-        try:
-            for job, rank in zip(jobs, owner, strict=True):
-                if rank != world.rank:
-                    continue
-                if job is None:
-                    if implant is not None:
-                        shutil.copyfile(implant, staging / IMPLANT_NAME)
-                    else:
-                        write_implant(staging / IMPLANT_NAME, source, spec, shards.dtypes, base_print)
-                    continue
-                layers = [layer for layer in source.layers() if shards.down_proj[layer] == job]
-                _rewrite_shard(job, staging / job.name, layers, source, spec)
-        except Exception as err:  # every rank must reach the agreement below, failed or not
-            failure = err
-        distributed.raise_if_any_failed(failure, f"export into {out_dir}")
+    with metering.phase("export"), distributed.agreement(world):  # a failed rank fails every rank
+        for job, rank in zip(jobs, owner, strict=True):
+            if rank != world.rank:
+                continue
+            if job is None:
+                if implant is not None:
+                    shutil.copyfile(implant, staging / IMPLANT_NAME)
+                else:
+                    write_implant(staging / IMPLANT_NAME, source, spec, shards.dtypes, base_print)
+                continue
+            layers = [layer for layer in source.layers() if shards.down_proj[layer] == job]
+            _rewrite_shard(job, staging / job.name, layers, source, spec)
     if world.is_main:
         files.publish(staging, out_dir)
     distributed.barrier()

@@ -407,7 +407,8 @@ def _normaliser(indices: list[int], plan: Plan) -> float:
 
 def run_train(args: argparse.Namespace) -> None:
     world = distributed.world_from_env()
-    plan = plan_run(args, world)
+    with distributed.agreement(world):  # every rank checks; one agreed error before any work
+        plan = plan_run(args, world)
     if plan.ds_config is None:
         distributed.init(world)
     else:

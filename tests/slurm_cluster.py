@@ -1,7 +1,8 @@
 """A real two-node Slurm cluster on this machine, for the sbatch templates' tests.
 
 Debian's slurmctld/slurmd 22.05 and munge, one slurm.conf under a temporary directory, two node daemons
-(n1 on 127.0.0.2, n2 on 127.0.0.3: loopback only, never a private-range network) on distinct ports.
+(n1 on 127.0.0.2, n2 on 127.0.0.3: loopback only, never a private-range network). The daemons' ports
+are free ones picked at start, so two clusters (two test runs on one machine) do not take each other's.
 The node names do not resolve, which is what makes the templates take the rendezvous address from
 NodeAddr. Every daemon is started here and stopped here, by the pid it wrote.
 """
@@ -9,6 +10,7 @@ NodeAddr. Every daemon is started here and stopped here, by the pid it wrote.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -17,8 +19,7 @@ import time
 from pathlib import Path
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
-NODES = {"n1": ("127.0.0.2", 16818), "n2": ("127.0.0.3", 16819)}
-CTLD_PORT = 16817
+NODES = {"n1": "127.0.0.2", "n2": "127.0.0.3"}
 
 
 def install() -> str | None:
@@ -35,14 +36,30 @@ def install() -> str | None:
     return None
 
 
+def _free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now, distinct (all held open until every one is chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def _conf(root: Path, host: str) -> str:
+    ctld_port, *node_ports = _free_ports(1 + len(NODES))
     nodes = "\n".join(
         f"NodeName={name} NodeAddr={addr} NodeHostname={host} Port={port} CPUs=2 State=UNKNOWN"
-        for name, (addr, port) in NODES.items()
+        for (name, addr), port in zip(NODES.items(), node_ports, strict=True)
     )
+    # job ids differ between clusters too, so ports derived from them (a bare srun's MASTER_PORT) do
+    first_job_id = random.randrange(1000, 1_000_000)
     return f"""ClusterName=lokitest
+FirstJobId={first_job_id}
 SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={CTLD_PORT}
+SlurmctldPort={ctld_port}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={root}/munge.sock
@@ -152,8 +169,32 @@ class Cluster:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.root.glob("*.log")))
 
+    def step_daemons(self) -> list[int]:
+        """The slurmstepd processes of this cluster's jobs: they run in its directory, as slurmd does."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                comm, cwd = (entry / "comm").read_text().strip(), Path(os.readlink(entry / "cwd"))
+            except OSError:  # gone meanwhile
+                continue
+            if comm == "slurmstepd" and cwd == self.root.resolve():
+                pids.append(int(entry.name))
+        return pids
+
     def stop(self) -> None:
-        """Stop the daemons this object started, by the pids they wrote (all at once, then wait)."""
+        """Stop the daemons this object started, by the pids they wrote (all at once, then wait).
+
+        First the step daemons finish: a job shows COMPLETED while its slurmstepd processes still
+        report to their node daemon for a second or two, and one whose slurmd is gone retries for
+        ever (seen: one left behind per run whose last test ended right after a bare srun).
+        """
+        deadline = time.time() + 30
+        while (steps := self.step_daemons()) and time.time() < deadline:
+            time.sleep(0.1)
+        for pid in steps:  # still there after 30 s: stuck, and ours
+            os.kill(pid, signal.SIGKILL)
         pids = []
         for pid_file in self.pid_files:
             try:

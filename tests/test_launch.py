@@ -166,3 +166,103 @@ def test_slurm_wrapper_refuses_to_guess_without_scontrol(tmp_path):
     assert proc.returncode != 0
     assert "scontrol not found" in proc.stderr and "RDZV_HOST" in proc.stderr
     assert "localhost" not in proc.stderr and "rendezvous" not in proc.stderr
+
+
+# ------------------------------------------------------------------ bare srun: who am I, where is rank 0
+
+# what srun sets in each task of a 2-task step on two nodes (seen on tests/slurm_cluster.py's cluster)
+SRUN_TASK = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "3", "SLURM_PROCID": "1", "SLURM_LOCALID": "0",
+             "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "zz-node-[1-2]",
+             "SLURM_JOB_NODELIST": "zz-node-[1-2]"}  # fmt: skip
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture
+def srun_task(monkeypatch):
+    """The environment of one bare-srun task, with no launcher's variables."""
+    for name in LAUNCHER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in SRUN_TASK.items():
+        monkeypatch.setenv(name, value)
+    return monkeypatch
+
+
+def test_srun_task_is_one_rank_of_the_step(srun_task):
+    from loki_dist.distributed import World, world_from_env
+
+    assert world_from_env() == World(rank=1, size=2, local_rank=0)
+    # torchrun started inside an srun step (slurm/srun_torchrun.sh): its variables win
+    for name, value in {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}.items():
+        srun_task.setenv(name, value)
+    assert world_from_env() == World(rank=5, size=8, local_rank=1)
+
+
+def test_batch_shell_is_one_process(srun_task):
+    """An sbatch script's own shell has SLURM_NTASKS and SLURM_PROCID, but no step: a plain command
+    there is one process (taking SLURM_NTASKS as the world size made it wait for ranks never started)."""
+    from loki_dist.distributed import World, rendezvous_env, world_from_env
+
+    for name in ("SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST"):
+        srun_task.delenv(name)
+    srun_task.setenv("SLURM_PROCID", "0")
+    assert world_from_env() == World(rank=0, size=1, local_rank=0)
+    env = dict(os.environ)
+    rendezvous_env(env)
+    assert env == dict(os.environ)
+
+
+def test_srun_without_master_addr_or_scontrol_is_one_line_naming_what_to_set(srun_task, tmp_path):
+    from loki_dist.distributed import rendezvous_env
+    from loki_dist.errors import UserError
+
+    srun_task.setenv("PATH", str(tmp_path))  # no scontrol on it
+    with pytest.raises(UserError) as err:
+        rendezvous_env(dict(os.environ))
+    message = str(err.value)
+    assert "\n" not in message and "scontrol is not found" in message
+    assert "export MASTER_ADDR=" in message and "SLURM_STEP_NODELIST=zz-node-[1-2]" in message
+
+
+def test_srun_port_is_the_users_or_one_per_job_step(srun_task, tmp_path):
+    from loki_dist.distributed import rendezvous_env
+
+    srun_task.setenv("PATH", str(tmp_path))  # MASTER_ADDR given: scontrol is not needed
+    env = {**os.environ, "MASTER_ADDR": "10.0.0.7"}
+    rendezvous_env(env)
+    derived = int(env["MASTER_PORT"])
+    assert env["MASTER_ADDR"] == "10.0.0.7" and 20000 <= derived < 30000  # below the ephemeral ports
+    again = {**os.environ, "MASTER_ADDR": "10.0.0.7"}
+    rendezvous_env(again)
+    assert again["MASTER_PORT"] == str(derived)  # every task of the step derives the same port
+
+    def port(job: int, step: int) -> str:
+        env = {**os.environ, "MASTER_ADDR": "x", "SLURM_JOB_ID": str(job), "SLURM_STEP_ID": str(step)}
+        rendezvous_env(env)
+        return env["MASTER_PORT"]
+
+    assert len({port(4242, step) for step in range(16)}) == 16  # concurrent steps of one job
+    assert len({port(job, 0) for job in range(4242, 4242 + 600)}) == 600  # jobs sharing a first node
+    users = {**os.environ, "MASTER_ADDR": "x", "MASTER_PORT": "31234"}
+    rendezvous_env(users)
+    assert users["MASTER_PORT"] == "31234"
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "visible", "device"),
+    [(0, 1, 0), (3, 1, 0), (0, 8, 0), (5, 8, 5), (2, 2, None), (7, 4, None)],
+)
+def test_gpu_of_a_task_is_its_own_or_a_one_line_error(local_rank, visible, device, monkeypatch):
+    """srun --gpus-per-task=1 shows each task one GPU: device 0, whatever its local rank. With several
+    visible, local rank i takes GPU i; a local rank past them would share a GPU: refused."""
+    from loki_dist.distributed import device_index
+    from loki_dist.errors import UserError
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(str(i) for i in range(visible)))
+    if device is not None:
+        assert device_index(local_rank, visible) == device
+        return
+    with pytest.raises(UserError) as err:
+        device_index(local_rank, visible)
+    message = str(err.value)
+    assert "\n" not in message and f"local rank {local_rank} but this process sees {visible} GPUs" in message
+    assert "--gpus-per-task=1" in message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -98,25 +99,48 @@ def test_bad_input_is_one_clear_line(case, inputs, tmp_path, capsys):
     assert snapshot(out) == before, "the output directory changed"
 
 
-def test_bad_input_under_torchrun_exits_nonzero_without_traceback(inputs, tmp_path):
-    bad = write(tmp_path, "p.json", [[0], [99]])
-    proc = run_cli(
-        [
-            "train",
-            "--model",
-            str(inputs["base"]),
-            "--positions",
-            str(bad),
-            "--data",
-            str(inputs["data"]),
-            "--output-dir",
-            str(tmp_path / "out"),
-        ],
-        nproc=2,
-        check=False,
-    )
+def error_lines(stderr: str, command: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(f"loki-dist {command}: error: ")]
+
+
+def assert_clean_failure(proc, meter_dir: Path, ranks: int = 2, status: int = 2) -> None:
+    """Every rank exited with `status` after leaving the process group; for a user error (2), no
+    traceback came from loki_dist.
+
+    torchrun lists the exit status of each child it saw fail (`exitcode : N`); a child it stopped
+    because a peer had failed first is not listed. Each rank writes its metering report in
+    distributed.shutdown, so one report per rank shows that every rank went through it.
+    """
     assert proc.returncode != 0
-    assert proc.stderr.count("loki-dist train: error: --positions") == 1
+    codes = [int(code) for code in re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)]
+    assert codes and set(codes) == {status}, proc.stderr
+    assert sorted(p.name for p in meter_dir.iterdir()) == [f"rank{r}.json" for r in range(ranks)]
     # torchrun itself reports a failed child with a traceback of its own; none may come from loki_dist
-    assert not [line for line in proc.stderr.splitlines() if 'File "' in line and "loki_dist" in line]
+    tracebacks = [line for line in proc.stderr.splitlines() if 'File "' in line and "loki_dist" in line]
+    assert bool(tracebacks) == (status != 2), proc.stderr
+
+
+def test_same_mistake_on_every_rank_is_said_once(inputs, tmp_path):
+    bad = write(tmp_path, "p.json", [[0], [99]])
+    argv = ["train", "--model", str(inputs["base"]), "--positions", str(bad), "--data", str(inputs["data"]),
+            "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    meter = tmp_path / "meter"
+    proc = run_cli(argv, nproc=2, check=False, env={"LOKI_DIST_METER": str(meter)}, timeout=180)
+    lines = error_lines(proc.stderr, "train")
+    assert len(lines) == 1 and "index 99" in lines[0], proc.stderr  # said once,
+    assert lines[0].startswith("loki-dist train: error: --positions "), lines  # with no rank prefix
+    assert_clean_failure(proc, meter)
     assert not (tmp_path / "out").exists()
+
+
+def test_agreed_errors_name_the_ranks_they_concern():
+    from loki_dist.errors import RankErrors
+
+    same = {rank: ("user", "--data d: bad") for rank in range(4)}
+    assert RankErrors(same, 4).lines() == ["--data d: bad"]
+    assert RankErrors({r: same[r] for r in (1, 2)}, 4).lines() == ["ranks 1-2: --data d: bad"]
+    mixed = {0: ("user", "A"), 1: ("user", "A"), 2: ("user", "B"), 3: ("user", "A"), 5: ("user", "A")}
+    assert RankErrors(mixed, 6).lines() == ["ranks 0-1,3,5: A", "rank 2: B"]
+    crashed = RankErrors({0: ("crash", "ValueError: x"), 1: ("user", "A")}, 3)
+    assert crashed.lines() == ["rank 0: crashed (ValueError: x; traceback above)", "rank 1: A"]
+    assert crashed.crashed and not RankErrors(mixed, 6).crashed
