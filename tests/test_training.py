@@ -4,7 +4,7 @@ written here in plain PyTorch.
 The oracle trains the selected rows as their own float64 tensor, spliced into the base model's weights
 for each forward: the loss of a step is the summed next-token NLL of the global batch's response tokens
 (each sample on its own, unpadded) divided by their count; torch.optim.AdamW steps the rows with its own
-decoupled weight decay; the learning rate comes from the schedule README documents, computed here. Every
+decoupled weight decay; the learning rate follows the documented schedule, computed here. Every
 configuration (ZeRO-3 on 2 and 3 ranks, ZeRO-2, ZeRO-0, one plain process, ZeRO-3 with offload; both
 row layouts; fp32 and bf16) must reproduce its rows after several steps, and the loss, gradient norm and
 learning rate it logged, and must leave every unselected row and every other tensor of the base model
@@ -133,7 +133,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
         # threshold 0: every weight partitioned, even tiny ones, so rank boundaries fall inside rows
         "zero3_no_persist": _config_variant(
             root, "zero3_no_persist", "zero3", {"stage3_param_persistence_threshold": 0}
-        ),  # fmt: skip
+        ),
     }
 
 
@@ -196,7 +196,8 @@ class Oracle:
 
 
 def scheduled_lr(step: int, options: dict) -> float:
-    """README's schedule: linear warm-up from 0 over ceil(ratio * steps) steps, then cosine to 0."""
+    """--warmup-ratio with --lr-scheduler cosine: linear warm-up from 0 over ceil(ratio * steps) steps, then
+    cosine decay to 0."""
     total, peak = options["--max-steps"], options["--learning-rate"]
     warmup = math.ceil(options["--warmup-ratio"] * total)
     if step < warmup:
@@ -205,7 +206,8 @@ def scheduled_lr(step: int, options: dict) -> float:
 
 
 def global_batches(num_samples: int, global_batch: int, steps: int, seed: int = 42) -> list[list[int]]:
-    """README's data order: a permutation seeded by seed + epoch, cut into global batches."""
+    """train's data order: each epoch a permutation of the samples seeded by --seed + epoch, cut into
+    global batches (so a batch does not depend on how many ranks share it)."""
     per_epoch = num_samples // global_batch
     batches = []
     for step in range(steps):
@@ -230,8 +232,9 @@ def train_oracle(base: Path, data: Path, options: dict, global_batch: int) -> Or
     names = {layer: f"model.layers.{layer}.mlp.down_proj.weight" for layer, r in enumerate(POSITIONS) if r}
     index = {layer: torch.tensor(POSITIONS[layer]) for layer in names}
     rows = {layer: weights[name][index[layer]].clone().requires_grad_(True) for layer, name in names.items()}
-    # AdamW decays decoupled, w <- w * (1 - lr * wd), before its moment update and step (torch's
-    # _single_tensor_adam), the order loki_dist applies its own decay to the fp32 master in
+    # torch's AdamW decays decoupled, w <- w * (1 - lr * wd), before its moment update and step
+    # (_single_tensor_adam), the order in which loki_dist decays the fp32 master and then steps Adam with
+    # weight_decay 0; betas (0.9, 0.999) and eps 1e-8 are torch's defaults, which the trainer keeps too
     optimizer = torch.optim.AdamW(rows.values(), weight_decay=options["--weight-decay"], foreach=False)
 
     def mean_loss(batch: list[int]) -> torch.Tensor:
@@ -277,7 +280,12 @@ def oracle(setup):
     def get(options: dict, global_batch: int, base: Path | None = None) -> Oracle:
         key = (json.dumps(options, sort_keys=True), global_batch, base)
         if key not in cache:
-            cache[key] = train_oracle(base or setup["base"], setup["data"], options, global_batch)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # its ops are tiny: two threads take 10x longer on a busy machine
+            try:
+                cache[key] = train_oracle(base or setup["base"], setup["data"], options, global_batch)
+            finally:
+                torch.set_num_threads(threads)
         return cache[key]
 
     return get
@@ -329,35 +337,18 @@ def assert_matches_oracle(run: Run, expected: Oracle, tolerance: Tolerance) -> N
 
 # (ranks, arguments); each makes global batch 6 from micro-batches of 1, 2 or 3 samples of unequal length
 CONFIGS = {
-    "zero3-2ranks": (2, ["--micro-batch-size", "1", "--gradient-accumulation", "3"]),
+    "zero3-2ranks": (2, "--micro-batch-size 1 --gradient-accumulation 3"),
     # every weight partitioned: 3 ranks cut the masked [32, 48] weight at 10.67 rows and a split [5, 48]
     # at 1.67 rows; activation checkpointing (non-reentrant) with frozen parameters, which has crashed
     # DeepSpeed with the split layout
-    "zero3-3ranks": (
-        3,
-        ["--ds-config", "{zero3_no_persist}", "--micro-batch-size", "2", "--gradient-checkpointing"],
-    ),  # fmt: skip
-    "zero2-2ranks": (2, ["--ds-config", "zero2", "--micro-batch-size", "3"]),
-    "zero0-2ranks": (
-        2,
-        ["--ds-config", "{zero0}", "--micro-batch-size", "1", "--gradient-accumulation", "3"],
-    ),
-    # a checkpoint every step, 2 kept (test_save_total_limit_keeps_the_newest_checkpoints)
+    "zero3-3ranks": (3, "--ds-config {zero3_no_persist} --micro-batch-size 2 --gradient-checkpointing"),
+    "zero2-2ranks": (2, "--ds-config zero2 --micro-batch-size 3"),
+    "zero0-2ranks": (2, "--ds-config {zero0} --micro-batch-size 1 --gradient-accumulation 3"),
+    # a checkpoint every step (the later flag wins), 2 kept: test_save_total_limit_keeps_the_newest_...
     "plain": (
         1,
-        [
-            "--ds-config",
-            "none",
-            "--micro-batch-size",
-            "2",
-            "--gradient-accumulation",
-            "3",
-            "--save-steps",
-            "1",
-            "--save-total-limit",
-            "2",
-        ],
-    ),  # fmt: skip
+        "--ds-config none --micro-batch-size 2 --gradient-accumulation 3 --save-steps 1 --save-total-limit 2",
+    ),
 }
 
 
@@ -371,7 +362,7 @@ def trained(setup):
         if key not in cache:
             nproc, extra = CONFIGS[config]
             base = setup["base16"] if precision == "bf16" else setup["base"]
-            args = [arg.format(**setup) for arg in extra]
+            args = extra.format(**setup).split()
             out = setup["root"] / "-".join(key)
             options = {**ORACLE_RUN, "--row-params": layout}
             cache[key] = train(setup, out, *args, "--precision", precision, nproc=nproc, options=options,
@@ -436,7 +427,7 @@ def test_overwrite_starts_a_finished_run_over_on_truncated_data(setup, trained, 
     truncated, dropped = truncation_counts(setup, max_len)
     assert 0 < dropped < truncated and 48 - dropped >= 2 * GLOBAL_BATCH  # some cut, some dropped
     options = {**ORACLE_RUN, "--max-steps": 2, "--row-params": "split", "--max-seq-len": max_len}
-    run = train(setup, out, *CONFIGS["plain"][1], "--overwrite", options=options)
+    run = train(setup, out, *CONFIGS["plain"][1].split(), "--overwrite", options=options)
     samples = 48 - dropped
     assert (f"{samples} samples ({truncated} truncated to {max_len} tokens, {dropped} dropped with no "
             "response token left)") in run.stdout  # fmt: skip
