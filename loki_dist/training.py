@@ -290,6 +290,8 @@ class Trainer:
         model, trainable = self.make_trainable(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=plan.args.learning_rate, weight_decay=0.0)
+        # fp32 ZeRO-0 steps the client optimizer itself, and DeepSpeed then keeps no gradient norm
+        self.engine_measures_norm = stage != 0 or plan.bf16
         if stage is None:
             self.model, self.engine, self.inner = model.to(device), None, optimizer
         else:
@@ -363,10 +365,15 @@ class Trainer:
         """
         if self.engine is not None:  # it averages over ranks; the loss's normalisation covers accumulation
             self.engine.backward(loss, scale_wrt_gas=False)
-            if boundary:
-                self._prepare_update(lr)
+            if not boundary:
+                self.engine.step()
+                return None
+            self._prepare_update(lr)
+            # where the engine keeps no norm, the gradients are whole and already all-reduced on every
+            # rank: measure them before the step consumes them (no communication)
+            own = None if self.engine_measures_norm else _grad_norm(self.params)
             self.engine.step()
-            norm = self.engine.get_global_grad_norm() if boundary else None
+            norm = self.engine.get_global_grad_norm() if own is None else own
             return None if norm is None else float(norm)
         loss.backward()
         if not boundary:
@@ -392,6 +399,11 @@ class Trainer:
                 if decay != 1.0:
                     with state.edit("master") as master:
                         state.partition.scale_selected_(master, decay)
+
+
+def _grad_norm(params: list[torch.nn.Parameter]) -> float:
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _normaliser(indices: list[int], plan: Plan) -> float:
@@ -477,7 +489,7 @@ def _train(plan: Plan) -> bool:
         "global_batch": plan.global_batch,
         "world_size": world.size,
     }
-    probe_at_start = _probe_loss(trainer, plan)
+    probe_at_start_step = _probe_loss(trainer, plan)
     writer = _tensorboard(out) if world.is_main else None
     bar = tqdm(
         total=plan.total_steps, initial=start, desc="train", disable=not world.is_main, dynamic_ncols=True
@@ -533,7 +545,7 @@ def _train(plan: Plan) -> bool:
             "world_size": world.size,
             "samples": len(plan.examples),
             "probe_loss": probe,
-            "probe_loss_at_start": probe_at_start,
+            "probe_loss_at_start_step": probe_at_start_step,
             "start_step": start,
             "probe_samples": global_batch_indices(0, plan),
         }
@@ -580,7 +592,7 @@ def _tensorboard(out: Path):
 
 
 def _log(writer, bar, step: int, **scalars: float | None) -> None:
-    scalars = {name: value for name, value in scalars.items() if value is not None}  # ZeRO-0: no grad norm
+    scalars = {name: value for name, value in scalars.items() if value is not None}
     for name, value in scalars.items():
         writer.add_scalar(f"train/{name}", value, step)
     bar.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))

@@ -1,9 +1,12 @@
-"""Run under torchrun: the bytes of a real DeepSpeed ZeRO-3 bf16 engine's model states on each rank.
+"""Run under torchrun: the bytes of real DeepSpeed ZeRO-3 bf16 engines' model states on each rank.
 
-After one training step, for full fine-tuning and for masked LoKI (only down_proj trainable), it sums
-the real tensors the engine keeps per rank: the 16-bit parameter partitions, the 16-bit gradient
-partition buffer plus the largest fp32 gradient copy of an optimizer sub-group made during the step, and
-the fp32 master partitions plus Adam's moments. Usage: memory_probe.py OUT_DIR.
+After one training step it sums the real tensors the engine keeps per rank: the 16-bit parameter
+partitions, the 16-bit gradient partition buffer plus the largest fp32 gradient copy of an optimizer
+sub-group made during the step, and the fp32 master partitions plus Adam's moments. Full fine-tuning is
+a plain engine over the whole model; LoKI is loki_dist's own Trainer (`loki-dist train`'s model loading,
+freezing, row layout and update), once per row layout: masked (the whole down_proj trains, unselected
+rows' gradients zeroed) and split (the selected rows as their own parameter).
+Usage: memory_probe.py OUT_DIR, where OUT_DIR holds base/ (TINY), positions.json and data.json.
 """
 
 from __future__ import annotations
@@ -26,25 +29,15 @@ DS_CONFIG = {
     "zero_force_ds_cpu_optimizer": False,
     "steps_per_print": 10**9,
 }
+LAYOUTS = {"loki_masked": "masked", "loki_compact": "split"}
 
 
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def measure(method: str) -> dict[str, int]:
-    import deepspeed
-
-    model = build_model("llama", **TINY).to(torch.bfloat16).train()
-    if method == "loki_masked":
-        model.requires_grad_(False)
-        for layer in model.model.layers:
-            layer.mlp.down_proj.weight.requires_grad_(True)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=torch.optim.AdamW(trainable, lr=1e-3), config=DS_CONFIG
-    )
-    tokens = torch.randint(0, TINY["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0))
+def _states_after(engine, step) -> dict[str, int]:
+    """Run `step()` (one forward, backward and update), then the bytes of the engine's model states."""
     zero = engine.optimizer
     step_copies = []  # the fp32 gradient of each optimizer sub-group, made during the step
     prepare = zero._prepare_fp32_grad_for_sub_group
@@ -54,8 +47,7 @@ def measure(method: str) -> dict[str, int]:
         step_copies.append(zero.fp32_partitioned_groups_flat[sub_group].grad)
 
     zero._prepare_fp32_grad_for_sub_group = spy
-    engine.backward(engine(input_ids=tokens, labels=tokens).loss)
-    engine.step()
+    step()
     state = [t for s in zero.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     return {
         "parameters": _bytes(p.ds_tensor for p in engine.module.parameters()),
@@ -64,13 +56,71 @@ def measure(method: str) -> dict[str, int]:
     }
 
 
-def main() -> None:
+def measure_full() -> dict[str, int]:
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank = torch.distributed.get_rank()
-    result = {method: measure(method) for method in ("full", "loki_masked")}
-    Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(result))
+    model = build_model("llama", **TINY).to(torch.bfloat16).train()
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), config=DS_CONFIG
+    )
+    tokens = torch.randint(0, TINY["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        engine.backward(engine(input_ids=tokens, labels=tokens).loss)
+        engine.step()
+
+    return _states_after(engine, step)
+
+
+def measure_trainer(inputs: Path, layout: str, world) -> dict[str, int]:
+    """loki_dist's Trainer, built from `loki-dist train` arguments, after one update of its own."""
+    import argparse
+
+    from loki_dist.data import collate
+    from loki_dist.training import Trainer, add_train_arguments, global_batch_indices, micro_batches, plan_run
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--model",
+            str(inputs / "base"),
+            "--positions",
+            str(inputs / "positions.json"),
+            "--data",
+            str(inputs / "data.json"),
+            "--output-dir",
+            str(inputs / "out"),
+            "--ds-config",
+            str(inputs / "ds_config.json"),
+            "--row-params",
+            layout,
+        ]  # fmt: skip
+    )
+    plan = plan_run(args, world)
+    trainer = Trainer(plan, torch.device("cpu"))
+    (mine,) = micro_batches(global_batch_indices(0, plan), plan)
+
+    def step() -> None:
+        loss = trainer.loss_sum(collate([plan.examples[i] for i in mine], pad_id=plan.pad_id))
+        trainer.backward(loss, lr=1e-3, boundary=True)
+
+    return _states_after(trainer.engine, step)
+
+
+def main() -> None:
+    from loki_dist import distributed
+
+    inputs = Path(sys.argv[1])
+    world = distributed.world_from_env()
+    if world.is_main:
+        (inputs / "ds_config.json").write_text(json.dumps(DS_CONFIG))
+    distributed.prepare_deepspeed(world)
+    distributed.barrier()
+    result = {"full": measure_full()}
+    for method, layout in LAYOUTS.items():
+        result[method] = measure_trainer(inputs, layout, world)
+    (inputs / f"rank{world.rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
