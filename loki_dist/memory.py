@@ -21,7 +21,8 @@ the methods differ only in which elements are trainable:
 
 * LoKI (masked): the whole down_proj weight of every trained layer, since masking the gradient leaves
   the dense gradient and the dense Adam state in place, although only q% of their rows ever move.
-* LoKI (compact): gradients and Adam state only for the selected rows, L * floor(q*D/100) * F elements.
+* LoKI (compact, `train --row-params split`): gradients and Adam state only for the selected rows,
+  L * floor(q*D/100) * F elements, which are also held a second time as their own 16-bit parameter.
 * full fine-tuning: every parameter.
 * LoRA r=16 on every Linear of a layer (q, k, v, o, gate, up, down): the frozen base stays in 16 bits
   and is sharded like any parameter; the adapters add r*(in+out) parameters each, with their gradients
@@ -358,7 +359,8 @@ def estimate(arch: Architecture, quota: Fraction, setup: Setup) -> dict[str, Est
     # method: (params held, elements with gradients and Adam state, the largest such module, params that move)
     methods = {
         "loki_masked": (total, arch.num_layers * down, down, selected),
-        "loki_compact": (total, selected, k * arch.intermediate_size, selected),
+        # the split layout holds the selected rows twice: in the frozen weight and as their own parameter
+        "loki_compact": (total + selected, selected, k * arch.intermediate_size, selected),
         "full": (total, total, largest, total),
         "lora": (total + adapters, adapters, largest_adapter, adapters),
     }

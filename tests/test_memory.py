@@ -296,8 +296,10 @@ def test_zero3_bf16_state_bytes_of_real_engines_and_the_trainer_on_2_ranks(tmp_p
         assert split["optimizer_state"] == 12 * selected // 2 + 4
         assert masked["optimizer_state"] == 12 * TINY["num_layers"] * arch.down_proj_params // 2 + 4
         # the split layout's one cost: its rows are a parameter of their own beside the frozen weight
-        # (16-bit, sharded), which the estimate leaves out (here 3.6% of the parameter bytes)
+        # (16-bit, sharded; here 3.6% of the parameter bytes), which the estimate counts exactly
         assert split["parameters"] == masked["parameters"] + 2 * selected // 2
+        extra = predicted["loki_compact"].parameters - predicted["loki_masked"].parameters
+        assert extra == split["parameters"] - masked["parameters"]
 
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
