@@ -128,21 +128,19 @@ class _Float64Head(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
-        ctx.head = head
-        ctx.save_for_backward(hidden)
+        ctx.head, ctx.dtype = head, hidden.dtype
         weight, bias, wide = head.weight, head.bias, hidden.double()
         logits = torch.cat([wide @ rows.double().T for rows in _vocabulary_slices(weight)], dim=-1)
         return logits if bias is None else logits + bias.double()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (hidden,) = ctx.saved_tensors
         weight = ctx.head.weight  # read now: ZeRO-3 gathers it again for the module's backward
         total, start = 0, 0
         for rows in _vocabulary_slices(weight):
             total = total + grad[..., start : start + len(rows)].double() @ rows.double()
             start += len(rows)
-        return total.to(hidden.dtype), None
+        return total.to(ctx.dtype), None
 
 
 HEAD_SLICE_BYTES = 64 << 20  # the float64 copy of output-embedding rows that _Float64Head holds at a time

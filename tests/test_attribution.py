@@ -1,6 +1,8 @@
-"""KVA attribution: fast == reference == an independent finite-difference computation; batching,
-world size and ZeRO-3 sharding change no result; a killed run resumes to the identical file; the file
-is DESIGN.md's whatever the ranks kept, and only rank 0 receives the statistics and scores."""
+"""KVA attribution: fast and reference equal the formula computed here in float64 (and by finite
+differences) on every supported family, and bf16 ranks the nodes as fp32 does; batching and ZeRO-3
+sharding change no result beyond rounding, the world size changes no bit; a killed run resumes to the
+identical file; the file is DESIGN.md's whatever the ranks kept, and only rank 0 receives the
+statistics and scores."""
 
 from __future__ import annotations
 
