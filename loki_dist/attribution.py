@@ -54,13 +54,16 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--shots", type=int, default=0, help="k-shot examples from the dev split (default 0)")
     parser.add_argument("--subjects", default=None, help="comma-separated subjects (default: all)")
-    parser.add_argument("--batch-size", type=int, default=4, help="prompts per batch per rank (default 4)")
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="prompts per batch; ranks score whole batches (default 4)"
+    )
     add_inference_arguments(parser)
     parser.add_argument(
         "--algorithm",
         choices=("fast", "reference"),
         default="fast",
-        help="fast: shared prefix KV cache + packed (layer, step) rows; reference: m full copies per layer",
+        help="fast: shared prefix KV cache + packed (layer, step) rows; reference: m full-prompt copies per "
+        "layer, float64 output embedding (the slow, exact oracle)",
     )
     parser.add_argument(
         "--max-rows",
