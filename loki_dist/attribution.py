@@ -1,12 +1,14 @@
 """`loki-dist attribute`: data-parallel KVA attribution, written as one attribution file.
 
-Each rank scores a contiguous block of the samples (so its scores, sent in rank order, come out in
-data order) and accumulates the statistics of loki_dist.stats. At the end the statistics are summed
-into rank 0 a bounded piece at a time and rank 0 streams them, then every rank's scores, into the
+The samples are cut into batches in data order first, then each rank scores a contiguous run of whole
+batches (so every number is the same on any number of ranks, and its scores, sent in rank order, come
+out in data order) and accumulates the statistics of loki_dist.stats. At the end the statistics are
+summed into rank 0 a bounded piece at a time and rank 0 streams them, then every rank's scores, into the
 file: no rank ever holds the whole sums or another rank's whole scores, and only rank 0 receives.
 With `--ds-config` the model is ZeRO-3-sharded over the ranks for inference; ZeRO-3 gathers each
 layer's parameters collectively, so then every rank makes exactly the same forward calls: shards are
-padded with dummy batches and every batch with dummy samples, whose scores are thrown away.
+padded with dummy batches and every batch with dummy samples (copies of its first prompt, which leave
+its padded width as it is), whose scores are thrown away.
 
 Partial statistics are checkpointed per rank every `--checkpoint-every` samples, one file per rank. A
 rank removes its previous checkpoint only once every rank has written the new one, so `--resume`
@@ -52,13 +54,16 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--shots", type=int, default=0, help="k-shot examples from the dev split (default 0)")
     parser.add_argument("--subjects", default=None, help="comma-separated subjects (default: all)")
-    parser.add_argument("--batch-size", type=int, default=4, help="prompts per batch per rank (default 4)")
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="prompts per batch; ranks score whole batches (default 4)"
+    )
     add_inference_arguments(parser)
     parser.add_argument(
         "--algorithm",
         choices=("fast", "reference"),
         default="fast",
-        help="fast: shared prefix KV cache + packed (layer, step) rows; reference: m full copies per layer",
+        help="fast: shared prefix KV cache + packed (layer, step) rows; reference: m full-prompt copies per "
+        "layer, float64 output embedding (the slow, exact oracle)",
     )
     parser.add_argument(
         "--max-rows",
@@ -70,7 +75,7 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
         "--chunk-memory-gb",
         type=float,
         default=2.0,
-        help="memory budget of one chunk of packed rows: masks, attention, activations (default 2)",
+        help="memory budget of one forward: packed rows (fast) or full-prompt copies (reference) (default 2)",
     )
     parser.add_argument("--save-scores", action="store_true", help="also store per-sample scores [N, L, D]")
     parser.add_argument(
@@ -87,24 +92,37 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class Plan:
-    """Which samples this rank scores, and how many batches every rank runs."""
+    """Which samples this rank scores, in which batches, and how many batches every rank runs.
+
+    The batches are made before they are dealt: batch g is samples [g*B, (g+1)*B) of the data order on
+    any number of ranks, so every prompt is padded beside the same neighbours and every number of the
+    file is the same whatever the world size. Ranks get contiguous runs of whole batches (the first
+    ranks one more), so their samples, sent in rank order, come out in data order.
+    """
 
     start: int
     stop: int
-    num_batches: int
+    num_batches: int  # what every rank runs: the most any rank has
     batch_size: int
 
     @staticmethod
-    def shares(num_samples: int, world_size: int) -> list[int]:
-        """Samples per rank: contiguous blocks in rank order, the first ones one larger."""
-        base, extra = divmod(num_samples, world_size)
+    def batch_shares(num_samples: int, world_size: int, batch_size: int) -> list[int]:
+        """Whole batches per rank, in rank order."""
+        base, extra = divmod(math.ceil(num_samples / batch_size), world_size)
         return [base + (r < extra) for r in range(world_size)]
 
     @classmethod
     def make(cls, num_samples: int, rank: int, world_size: int, batch_size: int) -> Plan:
-        sizes = cls.shares(num_samples, world_size)
-        start = sum(sizes[:rank])
-        return cls(start, start + sizes[rank], math.ceil(max(sizes) / batch_size), batch_size)
+        shares = cls.batch_shares(num_samples, world_size, batch_size)
+        first = sum(shares[:rank]) * batch_size
+        stop = min(first + shares[rank] * batch_size, num_samples)
+        return cls(min(first, num_samples), stop, max(shares), batch_size)
+
+    @classmethod
+    def sizes(cls, num_samples: int, world_size: int, batch_size: int) -> list[int]:
+        """Samples per rank, in rank order."""
+        plans = (cls.make(num_samples, r, world_size, batch_size) for r in range(world_size))
+        return [plan.stop - plan.start for plan in plans]
 
     def batch(self, index: int) -> range:
         first = self.start + index * self.batch_size
@@ -262,17 +280,20 @@ def run_attribute(args: argparse.Namespace) -> None:
         )
 
 
-def _max_rows(args, model, prompts, dtype, spec) -> int:
-    """Packed rows per chunk: same on every rank (from the longest prompt of the whole data set)."""
-    from loki_dist.kva import bytes_per_row
+def _chunk_size(args, model, prompts, dtype, spec) -> int:
+    """Packed rows (`fast`) or full-prompt copies (`reference`) per forward: the same on every rank,
+    from the longest prompt of the whole data set and --chunk-memory-gb (or --max-rows for `fast`)."""
+    from loki_dist import kva
 
-    if args.max_rows:
+    if args.algorithm == "fast" and args.max_rows:
         return args.max_rows
     longest = max(len(ids) for ids in prompts.input_ids)
-    per_row = bytes_per_row(model.config, longest - 1, dtype)
-    return max(
-        1, min(int(args.chunk_memory_gb * 2**30 // per_row), args.batch_size * spec.num_layers * args.steps)
-    )
+    if args.algorithm == "fast":
+        per_item = kva.bytes_per_row(model.config, longest - 1, dtype)
+    else:
+        per_item = kva.bytes_per_copy(model.config, longest, dtype)
+    most = args.batch_size * args.steps * (spec.num_layers if args.algorithm == "fast" else 1)
+    return max(1, min(int(args.chunk_memory_gb * 2**30 // per_item), most))
 
 
 def _score_all(args, world, model, projections, prompts, checkpoints, dtype, device, ds_config):
@@ -292,7 +313,8 @@ def _score_all(args, world, model, projections, prompts, checkpoints, dtype, dev
         log.info(
             f"resuming after {done} batches per rank ({int(stats.num_samples)} samples on rank {world.rank})"
         )
-    max_rows = _max_rows(args, model, prompts, dtype, spec)
+    chunk = _chunk_size(args, model, prompts, dtype, spec)
+    shortest = min(prompts.input_ids, key=len)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     every = math.ceil(args.checkpoint_every / args.batch_size) if args.checkpoint_every else 0
     kills = int(os.environ.get(_KILL_ENV, "0"))
@@ -309,15 +331,13 @@ def _score_all(args, world, model, projections, prompts, checkpoints, dtype, dev
         members = list(plan.batch(index))
         ids = [prompts.input_ids[i] for i in members]
         if ds_config is not None:  # ZeRO-3: identical calls on every rank, padded with dummy samples
-            ids += [prompts.input_ids[plan.start if plan.stop > plan.start else 0]] * (
-                args.batch_size - len(ids)
-            )
+            ids += [ids[0] if ids else shortest] * (args.batch_size - len(ids))
         if ids:
             batch = kva.Batch.left_pad(ids, pad_id, device)
             if args.algorithm == "fast":
-                scores = kva.fast_scores(model, projections, batch, args.steps, max_rows)
+                scores = kva.fast_scores(model, projections, batch, args.steps, chunk)
             else:
-                scores = kva.reference_scores(model, projections, batch, args.steps)
+                scores = kva.reference_scores(model, projections, batch, args.steps, chunk)
             stats.add(scores[: len(members)])
         scored += len(members)
         bar.update(len(members))
@@ -371,13 +391,17 @@ def _write_attribution(args, world, spec, stats, num_samples: int, metadata: dic
         return ((names[index], piece) for index, piece in parts)
 
     # the small sums first, kept on rank 0 for the summary (a piece is only valid until the next one)
-    small = {name: [p.clone() for _, p in summed((name,))] for name in ("num_samples", "score_sum")}
+    count = [p.clone() for _, p in summed(("num_samples",))]
+    score_sum = _exact_score_sum(stats, world.size, chunk)
 
     def pieces():
-        yield from ((name, piece) for name, parts in small.items() for piece in parts)
+        yield from (("num_samples", piece) for piece in count)
+        if score_sum is not None:
+            yield "score_sum", score_sum.view(-1)
         yield from summed(HISTOGRAMS)
         if args.save_scores:
-            sizes = [n * spec.num_layers * spec.hidden_size for n in Plan.shares(num_samples, world.size)]
+            per_rank = Plan.sizes(num_samples, world.size, args.batch_size)
+            sizes = [n * spec.num_layers * spec.hidden_size for n in per_rank]
             yield from (("scores", p) for p in stream_to_main(tensors["scores"], sizes, chunk))
 
     if not world.is_main:
@@ -385,8 +409,33 @@ def _write_attribution(args, world, spec, stats, num_samples: int, metadata: dic
             pass
         return
     save_tensors_streaming(args.output, layout, pieces(), metadata)
-    score_sum = torch.cat(small["score_sum"]).view(spec.num_layers, spec.hidden_size)
-    _summary(score_sum, int(torch.cat(small["num_samples"]).item()), spec)
+    _summary(score_sum, int(torch.cat(count).item()), spec)
+
+
+def _exact_score_sum(stats, world_size: int, chunk: int):
+    """The score sum over all ranks on rank 0 (None elsewhere), the same to the bit on any number of
+    ranks: a sum reduction would add the ranks' float64 sums in an order that depends on the world
+    size, so each rank's sum and its rounding error go to rank 0 point to point, a piece at a time,
+    and rank 0 adds them with stats.exact_add. Rank 0 holds two [L, D] float64 tensors (10 MB at 70B).
+    """
+    import torch
+
+    from loki_dist.distributed import stream_to_main
+    from loki_dist.stats import exact_add
+
+    total, error = torch.zeros_like(stats.score_sum), torch.zeros_like(stats.score_sum)
+    flat_total, flat_error, numel = total.view(-1), error.view(-1), total.numel()
+    received = False
+    for part, exact in ((stats.score_sum, True), (stats.score_sum_error, False)):
+        at = 0  # every rank sends numel elements, in rank order, and no piece spans two ranks
+        for piece in stream_to_main(part, [numel] * world_size, chunk):
+            where = slice(at % numel, at % numel + piece.numel())
+            if exact:
+                exact_add(flat_total[where], flat_error[where], piece.double())
+            else:
+                flat_error[where] += piece
+            at, received = at + piece.numel(), True
+    return total + error if received else None
 
 
 def _metadata(args, identity: dict[str, str], prompts, zero3: bool) -> dict[str, str]:

@@ -5,6 +5,8 @@ and ranks is a sum: a histogram of each node's ascending rank (per layer, and ov
 the global ablations), the score sum (the tie-break), and optionally the per-sample scores. The
 histograms are integer sums, so the file does not depend on the world size; each rank counts in the
 narrowest type exact for its own samples and the sum over ranks is taken in int64, the file's type.
+The score sum is a float64 sum kept with what its roundings lost (exact_add), so it too is the same
+whatever the order, hence the ranks, the samples are added in.
 
 Ranks come from a stable sort of the float32 scores (the precision the optional `scores` tensor is
 stored in), so a brute-force selection from the stored scores reproduces the histograms exactly, ties
@@ -68,6 +70,18 @@ def file_layout(num_layers: int, hidden: int, num_samples: int, with_scores: boo
     return layout
 
 
+def exact_add(total: torch.Tensor, error: torch.Tensor, value: torch.Tensor) -> None:
+    """total += value in place, and what that float64 addition rounded away added to `error` (Knuth's
+    two-sum). total + error then holds the sum to about 2**-100 of itself, so its float64 rounding does
+    not depend on the order of the values: a plain float64 sum of float32 scores does, as soon as a
+    node's scores span more than ~2**29 / N (one score of 1e-12 beside sums of 1e-3 is enough).
+    """
+    rounded = total + value
+    back = rounded - total
+    error += (total - (rounded - back)) + (value - back)
+    total.copy_(rounded)
+
+
 class Stats:
     """Running sums over the (at most `capacity`) samples one rank scores.
 
@@ -83,6 +97,7 @@ class Stats:
         self.global_low = torch.zeros(num_layers * hidden, BINS, dtype=dtype)
         self.global_high = torch.zeros(num_layers * hidden, BINS, dtype=dtype)
         self.score_sum = torch.zeros(num_layers, hidden, dtype=torch.float64)
+        self.score_sum_error = torch.zeros(num_layers, hidden, dtype=torch.float64)  # see exact_add
         self.num_samples = torch.zeros(1, dtype=torch.int64)
         self._scores = torch.empty(capacity, num_layers, hidden) if keep_scores else None
         self._layer_bins, self._global_bins = bin_of_rank(hidden), bin_of_rank(num_layers * hidden)
@@ -93,10 +108,10 @@ class Stats:
         done = int(self.num_samples)
         if done + s32.shape[0] > self.capacity:
             raise RuntimeError(f"Stats: {done} + {s32.shape[0]} samples exceed the capacity {self.capacity}")
-        self.score_sum += s32.double().sum(0)
         self.num_samples += s32.shape[0]
         one = torch.ones((), dtype=self.hist.dtype)
         for sample in s32:
+            exact_add(self.score_sum, self.score_sum_error, sample.double())
             self.hist.scatter_add_(
                 2, self._layer_bins[ascending_ranks(sample)][..., None], one.expand(*self.shape, 1)
             )
@@ -109,10 +124,12 @@ class Stats:
             self._scores[done : done + s32.shape[0]] = s32
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Views of the running sums (histograms in their narrow type); what a checkpoint holds."""
+        """Views of the running sums (histograms in their narrow type, the score sum with its rounding
+        error); what a checkpoint holds."""
         out = {
             "num_samples": self.num_samples,
             "score_sum": self.score_sum,
+            "score_sum_error": self.score_sum_error,
             "bottom_rank_hist": self.hist,
             GLOBAL_LOW: self.global_low.view(*self.shape, BINS),
             GLOBAL_HIGH: self.global_high.view(*self.shape, BINS),
@@ -124,6 +141,7 @@ class Stats:
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         self.num_samples.copy_(tensors["num_samples"])
         self.score_sum.copy_(tensors["score_sum"])
+        self.score_sum_error.copy_(tensors["score_sum_error"])
         self.hist.copy_(tensors["bottom_rank_hist"])
         self.global_low.copy_(tensors[GLOBAL_LOW].reshape(-1, BINS))
         self.global_high.copy_(tensors[GLOBAL_HIGH].reshape(-1, BINS))
