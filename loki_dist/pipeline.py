@@ -161,7 +161,6 @@ def build_stages(config: dict) -> list[Stage]:
 def _parse(stage: Stage) -> argparse.Namespace:
     """The stage's command line through that command's own parser: unknown keys, types and choices are
     refused here, in one line, rather than when the stage starts."""
-    import contextlib
     import io
 
     from loki_dist.cli import build_parser
@@ -173,12 +172,10 @@ def _parse(stage: Stage) -> argparse.Namespace:
     except SystemExit:
         lines = [line for line in said.getvalue().splitlines() if line.strip()]
         why = lines[-1].split(": error: ", 1)[-1] if lines else "invalid flags"
-        raise UserError(
-            f"pipeline `{stage.name}`: {why} (its keys are the flags of `loki-dist {stage.name}`, _ for -)"
-        ) from None
+        raise UserError(f"{why} (its keys are the flags of `loki-dist {stage.name}`, _ for -)") from None
 
 
-def validate(config: dict, stages: list[Stage]) -> None:
+def validate(path: str, config: dict, stages: list[Stage]) -> None:
     """Everything about every stage that can be known before the first one runs: a mistake in the last
     stage's section costs seconds, not the hours of the stages before it."""
     from loki_dist import data, dsconfig, training
@@ -186,23 +183,41 @@ def validate(config: dict, stages: list[Stage]) -> None:
     from loki_dist.modeling import check_weights, load_tokenizer
     from loki_dist.selection import parse_quota
 
-    parsed = {stage.name: _parse(stage) for stage in stages}
-    model = config["model"]
-    spec_from_dir(model)
-    check_weights(model, safetensors_only=True)  # train exports from the base's safetensors shards
-    load_tokenizer(model)
-    files.check_writable("output_dir", config["output_dir"], directory=True)
-    inputs = {"model": model, "attribute.data": parsed["attribute"].data, "train.data": parsed["train"].data}
+    with _section(path, "model"):
+        spec_from_dir(config["model"])
+        check_weights(config["model"], safetensors_only=True)  # train exports from the base's shards
+        load_tokenizer(config["model"])
+    with _section(path, "output_dir"):
+        files.check_writable("output_dir", config["output_dir"], directory=True)
+    parsed = {}
     for stage in stages:
-        files.refuse_output_over_inputs(f"pipeline `{stage.name}` output", stage.output, inputs)
+        with _section(path, stage.name):
+            parsed[stage.name] = _parse(stage)
+    inputs = {"model": config["model"], "attribute.data": parsed["attribute"].data}
+    inputs["train.data"] = parsed["train"].data
+    for stage in stages:
+        with _section(path, stage.name):
+            files.refuse_output_over_inputs(stage.output_flag, stage.output, inputs)
     attribute, select, train = (parsed[name] for name in STAGES)
-    if attribute.ds_config:
-        dsconfig.load(attribute.ds_config)
-    parse_quota(select.quota)
-    training.check_flags(train)
-    dsconfig.load(train.ds_config)
-    for index, row in enumerate(data.read_rows(train.data)):  # every row readable and of a known form
-        data.to_messages(row, index)
+    with _section(path, "attribute"):
+        if attribute.ds_config:
+            dsconfig.load(attribute.ds_config)
+    with _section(path, "select"):
+        parse_quota(select.quota)
+    with _section(path, "train"):
+        training.check_flags(train)
+        dsconfig.load(train.ds_config)
+        for index, row in enumerate(data.read_rows(train.data)):  # every row readable, of a known form
+            data.to_messages(row, index)
+
+
+@contextlib.contextmanager
+def _section(path: str, name: str):
+    """Say which part of the YAML a check refused."""
+    try:
+        yield
+    except UserError as err:
+        raise UserError(f"--config {path}: `{name}`: {err}") from None
 
 
 def fingerprint_path(path: Path) -> str:
@@ -355,7 +370,7 @@ def run_pipeline(args: argparse.Namespace) -> None:
     if isinstance(launcher, str):
         launcher = shlex.split(launcher)
     stages = build_stages(config)
-    validate(config, stages)
+    validate(args.config, config, stages)
     Path(config["output_dir"]).mkdir(parents=True, exist_ok=True)
     for stage in stages:
         inputs = stage_inputs(stage)
