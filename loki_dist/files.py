@@ -406,6 +406,8 @@ def safetensors_header(path: str | Path, flag: str) -> tuple[int, dict]:
         header = json.loads(raw)
         ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
         end = max(ends, default=0)
+        if not all(isinstance(e, int) and e >= 0 for e in ends):
+            raise TypeError("offsets")
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         raise damaged("unreadable header") from None
     if size != 8 + length + end:
