@@ -133,7 +133,7 @@ def _validate(args: argparse.Namespace):
     if args.chunk_memory_gb <= 0:
         raise UserError(f"--chunk-memory-gb {args.chunk_memory_gb}: must be positive")
     spec = spec_from_dir(args.model)
-    check_weights(args.model)
+    check_weights(args.model, spec=spec)
     ds_config = read_inference_config(args.ds_config) if args.ds_config else None
     _check_outputs(args)
     return spec, ds_config

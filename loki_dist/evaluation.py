@@ -253,11 +253,13 @@ def _validate(args: argparse.Namespace) -> dict | None:
         ("--per-subject", args.per_subject, 0),
         ("--shots", args.shots, 0),
     )
-    from loki_dist.adapters import read_config
+    from loki_dist.adapters import FAMILIES, read_config, spec_from_config
     from loki_dist.modeling import check_weights
 
-    read_config(args.model)  # any causal LM: its family need not be one LoKI trains
-    check_weights(args.model)
+    config = read_config(args.model)  # any causal LM; the shapes are checked where LoKI knows the family
+    known = config.get("model_type") in FAMILIES
+    source = f"--model {Path(args.model) / 'config.json'}"
+    check_weights(args.model, spec=spec_from_config(config, source) if known else None)
     # an existing results file is replaced (atomically), as an evaluation is cheap to redo
     files.refuse_output_over_inputs("--output", args.output, {"--model": args.model, "--data": args.data})
     files.check_writable("--output", args.output)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from loki_dist import dsconfig
+from loki_dist.adapters import ModelSpec
 from loki_dist.errors import UserError
 
 log = logging.getLogger("loki_dist.modeling")
@@ -41,12 +42,19 @@ def load_causal_lm(model_dir: str | Path, dtype: torch.dtype, ds_config: dict | 
     return model
 
 
-def check_weights(model_dir: str | Path, flag: str = "--model", safetensors_only: bool = False) -> list[Path]:
+def check_weights(
+    model_dir: str | Path,
+    flag: str = "--model",
+    safetensors_only: bool = False,
+    spec: ModelSpec | None = None,
+) -> list[Path]:
     """The weight files that from_pretrained will read, each checked whole from its header alone.
 
     The files are the ones transformers picks (model.safetensors, or the shards its index names); a
     missing, truncated or damaged one is found here in a few MB of reads, not as a traceback after the
-    process group has formed. A model kept as pytorch_model.bin is left to transformers unless
+    process group has formed. With the `spec` of config.json, every layer's down_proj must be in the
+    headers with that shape (a config that does not describe its weights fails in transformers after
+    the model has loaded). A model kept as pytorch_model.bin is left to transformers unless
     `safetensors_only` (training and export read the safetensors shards themselves).
     """
     from loki_dist.files import read_json, safetensors_header
@@ -73,8 +81,19 @@ def check_weights(model_dir: str | Path, flag: str = "--model", safetensors_only
             f"{flag} {model_dir}: no model weights (model.safetensors, or model.safetensors.index.json "
             "and its shards)"
         )
+    shapes = {}
     for shard in shards:
-        safetensors_header(shard, flag)
+        header = safetensors_header(shard, flag)[1]
+        shapes.update({name: entry.get("shape") for name, entry in header.items() if name != "__metadata__"})
+    if spec is not None:
+        expected = [spec.hidden_size, spec.intermediate_size]
+        for layer in range(spec.num_layers):
+            found = shapes.get(spec.down_proj_name(layer))
+            if found != expected:
+                raise UserError(
+                    f"{flag} {model_dir}: config.json describes {spec.num_layers} layers with a down_proj of "
+                    f"shape {expected}, but the weights of layer {layer} hold {found or 'none'}"
+                )
     return shards
 
 

@@ -127,7 +127,7 @@ def _flags(section: dict, name: str = "") -> list[str]:
             raise UserError(f"pipeline `{name}.{key}`: expected one value, got {value!r}")
         if value is True:
             out.append(flag)
-        elif value not in (False, None):
+        elif value is not False and value is not None:  # 0 is a value (`warmup_ratio: 0`), not "unset"
             out += [flag, str(value)]
     return out
 
@@ -184,8 +184,8 @@ def validate(path: str, config: dict, stages: list[Stage]) -> None:
     from loki_dist.selection import parse_quota
 
     with _section(path, "model"):
-        spec_from_dir(config["model"])
-        check_weights(config["model"], safetensors_only=True)  # train exports from the base's shards
+        spec = spec_from_dir(config["model"])
+        check_weights(config["model"], safetensors_only=True, spec=spec)  # train exports from its shards
         load_tokenizer(config["model"])
     with _section(path, "output_dir"):
         files.check_writable("output_dir", config["output_dir"], directory=True)

@@ -152,7 +152,7 @@ def check_flags(args: argparse.Namespace) -> None:
 def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
     check_flags(args)
     spec = spec_from_dir(args.model)
-    check_weights(args.model, safetensors_only=True)  # the export reads the base's safetensors shards
+    check_weights(args.model, safetensors_only=True, spec=spec)  # export reads the base's safetensors
     out = Path(args.output_dir)
     files.refuse_output_over_inputs(
         "--output-dir", out, {"--model": args.model, "--positions": args.positions, "--data": args.data}
