@@ -604,10 +604,8 @@ def test_pipeline_passes_zero_values_on():
     defaults (3% warm-up, clipping at 1.0) that the YAML had turned off."""
     from loki_dist.pipeline import build_stages
 
-    config = {"output_dir": "out", "model": "m", "select": {"quota": 10},
-              "train": {"warmup_ratio": 0, "max_grad_norm": 0.0, "gradient_checkpointing": False}}  # fmt: skip
-    train = build_stages(config)[2].argv
-    assert (
-        train[train.index("--warmup-ratio") + 1] == "0" and train[train.index("--max-grad-norm") + 1] == "0.0"
-    )
-    assert "--gradient-checkpointing" not in train
+    train = {"warmup_ratio": 0, "max_grad_norm": 0.0, "gradient_checkpointing": False}
+    argv = build_stages({"output_dir": "out", "model": "m", "train": train})[2].argv
+    assert argv[argv.index("--warmup-ratio") + 1] == "0"
+    assert argv[argv.index("--max-grad-norm") + 1] == "0.0"
+    assert "--gradient-checkpointing" not in argv
