@@ -277,17 +277,21 @@ def _inside(path: Path, directory: Path) -> bool:
 
 
 def refuse_output_over_inputs(
-    output_flag: str, output: str | Path, inputs: dict[str, str | Path | None], replaces_whole: bool = True
+    output_flag: str,
+    output: str | Path,
+    inputs: dict[str, str | Path | None],
+    replaced: Iterable[str | Path] | None = None,
 ) -> None:
     """Refuse an output that would write over one of the command's inputs, seen through symlinks.
 
-    An input is overwritten when the output is that same file or directory, or lies inside it (a file
-    written into an input directory changes what the next run reads there: a model, a data folder),
-    or when the output is a directory that contains the input and is replaced as a whole
-    (`replaces_whole`; a training run's output directory is, under --overwrite). Inputs that do not
-    exist (a hub name, an optional flag) cannot be written over and are skipped.
+    An input is written over when the output is that same file or directory; when the output lies
+    inside an input directory (a file written there changes what the next run reads: a model, a data
+    folder); or when the input lies inside what the output replaces: `replaced`, by default the output
+    itself (an output directory is replaced whole), for a training run its final/, runs/ and
+    checkpoints. Inputs that do not exist (a hub name, an optional flag) cannot be written over.
     """
     out = Path(output).resolve()
+    wiped = [Path(p).resolve() for p in ([output] if replaced is None else replaced)]
     for flag, value in inputs.items():
         if value is None or not Path(value).exists():
             continue
@@ -298,7 +302,7 @@ def refuse_output_over_inputs(
             raise UserError(
                 f"{output_flag} {output}: is inside {flag} {value}; writing there would change that input"
             )
-        if replaces_whole and _inside(source, out):
+        if any(_inside(source, place) for place in wiped):
             raise UserError(
                 f"{output_flag} {output}: holds {flag} {value}; replacing it would destroy that input"
             )

@@ -154,9 +154,9 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
     spec = spec_from_dir(args.model)
     check_weights(args.model, safetensors_only=True, spec=spec)  # export reads the base's safetensors
     out = Path(args.output_dir)
-    files.refuse_output_over_inputs(
-        "--output-dir", out, {"--model": args.model, "--positions": args.positions, "--data": args.data}
-    )
+    replaced = [out / FINAL_DIR, out / "runs", *checkpoint.list_checkpoints(out)] if out.is_dir() else []
+    inputs = {"--model": args.model, "--positions": args.positions, "--data": args.data}
+    files.refuse_output_over_inputs("--output-dir", out, inputs, replaced)
     files.check_writable("--output-dir", out, directory=True)
     rows = positions.load(args.positions, spec)
     if not any(rows):

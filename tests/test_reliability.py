@@ -126,10 +126,10 @@ def _over_inputs(tmp: Path) -> dict[str, tuple[list[str], Path, str]]:
         "train --output-dir = --model": (
             ["train", "--model", str(base), "--positions", str(tmp / "p.json"), "--data", str(tmp / "d.json"),
              "--output-dir", str(base), "--ds-config", "none"], base, "is --model"),
-        "train --output-dir holding --data": (
-            ["train", "--model", str(base), "--positions", str(tmp / "p.json"), "--data",
-             str(tmp / "run" / "d.json"), "--output-dir", str(tmp / "run"), "--ds-config", "none",
-             "--overwrite"], tmp / "run", "holds --data"),
+        "train --model = the run's final/, with --overwrite": (
+            ["train", "--model", str(tmp / "run" / "final"), "--positions", str(tmp / "p.json"), "--data",
+             str(tmp / "d.json"), "--output-dir", str(tmp / "run"), "--ds-config", "none", "--overwrite"],
+            tmp / "run", "holds --model"),
         "forgetting --output = --tuned": (
             ["forgetting", "--base", str(tmp / "s.json"), "--tuned", str(tmp / "t.json"), "--output",
              str(tmp / "t.json")], tmp / "t.json", "is --tuned"),
@@ -158,6 +158,27 @@ def test_an_output_that_resolves_to_an_input_is_refused(case, job, tmp_path, cap
     before = digest(kept)
     assert_user_error(argv, capsys, words)
     assert digest(kept) == before
+
+
+def test_what_counts_as_writing_over_an_input(tmp_path):
+    """The rule itself, on real paths: the same path (also through a symlink), inside an input folder,
+    or holding an input in what the output replaces; beside an input is fine."""
+    model, run = tmp_path / "model", tmp_path / "run"
+    (model / "sub").mkdir(parents=True)
+    (run / "final").mkdir(parents=True)
+    for path in (model / "config.json", run / "data.json", run / "final" / "model.safetensors"):
+        path.write_text("{}")
+    (tmp_path / "link").symlink_to(model)
+    refuse = files.refuse_output_over_inputs
+    for output, words in [(tmp_path / "link", "is --model"), (model / "sub" / "x.json", "is inside --model"),
+                          (tmp_path, "holds --model")]:  # fmt: skip
+        with pytest.raises(UserError, match=words):
+            refuse("--output", output, {"--model": model, "--data": None, "--hub": "org/name"})
+    refuse("--output", tmp_path / "results.json", {"--model": model})  # beside it
+    replaced = [run / "final", run / "runs"]  # what a training run's --overwrite replaces
+    refuse("--output-dir", run, {"--data": run / "data.json"}, replaced)
+    with pytest.raises(UserError, match="holds --model"):
+        refuse("--output-dir", run, {"--model": run / "final"}, replaced)
 
 
 # ---------------------------------------------------------------------------------- a full disk
