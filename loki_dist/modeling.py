@@ -101,7 +101,8 @@ def load_tokenizer(model_dir: str | Path, flag: str = "--model"):
     """The model's tokenizer; one that transformers cannot build is a UserError, not a page of traceback."""
     from transformers import AutoTokenizer
 
-    if Path(model_dir).is_dir() and not any(Path(model_dir).glob("tokenizer*")):
+    found = [next(Path(model_dir).glob(p), None) for p in ("tokenizer*", "vocab*", "*.model")]
+    if Path(model_dir).is_dir() and not any(found):
         raise UserError(f"{flag} {model_dir}: no tokenizer there (tokenizer.json, tokenizer_config.json)")
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))

@@ -322,6 +322,17 @@ def test_non_string_content_is_refused_naming_the_row(row, words, job, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_jsonl_rows_may_hold_any_unicode_line_break(tmp_path):
+    """A JSONL line ends at a newline only: str.splitlines also broke rows at U+2028, U+2029 and form
+    feeds inside their strings (valid JSON, as json.dumps(ensure_ascii=False) writes it)."""
+    from loki_dist.data import read_rows
+
+    rows = [{"instruction": "a\u2028b\x0cc", "input": "", "output": "d\u2029e\x1cf"}, GOOD_ROW]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n", encoding="utf-8")
+    assert read_rows(path) == rows
+
+
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
 @pytest.mark.parametrize("side", ["--base", "--tuned"])
 def test_forgetting_refuses_non_finite_scores(value, side, job, tmp_path, capsys):
