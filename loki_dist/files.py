@@ -186,7 +186,7 @@ def _is_dir(path: Path) -> bool:
 
 
 def write_text(target: str | Path, text: str) -> Path:
-    return atomic_write(target, lambda tmp: tmp.write_text(text))
+    return atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json(target: str | Path, value, indent: int = 1) -> Path:

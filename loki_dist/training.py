@@ -146,7 +146,7 @@ def check_flags(args: argparse.Namespace) -> None:
     )
     require_at_least(*counts)
     if not -(2**62) <= args.seed < 2**62:
-        raise UserError(f"--seed {args.seed}: expected a 63-bit integer")
+        raise UserError(f"--seed {args.seed}: expected an integer between -2**62 and 2**62")
 
 
 def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
