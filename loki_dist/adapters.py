@@ -8,7 +8,6 @@ modules), and gets shapes from the config without loading any weights.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,26 +62,41 @@ class ModelSpec:
         return None
 
 
-def spec_from_config(config: dict | object) -> ModelSpec:
+def spec_from_config(config: dict | object, source: str = "the model config") -> ModelSpec:
     """Read the shapes from a config (a dict or a transformers PretrainedConfig)."""
     get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
     model_type = get("model_type")
     if model_type not in FAMILIES:
         supported = ", ".join(sorted(FAMILIES))
         raise UserError(f"model type {model_type!r} is not supported; supported model types: {supported}")
+    shapes = {}
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size"):
+        value = get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{source}: `{key}` must be a positive integer, got {value!r}")
+        shapes[key] = value
     return ModelSpec(
-        model_type=model_type,
-        num_layers=int(get("num_hidden_layers")),
-        hidden_size=int(get("hidden_size")),
-        intermediate_size=int(get("intermediate_size")),
+        model_type, shapes["num_hidden_layers"], shapes["hidden_size"], shapes["intermediate_size"]
     )
 
 
-def spec_from_dir(model_dir: str | Path) -> ModelSpec:
+def read_config(model_dir: str | Path, flag: str = "--model") -> dict:
+    """config.json of a Hugging Face model directory, as a JSON object, or a UserError saying why not."""
+    from loki_dist.files import read_json
+
+    if not Path(model_dir).is_dir():
+        raise UserError(f"{flag} {model_dir}: directory not found")
     config_path = Path(model_dir) / "config.json"
     if not config_path.is_file():
-        raise UserError(f"--model {model_dir}: no config.json there; expected a Hugging Face model directory")
-    return spec_from_config(json.loads(config_path.read_text()))
+        raise UserError(f"{flag} {model_dir}: no config.json there; expected a Hugging Face model directory")
+    config = read_json(config_path, flag)
+    if not isinstance(config, dict):
+        raise UserError(f"{flag} {config_path}: expected a JSON object of settings")
+    return config
+
+
+def spec_from_dir(model_dir: str | Path, flag: str = "--model") -> ModelSpec:
+    return spec_from_config(read_config(model_dir, flag), f"{flag} {Path(model_dir) / 'config.json'}")
 
 
 def _walk(obj: object, dotted: str) -> object:

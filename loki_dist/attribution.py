@@ -27,9 +27,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loki_dist import __version__
+from loki_dist import __version__, files
 from loki_dist.errors import UserError, require_at_least
-from loki_dist.modeling import add_inference_arguments, read_inference_config
+from loki_dist.modeling import add_inference_arguments, check_weights, read_inference_config
 
 log = logging.getLogger("loki_dist.attribute")
 
@@ -88,6 +88,12 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue from the checkpoints in --checkpoint-dir"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --output, and discard the partial progress of an earlier run unless "
+        "--resume continues it",
+    )
 
 
 @dataclass(frozen=True)
@@ -144,14 +150,51 @@ def _validate(args: argparse.Namespace):
     )
     if args.chunk_memory_gb <= 0:
         raise UserError(f"--chunk-memory-gb {args.chunk_memory_gb}: must be positive")
-    if not Path(args.model).is_dir():
-        raise UserError(f"--model {args.model}: directory not found")
     spec = spec_from_dir(args.model)
+    check_weights(args.model, spec=spec)
     ds_config = read_inference_config(args.ds_config) if args.ds_config else None
-    output = Path(args.output)
-    if output.is_dir():
-        raise UserError(f"--output {output}: is a directory; expected a file name")
+    _check_outputs(args)
     return spec, ds_config
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """An attribution costs hours at 70B: neither a finished one nor a killed run's partial progress is
+    discarded unless asked (--overwrite), and both places must be writable before the model loads."""
+    output, partial = Path(args.output), Path(args.checkpoint_dir or f"{args.output}.partial")
+    inputs = {"--model": args.model, "--data": args.data}
+    files.refuse_output_over_inputs("--output", output, {**inputs, "--checkpoint-dir": args.checkpoint_dir})
+    files.refuse_output_over_inputs("--checkpoint-dir", partial, inputs)
+    files.check_writable("--output", output)
+    files.check_writable("--checkpoint-dir", partial, directory=True)
+    progress = partial.is_dir() and any(partial.glob("rank*-step*.safetensors"))
+    if progress and not (args.resume or args.overwrite):
+        raise UserError(
+            f"{partial} holds the partial progress of an earlier run: pass --resume to continue it "
+            "or --overwrite to discard it"
+        )
+    if output.exists() and not args.overwrite and not (args.resume and progress):
+        raise UserError(f"--output {output}: already exists (pass --overwrite to replace it)")
+
+
+def _check_progress(checkpoints: Checkpoints) -> None:
+    """--resume: this rank's newest checkpoint must be of this very run, found before the model loads."""
+    from safetensors import safe_open
+
+    steps = checkpoints.steps()
+    if not steps:
+        return
+    path = checkpoints._path(steps[-1])
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise UserError(f"--resume: {path} is unreadable ({err}); pass --overwrite instead") from None
+    differs = [key for key, value in checkpoints.identity.items() if metadata.get(key) != value]
+    if differs:
+        raise UserError(
+            f"--resume: the partial progress in {checkpoints.directory} was made with other settings "
+            f"({', '.join(differs)}); pass --overwrite instead of --resume to discard it"
+        )
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -232,7 +275,7 @@ def run_attribute(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from loki_dist import mmlu
     from loki_dist.distributed import agreement, world_from_env
-    from loki_dist.modeling import load_for_inference, torch_dtype
+    from loki_dist.modeling import load_for_inference, load_tokenizer, torch_dtype
 
     world = world_from_env()
     with agreement(world):  # every rank checks; one agreed error before any work
@@ -241,9 +284,7 @@ def run_attribute(args: argparse.Namespace) -> None:
         questions, shot_map = mmlu.load_questions(
             args.data, args.per_subject, args.shots, subjects, args.split, args.data_config
         )
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = load_tokenizer(args.model)
         prompts = mmlu.build_prompts(tokenizer, questions, shot_map)
     if not world.is_main:
         logging.getLogger().setLevel(logging.WARNING)
@@ -259,6 +300,9 @@ def run_attribute(args: argparse.Namespace) -> None:
         "save_scores": str(args.save_scores),
     }
     checkpoints = Checkpoints(Path(args.checkpoint_dir or f"{args.output}.partial"), world.rank, identity)
+    if args.resume:
+        with agreement(world):  # the progress to resume is this run's, found before the model loads
+            _check_progress(checkpoints)
     dtype = torch_dtype(args.dtype)
     loaded = load_for_inference(args.model, world, dtype, ds_config, args.batch_size)
     model, device = loaded.model, loaded.device

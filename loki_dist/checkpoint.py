@@ -235,6 +235,7 @@ class CheckpointRows(export.RowSource):
 
     def __init__(self, path: Path):
         self.reader = RowsReader(path)
+        self.label = f"--checkpoint {path}"  # how export's checks name it
 
     def layers(self) -> list[int]:
         return sorted(self.reader.rows)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from loki_dist import files
 from loki_dist.errors import UserError
 
 IGNORE_INDEX = -100
@@ -57,13 +58,13 @@ def read_rows(source: str | Path) -> list[dict]:
                 raise UserError(f"--data {source}: a DatasetDict without a 'train' split")
             dataset = dataset["train"]
         return [dict(row) for row in dataset]
-    text = path.read_text()
-    try:
-        if path.suffix == ".jsonl" or (not text.lstrip().startswith("[")):
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f"--data {source}: not valid JSON or JSONL ({err})") from None
+    text = files.read_text(path, "--data")
+    if path.suffix == ".jsonl" or (not text.lstrip().startswith("[")):
+        return files.parse_jsonl(text, f"--data {source}")
+    rows = files.parse_json(text, f"--data {source}")
+    if not isinstance(rows, list):
+        raise UserError(f"--data {source}: expected a JSON list of rows (or JSONL, one row per line)")
+    return rows
 
 
 def to_messages(row: dict, index: int) -> list[dict[str, str]]:
@@ -71,10 +72,12 @@ def to_messages(row: dict, index: int) -> list[dict[str, str]]:
     if not isinstance(row, dict):
         raise UserError(f"--data: row {index} is not an object")
     if "instruction" in row and "output" in row:
-        prompt = str(row["instruction"])
-        if row.get("input"):
-            prompt += "\n\n" + str(row["input"])
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(row["output"])}]
+        fields = {key: row.get(key) for key in ("instruction", "input", "output")}
+        for key, value in fields.items():
+            if not isinstance(value, str) and not (key == "input" and value is None):
+                raise UserError(f"--data: row {index}: `{key}` must be a string, got {_shown(value)}")
+        prompt = fields["instruction"] + ("\n\n" + fields["input"] if fields["input"] else "")
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": fields["output"]}]
     turns = row.get("messages", row.get("conversations"))
     if not isinstance(turns, list):
         raise UserError(
@@ -82,15 +85,28 @@ def to_messages(row: dict, index: int) -> list[dict[str, str]]:
             "expected alpaca {instruction, input, output} or {messages: [{role, content}]}"
         )
     messages = []
-    for turn in turns:
+    for number, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise UserError(f"--data: row {index}, turn {number}: expected an object {{role, content}}")
         role = _ROLE_ALIASES.get(str(turn.get("role", turn.get("from", ""))).lower())
         content = turn.get("content", turn.get("value"))
         if role is None or content is None:
             raise UserError(f"--data: row {index} has a turn without a known role and content: {turn}")
-        messages.append({"role": role, "content": str(content)})
+        if not isinstance(content, str):
+            raise UserError(
+                f"--data: row {index}, turn {number}: content must be a string, got {_shown(content)}"
+            )
+        messages.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in messages):
         raise UserError(f"--data: row {index} has no assistant turn, so nothing to learn from it")
     return messages
+
+
+def _shown(value: object) -> str:
+    """A wrong value as a user would recognise it in their file, kept short."""
+    if value is None:
+        return "null"
+    return f"{type(value).__name__} {json.dumps(value, default=str)[:60]}"
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:

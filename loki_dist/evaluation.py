@@ -253,10 +253,16 @@ def _validate(args: argparse.Namespace) -> dict | None:
         ("--per-subject", args.per_subject, 0),
         ("--shots", args.shots, 0),
     )
-    if not Path(args.model).is_dir():
-        raise UserError(f"--model {args.model}: directory not found")
-    if Path(args.output).is_dir():
-        raise UserError(f"--output {args.output}: is a directory; expected a file name")
+    from loki_dist.adapters import FAMILIES, read_config, spec_from_config
+    from loki_dist.modeling import check_weights
+
+    config = read_config(args.model)  # any causal LM; the shapes are checked where LoKI knows the family
+    known = config.get("model_type") in FAMILIES
+    source = f"--model {Path(args.model) / 'config.json'}"
+    check_weights(args.model, spec=spec_from_config(config, source) if known else None)
+    # an existing results file is replaced (atomically), as an evaluation is cheap to redo
+    files.refuse_output_over_inputs("--output", args.output, {"--model": args.model, "--data": args.data})
+    files.check_writable("--output", args.output)
     return read_inference_config(args.ds_config) if args.ds_config else None
 
 
@@ -367,17 +373,15 @@ def _pad_id(model) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from transformers import AutoTokenizer
-
     from loki_dist.distributed import agreement, shutdown, world_from_env
-    from loki_dist.modeling import load_for_inference, torch_dtype
+    from loki_dist.modeling import load_for_inference, load_tokenizer, torch_dtype
 
     world = world_from_env()
     if not world.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     with agreement(world):  # every input read and checked on every rank before the model loads
         ds_config = _validate(args)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = load_tokenizer(args.model)
         inputs = _multiple_choice_inputs if args.task == "multiple_choice" else _perplexity_inputs
         evaluate = inputs(args, tokenizer)
     loaded = load_for_inference(args.model, world, torch_dtype(args.dtype), ds_config, args.batch_size)
@@ -385,7 +389,6 @@ def run_evaluate(args: argparse.Namespace) -> None:
     result.update(model=str(args.model), data=str(args.data), world_size=world.size)
     if world.is_main:
         output = Path(args.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
         files.write_json(output, result)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in result["scores"].items() if "/" not in k)
         log.info(f"{args.task}: {shown} -> {output}")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
+import signal
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from loki_dist import __version__, files, metering
 from loki_dist.adapters import ModelSpec, spec_from_dir
 from loki_dist.errors import UserError
 
+_KILL_ENV = "LOKI_DIST_TEST_KILL_IN_EXPORT"  # tests only: SIGKILL self after writing one shard
 IMPLANT_NAME = "implant.safetensors"
 IMPLANT_FORMAT = "loki_dist.implant/1"
 # shard metadata key of an exported model: a digest of the rows written into that shard
@@ -61,10 +64,12 @@ def fingerprint(model_dir: str | Path) -> str:
     return digest.hexdigest()[:32]
 
 
-def weight_shards(model_dir: str | Path) -> list[Path]:
+def weight_shards(model_dir: str | Path, flag: str = "--base") -> list[Path]:
     shards = sorted(p for p in Path(model_dir).glob("*.safetensors") if p.name != IMPLANT_NAME)
     if not shards:
-        raise UserError(f"{model_dir}: no *.safetensors weights (loki_dist exports from safetensors bases)")
+        raise UserError(
+            f"{flag} {model_dir}: no *.safetensors weights (loki_dist exports from safetensors bases)"
+        )
     return shards
 
 
@@ -109,7 +114,16 @@ class ImplantRows(RowSource):
                 f"--implant {self.path}: not a loki_dist implant file "
                 f"(format {self.metadata.get('format')!r})"
             )
-        self._layers = sorted({int(name.split(".")[1]) for name in names})
+        parts = [name.split(".") for name in names]
+        if any(
+            len(p) != 3 or p[0] != "layers" or not p[1].isdigit() or p[2] not in ("rows", "weight")
+            for p in parts
+        ):
+            raise UserError(
+                f"--implant {self.path}: holds tensors other than layers.<l>.rows/.weight; damaged?"
+            )
+        self._layers = sorted({int(p[1]) for p in parts})
+        self.label = f"--implant {self.path}"
 
     def layers(self) -> list[int]:
         return self._layers
@@ -190,7 +204,7 @@ class BaseShards:
     def read(cls, base_dir: Path, spec: ModelSpec) -> BaseShards:
         paths, down_proj, dtypes, implanted = weight_shards(base_dir), {}, {}, None
         for shard in paths:
-            header = json.loads(_safetensors_header(shard)[1])
+            header = files.safetensors_header(shard, "--base")[1]  # whole, or a UserError naming it
             if IMPLANTED_KEY in (header.get("__metadata__") or {}):
                 implanted = implanted or shard.name
             for name, entry in header.items():
@@ -272,6 +286,34 @@ def _copy_bytes(src, dst, count: int, chunk: int = 64 << 20) -> None:
         count -= len(data)
 
 
+def check_rows(source: RowSource, spec: ModelSpec, shards: BaseShards, world) -> None:
+    """This rank's share of the layers: rows in [0, D) and each once, values of shape [k, F] and finite
+    once in the base's dtype (an fp32 value beyond fp16's range becomes inf there). One layer in memory
+    at a time, and before anything is written: found while merging, half the shards would be out."""
+    label = getattr(source, "label", "the trained rows")
+    for layer in source.layers()[world.rank :: world.size]:
+        try:
+            rows, weight = source.rows(layer), source.weight(layer, shards.dtypes[layer])
+        except UserError:
+            raise
+        except Exception as err:  # safetensors raises several types for damaged data
+            raise UserError(f"{label}: layer {layer} is unreadable ({err})") from None
+        bad = rows[(rows < 0) | (rows >= spec.hidden_size)]
+        if rows.dim() != 1 or bad.numel() or rows.unique().numel() != rows.numel():
+            raise UserError(f"{label}: layer {layer} lists rows outside [0, {spec.hidden_size}) or twice")
+        if tuple(weight.shape) != (rows.numel(), spec.intermediate_size):
+            raise UserError(
+                f"{label}: layer {layer} weight has shape {list(weight.shape)}, expected "
+                f"[{rows.numel()}, {spec.intermediate_size}]"
+            )
+        finite = torch.isfinite(weight)
+        if not finite.all():
+            raise UserError(
+                f"{label}: layer {layer} has {int((~finite).sum())} non-finite value(s) (NaN or Inf) in "
+                f"{weight.dtype}; a diverged training? nothing was written"
+            )
+
+
 def export_model(
     base_dir: Path, source: RowSource, out_dir: Path, world, base_print: str, implant: Path | None = None
 ) -> None:
@@ -284,16 +326,17 @@ def export_model(
     """
     from loki_dist import distributed
 
-    spec = spec_from_dir(base_dir)
-    shards = BaseShards.read(base_dir, spec)
-    missing = [layer for layer in source.layers() if layer not in shards.down_proj]
-    if missing:
-        raise UserError(f"--base {base_dir}: no down_proj weight found for layers {missing}")
+    with distributed.agreement(world):  # nothing is written unless every rank found its layers sound
+        spec = spec_from_dir(base_dir, "--base")
+        shards = BaseShards.read(base_dir, spec)
+        missing = [layer for layer in source.layers() if layer not in shards.down_proj]
+        if missing:
+            raise UserError(f"--base {base_dir}: no down_proj weight found for layers {missing}")
+        check_rows(source, spec, shards, world)
     staging = files.staging_path(out_dir)
     if world.is_main:
-        files.remove_stale_temporaries(out_dir.parent)
-        shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
-        staging.mkdir(parents=True)
+        files.remove_stale_temporaries(out_dir.parent)  # what killed writers left there, whatever its name
+        files.make_staging(out_dir)  # also replaces one that a killed export of out_dir left
         for item in base_dir.iterdir():
             if item.is_file() and item.suffix != ".safetensors":
                 shutil.copy2(item, staging / item.name)
@@ -313,14 +356,46 @@ def export_model(
                 continue
             layers = [layer for layer in source.layers() if shards.down_proj[layer] == job]
             _rewrite_shard(job, staging / job.name, layers, source, spec)
+            if os.environ.get(_KILL_ENV):
+                os.kill(os.getpid(), signal.SIGKILL)
     if world.is_main:
         files.publish(staging, out_dir)
     distributed.barrier()
 
 
 def refuse_existing(out_dir: Path, overwrite: bool, flag: str = "--output") -> None:
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"{flag} {out_dir}: already exists and is not empty (pass --overwrite to replace it)")
+
+
+def check_output(out_dir: Path, overwrite: bool, inputs: dict[str, str | Path | None]) -> None:
+    """The --output of apply and export: a directory that can be written, neither an input nor holding
+    one (it is replaced whole, --overwrite or not), and not replaced unless asked."""
+    files.refuse_output_over_inputs("--output", out_dir, inputs)
+    files.check_writable("--output", out_dir, directory=True)
+    refuse_existing(out_dir, overwrite)
+
+
+def check_checkpoint(path: Path, base: str | None) -> Path:
+    """A training checkpoint that export can read: its state, rows index and shard headers (the rows'
+    values are check_rows' work). Returns the base model directory to export onto."""
+    from loki_dist import checkpoint
+
+    state_file = path / checkpoint.STATE_FILE
+    if not state_file.is_file():
+        raise UserError(f"--checkpoint {path}: not a complete loki_dist checkpoint (no {state_file.name})")
+    state = files.read_json(state_file, "--checkpoint")
+    if not isinstance(state, dict) or not isinstance(state.get("base_model"), str):
+        raise UserError(f"--checkpoint {state_file}: not the trainer state of a loki_dist run (damaged?)")
+    if (path / checkpoint.INDEX_FILE).is_file():
+        files.read_json(path / checkpoint.INDEX_FILE, "--checkpoint")
+    try:
+        reader = checkpoint.RowsReader(path)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UserError(f"--checkpoint {path}: damaged rows index ({type(err).__name__}: {err})") from None
+    for name in reader.shards:
+        files.safetensors_header(path / name, "--checkpoint")
+    return Path(base or state["base_model"])
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -333,18 +408,22 @@ def add_apply_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
 
-def apply_implant(base_dir: Path, implant: Path, out_dir: Path, world) -> None:
+def apply_implant(base_dir: Path, implant: Path, out_dir: Path, world, overwrite: bool = False) -> None:
     """Collective: out_dir := base_dir with the implant merged in (and the implant file beside it)."""
-    source = ImplantRows(implant)
-    spec = spec_from_dir(base_dir)
-    implanted = BaseShards.read(base_dir, spec).implanted
-    if implanted:  # an export: a second implant would stack two trainings on rows chosen for one
-        raise UserError(
-            f"--base {base_dir}: {implanted} already carries a loki_dist implant; apply it to the original "
-            "base model instead"
-        )
-    base_print = fingerprint(base_dir)
-    check_implant_fits(source.metadata, spec, base_print, base_dir)
+    from loki_dist import distributed
+
+    with distributed.agreement(world):  # every rank checks; one agreed error before anything is written
+        check_output(out_dir, overwrite, {"--base": base_dir, "--implant": implant})
+        source = ImplantRows(implant)
+        spec = spec_from_dir(base_dir, "--base")
+        implanted = BaseShards.read(base_dir, spec).implanted
+        if implanted:  # an export: a second implant would stack two trainings on rows chosen for one
+            raise UserError(
+                f"--base {base_dir}: {implanted} already carries a loki_dist implant; apply it to the "
+                "original base model instead"
+            )
+        base_print = fingerprint(base_dir)
+        check_implant_fits(source.metadata, spec, base_print, base_dir)
     export_model(base_dir, source, out_dir, world, base_print, implant=implant)
 
 
@@ -366,8 +445,9 @@ def run_collectively(work: Callable[[object], None], out: Path) -> None:
 
 def run_apply(args: argparse.Namespace) -> None:
     out = Path(args.output)
-    refuse_existing(out, args.overwrite)
-    run_collectively(lambda world: apply_implant(Path(args.base), Path(args.implant), out, world), out)
+    run_collectively(
+        lambda world: apply_implant(Path(args.base), Path(args.implant), out, world, args.overwrite), out
+    )
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -378,10 +458,15 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from loki_dist import checkpoint
+    from loki_dist import checkpoint, distributed
 
-    out = Path(args.output)
-    refuse_existing(out, args.overwrite)
-    run_collectively(
-        lambda world: checkpoint.export_checkpoint(Path(args.checkpoint), out, world, args.base), out
-    )
+    out, path = Path(args.output), Path(args.checkpoint)
+
+    def export(world) -> None:
+        with distributed.agreement(world):  # every rank checks; one agreed error before anything is written
+            base = check_checkpoint(path, args.base)
+            check_output(out, args.overwrite, {"--checkpoint": path, "--base": base})
+            BaseShards.read(base, spec_from_dir(base, "--base"))  # whole shards, before fingerprinting
+        checkpoint.export_checkpoint(path, out, world, args.base)
+
+    run_collectively(export, out)

@@ -8,11 +8,20 @@ temporary whose name says who made it (`.<name>.loki-tmp-<host>-<pid>-<random>`)
 that directory removes those whose process is gone.
 
 Collective writes (several ranks filling one directory) use `staging_path`, a name every rank can
-compute, and `publish` once every rank is done.
+compute, and `publish` once every rank is done; `make_staging` marks such a directory with its creator,
+so that it too is removed as stale once that process is gone. A write that fails for a reason of the
+file system (no space left, read-only, no permission) is a UserError naming the path, not a traceback.
+
+The checks that every command makes before any work also live here, so that they say the same thing
+everywhere: an output that would write over one of the command's inputs (`refuse_output_over_inputs`),
+an output that cannot be written (`check_writable`), and files that cannot be read as what they should
+be (`read_text`, `read_json`, `parse_jsonl`, `safetensors_header`): one line naming the file and, where
+there is one, the line.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -25,8 +34,16 @@ from pathlib import Path
 
 import torch
 
+from loki_dist.errors import UserError
+
 TMP_TAG = ".loki-tmp-"
 STAGING_SUFFIX = ".partial"
+OWNER_FILE = ".loki-owner"  # in a staging directory: "<host>-<pid>" of the process that made it
+# errors of the file system, not of loki_dist: what a user can fix (space, permissions, a path)
+_USER_OS_ERRORS = {
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+    errno.EEXIST, errno.ENAMETOOLONG, errno.EFBIG, errno.ENOENT,
+}  # fmt: skip
 
 
 def _host() -> str:
@@ -43,9 +60,29 @@ def staging_path(target: Path) -> Path:
     return target.parent / f".{target.name}{STAGING_SUFFIX}"
 
 
+def make_staging(target: Path) -> Path:
+    """An empty `staging_path(target)`, marked as made by this process (`publish` drops the mark).
+
+    The name is the same on every rank, so it cannot say who made it as `temporary_name` does; the mark
+    inside does, so that a staging directory left by a killed writer is removed by the next writer
+    into the same parent (`remove_stale_temporaries`), whatever it was going to be called.
+    """
+    staging = staging_path(target)
+    _remove(staging)
+    staging.mkdir(parents=True)
+    (staging / OWNER_FILE).write_text(f"{_host()}-{os.getpid()}")
+    return staging
+
+
 def _writer_is_gone(path: Path) -> bool:
     """True for a temporary of ours whose writer ran on this host and has exited."""
-    tag = path.name.rpartition(TMP_TAG)[2]
+    if path.name.endswith(STAGING_SUFFIX):
+        try:
+            tag = (path / OWNER_FILE).read_text()
+        except OSError:
+            return False  # not marked (or not yet): its writer is unknown, leave it
+    else:
+        tag = path.name.rpartition(TMP_TAG)[2]
     host, _, rest = tag.partition("-")
     pid = rest.partition("-")[0]
     if host != _host() or not pid.isdigit():
@@ -64,7 +101,7 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
     removed = []
     if not directory.is_dir():
         return removed
-    for path in directory.glob(f".*{TMP_TAG}*"):
+    for path in [*directory.glob(f".*{TMP_TAG}*"), *directory.glob(f".*{STAGING_SUFFIX}")]:
         if _writer_is_gone(path):
             _remove(path)
             removed.append(path)
@@ -104,6 +141,8 @@ def publish(written: Path, target: Path) -> None:
 
     The old target, if any, is renamed away first and deleted only after the new one is in place.
     """
+    if written.is_dir():
+        (written / OWNER_FILE).unlink(missing_ok=True)
     fsync_tree(written)
     old = None
     if target.is_dir() and not target.is_symlink():
@@ -118,23 +157,36 @@ def publish(written: Path, target: Path) -> None:
 def atomic_write(target: str | Path, write: Callable[[Path], object]) -> Path:
     """Create `target` through `write(tmp)`, which makes a file or a directory at `tmp`; then publish it.
 
-    On any failure the temporary is removed and the old target, if any, is untouched.
+    On any failure the temporary is removed and the old target, if any, is untouched; a failure of the
+    file system (no space left, read-only, no permission, a file where a directory should be) is a
+    UserError naming the target. A file never replaces a directory, nor a directory a file.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target.parent)
     tmp = temporary_name(target)
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target.parent)
         write(tmp)
+        if _is_dir(tmp) != _is_dir(target) and target.exists():
+            kind = "a directory" if _is_dir(target) else "a file"
+            raise UserError(f"{target}: is {kind}; loki_dist does not replace it with another kind")
         publish(tmp, target)
+    except OSError as err:
+        if err.errno not in _USER_OS_ERRORS:
+            raise
+        raise UserError(f"{target}: cannot write it ({err.strerror or err})") from None
     finally:
         if tmp.exists() or tmp.is_symlink():
             _remove(tmp)
     return target
 
 
+def _is_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
 def write_text(target: str | Path, text: str) -> Path:
-    return atomic_write(target, lambda tmp: tmp.write_text(text))
+    return atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json(target: str | Path, value, indent: int = 1) -> Path:
@@ -215,3 +267,153 @@ def save_tensors_streaming(
             raise ValueError(f"tensors not filled: {missing}")
 
     return atomic_write(target, write)
+
+
+# ------------------------------------------------------------------------------- checks before any work
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def refuse_output_over_inputs(
+    output_flag: str,
+    output: str | Path,
+    inputs: dict[str, str | Path | None],
+    replaced: Iterable[str | Path] | None = None,
+) -> None:
+    """Refuse an output that would write over one of the command's inputs, seen through symlinks.
+
+    An input is written over when the output is that same file or directory; when the output lies
+    inside an input directory (a file written there changes what the next run reads: a model, a data
+    folder); or when the input lies inside what the output replaces: `replaced`, by default the output
+    itself (an output directory is replaced whole), for a training run its final/, runs/ and
+    checkpoints. Inputs that do not exist (a hub name, an optional flag) cannot be written over.
+    """
+    out = Path(output).resolve()
+    wiped = [Path(p).resolve() for p in ([output] if replaced is None else replaced)]
+    for flag, value in inputs.items():
+        if value is None or not Path(value).exists():
+            continue
+        source = Path(value).resolve()
+        if out == source:
+            raise UserError(f"{output_flag} {output}: is {flag} {value}; writing it would destroy that input")
+        if source.is_dir() and _inside(out, source):
+            raise UserError(
+                f"{output_flag} {output}: is inside {flag} {value}; writing there would change that input"
+            )
+        if any(_inside(source, place) for place in wiped):
+            raise UserError(
+                f"{output_flag} {output}: holds {flag} {value}; replacing it would destroy that input"
+            )
+
+
+def check_writable(flag: str, path: str | Path, directory: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written where it is asked for.
+
+    `path` is a file (or, with `directory`, a directory) to be created or replaced. What exists of it must
+    be of that kind, and the nearest existing directory above it must be one that this process can
+    create files in: tried for real with a temporary file of ours, since permission bits do not tell
+    (root, ACLs, read-only mounts, network file systems). Missing directories in between are fine:
+    every writer creates them.
+    """
+    path = Path(path)
+    if path.exists() and _is_dir(path.resolve()) != directory:
+        expected = "a directory" if directory else "a file name"
+        raise UserError(
+            f"{flag} {path}: is {'a directory' if path.is_dir() else 'a file'}; expected {expected}"
+        )
+    parent = path.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
+    probe = temporary_name(parent / path.name)
+    try:
+        probe.touch(exist_ok=False)
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot write in {parent} ({err.strerror or err})") from None
+    probe.unlink(missing_ok=True)
+
+
+def read_text(path: str | Path, flag: str) -> str:
+    """A UTF-8 text file; a missing, unreadable or non-UTF-8 one is a UserError naming its line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{flag} {path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{flag} {path}: is a directory; expected a file") from None
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot read it ({err.strerror or err})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{flag} {path}: not UTF-8 text (line {line}: {err.reason})") from None
+
+
+def read_json(path: str | Path, flag: str):
+    """A JSON file, or a UserError naming the line and column where it stops being JSON."""
+    return parse_json(read_text(path, flag), f"{flag} {path}")
+
+
+def parse_json(text: str, source: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(
+            f"{source}: not valid JSON (line {err.lineno} column {err.colno}: {err.msg})"
+        ) from None
+
+
+def parse_jsonl(text: str, source: str) -> list:
+    """One JSON value per non-blank line. Lines are split at newlines only: a JSON string may hold the
+    other characters that str.splitlines breaks at (U+2028, form feed...)."""
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(
+                    f"{source}: line {number} is not valid JSON (column {err.colno}: {err.msg})"
+                ) from None
+    return rows
+
+
+def safetensors_header(path: str | Path, flag: str) -> tuple[int, dict]:
+    """(where the data starts, the header) of a safetensors file whose header covers exactly its size.
+
+    Reads the header alone (a few MB for a 70B model's shards), which is enough to find a truncated,
+    damaged or foreign file before a command loads or copies anything.
+    """
+    path = Path(path)
+
+    def damaged(why: str) -> UserError:
+        return UserError(f"{flag} {path}: truncated or damaged safetensors file ({why})")
+
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise damaged(f"{size} bytes")
+            length = int.from_bytes(prefix, "little")
+            if 8 + length > size:
+                raise damaged(f"header of {length} bytes in a file of {size}")
+            raw = handle.read(length)
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot read it ({err.strerror or err})") from None
+    try:
+        header = json.loads(raw)
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        end = max(ends, default=0)
+        if not all(isinstance(e, int) and e >= 0 for e in ends):
+            raise TypeError("offsets")
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise damaged("unreadable header") from None
+    if size != 8 + length + end:
+        raise damaged(f"{size} bytes where its header says {8 + length + end}")
+    return 8 + length, header

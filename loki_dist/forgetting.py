@@ -13,7 +13,7 @@ so that getting worse always counts as forgetting.
 from __future__ import annotations
 
 import argparse
-import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,18 +53,16 @@ def read_scores(spec: str, flag: str) -> Scores:
     """Merge the `scores` of the comma-separated files in spec; a benchmark may appear only once."""
     values: dict[str, float] = {}
     lower: set[str] = set()
-    for name in (part.strip() for part in spec.split(",") if part.strip()):
-        path = Path(name)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise UserError(f"{flag} {name}: cannot read it as JSON ({err})") from None
+    for name in _spec_files(spec):
+        data = files.read_json(name, flag)
         scores = data.get("scores", data) if isinstance(data, dict) else None
         if not isinstance(scores, dict) or not scores:
             raise UserError(f"{flag} {name}: expected a `scores` map {{benchmark: number}}")
         for benchmark, value in scores.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise UserError(f"{flag} {name}: score of {benchmark!r} is not a number ({value!r})")
+            if not math.isfinite(value):
+                raise UserError(f"{flag} {name}: score of {benchmark!r} is {value}; a score must be finite")
             if benchmark in values:
                 raise UserError(f"{flag} {spec}: benchmark {benchmark!r} appears in two files")
             values[benchmark] = float(value)
@@ -117,7 +115,16 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
+def _spec_files(spec: str) -> list[str]:
+    return [part.strip() for part in spec.split(",") if part.strip()]
+
+
 def run_forgetting(args: argparse.Namespace) -> None:
+    if args.output:
+        for flag, spec in [("--base", args.base), *(("--tuned", spec) for spec in args.tuned)]:
+            for name in _spec_files(spec):
+                files.refuse_output_over_inputs("--output", args.output, {flag: name})
+        files.check_writable("--output", args.output)
     base = read_scores(args.base, "--base")
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     if labels is not None and len(labels) != len(args.tuned):

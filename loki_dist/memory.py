@@ -37,7 +37,6 @@ What moves is reported as CPU memory per rank.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -411,10 +410,9 @@ def load_config(args: argparse.Namespace) -> tuple[dict, str]:
         path = path / "config.json"
     if not path.is_file():
         raise UserError(f"--model-config {args.model_config}: no such config.json or model directory")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"--model-config {path}: not valid JSON ({err})") from None
+    config = files.read_json(path, "--model-config")
+    if not isinstance(config, dict):
+        raise UserError(f"--model-config {path}: expected a JSON object of settings")
     missing = [key for key in REQUIRED_KEYS if key not in config]
     if missing:
         raise UserError(f"--model-config {path}: missing {', '.join(missing)}")
@@ -483,8 +481,9 @@ def run_estimate_memory(args: argparse.Namespace) -> None:
     arch = architecture(config)
     quota = parse_quota(args.quota)
     setup = setup_from_args(args)
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise UserError(f"--json {args.json}: its directory does not exist")
+    if args.json:  # replaced atomically if it exists, as every results file is
+        files.refuse_output_over_inputs("--json", args.json, {"--model-config": args.model_config})
+        files.check_writable("--json", args.json)
     result = estimate(arch, quota, setup)
     print(format_table(name, arch, quota, setup, result))
     if args.json:

@@ -114,8 +114,12 @@ def _read_file(path: Path) -> list[dict]:
             return pq.read_table(path).to_pylist()
         text = path.read_text()
         if suffix == ".jsonl" or not text.lstrip().startswith("["):
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+            from loki_dist.files import parse_jsonl
+
+            return parse_jsonl(text, f"--data {path}")  # names the broken line
         return json.loads(text)
+    except UserError:
+        raise
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise UserError(f"--data {path}: cannot read it as {suffix.lstrip('.') or 'JSON'} ({err})") from None
     except Exception as err:  # pyarrow raises its own types for a corrupted parquet file

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from loki_dist import dsconfig
+from loki_dist.adapters import ModelSpec
 from loki_dist.errors import UserError
 
 log = logging.getLogger("loki_dist.modeling")
@@ -39,6 +40,75 @@ def load_causal_lm(model_dir: str | Path, dtype: torch.dtype, ds_config: dict | 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.requires_grad_(False)
     return model
+
+
+def check_weights(
+    model_dir: str | Path,
+    flag: str = "--model",
+    safetensors_only: bool = False,
+    spec: ModelSpec | None = None,
+) -> list[Path]:
+    """The weight files that from_pretrained will read, each checked whole from its header alone.
+
+    The files are the ones transformers picks (model.safetensors, or the shards its index names); a
+    missing, truncated or damaged one is found here in a few MB of reads, not as a traceback after the
+    process group has formed. With the `spec` of config.json, every layer's down_proj must be in the
+    headers with that shape (a config that does not describe its weights fails in transformers after
+    the model has loaded). A model kept as pytorch_model.bin is left to transformers unless
+    `safetensors_only` (training and export read the safetensors shards themselves).
+    """
+    from loki_dist.files import read_json, safetensors_header
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        listed = read_json(index, flag)
+        weight_map = listed.get("weight_map") if isinstance(listed, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{flag} {index}: no `weight_map` of tensor names to shard files")
+        shards = [model_dir / name for name in sorted(set(map(str, weight_map.values())))]
+        missing = [shard.name for shard in shards if not shard.is_file()]
+        if missing:
+            raise UserError(
+                f"{flag} {model_dir}: shard(s) {', '.join(missing)} named by {index.name} are missing"
+            )
+    elif (model_dir / "model.safetensors").is_file():
+        shards = [model_dir / "model.safetensors"]
+    elif not safetensors_only and any(model_dir.glob("pytorch_model*.bin")):
+        return []
+    else:
+        raise UserError(
+            f"{flag} {model_dir}: no model weights (model.safetensors, or model.safetensors.index.json "
+            "and its shards)"
+        )
+    shapes = {}
+    for shard in shards:
+        header = safetensors_header(shard, flag)[1]
+        shapes.update({name: entry.get("shape") for name, entry in header.items() if name != "__metadata__"})
+    if spec is not None:
+        expected = [spec.hidden_size, spec.intermediate_size]
+        for layer in range(spec.num_layers):
+            found = shapes.get(spec.down_proj_name(layer))
+            if found != expected:
+                raise UserError(
+                    f"{flag} {model_dir}: config.json describes {spec.num_layers} layers with a down_proj of "
+                    f"shape {expected}, but the weights of layer {layer} hold {found or 'none'}"
+                )
+    return shards
+
+
+def load_tokenizer(model_dir: str | Path, flag: str = "--model"):
+    """The model's tokenizer; one that transformers cannot build is a UserError, not a page of traceback."""
+    from transformers import AutoTokenizer
+
+    found = [next(Path(model_dir).glob(p), None) for p in ("tokenizer*", "vocab*", "*.model")]
+    if Path(model_dir).is_dir() and not any(found):
+        raise UserError(f"{flag} {model_dir}: no tokenizer there (tokenizer.json, tokenizer_config.json)")
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as err:  # transformers raises OSError, ValueError, TypeError... for a missing tokenizer
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise UserError(f"{flag} {model_dir}: cannot load its tokenizer ({first})") from None
 
 
 def zero3_share(model: torch.nn.Module) -> tuple[int, int]:

@@ -23,7 +23,13 @@ Config (unknown keys are refused):
     train: {data: toolace.jsonl, epochs: 2, ds_config: zero3}
 
 Stage sections hold that command's flags (`data_config: all` -> `--data-config all`; `true` -> a bare
-flag) and may set their own `nproc`.
+flag) and may set their own `nproc`. Every section is checked before the first stage starts, with the
+stage's own command-line parser and the checks that need nothing from an earlier stage (data files, the
+model directory, the numbers of `train`), so that a typo in `train:` is not found after hours of
+attribution.
+
+A stage made from other inputs than its recorded ones starts over (`--overwrite`); one of the same inputs
+that did not finish continues (`attribute --resume`; `train` resumes from its newest checkpoint).
 """
 
 from __future__ import annotations
@@ -71,6 +77,8 @@ class Stage:
     output_flag: str
     nproc: int
     distributed: bool
+    fresh_flags: tuple[str, ...] = ()  # to start over: what the stage's output holds is from other inputs
+    resume_flags: tuple[str, ...] = ()  # to continue an unfinished run of the same inputs
 
     @property
     def record(self) -> Path:
@@ -97,17 +105,29 @@ def load_config(path: str) -> dict:
     for name in STAGES:
         if not isinstance(config.get(name) or {}, dict):
             raise UserError(f"--config {path}: `{name}` must be a mapping of its flags")
+    for where, section in [("", config), *((f"{n}.", config.get(n) or {}) for n in STAGES)]:
+        nproc = section.get("nproc", 1)
+        if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+            raise UserError(f"--config {path}: `{where}nproc` must be a positive integer, got {nproc!r}")
+    launcher = config.get("launcher")
+    if launcher is not None and not (
+        isinstance(launcher, str)
+        or (isinstance(launcher, list) and all(isinstance(w, str) for w in launcher))
+    ):
+        raise UserError(f"--config {path}: `launcher` must be a command (a string or a list of words)")
     return config
 
 
-def _flags(section: dict) -> list[str]:
+def _flags(section: dict, name: str = "") -> list[str]:
     """YAML mapping -> command-line flags (`data_config: all` -> `--data-config all`)."""
     out = []
     for key, value in section.items():
         flag = "--" + str(key).replace("_", "-")
+        if isinstance(value, (list, dict)):
+            raise UserError(f"pipeline `{name}.{key}`: expected one value, got {value!r}")
         if value is True:
             out.append(flag)
-        elif value not in (False, None):
+        elif value is not False and value is not None:  # 0 is a value (`warmup_ratio: 0`), not "unset"
             out += [flag, str(value)]
     return out
 
@@ -115,7 +135,7 @@ def _flags(section: dict) -> list[str]:
 def build_stages(config: dict) -> list[Stage]:
     out, model = Path(config["output_dir"]), str(config["model"])
     sections = {name: dict(config.get(name) or {}) for name in STAGES}
-    nproc = {name: int(sections[name].pop("nproc", config.get("nproc", 1))) for name in STAGES}
+    nproc = {name: sections[name].pop("nproc", config.get("nproc", 1)) for name in STAGES}
     attribution, positions, run = out / "attribution.safetensors", out / "positions.json", out / "train"
     fixed = {
         "attribute": ["--model", model, "--output", str(attribution)],
@@ -123,17 +143,81 @@ def build_stages(config: dict) -> list[Stage]:
         "train": ["--model", model, "--positions", str(positions), "--output-dir", str(run)],
     }
     for name, section in sections.items():
-        clash = sorted({f for f in _flags(section) if f.startswith("--")} & set(fixed[name]))
+        clash = sorted({f for f in _flags(section, name) if f.startswith("--")} & set(fixed[name]))
         if clash:
             raise UserError(f"pipeline `{name}`: {clash} are set by the pipeline itself")
     return [
         Stage("attribute", ["attribute", *fixed["attribute"], *_flags(sections["attribute"])],
-              attribution, attribution, "--output", nproc["attribute"], distributed=True),
+              attribution, attribution, "--output", nproc["attribute"], distributed=True,
+              fresh_flags=("--overwrite",), resume_flags=("--resume", "--overwrite")),
         Stage("select", ["select", *fixed["select"], *_flags(sections["select"])],
               positions, positions, "--output", 1, distributed=False),
         Stage("train", ["train", *fixed["train"], *_flags(sections["train"])],
-              run, run / "final" / "implant.safetensors", "--output-dir", nproc["train"], distributed=True),
+              run, run / "final" / "implant.safetensors", "--output-dir", nproc["train"], distributed=True,
+              fresh_flags=("--overwrite",)),
     ]  # fmt: skip
+
+
+def _parse(stage: Stage) -> argparse.Namespace:
+    """The stage's command line through that command's own parser: unknown keys, types and choices are
+    refused here, in one line, rather than when the stage starts."""
+    import io
+
+    from loki_dist.cli import build_parser
+
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            return build_parser().parse_args(stage.argv)
+    except SystemExit:
+        lines = [line for line in said.getvalue().splitlines() if line.strip()]
+        why = lines[-1].split(": error: ", 1)[-1] if lines else "invalid flags"
+        raise UserError(f"{why} (its keys are the flags of `loki-dist {stage.name}`, _ for -)") from None
+
+
+def validate(path: str, config: dict, stages: list[Stage]) -> None:
+    """Everything about every stage that can be known before the first one runs: a mistake in the last
+    stage's section costs seconds, not the hours of the stages before it."""
+    from loki_dist import data, dsconfig, training
+    from loki_dist.adapters import spec_from_dir
+    from loki_dist.modeling import check_weights, load_tokenizer
+    from loki_dist.selection import parse_quota
+
+    with _section(path, "model"):
+        spec = spec_from_dir(config["model"])
+        check_weights(config["model"], safetensors_only=True, spec=spec)  # train exports from its shards
+        load_tokenizer(config["model"])
+    with _section(path, "output_dir"):
+        files.check_writable("output_dir", config["output_dir"], directory=True)
+    parsed = {}
+    for stage in stages:
+        with _section(path, stage.name):
+            parsed[stage.name] = _parse(stage)
+    inputs = {"model": config["model"], "attribute.data": parsed["attribute"].data}
+    inputs["train.data"] = parsed["train"].data
+    for stage in stages:
+        with _section(path, stage.name):
+            files.refuse_output_over_inputs(stage.output_flag, stage.output, inputs)
+    attribute, select, train = (parsed[name] for name in STAGES)
+    with _section(path, "attribute"):
+        if attribute.ds_config:
+            dsconfig.load(attribute.ds_config)
+    with _section(path, "select"):
+        parse_quota(select.quota)
+    with _section(path, "train"):
+        training.check_flags(train)
+        dsconfig.load(train.ds_config)
+        for index, row in enumerate(data.read_rows(train.data)):  # every row readable, of a known form
+            data.to_messages(row, index)
+
+
+@contextlib.contextmanager
+def _section(path: str, name: str):
+    """Say which part of the YAML a check refused."""
+    try:
+        yield
+    except UserError as err:
+        raise UserError(f"--config {path}: `{name}`: {err}") from None
 
 
 def fingerprint_path(path: Path) -> str:
@@ -286,20 +370,17 @@ def run_pipeline(args: argparse.Namespace) -> None:
     if isinstance(launcher, str):
         launcher = shlex.split(launcher)
     stages = build_stages(config)
+    validate(args.config, config, stages)
     Path(config["output_dir"]).mkdir(parents=True, exist_ok=True)
     for stage in stages:
         inputs = stage_inputs(stage)
         if not args.force and is_current(stage, inputs):
             print(f"=== {stage.name}: skipped, {stage.output} is current", flush=True)
             continue
-        argv = list(stage.argv)
         previous = recorded(stage)
-        if stage.output.exists() and (previous is None or previous["inputs"] != inputs):
-            # made from other inputs: start over (an unfinished run of THESE inputs resumes instead)
-            if stage.output.is_dir():
-                argv.append("--overwrite")
-            else:
-                stage.output.unlink()
+        # made from other inputs (or --force): start over; an unfinished run of THESE inputs continues
+        fresh = args.force or previous is None or previous["inputs"] != inputs
+        argv = [*stage.argv, *(stage.fresh_flags if fresh else stage.resume_flags)]
         files.write_json(stage.record, {"inputs": inputs, "complete": False}, indent=2)
         try:
             if stage.distributed:

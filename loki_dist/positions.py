@@ -44,14 +44,7 @@ def validate(positions: object, spec: ModelSpec, source: str = "positions") -> P
 
 
 def load(path: str | Path, spec: ModelSpec) -> Positions:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--positions {path}: file not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"--positions {path}: not valid JSON ({err})") from None
-    return validate(data, spec, source=f"--positions {path}")
+    return validate(files.read_json(path, "--positions"), spec, source=f"--positions {path}")
 
 
 def save(positions: Positions, path: str | Path) -> None:

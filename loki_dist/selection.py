@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import math
 from fractions import Fraction
-from pathlib import Path
 
+from loki_dist import files
 from loki_dist.errors import UserError
 
 STRATEGIES = ("layer_balanced", "global_lowest", "global_highest", "random")
@@ -206,6 +206,7 @@ def run_select(args: argparse.Namespace) -> None:
     from loki_dist import positions as positions_file
 
     quota = parse_quota(args.quota)
+    check_outputs(args)
     if args.plot:
         if not args.plot.lower().endswith(".png"):
             raise UserError(f"--plot {args.plot}: expected a .png file name")
@@ -226,6 +227,16 @@ def run_select(args: argparse.Namespace) -> None:
     if args.plot:
         plot(positions, tensors, args.plot)
     print(f"wrote {args.output}")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """--output (and --plot) can be written and would not write over an input. An existing positions file
+    is replaced (atomically): a selection takes seconds to redo, unlike what it is made from."""
+    inputs = {"--attribution": args.attribution, "--model": args.model}
+    for flag, path in (("--output", args.output), ("--plot", args.plot)):
+        if path is not None:
+            files.refuse_output_over_inputs(flag, path, inputs)
+            files.check_writable(flag, path)
 
 
 def summary(positions: list[list[int]], tensors: dict | None, strategy: str, quota: Fraction) -> str:
@@ -281,6 +292,5 @@ def plot(positions: list[list[int]], tensors: dict | None, path: str, bins: int 
         axis.set(title=title, xlabel=f"node bin ({hidden // bins or 1}+ rows each)", ylabel="layer")
         fig.colorbar(image, ax=axis)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

@@ -38,9 +38,9 @@ import torch
 from loki_dist import checkpoint, distributed, dsconfig, files, metering, positions, rowsplit, rowstate
 from loki_dist.adapters import ModelSpec, down_proj_slots, spec_from_dir
 from loki_dist.data import Example, collate, load_examples, num_targets
-from loki_dist.errors import UserError
+from loki_dist.errors import UserError, require_at_least
 from loki_dist.export import fingerprint
-from loki_dist.modeling import load_causal_lm, zero3_share
+from loki_dist.modeling import check_weights, load_causal_lm, load_tokenizer, zero3_share
 
 FINAL_DIR = "final"
 # sysexits' EX_TEMPFAIL, "try again later": stopped on a signal after saving a checkpoint. Distinct from
@@ -129,10 +129,35 @@ class Plan:
         return self.args.max_steps or self.args.epochs * self.steps_per_epoch
 
 
-def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
-    from transformers import AutoTokenizer
+def check_flags(args: argparse.Namespace) -> None:
+    """The numbers of the command line, before anything is read: a NaN or negative one would reach the
+    optimizer (a traceback there) or train without a word of warning on a schedule nobody asked for."""
+    rates = {"--learning-rate": args.learning_rate, "--weight-decay": args.weight_decay}
+    rates.update({"--warmup-ratio": args.warmup_ratio, "--max-grad-norm": args.max_grad_norm})
+    for flag, value in rates.items():
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UserError(f"{flag} {value}: expected a finite number, 0 or more")
+    if args.warmup_ratio > 1:
+        raise UserError(f"--warmup-ratio {args.warmup_ratio}: expected a fraction of the steps, in [0, 1]")
+    counts = [("--save-steps", args.save_steps, 0), ("--save-total-limit", args.save_total_limit, 0)]
+    counts.append(("--logging-steps", args.logging_steps, 1))
+    counts.append(
+        ("--max-steps", args.max_steps, 1) if args.max_steps is not None else ("--epochs", args.epochs, 1)
+    )
+    require_at_least(*counts)
+    if not -(2**62) <= args.seed < 2**62:
+        raise UserError(f"--seed {args.seed}: expected an integer between -2**62 and 2**62")
 
+
+def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
+    check_flags(args)
     spec = spec_from_dir(args.model)
+    check_weights(args.model, safetensors_only=True, spec=spec)  # export reads the base's safetensors
+    out = Path(args.output_dir)
+    replaced = [out / FINAL_DIR, out / "runs", *checkpoint.list_checkpoints(out)] if out.is_dir() else []
+    inputs = {"--model": args.model, "--positions": args.positions, "--data": args.data}
+    files.refuse_output_over_inputs("--output-dir", out, inputs, replaced)
+    files.check_writable("--output-dir", out, directory=True)
     rows = positions.load(args.positions, spec)
     if not any(rows):
         raise UserError(f"--positions {args.positions}: every layer list is empty, nothing would train")
@@ -146,6 +171,10 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
     want_bf16 = None if args.precision is None else args.precision == "bf16"
     bf16 = dsconfig.settle(ds_config, "bf16.enabled", "--precision", want_bf16, torch.cuda.is_available())
     clip = dsconfig.settle(ds_config, "gradient_clipping", "--max-grad-norm", args.max_grad_norm, 1.0)
+    if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip >= 0):
+        raise UserError(
+            f"--ds-config {args.ds_config}: gradient_clipping {clip!r}: expected a number, 0 or more"
+        )
     stage = dsconfig.zero_stage(ds_config)
     if ds_config is not None:
         ds_config = dsconfig.fill(
@@ -168,7 +197,7 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
     ):
         if value < 1:
             raise UserError(f"{name} {value}: expected a positive integer")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model)
     data = load_examples(args.data, tokenizer, args.max_seq_len)
     plan = Plan(
         args=args,

@@ -223,7 +223,7 @@ def test_a_mistake_on_some_ranks_reaches_stderr_with_those_ranks(tiny_llama, tmp
         assert len(lines) == 1, proc.stderr
     else:
         assert len(lines) == 2 and lines[0].startswith(
-            f"loki-dist evaluate: error: rank 0: --data {rank0}: cannot read it as jsonl"
+            f"loki-dist evaluate: error: rank 0: --data {rank0}: line 1 is not valid JSON"
         ), proc.stderr
     assert_clean_failure(proc, tmp_path / "meter")
     assert not (tmp_path / "r.json").exists()
@@ -279,18 +279,18 @@ def test_document_nll_equals_float64_cross_entropy_per_document(tiny_llama):
 
 
 def test_a_crash_in_one_ranks_checks_stops_every_rank(tiny_llama, tmp_path):
-    """Rank 1's copy of the model has a truncated tokenizer.json: not a mistake loki_dist knows, so
-    that rank prints its traceback; the agreement still stops rank 0, which names rank 1; both exit 1."""
+    """Rank 1's copy of the model has a chat template that raises while the prompts are built: not a
+    mistake loki_dist knows, so that rank prints its traceback; the agreement still stops rank 0, which
+    names rank 1; both exit 1."""
     import shutil
 
     from test_train_errors import assert_clean_failure, error_lines
 
     for rank in (0, 1):
         shutil.copytree(tiny_llama, tmp_path / str(rank))
-    (tmp_path / "1" / "tokenizer.json").write_text('{"version": "1.')
-    (tmp_path / "docs.txt").write_text("a document\n")
-    argv = ["evaluate", "--task", "perplexity", "--model", f"{tmp_path}/$LOCAL_RANK",
-            "--data", str(tmp_path / "docs.txt"), "--output", str(tmp_path / "r.json")]  # fmt: skip
+    (tmp_path / "1" / "chat_template.jinja").write_text("{{ raise_exception('a template that fails') }}")
+    argv = ["evaluate", "--model", f"{tmp_path}/$LOCAL_RANK", "--data", str(write_mmlu(tmp_path / "mmlu")),
+            "--output", str(tmp_path / "r.json")]  # fmt: skip
     proc = _per_rank_run(argv, tmp_path)
     lines = error_lines(proc.stderr, "evaluate")
     assert len(lines) == 1, proc.stderr

@@ -84,6 +84,6 @@ def test_forgetting_user_errors(tmp_path, capsys):
     argv = ["forgetting", "--base", b, "--tuned", b, "--benchmarks", "y"]
     assert_user_error(argv, capsys, "score 0 for y")
     argv = ["forgetting", "--base", str(tmp_path / "bad.json"), "--tuned", t]
-    assert_user_error(argv, capsys, "cannot read it as JSON")
+    assert_user_error(argv, capsys, "bad.json: not valid JSON (line 1")
     assert_user_error(["forgetting", "--base", f"{b},{t}", "--tuned", t], capsys, "appears in two files")
     assert_user_error(["forgetting", "--base", b, "--tuned", t, t], capsys, "names must differ")

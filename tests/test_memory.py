@@ -378,7 +378,10 @@ def test_checkpointing_and_offload_shrink_the_gpu_share():
         (["--preset", "llama-3-8b", "--quota", "0.01"], "selects no row"),
         (["--preset", "llama-3-8b", "--world-size", "0"], "--world-size 0"),
         (["--model-config", "/nonexistent/config.json"], "--model-config /nonexistent"),
-        (["--preset", "qwen2.5-0.5b", "--json", "/nonexistent/memory.json"], "--json /nonexistent"),
+        (
+            ["--preset", "qwen2.5-0.5b", "--json", "/dev/null/memory.json"],
+            "/dev/null is a file, not a directory",
+        ),
     ],
 )
 def test_user_errors(argv, needle, capsys):

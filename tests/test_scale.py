@@ -155,7 +155,8 @@ def last_tensor_bytes(shard: Path) -> int:
 
 
 def test_export_failure_on_one_rank_ends_every_rank_with_its_message(scale, zero3_split, tmp_path):
-    """A truncated base shard: the rank that owns it fails; its peer is told, nobody waits, no output."""
+    """A truncated base shard: found by every rank's checks before anything is written (it was found by
+    the rank that owns it, mid-export); every rank ends with the message, nobody waits, no output."""
     broken = tmp_path / "broken_base"
     shutil.copytree(scale["base"], broken)
     shard = next(s for s in sorted(broken.glob("model-*.safetensors")) if last_tensor_bytes(s) > 8192)
@@ -164,5 +165,5 @@ def test_export_failure_on_one_rank_ends_every_rank_with_its_message(scale, zero
     args = ["export", "--checkpoint", str(zero3_split["out"] / "checkpoint-2"), "--base", str(broken)]
     proc = run_cli([*args, "--output", str(out)], nproc=WORLD, check=False, timeout=120)
     assert proc.returncode != 0
-    assert f"{shard}: its size does not match its safetensors header" in proc.stderr, proc.stderr[-3000:]
+    assert f"--base {shard}: truncated or damaged safetensors file" in proc.stderr, proc.stderr[-3000:]
     assert not out.exists()
