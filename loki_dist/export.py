@@ -25,7 +25,8 @@ from loki_dist import __version__, files, metering
 from loki_dist.adapters import ModelSpec, spec_from_dir
 from loki_dist.errors import UserError
 
-_KILL_ENV = "LOKI_DIST_TEST_KILL_IN_EXPORT"  # tests only: SIGKILL self after writing one shard
+# tests only, after a rank writes a shard: SIGKILL itself (any value), or fail on the rank it names
+_KILL_ENV, _FAIL_ENV = "LOKI_DIST_TEST_KILL_IN_EXPORT", "LOKI_DIST_TEST_FAIL_IN_EXPORT"
 IMPLANT_NAME = "implant.safetensors"
 IMPLANT_FORMAT = "loki_dist.implant/1"
 # shard metadata key of an exported model: a digest of the rows written into that shard
@@ -356,11 +357,18 @@ def export_model(
                 continue
             layers = [layer for layer in source.layers() if shards.down_proj[layer] == job]
             _rewrite_shard(job, staging / job.name, layers, source, spec)
-            if os.environ.get(_KILL_ENV):
-                os.kill(os.getpid(), signal.SIGKILL)
+            _injected_fault(world.rank)
     if world.is_main:
         files.publish(staging, out_dir)
     distributed.barrier()
+
+
+def _injected_fault(rank: int) -> None:
+    """The faults the tests make mid-export (a real failure cannot be aimed at one rank of one machine)."""
+    if os.environ.get(_KILL_ENV):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(_FAIL_ENV) == str(rank):
+        raise OSError(f"injected write failure on rank {rank}")
 
 
 def refuse_existing(out_dir: Path, overwrite: bool, flag: str = "--output") -> None:

@@ -154,9 +154,9 @@ def last_tensor_bytes(shard: Path) -> int:
     return end - begin
 
 
-def test_export_failure_on_one_rank_ends_every_rank_with_its_message(scale, zero3_split, tmp_path):
-    """A truncated base shard: found by every rank's checks before anything is written (it was found by
-    the rank that owns it, mid-export); every rank ends with the message, nobody waits, no output."""
+def test_damaged_base_shard_is_found_by_every_ranks_checks(scale, zero3_split, tmp_path):
+    """A truncated base shard: found by every rank's checks before anything is written; every rank ends
+    with the message, nobody waits, no output."""
     broken = tmp_path / "broken_base"
     shutil.copytree(scale["base"], broken)
     shard = next(s for s in sorted(broken.glob("model-*.safetensors")) if last_tensor_bytes(s) > 8192)
@@ -167,3 +167,17 @@ def test_export_failure_on_one_rank_ends_every_rank_with_its_message(scale, zero
     assert proc.returncode != 0
     assert f"--base {shard}: truncated or damaged safetensors file" in proc.stderr, proc.stderr[-3000:]
     assert not out.exists()
+
+
+def test_a_failure_mid_export_on_one_rank_ends_every_rank_with_its_message(scale, zero3_split, tmp_path):
+    """Rank 1 fails after writing its first shard (a fault injected there: one machine cannot aim a real
+    disk failure at one rank): rank 0 is not left waiting, the message names rank 1, nothing is
+    published and the staging directory is left for the next export to remove."""
+    out = tmp_path / "out"
+    args = ["export", "--checkpoint", str(zero3_split["out"] / "checkpoint-2"), "--output", str(out)]
+    proc = run_cli(args, nproc=WORLD, check=False, timeout=120, env={"LOKI_DIST_TEST_FAIL_IN_EXPORT": "1"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "rank 1: crashed (OSError: injected write failure on rank 1" in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists()
+    run_cli(args, nproc=WORLD)  # the next export succeeds over what the failed one left
+    assert (out / "implant.safetensors").is_file() and not list(tmp_path.glob(".out*"))
