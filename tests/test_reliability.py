@@ -184,27 +184,31 @@ def test_what_counts_as_writing_over_an_input(tmp_path):
 # ---------------------------------------------------------------------------------- a full disk
 
 
-@pytest.fixture
-def full_disk(tmp_path):
-    """A 256 KiB tmpfs holding an earlier results file `old.json`, filled to the last byte."""
-    mount = tmp_path / "full"
+@contextlib.contextmanager
+def tmpfs(mount: Path, options: str, why: str):
+    """A small tmpfs mounted at `mount` for the test's duration (skips where it cannot be mounted)."""
     mount.mkdir()
     if os.geteuid() != 0:
-        pytest.skip("a full disk needs a small tmpfs, which only root may mount")
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True
-    )
+        pytest.skip(f"{why} needs a tmpfs, which only root may mount")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
     try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 256 KiB tmpfs holding an earlier results file `old.json`, filled to the last byte."""
+    with tmpfs(tmp_path / "full", "size=256k", "a full disk") as mount:
         (mount / "old.json").write_text('{"scores": {"a": 1.0}}\n')
         with contextlib.suppress(OSError), (mount / "filler").open("wb") as filler:
             while True:
                 filler.write(b"\0" * 4096)
                 filler.flush()
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 FULL_DISK = {
@@ -539,19 +543,8 @@ def test_train_refuses_zero_epochs(job, tmp_path, capsys):
 @pytest.fixture
 def read_only(tmp_path):
     """A read-only tmpfs (permission bits do not stop root, a read-only mount does)."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("a read-only directory for root needs a read-only mount, which only root may make")
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(mount)], capture_output=True
-    )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "ro", "size=64k,ro", "a read-only directory for root") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 @pytest.mark.parametrize(
