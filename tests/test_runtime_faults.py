@@ -45,12 +45,11 @@ def train_args(inputs, out: Path, *extra: str) -> list[str]:
             "--data", str(inputs["data"]), "--output-dir", str(out), *extra]  # fmt: skip
 
 
-def start(args: list[str], env: dict | None = None, nproc: int = 1) -> subprocess.Popen:
+def start(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """`loki-dist ARGS` in the background, its output going to `log` (a pipe nobody reads would fill)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen(
-        cli_command(args, nproc), cwd=REPO, env=full_env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    with log.open("w") as handle:
+        return subprocess.Popen(cli_command(args), cwd=REPO, env=full_env, stdout=handle, stderr=handle)
 
 
 def wait_for(path: Path, *procs: subprocess.Popen, timeout: float = 180) -> None:
@@ -81,9 +80,8 @@ def all_finite(checkpoint: Path) -> bool:
 
 def test_second_run_into_one_directory_is_refused_and_a_killed_runs_lock_is_not(inputs, tmp_path):
     out = tmp_path / "out"
-    first = start(
-        train_args(inputs, out, "--ds-config", "none", "--max-steps", "100000", "--save-steps", "0")
-    )
+    first_args = train_args(inputs, out, "--ds-config", "none", "--max-steps", "100000", "--save-steps", "0")
+    first = start(first_args, tmp_path / "first.log")
     try:
         wait_for(out / LOCK_NAME, first)
         second = run_cli(train_args(inputs, out, "--ds-config", "none", "--max-steps", "2"), check=False)
@@ -94,7 +92,7 @@ def test_second_run_into_one_directory_is_refused_and_a_killed_runs_lock_is_not(
         assert f"another loki-dist train is running into it (pid {first.pid} on " in lines[0], lines
     finally:
         first.kill()  # SIGKILL: the lock stays behind
-        first.communicate()
+        first.wait()
     assert json.loads((out / LOCK_NAME).read_text())["pid"] == first.pid
     assert not (out / "final").exists()
     third = run_cli(train_args(inputs, out, "--ds-config", "none", "--max-steps", "2", "--overwrite"))
@@ -243,41 +241,33 @@ def test_no_loadable_checkpoint_is_one_line_before_any_work(inputs, uninterrupte
 # ------------------------------------------------------------------------------------------ a peer gone
 
 
-def bare_ranks(args: list[str], env: dict | None = None) -> list[subprocess.Popen]:
-    """Two ranks started as a bare `srun` would (no launcher watching over them)."""
-    port = str(free_port())
+def bare_ranks(args: list[str], logs: Path) -> list[subprocess.Popen]:
+    """Two ranks started as a bare `srun` would (no launcher watching over them); logs/rank<r>.log."""
+    logs.mkdir()
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     return [
-        start(
-            args,
-            env={
-                "RANK": str(r),
-                "LOCAL_RANK": str(r),
-                "WORLD_SIZE": "2",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": port,
-                **(env or {}),
-            },
-        )  # fmt: skip
+        start(args, logs / f"rank{r}.log", env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
         for r in range(2)
     ]
 
 
 def test_a_killed_rank_ends_its_peer_at_once_naming_the_stage(inputs, tmp_path):
-    out = tmp_path / "out"
-    ranks = bare_ranks(train_args(inputs, out, "--max-steps", "100000", "--save-steps", "2"))
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    ranks = bare_ranks(train_args(inputs, out, "--max-steps", "100000", "--save-steps", "2"), logs)
     try:
         wait_for(out / "checkpoint-2" / "trainer_state.json", *ranks)
         ranks[1].kill()
         killed = time.time()
-        _, stderr = ranks[0].communicate(timeout=120)
+        ranks[0].wait(timeout=120)
         waited = time.time() - killed
     finally:
         for rank in ranks:
             rank.kill()
-            rank.communicate()
-    assert ranks[0].returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
-    lines = error_lines(stderr)
-    assert len(lines) == 1 and lines[0].startswith("loki-dist train: error: rank 0: step "), stderr[-3000:]
+            rank.wait()
+    log = (logs / "rank0.log").read_text()
+    assert ranks[0].returncode == 1 and "Traceback" not in log, log[-3000:]
+    lines = error_lines(log)
+    assert len(lines) == 1 and lines[0].startswith("loki-dist train: error: rank 0: step "), log[-3000:]
     assert "a collective broke off, a peer rank died" in lines[0]
     assert waited < 60, f"rank 0 waited {waited:.0f} s for its dead peer"  # measured: well under 1 s
 
