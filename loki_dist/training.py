@@ -32,6 +32,7 @@ selected rows only; the bf16 copy of an unmoved fp32 master is the original bf16
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import hashlib
 import json
 import math
@@ -69,6 +70,7 @@ REQUEUE_EXIT_CODE = 75
 # learning rate or weight decay); the newest checkpoint is from before the divergence
 DIVERGED_EXIT_CODE = 3
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STACKS_SIGNAL = signal.SIGUSR2
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -478,6 +480,8 @@ def _normaliser(indices: list[int], plan: Plan) -> float:
 
 def run_train(args: argparse.Namespace) -> None:
     world = distributed.world_from_env()
+    # a run that seems stuck: `kill -USR2 <pid>` prints where each of its threads is, and it goes on
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)
     plan = None
     try:
         with distributed.agreement(world):  # every rank checks; one agreed error before any work

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from loki_dist.checkpoint import INDEX_FILE, shard_name
 from loki_dist.runlock import LOCK_NAME
-from loki_dist.training import DIVERGED_EXIT_CODE
+from loki_dist.training import DIVERGED_EXIT_CODE, STACKS_SIGNAL
 
 POSITIONS = [[0, 3, 5], [1, 2]]
 # ever larger weight decay blows the trained rows up: the first makes them overflow a few steps in (the
@@ -256,6 +256,10 @@ def test_a_killed_rank_ends_its_peer_at_once_naming_the_stage(inputs, tmp_path):
     ranks = bare_ranks(train_args(inputs, out, "--max-steps", "100000", "--save-steps", "2"), logs)
     try:
         wait_for(out / "checkpoint-2" / "trainer_state.json", *ranks)
+        ranks[0].send_signal(STACKS_SIGNAL)  # where is it? (it goes on training)
+        while "(most recent call first)" not in (logs / "rank0.log").read_text():
+            assert ranks[0].poll() is None
+            time.sleep(0.05)
         ranks[1].kill()
         killed = time.time()
         ranks[0].wait(timeout=120)
@@ -269,6 +273,7 @@ def test_a_killed_rank_ends_its_peer_at_once_naming_the_stage(inputs, tmp_path):
     lines = error_lines(log)
     assert len(lines) == 1 and lines[0].startswith("loki-dist train: error: rank 0: step "), log[-3000:]
     assert "a collective broke off, a peer rank died" in lines[0]
+    assert "in _steps\n" in log  # the stack it printed on request shows the training loop
     assert waited < 60, f"rank 0 waited {waited:.0f} s for its dead peer"  # measured: well under 1 s
 
 
