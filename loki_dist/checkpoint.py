@@ -146,8 +146,8 @@ def _index(staging: Path, states: list[RowState], world_size: int) -> dict:
 # ---------------------------------------------------------------------------------------- loadability
 
 
-def damage(path: Path) -> str | None:
-    """Why `path` cannot be resumed from, or None when it can.
+def damage(path: Path, rng: bool = True) -> str | None:
+    """Why `path` cannot be resumed from (exported from, with rng=False), or None when it can.
 
     Read: trainer_state.json, rows_index.json, every shard's header (a few KB each, not the data) and
     the end of each rank's RNG file. So it is cheap at any scale, runs before the model loads, and every
@@ -161,7 +161,7 @@ def damage(path: Path) -> str | None:
             _check_shards(path)
         else:
             _read_header(path / LEGACY_ROWS_FILE)
-        for rank in range(int(state.get("world_size", 0))):
+        for rank in range(int(state.get("world_size", 0)) if rng else 0):
             rng = path / f"rng_state_{rank}.pt"
             if not zipfile.is_zipfile(rng):  # torch.save writes a zip; its directory is at the end
                 raise ValueError(
@@ -381,8 +381,9 @@ class CheckpointRows(export.RowSource):
 
 def export_checkpoint(checkpoint_dir: Path, out_dir: Path, world, base_dir: str | Path | None = None) -> None:
     """Collective: a checkpoint -> a standard Hugging Face directory with implant.safetensors (export.py)."""
-    if not (checkpoint_dir / STATE_FILE).is_file():
-        raise UserError(f"--checkpoint {checkpoint_dir}: not a complete loki_dist checkpoint")
+    why = damage(checkpoint_dir, rng=False) if checkpoint_dir.is_dir() else "not a directory"
+    if why is not None:
+        raise UserError(f"--checkpoint {checkpoint_dir}: not a loadable loki_dist checkpoint: {why}")
     trainer_state = json.loads((checkpoint_dir / STATE_FILE).read_text())
     base = Path(base_dir or trainer_state["base_model"])
     base_print = export.fingerprint(base)

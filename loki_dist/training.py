@@ -481,7 +481,8 @@ def _normaliser(indices: list[int], plan: Plan) -> float:
 def run_train(args: argparse.Namespace) -> None:
     world = distributed.world_from_env()
     # a run that seems stuck: `kill -USR2 <pid>` prints where each of its threads is, and it goes on
-    faulthandler.register(STACKS_SIGNAL, all_threads=True)
+    # (to the process's own stderr, file descriptor 2, whatever sys.stderr has become)
+    faulthandler.register(STACKS_SIGNAL, file=sys.__stderr__, all_threads=True)
     plan = None
     try:
         with distributed.agreement(world):  # every rank checks; one agreed error before any work

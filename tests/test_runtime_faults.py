@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -225,17 +226,22 @@ def test_resume_falls_back_past_damaged_checkpoints_to_the_same_bits(inputs, uni
 
 
 def test_no_loadable_checkpoint_is_one_line_before_any_work(inputs, uninterrupted, tmp_path, capsys):
+    """Every checkpoint damaged: train refuses (with or without --resume naming one), and so does export
+    of one whose shard is cut short; nothing in the directory changes."""
     out = tmp_path / "out"
-    (out / "checkpoint-2").mkdir(parents=True)
-    for item in (uninterrupted / "checkpoint-2").iterdir():
-        if item.name != "rng_state_0.pt":
-            (out / "checkpoint-2" / item.name).write_bytes(item.read_bytes())
+    for step in (2, 3):
+        shutil.copytree(uninterrupted / f"checkpoint-{step}", out / f"checkpoint-{step}")
+    (out / "checkpoint-2" / "rng_state_0.pt").unlink()  # resuming needs it, exporting does not
+    shard = out / "checkpoint-3" / shard_name(0, 1)
+    shard.write_bytes(shard.read_bytes()[:7])  # not even a whole header length
     (out / "checkpoint-4").mkdir()  # a copy cut short before its state was written
     before = sorted(p.name for p in out.rglob("*"))
     argv = train_args(inputs, out, "--ds-config", "none", "--max-steps", "4")
     assert_user_error(argv, capsys, "no checkpoint in it can be resumed from")
     assert_user_error([*argv, "--resume", str(out / "checkpoint-2")], capsys, "rng_state_0.pt is missing")
-    assert sorted(p.name for p in out.rglob("*")) == before
+    export = ["export", "--checkpoint", str(out / "checkpoint-3"), "--output", str(tmp_path / "exported")]
+    assert_user_error(export, capsys, f"{shard.name} is cut short (7 bytes, inside its header)")
+    assert sorted(p.name for p in out.rglob("*")) == before and not (tmp_path / "exported").exists()
 
 
 # ------------------------------------------------------------------------------------------ a peer gone
