@@ -81,7 +81,9 @@ agreed_status() {
     if [[ "$2" != 0 ]]; then
         statuses="$(cat "$1"/rank* 2>/dev/null | sort -u)"
         if [[ -n "$statuses" && "$statuses" != *$'\n'* && "$statuses" != 0 ]]; then
-            echo "$(basename "$0"): the launcher exited with $2; the loki-dist ranks with $statuses" >&2
+            if [[ "$statuses" != "$2" ]]; then
+                echo "$(basename "$0"): the launcher exited with $2, the loki-dist ranks with $statuses" >&2
+            fi
             echo "$statuses"
             return
         fi
