@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -128,6 +129,9 @@ class RunLock:
             ) from None
         gone = holder_is_gone(holder)
         if gone:
+            print(
+                f"loki-dist train: warning: {self.path}: its run ({who}) is gone; taking it", file=sys.stderr
+            )
             self._break(text)
             return
         if gone is None:

@@ -488,7 +488,8 @@ def run_train(args: argparse.Namespace) -> None:
         with distributed.agreement(world):  # every rank checks; one agreed error before any work
             plan = plan_run(args, world)
         # each rank chose the checkpoint on its own, from the same files: a difference would mix two
-        distributed.same_on_every_rank(world, str(plan.resume_from), "the checkpoint to resume from")
+        chosen = plan.resume_from.name if plan.resume_from is not None else None
+        distributed.same_on_every_rank(world, chosen, "the checkpoint to resume from")
         if plan.ds_config is None:
             distributed.init(world)
         else:

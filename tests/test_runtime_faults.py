@@ -97,6 +97,7 @@ def test_second_run_into_one_directory_is_refused_and_a_killed_runs_lock_is_not(
     assert json.loads((out / LOCK_NAME).read_text())["pid"] == first.pid
     assert not (out / "final").exists()
     third = run_cli(train_args(inputs, out, "--ds-config", "none", "--max-steps", "2", "--overwrite"))
+    assert f"(pid {first.pid} on " in third.stderr and "is gone; taking it" in third.stderr, third.stderr
     assert "done: " in third.stdout and (out / "final" / "implant.safetensors").is_file()
     assert not (out / LOCK_NAME).exists()  # released on the way out
 
