@@ -63,7 +63,8 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 
 class NonFinite(Exception):
-    """What a save was given holds NaN or Inf; nothing was published (the newest checkpoint is older)."""
+    """What a save was given holds NaN or Inf (the message: where); nothing was published, so the newest
+    checkpoint is an older, finite one."""
 
 
 # ------------------------------------------------------------------------------------------------ save
@@ -98,8 +99,7 @@ def save(out_dir: Path, step: int, states: list[RowState], trainer_state: dict, 
         if distributed.agree_max(int(bool(non_finite))):  # also the barrier: every shard is written
             if world.is_main:
                 shutil.rmtree(staging, ignore_errors=True)
-            where = non_finite[0] if non_finite else "another rank's rows"
-            raise NonFinite(f"{where} holds NaN or Inf after step {step}")
+            raise NonFinite(non_finite[0] if non_finite else "on another rank")
         if world.is_main:
             (staging / INDEX_FILE).write_text(json.dumps(_index(staging, states, world.size)))
             (staging / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))

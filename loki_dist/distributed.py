@@ -229,7 +229,13 @@ class CollectiveFailed(Exception):
 
 
 # what gloo says when a peer has gone (its exceptions are plain RuntimeErrors); NCCL raises DistError
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "pair closure")
+_PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Timed out waiting",
+    "pair closure",
+)
 
 
 @contextmanager

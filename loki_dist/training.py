@@ -632,10 +632,9 @@ def _steps(plan: Plan, trainer: Trainer, stop: StopRequest, start: int, bar, wri
             stopping, diverged = stop.agreed(world, trainer.device, not finite)
         if diverged:
             norm = "unknown" if grad_norm is None else f"{grad_norm:.4g}"
-            numbers = f"loss {float(loss):.4g}, gradient norm {norm}"
-            ranks = f"; non-finite on {diverged} of {world.size} ranks" if world.size > 1 else ""
+            ranks = f" (non-finite on {diverged} of {world.size} ranks)" if world.size > 1 else ""
             bar.close()
-            return _diverged(plan, done, f"its loss or gradient norm is NaN or Inf ({numbers}{ranks})")
+            return _diverged(plan, done, f"loss {float(loss):.4g}, gradient norm {norm}{ranks}")
         stopping = stopping and done < plan.total_steps
         if (
             (plan.args.save_steps and done % plan.args.save_steps == 0)
@@ -647,7 +646,7 @@ def _steps(plan: Plan, trainer: Trainer, stop: StopRequest, start: int, bar, wri
                     checkpoint.save(out, done, trainer.states, run_state, world, plan.args.save_total_limit)
             except checkpoint.NonFinite as err:
                 bar.close()
-                return _diverged(plan, done, f"the trained rows would be saved with NaN or Inf ({err})")
+                return _diverged(plan, done, f"its update left NaN or Inf in the trained rows ({err})")
         if stopping:
             bar.close()
             if world.is_main:
@@ -667,9 +666,9 @@ def _diverged(plan: Plan, step: int, why: str) -> int:
         before = [p for p in checkpoint.list_checkpoints(plan.out) if checkpoint.step_of(p) < step]
         kept = f"{before[-1]} is the newest checkpoint" if before else "no checkpoint was saved before it"
         print(
-            f"loki-dist train: error: training diverged at step {step}: {why}. Nothing of that step "
-            f"was saved and final/ was not written; {kept}. Lower --learning-rate or --weight-decay (or "
-            f"check the data) and rerun, which resumes from the newest checkpoint "
+            f"loki-dist train: error: training diverged at step {step}: {why}; nothing of step {step} was "
+            f"saved and final/ was not written, {kept}. Lower --learning-rate or --weight-decay (or check "
+            f"the data) and rerun, which resumes from the newest checkpoint "
             f"(exit status {DIVERGED_EXIT_CODE})",
             file=sys.stderr,
             flush=True,
