@@ -25,4 +25,4 @@ if [[ "$nnodes" != 1 ]]; then
         --main_process_port "${MASTER_PORT:-29500}")
 fi
 cmd+=(-m loki_dist "$@")
-show_and_exec "${cmd[@]}"
+run_launcher "${cmd[@]}"

@@ -32,4 +32,4 @@ if [[ -n "${NO_SSH:-}" ]]; then
     cmd+=(--no_ssh --node_rank "${NODE_RANK:?NO_SSH needs NODE_RANK}")
 fi
 cmd+=(--module loki_dist "$@")
-show_and_exec "${cmd[@]}"
+run_launcher "${cmd[@]}"

@@ -10,14 +10,85 @@ gpus_per_node() {
     fi
 }
 
-# Print the command, shell-quoted (so every log shows exactly what ran, ready to paste), then become it.
-show_and_exec() {
+# Print the command, shell-quoted (so every log shows exactly what ran, ready to paste), run it, and exit
+# with the status the loki-dist ranks agreed on.
+#
+# Stop signals: SIGUSR1 or SIGTERM sent to this script reaches the loki-dist workers as SIGUSR1 (training
+# then finishes its step, saves a checkpoint and exits with 75). The launcher runs with SIGUSR1 ignored,
+# so that one sent to the whole process group does not kill it; the workers install their own handler.
+# SIGINT (Ctrl-C) reaches the launcher directly (same process group), which stops its workers.
+#
+# Exit status: torchrun and accelerate exit with 1 whenever a worker fails, whatever its status. Each
+# loki-dist rank writes its own into LOKI_DIST_STATUS_DIR; when the launcher failed and the ranks that
+# wrote one agree on a non-zero status, that is this script's: 75 stopped after a checkpoint, 3 diverged,
+# 2 a user mistake, 1 a crash. Ranks on other nodes report to their own node's wrapper.
+run_launcher() {
     {
         printf '+'
         printf ' %q' "$@"
         printf '\n'
     } >&2
-    exec "$@"
+    local status_dir launcher rc
+    status_dir="$(mktemp -d)"
+    export LOKI_DIST_STATUS_DIR="$status_dir"
+    (
+        trap '' USR1
+        exec "$@"
+    ) &
+    launcher=$!
+    # shellcheck disable=SC2064  # the launcher's pid, now
+    trap "forward_stop $launcher" USR1 TERM
+    trap ':' INT # keep waiting: the launcher got the same SIGINT and is stopping its workers
+    while :; do
+        rc=0
+        wait "$launcher" || rc=$?
+        # a trapped signal interrupts `wait` with a status > 128 while the launcher still runs
+        if ((rc > 128)) && kill -0 "$launcher" 2>/dev/null; then
+            continue
+        fi
+        break
+    done
+    trap - USR1 TERM INT
+    rc="$(agreed_status "$status_dir" "$rc")"
+    rm -rf "$status_dir"
+    exit "$rc"
+}
+
+# SIGUSR1 to the loki-dist processes the launcher ($1) started, at any depth (the deepspeed launcher
+# starts them from a child of its own); nothing else of the tree (a helper a worker runs) is signalled.
+forward_stop() {
+    echo "$(basename "$0"): stop requested: asking loki-dist to save a checkpoint and exit" >&2
+    local pid
+    for pid in $(loki_dist_descendants "$1"); do
+        kill -USR1 "$pid" 2>/dev/null || true
+    done
+}
+
+loki_dist_descendants() {
+    local pid args
+    while read -r pid args; do
+        if [[ "$args" == *loki_dist* ]]; then
+            echo "$pid"
+        fi
+        loki_dist_descendants "$pid"
+    done < <(ps -o pid=,args= --ppid "$1" 2>/dev/null)
+}
+
+# The status the ranks wrote into $1 when they agree on a non-zero one and the launcher failed ($2 is its
+# status); otherwise the launcher's.
+agreed_status() {
+    local statuses
+    if [[ "$2" != 0 ]]; then
+        statuses="$(cat "$1"/rank* 2>/dev/null | sort -u)"
+        if [[ -n "$statuses" && "$statuses" != *$'\n'* && "$statuses" != 0 ]]; then
+            if [[ "$statuses" != "$2" ]]; then
+                echo "$(basename "$0"): the launcher exited with $2, the loki-dist ranks with $statuses" >&2
+            fi
+            echo "$statuses"
+            return
+        fi
+    fi
+    echo "$2"
 }
 
 # Refuse to start without a sub-command: the wrappers pass everything else to loki-dist unchanged.

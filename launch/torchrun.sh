@@ -36,4 +36,4 @@ else
     fi
 fi
 cmd+=(-m loki_dist "$@")
-show_and_exec "${cmd[@]}"
+run_launcher "${cmd[@]}"

@@ -14,6 +14,11 @@ Layout of OUT/checkpoint-<step>/: rows-<r>-of-<W>.safetensors (tensors layers.<l
 rows_index.json, trainer_state.json, rng_state_<rank>.pt. The directory is filled under a staging name
 and renamed when complete, so a checkpoint is either whole or absent. Checkpoints of loki_dist 0.1 (one
 rows.safetensors holding [k, F] tensors and layers.<l>.rows) are read as one shard covering everything.
+
+A checkpoint is only ever written finite: a rank that finds NaN or Inf in what it saves fails the save on
+every rank (NonFinite) and nothing is published. A checkpoint damaged later (a full disk, a copy cut
+short) is recognised before any model loads by `damage`, which reads the JSON files and the shards'
+headers only, so a resume can fall back to an older one.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,10 +51,20 @@ def step_of(path: Path) -> int:
     return int(path.name.split("-")[1])
 
 
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """Every checkpoint-<step> directory in OUT, complete or not, oldest first."""
+    found = [p for p in out_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit() and p.is_dir()]
+    return sorted(found, key=step_of)
+
+
 def list_checkpoints(out_dir: Path) -> list[Path]:
     """Complete checkpoints in OUT, oldest first."""
-    found = [p for p in out_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-    return sorted((p for p in found if (p / STATE_FILE).is_file()), key=step_of)
+    return [p for p in checkpoint_dirs(out_dir) if (p / STATE_FILE).is_file()]
+
+
+class NonFinite(Exception):
+    """What a save was given holds NaN or Inf (the message: where); nothing was published, so the newest
+    checkpoint is an older, finite one."""
 
 
 # ------------------------------------------------------------------------------------------------ save
@@ -75,17 +91,34 @@ def save(out_dir: Path, step: int, states: list[RowState], trainer_state: dict, 
         )
         shard = staging / shard_name(world.rank, world.size)
         ranges = {str(layer): list(r) for layer, (_, r) in mine.items()}
-        files.save_tensors_streaming(shard, layout, pieces, metadata={"ranges": json.dumps(ranges)})
+        non_finite: list[str] = []  # checked as the pieces stream by: no second pass over the rows
+        files.save_tensors_streaming(
+            shard, layout, _finite_or_noted(pieces, non_finite), metadata={"ranges": json.dumps(ranges)}
+        )
         torch.save(_rng_state(), staging / f"rng_state_{world.rank}.pt")
-        distributed.barrier()
+        if distributed.agree_max(int(bool(non_finite))):  # also the barrier: every shard is written
+            if world.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise NonFinite(non_finite[0] if non_finite else "on another rank")
         if world.is_main:
             (staging / INDEX_FILE).write_text(json.dumps(_index(staging, states, world.size)))
             (staging / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
             files.publish(staging, final)
-            for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+            # a resume from an older checkpoint (the newer one damaged) leaves newer ones: the run
+            # replaces them when it gets there, and prunes only what lies behind it
+            behind = [p for p in list_checkpoints(out_dir) if step_of(p) <= step]
+            for old in behind[:-keep] if keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         distributed.barrier()
     return final
+
+
+def _finite_or_noted(pieces, non_finite: list[str]):
+    """Pass (name, tensor) pieces through, noting the name of the first one holding NaN or Inf."""
+    for name, piece in pieces:
+        if not non_finite and not bool(torch.isfinite(piece).all()):
+            non_finite.append(name)
+        yield name, piece
 
 
 def _index(staging: Path, states: list[RowState], world_size: int) -> dict:
@@ -108,6 +141,102 @@ def _index(staging: Path, states: list[RowState], world_size: int) -> dict:
         if covered != entry["length"]:
             raise RuntimeError(f"checkpoint shards of layer {layer} cover {covered} of {entry['length']}")
     return {"format": INDEX_FORMAT, "layers": layers, "shards": shards}
+
+
+# ---------------------------------------------------------------------------------------- loadability
+
+
+def damage(path: Path, rng: bool = True) -> str | None:
+    """Why `path` cannot be resumed from (exported from, with rng=False), or None when it can.
+
+    Read: trainer_state.json, rows_index.json, every shard's header (a few KB each, not the data) and
+    the end of each rank's RNG file. So it is cheap at any scale, runs before the model loads, and every
+    rank (each checking every shard) comes to the same answer.
+    """
+    try:
+        state = _read_json(path / STATE_FILE)
+        if not isinstance(state.get("step"), int):
+            raise ValueError(f"{STATE_FILE} holds no step")
+        if (path / INDEX_FILE).exists() or not (path / LEGACY_ROWS_FILE).exists():
+            _check_shards(path)
+        else:
+            _read_header(path / LEGACY_ROWS_FILE)
+        for rank in range(int(state.get("world_size", 0)) if rng else 0):
+            rng = path / f"rng_state_{rank}.pt"
+            if not zipfile.is_zipfile(rng):  # torch.save writes a zip; its directory is at the end
+                raise ValueError(
+                    f"{rng.name} is {'not a complete torch file' if rng.exists() else 'missing'}"
+                )
+    except (ValueError, OSError) as err:
+        return str(err)
+    except (TypeError, KeyError, AttributeError, IndexError) as err:  # JSON of an unexpected shape
+        return f"unexpected content ({type(err).__name__}: {err})"
+    return None
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{file.name} is missing") from None
+    except ValueError as err:
+        raise ValueError(f"{file.name} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file.name} does not hold a JSON object")
+    return value
+
+
+def _read_header(file: Path) -> dict:
+    """A safetensors file's header, after checking that the file is as long as the header says."""
+    if not file.is_file():
+        raise ValueError(f"{file.name} is missing")
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        length = int.from_bytes(handle.read(8), "little") if size >= 8 else size
+        if 8 + length > size:
+            raise ValueError(f"{file.name} is cut short ({size} bytes, inside its header)")
+        try:
+            header = json.loads(handle.read(length))
+            end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise ValueError(f"{file.name} has a damaged safetensors header") from None
+    if size != 8 + length + end:
+        raise ValueError(f"{file.name} holds {size} bytes where its header describes {8 + length + end}")
+    return header
+
+
+def _check_shards(path: Path) -> None:
+    """The index parses, and every shard it lists exists, is whole, and holds what the index says."""
+    index = _read_json(path / INDEX_FILE)
+    if index.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{INDEX_FILE} has format {index.get('format')!r}, expected {INDEX_FORMAT}")
+    try:
+        lengths = {layer: int(entry["length"]) for layer, entry in index["layers"].items()}
+        shards = {
+            name: {layer: tuple(r) for layer, r in ranges.items()} for name, ranges in index["shards"].items()
+        }
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ValueError(f"{INDEX_FILE} does not describe layers and shards") from None
+    covered = dict.fromkeys(lengths, 0)
+    for name, ranges in sorted(shards.items()):
+        header = _read_header(path / name)
+        stored = json.loads((header.get("__metadata__") or {}).get("ranges", "null"))
+        if {layer: tuple(r) for layer, r in (stored or {}).items()} != ranges:
+            raise ValueError(f"{name} holds other ranges than {INDEX_FILE} lists")
+        for layer, (begin, end) in ranges.items():
+            for what in QUANTITIES:
+                entry = header.get(f"layers.{layer}.{what}") or {}
+                if entry.get("dtype") != "F32" or entry.get("shape") != [end - begin]:
+                    raise ValueError(f"{name} lacks layers.{layer}.{what} [{end - begin}] (float32)")
+    for layer, length in lengths.items():
+        for begin, end in sorted(r[layer] for r in shards.values() if layer in r):
+            if begin != covered[layer]:
+                break
+            covered[layer] = end
+        if covered[layer] != length:
+            raise ValueError(
+                f"{INDEX_FILE}: the shards cover {covered[layer]} of layer {layer}'s {length} elements"
+            )
 
 
 # ------------------------------------------------------------------------------------------------ read
@@ -245,13 +374,17 @@ class CheckpointRows(export.RowSource):
 
     def weight(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
         k = len(self.reader.rows[layer])
-        return self.reader.read(layer, "master", 0, self.reader.lengths[layer]).view(k, -1).to(dtype)
+        rows = self.reader.read(layer, "master", 0, self.reader.lengths[layer]).view(k, -1).to(dtype)
+        if not bool(torch.isfinite(rows).all()):  # saved finite, but a narrow dtype may overflow
+            raise UserError(f"{self.reader.path}: layer {layer}'s trained rows hold NaN or Inf as {dtype}")
+        return rows
 
 
 def export_checkpoint(checkpoint_dir: Path, out_dir: Path, world, base_dir: str | Path | None = None) -> None:
     """Collective: a checkpoint -> a standard Hugging Face directory with implant.safetensors (export.py)."""
-    if not (checkpoint_dir / STATE_FILE).is_file():
-        raise UserError(f"--checkpoint {checkpoint_dir}: not a complete loki_dist checkpoint")
+    why = damage(checkpoint_dir, rng=False) if checkpoint_dir.is_dir() else "not a directory"
+    if why is not None:
+        raise UserError(f"--checkpoint {checkpoint_dir}: not a loadable loki_dist checkpoint: {why}")
     trainer_state = json.loads((checkpoint_dir / STATE_FILE).read_text())
     base = Path(base_dir or trainer_state["base_model"])
     base_print = export.fingerprint(base)

@@ -6,9 +6,12 @@ transformers) inside functions so that building the parser stays fast. A UserErr
 stderr and exit status 2, with no traceback. With several ranks: one found by a command's checks is
 agreed by every rank (`distributed.agreement`) and printed by rank 0, once when all ranks found it,
 else one line per distinct message naming its ranks; one raised later, when peers may be busy in
-another collective, is printed by the rank that found it, prefixed with that rank. Every way out
-(success, user error, crash, Ctrl-C, the exit status 75 of a stopped training) leaves the process
-group: with a barrier only on success.
+another collective, is printed by the rank that found it, prefixed with that rank. A collective that
+broke off (a peer died or stayed silent past the timeout: distributed.CollectiveFailed) is one line
+naming the stage, exit status 1. Every way out (success, user error, crash, Ctrl-C, the exit statuses
+75 and 3 of a stopped or diverged training) leaves the process group: with a barrier only on success.
+Under a launch/ wrapper each rank also reports its exit status (STATUS_DIR_ENV) for the wrapper to
+pass on, since the launchers themselves exit with 1 for any failed worker.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import NoReturn
 
 import torch.distributed as dist
 
-from loki_dist import __version__, distributed
+from loki_dist import __version__, distributed, files
 from loki_dist.errors import RankErrors, UserError
 
 # sub-command -> (module, one-line help)
@@ -81,6 +84,11 @@ def main(argv: list[str] | None = None) -> None:
             distributed.agreement_barrier()
         _leave(keep_status=agreed and size > 1)
         _exit(1 if agreed and err.crashed else 2)
+    except distributed.CollectiveFailed as err:  # a peer died or went silent: its own log says why
+        rank, size = _rank_and_size()
+        print(f"loki-dist {args.command}: error: {_error_lines(err, rank, size)[0]}", file=sys.stderr)
+        _leave()
+        _exit(1)
     except KeyboardInterrupt:
         _leave()
         _exit(130)
@@ -103,6 +111,7 @@ def _exit(code: int | str | None) -> NoReturn:
     gloo worker thread still releasing its last collective's tensors when finalization starts is killed
     inside a destructor: std::terminate, SIGABRT at exit (1 in ~15 two-rank ZeRO-3 runs, measured).
     Every file loki_dist writes is complete and fsynced before this point (files.py)."""
+    _report_status(code)
     if _rank_and_size()[1] == 1:
         sys.exit(code)
     if isinstance(code, str):
@@ -111,6 +120,18 @@ def _exit(code: int | str | None) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+
+
+STATUS_DIR_ENV = "LOKI_DIST_STATUS_DIR"
+
+
+def _report_status(code: int | str | None) -> None:
+    """Tell a launch/ wrapper this rank's exit status (STATUS_DIR_ENV/rank<r>), so that it can exit with
+    the status the ranks agreed on (75, 3, 2) where the launcher itself says 1 for any failed worker."""
+    directory = os.environ.get(STATUS_DIR_ENV)
+    if directory and os.path.isdir(directory):
+        status = code if isinstance(code, int) else 0 if code is None else 1
+        files.write_text(os.path.join(directory, f"rank{_rank_and_size()[0]}"), f"{status}\n")
 
 
 def _leave(keep_status: bool = False) -> None:
@@ -133,7 +154,7 @@ def _rank_and_size() -> tuple[int, int]:
     return world.rank, world.size
 
 
-def _error_lines(err: UserError, rank: int, size: int) -> list[str]:
+def _error_lines(err: Exception, rank: int, size: int) -> list[str]:
     """What this rank prints: an agreed error on rank 0 only, any other with this rank."""
     if isinstance(err, RankErrors):
         return err.lines() if rank == 0 else []

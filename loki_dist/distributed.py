@@ -9,6 +9,11 @@ rank 0 listens: without MASTER_ADDR the rendezvous host is the step's first node
 `scontrol` names it, or its NodeAddr where that name does not resolve, and the port MASTER_PORT or one
 derived from the job and step ids. srun may also bind one GPU per task, so the device is local rank only
 where this process sees that many GPUs (device 0 where it sees exactly one).
+
+Every wait on a peer is bounded. A rank whose peer has died learns it at once under gloo (the connection
+closes); a peer that is alive but stuck, or one gone under NCCL, ends the wait after TIMEOUT_ENV minutes
+(the process group's timeout, default DEFAULT_TIMEOUT_MINUTES, instead of torch's 30). Work is named by
+`stage(...)`, so that a collective that fails says which stage it broke, in one line (CollectiveFailed).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from loki_dist import metering
-from loki_dist.errors import RankErrors, UserError
+from loki_dist.errors import RankErrors, UserError, rank_list
 
 
 @dataclass(frozen=True)
@@ -149,10 +154,33 @@ def rendezvous_env(env: MutableMapping[str, str]) -> None:
         print(f"+ srun rendezvous {where}, {env['SLURM_STEP_NUM_TASKS']} tasks on {nodes}", file=sys.stderr)
 
 
-def init(world: World, always: bool = False, timeout_minutes: int = 30) -> None:
-    """Join the process group when there is more than one process (or `always`, as DeepSpeed wants)."""
+TIMEOUT_ENV = "LOKI_DIST_TIMEOUT_MINUTES"
+# Long enough for the longest legitimate wait between two collectives (a rank writing its share of a 70B
+# export or checkpoint to a slow shared file system while its peers wait at the closing barrier), short
+# enough that a stuck job ends well before torch's 30 minutes.
+DEFAULT_TIMEOUT_MINUTES = 10.0
+
+
+def timeout() -> timedelta:
+    """How long any collective may wait for a peer: TIMEOUT_ENV minutes (fractions allowed)."""
+    text = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        minutes = float(text) if text else DEFAULT_TIMEOUT_MINUTES
+    except ValueError:
+        minutes = float("nan")
+    if not minutes > 0 or minutes == float("inf"):
+        raise UserError(f"{TIMEOUT_ENV}={text}: expected a positive number of minutes")
+    return timedelta(minutes=minutes)
+
+
+def init(world: World, always: bool = False, timeout_minutes: float | None = None) -> None:
+    """Join the process group when there is more than one process (or `always`, as DeepSpeed wants).
+
+    timeout_minutes: how long a collective may wait for a peer (default: `timeout()`).
+    """
     if dist.is_initialized() or (world.size == 1 and not always):
         return
+    limit = timeout() if timeout_minutes is None else timedelta(minutes=timeout_minutes)
     if world.size == 1:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     else:
@@ -164,8 +192,11 @@ def init(world: World, always: bool = False, timeout_minutes: int = 30) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # NCCL: a collective past the timeout tears the process down (its watchdog says which collective)
+    # rather than leaving it blocked on the device; torchrun sets the same for its workers, srun does not
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     metering.count_collectives()
-    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    dist.init_process_group(backend, timeout=limit)
 
 
 def shutdown(wait_for_peers: bool = True) -> None:
@@ -187,6 +218,43 @@ def shutdown(wait_for_peers: bool = True) -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+class CollectiveFailed(Exception):
+    """A collective broke off in a named stage: a peer rank died, or stayed silent past the timeout.
+
+    Not a bug of this rank, and nothing its traceback would explain: the CLI prints it as one line
+    (with the rank) and exits 1. The peer's own log says why it went.
+    """
+
+
+# what gloo says when a peer has gone (its exceptions are plain RuntimeErrors); NCCL raises DistError
+_PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Timed out waiting",
+    "pair closure",
+)
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Run a stage of a command; a collective that breaks off inside it ends it as CollectiveFailed,
+    naming the stage (the innermost one where stages nest)."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        if not (isinstance(err, dist.DistError) or any(marker in text for marker in _PEER_GONE)):
+            raise
+        detail = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+        detail = detail.split("] ", 1)[1] if detail.startswith("[") and "] " in detail else detail
+        minutes = timeout().total_seconds() / 60
+        raise CollectiveFailed(
+            f"{name}: a collective broke off, a peer rank died or stayed silent past the timeout "
+            f"({TIMEOUT_ENV}={minutes:g}): {detail.split('. ')[0]}"
+        ) from None
 
 
 @contextmanager
@@ -216,6 +284,19 @@ def agreement(world: World) -> Iterator[None]:
         raise RankErrors(failures, world.size)
 
 
+def same_on_every_rank(world: World, value: object, what: str) -> None:
+    """Raise the same RankErrors on every rank unless every rank holds the same small `value` (one
+    gather over the agreement's group)."""
+    values = _all_gather_objects(world, value)
+    if any(v != values[0] for v in values):
+        by_value: dict[str, list[int]] = {}
+        for rank, v in enumerate(values):
+            by_value.setdefault(repr(v), []).append(rank)
+        found = "; ".join(f"{rank_list(ranks)}: {v}" for v, ranks in by_value.items())
+        message = f"the ranks disagree on {what} ({found}): do they all see the same files?"
+        raise RankErrors({rank: ("user", message) for rank in range(world.size)}, world.size)
+
+
 _agreement_group: dist.ProcessGroup | None = None
 
 
@@ -233,7 +314,7 @@ def _all_gather_objects(world: World, value: object) -> list:
         return [value]
     init(world)
     if dist.get_backend() != "gloo" and _agreement_group is None:
-        _agreement_group = dist.new_group(backend="gloo")
+        _agreement_group = dist.new_group(backend="gloo", timeout=timeout())
     gathered: list = [None] * world.size
     dist.all_gather_object(gathered, value, group=_agreement_group)
     return gathered

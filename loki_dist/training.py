@@ -12,7 +12,16 @@ checkpoints -> OUT/final built from the base model's shards.
 Requeue: SIGUSR1 or SIGTERM (Slurm's warning before the time limit, a preemption, `kill`) does not stop
 a step half-way. The step in progress finishes, every rank agrees on the stop at the step boundary, a
 checkpoint is saved, and the process exits with REQUEUE_EXIT_CODE; the next run with the same command
-resumes from that checkpoint (`--resume auto`).
+resumes from that checkpoint (`--resume auto`, which skips, with a warning, checkpoints that
+`checkpoint.damage` finds damaged).
+
+Divergence: a NaN or Inf loss or gradient norm on any rank, agreed at the same step boundary (in the
+same one-element collective as the stop), or a NaN or Inf in the rows a checkpoint would save, ends the
+run with DIVERGED_EXIT_CODE before anything of that step is saved: the newest checkpoint stays the last
+good one, and final/ is never written from a diverged state.
+
+One run per output directory at a time (runlock.py); every collective is bounded by the process group's
+timeout, and one that breaks off names the stage (distributed.stage).
 
 Why frozen rows cannot move: split, they are not parameters at all. Masked, their gradients are exactly
 zero from the first step, so Adam's moments stay zero and its update 0/(sqrt(0)+eps) is exactly zero;
@@ -23,6 +32,7 @@ selected rows only; the bf16 copy of an unmoved fp32 master is the original bf16
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import hashlib
 import json
 import math
@@ -35,7 +45,17 @@ from pathlib import Path
 
 import torch
 
-from loki_dist import checkpoint, distributed, dsconfig, files, metering, positions, rowsplit, rowstate
+from loki_dist import (
+    checkpoint,
+    distributed,
+    dsconfig,
+    files,
+    metering,
+    positions,
+    rowsplit,
+    rowstate,
+    runlock,
+)
 from loki_dist.adapters import ModelSpec, down_proj_slots, spec_from_dir
 from loki_dist.data import Example, collate, load_examples, num_targets
 from loki_dist.errors import UserError, require_at_least
@@ -46,7 +66,11 @@ FINAL_DIR = "final"
 # sysexits' EX_TEMPFAIL, "try again later": stopped on a signal after saving a checkpoint. Distinct from
 # 0 (finished), 1 (crash) and 2 (user error) so that a job script can tell "requeue me" from the rest.
 REQUEUE_EXIT_CODE = 75
+# the loss, gradient norm or trained rows became NaN or Inf: retrying as it is will not help (lower the
+# learning rate or weight decay); the newest checkpoint is from before the divergence
+DIVERGED_EXIT_CODE = 3
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STACKS_SIGNAL = signal.SIGUSR2
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,6 +139,7 @@ class Plan:
     world: distributed.World
     pad_id: int
     log: list[str] = field(default_factory=list)
+    lock: runlock.RunLock | None = None  # the output directory's, held by rank 0 (_find_resume)
 
     @property
     def global_batch(self) -> int:
@@ -237,18 +262,32 @@ def _data_print(examples: list[Example]) -> str:
 
 
 def _find_resume(plan: Plan) -> Path | None:
+    """Take the output directory's run lock (rank 0; released by run_train), then choose the checkpoint
+    to resume from, if any: under the lock, so that no other run changes the directory meanwhile."""
+    lock = runlock.RunLock.acquire(plan.out) if plan.world.is_main else None
+    try:
+        path = _choose_checkpoint(plan)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    plan.lock = lock
+    return path
+
+
+def _choose_checkpoint(plan: Plan) -> Path | None:
     args, out = plan.args, plan.out
     if (out / FINAL_DIR).exists() and not args.overwrite:
         raise UserError(f"--output-dir {out}: already holds a finished run (pass --overwrite to start over)")
     if args.overwrite or args.resume == "never":
         return None
     if args.resume == "auto":
-        found = checkpoint.list_checkpoints(out) if out.is_dir() else []
-        path = found[-1] if found else None
+        path = _newest_loadable(out, plan.world)
     else:
         path = Path(args.resume)
-        if not (path / checkpoint.STATE_FILE).is_file():
-            raise UserError(f"--resume {path}: not a complete loki_dist checkpoint")
+        why = checkpoint.damage(path) if path.is_dir() else "not a directory"
+        if why is not None:
+            raise UserError(f"--resume {path}: not a loadable loki_dist checkpoint: {why}")
     if path is not None:
         saved = json.loads((path / checkpoint.STATE_FILE).read_text())
         expected = {
@@ -263,6 +302,28 @@ def _find_resume(plan: Plan) -> Path | None:
                     f"--resume {path}: its {key} ({saved.get(key)}) differs from this run's ({value}); "
                     "resume needs the same base, positions, data and global batch size"
                 )
+    return path
+
+
+def _newest_loadable(out: Path, world: distributed.World) -> Path | None:
+    """The newest checkpoint in OUT that can be resumed from; a newer damaged one is skipped with a
+    warning naming it, and a directory whose every checkpoint is damaged is refused."""
+    damaged = []
+    for path in reversed(checkpoint.checkpoint_dirs(out)) if out.is_dir() else []:
+        why = checkpoint.damage(path)
+        if why is None:
+            break
+        damaged.append(f"{path} ({why})")
+    else:
+        if damaged:
+            raise UserError(
+                f"--output-dir {out}: no checkpoint in it can be resumed from: {'; '.join(damaged)}; pass "
+                "--resume never to start over beside them, or --overwrite to delete them first"
+            )
+        return None
+    if world.is_main:
+        for line in damaged:
+            print(f"loki-dist train: warning: skipping damaged {line}; resuming from {path}", file=sys.stderr)
     return path
 
 
@@ -448,29 +509,40 @@ def _normaliser(indices: list[int], plan: Plan) -> float:
 
 def run_train(args: argparse.Namespace) -> None:
     world = distributed.world_from_env()
-    with distributed.agreement(world):  # every rank checks; one agreed error before any work
-        plan = plan_run(args, world)
-    if plan.ds_config is None:
-        distributed.init(world)
-    else:
-        distributed.prepare_deepspeed(world)
+    # a run that seems stuck: `kill -USR2 <pid>` prints where each of its threads is, and it goes on
+    # (to the process's own stderr, file descriptor 2, whatever sys.stderr has become)
+    faulthandler.register(STACKS_SIGNAL, file=sys.__stderr__, all_threads=True)
+    plan = None
     try:
-        stopped = _train(plan)
-    except BaseException:
-        distributed.shutdown(wait_for_peers=False)  # peers may never reach a barrier now
-        raise
-    distributed.shutdown()
-    if stopped:
-        sys.exit(REQUEUE_EXIT_CODE)
+        with distributed.agreement(world):  # every rank checks; one agreed error before any work
+            plan = plan_run(args, world)
+        # each rank chose the checkpoint on its own, from the same files: a difference would mix two
+        chosen = plan.resume_from.name if plan.resume_from is not None else None
+        distributed.same_on_every_rank(world, chosen, "the checkpoint to resume from")
+        if plan.ds_config is None:
+            distributed.init(world)
+        else:
+            distributed.prepare_deepspeed(world)
+        try:
+            status = _train(plan)
+        except BaseException:
+            distributed.shutdown(wait_for_peers=False)  # peers may never reach a barrier now
+            raise
+        distributed.shutdown()
+    finally:
+        if plan is not None and plan.lock is not None:
+            plan.lock.release()
+    if status:
+        sys.exit(status)
 
 
 class StopRequest:
     """Turns SIGUSR1/SIGTERM into a request to stop at the next step boundary, agreed by all ranks.
 
     The handler only records the signal: stopping inside a step would leave ranks in different
-    collectives. `agreed` runs at every step boundary; with several ranks it all-reduces one flag (a
-    single-element collective, negligible next to a ZeRO step), so a signal that reached only some ranks
-    stops all of them at the same step.
+    collectives. `agreed` runs at every step boundary; with several ranks it all-reduces two flags, this
+    rank's stop request and whether its step diverged (one small collective, negligible next to a ZeRO
+    step), so that a signal or a NaN that only some ranks saw stops all of them at the same step.
     """
 
     def __init__(self) -> None:
@@ -481,92 +553,58 @@ class StopRequest:
     def _record(self, signum: int, frame) -> None:
         self.received = signum
 
-    def agreed(self, world: distributed.World, device: torch.device) -> bool:
+    def agreed(self, world: distributed.World, device: torch.device, diverged: bool) -> tuple[bool, int]:
+        """(whether any rank was asked to stop, how many ranks' steps diverged)"""
         if world.size == 1:
-            return self.received is not None
-        flag = torch.tensor([0.0 if self.received is None else 1.0], device=device)
-        return bool(distributed.all_reduce_sum(flag).item() > 0)
+            return self.received is not None, int(diverged)
+        flags = torch.tensor([float(self.received is not None), float(diverged)], device=device)
+        stop, bad = distributed.all_reduce_sum(flags).tolist()
+        return stop > 0, int(bad)
 
 
-def _train(plan: Plan) -> bool:
-    """The training loop; returns True when a stop signal ended it early (after a checkpoint)."""
+def _train(plan: Plan) -> int:
+    """Train, checkpoint, export; returns the exit status: 0 when finished, REQUEUE_EXIT_CODE when a stop
+    signal ended it early (after a checkpoint), DIVERGED_EXIT_CODE when a step diverged."""
     from tqdm import tqdm
 
     world, out = plan.world, plan.out
     stop = StopRequest()
     if world.is_main:
         if plan.args.overwrite:
-            for old in [out / FINAL_DIR, out / "runs", *checkpoint.list_checkpoints(out)]:
+            for old in [out / FINAL_DIR, out / "runs", *checkpoint.checkpoint_dirs(out)]:
                 shutil.rmtree(old, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         for line in plan.log:
             print(line, flush=True)
     torch.manual_seed(plan.args.seed + world.rank)
-    trainer = Trainer(plan, distributed.device_for(world))
+    with distributed.stage("loading the model"):
+        trainer = Trainer(plan, distributed.device_for(world))
     start = 0
     if plan.resume_from is not None:
-        start = checkpoint.load(plan.resume_from, trainer.states, trainer.prepare_optimizer, world.rank)[
-            "step"
-        ]
+        with distributed.stage(f"resuming from {plan.resume_from}"):
+            state = checkpoint.load(plan.resume_from, trainer.states, trainer.prepare_optimizer, world.rank)
+        start = state["step"]
         if world.is_main:
             print(f"resumed from {plan.resume_from} at step {start}", flush=True)
-    run_state = {
-        "base_model": str(Path(plan.args.model).resolve()),
-        "base_fingerprint": plan.base_print,
-        "positions": plan.positions,
-        "data_fingerprint": plan.data_print,
-        "global_batch": plan.global_batch,
-        "world_size": world.size,
-    }
-    probe_at_start_step = _probe_loss(trainer, plan)
+    with distributed.stage("the probe loss before training"):
+        probe_at_start_step = _probe_loss(trainer, plan)
     writer = _tensorboard(out) if world.is_main else None
     bar = tqdm(
         total=plan.total_steps, initial=start, desc="train", disable=not world.is_main, dynamic_ncols=True
     )
-    window = _Window()
-    for step in range(start, plan.total_steps):
-        indices = global_batch_indices(step, plan)
-        scale = _normaliser(indices, plan)
-        lr = lr_at(step, plan)
-        for i, mine in enumerate(micro_batches(indices, plan)):
-            loss = trainer.loss_sum(collate([plan.examples[i] for i in mine], pad_id=plan.pad_id)) / scale
-            grad_norm = trainer.backward(loss, lr, boundary=i == plan.accum - 1)
-            window.loss += loss.detach().double().cpu() / world.size
-        window.steps += 1
-        window.tokens += sum(len(plan.examples[i].input_ids) for i in indices)
-        bar.update(1)
-        done = step + 1
-        if done % plan.args.logging_steps == 0 or done == plan.total_steps:
-            loss_value = float(distributed.all_reduce_sum(window.loss)) / window.steps
-            tokens_per_s = window.tokens / (time.time() - window.start)
-            if world.is_main:
-                _log(
-                    writer, bar, done, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s
-                )
-            window = _Window()
-        stopping = done < plan.total_steps and stop.agreed(world, trainer.device)
-        if (
-            (plan.args.save_steps and done % plan.args.save_steps == 0)
-            or done == plan.total_steps
-            or stopping
-        ):
-            checkpoint.save(out, done, trainer.states, run_state, world, plan.args.save_total_limit)
-        if stopping:
-            bar.close()
-            if world.is_main:
-                print(
-                    f"stopped by signal {stop.received or 'on another rank'} after step {done}: saved "
-                    f"{out / f'checkpoint-{done}'}; rerun the same command to resume "
-                    f"(exit status {REQUEUE_EXIT_CODE})",
-                    flush=True,
-                )
-                if writer is not None:
-                    writer.close()
-            return True
-    bar.close()
-    probe = _probe_loss(trainer, plan)
+    try:
+        status = _steps(plan, trainer, stop, start, bar, writer)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    if status:
+        return status
+    with distributed.stage("the probe loss after training"):
+        probe = _probe_loss(trainer, plan)
     last = out / f"checkpoint-{plan.total_steps}"  # saved by the last step (every rank knows its name)
-    checkpoint.export_checkpoint(last, out / FINAL_DIR, world, base_dir=plan.args.model)
+    with distributed.stage(f"exporting {out / FINAL_DIR}"):
+        checkpoint.export_checkpoint(last, out / FINAL_DIR, world, base_dir=plan.args.model)
     if world.is_main:
         summary = {
             "steps": plan.total_steps,
@@ -580,9 +618,91 @@ def _train(plan: Plan) -> bool:
         }
         files.write_json(out / "train_summary.json", summary, indent=2)
         print(f"done: {out / FINAL_DIR} (probe loss {probe:.6f})", flush=True)
-        if writer is not None:
-            writer.close()
-    return False
+    return 0
+
+
+def _steps(plan: Plan, trainer: Trainer, stop: StopRequest, start: int, bar, writer) -> int:
+    """The optimizer steps from `start`, with their logs and checkpoints; returns _train's status."""
+    world, out = plan.world, plan.out
+    run_state = {
+        "base_model": str(Path(plan.args.model).resolve()),
+        "base_fingerprint": plan.base_print,
+        "positions": plan.positions,
+        "data_fingerprint": plan.data_print,
+        "global_batch": plan.global_batch,
+        "world_size": world.size,
+    }
+    window = _Window()
+    for step in range(start, plan.total_steps):
+        done = step + 1
+        with distributed.stage(f"step {done}"):
+            indices = global_batch_indices(step, plan)
+            scale = _normaliser(indices, plan)
+            lr = lr_at(step, plan)
+            loss = torch.zeros(1, dtype=torch.float64)  # this rank's share of the step's mean loss
+            for i, mine in enumerate(micro_batches(indices, plan)):
+                part = trainer.loss_sum(collate([plan.examples[i] for i in mine], pad_id=plan.pad_id)) / scale
+                grad_norm = trainer.backward(part, lr, boundary=i == plan.accum - 1)
+                loss += part.detach().double().cpu()
+            window.loss += loss / world.size
+            window.steps += 1
+            window.tokens += sum(len(plan.examples[i].input_ids) for i in indices)
+            bar.update(1)
+            if done % plan.args.logging_steps == 0 or done == plan.total_steps:
+                loss_value = float(distributed.all_reduce_sum(window.loss)) / window.steps
+                tokens_per_s = window.tokens / (time.time() - window.start)
+                if world.is_main:
+                    _log(
+                        writer, bar, done, loss=loss_value, lr=lr, grad_norm=grad_norm,
+                        tokens_per_s=tokens_per_s,
+                    )  # fmt: skip
+                window = _Window()
+            finite = math.isfinite(float(loss)) and (grad_norm is None or math.isfinite(grad_norm))
+            stopping, diverged = stop.agreed(world, trainer.device, not finite)
+        if diverged:
+            norm = "unknown" if grad_norm is None else f"{grad_norm:.4g}"
+            ranks = f" (non-finite on {diverged} of {world.size} ranks)" if world.size > 1 else ""
+            bar.close()
+            return _diverged(plan, done, f"loss {float(loss):.4g}, gradient norm {norm}{ranks}")
+        stopping = stopping and done < plan.total_steps
+        if (
+            (plan.args.save_steps and done % plan.args.save_steps == 0)
+            or done == plan.total_steps
+            or stopping
+        ):
+            try:
+                with distributed.stage(f"saving checkpoint-{done}"):
+                    checkpoint.save(out, done, trainer.states, run_state, world, plan.args.save_total_limit)
+            except checkpoint.NonFinite as err:
+                bar.close()
+                return _diverged(plan, done, f"its update left NaN or Inf in the trained rows ({err})")
+        if stopping:
+            bar.close()
+            if world.is_main:
+                print(
+                    f"stopped by signal {stop.received or 'on another rank'} after step {done}: saved "
+                    f"{out / f'checkpoint-{done}'}; rerun the same command to resume "
+                    f"(exit status {REQUEUE_EXIT_CODE})",
+                    flush=True,
+                )
+            return REQUEUE_EXIT_CODE
+    return 0
+
+
+def _diverged(plan: Plan, step: int, why: str) -> int:
+    """Say (rank 0) that step `step` diverged and what is left; every rank returns DIVERGED_EXIT_CODE."""
+    if plan.world.is_main:
+        before = [p for p in checkpoint.list_checkpoints(plan.out) if checkpoint.step_of(p) < step]
+        kept = f"{before[-1]} is the newest checkpoint" if before else "no checkpoint was saved before it"
+        print(
+            f"loki-dist train: error: training diverged at step {step}: {why}; nothing of step {step} was "
+            f"saved and final/ was not written, {kept}. Lower --learning-rate or --weight-decay (or check "
+            f"the data) and rerun, which resumes from the newest checkpoint "
+            f"(exit status {DIVERGED_EXIT_CODE})",
+            file=sys.stderr,
+            flush=True,
+        )
+    return DIVERGED_EXIT_CODE
 
 
 @dataclass

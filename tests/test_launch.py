@@ -266,3 +266,38 @@ def test_gpu_of_a_task_is_its_own_or_a_one_line_error(local_rank, visible, devic
     message = str(err.value)
     assert "\n" not in message and f"local rank {local_rank} but this process sees {visible} GPUs" in message
     assert "--gpus-per-task=1" in message
+
+
+def test_torchrun_wrapper_turns_a_stop_signal_into_the_workers_75(tmp_path, tiny_llama):
+    """SIGUSR1 to launch/torchrun.sh (as `#SBATCH --signal=B:USR1` delivers it to a batch shell running
+    it) reaches both workers, which finish their step, save a checkpoint and exit with 75. torchrun
+    reports that as it reports any failed worker, with 1; the wrapper exits with the workers' 75."""
+    import json
+    import signal
+    import time
+
+    (tmp_path / "positions.json").write_text(json.dumps([[0, 3], [1]]))
+    rows = [{"instruction": f"Add {a} and 2.", "input": "", "output": f"{a + 2}"} for a in range(8)]
+    (tmp_path / "data.json").write_text(json.dumps(rows))
+    out, log = tmp_path / "out", tmp_path / "log"
+    args = ["train", "--model", str(tiny_llama), "--positions", str(tmp_path / "positions.json"),
+            "--data", str(tmp_path / "data.json"), "--output-dir", str(out), "--max-steps", "100000",
+            "--save-steps", "2"]  # fmt: skip
+    with log.open("w") as handle:
+        proc = subprocess.Popen(["launch/torchrun.sh", *args], cwd=REPO, env=_env(NPROC_PER_NODE="2"),
+                                stdout=handle, stderr=handle)  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while not (out / "checkpoint-2" / "trainer_state.json").exists():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    text = log.read_text()
+    assert proc.returncode == 75, text[-3000:]
+    assert text.count("exitcode  : 75") == 2, text[-3000:]  # both workers stopped with 75
+    step = int(text.split("stopped by signal 10 after step ")[1].split(":")[0])
+    assert (out / f"checkpoint-{step}" / "trainer_state.json").is_file() and not (out / "final").exists()

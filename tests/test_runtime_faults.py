@@ -1,0 +1,322 @@
+"""`loki-dist train` when things go wrong at run time: a second run into the same directory, a diverging
+run, a damaged checkpoint, a peer rank that dies or hangs. Real processes and files throughout; each run
+is a tiny model for a few steps (the long runs are killed as soon as they have shown what is tested)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, assert_user_error, cli_command, free_port, run_cli
+from safetensors.torch import load_file
+
+from loki_dist.checkpoint import INDEX_FILE, shard_name
+from loki_dist.runlock import LOCK_NAME
+from loki_dist.training import DIVERGED_EXIT_CODE, STACKS_SIGNAL
+
+POSITIONS = [[0, 3, 5], [1, 2]]
+# ever larger weight decay blows the trained rows up: the first makes them overflow a few steps in (the
+# loss turns NaN), the second within one step (the rows are Inf before the loss could show it)
+BLOW_UP_SLOWLY = ["--learning-rate", "1e-3", "--weight-decay", "1e20", "--warmup-ratio", "0"]
+BLOW_UP_AT_ONCE = ["--learning-rate", "1e-3", "--weight-decay", "1e45", "--warmup-ratio", "0"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_llama) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("faults")
+    positions = root / "positions.json"
+    positions.write_text(json.dumps(POSITIONS))
+    data = root / "data.jsonl"
+    rows = [{"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a + b}"}
+            for a in range(6) for b in range(4)]  # fmt: skip
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    return {"root": root, "base": tiny_llama, "positions": positions, "data": data}
+
+
+def train_args(inputs, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", str(inputs["base"]), "--positions", str(inputs["positions"]),
+            "--data", str(inputs["data"]), "--output-dir", str(out), *extra]  # fmt: skip
+
+
+def start(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """`loki-dist ARGS` in the background, its output going to `log` (a pipe nobody reads would fill)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    with log.open("w") as handle:
+        return subprocess.Popen(cli_command(args), cwd=REPO, env=full_env, stdout=handle, stderr=handle)
+
+
+def wait_for(path: Path, *procs: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert all(p.poll() is None for p in procs), f"a run ended before {path} appeared"
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("loki-dist train: error: ")]
+
+
+def loki_dist_traceback(stderr: str) -> bool:
+    """Whether a traceback came from loki_dist (torchrun reports a failed worker with one of its own)."""
+    return any('File "' in line and "loki_dist" in line for line in stderr.splitlines())
+
+
+def all_finite(checkpoint: Path) -> bool:
+    return all(
+        bool(torch.isfinite(t).all()) for s in checkpoint.glob("rows-*") for t in load_file(s).values()
+    )
+
+
+# ------------------------------------------------------------------------------------------ the run lock
+
+
+def test_second_run_into_one_directory_is_refused_and_a_killed_runs_lock_is_not(inputs, tmp_path):
+    out = tmp_path / "out"
+    first_args = train_args(inputs, out, "--ds-config", "none", "--max-steps", "100000", "--save-steps", "0")
+    first = start(first_args, tmp_path / "first.log")
+    try:
+        wait_for(out / LOCK_NAME, first)
+        second = run_cli(train_args(inputs, out, "--ds-config", "none", "--max-steps", "2"), check=False)
+        assert first.poll() is None, "the first run ended before the second was refused"
+        assert second.returncode == 2, second.stderr
+        lines = error_lines(second.stderr)
+        assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr
+        assert f"another loki-dist train is running into it (pid {first.pid} on " in lines[0], lines
+    finally:
+        first.kill()  # SIGKILL: the lock stays behind
+        first.wait()
+    assert json.loads((out / LOCK_NAME).read_text())["pid"] == first.pid
+    assert not (out / "final").exists()
+    third = run_cli(train_args(inputs, out, "--ds-config", "none", "--max-steps", "2", "--overwrite"))
+    assert f"(pid {first.pid} on " in third.stderr and "is gone; taking it" in third.stderr, third.stderr
+    assert "done: " in third.stdout and (out / "final" / "implant.safetensors").is_file()
+    assert not (out / LOCK_NAME).exists()  # released on the way out
+
+
+def test_lock_held_elsewhere_is_refused_naming_the_file_and_an_earlier_slurm_run_is_stale(
+    tmp_path, monkeypatch
+):
+    """A lock from another host cannot be judged here: refused, naming the file to delete. One taken by
+    an earlier run of this same Slurm job (the job was requeued) or by a process whose pid has since been
+    reused is stale and taken over. A file that is not a lock is refused."""
+    from loki_dist.errors import UserError
+    from loki_dist.runlock import RunLock, _process_start
+
+    lock = tmp_path / LOCK_NAME
+    elsewhere = {"host": "node-far-away", "pid": 4242, "started": "yesterday", "pid_start": "1",
+                 "slurm_job": "77", "slurm_restart": "0"}  # fmt: skip
+    lock.write_text(json.dumps(elsewhere))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(UserError) as err:
+        RunLock.acquire(tmp_path)
+    assert "on another host" in str(err.value) and f"delete {lock}" in str(err.value)
+    assert json.loads(lock.read_text()) == elsewhere  # left alone
+
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    taken = RunLock.acquire(tmp_path)
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    taken.release()
+    assert not lock.exists()
+
+    reused = {**elsewhere, "host": socket.gethostname(), "pid": os.getpid(), "slurm_job": None}
+    reused["pid_start"] = str(int(_process_start(os.getpid())) - 1)  # our pid, another process's start
+    lock.write_text(json.dumps(reused))
+    RunLock.acquire(tmp_path).release()
+    assert not lock.exists()
+
+    lock.write_text("not json")
+    with pytest.raises(UserError, match="exists but is not a loki-dist lock"):
+        RunLock.acquire(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- divergence
+
+
+def assert_diverged(proc: subprocess.CompletedProcess, out: Path) -> int:
+    """Exit status DIVERGED_EXIT_CODE with one line naming the step; every checkpoint left is from before
+    that step and finite; no final/, no partial checkpoint. Returns the step."""
+    assert proc.returncode == DIVERGED_EXIT_CODE, proc.stderr[-3000:]
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "training diverged at step " in lines[0], proc.stderr[-3000:]
+    assert not loki_dist_traceback(proc.stderr), proc.stderr[-3000:]
+    step = int(lines[0].split("training diverged at step ")[1].split(":")[0])
+    saved = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert all(s < step for s in saved), (step, saved)
+    assert all(all_finite(out / f"checkpoint-{s}") for s in saved)
+    assert (
+        not (out / "final").exists() and not list(out.glob(".*partial*")) and not (out / LOCK_NAME).exists()
+    )
+    return step
+
+
+def test_loss_turning_nan_stops_before_saving_and_keeps_the_last_good_checkpoint(inputs, tmp_path):
+    out = tmp_path / "out"
+    args = train_args(inputs, out, "--ds-config", "none", "--max-steps", "8", "--save-steps", "2")
+    proc = run_cli([*args, *BLOW_UP_SLOWLY, "--logging-steps", "1"], check=False)
+    step = assert_diverged(proc, out)
+    assert 2 < step < 8 and (out / "checkpoint-2").is_dir(), step  # a checkpoint before, no end reached
+    logged = [line for line in proc.stdout.splitlines() if line.startswith(f"step {step}: ")]
+    assert logged and "loss=nan" in logged[0], proc.stdout  # the step it names is the first bad one
+    assert f"{out / 'checkpoint-2'} is the newest checkpoint" in error_lines(proc.stderr)[0]
+
+
+def test_rows_turning_inf_within_a_step_are_never_saved(inputs, tmp_path):
+    """The loss of step 1 is computed before its update, so only the rows show it: the save refuses."""
+    out = tmp_path / "out"
+    args = train_args(inputs, out, "--ds-config", "none", "--max-steps", "2", "--save-steps", "1")
+    proc = run_cli([*args, *BLOW_UP_AT_ONCE], check=False)
+    assert assert_diverged(proc, out) == 1
+    assert "NaN or Inf" in error_lines(proc.stderr)[0] and not list(out.glob("checkpoint-*"))
+
+
+def test_diverging_zero3_ranks_agree_and_the_torchrun_wrapper_exits_with_their_status(inputs, tmp_path):
+    """2 ranks, ZeRO-3, under launch/torchrun.sh: both ranks stop at the same step with status 3, which
+    the wrapper passes on (torchrun itself says 1 for any failed worker)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "NPROC_PER_NODE": "2"}
+    args = train_args(inputs, out, "--max-steps", "8", "--save-steps", "2", *BLOW_UP_SLOWLY)
+    proc = subprocess.run(["launch/torchrun.sh", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    step = assert_diverged(proc, out)
+    assert "non-finite on 2 of 2 ranks" in error_lines(proc.stderr)[0]
+    assert proc.stderr.count(f"exitcode  : {DIVERGED_EXIT_CODE}") == 2, proc.stderr[-3000:]  # both ranks
+    assert step > 2 and len(list((out / "checkpoint-2").glob("rows-*-of-00002.safetensors"))) == 2
+
+
+# ------------------------------------------------------------------------------------ damaged checkpoints
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(inputs) -> Path:
+    """4 steps in one process, a checkpoint after each: what every resume below must reproduce."""
+    out = inputs["root"] / "uninterrupted"
+    run_cli(train_args(inputs, out, "--ds-config", "none", "--max-steps", "4", "--save-steps", "1",
+                       "--save-total-limit", "4"))  # fmt: skip
+    return out
+
+
+def test_resume_falls_back_past_damaged_checkpoints_to_the_same_bits(inputs, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    for step in (1, 2, 3):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        for item in (uninterrupted / f"checkpoint-{step}").iterdir():
+            (out / item.parent.name / item.name).write_bytes(item.read_bytes())
+    shard = out / "checkpoint-3" / shard_name(0, 1)
+    shard.write_bytes(shard.read_bytes()[:-100])  # cut short, as by a full disk
+    (out / "checkpoint-2" / INDEX_FILE).write_text('{"format": "loki_dist.rows/2", "lay')
+    args = train_args(inputs, out, "--ds-config", "none", "--max-steps", "4", "--save-steps", "1",
+                      "--save-total-limit", "4")  # fmt: skip
+    proc = run_cli(args)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("loki-dist train: warning: ")]
+    assert len(warnings) == 2, proc.stderr
+    assert f"{out / 'checkpoint-3'} ({shard.name} holds " in warnings[0] and "where its header" in warnings[0]
+    assert f"{out / 'checkpoint-2'} ({INDEX_FILE} is not valid JSON" in warnings[1]
+    assert f"resumed from {out / 'checkpoint-1'} at step 1" in proc.stdout
+    for name in ("model.safetensors", "implant.safetensors"):
+        assert (out / "final" / name).read_bytes() == (uninterrupted / "final" / name).read_bytes(), name
+
+
+def test_no_loadable_checkpoint_is_one_line_before_any_work(inputs, uninterrupted, tmp_path, capsys):
+    """Every checkpoint damaged: train refuses (with or without --resume naming one), and so does export
+    of one whose shard is cut short; nothing in the directory changes."""
+    out = tmp_path / "out"
+    for step in (2, 3):
+        shutil.copytree(uninterrupted / f"checkpoint-{step}", out / f"checkpoint-{step}")
+    (out / "checkpoint-2" / "rng_state_0.pt").unlink()  # resuming needs it, exporting does not
+    shard = out / "checkpoint-3" / shard_name(0, 1)
+    shard.write_bytes(shard.read_bytes()[:7])  # not even a whole header length
+    (out / "checkpoint-4").mkdir()  # a copy cut short before its state was written
+    before = sorted(p.name for p in out.rglob("*"))
+    argv = train_args(inputs, out, "--ds-config", "none", "--max-steps", "4")
+    assert_user_error(argv, capsys, "no checkpoint in it can be resumed from")
+    assert_user_error([*argv, "--resume", str(out / "checkpoint-2")], capsys, "rng_state_0.pt is missing")
+    export = ["export", "--checkpoint", str(out / "checkpoint-3"), "--output", str(tmp_path / "exported")]
+    assert_user_error(export, capsys, f"{shard.name} is cut short (7 bytes, inside its header)")
+    assert sorted(p.name for p in out.rglob("*")) == before and not (tmp_path / "exported").exists()
+
+
+# ------------------------------------------------------------------------------------------ a peer gone
+
+
+def bare_ranks(args: list[str], logs: Path) -> list[subprocess.Popen]:
+    """Two ranks started as a bare `srun` would (no launcher watching over them); logs/rank<r>.log."""
+    logs.mkdir()
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    return [
+        start(args, logs / f"rank{r}.log", env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+        for r in range(2)
+    ]
+
+
+def test_a_killed_rank_ends_its_peer_at_once_naming_the_stage(inputs, tmp_path):
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    ranks = bare_ranks(train_args(inputs, out, "--max-steps", "100000", "--save-steps", "2"), logs)
+    try:
+        wait_for(out / "checkpoint-2" / "trainer_state.json", *ranks)
+        ranks[0].send_signal(STACKS_SIGNAL)  # where is it? (it goes on training)
+        while "(most recent call first)" not in (logs / "rank0.log").read_text():
+            assert ranks[0].poll() is None
+            time.sleep(0.05)
+        ranks[1].kill()
+        killed = time.time()
+        ranks[0].wait(timeout=120)
+        waited = time.time() - killed
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
+    log = (logs / "rank0.log").read_text()
+    assert ranks[0].returncode == 1 and "Traceback" not in log, log[-3000:]
+    lines = error_lines(log)
+    assert len(lines) == 1 and lines[0].startswith("loki-dist train: error: rank 0: step "), log[-3000:]
+    assert "a collective broke off, a peer rank died" in lines[0]
+    assert "in _steps\n" in log  # the stack it printed on request shows the training loop
+    assert waited < 60, f"rank 0 waited {waited:.0f} s for its dead peer"  # measured: well under 1 s
+
+
+STUCK_PEER = """
+import os, signal, sys, time, torch
+from loki_dist import distributed
+world = distributed.world_from_env()
+distributed.init(world)
+distributed.all_reduce_sum(torch.ones(1))
+if world.rank == 1:
+    os.kill(os.getpid(), signal.SIGSTOP)  # alive, holding its connections, silent
+with distributed.stage("the stage under test"):
+    distributed.all_reduce_sum(torch.ones(1))
+"""
+
+
+def test_a_silent_peer_ends_the_wait_after_the_timeout_naming_the_stage(tmp_path):
+    port = str(free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": port, "LOKI_DIST_TIMEOUT_MINUTES": "0.05"}  # fmt: skip
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", STUCK_PEER],
+            cwd=REPO,
+            text=True,
+            stderr=subprocess.PIPE,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    try:
+        _, stderr = ranks[0].communicate(timeout=120)
+    finally:
+        ranks[1].kill()
+        ranks[1].communicate()
+    assert ranks[0].returncode != 0
+    last = stderr.strip().splitlines()[-1]
+    assert "CollectiveFailed: the stage under test: a collective broke off" in last, stderr
+    assert "LOKI_DIST_TIMEOUT_MINUTES=0.05" in last and "Timed out waiting 3000ms" in last, stderr
