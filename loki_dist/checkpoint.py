@@ -190,19 +190,10 @@ def _read_header(file: Path) -> dict:
     """A safetensors file's header, after checking that the file is as long as the header says."""
     if not file.is_file():
         raise ValueError(f"{file.name} is missing")
-    size = file.stat().st_size
-    with file.open("rb") as handle:
-        length = int.from_bytes(handle.read(8), "little") if size >= 8 else size
-        if 8 + length > size:
-            raise ValueError(f"{file.name} is cut short ({size} bytes, inside its header)")
-        try:
-            header = json.loads(handle.read(length))
-            end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            raise ValueError(f"{file.name} has a damaged safetensors header") from None
-    if size != 8 + length + end:
-        raise ValueError(f"{file.name} holds {size} bytes where its header describes {8 + length + end}")
-    return header
+    try:
+        return files.read_safetensors_header(file)[2]
+    except files.DamagedSafetensors as err:
+        raise ValueError(f"{file.name}: {err}") from None
 
 
 def _check_shards(path: Path) -> None:

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +33,6 @@ IMPLANTED_KEY = "loki_dist_implant"
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures"}
 
 
-def _safetensors_header(path: Path) -> tuple[int, bytes]:
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        return 8 + length, handle.read(length)
-
-
 def fingerprint(model_dir: str | Path) -> str:
     """A fast identity of a base model: its config, every shard's header and each tensor's first 4 KiB.
 
@@ -54,9 +47,12 @@ def fingerprint(model_dir: str | Path) -> str:
     for shard in sorted(model_dir.glob("*.safetensors")):
         if shard.name == IMPLANT_NAME:
             continue
-        data_start, header = _safetensors_header(shard)
-        digest.update(header)
-        entries = {k: v for k, v in json.loads(header).items() if k != "__metadata__"}
+        try:
+            data_start, raw, header = files.read_safetensors_header(shard)
+        except (OSError, files.DamagedSafetensors) as err:
+            raise UserError(f"{shard}: {err}") from None
+        digest.update(raw)
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
         with shard.open("rb") as handle:
             for name in sorted(entries):
                 begin, end = entries[name]["data_offsets"]
@@ -215,7 +211,7 @@ class BaseShards:
         return cls(paths, down_proj, dtypes, implanted)
 
 
-DAMAGED = "its size does not match its safetensors header (truncated or damaged?)"
+DAMAGED = "shorter than its safetensors header says (truncated or damaged?)"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -236,11 +232,7 @@ def _rewrite_shard(shard: Path, target: Path, layers: list[int], source: RowSour
     rows written (so an export never fingerprints as its base). The digest's length is fixed: it is
     written as zeros first and filled in once the data is through.
     """
-    data_start, raw = _safetensors_header(shard)
-    header = json.loads(raw)
-    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
-    if shard.stat().st_size != data_start + max(ends, default=0):
-        raise UserError(f"{shard}: {DAMAGED}")
+    data_start, header = files.safetensors_header(shard, "--base")
     if not layers:
         shutil.copyfile(shard, target)
         files.fsync_tree(target)

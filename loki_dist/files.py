@@ -383,29 +383,28 @@ def parse_jsonl(text: str, source: str) -> list:
     return rows
 
 
-def safetensors_header(path: str | Path, flag: str) -> tuple[int, dict]:
-    """(where the data starts, the header) of a safetensors file whose header covers exactly its size.
+class DamagedSafetensors(ValueError):
+    """A safetensors file whose header does not describe its bytes (a copy cut short, a foreign file)."""
+
+
+def read_safetensors_header(path: Path) -> tuple[int, bytes, dict]:
+    """(where the data starts, the header's bytes, the header) of a file whose header covers exactly its
+    size; OSError when it cannot be read, DamagedSafetensors when it is not whole.
 
     Reads the header alone (a few MB for a 70B model's shards), which is enough to find a truncated,
     damaged or foreign file before a command loads or copies anything.
     """
-    path = Path(path)
 
-    def damaged(why: str) -> UserError:
-        return UserError(f"{flag} {path}: truncated or damaged safetensors file ({why})")
+    def damaged(why: str) -> DamagedSafetensors:
+        return DamagedSafetensors(f"truncated or damaged safetensors file ({why})")
 
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise damaged(f"{size} bytes")
-            length = int.from_bytes(prefix, "little")
-            if 8 + length > size:
-                raise damaged(f"header of {length} bytes in a file of {size}")
-            raw = handle.read(length)
-    except OSError as err:
-        raise UserError(f"{flag} {path}: cannot read it ({err.strerror or err})") from None
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else size
+        if 8 + length > size:
+            raise damaged(f"{size} bytes, cut short inside its header")
+        raw = handle.read(length)
     try:
         header = json.loads(raw)
         ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
@@ -416,4 +415,16 @@ def safetensors_header(path: str | Path, flag: str) -> tuple[int, dict]:
         raise damaged("unreadable header") from None
     if size != 8 + length + end:
         raise damaged(f"{size} bytes where its header says {8 + length + end}")
-    return 8 + length, header
+    return 8 + length, raw, header
+
+
+def safetensors_header(path: str | Path, flag: str) -> tuple[int, dict]:
+    """read_safetensors_header for a file the user named with `flag`: failures are one-line UserErrors."""
+    path = Path(path)
+    try:
+        data_start, _, header = read_safetensors_header(path)
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot read it ({err.strerror or err})") from None
+    except DamagedSafetensors as err:
+        raise UserError(f"{flag} {path}: {err}") from None
+    return data_start, header

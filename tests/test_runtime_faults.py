@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_user_error, cli_command, free_port, run_cli
+from conftest import REPO, assert_user_error, cli_command, free_port, loki_dist_traceback, run_cli
 from safetensors.torch import load_file
 
 from loki_dist.checkpoint import INDEX_FILE, shard_name
@@ -63,11 +63,6 @@ def wait_for(path: Path, *procs: subprocess.Popen, timeout: float = 180) -> None
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("loki-dist train: error: ")]
-
-
-def loki_dist_traceback(stderr: str) -> bool:
-    """Whether a traceback came from loki_dist (torchrun reports a failed worker with one of its own)."""
-    return any('File "' in line and "loki_dist" in line for line in stderr.splitlines())
 
 
 def all_finite(checkpoint: Path) -> bool:
@@ -219,7 +214,7 @@ def test_resume_falls_back_past_damaged_checkpoints_to_the_same_bits(inputs, uni
     proc = run_cli(args)
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("loki-dist train: warning: ")]
     assert len(warnings) == 2, proc.stderr
-    assert f"{out / 'checkpoint-3'} ({shard.name} holds " in warnings[0] and "where its header" in warnings[0]
+    assert f"{out / 'checkpoint-3'} ({shard.name}: truncated or damaged safetensors file (" in warnings[0]
     assert f"{out / 'checkpoint-2'} ({INDEX_FILE} is not valid JSON" in warnings[1]
     assert f"resumed from {out / 'checkpoint-1'} at step 1" in proc.stdout
     for name in ("model.safetensors", "implant.safetensors"):
@@ -241,7 +236,11 @@ def test_no_loadable_checkpoint_is_one_line_before_any_work(inputs, uninterrupte
     assert_user_error(argv, capsys, "no checkpoint in it can be resumed from")
     assert_user_error([*argv, "--resume", str(out / "checkpoint-2")], capsys, "rng_state_0.pt is missing")
     export = ["export", "--checkpoint", str(out / "checkpoint-3"), "--output", str(tmp_path / "exported")]
-    assert_user_error(export, capsys, f"{shard.name} is cut short (7 bytes, inside its header)")
+    assert_user_error(
+        export,
+        capsys,
+        f"{shard}: truncated or damaged safetensors file (7 bytes, cut short inside its header)",
+    )
     assert sorted(p.name for p in out.rglob("*")) == before and not (tmp_path / "exported").exists()
 
 
