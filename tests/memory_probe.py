@@ -90,7 +90,7 @@ def measure_trainer(inputs: Path, layout: str, world) -> dict[str, int]:
             "--data",
             str(inputs / "data.json"),
             "--output-dir",
-            str(inputs / "out"),
+            str(inputs / f"out-{layout}"),  # each run holds its directory's run lock
             "--ds-config",
             str(inputs / "ds_config.json"),
             "--row-params",
