@@ -14,6 +14,18 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+#: .ci/run sets CI=true: there a missing system component or optional asset fails its tests instead of
+#: skipping them, so that CI cannot pass by not running them
+IN_CI = os.environ.get("CI") == "true"
+
+
+def missing_component(reason: str) -> None:
+    """Skip the test for a reason that only a machine without the component has; fail it in CI."""
+    if IN_CI:
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(reason)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -50,6 +62,19 @@ def assert_user_error(argv: list[str], capsys, needle: str) -> None:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def loki_dist_traceback(stderr: str) -> bool:
+    """Whether a traceback passes through loki_dist's own modules (torchrun reports a failed worker with
+    a traceback of its own). Matched on the package's directory, not on the word: a checkout or a venv
+    named loki_dist puts that word in torch's paths too."""
+    import loki_dist
+
+    # the checkout's package (what `python -m loki_dist` runs from REPO) and the imported one
+    packages = {
+        f'File "{path}{os.sep}' for path in (REPO / "loki_dist", Path(loki_dist.__file__).resolve().parent)
+    }
+    return any(package in line for line in stderr.splitlines() for package in packages)
 
 
 def zero3_rank0_share(log: str) -> tuple[int, int]:

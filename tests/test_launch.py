@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO, free_port, missing_component
 
 SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("slurm/*.sh"), *REPO.glob("slurm/*.sbatch")])
 
@@ -38,7 +38,7 @@ esac
 
 def test_every_shell_script_passes_shellcheck():
     if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck is not installed (.ci/run installs it with apt-get)")
+        missing_component("shellcheck is not installed (.ci/run installs it with apt-get)")
     assert len(SCRIPTS) >= 7, SCRIPTS
     proc = subprocess.run(
         ["shellcheck", "-x", *[str(p.relative_to(REPO)) for p in SCRIPTS], ".ci/run"],

@@ -80,7 +80,11 @@ def test_pipeline_runs_stops_resumes_skips_and_reruns_only_affected_stages(tmp_p
     assert record["complete"] and str(out / "attribution.safetensors") in record["inputs"]["files"]
 
     assert run()[0] == []  # everything current
-    assert run({"select": {"quota": 50}, "train": {"max_steps": 2}})[0] == ["select", "train"]
+    assert run({"train": {"max_steps": 2}})[0] == ["train"]  # a train flag reruns train alone
+    # quota 26 selects floor(26 * 32 / 100) = 8 rows, as 25 did: select reruns, its output is the same
+    # file as before, and train, whose inputs are the files' contents, stays current
+    assert run({"select": {"quota": 26}})[0] == ["select"]
+    assert run({"select": {"quota": 50}})[0] == ["select", "train"]  # other rows: train reruns
     assert len(json.loads((out / "positions.json").read_text())[0]) == 16  # 50% of hidden 32
     make_data(Path(config["train"]["data"]), n=8, seed=1)  # same file name, new content
     assert run()[0] == ["train"]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, free_port, run_cli
-from slurm_cluster import Cluster, install
+from conftest import REPO, free_port, missing_component, run_cli
+from slurm_cluster import Cluster, missing
 from test_training import LONG_RUN, assert_equal_weights, make_data, train_args
 
 from loki_dist.tiny import save_tiny
@@ -28,9 +28,9 @@ from loki_dist.tiny import save_tiny
 
 @pytest.fixture(scope="module")
 def cluster():
-    why_not = install()
+    why_not = missing()
     if why_not:
-        pytest.skip(why_not)
+        missing_component(why_not)
     root = Path(tempfile.mkdtemp(prefix="loki_slurm_"))
     cluster = Cluster(root)
     try:

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, loki_dist_traceback, run_cli
 
 from loki_dist.tiny import save_tiny
 
@@ -116,8 +116,7 @@ def assert_clean_failure(proc, meter_dir: Path, ranks: int = 2, status: int = 2)
     assert codes and set(codes) == {status}, proc.stderr
     assert sorted(p.name for p in meter_dir.iterdir()) == [f"rank{r}.json" for r in range(ranks)]
     # torchrun itself reports a failed child with a traceback of its own; none may come from loki_dist
-    tracebacks = [line for line in proc.stderr.splitlines() if 'File "' in line and "loki_dist" in line]
-    assert bool(tracebacks) == (status != 2), proc.stderr
+    assert loki_dist_traceback(proc.stderr) == (status != 2), proc.stderr
 
 
 def test_same_mistake_on_every_rank_is_said_once(inputs, tmp_path):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli_command, run_cli
+from conftest import REPO, assert_user_error, cli_command, run_cli
 from safetensors.torch import load_file
 
 from loki_dist.tiny import save_tiny
@@ -493,6 +493,18 @@ def test_apply_refuses_another_base(setup, zero3_run, tmp_path):
     )
     assert proc.returncode == 2 and "fingerprint" in proc.stderr and "Traceback" not in proc.stderr
     assert not merged.exists()
+
+
+@pytest.mark.parametrize(
+    "shape", [{"num_layers": 2}, {"hidden_size": 64}, {"intermediate_size": 64}], ids=["layers", "D", "F"]
+)
+def test_apply_refuses_a_base_of_other_shapes(shape, zero3_run, tmp_path, capsys):
+    other = save_tiny(tmp_path / "other", "llama", seed=1, **{"num_layers": 3, **shape})
+    capsys.readouterr()  # save_pretrained's progress bar
+    implant = str(zero3_run.out / "final" / "implant.safetensors")
+    argv = ["apply", "--base", str(other), "--implant", implant, "--output", str(tmp_path / "merged")]
+    assert_user_error(argv, capsys, "does not match the implant's ('llama', 3, 32, 48)")
+    assert not (tmp_path / "merged").exists()
 
 
 def test_apply_refuses_an_already_implanted_base(setup, zero3_run, tmp_path):
