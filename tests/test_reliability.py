@@ -522,6 +522,7 @@ def test_a_damaged_checkpoint_is_one_line(damage, job, tmp_path, capsys):
         (["--learning-rate", "nan"], "--learning-rate nan: expected a finite number"),
         (["--learning-rate", "-0.0001"], "--learning-rate -0.0001: expected a finite number, 0 or more"),
         (["--weight-decay", "inf"], "--weight-decay inf: expected a finite number"),
+        (["--learning-rate", "1e39"], "--learning-rate 1e+39: expected a finite number, 0 or more, within"),
         (["--max-steps", "-1"], "--max-steps -1: must be at least 1"),
         (["--warmup-ratio", "1.5"], "--warmup-ratio 1.5: expected a fraction of the steps, in [0, 1]"),
         (["--warmup-ratio", "-0.1"], "--warmup-ratio -0.1: expected a finite number"),
