@@ -109,8 +109,13 @@ def _shown(value: object) -> str:
     return f"{type(value).__name__} {json.dumps(value, default=str)[:60]}"
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer, messages: list[dict], prompt: bool, index: int) -> str:
+    from jinja2 import TemplateError  # a template refuses what it cannot render with raise_exception
+
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=False)
+    except TemplateError as err:
+        raise UserError(f"--data: row {index}: the tokenizer's chat template refuses it ({err})") from None
 
 
 def tokenize(tokenizer, messages: list[dict], max_len: int, index: int = 0) -> tuple[Example, bool]:
@@ -120,13 +125,13 @@ def tokenize(tokenizer, messages: list[dict], max_len: int, index: int = 0) -> t
     through the turn), then mapped to tokens through the tokenizer's offsets, so any template whose
     rendering of a conversation extends the rendering of its prefix works unchanged.
     """
-    full = _render(tokenizer, messages, generation_prompt=False)
+    full = _render(tokenizer, messages, False, index)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        before = _render(tokenizer, messages[:i], True, index)
+        through = _render(tokenizer, messages[: i + 1], False, index)
         if not (full.startswith(through) and through.startswith(before)):
             raise UserError(
                 f"--data: row {index}: the tokenizer's chat template does not render conversations "

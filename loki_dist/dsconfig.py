@@ -37,9 +37,17 @@ def load(name: str) -> dict | None:
     if path is None:
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        config = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"--ds-config {path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise UserError(f"--ds-config {path}: cannot read it ({err.strerror or err})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--ds-config {path}: expected a JSON object of DeepSpeed settings")
+    stage = _get(config, "zero_optimization.stage")
+    if stage is not None and (type(stage) is not int or stage not in (0, 1, 2, 3)):
+        raise UserError(f"--ds-config {path}: zero_optimization.stage {stage!r}: expected 0, 1, 2 or 3")
+    return config
 
 
 def _get(config: dict, dotted: str):

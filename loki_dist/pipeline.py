@@ -262,8 +262,14 @@ def is_current(stage: Stage, inputs: dict) -> bool:
     return stage.done_marker.exists() and recorded(stage) == {"inputs": inputs, "complete": True}
 
 
-class StageStopped(Exception):
-    """A stop signal ended a stage early; its checkpoint lets a rerun continue."""
+class StageEnded(Exception):
+    """A stage ended early in a way that the pipeline passes on with the stage's own exit status: a stop
+    signal (75: its checkpoint lets a rerun continue) or a diverged train (3: rerunning would diverge
+    again; the flags need changing)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
 class _Forwarder:
@@ -322,8 +328,8 @@ def _children(pid: int) -> list[int]:
 def run_stage(name: str, args: list[str], nproc: int = 1, launcher: list[str] | None = None) -> float:
     """Run one loki-dist stage as its own process (group); returns its wall time.
 
-    Raises StageStopped when a stop signal ended it (training saved a checkpoint), UserError when it
-    failed (its own output says why).
+    Raises StageEnded when a stop signal ended it (training saved a checkpoint) or training diverged,
+    UserError when it failed otherwise (its own output says why).
     """
     own_group = not launcher
     if launcher:
@@ -344,8 +350,13 @@ def run_stage(name: str, args: list[str], nproc: int = 1, launcher: list[str] | 
             preexec_fn=_Forwarder.ignore_usr1 if own_group else None,
         )
         code = forwarder.child.wait()
+    from loki_dist.training import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE
+
     if code != 0 and forwarder.stopped:
-        raise StageStopped(f"the {name} stage stopped on a signal")
+        stopped = f"the {name} stage stopped on a signal; rerun the same command to continue"
+        raise StageEnded(stopped, REQUEUE_EXIT_CODE)
+    if code == DIVERGED_EXIT_CODE and name == "train":
+        raise StageEnded(f"the {name} stage diverged (its output above says where and what it kept)", code)
     if code != 0:
         raise UserError(f"the {name} stage failed with exit status {code} (its output is above)")
     return time.time() - start
@@ -358,8 +369,6 @@ def _free_port() -> int:
 
 
 def run_pipeline(args: argparse.Namespace) -> None:
-    from loki_dist.training import REQUEUE_EXIT_CODE
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError(
             "run `loki-dist pipeline` as one process: it starts each stage's ranks itself "
@@ -387,8 +396,8 @@ def run_pipeline(args: argparse.Namespace) -> None:
                 run_stage(stage.name, argv, stage.nproc, launcher)
             else:
                 run_stage(stage.name, argv)
-        except StageStopped as stop:
-            print(f"pipeline: {stop}; rerun the same command to continue", file=sys.stderr, flush=True)
-            sys.exit(REQUEUE_EXIT_CODE)
+        except StageEnded as end:
+            print(f"pipeline: {end}", file=sys.stderr, flush=True)
+            sys.exit(end.code)
         files.write_json(stage.record, {"inputs": inputs, "complete": True}, indent=2)
     print(f"\npipeline done: {stages[-1].output}", flush=True)

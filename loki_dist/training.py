@@ -160,8 +160,9 @@ def check_flags(args: argparse.Namespace) -> None:
     rates = {"--learning-rate": args.learning_rate, "--weight-decay": args.weight_decay}
     rates.update({"--warmup-ratio": args.warmup_ratio, "--max-grad-norm": args.max_grad_norm})
     for flag, value in rates.items():
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise UserError(f"{flag} {value}: expected a finite number, 0 or more")
+        # float32's range: the optimizer holds the rate as a float32 scalar (1e39 is a traceback there)
+        if value is not None and not (math.isfinite(value) and 0 <= value <= torch.finfo(torch.float32).max):
+            raise UserError(f"{flag} {value}: expected a finite number, 0 or more, within float32's range")
     if args.warmup_ratio > 1:
         raise UserError(f"--warmup-ratio {args.warmup_ratio}: expected a fraction of the steps, in [0, 1]")
     counts = [("--save-steps", args.save_steps, 0), ("--save-total-limit", args.save_total_limit, 0)]

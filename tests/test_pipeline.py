@@ -10,13 +10,16 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import REPO, assert_user_error, run_cli
 from mmlu_fixture import write_mmlu
 from test_training import make_data
 
+from loki_dist.errors import UserError
+from loki_dist.pipeline import StageEnded, run_stage
 from loki_dist.tiny import save_tiny
-from loki_dist.training import REQUEUE_EXIT_CODE
+from loki_dist.training import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE
 
 
 def _ran(stdout: str) -> list[str]:
@@ -105,3 +108,14 @@ def test_example_configs_build_their_stages():
         stages = build_stages(load_config(str(path)))
         assert [s.name for s in stages] == ["attribute", "select", "train"]
         assert "--quota" in stages[1].argv and "--ds-config" in stages[2].argv
+
+
+def test_a_diverged_train_stage_passes_its_exit_status_on():
+    """train's status 3 (diverged: rerunning would diverge again) reaches the pipeline's caller as 3, not
+    as the 2 of a failed stage; another stage's 3 is just a failure."""
+    exits_3 = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    with pytest.raises(StageEnded) as ended:
+        run_stage("train", [], launcher=exits_3)
+    assert ended.value.code == DIVERGED_EXIT_CODE == 3 and "diverged" in str(ended.value)
+    with pytest.raises(UserError, match="the select stage failed with exit status 3"):
+        run_stage("select", [], launcher=exits_3)

@@ -326,6 +326,22 @@ def test_non_string_content_is_refused_naming_the_row(row, words, job, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_row_the_chat_template_refuses_is_one_line_naming_it(job, tmp_path, capsys):
+    """Templates refuse what they cannot render (Gemma's: a system turn, roles out of order) by raising
+    from inside Jinja; that is the user's data, not a bug."""
+    model = copy_model(job, tmp_path)
+    template = model / "chat_template.jinja"
+    refuse = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+    template.write_text(refuse + template.read_text())
+    turns = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+    system = [{"role": "system", "content": "s"}, *turns]
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"messages": turns}, {"messages": system}]))
+    argv = train_argv(job, tmp_path, **{"--model": model, "--data": data})
+    assert_user_error(argv, capsys, "row 1: the tokenizer's chat template refuses it (no system role)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_jsonl_rows_may_hold_any_unicode_line_break(tmp_path):
     """A JSONL line ends at a newline only: str.splitlines also broke rows at U+2028, U+2029 and form
     feeds inside their strings (valid JSON, as json.dumps(ensure_ascii=False) writes it)."""
@@ -522,6 +538,7 @@ def test_a_damaged_checkpoint_is_one_line(damage, job, tmp_path, capsys):
         (["--learning-rate", "nan"], "--learning-rate nan: expected a finite number"),
         (["--learning-rate", "-0.0001"], "--learning-rate -0.0001: expected a finite number, 0 or more"),
         (["--weight-decay", "inf"], "--weight-decay inf: expected a finite number"),
+        (["--learning-rate", "1e39"], "--learning-rate 1e+39: expected a finite number, 0 or more, within"),
         (["--max-steps", "-1"], "--max-steps -1: must be at least 1"),
         (["--warmup-ratio", "1.5"], "--warmup-ratio 1.5: expected a fraction of the steps, in [0, 1]"),
         (["--warmup-ratio", "-0.1"], "--warmup-ratio -0.1: expected a finite number"),

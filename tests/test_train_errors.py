@@ -73,6 +73,12 @@ CASES = {
     ),
     "a missing file": ({"data": None}, "file or directory not found"),
     "an output directory holding a finished run": ({"out": "finished"}, "already holds a finished run"),
+    "a ZeRO stage that is not a number": (
+        {"ds": {"zero_optimization": {"stage": "abc"}}},
+        "zero_optimization.stage 'abc': expected 0, 1, 2 or 3",
+    ),
+    "a ZeRO stage out of range": ({"ds": {"zero_optimization": {"stage": 4}}}, "stage 4: expected 0, 1, 2"),
+    "a DeepSpeed config that is not an object": ({"ds": [1, 2]}, "expected a JSON object of DeepSpeed"),
 }
 
 
@@ -93,8 +99,9 @@ def test_bad_input_is_one_clear_line(case, inputs, tmp_path, capsys):
     out.mkdir(exist_ok=True)
     (out / "precious.txt").write_text("user file")
     before = snapshot(out)
+    ds_config = write(tmp_path, "ds.json", change["ds"]) if "ds" in change else "none"
     argv = ["train", "--model", str(model), "--positions", str(positions), "--data", str(data),
-            "--output-dir", str(out), "--ds-config", "none", "--max-steps", "1"]  # fmt: skip
+            "--output-dir", str(out), "--ds-config", str(ds_config), "--max-steps", "1"]  # fmt: skip
     assert_user_error(argv, capsys, expected)
     assert snapshot(out) == before, "the output directory changed"
 
