@@ -18,7 +18,6 @@ table gives both, and their ratio. Export wall time at each world size is report
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import provenance
 import torch
 
 from loki_dist import files
@@ -214,14 +214,12 @@ def main() -> None:
     text = table(results, opts) + ATTRIBUTION_INTRO.format(**vars(opts)) + attribution_table(attribution)
     print(text)
     if opts.markdown:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=REPO).stdout.strip()  # fmt: skip
+        command = "python bench/bench_scale.py --markdown bench/scale.md"
+        rows = law_bound(opts, max(opts.quotas), 1)[0] / MIB
         header = (
-            f"Measured {datetime.date.today()} at commit {commit} on the 2-core, 24 GiB CPU development "
-            f"machine (torch {torch.__version__}, gloo, 1 thread per rank): `python bench/bench_scale.py "
-            f"--markdown bench/scale.md`. Model: {opts.layers} layers, hidden {opts.hidden}, intermediate "
-            f"{opts.intermediate}; rows at q={max(opts.quotas)}: "
-            f"{law_bound(opts, max(opts.quotas), 1)[0] / MIB:.0f} MiB of fp32 rows + moments.\n\n"
+            f"{provenance.measured(command)} 1 thread per rank, gloo. Model: {opts.layers} layers, hidden "
+            f"{opts.hidden}, intermediate {opts.intermediate}; rows at q={max(opts.quotas)}: {rows:.0f} MiB "
+            "of fp32 rows + moments.\n\n"
         )
         files.write_text(opts.markdown, header + text + "\n")
     shutil.rmtree(root, ignore_errors=True)

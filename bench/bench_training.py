@@ -25,9 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+import provenance
 import torch
 
-from loki_dist import distributed
+from loki_dist import distributed, files
 from loki_dist.cli import build_parser
 from loki_dist.data import collate
 from loki_dist.tiny import save_tiny
@@ -209,7 +210,10 @@ def main() -> None:
         table += "\nAttribution, fast against reference:\n\n" + attribution_rows() + "\n"
     print(table)
     if opts.markdown:
-        opts.markdown.write_text(table)
+        command = f"python bench/bench_training.py --markdown {opts.markdown} --nproc {opts.nproc}"
+        threads = max(1, (os.cpu_count() or 1) // opts.nproc)  # as run_method sets OMP_NUM_THREADS
+        header = f"{provenance.measured(command)} {threads} thread(s) per rank, gloo, {opts.steps} steps.\n\n"
+        files.write_text(opts.markdown, header + table)
 
 
 if __name__ == "__main__":

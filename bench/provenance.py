@@ -1,0 +1,38 @@
+"""The line every bench table starts with: when, at which commit, on what machine, by which command.
+
+A figure without its date, commit and machine cannot be told stale from current; the scripts write this
+line themselves so that a table is never pasted without it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def commit() -> str:
+    """The checkout's short commit, with `+changes` when the measured code (the package, bench/) differs."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", "loki_dist", "bench")
+    return head + ("+changes" if changed else "")
+
+
+def machine() -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cores} CPU cores, {memory:.0f} GiB, {device}; torch {torch.__version__}"
+
+
+def measured(command: str) -> str:
+    return f"Measured {datetime.date.today()} at commit {commit()} ({machine()}): `{command}`."
