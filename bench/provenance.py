@@ -17,13 +17,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def commit() -> str:
-    """The checkout's short commit, with `+changes` when the measured code (the package, bench/) differs."""
+    """The checkout's short commit, with `+changes` when the measured code (the package, bench/*.py) differs
+    from it (the tables themselves may differ: they are what a run rewrites)."""
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    changed = git("status", "--porcelain", "--untracked-files=no", "--", "loki_dist", "bench")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", "loki_dist", "bench/*.py")
     return head + ("+changes" if changed else "")
 
 
