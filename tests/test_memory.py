@@ -290,7 +290,8 @@ def test_zero3_bf16_state_bytes_of_real_engines_and_the_trainer_on_2_ranks(tmp_p
             }
             for part, value in parts.items():
                 ours = getattr(predicted[method], part) - gathered.get(part, 0)
-                assert ours == pytest.approx(value, rel=0.15), (rank, method, part, ours, value)
+                step_counter = 4 if part == "optimizer_state" else 0  # Adam's fp32 step, not modelled
+                assert ours == value - step_counter, (rank, method, part, ours, value)
         # fp32 master and two moments, 12 bytes for each of this rank's half of the elements that train
         # (split: the selected rows; masked: whole down_proj weights), plus Adam's fp32 step count
         split, masked = measured["loki_compact"], measured["loki_masked"]
