@@ -188,7 +188,12 @@ def init(world: World, always: bool = False, timeout_minutes: float | None = Non
     os.environ.setdefault("RANK", str(world.rank))
     os.environ.setdefault("WORLD_SIZE", str(world.size))
     # DeepSpeed takes LOCAL_RANK for the device ordinal: under srun with one GPU per task that is 0
-    os.environ.setdefault("LOCAL_RANK", str(_device_ordinal(world)))
+    if "LOCAL_RANK" not in os.environ:
+        try:
+            ordinal = _device_ordinal(world)
+        except UserError:  # the agreement reports it: the rendezvous must complete for every rank first
+            ordinal = world.local_rank
+        os.environ["LOCAL_RANK"] = str(ordinal)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
