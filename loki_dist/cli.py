@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
-        args._run(args)
+        with distributed.stage(args.command):  # commands name their own stages inside, where they have them
+            args._run(args)
     except UserError as err:
         rank, size = _rank_and_size()
         for line in _error_lines(err, rank, size):
