@@ -36,6 +36,8 @@ log = logging.getLogger("loki_dist.attribute")
 _KILL_ENV = "LOKI_DIST_TEST_KILL_AFTER_CHECKPOINT"  # tests only: SIGKILL self after this many checkpoints
 CHUNK_BYTES = 64 << 20  # at the end, what a rank holds of the summed statistics or of another's scores
 _CHUNK_ENV = "LOKI_DIST_TEST_CHUNK_BYTES"  # tests and benches only: a smaller CHUNK_BYTES, many pieces
+# the layout of partial progress: progress of another layout (an older loki_dist) is refused on --resume
+PROGRESS_FORMAT = "2"
 
 
 def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
@@ -259,12 +261,18 @@ class Checkpoints:
         stats.load(tensors)
         return common
 
-    def clear(self) -> None:
-        """Remove this rank's checkpoints, and what killed writers on this host left half-written."""
+    def clear(self, world_size: int) -> None:
+        """Remove this rank's checkpoints, and what killed writers on this host left half-written; rank 0
+        also those of ranks this run does not have (an earlier run on more ranks left them)."""
         from loki_dist.files import remove_stale_temporaries
 
         for step in self.steps():
             self._path(step).unlink(missing_ok=True)
+        if self.rank == 0 and self.directory.is_dir():
+            for path in self.directory.glob("rank*-step*.safetensors"):
+                owner = path.name[len("rank") :].partition("-")[0]
+                if owner.isdigit() and int(owner) >= world_size:
+                    path.unlink(missing_ok=True)
         remove_stale_temporaries(self.directory)
 
 
@@ -274,7 +282,7 @@ class Checkpoints:
 def run_attribute(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from loki_dist import mmlu
-    from loki_dist.distributed import agreement, world_from_env
+    from loki_dist.distributed import agreement, stage, world_from_env
     from loki_dist.modeling import load_for_inference, load_tokenizer, torch_dtype
 
     world = world_from_env()
@@ -289,6 +297,7 @@ def run_attribute(args: argparse.Namespace) -> None:
     if not world.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     identity = {
+        "progress_format": PROGRESS_FORMAT,
         "model_type": spec.model_type,
         "num_layers": str(spec.num_layers),
         "hidden_size": str(spec.hidden_size),
@@ -314,8 +323,10 @@ def run_attribute(args: argparse.Namespace) -> None:
             f"--model {args.model}: config says {spec.num_layers} layers, the model has {len(projections)}"
         )
     started = time.perf_counter()
-    stats = _score_all(args, world, model, projections, prompts, checkpoints, dtype, device, ds_config)
-    _finish(args, world, spec, stats, prompts, identity, checkpoints, ds_config is not None)
+    with stage("scoring the prompts"):
+        stats = _score_all(args, world, model, projections, prompts, checkpoints, dtype, device, ds_config)
+    with stage(f"summing the statistics into {args.output}"):
+        _finish(args, world, spec, stats, prompts, identity, checkpoints, ds_config is not None)
     if world.is_main:
         wall, n = time.perf_counter() - started, len(prompts.input_ids)
         log.info(
@@ -352,7 +363,7 @@ def _score_all(args, world, model, projections, prompts, checkpoints, dtype, dev
     stats = Stats(spec.num_layers, spec.hidden_size, args.save_scores, capacity=plan.stop - plan.start)
     done = checkpoints.restore(stats, world.size) if args.resume else 0
     if not args.resume:
-        checkpoints.clear()
+        checkpoints.clear(world.size)
     if done:
         log.info(
             f"resuming after {done} batches per rank ({int(stats.num_samples)} samples on rank {world.rank})"
@@ -405,7 +416,7 @@ def _finish(args, world, spec, stats, prompts, identity, checkpoints, zero3: boo
             args, world, spec, stats, len(prompts.input_ids), _metadata(args, identity, prompts, zero3)
         )
         barrier()
-        checkpoints.clear()
+        checkpoints.clear(world.size)
         barrier()  # every rank's files are gone before rank 0 looks at the directory
         if world.is_main and checkpoints.directory.is_dir() and not any(checkpoints.directory.iterdir()):
             checkpoints.directory.rmdir()
@@ -499,7 +510,7 @@ def _metadata(args, identity: dict[str, str], prompts, zero3: bool) -> dict[str,
         "zero3": str(zero3),
         "loki_dist_version": __version__,
     }
-    metadata.pop("batch_size")
+    metadata.pop("batch_size"), metadata.pop("progress_format")
     return metadata
 
 
