@@ -74,11 +74,11 @@ def save(out_dir: Path, step: int, states: list[RowState], trainer_state: dict, 
     """Collective: every rank writes its own rows and RNG state; rank 0 indexes, renames and prunes."""
     final = out_dir / f"checkpoint-{step}"
     staging = files.staging_path(final)
-    with metering.phase("checkpoint_save"):
-        if world.is_main:
-            shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
-            staging.mkdir(parents=True)
-        distributed.barrier()
+    with metering.phase("checkpoint_save"), files.removed_on_failure(staging, world.is_main):
+        # every write is agreed: a full disk on any one rank ends them all with its line, none waits
+        with distributed.agreement(world), files.file_system_errors(final):
+            if world.is_main:
+                files.make_staging(final)  # also removes what a run killed while saving left
         # this rank's non-empty slices (a replicated layout is written by rank 0 alone)
         mine = {s.layer: (s, s.selected_range()) for s in states if s.owns_slice or world.is_main}
         mine = {layer: (s, (b, e)) for layer, (s, (b, e)) in mine.items() if e > b}
@@ -89,27 +89,26 @@ def save(out_dir: Path, step: int, states: list[RowState], trainer_state: dict, 
             for layer, (state, _) in mine.items()
             for what in QUANTITIES
         )
-        shard = staging / shard_name(world.rank, world.size)
         ranges = {str(layer): list(r) for layer, (_, r) in mine.items()}
         non_finite: list[str] = []  # checked as the pieces stream by: no second pass over the rows
-        files.save_tensors_streaming(
-            shard, layout, _finite_or_noted(pieces, non_finite), metadata={"ranges": json.dumps(ranges)}
-        )
-        torch.save(_rng_state(), staging / f"rng_state_{world.rank}.pt")
-        if distributed.agree_max(int(bool(non_finite))):  # also the barrier: every shard is written
-            if world.is_main:
-                shutil.rmtree(staging, ignore_errors=True)
+        with distributed.agreement(world):
+            shard = staging / shard_name(world.rank, world.size)
+            metadata = {"ranges": json.dumps(ranges)}
+            files.save_tensors_streaming(shard, layout, _finite_or_noted(pieces, non_finite), metadata)
+            rng = _rng_state()
+            files.atomic_write(staging / f"rng_state_{world.rank}.pt", lambda tmp: torch.save(rng, tmp))
+        if distributed.agree_max(int(bool(non_finite))):
             raise NonFinite(non_finite[0] if non_finite else "on another rank")
-        if world.is_main:
-            (staging / INDEX_FILE).write_text(json.dumps(_index(staging, states, world.size)))
-            (staging / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-            files.publish(staging, final)
-            # a resume from an older checkpoint (the newer one damaged) leaves newer ones: the run
-            # replaces them when it gets there, and prunes only what lies behind it
-            behind = [p for p in list_checkpoints(out_dir) if step_of(p) <= step]
-            for old in behind[:-keep] if keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
-        distributed.barrier()
+        with distributed.agreement(world), files.file_system_errors(final):
+            if world.is_main:
+                files.write_json(staging / INDEX_FILE, _index(staging, states, world.size), indent=None)
+                files.write_json(staging / STATE_FILE, {**trainer_state, "step": step}, indent=2)
+                files.publish(staging, final)
+                # a resume from an older checkpoint (the newer one damaged) leaves newer ones: the run
+                # replaces them when it gets there, and prunes only what lies behind it
+                behind = [p for p in list_checkpoints(out_dir) if step_of(p) <= step]
+                for old in behind[:-keep] if keep > 0 else []:
+                    shutil.rmtree(old, ignore_errors=True)
     return final
 
 

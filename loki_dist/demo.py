@@ -177,8 +177,12 @@ def _toy_setup(args, out: Path) -> tuple[Setup, Path]:
     model.requires_grad_(False)
     print(f"taught the general knowledge: {100 * accuracy:.1f}% after {steps} steps "
           f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
-    model.save_pretrained(out / "base", safe_serialization=True)
-    tokenizer.save_pretrained(out / "base")
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    files.atomic_write(out / "base", save)
     setup = Setup("toy", out / "base", model, general, task, letters,
                   lambda m, _: general.subject_accuracy(m, letters))  # fmt: skip
     return setup, _write_rows(out / "general.json", world.general)
@@ -370,7 +374,7 @@ def plot_trade_off(rows: list[dict], path: Path, setup: str) -> bool:
     ax.set_title(f"LoKI demo ({setup}): learning the task vs forgetting the rest")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return True
 

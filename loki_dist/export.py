@@ -206,6 +206,11 @@ class BaseShards:
                 implanted = implanted or shard.name
             for name, entry in header.items():
                 layer = spec.layer_of(name) if name != "__metadata__" else None
+                if layer is not None and entry.get("dtype") not in _DTYPES:
+                    raise UserError(
+                        f"--base {shard}: {name} is stored as {entry.get('dtype')}; rows can be written into "
+                        f"{', '.join(_DTYPES)} weights (dequantize the model first)"
+                    )
                 if layer is not None:
                     down_proj[layer], dtypes[layer] = shard, _DTYPES[entry["dtype"]]
         return cls(paths, down_proj, dtypes, implanted)
@@ -327,32 +332,34 @@ def export_model(
             raise UserError(f"--base {base_dir}: no down_proj weight found for layers {missing}")
         check_rows(source, spec, shards, world)
     staging = files.staging_path(out_dir)
-    if world.is_main:
-        files.remove_stale_temporaries(out_dir.parent)  # what killed writers left there, whatever its name
-        files.make_staging(out_dir)  # also replaces one that a killed export of out_dir left
-        for item in base_dir.iterdir():
-            if item.is_file() and item.suffix != ".safetensors":
-                shutil.copy2(item, staging / item.name)
-    distributed.barrier()
     implant_size = sum(source.rows(layer).numel() for layer in source.layers()) * spec.intermediate_size * 4
     jobs = [*shards.paths, None]  # None: the implant file
     owner = _assign([p.stat().st_size for p in shards.paths] + [implant_size], world.size)
-    with metering.phase("export"), distributed.agreement(world):  # a failed rank fails every rank
-        for job, rank in zip(jobs, owner, strict=True):
-            if rank != world.rank:
-                continue
-            if job is None:
-                if implant is not None:
-                    shutil.copyfile(implant, staging / IMPLANT_NAME)
-                else:
-                    write_implant(staging / IMPLANT_NAME, source, spec, shards.dtypes, base_print)
-                continue
-            layers = [layer for layer in source.layers() if shards.down_proj[layer] == job]
-            _rewrite_shard(job, staging / job.name, layers, source, spec)
-            _injected_fault(world.rank)
-    if world.is_main:
-        files.publish(staging, out_dir)
-    distributed.barrier()
+    # every step is agreed: a failure on any rank (rank 0's included) fails every rank at once
+    with files.removed_on_failure(staging, world.is_main):
+        with distributed.agreement(world), files.file_system_errors(staging):
+            if world.is_main:
+                files.remove_stale_temporaries(out_dir.parent)  # what killed writers left, whatever its name
+                files.make_staging(out_dir)  # also replaces one that a killed export of out_dir left
+                for item in base_dir.iterdir():
+                    if item.is_file() and item.suffix != ".safetensors":
+                        shutil.copy2(item, staging / item.name)
+        with metering.phase("export"), distributed.agreement(world), files.file_system_errors(staging):
+            for job, rank in zip(jobs, owner, strict=True):
+                if rank != world.rank:
+                    continue
+                if job is None:
+                    if implant is not None:
+                        shutil.copyfile(implant, staging / IMPLANT_NAME)
+                    else:
+                        write_implant(staging / IMPLANT_NAME, source, spec, shards.dtypes, base_print)
+                    continue
+                layers = [layer for layer in source.layers() if shards.down_proj[layer] == job]
+                _rewrite_shard(job, staging / job.name, layers, source, spec)
+                _injected_fault(world.rank)
+        with distributed.agreement(world), files.file_system_errors(out_dir):
+            if world.is_main:
+                files.publish(staging, out_dir)
 
 
 def _injected_fault(rank: int) -> None:

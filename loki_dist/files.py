@@ -2,10 +2,11 @@
 
 Whatever a user had stays whole until its replacement is complete. A file or directory is written under
 a temporary name in the same directory (so the final rename never crosses a file system), flushed to
-disk with fsync, and renamed over its target; a directory that is replaced is first renamed away, so
-there is no moment where neither the old nor the new one exists. A killed writer leaves only a
-temporary whose name says who made it (`.<name>.loki-tmp-<host>-<pid>-<random>`); the next writer into
-that directory removes those whose process is gone.
+disk with fsync, and renamed over its target; a directory that is replaced is first set aside under a
+name that says so (`.<name>.loki-old-<host>-<pid>-<random>`), and deleted once the new one is in place.
+A killed writer leaves only names that say who made them (temporaries: `.<name>.loki-tmp-<host>-<pid>-
+<random>`); the next writer into that directory removes those whose process is gone, and puts back a
+set-aside directory whose writer died in the instant between its two renames.
 
 Collective writes (several ranks filling one directory) use `staging_path`, a name every rank can
 compute, and `publish` once every rank is done; `make_staging` marks such a directory with its creator,
@@ -29,7 +30,8 @@ import secrets
 import shutil
 import socket
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,6 +39,7 @@ import torch
 from loki_dist.errors import UserError
 
 TMP_TAG = ".loki-tmp-"
+ASIDE_TAG = ".loki-old-"  # a directory being replaced, set aside until its replacement is in place
 STAGING_SUFFIX = ".partial"
 OWNER_FILE = ".loki-owner"  # in a staging directory: "<host>-<pid>" of the process that made it
 # errors of the file system, not of loki_dist: what a user can fix (space, permissions, a path)
@@ -82,7 +85,7 @@ def _writer_is_gone(path: Path) -> bool:
         except OSError:
             return False  # not marked (or not yet): its writer is unknown, leave it
     else:
-        tag = path.name.rpartition(TMP_TAG)[2]
+        tag = path.name.rpartition(ASIDE_TAG if ASIDE_TAG in path.name else TMP_TAG)[2]
     host, _, rest = tag.partition("-")
     pid = rest.partition("-")[0]
     if host != _host() or not pid.isdigit():
@@ -97,11 +100,17 @@ def _writer_is_gone(path: Path) -> bool:
 
 
 def remove_stale_temporaries(directory: Path) -> list[Path]:
-    """Delete our temporaries in `directory` whose writer is gone; returns what was removed."""
+    """Delete our temporaries in `directory` whose writer is gone, and put back a directory set aside by
+    a writer that died before its replacement was in place; returns what was removed."""
     removed = []
     if not directory.is_dir():
         return removed
-    for path in [*directory.glob(f".*{TMP_TAG}*"), *directory.glob(f".*{STAGING_SUFFIX}")]:
+    for aside in directory.glob(f".*{ASIDE_TAG}*"):
+        original = directory / aside.name[1 : aside.name.rindex(ASIDE_TAG)]
+        if _writer_is_gone(aside) and not original.exists() and not original.is_symlink():
+            os.replace(aside, original)
+    found = [*directory.glob(f".*{TMP_TAG}*"), *directory.glob(f".*{ASIDE_TAG}*")]
+    for path in [*found, *directory.glob(f".*{STAGING_SUFFIX}")]:
         if _writer_is_gone(path):
             _remove(path)
             removed.append(path)
@@ -137,16 +146,18 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def publish(written: Path, target: Path) -> None:
-    """Move a complete file or directory `written` onto `target`, replacing it with no gap.
+    """Move a complete file or directory `written` onto `target`.
 
-    The old target, if any, is renamed away first and deleted only after the new one is in place.
+    A file replaces its target in one rename. An old target directory is set aside first (a directory
+    cannot be renamed over a non-empty one) and deleted once the new one is in place; should this
+    process die between the two renames, the next writer into the directory puts it back.
     """
     if written.is_dir():
         (written / OWNER_FILE).unlink(missing_ok=True)
     fsync_tree(written)
     old = None
     if target.is_dir() and not target.is_symlink():
-        old = temporary_name(target)
+        old = target.parent / f".{target.name}{ASIDE_TAG}{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
         os.replace(target, old)
     os.replace(written, target)
     _fsync_dir(target.parent)
@@ -164,21 +175,42 @@ def atomic_write(target: str | Path, write: Callable[[Path], object]) -> Path:
     target = Path(target)
     tmp = temporary_name(target)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(target.parent)
-        write(tmp)
-        if _is_dir(tmp) != _is_dir(target) and target.exists():
-            kind = "a directory" if _is_dir(target) else "a file"
-            raise UserError(f"{target}: is {kind}; loki_dist does not replace it with another kind")
-        publish(tmp, target)
-    except OSError as err:
-        if err.errno not in _USER_OS_ERRORS:
-            raise
-        raise UserError(f"{target}: cannot write it ({err.strerror or err})") from None
+        with file_system_errors(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(target.parent)
+            write(tmp)
+            if _is_dir(tmp) != _is_dir(target) and target.exists():
+                kind = "a directory" if _is_dir(target) else "a file"
+                raise UserError(f"{target}: is {kind}; loki_dist does not replace it with another kind")
+            publish(tmp, target)
     finally:
         if tmp.exists() or tmp.is_symlink():
             _remove(tmp)
     return target
+
+
+@contextmanager
+def file_system_errors(target: Path) -> Iterator[None]:
+    """A failure of the file system while writing `target` (no space left, read-only, no permission)
+    becomes a UserError naming it; any other OSError stays what it is."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _USER_OS_ERRORS:
+            raise
+        raise UserError(f"{target}: cannot write it ({err.strerror or err})") from None
+
+
+@contextmanager
+def removed_on_failure(path: Path, remove: bool) -> Iterator[None]:
+    """Remove `path` (when `remove`: the rank that made it) if the block fails: a collective write that
+    failed on any rank is never published, and its staging directory is not left for the next run."""
+    try:
+        yield
+    except BaseException:
+        if remove:
+            _remove(path)
+        raise
 
 
 def _is_dir(path: Path) -> bool:
