@@ -369,7 +369,9 @@ def _free_port() -> int:
 
 
 def run_pipeline(args: argparse.Namespace) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from loki_dist.distributed import world_from_env
+
+    if world_from_env().size > 1:  # torchrun, or a bare `srun -n N` (no WORLD_SIZE, a step of N tasks)
         raise UserError(
             "run `loki-dist pipeline` as one process: it starts each stage's ranks itself "
             "(set nproc or launcher in the YAML)"
