@@ -46,7 +46,9 @@ def digest(path: Path) -> dict[str, str]:
 def leftovers(directory: Path) -> list[str]:
     """Temporaries or staging directories of ours in a directory."""
     return sorted(
-        p.name for p in directory.iterdir() if files.TMP_TAG in p.name or p.name.endswith(".partial")
+        p.name
+        for p in directory.iterdir()
+        if files.TMP_TAG in p.name or files.ASIDE_TAG in p.name or p.name.endswith(".partial")
     )
 
 
@@ -256,6 +258,28 @@ def test_a_killed_writer_leaves_a_temporary_that_the_next_writer_removes(tmp_pat
     assert leftovers(tmp_path) == [] and target.read_text() == "old"
 
 
+def test_a_writer_killed_between_its_two_renames_loses_nothing(tmp_path):
+    """Replacing a directory takes two renames (the old one aside, the new one in): a real process killed
+    between them leaves no target, only the old one set aside (and the new one, under its temporary
+    name); the next writer into the directory puts the old one back and removes the other."""
+    target = tmp_path / "final"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    script = ("import os, signal; from loki_dist import files\n"
+              "rename = os.replace\n"
+              "def replace(src, dst):\n    rename(src, dst)\n"
+              "    if files.ASIDE_TAG in str(dst):\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "os.replace = replace\n"
+              "def write(tmp):\n    tmp.mkdir()\n    (tmp / 'weights').write_text('new')\n"
+              f"files.atomic_write({str(target)!r}, write)\n")  # fmt: skip
+    killed = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL and not target.exists()
+    tags = sorted(files.ASIDE_TAG if files.ASIDE_TAG in p.name else files.TMP_TAG for p in tmp_path.iterdir())
+    assert tags == [files.ASIDE_TAG, files.TMP_TAG]  # the old one set aside, the new one complete
+    files.write_text(tmp_path / "other.json", "new")
+    assert (target / "weights").read_text() == "old" and leftovers(tmp_path) == []
+
+
 def test_sigkill_during_apply_leaves_staging_that_the_next_apply_removes(job, tmp_path):
     apply = ["apply", "--base", str(job["base"]), "--implant", str(job["implant"])]
     killed = run_cli([*apply, "--output", str(tmp_path / "first")], check=False,
@@ -303,6 +327,28 @@ def test_attribute_never_discards_progress_or_a_result_unasked(job, tmp_path, ca
     assert digest(output) == finished
 
 
+def test_attribute_overwrite_discards_every_ranks_progress_and_resume_refuses_an_older_layout(
+    job, tmp_path, capsys
+):
+    """Progress in an older layout (no progress_format) is refused on --resume in one line, not a
+    KeyError after the model loaded; --overwrite discards it, and also the files of ranks this run does
+    not have (an earlier run on 3 ranks), which would otherwise count as progress forever."""
+    output, partial = tmp_path / "a.safetensors", tmp_path / "a.safetensors.partial"
+    argv = ["attribute", "--model", str(job["base"]), "--data", str(job["mmlu"]), "--per-subject", "2",
+            "--batch-size", "1", "--checkpoint-every", "1", "--output", str(output)]  # fmt: skip
+    run_cli(argv, env={"LOKI_DIST_TEST_KILL_AFTER_CHECKPOINT": "1"}, check=False)
+    written = partial / "rank0-step000000001.safetensors"
+    with safe_open(str(written), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        metadata = handle.metadata()
+    del metadata["progress_format"]
+    save_file(tensors, str(written), metadata)  # as an older loki_dist wrote it
+    shutil.copyfile(written, partial / "rank2-step000000001.safetensors")
+    assert_user_error([*argv, "--resume"], capsys, "other settings (progress_format); pass --overwrite")
+    run_cli([*argv, "--overwrite"])
+    assert output.is_file() and not partial.exists()
+
+
 # ---------------------------------------------------------------------------- silent wrong results
 
 
@@ -340,6 +386,21 @@ def test_a_row_the_chat_template_refuses_is_one_line_naming_it(job, tmp_path, ca
     argv = train_argv(job, tmp_path, **{"--model": model, "--data": data})
     assert_user_error(argv, capsys, "row 1: the tokenizer's chat template refuses it (no system role)")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_base_whose_down_proj_is_quantized_is_one_line_naming_it(job, tmp_path):
+    """apply and export write rows into the base's own dtype: an FP8 (or integer) down_proj cannot take
+    them, which is said before anything is written, not as a KeyError."""
+    from loki_dist.adapters import spec_from_dir
+    from loki_dist.export import BaseShards
+
+    model = copy_model(job, tmp_path)
+    tensors = load_file(model / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    save_file(tensors, model / "model.safetensors")
+    with pytest.raises(UserError, match=f"{name} is stored as F8_E4M3; rows can be written into F64, F32"):
+        BaseShards.read(model, spec_from_dir(model))
 
 
 def test_jsonl_rows_may_hold_any_unicode_line_break(tmp_path):
