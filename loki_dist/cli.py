@@ -57,15 +57,42 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless the help already says what it is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or _no_default(action):
+            return text
+        if "default" in text.lower():
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def _no_default(action: argparse.Action) -> bool:
+    """None, a switch that is off, or suppressed (by identity: a default of 0 is a default to show)."""
+    return action.default is None or action.default is False or action.default == argparse.SUPPRESS
+
+
+def _show_defaults(command: argparse.ArgumentParser) -> None:
+    """argparse prints nothing after a flag without help: those with a default get one that shows it."""
+    for action in command._actions:
+        if action.help is None and action.option_strings and not _no_default(action):
+            action.help = "(default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loki-dist", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"loki_dist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        command = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=HelpWithDefaults
+        )
         function_name = name.replace("-", "_")
         getattr(module, f"add_{function_name}_arguments")(command)
+        _show_defaults(command)
         command.set_defaults(_run=getattr(module, f"run_{function_name}"))
     return parser
 

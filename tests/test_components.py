@@ -196,3 +196,25 @@ def test_deepspeed_internals_are_there_and_a_missing_one_is_named(tmp_path):
         assert f"has no attribute {attribute}" in line and ",".join(TESTED_DEEPSPEED) in line, line
     pinned = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert f"deepspeed{','.join(TESTED_DEEPSPEED)}" in pinned
+
+
+def test_every_flag_with_a_default_says_it_in_help():
+    """`loki-dist CMD --help` names the default of every flag that has one (a user should not have to
+    read the source to learn that --save-steps is 500)."""
+    import argparse
+    import re
+
+    from loki_dist.cli import COMMANDS, build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in COMMANDS:
+        parser = commands.choices[name]
+        text = parser.format_help().split("options:", 1)[1]
+        blocks = [block for block in re.split(r"\n  (?=-)", text) if block.strip()]
+        blocks = {block.split()[0].rstrip(","): block for block in blocks}
+        for action in parser._actions:
+            default = action.default
+            if default is None or default is False or default == argparse.SUPPRESS:
+                continue
+            block = blocks[action.option_strings[0]]
+            assert "default" in block.lower(), (name, action.option_strings[0], block)
