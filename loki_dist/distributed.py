@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -464,6 +465,13 @@ def prepare_deepspeed(world: World) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    # DeepSpeed 0.19 calls the collectives torch 2.13 deprecates on every step (a FutureWarning each time,
+    # hundreds per run, about DeepSpeed's code, not the user's): those two messages, nothing else
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
+    )
     init(world, always=True)
     if get_accelerator().device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

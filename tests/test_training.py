@@ -150,11 +150,12 @@ class Run:
     out: Path
     stdout: str
     options: dict
+    stderr: str = ""
 
 
 def train(setup, out: Path, *extra: str, nproc: int = 1, options: dict = RUN, base=None) -> Run:
     proc = run_cli(train_args(setup, out, *extra, options=options, base=base), nproc=nproc)
-    return Run(out, proc.stdout, options)
+    return Run(out, proc.stdout, options, proc.stderr)
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -457,6 +458,8 @@ def test_zero3_two_ranks_clipped_updates_match_the_oracle(setup, zero3_run, orac
     expected = oracle(RUN, 4)
     assert min(expected.norms) > MAX_GRAD_NORM  # clipping acts on every update
     assert_matches_oracle(zero3_run, expected, FP32)
+    # DeepSpeed calls collectives that torch 2.13 deprecates, every step: silenced where DeepSpeed is set up
+    assert "is deprecated" not in zero3_run.stderr, zero3_run.stderr[-2000:]
 
 
 def test_apply_reproduces_final_and_from_pretrained_matches_engine(setup, zero3_run, tmp_path):
