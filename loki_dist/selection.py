@@ -224,9 +224,10 @@ def run_select(args: argparse.Namespace) -> None:
         positions = select(tensors, quota, args.strategy, args.seed)
     positions_file.save(positions, args.output)
     print(summary(positions, tensors, args.strategy, quota))
+    print(f"wrote {args.output}")
     if args.plot:
         plot(positions, tensors, args.plot)
-    print(f"wrote {args.output}")
+        print(f"wrote {args.plot}")
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -264,6 +265,16 @@ def _pyplot():
     return plt
 
 
+def colour_range(values) -> tuple[float, float]:
+    """The 1st and 99th percentiles: a few outlying nodes (attribution scores have heavy tails) would
+    otherwise take the whole colour scale and wash every other node out to one colour."""
+    import torch
+
+    flat = values.reshape(-1).float()
+    low, high = (float(torch.quantile(flat, q)) for q in (0.01, 0.99))
+    return (low, high) if high > low else (float(flat.min()), float(flat.max()))
+
+
 def plot(positions: list[list[int]], tensors: dict | None, path: str, bins: int = 256) -> None:
     """Heat maps, layers x binned nodes: share of selected rows, and the mean score."""
     import torch
@@ -280,16 +291,18 @@ def plot(positions: list[list[int]], tensors: dict | None, path: str, bins: int 
     chosen = torch.zeros(num_layers, hidden)
     for layer, rows in enumerate(positions):
         chosen[layer, rows] = 1.0
-    panels = [("selected share", chosen)]
+    panels = [("share of the rows selected", chosen)]
     if tensors is not None:
-        panels.append(
-            ("mean score", tensors["score_sum"].float() / max(int(tensors["num_samples"].reshape(-1)[0]), 1))
-        )
+        mean = tensors["score_sum"].float() / max(int(tensors["num_samples"].reshape(-1)[0]), 1)
+        panels.append(("mean attribution score (colours span its 1st to 99th percentile)", mean))
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2 + 0.25 * num_layers * len(panels)), squeeze=False)
+    group = f"; a column averages {hidden // bins}" if hidden // bins > 1 else ""
     for axis, (title, values) in zip(axes[:, 0], panels, strict=True):
         binned = torch.stack([values[:, a:b].mean(1) for a, b in zip(edges[:-1], edges[1:], strict=True)], 1)
-        image = axis.imshow(binned.numpy(), aspect="auto", interpolation="nearest", cmap="viridis")
-        axis.set(title=title, xlabel=f"node bin ({hidden // bins or 1}+ rows each)", ylabel="layer")
+        low, high = colour_range(binned) if values is not chosen else (0.0, 1.0)
+        image = axis.imshow(binned.numpy(), aspect="auto", interpolation="nearest", cmap="viridis",
+                            vmin=low, vmax=high, extent=(0, hidden, num_layers - 0.5, -0.5))  # fmt: skip
+        axis.set(title=title, xlabel=f"down_proj row (hidden unit){group}", ylabel="layer")
         fig.colorbar(image, ax=axis)
     fig.tight_layout()
     files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

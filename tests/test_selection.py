@@ -141,7 +141,16 @@ def test_cli_writes_positions_summary_and_plot(attribution, tmp_path, capsys):
     assert json.loads(out.read_text()) == _brute(_scores(), Fraction(10), "layer_balanced")
     printed = capsys.readouterr().out
     assert "layer   2:      4 rows  mean score" in printed
-    assert png.stat().st_size > 1000
+    assert png.stat().st_size > 1000 and f"wrote {png}" in printed
+
+
+def test_plot_colours_are_not_taken_by_outliers():
+    from loki_dist.selection import colour_range
+
+    values = torch.linspace(0, 1, 1000).reshape(10, 100)
+    values[0, 0] = 1e6  # one outlying node
+    low, high = colour_range(values)
+    assert 0 <= low < 0.02 and 0.98 < high <= 1.0
 
 
 def test_select_reads_only_what_the_strategy_needs(attribution, tmp_path, capsys):
