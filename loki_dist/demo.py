@@ -364,11 +364,12 @@ def plot_trade_off(rows: list[dict], path: Path, setup: str) -> bool:
     except ImportError:
         print("no plot: matplotlib is not installed (pip install 'loki-dist[plot]')", flush=True)
         return False
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for row in rows:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = "osD^vP*Xh<>"
+    for index, row in enumerate(rows):  # a legend, not labels beside the points: close points overlap
         x, y = row["forgetting"], 100 * row["task_accuracy"]
-        ax.scatter([x], [y], s=40)
-        ax.annotate(row["method"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.scatter([x], [y], s=50, marker=markers[index % len(markers)], label=row["method"])
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     ax.set_xlabel("forgetting score over the general benchmarks (%, lower is better)")
     ax.set_ylabel("new-task accuracy (%)")
     ax.set_title(f"LoKI demo ({setup}): learning the task vs forgetting the rest")
