@@ -14,7 +14,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/lib.sh"
 need_command "$@"
 
-nproc="${NPROC_PER_NODE:-$(gpus_per_node)}"
+nproc="$(nproc_per_node)"
 nnodes="${NNODES:-1}"
 
 cmd=(accelerate launch --config_file "${ACCELERATE_CONFIG:-$here/accelerate.yaml}"

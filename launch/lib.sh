@@ -1,11 +1,29 @@
 # shellcheck shell=bash
 # Shared by the launch/*.sh wrappers (sourced, not run).
 
-# GPUs on this node as nvidia-smi lists them; 1 where there is none (one CPU process).
-gpus_per_node() {
+# GPUs on this node as nvidia-smi lists them (0 without nvidia-smi or GPUs).
+gpus_on_node() {
     if command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 1
+        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
     else
+        echo 0
+    fi
+}
+
+# Processes per node: NPROC_PER_NODE, else one per GPU, else 1, saying which on stderr (a CPU machine
+# gets one process unless NPROC_PER_NODE says otherwise, which surprises whoever expected more).
+nproc_per_node() {
+    if [[ -n "${NPROC_PER_NODE:-}" ]]; then
+        echo "$NPROC_PER_NODE"
+        return
+    fi
+    local gpus
+    gpus="$(gpus_on_node)"
+    if ((gpus > 0)); then
+        echo "$(basename "$0"): NPROC_PER_NODE not set: $gpus processes per node, one per GPU" >&2
+        echo "$gpus"
+    else
+        echo "$(basename "$0"): NPROC_PER_NODE not set and no GPU found: 1 process per node" >&2
         echo 1
     fi
 }

@@ -99,6 +99,22 @@ def test_launcher_wrappers_pass_the_command_through_unchanged(tmp_path, script, 
     assert expected in proc.stdout, proc.stdout
 
 
+@pytest.mark.parametrize(("gpus", "processes", "said"), [
+    (3, 3, "NPROC_PER_NODE not set: 3 processes per node, one per GPU"),
+    (0, 1, "NPROC_PER_NODE not set and no GPU found: 1 process per node"),
+])  # fmt: skip
+def test_without_nproc_per_node_the_wrappers_take_one_per_gpu_and_say_so(tmp_path, gpus, processes, said):
+    stubs = {"accelerate": 'printf "%q " "$@"', "nvidia-smi": f"seq 0 {gpus - 1} | sed 's/^/GPU /'"}
+    for tool, script in stubs.items():
+        (tmp_path / tool).write_text(f"#!/usr/bin/env bash\n{script}\n")
+        (tmp_path / tool).chmod(0o755)
+    env = {k: v for k, v in _env(PATH=f"{tmp_path}:{os.environ['PATH']}").items() if k != "NPROC_PER_NODE"}
+    proc = subprocess.run(["launch/accelerate.sh", "--version"], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"--num_processes {processes} " in proc.stdout and f"accelerate.sh: {said}" in proc.stderr
+
+
 def test_shipped_ds_configs_match_their_purpose():
     import json
 
