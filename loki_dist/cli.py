@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "multiple-choice accuracy (MMLU layout) or perplexity, data-parallel",
     ),
     "forgetting": ("loki_dist.forgetting", "the paper's forgetting score of tuned models against the base"),
+    "chat": ("loki_dist.chat", "talk to a model through its chat template, greedily (before, after apply)"),
     "pipeline": (
         "loki_dist.pipeline",
         "attribute -> select -> train from one YAML file, skipping current stages",
