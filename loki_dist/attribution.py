@@ -510,7 +510,8 @@ def _metadata(args, identity: dict[str, str], prompts, zero3: bool) -> dict[str,
         "zero3": str(zero3),
         "loki_dist_version": __version__,
     }
-    metadata.pop("batch_size"), metadata.pop("progress_format")
+    for key in ("batch_size", "progress_format"):  # of the run, not of the result
+        del metadata[key]
     return metadata
 
 
