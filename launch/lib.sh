@@ -57,19 +57,25 @@ run_launcher() {
     # shellcheck disable=SC2064  # the launcher's pid, now
     trap "forward_stop $launcher" USR1 TERM
     trap ':' INT # keep waiting: the launcher got the same SIGINT and is stopping its workers
-    while :; do
-        rc=0
-        wait "$launcher" || rc=$?
-        # a trapped signal interrupts `wait` with a status > 128 while the launcher still runs
-        if ((rc > 128)) && kill -0 "$launcher" 2>/dev/null; then
-            continue
-        fi
-        break
-    done
+    wait_through_traps "$launcher"
     trap - USR1 TERM INT
-    rc="$(agreed_status "$status_dir" "$rc")"
+    rc="$(agreed_status "$status_dir" "$WAITED_STATUS")"
     rm -rf "$status_dir"
     exit "$rc"
+}
+
+# Wait for the background process $1 and set WAITED_STATUS to its exit status. A trapped signal
+# interrupts `wait` with a status > 128 while the process still runs: then wait again. (A variable, not
+# output: `wait` in a command substitution's subshell cannot wait for this shell's children.)
+wait_through_traps() {
+    while :; do
+        WAITED_STATUS=0
+        wait "$1" || WAITED_STATUS=$?
+        if ((WAITED_STATUS > 128)) && kill -0 "$1" 2>/dev/null; then
+            continue
+        fi
+        return 0
+    done
 }
 
 # SIGUSR1 to the loki-dist processes the launcher ($1) started, at any depth (the deepspeed launcher

@@ -14,6 +14,8 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=launch/lib.sh
+source "$here/../launch/lib.sh"
 : "${SLURM_JOB_ID:?run this inside a Slurm allocation (sbatch or salloc)}"
 if [[ $# -eq 0 ]]; then
     echo "usage: $(basename "$0") COMMAND [loki-dist flags...]" >&2
@@ -72,16 +74,8 @@ srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
     bash -c 'trap "" USR1; NODE_RANK="$SLURM_NODEID" exec "$LOKI_DIST_LAUNCH" "$@"' loki-dist-node "$@" &
 step=$!
 
-rc=0
-while :; do
-    rc=0
-    wait "$step" || rc=$?
-    # a trap interrupts `wait` with a status > 128 while the step still runs: keep waiting
-    if (( rc > 128 )) && kill -0 "$step" 2>/dev/null; then
-        continue
-    fi
-    break
-done
+wait_through_traps "$step"
+rc="$WAITED_STATUS"
 
 if (( stopping )); then
     if [[ "${REQUEUE:-1}" != 0 ]]; then
