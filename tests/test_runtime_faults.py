@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -278,8 +279,9 @@ def test_a_killed_rank_ends_its_peer_at_once_naming_the_stage(inputs, tmp_path):
     log = (logs / "rank0.log").read_text()
     assert ranks[0].returncode == 1 and "Traceback" not in log, log[-3000:]
     lines = error_lines(log)
-    assert len(lines) == 1 and lines[0].startswith("loki-dist train: error: rank 0: step "), log[-3000:]
-    assert "a collective broke off, a peer rank died" in lines[0]
+    # The kill lands in a step or in a checkpoint save (one every 2 steps): either is named.
+    stage = r"loki-dist train: error: rank 0: (step \d+|saving checkpoint-\d+): a collective broke off"
+    assert len(lines) == 1 and re.match(stage, lines[0]), log[-3000:]
     assert "in _steps\n" in log  # the stack it printed on request shows the training loop
     assert waited < 60, f"rank 0 waited {waited:.0f} s for its dead peer"  # measured: well under 1 s
 
