@@ -93,7 +93,7 @@ def letter_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-def _batches(model: Callable, items: Sequence, batch_size: int, lockstep: bool) -> Iterator[Sequence]:
+def model_batches(model: Callable, items: Sequence, batch_size: int, lockstep: bool) -> Iterator[Sequence]:
     """Consecutive slices of batch_size items. With lockstep (ZeRO-3), as many as the rank with the most
     batches has: once this rank's items run out it calls the model on one dummy token per missing batch,
     so that every rank gathers the sharded parameters equally often; those outputs are discarded."""
@@ -110,7 +110,6 @@ def _batches(model: Callable, items: Sequence, batch_size: int, lockstep: bool) 
             model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
 
 
-@torch.no_grad()
 def choose_letters(
     model: Callable,
     prompts: Sequence[Sequence[int]],
@@ -119,19 +118,34 @@ def choose_letters(
     batch_size: int,
     lockstep: bool = False,
 ) -> torch.Tensor:
-    """Index (0-3) of the most likely answer letter after each prompt; left-padded batches.
+    """Index (0-3) of the most likely answer letter after each prompt (ties: the earlier letter)."""
+    return letter_logprobs(model, prompts, letter_ids, pad_id, batch_size, lockstep).argmax(dim=-1)
 
-    Prompts are batched in order of length (answers come back in the given order): MMLU prompts range
+
+@torch.no_grad()
+def letter_logprobs(
+    model: Callable,
+    prompts: Sequence[Sequence[int]],
+    letter_ids: Sequence[int],
+    pad_id: int,
+    batch_size: int,
+    lockstep: bool = False,
+) -> torch.Tensor:
+    """[N, 4] float32 log-probability (over the whole vocabulary) of each answer letter right after each
+    prompt, on the CPU; left-padded batches.
+
+    Prompts are batched in order of length (rows come back in the given order): MMLU prompts range
     from under 100 to over 600 tokens, and padding every batch to its longest cost about 30% (measured).
-    lockstep: the model is ZeRO-3-sharded, so every rank must make the same number of calls (_batches).
+    lockstep: the model is ZeRO-3-sharded, so every rank must make the same number of calls
+    (model_batches).
     """
     from loki_dist.kva import Batch
 
     device = next(model.parameters()).device
     letters = torch.tensor(list(letter_ids), device=device)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    chosen = []
-    for prompt_batch in _batches(model, [prompts[i] for i in order], batch_size, lockstep):
+    scored = []
+    for prompt_batch in model_batches(model, [prompts[i] for i in order], batch_size, lockstep):
         batch = Batch.left_pad(prompt_batch, pad_id, device)
         logits = model(  # only the last position's logits: a [B, T, vocab] tensor can be gigabytes
             input_ids=batch.input_ids,
@@ -139,12 +153,11 @@ def choose_letters(
             position_ids=batch.position_ids,
             logits_to_keep=1,
         ).logits[:, -1]
-        loglik = torch.log_softmax(logits.float(), dim=-1)[:, letters]
-        chosen.append(loglik.argmax(dim=-1).cpu())  # argmax returns the first maximum: ties -> earlier
-    answers = torch.zeros(len(prompts), dtype=torch.long)
-    if chosen:
-        answers[order] = torch.cat(chosen)
-    return answers
+        scored.append(torch.log_softmax(logits.float(), dim=-1)[:, letters].cpu())
+    out = torch.zeros((len(prompts), len(letter_ids)), dtype=torch.float32)
+    if scored:
+        out[order] = torch.cat(scored)
+    return out
 
 
 # float32 values of one chunk of positions' logits: what bounds the perplexity NLL's own memory to a few
@@ -199,7 +212,7 @@ def document_nll(
     windows = [(i, w) for i, w in windows if len(w) >= 2]
     nll = torch.zeros(len(documents), dtype=torch.float64)
     count = torch.zeros(len(documents), dtype=torch.int64)
-    for chunk in _batches(model, windows, batch_size, lockstep):
+    for chunk in model_batches(model, windows, batch_size, lockstep):
         width = max(len(w) for _, w in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -222,26 +235,33 @@ def document_nll(
 def _read_documents(args: argparse.Namespace) -> list[str]:
     from loki_dist import mmlu
 
-    path = Path(args.data)
-    if path.suffix.lower() == ".txt":
-        if not path.is_file():
-            raise UserError(f"--data {args.data}: file not found")
-        try:
-            text = path.read_text()
-        except UnicodeDecodeError as err:
-            raise UserError(f"--data {args.data}: not UTF-8 text ({err})") from None
-        return [line for line in text.splitlines() if line.strip()]
-    splits = mmlu.read_splits(args.data, args.data_config)
-    rows = splits.get(args.split) or (next(iter(splits.values())) if len(splits) == 1 else None)
-    if rows is None:
-        raise UserError(f"--data {args.data}: no {args.split!r} split (it has {', '.join(sorted(splits))})")
+    if Path(args.data).suffix.lower() == ".txt":
+        return read_text_lines(args.data)
+    _, rows = mmlu.pick_split(mmlu.read_splits(args.data, args.data_config), args.split, args.data)
+    return documents_from_rows(rows, args.data, args.text_field)
+
+
+def read_text_lines(source: str) -> list[str]:
+    """A .txt file's documents: one per non-empty line."""
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"--data {source}: file not found")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise UserError(f"--data {source}: not UTF-8 text ({err})") from None
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def documents_from_rows(rows: list, source: str, text_field: str, hint: str = "--text-field") -> list[str]:
+    """The `text_field` column of every row (each must have it); hint says where the name comes from."""
     texts = []
     for index, row in enumerate(rows):
-        if not isinstance(row, dict) or not isinstance(row.get(args.text_field), str):
-            raise UserError(f"--data: row {index} has no string column {args.text_field!r} (--text-field)")
-        texts.append(row[args.text_field])
+        if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+            raise UserError(f"--data: row {index} has no string column {text_field!r} ({hint})")
+        texts.append(row[text_field])
     if not texts:
-        raise UserError(f"--data {args.data}: no documents")
+        raise UserError(f"--data {source}: no documents")
     return texts
 
 
@@ -269,7 +289,8 @@ def _validate(args: argparse.Namespace) -> dict | None:
 # ----------------------------------------------------------------------------------------------- run
 
 
-def _my_block(n: int, world) -> range:
+def my_block(n: int, world) -> range:
+    """This rank's contiguous block of n samples (blocks in rank order are the data order)."""
     from loki_dist.attribution import Plan
 
     plan = Plan.make(n, world.rank, world.size, 1)
@@ -322,7 +343,7 @@ def _multiple_choice_inputs(args, tokenizer) -> Callable:
     letters = letter_token_ids(tokenizer)
 
     def evaluate(world, loaded) -> dict:
-        mine = _my_block(len(questions), world)
+        mine = my_block(len(questions), world)
         ids = [prompts.input_ids[i] for i in mine]
         model = loaded.model
         local = choose_letters(model, ids, letters, _pad_id(model), args.batch_size, loaded.sharded)
@@ -341,7 +362,7 @@ def _perplexity_inputs(args, tokenizer) -> Callable:
     name = args.name or "perplexity"
 
     def evaluate(world, loaded) -> dict:
-        mine = _my_block(len(texts), world)
+        mine = my_block(len(texts), world)
         documents = [tokenizer(texts[i], add_special_tokens=True)["input_ids"] for i in mine]
         model = loaded.model
         nll, count = document_nll(

@@ -204,6 +204,15 @@ def _check_row(row: object, index: int, split: str) -> Question:
     return Question(str(row["subject"]), str(row["question"]), tuple(str(c) for c in choices), answer)
 
 
+def pick_split(splits: dict[str, list[dict]], split: str, source: str) -> tuple[str, list[dict]]:
+    """(name, rows) of the wanted split, or of the only one there is (a single file names none)."""
+    if split not in splits:
+        if len(splits) != 1:
+            raise UserError(f"--data {source}: no {split!r} split (it has {', '.join(sorted(splits))})")
+        split = next(iter(splits))
+    return split, splits[split]
+
+
 def load_questions(
     source: str,
     per_subject: int = 50,
@@ -221,13 +230,20 @@ def load_questions(
         raise UserError(f"--per-subject {per_subject}: must be at least 1")
     if shots < 0:
         raise UserError(f"--shots {shots}: must be 0 or more")
-    splits = read_splits(source, config)
-    if split not in splits:
-        if len(splits) == 1:
-            split = next(iter(splits))
-        else:
-            raise UserError(f"--data {source}: no {split!r} split (it has {', '.join(sorted(splits))})")
-    rows = [_check_row(row, i, split) for i, row in enumerate(splits[split])]
+    return questions_from_splits(read_splits(source, config), source, per_subject, shots, subjects, split)
+
+
+def questions_from_splits(
+    splits: dict[str, list[dict]],
+    source: str,
+    per_subject: int,
+    shots: int = 0,
+    subjects: list[str] | None = None,
+    split: str = EVAL_SPLIT,
+) -> tuple[list[Question], dict[str, list[Question]]]:
+    """load_questions on rows already read (read_splits): for a caller that looked at them first."""
+    split, found = pick_split(splits, split, source)
+    rows = [_check_row(row, i, split) for i, row in enumerate(found)]
     if not rows:
         raise UserError(f"--data {source}: the {split!r} split is empty")
     wanted = set(subjects) if subjects else None
