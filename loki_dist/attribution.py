@@ -292,7 +292,7 @@ def run_attribute(args: argparse.Namespace) -> None:
         questions, shot_map = mmlu.load_questions(
             args.data, args.per_subject, args.shots, subjects, args.split, args.data_config
         )
-        tokenizer = load_tokenizer(args.model)
+        tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
         prompts = mmlu.build_prompts(tokenizer, questions, shot_map)
     if not world.is_main:
         logging.getLogger().setLevel(logging.WARNING)

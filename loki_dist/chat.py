@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from loki_dist.chat_templates import add_chat_template_argument
 from loki_dist.errors import UserError, require_at_least
 from loki_dist.modeling import DTYPES
 
@@ -21,6 +22,7 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", help="a system message opening the conversation")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="per answer")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    add_chat_template_argument(parser)
 
 
 def run_chat(args: argparse.Namespace) -> None:
@@ -31,9 +33,11 @@ def run_chat(args: argparse.Namespace) -> None:
 
     require_at_least(("--max-new-tokens", args.max_new_tokens, 1))
     check_weights(args.model, spec=spec_from_dir(args.model))
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
     if tokenizer.chat_template is None:
-        raise UserError(f"--model {args.model}: its tokenizer has no chat template to talk through")
+        raise UserError(
+            f"--model {args.model}: its tokenizer has no chat template to talk through; pass --chat-template"
+        )
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model = load_causal_lm(args.model, torch_dtype(args.dtype), None).to(device).eval()
     opening = [{"role": "system", "content": args.system}] if args.system else []

@@ -402,7 +402,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     with agreement(world):  # every input read and checked on every rank before the model loads
         ds_config = _validate(args)
-        tokenizer = load_tokenizer(args.model)
+        tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
         inputs = _multiple_choice_inputs if args.task == "multiple_choice" else _perplexity_inputs
         evaluate = inputs(args, tokenizer)
     loaded = load_for_inference(args.model, world, torch_dtype(args.dtype), ds_config, args.batch_size)

@@ -97,18 +97,22 @@ def check_weights(
     return shards
 
 
-def load_tokenizer(model_dir: str | Path, flag: str = "--model"):
-    """The model's tokenizer; one that transformers cannot build is a UserError, not a page of traceback."""
+def load_tokenizer(model_dir: str | Path, flag: str = "--model", chat_template: str | None = None):
+    """The model's tokenizer; one that transformers cannot build is a UserError, not a page of traceback.
+    `chat_template`: a --chat-template value (a file or a built-in name) that replaces the tokenizer's."""
     from transformers import AutoTokenizer
+
+    from loki_dist import chat_templates
 
     found = [next(Path(model_dir).glob(p), None) for p in ("tokenizer*", "vocab*", "*.model")]
     if Path(model_dir).is_dir() and not any(found):
         raise UserError(f"{flag} {model_dir}: no tokenizer there (tokenizer.json, tokenizer_config.json)")
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as err:  # transformers raises OSError, ValueError, TypeError... for a missing tokenizer
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise UserError(f"{flag} {model_dir}: cannot load its tokenizer ({first})") from None
+    return chat_templates.apply(tokenizer, chat_template)
 
 
 def zero3_share(model: torch.nn.Module) -> tuple[int, int]:
@@ -124,7 +128,10 @@ def zero3_share(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--dtype` and `--ds-config`, as every inference command spells them."""
+    """`--dtype`, `--ds-config` and `--chat-template`, as every inference command spells them."""
+    from loki_dist.chat_templates import add_chat_template_argument
+
+    add_chat_template_argument(parser)
     parser.add_argument(
         "--dtype", choices=DTYPES, default="auto", help="model dtype (auto: bfloat16 on GPU, float32 on CPU)"
     )

@@ -135,6 +135,8 @@ def _flags(section: dict, name: str = "") -> list[str]:
 def build_stages(config: dict) -> list[Stage]:
     out, model = Path(config["output_dir"]), str(config["model"])
     sections = {name: dict(config.get(name) or {}) for name in STAGES}
+    if "dataset" in sections["train"] and not {"dataset_dir", "dataset-dir"} & set(sections["train"]):
+        sections["train"]["dataset_dir"] = "data"  # named, so that its files are in the inputs record
     nproc = {name: sections[name].pop("nproc", config.get("nproc", 1)) for name in STAGES}
     attribution, positions, run = out / "attribution.safetensors", out / "positions.json", out / "train"
     fixed = {
@@ -178,7 +180,7 @@ def _parse(stage: Stage) -> argparse.Namespace:
 def validate(path: str, config: dict, stages: list[Stage]) -> None:
     """Everything about every stage that can be known before the first one runs: a mistake in the last
     stage's section costs seconds, not the hours of the stages before it."""
-    from loki_dist import data, dsconfig, training
+    from loki_dist import chat_templates, data, dsconfig, training
     from loki_dist.adapters import spec_from_dir
     from loki_dist.modeling import check_weights, load_tokenizer
     from loki_dist.selection import parse_quota
@@ -194,7 +196,9 @@ def validate(path: str, config: dict, stages: list[Stage]) -> None:
         with _section(path, stage.name):
             parsed[stage.name] = _parse(stage)
     inputs = {"model": config["model"], "attribute.data": parsed["attribute"].data}
-    inputs["train.data"] = parsed["train"].data
+    with _section(path, "train"):
+        training.check_flags(parsed["train"])  # --data or --dataset, before their files are named
+        inputs.update({f"train {flag}": file for flag, file in data.input_paths(parsed["train"]).items()})
     for stage in stages:
         with _section(path, stage.name):
             files.refuse_output_over_inputs(stage.output_flag, stage.output, inputs)
@@ -205,10 +209,10 @@ def validate(path: str, config: dict, stages: list[Stage]) -> None:
     with _section(path, "select"):
         parse_quota(select.quota)
     with _section(path, "train"):
-        training.check_flags(train)
         dsconfig.load(train.ds_config)
-        for index, row in enumerate(data.read_rows(train.data)):  # every row readable, of a known form
-            data.to_messages(row, index)
+        data.read_conversations(train)  # every row readable, of a known form
+        if train.chat_template:
+            chat_templates.resolve(train.chat_template)
 
 
 @contextlib.contextmanager

@@ -57,7 +57,16 @@ from loki_dist import (
     runlock,
 )
 from loki_dist.adapters import ModelSpec, down_proj_slots, spec_from_dir
-from loki_dist.data import Example, collate, load_examples, num_targets
+from loki_dist.data import (
+    Example,
+    add_data_arguments,
+    check_data_flags,
+    collate,
+    input_paths,
+    load_examples,
+    num_targets,
+    read_conversations,
+)
 from loki_dist.errors import UserError, require_at_least
 from loki_dist.export import fingerprint
 from loki_dist.modeling import check_weights, load_causal_lm, load_tokenizer, zero3_share
@@ -76,7 +85,7 @@ STACKS_SIGNAL = signal.SIGUSR2
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base model: a Hugging Face directory (safetensors)")
     p.add_argument("--positions", required=True, help="positions JSON: L lists of down_proj rows to train")
-    p.add_argument("--data", required=True, help="JSON/JSONL (alpaca or messages form) or a datasets dir")
+    add_data_arguments(p)  # --data or --dataset (LLaMA-Factory), --mix-ratios, --chat-template...
     p.add_argument("--output-dir", required=True, help="checkpoints, TensorBoard runs and final/ go here")
     p.add_argument(
         "--ds-config",
@@ -171,6 +180,7 @@ def check_flags(args: argparse.Namespace) -> None:
         ("--max-steps", args.max_steps, 1) if args.max_steps is not None else ("--epochs", args.epochs, 1)
     )
     require_at_least(*counts)
+    check_data_flags(args)
     if not -(2**62) <= args.seed < 2**62:
         raise UserError(f"--seed {args.seed}: expected an integer between -2**62 and 2**62")
 
@@ -181,7 +191,7 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
     check_weights(args.model, safetensors_only=True, spec=spec)  # export reads the base's safetensors
     out = Path(args.output_dir)
     replaced = [out / FINAL_DIR, out / "runs", *checkpoint.list_checkpoints(out)] if out.is_dir() else []
-    inputs = {"--model": args.model, "--positions": args.positions, "--data": args.data}
+    inputs = {"--model": args.model, "--positions": args.positions, **input_paths(args)}
     files.refuse_output_over_inputs("--output-dir", out, inputs, replaced)
     files.check_writable("--output-dir", out, directory=True)
     rows = positions.load(args.positions, spec)
@@ -223,8 +233,9 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
     ):
         if value < 1:
             raise UserError(f"{name} {value}: expected a positive integer")
-    tokenizer = load_tokenizer(args.model)
-    data = load_examples(args.data, tokenizer, args.max_seq_len)
+    tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
+    conversations, data_name = read_conversations(args)
+    data = load_examples(conversations, tokenizer, args.max_seq_len, data_name)
     plan = Plan(
         args=args,
         spec=spec,
@@ -244,7 +255,7 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
     )
     if plan.steps_per_epoch == 0:
         raise UserError(
-            f"--data {args.data}: {len(data.examples)} usable samples, fewer than one global batch "
+            f"{data_name}: {len(data.examples)} usable samples, fewer than one global batch "
             f"({micro} micro x {accum} accumulation x {world.size} ranks)"
         )
     plan.log.append(
