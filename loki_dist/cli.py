@@ -27,7 +27,7 @@ from typing import NoReturn
 
 import torch.distributed as dist
 
-from loki_dist import __version__, distributed, files
+from loki_dist import __version__, distributed, files, runconfig
 from loki_dist.errors import RankErrors, UserError
 
 # sub-command -> (module, one-line help)
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         function_name = name.replace("-", "_")
         getattr(module, f"add_{function_name}_arguments")(command)
+        if name not in runconfig.OWN_YAML:
+            runconfig.add_config_argument(command)
         _show_defaults(command)
         command.set_defaults(_run=getattr(module, f"run_{function_name}"))
     return parser
@@ -100,7 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:  # --config FILE.yaml -> flags before the command line's own
+        argv = runconfig.expand(parser, argv)
+    except UserError as err:  # before any process group: said once (rank 0), every rank exits 2
+        if _rank_and_size()[0] == 0:
+            print(f"loki-dist {runconfig.command_of(argv)}: error: {err}", file=sys.stderr, flush=True)
+        _exit(2)
+    args = parser.parse_args(argv)
     try:
         with distributed.stage(args.command):  # commands name their own stages inside, where they have them
             args._run(args)
