@@ -25,6 +25,7 @@ class RowSplitLinear(nn.Module):
     def __init__(self, base: nn.Linear, rows: list[int], trained: torch.Tensor):
         super().__init__()
         self.weight, self.bias = base.weight, base.bias  # the frozen base parameters, shared
+        self.__dict__["base"] = base  # not a submodule: merge_rows puts it back, state_dict skips it
         index = torch.tensor(rows, dtype=torch.long, device=trained.device)
         self.register_buffer("rows", index, persistent=False)
         self.trained = nn.Parameter(trained)

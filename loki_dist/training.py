@@ -50,13 +50,13 @@ from loki_dist import (
     distributed,
     dsconfig,
     files,
+    implant,
     metering,
     positions,
-    rowsplit,
     rowstate,
     runlock,
 )
-from loki_dist.adapters import ModelSpec, down_proj_slots, spec_from_dir
+from loki_dist.adapters import ModelSpec, down_projections, spec_from_dir
 from loki_dist.data import (
     Example,
     add_data_arguments,
@@ -418,24 +418,26 @@ class Trainer:
             self.states.append(state)
 
     def make_trainable(self, model: torch.nn.Module) -> tuple[torch.nn.Module, list[TrainableRows]]:
-        """Unfreeze what LoKI trains: per layer with positions, the down_proj weight (masked) or a new
-        parameter holding just its selected rows (split). Subclasses may train something else (the
-        benchmark's full fine-tuning and LoRA baselines) and return no rows."""
+        """Unfreeze what LoKI trains: the selected rows as their own parameter per layer (split, through
+        the Python API's implant_rows), or the whole down_proj weight of each layer with positions, its
+        other rows' gradients masked. Subclasses may train something else (the benchmark's full
+        fine-tuning and LoRA baselines) and return no rows."""
+        rows_by_layer = self.plan.positions
+        if self.plan.args.row_params == "split":
+            implant.implant_rows(model, rows_by_layer)
+            return model, [
+                TrainableRows(layer, module.trained, self._all_rows(module.rows), module.rows.tolist())
+                for layer, module in implant.implanted_layers(model)
+            ]
         trainable = []
-        for layer, ((parent, attribute), rows) in enumerate(
-            zip(down_proj_slots(model), self.plan.positions, strict=True)
-        ):
-            if not rows:
-                continue
-            if self.plan.args.row_params == "split":
-                param = rowsplit.split(parent, attribute, rows)
-                selected = torch.ones(len(rows), dtype=torch.bool, device=self.device)
-            else:
-                param = getattr(parent, attribute).weight
+        for layer, (linear, rows) in enumerate(zip(down_projections(model), rows_by_layer, strict=True)):
+            if rows:
                 selected = positions.row_mask(rows, self.plan.spec.hidden_size, self.device)
-            param.requires_grad_(True)
-            trainable.append(TrainableRows(layer, param, selected, rows))
+                trainable.append(TrainableRows(layer, linear.weight.requires_grad_(True), selected, rows))
         return model, trainable
+
+    def _all_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ones(len(rows), dtype=torch.bool, device=self.device)
 
     def prepare_optimizer(self, step: int) -> None:
         """Create Adam's state as after `step` updates, ready to receive a checkpoint's moments."""

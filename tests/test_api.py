@@ -1,0 +1,215 @@
+"""The Python API (loki_dist.implant_rows / save_implant / merge_rows) in HF's Trainer and a plain loop.
+
+The Trainer runs for real on 2 gloo ranks under ZeRO-3 (tests/hf_trainer_rows.py) and must give what
+`loki-dist train` gives on the same samples in the same order: that compares two training loops, HF's
+(its loss normalisation, its AdamW with decoupled decay, its scheduler, its DeepSpeed engine) and ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, free_port, run_cli
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import loki_dist
+from loki_dist.errors import UserError
+from loki_dist.rowsplit import RowSplitLinear
+from loki_dist.tiny import save_tiny
+
+POSITIONS = [[0, 3, 5, 17, 31], [], [1, 2, 10, 30]]  # layer 1 stays frozen
+# The runs: 4 steps of 2 ranks x 2 micro-batches of 1, warm-up over 2 steps then cosine, decay 0.1,
+# no clipping. Measured: the Trainer's rows and the CLI's are bit-identical (both reduce the same fp32
+# gradients in the same order); allowed: fp32 rounding of the update, far below the rows' 2e-2 motion.
+SETTINGS = {"steps": 4, "micro": 1, "accum": 2, "learning_rate": 1e-2, "weight_decay": 0.1,
+            "warmup_steps": 2, "seed": 42}  # fmt: skip
+ROWS_ATOL = 1e-7
+LOSS_RTOL = 1e-6
+
+
+def make_data(path, n: int = 24):
+    rows = [
+        {
+            "instruction": f"What is {a} plus {b}?",
+            "input": "",
+            "output": f"{a} plus {b} is {a + b}." * (1 + a % 3),
+        }
+        for a, b in zip(range(7, 7 + n), range(40, 40 + 3 * n, 3), strict=True)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    positions = root / "positions.json"
+    positions.write_text(json.dumps(POSITIONS))
+    zero3 = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every weight partitioned
+    (root / "zero3.json").write_text(json.dumps(zero3))
+    return {
+        "root": root,
+        "base": save_tiny(root / "base", "llama", seed=1, num_layers=3),
+        "positions": positions,
+        "data": make_data(root / "data.jsonl"),
+    }
+
+
+def base_tensors(model_dir) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory's weight shards (not of an implant file beside them)."""
+    shards = [p for p in sorted(model_dir.glob("*.safetensors")) if p.name != "implant.safetensors"]
+    return {name: tensor for shard in shards for name, tensor in load_file(shard).items()}
+
+
+def down_proj(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.down_proj.weight"
+
+
+def assert_only_rows_differ(base: dict, got: dict) -> None:
+    """Every tensor bit-identical to the base except the selected rows of the trained down_proj."""
+    assert set(got) == set(base)
+    for name, tensor in base.items():
+        expected, actual = tensor.clone(), got[name].clone()
+        for layer, rows in enumerate(POSITIONS):
+            if name == down_proj(layer) and rows:
+                assert not torch.equal(actual[rows], expected[rows]), f"{name}: its rows did not train"
+                expected[rows] = actual[rows] = 0
+        assert torch.equal(actual, expected), name
+
+
+@pytest.fixture(scope="module")
+def runs(setup):
+    """The Trainer script and `loki-dist train`, both 2 ranks, ZeRO-3, fp32."""
+    root = setup["root"]
+    settings = {**SETTINGS, "base": str(setup["base"]), "positions": str(setup["positions"]),
+                "data": str(setup["data"]), "out": str(root / "hf")}  # fmt: skip
+    (root / "settings.json").write_text(json.dumps(settings))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    script = [*launcher, str(REPO / "tests" / "hf_trainer_rows.py"), str(root / "settings.json")]
+    proc = subprocess.run(script, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    cli = ["train", "--model", str(setup["base"]), "--positions", str(setup["positions"]),
+           "--data", str(setup["data"]), "--output-dir", str(root / "cli"),
+           "--ds-config", str(root / "zero3.json"),
+           "--max-steps", "4", "--learning-rate", "1e-2", "--weight-decay", "0.1", "--max-grad-norm", "0",
+           "--warmup-ratio", "0.5", "--micro-batch-size", "1", "--gradient-accumulation", "2",
+           "--precision", "fp32", "--logging-steps", "1", "--seed", "42"]  # fmt: skip
+    run_cli(cli, nproc=2)
+    return root / "hf", root / "cli"
+
+
+def test_hf_trainer_with_zero3_trains_the_rows_as_loki_dist_train_does(setup, runs):
+    hf, cli = runs
+    implant, expected = (
+        load_file(hf / "implant.safetensors"),
+        load_file(cli / "final" / "implant.safetensors"),
+    )
+    assert set(implant) == set(expected)
+    for name, tensor in expected.items():
+        if name.endswith(".rows"):
+            assert torch.equal(implant[name], tensor), name
+        else:
+            torch.testing.assert_close(implant[name], tensor, rtol=0, atol=ROWS_ATOL)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(cli / "runs"))
+    events.Reload()
+    cli_losses = [event.value for event in events.Scalars("train/loss")]
+    hf_losses = json.loads((hf / "losses.json").read_text())
+    assert len(hf_losses) == len(cli_losses) == SETTINGS["steps"]
+    torch.testing.assert_close(torch.tensor(hf_losses), torch.tensor(cli_losses), rtol=LOSS_RTOL, atol=0)
+
+
+def test_the_merged_model_is_a_plain_hf_model_with_only_the_rows_changed(setup, runs, tmp_path):
+    hf, cli = runs
+    reloaded = AutoModelForCausalLM.from_pretrained(hf / "merged", dtype=torch.float32)  # no custom code
+    got = {name: tensor.detach() for name, tensor in reloaded.state_dict().items()}
+    base = base_tensors(setup["base"])
+    got = {name: got[name] for name in base}  # tied or derived entries aside, the saved ones
+    assert_only_rows_differ(base, got)
+    # the implant save_implant wrote merges into the base (loki-dist apply) to the same weights
+    out = tmp_path / "applied"
+    run_cli(["apply", "--base", str(setup["base"]), "--implant", str(hf / "implant.safetensors"),
+             "--output", str(out)])  # fmt: skip
+    applied = base_tensors(out)
+    for name in base:
+        assert torch.equal(applied[name], got[name]), name
+
+
+def test_a_plain_loop_trains_only_the_rows_and_merges_back(setup, tmp_path):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(setup["base"], dtype=torch.float32)
+    model = loki_dist.implant_rows(model, POSITIONS)  # a list of L lists, or a positions file
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    F = model.config.intermediate_size
+    assert sorted(trainable) == [
+        "model.layers.0.mlp.down_proj.trained",
+        "model.layers.2.mlp.down_proj.trained",
+    ]
+    assert sum(p.numel() for p in trainable.values()) == sum(map(len, POSITIONS)) * F
+    # the forward is the base's with the rows replaced: an independent splice of the weights
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    reference = AutoModelForCausalLM.from_pretrained(setup["base"], dtype=torch.float32)
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        for layer, rows in enumerate(POSITIONS):
+            if rows:
+                trained = trainable[f"model.layers.{layer}.mlp.down_proj.trained"]
+                reference.model.layers[layer].mlp.down_proj.weight[rows] = trained
+        torch.testing.assert_close(
+            model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=1e-6
+        )
+    path = loki_dist.save_implant(model, tmp_path / "implant.safetensors", base=setup["base"])
+    merged = loki_dist.merge_rows(model)
+    assert not any(isinstance(m, RowSplitLinear) for m in merged.modules())
+    assert all(type(m.mlp.down_proj) is nn.Linear for m in merged.model.layers)
+    merged.save_pretrained(tmp_path / "merged")
+    saved = base_tensors(tmp_path / "merged")
+    assert_only_rows_differ(base_tensors(setup["base"]), saved)
+    for name, tensor in reference.state_dict().items():
+        if name in saved:
+            assert torch.equal(saved[name], tensor), name
+    run_cli(
+        ["apply", "--base", str(setup["base"]), "--implant", str(path), "--output", str(tmp_path / "applied")]
+    )
+    applied = base_tensors(tmp_path / "applied")
+    assert all(torch.equal(applied[name], tensor) for name, tensor in saved.items())
+
+
+@pytest.mark.parametrize(
+    ("call", "needle"),
+    [
+        (lambda m, p, t: loki_dist.implant_rows(m, [[0], [1]]), "has 2 layer lists but the model has 3"),
+        (lambda m, p, t: loki_dist.implant_rows(m, [[], [], []]), "every layer list is empty"),
+        (lambda m, p, t: loki_dist.implant_rows(m, [[99], [], []]), "outside [0, 32)"),
+        (lambda m, p, t: loki_dist.implant_rows(loki_dist.implant_rows(m, p), p), "already has implanted"),
+        (lambda m, p, t: loki_dist.merge_rows(m), "has no implanted rows"),
+        (lambda m, p, t: loki_dist.save_implant(m, t / "x.safetensors"), "has no implanted rows"),
+        (
+            lambda m, p, t: loki_dist.save_implant(loki_dist.implant_rows(m, p), t / "exists.safetensors"),
+            "exists (pass overwrite=True",
+        ),
+    ],
+)
+def test_api_mistakes_are_named(setup, tmp_path, call, needle):
+    (tmp_path / "exists.safetensors").write_bytes(b"keep me")
+    model = AutoModelForCausalLM.from_pretrained(setup["base"], dtype=torch.float32)
+    with pytest.raises(UserError) as err:
+        call(model, str(setup["positions"]), tmp_path)
+    assert needle in str(err.value)
+    assert (tmp_path / "exists.safetensors").read_bytes() == b"keep me"
