@@ -1,0 +1,218 @@
+"""`--config FILE.yaml`: the file's keys are flags, the command line overrides them, mistakes are one line;
+`train --config` also reads a LLaMA-Factory training YAML shaped like the LoKI reference's ToolACE one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import assert_user_error, cli_command
+from safetensors.torch import load_file
+
+from loki_dist.cli import build_parser, main
+from loki_dist.runconfig import expand
+from loki_dist.tiny import save_tiny
+
+# the reference trains with `llamafactory-cli train toolace.yaml`; this file has that shape (sections
+# model / method / dataset / output / train), with a tiny model, loki_dist's `positions` and `deepspeed:
+# none` (one plain process) so that it runs in seconds on a CPU
+TOOLACE_SHAPED = """\
+### model
+model_name_or_path: base
+trust_remote_code: true
+
+### method
+stage: sft
+do_train: true
+finetuning_type: full
+deepspeed: none
+positions: positions.json
+
+### dataset
+dataset: toolace_tiny
+template: llama3
+cutoff_len: 512
+max_samples: 100000
+overwrite_cache: true
+preprocessing_num_workers: 16
+
+### output
+output_dir: saves/tiny/loki
+logging_steps: 1
+save_steps: 2
+plot_loss: true
+overwrite_output_dir: true
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 2
+learning_rate: 1.0e-3
+num_train_epochs: 2.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: false
+ddp_timeout: 180000000
+"""
+IGNORED = ["trust_remote_code", "do_train", "finetuning_type", "overwrite_cache", "preprocessing_num_workers",
+           "plot_loss", "ddp_timeout"]  # fmt: skip
+# the same run as flags
+AS_FLAGS = ["--model", "base", "--positions", "positions.json", "--ds-config", "none",
+            "--dataset", "toolace_tiny", "--chat-template", "llama3", "--max-seq-len", "512",
+            "--max-samples", "100000", "--logging-steps", "1", "--save-steps", "2", "--overwrite",
+            "--micro-batch-size", "1", "--gradient-accumulation", "2", "--learning-rate", "1e-3",
+            "--epochs", "2", "--lr-scheduler", "cosine", "--warmup-ratio", "0.1",
+            "--precision", "fp32"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A LLaMA-Factory-style working directory: the model, data/dataset_info.json, a sharegpt data set
+    with `conversations` and `system` columns (as the reference's ToolACE), the positions."""
+    root = tmp_path_factory.mktemp("lf")
+    save_tiny(root / "base", "llama", seed=0)
+    (root / "positions.json").write_text(json.dumps([[0, 3, 7], [1, 30]]))
+    (root / "data").mkdir()
+    info = {"toolace_tiny": {"file_name": "toolace_tiny.json", "formatting": "sharegpt",
+                             "columns": {"messages": "conversations", "system": "system"}}}  # fmt: skip
+    (root / "data" / "dataset_info.json").write_text(json.dumps(info))
+    rows = [
+        {
+            "system": f"You may call get_weather(city). Case {i}.",
+            "conversations": [
+                {"from": "human", "value": f"Weather in city {i}?"},
+                {"from": "gpt", "value": f'[get_weather(city="c{i}")]'},
+            ],
+        }
+        for i in range(4)
+    ]
+    (root / "data" / "toolace_tiny.json").write_text(json.dumps(rows))
+    (root / "toolace.yaml").write_text(TOOLACE_SHAPED)
+    return root
+
+
+def run_in(directory: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """`loki-dist ARGS` run from `directory`, as a user of LLaMA-Factory runs it from theirs."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        cli_command(args), cwd=directory, capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_a_toolace_shaped_llamafactory_yaml_trains_as_its_flags_do(workdir):
+    by_file = run_in(workdir, ["train", "--config", "toolace.yaml"])
+    notes = [line for line in by_file.stderr.splitlines() if line.startswith("loki-dist train: ignoring ")]
+    assert [line.split()[3].rstrip(":") for line in notes] == IGNORED, notes
+    run_in(workdir, ["train", *AS_FLAGS, "--output-dir", "by_flags"])
+    summary = json.loads((workdir / "saves/tiny/loki/train_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["samples"] == 4  # 2 epochs of 4 samples, 2 per step
+    for name in ("model.safetensors", "implant.safetensors"):
+        file_run = load_file(workdir / "saves/tiny/loki/final" / name)
+        flag_run = load_file(workdir / "by_flags/final" / name)
+        assert file_run.keys() == flag_run.keys()
+        for key, tensor in file_run.items():
+            assert tensor.dtype == flag_run[key].dtype and tensor.equal(flag_run[key]), f"{name}: {key}"
+    base = load_file(workdir / "base/model.safetensors")
+    trained = load_file(workdir / "by_flags/final/model.safetensors")
+    down = "model.layers.1.mlp.down_proj.weight"
+    assert not base[down][30].equal(trained[down][30]), "the selected row did not train"
+
+
+def parsed(argv: list[str]):
+    parser = build_parser()
+    return parser.parse_args(expand(parser, argv))
+
+
+def test_keys_are_flags_in_either_spelling_and_the_command_line_wins(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": "m", "positions": "p.json", "data": "d.jsonl", "output-dir": "out",
+        "learning_rate": 0.002, "max-steps": 7, "gradient_checkpointing": True, "lr_scheduler": "linear",
+        "seed": -3,
+    }))  # fmt: skip
+    args = parsed(["train", "--config", str(config)])
+    assert (args.model, args.data, args.output_dir, args.learning_rate) == ("m", "d.jsonl", "out", 0.002)
+    assert (args.max_steps, args.gradient_checkpointing, args.lr_scheduler, args.seed) == (
+        7,
+        True,
+        "linear",
+        -3,
+    )
+    over = parsed(
+        ["train", "--learning-rate", "0.5", f"--config={config}", "--max-steps", "9", "--seed", "1"]
+    )
+    assert (over.learning_rate, over.max_steps, over.seed, over.model) == (0.5, 9, 1, "m")
+    # other commands: lists for comma flags and repeated flags, choices, a switch off
+    config.write_text(yaml.safe_dump({"model": "m", "prompt": ["hi", "more"], "max_new_tokens": 3}))
+    assert parsed(["chat", "--config", str(config)]).prompt == ["hi", "more"]
+    config.write_text(yaml.safe_dump({"model": "m", "data": "d", "output": "o", "subjects": ["a", "b"],
+                                      "save_scores": False, "dtype": "float32"}))  # fmt: skip
+    args = parsed(["attribute", "--config", str(config), "--dtype", "bfloat16"])
+    assert (args.subjects, args.save_scores, args.dtype) == ("a,b", False, "bfloat16")
+
+
+def test_a_config_drives_a_whole_command(tmp_path, capsys):
+    config = tmp_path / "memory.yaml"
+    out = tmp_path / "memory.json"
+    config.write_text(f"preset: llama-3-8b\nworld-size: 4\nzero: 3\nquota: '10'\njson: {out}\n")
+    main(["estimate-memory", "--config", str(config), "--world-size", "16"])
+    assert json.loads(out.read_text())["setup"]["world_size"] == 16
+    capsys.readouterr()
+
+
+BAD = {
+    "an unknown key": ({"learnin_rate": 0.1}, "unknown key `learnin_rate` for `loki-dist train`"),
+    "a word for a number": ({"learning_rate": "fast"}, "`learning_rate`: expected a number, got str 'fast'"),
+    "a float for an integer": ({"max_steps": 2.5}, "`max_steps`: expected an integer, got float 2.5"),
+    "a string for a switch": ({"overwrite": "yes"}, "`overwrite`: expected true or false (a switch)"),
+    "a value outside the choices": (
+        {"lr_scheduler": "wavy"},
+        "'wavy' is not one of cosine, linear, constant",
+    ),
+    "both spellings": ({"max_steps": 1, "max-steps": 2}, "`max_steps` and `max-steps` both set --max-steps"),
+    "a list for one value": ({"model": ["a", "b"]}, "`model`: expected one value"),
+    "a fractional epoch count": ({"num_train_epochs": 2.5}, "num_train_epochs 2.5: loki_dist counts whole"),
+    "fp16": ({"fp16": True}, "fp16 True: loki_dist trains in bf16 or fp32"),
+    "another scheduler": ({"lr_scheduler_type": "polynomial"}, "expected one of cosine, linear, constant, "),
+    "another stage": ({"stage": "dpo"}, "stage 'dpo': loki_dist trains supervised (sft) only"),
+    "a LLaMA-Factory key and its loki_dist flag": ({"cutoff_len": 64}, "`max_seq_len` and `cutoff_len` both"),
+    "a template with no built-in": (
+        {"template": "qwen3"},
+        "template 'qwen3': no built-in loki_dist template",
+    ),
+    "a mixing strategy that repeats rows": ({"mix_strategy": "interleave_over"}, "mix_strategy 'interleave_"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_bad_key_or_value_is_one_line_and_nothing_is_written(case, tmp_path, capsys):
+    settings, expected = BAD[case]
+    config = tmp_path / "run.yaml"
+    base = {
+        "model": "m",
+        "positions": "p",
+        "data": "d",
+        "output_dir": str(tmp_path / "out"),
+        "max_seq_len": 8,
+    }
+    config.write_text(yaml.safe_dump({**base, **settings}, sort_keys=False))
+    assert_user_error(["train", "--config", str(config)], capsys, expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_file_level_mistakes_are_one_line(tmp_path, capsys):
+    assert_user_error(
+        ["select", "--config", str(tmp_path / "none.yaml")], capsys, "none.yaml: file not found"
+    )
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    assert_user_error(["evaluate", "--config", str(tmp_path / "list.yaml")], capsys, "expected a mapping")
+    (tmp_path / "bad.yaml").write_text("a: [1,\n")
+    assert_user_error(["export", "--config", str(tmp_path / "bad.yaml")], capsys, "not valid YAML")
+    (tmp_path / "ok.yaml").write_text("quota: 10\n")
+    argv = ["select", "--config", str(tmp_path / "ok.yaml"), "--config", str(tmp_path / "ok.yaml")]
+    assert_user_error(argv, capsys, "--config given twice")
