@@ -51,5 +51,22 @@ def split(parent: nn.Module, attribute: str, rows: list[int]) -> nn.Parameter:
     """Replace parent.<attribute> (a Linear) by a RowSplitLinear; returns the new trainable parameter."""
     base = getattr(parent, attribute)
     module = RowSplitLinear(base, rows, selected_rows(base, rows))
+    if hasattr(base.weight, "ds_id"):
+        _partition_like(module, base.weight)
     setattr(parent, attribute, module)
     return module.trained
+
+
+def _partition_like(module: RowSplitLinear, weight: nn.Parameter) -> None:
+    """ZeRO-3: partition the new row parameter at once, where the weight's partition lives. Left whole,
+    every rank would hold every layer's rows until deepspeed.initialize (3.8 GB at 70B, q = 10, bf16)."""
+    import deepspeed
+
+    held = weight.ds_tensor
+    offloaded = held.device.type == "cpu" and module.trained.device.type != "cpu"
+    deepspeed.zero.Init(
+        module=module,
+        remote_device="cpu" if offloaded else None,
+        pin_memory=offloaded and held.is_pinned(),
+        dtype=module.trained.dtype,
+    )

@@ -87,6 +87,9 @@ def main(settings: dict) -> None:
     )
     model = AutoModelForCausalLM.from_pretrained(settings["base"], dtype=torch.float32)
     model = loki_dist.implant_rows(model, settings["positions"])
+    for name, param in model.named_parameters():  # each rank holds its share of the rows from the start
+        if param.requires_grad:
+            assert param.ds_tensor.numel() == -(-param.ds_numel // world.size), name
     tokenizer = load_tokenizer(settings["base"])
     examples = load_examples(settings["data"], tokenizer, 2048).examples
     # the CLI's documented order within epoch 0: a permutation seeded by the seed, cut into global batches
