@@ -1,8 +1,9 @@
 """`loki-dist` / `python -m loki_dist`: one sub-command per stage.
 
 Each stage module owns its command line through two functions per command, `add_<command>_arguments`
-and `run_<command>`; this file only routes to them. Stage modules keep their heavy imports (DeepSpeed,
-transformers) inside functions so that building the parser stays fast. A UserError becomes one line on
+and `run_<command>`; this file only routes to them, after turning a `--config FILE.yaml` into the flags
+it holds (runconfig.py; every command but `pipeline`, which reads its own YAML). Stage modules keep
+their heavy imports (DeepSpeed, transformers) inside functions so that building the parser stays fast. A UserError becomes one line on
 stderr and exit status 2, with no traceback. With several ranks: one found by a command's checks is
 agreed by every rank (`distributed.agreement`) and printed by rank 0, once when all ranks found it,
 else one line per distinct message naming its ranks; one raised later, when peers may be busy in

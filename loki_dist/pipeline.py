@@ -120,9 +120,13 @@ def load_config(path: str) -> dict:
 
 def _flags(section: dict, name: str = "") -> list[str]:
     """YAML mapping -> command-line flags (`data_config: all` -> `--data-config all`)."""
+    from loki_dist.runconfig import LIST_FLAGS
+
     out = []
     for key, value in section.items():
         flag = "--" + str(key).replace("_", "-")
+        if isinstance(value, list) and flag in LIST_FLAGS:  # `dataset: [a, b]` -> --dataset a,b
+            value = ",".join(map(str, value))
         if isinstance(value, (list, dict)):
             raise UserError(f"pipeline `{name}.{key}`: expected one value, got {value!r}")
         if value is True:

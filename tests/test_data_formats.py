@@ -262,7 +262,7 @@ def test_pipeline_passes_the_data_flags_on_and_checks_them_first(job, tmp_path, 
     from loki_dist.pipeline import build_stages, load_config, validate
 
     root = layout(tmp_path / "data", {"t": {"file_name": "t.json"}}, {"t.json": [GOOD_ROW] * 4})
-    train = {"dataset": "t,t", "dataset_dir": str(root), "mix_ratios": "1,1", "chat_template": "chatml",
+    train = {"dataset": ["t", "t"], "dataset_dir": str(root), "mix_ratios": [1, 1], "chat_template": "chatml",
              "max_samples": 3, "ds_config": "none"}  # fmt: skip
     mmlu = write_mmlu(tmp_path / "mmlu", per_subject=1)
     config = {"output_dir": str(tmp_path / "run"), "model": str(job["base"]),
@@ -272,8 +272,9 @@ def test_pipeline_passes_the_data_flags_on_and_checks_them_first(job, tmp_path, 
     stages = build_stages(load_config(str(path)))
     argv = stages[2].argv
     for flag, value in train.items():  # each key as its flag, followed by its value
-        assert argv[argv.index("--" + flag.replace("_", "-")) + 1] == str(value)
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        assert argv[argv.index("--" + flag.replace("_", "-")) + 1] == text
     validate(str(path), config, stages)
-    path.write_text(yaml.safe_dump({**config, "train": {**train, "mix_ratios": "1"}}))
+    path.write_text(yaml.safe_dump({**config, "train": {**train, "mix_ratios": [1]}}))
     assert_user_error(["pipeline", "--config", str(path)], capsys, "`train`: --mix-ratios 1: 1 ratios for 2")
     assert not (tmp_path / "run" / "attribution.safetensors").exists()

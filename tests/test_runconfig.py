@@ -216,3 +216,16 @@ def test_file_level_mistakes_are_one_line(tmp_path, capsys):
     (tmp_path / "ok.yaml").write_text("quota: 10\n")
     argv = ["select", "--config", str(tmp_path / "ok.yaml"), "--config", str(tmp_path / "ok.yaml")]
     assert_user_error(argv, capsys, "--config given twice")
+
+
+def test_the_example_llamafactory_yaml_reads_as_train_flags(capsys):
+    from conftest import REPO
+
+    args = parsed(["train", "--config", str(REPO / "examples" / "train_llamafactory.yaml")])
+    assert (args.model, args.dataset, args.dataset_dir, args.chat_template) == (
+        "Llama-3.1-8B-Instruct", "toolace", "data", "llama3")  # fmt: skip
+    assert (args.epochs, args.precision, args.micro_batch_size, args.gradient_accumulation) == (
+        2, "bf16", 1, 8)  # fmt: skip
+    assert (args.max_seq_len, args.lr_scheduler, args.overwrite, args.ds_config) == (
+        2048, "cosine", True, "ds_configs/zero3.json")  # fmt: skip
+    assert "loki-dist train: ignoring finetuning_type: " in capsys.readouterr().err
