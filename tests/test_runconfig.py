@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -229,3 +230,18 @@ def test_the_example_llamafactory_yaml_reads_as_train_flags(capsys):
     assert (args.max_seq_len, args.lr_scheduler, args.overwrite, args.ds_config) == (
         2048, "cosine", True, "ds_configs/zero3.json")  # fmt: skip
     assert "loki-dist train: ignoring finetuning_type: " in capsys.readouterr().err
+
+
+def test_under_torchrun_a_config_mistake_is_said_once_and_ignored_keys_once(tmp_path):
+    from conftest import run_cli
+
+    config = tmp_path / "run.yaml"
+    config.write_text("plot_loss: true\nmodel: m\nlearnin_rate: 0.1\n")
+    proc = run_cli(["train", "--config", str(config)], nproc=2, check=False, timeout=120)
+    said = [line for line in proc.stderr.splitlines() if line.startswith("loki-dist train: ")]
+    assert proc.returncode != 0 and len(said) == 2, proc.stderr
+    assert said[0].startswith("loki-dist train: ignoring plot_loss: ")
+    assert said[1].startswith("loki-dist train: error: --config ") and "`learnin_rate`" in said[1]
+    assert set(re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)) == {"2"}, (
+        proc.stderr
+    )  # every failed rank: 2
