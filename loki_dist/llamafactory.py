@@ -38,7 +38,9 @@ SCHEDULERS = {
     "constant_with_warmup": "constant",
 }
 _BOARD = "the loss goes to TensorBoard in output_dir/runs"
-_NO_EVAL = "train does not evaluate; run `loki-dist evaluate` on output_dir/final"
+_NO_EVAL = "LLaMA-Factory's evaluation split is not made; train evaluates --eval-data and --general-data"
+# an ignored LLaMA-Factory key that is also a loki_dist flag: the flag, where the file sets what it needs
+SAME_NAME = {"eval_steps": ("eval_data", "general_data")}
 # keys with no loki_dist meaning, and why
 IGNORED = {
     "do_train": "loki-dist train always trains",
@@ -101,7 +103,7 @@ def translate(settings: dict, path: str) -> tuple[dict, list[str]]:
     for key, value in settings.items():
         if key in RENAMED:
             put(RENAMED[key], value, key)
-        elif key in IGNORED:
+        elif key in IGNORED and not set(SAME_NAME.get(key, ())) & set(settings):
             if key == "do_train" and value is False:
                 raise UserError(f"{where}: do_train false: loki-dist train always trains")
             notes.append(f"ignoring {key}: {IGNORED[key]}")

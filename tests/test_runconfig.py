@@ -244,3 +244,12 @@ def test_under_torchrun_a_config_mistake_is_said_once_and_ignored_keys_once(tmp_
     assert said[1].startswith("loki-dist train: error: --config ") and "`learnin_rate`" in said[1]
     exit_codes = set(re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr))  # torchrun's report per failed rank
     assert exit_codes == {"2"}, proc.stderr
+
+
+def test_an_ignored_key_that_is_also_a_flag_is_the_flag_where_the_file_gives_its_inputs():
+    from loki_dist.llamafactory import translate
+
+    settings, notes = translate({"eval_steps": 5, "val_size": 0.1}, "lf.yaml")  # LLaMA-Factory's split
+    assert settings == {} and [n.split(":")[0] for n in notes] == ["ignoring eval_steps", "ignoring val_size"]
+    settings, notes = translate({"eval_steps": 5, "eval_data": "held_out.jsonl"}, "run.yaml")  # the monitor's
+    assert settings == {"eval_steps": 5, "eval_data": "held_out.jsonl"} and notes == []
