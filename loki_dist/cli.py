@@ -1,18 +1,18 @@
 """`loki-dist` / `python -m loki_dist`: one sub-command per stage.
 
-Each stage module owns its command line through two functions per command, `add_<command>_arguments`
-and `run_<command>`; this file only routes to them, after turning a `--config FILE.yaml` into the flags
-it holds (runconfig.py; every command but `pipeline`, which reads its own YAML). Stage modules keep
-their heavy imports (DeepSpeed, transformers) inside functions so that building the parser stays fast. A UserError becomes one line on
-stderr and exit status 2, with no traceback. With several ranks: one found by a command's checks is
-agreed by every rank (`distributed.agreement`) and printed by rank 0, once when all ranks found it,
-else one line per distinct message naming its ranks; one raised later, when peers may be busy in
-another collective, is printed by the rank that found it, prefixed with that rank. A collective that
-broke off (a peer died or stayed silent past the timeout: distributed.CollectiveFailed) is one line
-naming the stage, exit status 1. Every way out (success, user error, crash, Ctrl-C, the exit statuses
-75 and 3 of a stopped or diverged training) leaves the process group: with a barrier only on success.
-Under a launch/ wrapper each rank also reports its exit status (STATUS_DIR_ENV) for the wrapper to
-pass on, since the launchers themselves exit with 1 for any failed worker.
+Each stage module owns its command line through two functions per command, `add_<command>_arguments` and
+`run_<command>`; this file only routes to them, after turning a `--config FILE.yaml` into the flags it
+holds (runconfig.py; every command but `pipeline`, which reads its own YAML). Stage modules keep their
+heavy imports (DeepSpeed, transformers) inside functions so that building the parser stays fast. A
+UserError becomes one line on stderr and exit status 2, with no traceback. With several ranks: one found
+by a command's checks is agreed by every rank (`distributed.agreement`) and printed by rank 0, once when
+all ranks found it, else one line per distinct message naming its ranks; one raised later, when peers
+may be busy in another collective, is printed by the rank that found it, prefixed with that rank. A
+collective that broke off (a peer died or stayed silent past the timeout: distributed.CollectiveFailed)
+is one line naming the stage, exit status 1. Every way out (success, user error, crash, Ctrl-C, the exit
+statuses 75 and 3 of a stopped or diverged training) leaves the process group: with a barrier only on
+success. Under a launch/ wrapper each rank also reports its exit status (STATUS_DIR_ENV) for the wrapper
+to pass on, since the launchers themselves exit with 1 for any failed worker.
 """
 
 from __future__ import annotations
