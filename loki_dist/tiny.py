@@ -104,18 +104,32 @@ def build_model(model_type: str = "llama", seed: int = 0, **config_kwargs) -> to
     return model.eval()
 
 
+def sharpen_(model: torch.nn.Module) -> torch.nn.Module:
+    """Scale the decoder layers' weights up 3x and the output head 40x, in place: a random tiny model
+    predicts nearly uniformly (perplexity about the vocabulary size, whatever its weights), a sharpened
+    one has opinions, so that different prompts get different answers and a change of weights shows."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layers" in name and "norm" not in name:
+                param.mul_(3)
+        model.lm_head.weight.mul_(40)
+    return model
+
+
 def save_tiny(
     out_dir: str | Path,
     model_type: str = "llama",
     seed: int = 0,
     dtype=torch.float32,
     max_shard_size: str | None = None,
+    sharp: bool = False,
     **config_kwargs,
 ) -> Path:
     """Write a tiny model and the tokenizer as a standard Hugging Face directory (in several safetensors
-    shards when `max_shard_size` is small, as big models come)."""
+    shards when `max_shard_size` is small, as big models come); sharp: sharpen_ it first."""
     out_dir = Path(out_dir)
-    model = build_model(model_type, seed=seed, **config_kwargs).to(dtype)
+    model = build_model(model_type, seed=seed, **config_kwargs)
+    model = (sharpen_(model) if sharp else model).to(dtype)
     shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(out_dir, safe_serialization=True, **shards)
     build_tokenizer(vocab_size=model.config.vocab_size).save_pretrained(out_dir)

@@ -52,6 +52,7 @@ from loki_dist import (
     files,
     implant,
     metering,
+    monitor,
     positions,
     rowstate,
     runlock,
@@ -126,6 +127,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--resume", default="auto", help="auto (newest checkpoint in --output-dir), never, or a path"
     )
     p.add_argument("--overwrite", action="store_true", help="discard a finished run in --output-dir")
+    monitor.add_monitor_arguments(p)
 
 
 @dataclass
@@ -149,6 +151,7 @@ class Plan:
     pad_id: int
     log: list[str] = field(default_factory=list)
     lock: runlock.RunLock | None = None  # the output directory's, held by rank 0 (_find_resume)
+    evals: monitor.Inputs | None = None  # this rank's share of --eval-data / --general-data
 
     @property
     def global_batch(self) -> int:
@@ -183,6 +186,7 @@ def check_flags(args: argparse.Namespace) -> None:
     check_data_flags(args)
     if not -(2**62) <= args.seed < 2**62:
         raise UserError(f"--seed {args.seed}: expected an integer between -2**62 and 2**62")
+    monitor.check_flags(args)
 
 
 def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
@@ -192,6 +196,7 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
     out = Path(args.output_dir)
     replaced = [out / FINAL_DIR, out / "runs", *checkpoint.list_checkpoints(out)] if out.is_dir() else []
     inputs = {"--model": args.model, "--positions": args.positions, **input_paths(args)}
+    inputs.update(monitor.input_files(args))
     files.refuse_output_over_inputs("--output-dir", out, inputs, replaced)
     files.check_writable("--output-dir", out, directory=True)
     rows = positions.load(args.positions, spec)
@@ -262,6 +267,7 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
         f"{len(data.examples)} samples ({data.truncated} truncated to {args.max_seq_len} tokens, "
         f"{data.dropped} dropped with no response token left)"
     )
+    plan.evals = monitor.read_inputs(args, tokenizer, world)
     plan.resume_from = _find_resume(plan)
     return plan
 
@@ -607,7 +613,8 @@ def _train(plan: Plan) -> int:
         total=plan.total_steps, initial=start, desc="train", disable=not world.is_main, dynamic_ncols=True
     )
     try:
-        status = _steps(plan, trainer, stop, start, bar, writer)
+        watch = monitor.Monitor.begin(plan, trainer, start, bar, writer)  # the first evaluation, if asked
+        status = _steps(plan, trainer, stop, start, bar, writer, watch)
     finally:
         bar.close()
         if writer is not None:
@@ -616,12 +623,13 @@ def _train(plan: Plan) -> int:
         return status
     with distributed.stage("the probe loss after training"):
         probe = _probe_loss(trainer, plan)
-    last = out / f"checkpoint-{plan.total_steps}"  # saved by the last step (every rank knows its name)
+    end = watch.stopped_at or plan.total_steps  # the last step, or the one that stopped on forgetting
+    last = out / f"checkpoint-{end}"  # saved by that step (every rank knows its name)
     with distributed.stage(f"exporting {out / FINAL_DIR}"):
         checkpoint.export_checkpoint(last, out / FINAL_DIR, world, base_dir=plan.args.model)
     if world.is_main:
         summary = {
-            "steps": plan.total_steps,
+            "steps": end,
             "global_batch": plan.global_batch,
             "world_size": world.size,
             "samples": len(plan.examples),
@@ -629,14 +637,18 @@ def _train(plan: Plan) -> int:
             "probe_loss_at_start_step": probe_at_start_step,
             "start_step": start,
             "probe_samples": global_batch_indices(0, plan),
+            **watch.summary(),
         }
         files.write_json(out / "train_summary.json", summary, indent=2)
         print(f"done: {out / FINAL_DIR} (probe loss {probe:.6f})", flush=True)
     return 0
 
 
-def _steps(plan: Plan, trainer: Trainer, stop: StopRequest, start: int, bar, writer) -> int:
-    """The optimizer steps from `start`, with their logs and checkpoints; returns _train's status."""
+def _steps(
+    plan: Plan, trainer: Trainer, stop: StopRequest, start: int, bar, writer, watch: monitor.Monitor
+) -> int:
+    """The optimizer steps from `start`, with their logs, evaluations and checkpoints; returns _train's
+    status (0 also when the forgetting monitor stopped the run early: watch.stopped_at)."""
     world, out = plan.world, plan.out
     run_state = {
         "base_model": str(Path(plan.args.model).resolve()),
@@ -678,18 +690,23 @@ def _steps(plan: Plan, trainer: Trainer, stop: StopRequest, start: int, bar, wri
             ranks = f" (non-finite on {diverged} of {world.size} ranks)" if world.size > 1 else ""
             bar.close()
             return _diverged(plan, done, f"loss {float(loss):.4g}, gradient norm {norm}{ranks}")
-        stopping = stopping and done < plan.total_steps
+        forgetting = watch.after_step(done, bar, writer)  # evaluates when due; True: stop, as an end
+        stopping = stopping and done < plan.total_steps and not forgetting
         if (
             (plan.args.save_steps and done % plan.args.save_steps == 0)
             or done == plan.total_steps
             or stopping
+            or forgetting
         ):
             try:
                 with distributed.stage(f"saving checkpoint-{done}"):
-                    checkpoint.save(out, done, trainer.states, run_state, world, plan.args.save_total_limit)
+                    state = {**run_state, **watch.state()}  # the evaluations too: a resume keeps the baseline
+                    checkpoint.save(out, done, trainer.states, state, world, plan.args.save_total_limit)
             except checkpoint.NonFinite as err:
                 bar.close()
                 return _diverged(plan, done, f"its update left NaN or Inf in the trained rows ({err})")
+        if forgetting:
+            return 0
         if stopping:
             bar.close()
             if world.is_main:

@@ -17,18 +17,9 @@ from mmlu_fixture import write_mmlu
 @pytest.fixture(scope="module")
 def opinionated_llama(tmp_path_factory):
     """A tiny Llama with scaled-up layers, so that different prompts get different answers."""
-    from loki_dist.tiny import build_model, build_tokenizer
+    from loki_dist.tiny import save_tiny
 
-    out = tmp_path_factory.mktemp("opinionated")
-    model = build_model("llama", seed=3)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "layers" in name and "norm" not in name:
-                param.mul_(3)
-        model.lm_head.weight.mul_(40)
-    model.save_pretrained(out, safe_serialization=True)
-    build_tokenizer().save_pretrained(out)
-    return out
+    return save_tiny(tmp_path_factory.mktemp("opinionated"), "llama", seed=3, sharp=True)
 
 
 def _direct_letters(model_dir, data, shots: int) -> list[int]:
