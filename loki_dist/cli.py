@@ -105,20 +105,15 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:  # --config FILE.yaml -> flags before the command line's own
-        argv = runconfig.expand(parser, argv)
-    except UserError as err:  # before any process group: said once (rank 0), every rank exits 2
-        if _rank_and_size()[0] == 0:
-            print(f"loki-dist {runconfig.command_of(argv)}: error: {err}", file=sys.stderr, flush=True)
-        _exit(2)
-    args = parser.parse_args(argv)
+    command = runconfig.command_of(argv) or "loki-dist"
     try:
-        with distributed.stage(args.command):  # commands name their own stages inside, where they have them
+        with distributed.stage(command):  # commands name their own stages inside, where they have them
+            args = parser.parse_args(_with_config(parser, argv))
             args._run(args)
     except UserError as err:
         rank, size = _rank_and_size()
         for line in _error_lines(err, rank, size):
-            print(f"loki-dist {args.command}: error: {line}", file=sys.stderr, flush=True)
+            print(f"loki-dist {command}: error: {line}", file=sys.stderr, flush=True)
         agreed = isinstance(err, RankErrors)
         if agreed:  # every rank is here: none exits (and has its launcher stop the rest) before the line
             distributed.agreement_barrier()
@@ -126,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         _exit(1 if agreed and err.crashed else 2)
     except distributed.CollectiveFailed as err:  # a peer died or went silent: its own log says why
         rank, size = _rank_and_size()
-        print(f"loki-dist {args.command}: error: {_error_lines(err, rank, size)[0]}", file=sys.stderr)
+        print(f"loki-dist {command}: error: {_error_lines(err, rank, size)[0]}", file=sys.stderr)
         _leave()
         _exit(1)
     except KeyboardInterrupt:
@@ -143,6 +138,17 @@ def main(argv: list[str] | None = None) -> None:
     distributed.shutdown()
     if _rank_and_size()[1] > 1:
         _exit(0)
+
+
+def _with_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """argv with its --config file's settings as flags (runconfig.expand). With several ranks every rank
+    reads the file and they agree on what they found, as a command's checks do: a mistake in the file is
+    said once, and no rank exits (and has its launcher stop the others) before it is said."""
+    world = distributed.world_from_env()
+    if world.size == 1 or not runconfig.names_config(argv):
+        return runconfig.expand(parser, argv)
+    with distributed.agreement(world):
+        return runconfig.expand(parser, argv)
 
 
 def _exit(code: int | str | None) -> NoReturn:

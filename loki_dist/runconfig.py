@@ -41,6 +41,13 @@ def command_of(argv: list[str]) -> str | None:
     return next((word for word in argv if not word.startswith("-")), None)
 
 
+def names_config(argv: list[str]) -> bool:
+    """Whether argv gives --config (to a command that reads it as flags)."""
+    return command_of(argv) not in OWN_YAML and any(
+        word == CONFIG_FLAG or word.startswith(CONFIG_FLAG + "=") for word in argv
+    )
+
+
 def expand(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """argv with its --config file turned into flags put right after the command, before its own."""
     command = command_of(argv)
