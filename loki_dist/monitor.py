@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -55,6 +56,9 @@ from loki_dist.evaluation import (
     read_text_lines,
     token_nll,
 )
+
+if TYPE_CHECKING:  # training imports this module
+    from loki_dist.training import Plan, Trainer
 
 # what a stop compares: the metric and the sign of its change that means forgetting
 FORGETTING = {"general_perplexity": 1, "general_accuracy": -1}
@@ -180,21 +184,22 @@ def _as_flag(flag: str) -> Iterator[None]:
         yield
     except UserError as err:
         text = str(err)
-        renamed = flag + text.removeprefix("--data") if text.startswith("--data") else f"{flag}: {text}"
+        named = text.startswith(("--data ", "--data:"))  # not --data-config, nor another flag
+        renamed = flag + text.removeprefix("--data") if named else f"{flag}: {text}"
         raise UserError(renamed) from None
 
 
 class Monitor:
     """Evaluates when due, logs, keeps the history and decides an early stop; inert without inputs."""
 
-    def __init__(self, plan, trainer, history: list[dict]):
+    def __init__(self, plan: Plan, trainer: Trainer, history: list[dict]):
         self.plan, self.trainer, self.inputs = plan, trainer, plan.evals
         self.history = history  # every evaluation of the run, the baseline first
         self.stopped_at: int | None = None
         self.stop_reason: dict | None = None
 
     @classmethod
-    def begin(cls, plan, trainer, start: int, bar, writer) -> Monitor:
+    def begin(cls, plan: Plan, trainer: Trainer, start: int, bar, writer) -> Monitor:
         """The monitor of a run starting at `start`, after its first evaluation: the baseline, unless the
         checkpoint resumed from holds the evaluations before it (of the same data)."""
         watch = cls(plan, trainer, [])
@@ -306,7 +311,7 @@ class Monitor:
             values.update(general_accuracy=correct / count, general_gold_logprob=gold / count)
         return values
 
-    def _local_sums(self, model) -> list[float]:
+    def _local_sums(self, model: torch.nn.Module) -> list[float]:
         """This rank's sums, in the order _measure reads them: the task's [NLL, correct, tokens], the
         documents' [NLL, predicted tokens], the questions' [correct, gold-letter log-probability, count]."""
         inputs, plan = self.inputs, self.plan
@@ -326,7 +331,9 @@ class Monitor:
         return sums
 
 
-def task_sums(model, examples: list[Example], pad_id: int, batch_size: int, lockstep: bool) -> list[float]:
+def task_sums(
+    model: torch.nn.Module, examples: list[Example], pad_id: int, batch_size: int, lockstep: bool
+) -> list[float]:
     """[summed NLL, correctly predicted, counted] over the response tokens of `examples`, teacher-forced:
     the targets are the next tokens whose label is not IGNORE_INDEX (what the training loss counts).
 
