@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from loki_dist.data import Example, collate, tokenize
-from loki_dist.evaluation import choose_letters
+from loki_dist.evaluation import letter_logprobs
 from loki_dist.mmlu import Question, answered_messages, encode
 
 
@@ -43,7 +43,7 @@ class Encoded:
     def accuracy(self, model, letters: list[int], batch_size: int = 8) -> float:
         was_training = model.training
         model.eval()
-        chosen = choose_letters(model, self.input_ids, letters, 0, batch_size)
+        chosen = letter_logprobs(model, self.input_ids, letters, 0, batch_size).argmax(dim=-1)
         model.train(was_training)
         return sum(int(c == q.answer) for c, q in zip(chosen.tolist(), self.questions, strict=True)) / len(
             self.questions

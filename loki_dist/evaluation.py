@@ -110,18 +110,6 @@ def model_batches(model: Callable, items: Sequence, batch_size: int, lockstep: b
             model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
 
 
-def choose_letters(
-    model: Callable,
-    prompts: Sequence[Sequence[int]],
-    letter_ids: Sequence[int],
-    pad_id: int,
-    batch_size: int,
-    lockstep: bool = False,
-) -> torch.Tensor:
-    """Index (0-3) of the most likely answer letter after each prompt (ties: the earlier letter)."""
-    return letter_logprobs(model, prompts, letter_ids, pad_id, batch_size, lockstep).argmax(dim=-1)
-
-
 @torch.no_grad()
 def letter_logprobs(
     model: Callable,
@@ -132,7 +120,7 @@ def letter_logprobs(
     lockstep: bool = False,
 ) -> torch.Tensor:
     """[N, 4] float32 log-probability (over the whole vocabulary) of each answer letter right after each
-    prompt, on the CPU; left-padded batches.
+    prompt, on the CPU; left-padded batches. Its argmax is the chosen letter (ties: the earlier one).
 
     Prompts are batched in order of length (rows come back in the given order): MMLU prompts range
     from under 100 to over 600 tokens, and padding every batch to its longest cost about 30% (measured).
@@ -200,7 +188,7 @@ def document_nll(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(float64 NLL sum, predicted-token count) of each document, in non-overlapping windows.
 
-    lockstep: as for choose_letters; ranks may hold different numbers of windows. Beyond the model's own
+    lockstep: as for letter_logprobs; ranks may hold different numbers of windows. Beyond the model's own
     logits, a batch holds one chunk of float32 log-probabilities (token_nll).
     """
     device = next(model.parameters()).device
@@ -346,7 +334,8 @@ def _multiple_choice_inputs(args, tokenizer) -> Callable:
         mine = my_block(len(questions), world)
         ids = [prompts.input_ids[i] for i in mine]
         model = loaded.model
-        local = choose_letters(model, ids, letters, _pad_id(model), args.batch_size, loaded.sharded)
+        scores = letter_logprobs(model, ids, letters, _pad_id(model), args.batch_size, loaded.sharded)
+        local = scores.argmax(dim=-1)
         predictions = _gather(local, len(questions), world)
         result = multiple_choice_results(questions, predictions, args.name or "mmlu", args.scores_per_subject)
         return {**result, "shots": args.shots, "chat_template": prompts.chat_template}
