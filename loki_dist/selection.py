@@ -68,15 +68,28 @@ def bottom_counts_from_scores(scores, k: int, descending: bool = False):
     return (ascending_ranks(-scores if descending else scores) < k).sum(0)
 
 
-def layer_balanced(tensors: dict, quota: Fraction) -> list[list[int]]:
+def layer_balanced(tensors: dict, quota: Fraction, highest: bool = False) -> list[list[int]]:
+    """k rows per layer, the most often among a sample's k lowest-scored (DESIGN.md, step 2).
+
+    highest: the most often among the k *highest*-scored instead (ties: higher score sum, then lower
+    index), the paper's "most important rows" contrast, which the selection study (bench/) trains as an
+    arm. It reads the per-sample scores (`attribute --save-scores`): the histograms bin ascending ranks
+    at the bottom quotas' edges, which do not fall on the top k's edge.
+    """
     num_layers, hidden = tensors["score_sum"].shape
     k = math.floor(quota * hidden / 100)
-    if quota.denominator == 1:
+    if highest:
+        if "scores" not in tensors:
+            raise UserError("layer-balanced highest needs per-sample scores (`attribute --save-scores`)")
+        count = bottom_counts_from_scores(tensors["scores"].float(), k, descending=True)
+    elif quota.denominator == 1:
         count = tensors["bottom_rank_hist"][..., : int(quota)].sum(-1)
     else:
         count = bottom_counts_from_scores(tensors["scores"].float(), k)
+    sums = tensors["score_sum"]
     return [
-        sorted(_pick(count[layer], tensors["score_sum"][layer], k).tolist()) for layer in range(num_layers)
+        sorted(_pick(count[layer], sums[layer], k, low_sum_first=not highest).tolist())
+        for layer in range(num_layers)
     ]
 
 

