@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import hashlib
 import json
 import math
@@ -651,6 +652,8 @@ def plot(result: dict, path: Path) -> bool:
             (x, dx), (y, dy) = summarise(xs), summarise(ys)
             axis.errorbar([x], [y], xerr=[dx], yerr=[dy], fmt=markers[index % len(markers)], ms=7,
                           capsize=3, label=arm["name"])  # fmt: skip
+        if key == "prose_perplexity":  # a ruined arm reaches 1e4: linear, every other arm sits on the axis
+            axis.set_yscale("log")
         axis.set_xlabel("held-out task accuracy (%)")
         axis.set_ylabel(f"{heading}, {'lower' if key == 'prose_perplexity' else 'higher'} is better")
         axis.grid(alpha=0.3)
@@ -661,6 +664,17 @@ def plot(result: dict, path: Path) -> bool:
     files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return True
+
+
+def grid_edges(result: dict) -> list[str]:
+    """Arms whose chosen rate is the largest of their grid: a larger rate might have reached the target
+    sooner still (and, by the same token, have damaged more), so their row of the table is at the edge of
+    what the sweep explored."""
+    edges = [a["name"] for a in result["arms"] if a["lr"] == max(r["lr"] for r in a["sweep"])]
+    if not edges:
+        return []
+    return [f"Chosen at the largest rate of the grid (the sweep may not have found the fastest): "
+            f"{', '.join(edges)}.", ""]  # fmt: skip
 
 
 def comparisons(result: dict) -> list[str]:
@@ -694,7 +708,8 @@ def markdown(result: dict, command: str, plot_name: str | None) -> str:
     lines = [
         "# Selection study: does KVA's choice of rows matter, at equal task skill?",
         "",
-        provenance.measured(command) + f" The whole run took {result['total_seconds'] / 60:.1f} min.",
+        provenance.measured(command, result.get("date"), result.get("commit"), result.get("machine"))
+        + f" The whole run took {result['total_seconds'] / 60:.1f} min.",
         "",
         f"Model: {result['model']}. Task: toyworld's pets, {sizes['people']} invented people, trained on "
         f"{len(TRAIN_PHRASINGS)} phrasings, skill measured on {len(HELD_OUT_PHRASINGS)} held-out phrasings; "
@@ -718,6 +733,7 @@ def markdown(result: dict, command: str, plot_name: str | None) -> str:
         "",
         sweep_table(result),
         "",
+        *grid_edges(result),
     ]
     lines += ["## What it shows", "", *comparisons(result), ""]
     lines += [
@@ -785,21 +801,28 @@ def run_study(args: argparse.Namespace) -> dict:
         "total_seconds": time.perf_counter() - started,
         "commit": provenance.commit(),
         "machine": provenance.machine(),
+        "date": str(datetime.date.today()),
+        "command": "python bench/bench_selection.py " + " ".join(sys.argv[1:]),
     }
     markdown_path = Path(args.markdown) if args.markdown else out / "selection.md"
     files.write_json(markdown_path.with_suffix(".json"), result)
+    report(result, markdown_path)
+    return result
+
+
+def report(result: dict, markdown_path: Path) -> None:
+    """The plot and the report of a run's results (also re-rendered from its JSON: --report-from)."""
     plotted = plot(result, markdown_path.with_suffix(".png"))
-    command = "python bench/bench_selection.py " + " ".join(sys.argv[1:])
-    text = markdown(result, command, markdown_path.with_suffix(".png").name if plotted else None)
+    text = markdown(result, result["command"], markdown_path.with_suffix(".png").name if plotted else None)
     files.atomic_write(markdown_path, lambda tmp: Path(tmp).write_text(text))
     print(text)
-    return result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loki_dist"
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="working folder (tiny model, the results when no --markdown)")
+    p.add_argument("--out", help="working folder (tiny model, the results when no --markdown)")
+    p.add_argument("--report-from", metavar="JSON", help="only re-render the report of a run's results")
     p.add_argument("--markdown", help="the report to write; its .json and .png go beside it")
     p.add_argument("--cache-dir", default=str(default_cache), help="SmolLM2's converted model, attribution")
     p.add_argument("--tiny", action="store_true", help="a tiny model built in code: the code path in seconds")
@@ -813,8 +836,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in asdict(Sizes()).items():
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None, help=f"default {value}")
     p.add_argument("--lrs", type=json.loads, help='rate grids per kind, JSON: {"rows": [1e-3], ...}')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not (args.out or args.report_from):
+        p.error("--out is required (or --report-from a run's JSON)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """A run, or with --report-from its report re-rendered from the JSON a run wrote (the plot and the
+    wording can change without a new run; the numbers, date, commit and command stay the run's)."""
+    args = parse_args(argv)
+    if args.report_from:
+        saved = Path(args.report_from)
+        report(json.loads(saved.read_text()), saved.with_suffix(".md"))
+    else:
+        run_study(args)
 
 
 if __name__ == "__main__":
-    run_study(parse_args())
+    main()

@@ -35,5 +35,7 @@ def machine() -> str:
     return f"{cores} CPU cores, {memory:.0f} GiB, {device}; torch {torch.__version__}"
 
 
-def measured(command: str) -> str:
-    return f"Measured {datetime.date.today()} at commit {commit()} ({machine()}): `{command}`."
+def measured(command: str, when: str | None = None, at: str | None = None, on: str | None = None) -> str:
+    """The line for a run now, or (`when`, `at`, `on`) for one whose results a script re-renders."""
+    when, at, on = when or datetime.date.today(), at or commit(), on or machine()
+    return f"Measured {when} at commit {at} ({on}): `{command}`."

@@ -52,6 +52,11 @@ def test_report_json_and_plot_are_written_and_agree(study):
             assert 0 <= m["probes_kept"] <= 1 and m["prose_perplexity"] > 1 and m["mmlu_gold_logprob"] < 0
     assert saved["base"]["probes_kept"] == 1.0  # only the probes the base gets right are kept
     assert saved["probes_kept_by_base"] > 0
+    # re-rendered from the JSON alone, the report is the run's own, word for word
+    (out / "copy").mkdir()
+    (out / "copy" / "selection.json").write_text(json.dumps(saved))
+    bench.main(["--report-from", str(out / "copy" / "selection.json")])
+    assert (out / "copy" / "selection.md").read_text() == text
 
 
 def test_rows_arms_leave_every_other_tensor_bit_identical(study):
