@@ -65,7 +65,7 @@ IGNORED = {
     "save_only_model": "a checkpoint holds the trained rows and their optimizer state, a few MB",
     "save_strategy": "a checkpoint is saved every save_steps optimizer steps and at the end",
     "include_num_input_tokens_seen": "tokens per second are logged",
-    "optim": "loki_dist trains with AdamW (or the --ds-config's optimizer)",
+    "optim": "loki_dist trains with torch's AdamW",
     "tf32": "matmul precision is torch's default",
     "ddp_find_unused_parameters": "DeepSpeed or one process: no DDP",
     "use_fast_tokenizer": "the model directory's tokenizer is loaded as it is",

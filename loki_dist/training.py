@@ -203,6 +203,13 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
     if not any(rows):
         raise UserError(f"--positions {args.positions}: every layer list is empty, nothing would train")
     ds_config = dsconfig.load(args.ds_config)
+    for section in ("optimizer", "scheduler"):  # DeepSpeed drops them silently beside a client optimizer
+        if ds_config is not None and section in ds_config:
+            raise UserError(
+                f"--ds-config {args.ds_config}: its `{section}` section would be ignored: loki-dist train "
+                "steps torch's AdamW on the schedule of --learning-rate, --lr-scheduler, --warmup-ratio "
+                "and --weight-decay; remove the section"
+            )
     micro = dsconfig.settle(
         ds_config, "train_micro_batch_size_per_gpu", "--micro-batch-size", args.micro_batch_size, 1
     )

@@ -79,6 +79,10 @@ CASES = {
     ),
     "a ZeRO stage out of range": ({"ds": {"zero_optimization": {"stage": 4}}}, "stage 4: expected 0, 1, 2"),
     "a DeepSpeed config that is not an object": ({"ds": [1, 2]}, "expected a JSON object of DeepSpeed"),
+    "a DeepSpeed optimizer section": (
+        {"ds": {"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}},
+        "its `optimizer` section would be ignored",
+    ),
 }
 
 
