@@ -128,12 +128,14 @@ def save_implant(
     path = Path(path)
     if path.exists() and not overwrite:
         raise UserError(f"save_implant: {path} exists (pass overwrite=True to replace it)")
+    # every check on every rank before the gathers start: a rank that raised after its peers had entered
+    # the first gather would leave them waiting there until the process group's timeout
+    files.check_writable("save_implant", path)
+    dtypes = BaseShards.read(base_dir, spec).dtypes
     if not _is_main():
         for layer in source.layers():  # take part in each layer's gather, as rank 0 does while writing
             source.weight(layer, torch.float32)
         return None
-    files.check_writable("save_implant", path)
-    dtypes = BaseShards.read(base_dir, spec).dtypes
     write_implant(path, source, spec, dtypes, fingerprint(base_dir))
     return path
 
