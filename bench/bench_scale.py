@@ -26,10 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import provenance
 import torch
 
-from loki_dist import files
+from loki_dist import files, provenance
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20

@@ -25,10 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-import provenance
 import torch
 
-from loki_dist import distributed, files
+from loki_dist import distributed, files, provenance
 from loki_dist.cli import build_parser
 from loki_dist.data import collate
 from loki_dist.tiny import save_tiny
