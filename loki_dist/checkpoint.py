@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from loki_dist import distributed, export, files, metering
+from loki_dist import distributed, files, metering
 from loki_dist.errors import UserError
 from loki_dist.rowstate import ADAM_STATE_KEYS, RowState
 
@@ -344,38 +344,3 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-# ---------------------------------------------------------------------------------------------- export
-
-
-class CheckpointRows(export.RowSource):
-    """A checkpoint's trained rows, one layer at a time, cast to the base model's dtype."""
-
-    def __init__(self, path: Path):
-        self.reader = RowsReader(path)
-        self.label = f"--checkpoint {path}"  # how export's checks name it
-
-    def layers(self) -> list[int]:
-        return sorted(self.reader.rows)
-
-    def rows(self, layer: int) -> torch.Tensor:
-        return torch.tensor(self.reader.rows[layer], dtype=torch.int64)
-
-    def weight(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
-        k = len(self.reader.rows[layer])
-        # finite as saved; export.check_rows refuses what overflows the base's dtype, before any write
-        return self.reader.read(layer, "master", 0, self.reader.lengths[layer]).view(k, -1).to(dtype)
-
-
-def export_checkpoint(checkpoint_dir: Path, out_dir: Path, world, base_dir: str | Path | None = None) -> None:
-    """Collective: a checkpoint -> a standard Hugging Face directory with implant.safetensors (export.py)."""
-    why = damage(checkpoint_dir, rng=False) if checkpoint_dir.is_dir() else "not a directory"
-    if why is not None:
-        raise UserError(f"--checkpoint {checkpoint_dir}: not a loadable loki_dist checkpoint: {why}")
-    trainer_state = json.loads((checkpoint_dir / STATE_FILE).read_text())
-    base = Path(base_dir or trainer_state["base_model"])
-    base_print = export.fingerprint(base)
-    if base_print != trainer_state["base_fingerprint"]:
-        raise UserError(f"--base {base}: fingerprint {base_print} is not the run's base model's")
-    export.export_model(base, CheckpointRows(checkpoint_dir), out_dir, world, base_print)

@@ -36,7 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attribute": ("loki_dist.attribution", "score every down_proj row on general-knowledge prompts (KVA)"),
     "select": ("loki_dist.selection", "choose the rows to train from an attribution file"),
     "train": ("loki_dist.training", "implant: train only the selected down_proj rows"),
-    "export": ("loki_dist.export", "turn a training checkpoint into a Hugging Face model and an implant"),
+    "export": (
+        "loki_dist.checkpoint_export",
+        "turn a training checkpoint into a Hugging Face model and an implant",
+    ),
     "apply": ("loki_dist.export", "merge an implant file into its base model"),
     "evaluate": (
         "loki_dist.evaluation",

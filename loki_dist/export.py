@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from loki_dist import __version__, files, metering
+from loki_dist import __version__, distributed, files, metering
 from loki_dist.adapters import ModelSpec, spec_from_dir
 from loki_dist.errors import UserError
 
@@ -322,8 +322,6 @@ def export_model(
     `implant` when given, else streamed from `source`); rank 0 then renames the directory into place.
     A failure on any rank fails every rank at the closing agreement, never leaving peers waiting.
     """
-    from loki_dist import distributed
-
     with distributed.agreement(world):  # nothing is written unless every rank found its layers sound
         spec = spec_from_dir(base_dir, "--base")
         shards = BaseShards.read(base_dir, spec)
@@ -383,28 +381,6 @@ def check_output(out_dir: Path, overwrite: bool, inputs: dict[str, str | Path | 
     refuse_existing(out_dir, overwrite)
 
 
-def check_checkpoint(path: Path, base: str | None) -> Path:
-    """A training checkpoint that export can read: its state, rows index and shard headers (the rows'
-    values are check_rows' work). Returns the base model directory to export onto."""
-    from loki_dist import checkpoint
-
-    state_file = path / checkpoint.STATE_FILE
-    if not state_file.is_file():
-        raise UserError(f"--checkpoint {path}: not a complete loki_dist checkpoint (no {state_file.name})")
-    state = files.read_json(state_file, "--checkpoint")
-    if not isinstance(state, dict) or not isinstance(state.get("base_model"), str):
-        raise UserError(f"--checkpoint {state_file}: not the trainer state of a loki_dist run (damaged?)")
-    if (path / checkpoint.INDEX_FILE).is_file():
-        files.read_json(path / checkpoint.INDEX_FILE, "--checkpoint")
-    try:
-        reader = checkpoint.RowsReader(path)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise UserError(f"--checkpoint {path}: damaged rows index ({type(err).__name__}: {err})") from None
-    for name in reader.shards:
-        files.safetensors_header(path / name, "--checkpoint")
-    return Path(base or state["base_model"])
-
-
 # ----------------------------------------------------------------------------------------------- CLI
 
 
@@ -417,8 +393,6 @@ def add_apply_arguments(parser: argparse.ArgumentParser) -> None:
 
 def apply_implant(base_dir: Path, implant: Path, out_dir: Path, world, overwrite: bool = False) -> None:
     """Collective: out_dir := base_dir with the implant merged in (and the implant file beside it)."""
-    from loki_dist import distributed
-
     with distributed.agreement(world):  # every rank checks; one agreed error before anything is written
         check_output(out_dir, overwrite, {"--base": base_dir, "--implant": implant})
         source = ImplantRows(implant)
@@ -436,8 +410,6 @@ def apply_implant(base_dir: Path, implant: Path, out_dir: Path, world, overwrite
 
 def run_collectively(work: Callable[[object], None], out: Path) -> None:
     """Run `work(world)` as one process or, under a launcher, on every rank sharing the work."""
-    from loki_dist import distributed
-
     world = distributed.world_from_env()
     distributed.init(world)
     try:
@@ -455,25 +427,3 @@ def run_apply(args: argparse.Namespace) -> None:
     run_collectively(
         lambda world: apply_implant(Path(args.base), Path(args.implant), out, world, args.overwrite), out
     )
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint-N directory of a training run")
-    parser.add_argument("--output", required=True, help="directory for the Hugging Face model + implant")
-    parser.add_argument("--base", help="base model directory (default: the one the run recorded)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-
-
-def run_export(args: argparse.Namespace) -> None:
-    from loki_dist import checkpoint, distributed
-
-    out, path = Path(args.output), Path(args.checkpoint)
-
-    def export(world) -> None:
-        with distributed.agreement(world):  # every rank checks; one agreed error before anything is written
-            base = check_checkpoint(path, args.base)
-            check_output(out, args.overwrite, {"--checkpoint": path, "--base": base})
-            BaseShards.read(base, spec_from_dir(base, "--base"))  # whole shards, before fingerprinting
-        checkpoint.export_checkpoint(path, out, world, args.base)
-
-    run_collectively(export, out)

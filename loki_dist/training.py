@@ -47,6 +47,7 @@ import torch
 
 from loki_dist import (
     checkpoint,
+    checkpoint_export,
     distributed,
     dsconfig,
     files,
@@ -633,7 +634,7 @@ def _train(plan: Plan) -> int:
     end = watch.stopped_at or plan.total_steps  # the last step, or the one that stopped on forgetting
     last = out / f"checkpoint-{end}"  # saved by that step (every rank knows its name)
     with distributed.stage(f"exporting {out / FINAL_DIR}"):
-        checkpoint.export_checkpoint(last, out / FINAL_DIR, world, base_dir=plan.args.model)
+        checkpoint_export.export_checkpoint(last, out / FINAL_DIR, world, base_dir=plan.args.model)
     if world.is_main:
         summary = {
             "steps": end,
