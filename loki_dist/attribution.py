@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loki_dist import __version__, files
+from loki_dist import __version__, files, sharding
 from loki_dist.errors import UserError, require_at_least
 from loki_dist.modeling import add_inference_arguments, check_weights, read_inference_config
 
@@ -102,10 +102,10 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
 class Plan:
     """Which samples this rank scores, in which batches, and how many batches every rank runs.
 
-    The batches are made before they are dealt: batch g is samples [g*B, (g+1)*B) of the data order on
-    any number of ranks, so every prompt is padded beside the same neighbours and every number of the
-    file is the same whatever the world size. Ranks get contiguous runs of whole batches (the first
-    ranks one more), so their samples, sent in rank order, come out in data order.
+    The samples are sharding.py's block of this rank in whole batches: batch g is samples [g*B, (g+1)*B)
+    of the data order on any number of ranks, so every prompt is padded beside the same neighbours and
+    every number of the file is the same whatever the world size; sent in rank order, the ranks'
+    samples come out in data order.
     """
 
     start: int
@@ -113,24 +113,11 @@ class Plan:
     num_batches: int  # what every rank runs: the most any rank has
     batch_size: int
 
-    @staticmethod
-    def batch_shares(num_samples: int, world_size: int, batch_size: int) -> list[int]:
-        """Whole batches per rank, in rank order."""
-        base, extra = divmod(math.ceil(num_samples / batch_size), world_size)
-        return [base + (r < extra) for r in range(world_size)]
-
     @classmethod
     def make(cls, num_samples: int, rank: int, world_size: int, batch_size: int) -> Plan:
-        shares = cls.batch_shares(num_samples, world_size, batch_size)
-        first = sum(shares[:rank]) * batch_size
-        stop = min(first + shares[rank] * batch_size, num_samples)
-        return cls(min(first, num_samples), stop, max(shares), batch_size)
-
-    @classmethod
-    def sizes(cls, num_samples: int, world_size: int, batch_size: int) -> list[int]:
-        """Samples per rank, in rank order."""
-        plans = (cls.make(num_samples, r, world_size, batch_size) for r in range(world_size))
-        return [plan.stop - plan.start for plan in plans]
+        mine = sharding.block(num_samples, rank, world_size, batch_size)
+        most = max(sharding.batch_shares(num_samples, world_size, batch_size))
+        return cls(mine.start, mine.stop, most, batch_size)
 
     def batch(self, index: int) -> range:
         first = self.start + index * self.batch_size
@@ -455,7 +442,7 @@ def _write_attribution(args, world, spec, stats, num_samples: int, metadata: dic
             yield "score_sum", score_sum.view(-1)
         yield from summed(HISTOGRAMS)
         if args.save_scores:
-            per_rank = Plan.sizes(num_samples, world.size, args.batch_size)
+            per_rank = sharding.block_sizes(num_samples, world.size, args.batch_size)
             sizes = [n * spec.num_layers * spec.hidden_size for n in per_rank]
             yield from (("scores", p) for p in stream_to_main(tensors["scores"], sizes, chunk))
 

@@ -5,7 +5,7 @@ prompts that attribution used: a question is scored with DESIGN.md's prompt (mml
 k-shot from dev), and the model's answer is the letter A-D whose token has the highest log-likelihood
 right after the prompt (ties: the earlier letter).
 
-Each rank scores a contiguous block of the samples (attribution's Plan), so the per-sample results,
+Each rank scores a contiguous block of the samples (sharding.py), so the per-sample results,
 gathered in rank order, are in data order. What is summed over ranks is exact whatever the world size:
 integer counts for accuracy; for perplexity each document's NLL is a float64 computed on one rank alone,
 gathered, and summed in data order on every rank, so 1 and N ranks add the same numbers in the same order.
@@ -37,6 +37,7 @@ import torch
 from loki_dist import files
 from loki_dist.errors import UserError, require_at_least
 from loki_dist.modeling import add_inference_arguments, read_inference_config
+from loki_dist.sharding import block_sizes, my_block
 
 log = logging.getLogger("loki_dist.evaluate")
 
@@ -277,21 +278,11 @@ def _validate(args: argparse.Namespace) -> dict | None:
 # ----------------------------------------------------------------------------------------------- run
 
 
-def my_block(n: int, world) -> range:
-    """This rank's contiguous block of n samples (blocks in rank order are the data order)."""
-    from loki_dist.attribution import Plan
-
-    plan = Plan.make(n, world.rank, world.size, 1)
-    return range(plan.start, plan.stop)
-
-
 def _gather(local: torch.Tensor, n: int, world) -> torch.Tensor:
     """Per-sample results of every rank, in data order, on the CPU."""
-    from loki_dist.attribution import Plan
     from loki_dist.distributed import all_gather_varlen
 
-    sizes = [len(range(p.start, p.stop)) for p in (Plan.make(n, r, world.size, 1) for r in range(world.size))]
-    return all_gather_varlen(local.contiguous(), sizes).cpu()
+    return all_gather_varlen(local.contiguous(), block_sizes(n, world.size)).cpu()
 
 
 def multiple_choice_results(questions, predictions: torch.Tensor, name: str, per_subject: bool) -> dict:

@@ -52,10 +52,10 @@ from loki_dist.evaluation import (
     letter_logprobs,
     letter_token_ids,
     model_batches,
-    my_block,
     read_text_lines,
     token_nll,
 )
+from loki_dist.sharding import my_block
 
 if TYPE_CHECKING:  # training imports this module
     from loki_dist.training import Plan, Trainer
