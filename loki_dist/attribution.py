@@ -29,6 +29,7 @@ from pathlib import Path
 
 from loki_dist import __version__, files, sharding
 from loki_dist.errors import UserError, require_at_least
+from loki_dist.mmlu import add_question_arguments
 from loki_dist.modeling import add_inference_arguments, check_weights, read_inference_config
 
 log = logging.getLogger("loki_dist.attribute")
@@ -48,14 +49,13 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
         help="MMLU-layout data: saved `datasets` dir, parquet/JSON(L) file or folder, or hub name",
     )
     parser.add_argument("--output", required=True, help="attribution file to write (.safetensors)")
-    parser.add_argument("--data-config", default=None, help="hub data set configuration (e.g. `all`)")
-    parser.add_argument("--split", default="test", help="split to score (default: test)")
     parser.add_argument("--steps", type=int, default=7, help="Riemann steps m (default 7)")
-    parser.add_argument(
-        "--per-subject", type=int, default=50, help="first N questions per subject (default 50)"
+    add_question_arguments(
+        parser,
+        split_help="split to score (default: test)",
+        per_subject=50,
+        per_subject_help="first N questions per subject (default 50)",
     )
-    parser.add_argument("--shots", type=int, default=0, help="k-shot examples from the dev split (default 0)")
-    parser.add_argument("--subjects", default=None, help="comma-separated subjects (default: all)")
     parser.add_argument(
         "--batch-size", type=int, default=4, help="prompts per batch; ranks score whole batches (default 4)"
     )

@@ -36,6 +36,7 @@ import torch
 
 from loki_dist import files
 from loki_dist.errors import UserError, require_at_least
+from loki_dist.mmlu import add_question_arguments
 from loki_dist.modeling import add_inference_arguments, read_inference_config
 from loki_dist.sharding import block_sizes, my_block
 
@@ -65,11 +66,12 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="multiple_choice: also list each subject as a benchmark `NAME/subject` in `scores`",
     )
-    p.add_argument("--data-config", default=None, help="hub data set configuration (e.g. `all`)")
-    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    p.add_argument("--per-subject", type=int, default=0, help="first N questions per subject (0: all)")
-    p.add_argument("--shots", type=int, default=0, help="k-shot examples from the dev split (default 0)")
-    p.add_argument("--subjects", default=None, help="comma-separated subjects (default: all)")
+    add_question_arguments(
+        p,
+        split_help="split to evaluate (default: test)",
+        per_subject=0,
+        per_subject_help="first N questions per subject (0: all)",
+    )
     p.add_argument("--text-field", default="text", help="perplexity: the text column (default: text)")
     p.add_argument(
         "--max-seq-len", type=int, default=1024, help="perplexity: tokens per window (longer documents split)"

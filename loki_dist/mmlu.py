@@ -9,6 +9,7 @@ row's index instead of after an hour of scoring.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -22,6 +23,20 @@ log = logging.getLogger(__name__)
 COLUMNS = ("question", "subject", "choices", "answer")
 LETTERS = "ABCD"
 EVAL_SPLIT, SHOT_SPLIT = "test", "dev"
+
+
+def add_question_arguments(
+    parser: argparse.ArgumentParser, *, split_help: str, per_subject: int, per_subject_help: str
+) -> None:
+    """Which questions of an MMLU-layout --data are read: declared once for `attribute` and `evaluate`,
+    so the two commands cannot drift apart; only what they mean differently (the split's verb, how
+    many questions per subject by default) is theirs to say."""
+    group = parser.add_argument_group("MMLU-layout questions")
+    group.add_argument("--data-config", default=None, help="hub data set configuration (e.g. `all`)")
+    group.add_argument("--split", default=EVAL_SPLIT, help=split_help)
+    group.add_argument("--per-subject", type=int, default=per_subject, help=per_subject_help)
+    group.add_argument("--shots", type=int, default=0, help="k-shot examples from the dev split (default 0)")
+    group.add_argument("--subjects", default=None, help="comma-separated subjects (default: all)")
 
 
 @dataclass(frozen=True)
