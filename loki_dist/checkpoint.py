@@ -34,13 +34,18 @@ import torch
 
 from loki_dist import distributed, files, metering
 from loki_dist.errors import UserError
-from loki_dist.rowstate import ADAM_STATE_KEYS, RowState
+from loki_dist.rowstate import ADAM_STATE_KEYS, RowState, Slice
 
 STATE_FILE = "trainer_state.json"
 INDEX_FILE = "rows_index.json"
 LEGACY_ROWS_FILE = "rows.safetensors"
 INDEX_FORMAT = "loki_dist.rows/2"
 QUANTITIES = ("master", *ADAM_STATE_KEYS)
+
+
+def _stored(state: RowState) -> dict[str, Slice]:
+    """The quantities a checkpoint holds, by their tensor names in it (QUANTITIES, in that order)."""
+    return {"master": state.master(), "exp_avg": state.exp_avg(), "exp_avg_sq": state.exp_avg_sq()}
 
 
 def shard_name(rank: int, world_size: int) -> str:
@@ -80,14 +85,14 @@ def save(out_dir: Path, step: int, states: list[RowState], trainer_state: dict, 
             if world.is_main:
                 files.make_staging(final)  # also removes what a run killed while saving left
         # this rank's non-empty slices (a replicated layout is written by rank 0 alone)
-        mine = {s.layer: (s, s.selected_range()) for s in states if s.owns_slice or world.is_main}
+        mine = {s.layer: (s, s.master().selected_range()) for s in states if s.owns_slice or world.is_main}
         mine = {layer: (s, (b, e)) for layer, (s, (b, e)) in mine.items() if e > b}
         layout = {f"layers.{layer}.{what}": (torch.float32, (e - b,))
                   for layer, (_, (b, e)) in mine.items() for what in QUANTITIES}  # fmt: skip
         pieces = (  # one layer's quantity in memory at a time
-            (f"layers.{layer}.{what}", state.take(what).float())
+            (f"layers.{layer}.{what}", stored.take().float())
             for layer, (state, _) in mine.items()
-            for what in QUANTITIES
+            for what, stored in _stored(state).items()
         )
         ranges = {str(layer): list(r) for layer, (_, r) in mine.items()}
         non_finite: list[str] = []  # checked as the pieces stream by: no second pass over the rows
@@ -323,9 +328,10 @@ def load(path: Path, states: list[RowState], prepare_optimizer: Callable[[int], 
     prepare_optimizer(trainer_state["step"])
     with metering.phase("resume"):
         for state in states:
-            for what in QUANTITIES:
-                state.put(what, reader.read(state.layer, what, *state.selected_range(what)))
-            state.put("model", reader.read(state.layer, "master", *state.selected_range("model")))
+            for what, stored in _stored(state).items():
+                stored.put(reader.read(state.layer, what, *stored.selected_range()))
+            model = state.model()
+            model.put(reader.read(state.layer, "master", *model.selected_range()))
     rng_file = path / f"rng_state_{rank}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))

@@ -20,7 +20,7 @@ names the first one an upgrade removed, and a test runs it against real engines.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -42,12 +42,54 @@ DEEPSPEED_INTERNALS = {
 HOLDERS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
 
 
-class RowState:
-    """One layer's trainable weight on this rank, the slice of it this rank owns, and get/set by quantity.
+class Slice:
+    """One quantity's local slice on this rank, and the one way to change it in every layout.
 
-    Quantities: "grad", "master" (fp32 weights the optimizer updates), "exp_avg", "exp_avg_sq" (each
-    over `partition`, this rank's slice of the optimizer's view) and "model" (the weight the forward pass
-    uses, possibly bf16, over `model_partition`).
+    A layout's tensor may be a view (an edit lands at once) or a copy (ZeRO-3: in bf16 an in-place edit
+    alone is silently lost), so every edit is read, change, write back; `write` is None for views.
+    """
+
+    def __init__(
+        self,
+        get: Callable[[], torch.Tensor],
+        write: Callable[[torch.Tensor], None] | None,
+        partition: RowPartition,
+    ):
+        self._get, self._write, self.partition = get, write, partition
+
+    def read(self) -> torch.Tensor:
+        return self._get()[: self.partition.length]
+
+    @contextmanager
+    def edit(self) -> Iterator[torch.Tensor]:
+        with torch.no_grad():  # masters are leaf tensors that require grad in some layouts
+            local = self._get()
+            yield local[: self.partition.length]
+            if self._write is not None:
+                self._write(local)
+
+    def selected_range(self) -> tuple[int, int]:
+        """[begin, end) of the layer's selected sequence that this slice covers."""
+        p = self.partition
+        return p.selected_before(p.start), p.selected_before(p.start + p.length)
+
+    def take(self) -> torch.Tensor:
+        """This rank's selected elements of the quantity, in flat order (its `selected_range`)."""
+        return self.partition.take(self.read())
+
+    def put(self, selected: torch.Tensor) -> None:
+        """Inverse of take: write the selected elements of this rank's slice."""
+        with self.edit() as local:
+            self.partition.put_(local, selected.to(local.device))
+
+
+class RowState:
+    """One layer's trainable weight on this rank, the slice of it this rank owns, and one named method
+    per quantity, each returning that quantity's `Slice`.
+
+    grad(), master() (fp32 weights the optimizer updates), exp_avg() and exp_avg_sq() (Adam's moments)
+    cover `partition`, this rank's slice of the optimizer's view; model() (the weight the forward pass
+    uses, possibly bf16) covers `model_partition`.
     """
 
     #: gradients of this layout are masked by a tensor hook rather than edited after backward
@@ -69,87 +111,92 @@ class RowState:
         """k*F: the length of the layer's selected sequence."""
         return int(self.partition.selected.sum()) * self.partition.row_len
 
-    def _get(self, what: str) -> torch.Tensor:
+    def grad(self) -> Slice:
         raise NotImplementedError
 
-    def _set(self, what: str, value: torch.Tensor) -> None:
+    def master(self) -> Slice:
         raise NotImplementedError
 
-    def _part(self, what: str) -> RowPartition:
-        return self.model_partition if what == "model" else self.partition
+    def exp_avg(self) -> Slice:
+        raise NotImplementedError
 
-    def read(self, what: str) -> torch.Tensor:
-        return self._get(what)[: self._part(what).length]
+    def exp_avg_sq(self) -> Slice:
+        raise NotImplementedError
 
-    @contextmanager
-    def edit(self, what: str) -> Iterator[torch.Tensor]:
-        with torch.no_grad():  # masters are leaf tensors that require grad in some layouts
-            local = self._get(what)
-            yield local[: self._part(what).length]
-            self._set(what, local)
-
-    def selected_range(self, what: str = "master") -> tuple[int, int]:
-        """[begin, end) of the layer's selected sequence that this rank's slice of `what` covers."""
-        p = self._part(what)
-        return p.selected_before(p.start), p.selected_before(p.start + p.length)
-
-    def take(self, what: str) -> torch.Tensor:
-        """This rank's selected elements of a quantity, in flat order (the `selected_range` of it)."""
-        return self._part(what).take(self.read(what))
-
-    def put(self, what: str, selected: torch.Tensor) -> None:
-        """Inverse of take: write the selected elements of this rank's slice."""
-        with self.edit(what) as local:
-            self._part(what).put_(local, selected.to(local.device))
+    def model(self) -> Slice:
+        raise NotImplementedError
 
 
 class PlainRowState(RowState):
+    """No DeepSpeed: the parameter is its own master, `optimizer.state[param]` holds the moments; every
+    accessor is a view, so edits land at once."""
+
     owns_slice = False  # replicated: every rank holds the same values
 
     def __init__(self, layer, param, partition, rows, optimizer: torch.optim.Optimizer):
         super().__init__(layer, param, partition, rows)
         self.optimizer = optimizer
 
-    def _get(self, what: str) -> torch.Tensor:
-        if what == "grad":
-            return self.param.grad.view(-1)
-        if what in ("master", "model"):
-            return self.param.data.view(-1)
-        return self.optimizer.state[self.param][what].view(-1)
+    def grad(self) -> Slice:
+        return Slice(lambda: self.param.grad.view(-1), None, self.partition)
 
-    def _set(self, what: str, value: torch.Tensor) -> None:
-        pass  # every _get above is a view: edits already landed
+    def master(self) -> Slice:
+        return Slice(lambda: self.param.data.view(-1), None, self.partition)
+
+    def exp_avg(self) -> Slice:
+        return Slice(lambda: self.optimizer.state[self.param]["exp_avg"].view(-1), None, self.partition)
+
+    def exp_avg_sq(self) -> Slice:
+        return Slice(lambda: self.optimizer.state[self.param]["exp_avg_sq"].view(-1), None, self.partition)
+
+    def model(self) -> Slice:
+        return Slice(lambda: self.param.data.view(-1), None, self.model_partition)
+
+
+def _zero3_api():
+    """deepspeed.utils, whose safe_{get,set}_local_* reach a rank's own ZeRO-3 slice (imported on use:
+    DeepSpeed is heavy)."""
+    from deepspeed import utils
+
+    return utils
 
 
 class Zero3RowState(RowState):
-    def _get(self, what: str) -> torch.Tensor:
-        from deepspeed.utils import (
-            safe_get_local_fp32_param,
-            safe_get_local_grad,
-            safe_get_local_optimizer_state,
+    """ZeRO-3: DeepSpeed's local API; its results may be copies, so each edit is written back."""
+
+    def grad(self) -> Slice:
+        ds = _zero3_api()
+        return Slice(
+            lambda: ds.safe_get_local_grad(self.param),
+            lambda value: ds.safe_set_local_grad(self.param, value),
+            self.partition,
         )
 
-        if what == "grad":
-            return safe_get_local_grad(self.param)
-        if what == "master":
-            return safe_get_local_fp32_param(self.param)
-        if what == "model":
-            return self.param.ds_tensor.data.view(-1)
-        return safe_get_local_optimizer_state(self.param, what)
-
-    def _set(self, what: str, value: torch.Tensor) -> None:
-        from deepspeed.utils import (
-            safe_set_local_fp32_param,
-            safe_set_local_grad,
-            safe_set_local_optimizer_state,
+    def master(self) -> Slice:
+        ds = _zero3_api()
+        return Slice(
+            lambda: ds.safe_get_local_fp32_param(self.param),
+            lambda value: ds.safe_set_local_fp32_param(self.param, value),
+            self.partition,
         )
 
-        if what == "grad":
-            safe_set_local_grad(self.param, value)
-        elif what == "master":
-            safe_set_local_fp32_param(self.param, value)
-        elif what != "model":
-            safe_set_local_optimizer_state(self.param, value, what)
+    def exp_avg(self) -> Slice:
+        return self._moment("exp_avg")
+
+    def exp_avg_sq(self) -> Slice:
+        return self._moment("exp_avg_sq")
+
+    def _moment(self, key: str) -> Slice:
+        """`key`: DeepSpeed's (and torch Adam's) name of the moment, one of ADAM_STATE_KEYS."""
+        ds = _zero3_api()
+        return Slice(
+            lambda: ds.safe_get_local_optimizer_state(self.param, key),
+            lambda value: ds.safe_set_local_optimizer_state(self.param, value, key),
+            self.partition,
+        )
+
+    def model(self) -> Slice:
+        return Slice(lambda: self.param.ds_tensor.data.view(-1), None, self.model_partition)
 
 
 class FragmentRowState(RowState):
@@ -162,17 +209,34 @@ class FragmentRowState(RowState):
         self.model_partition = RowPartition.whole(partition.selected, partition.row_len)
         self.mapping = param._hp_mapping  # None where this rank's partition misses the parameter
 
-    def _get(self, what: str) -> torch.Tensor:
-        if what == "model":
-            return self.param.data.view(-1)
-        if what == "grad":
+    def grad(self) -> Slice:
+        def refuse() -> torch.Tensor:
             raise RuntimeError("ZeRO-1/2 gradients are masked by a tensor hook, not edited")
-        if self.mapping is None:
-            return torch.empty(0)
-        return self.mapping.get_hp_fragment(None if what == "master" else what).view(-1)
 
-    def _set(self, what: str, value: torch.Tensor) -> None:
-        pass  # fragments are views of the optimizer's flat partitions: edits already landed
+        return Slice(refuse, None, self.partition)
+
+    def master(self) -> Slice:
+        return self._fragment(None)
+
+    def exp_avg(self) -> Slice:
+        return self._fragment("exp_avg")
+
+    def exp_avg_sq(self) -> Slice:
+        return self._fragment("exp_avg_sq")
+
+    def _fragment(self, key: str | None) -> Slice:
+        """`key`: DeepSpeed's name of an optimizer state, None for the fp32 master. Fragments are views
+        of the optimizer's flat partitions: edits land at once."""
+
+        def get() -> torch.Tensor:
+            if self.mapping is None:
+                return torch.empty(0)
+            return self.mapping.get_hp_fragment(key).view(-1)
+
+        return Slice(get, None, self.partition)
+
+    def model(self) -> Slice:
+        return Slice(lambda: self.param.data.view(-1), None, self.model_partition)
 
 
 def build(

@@ -512,10 +512,10 @@ class Trainer:
         with metering.phase("update"):
             for state in self.states:
                 if state.needs_mask and not state.masks_by_hook:
-                    with state.edit("grad") as grad:
+                    with state.grad().edit() as grad:
                         state.partition.zero_unselected_(grad)
                 if decay != 1.0:
-                    with state.edit("master") as master:
+                    with state.master().edit() as master:
                         state.partition.scale_selected_(master, decay)
 
 
