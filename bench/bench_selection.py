@@ -77,7 +77,7 @@ import torch
 
 from loki_dist import files, provenance, selection
 from loki_dist.demo_methods import Budget, RunResult, lora_rank_for, run_once
-from loki_dist.demo_report import COLUMNS, plot, summarise, table, values_of
+from loki_dist.demo_report import COLUMNS, plot, summarise, table_section, values_of
 from loki_dist.demo_task import (
     HELD_OUT_PHRASINGS,
     PROBES,
@@ -344,9 +344,6 @@ def comparisons(result: dict) -> list[str]:
 
 def markdown(result: dict, command: str, plot_name: str | None) -> str:
     sizes = result["sizes"]
-    capped = [
-        f"{a['name']} (seed {r['seed']})" for a in result["arms"] for r in a["runs"] if not r["reached"]
-    ]
     lines = [
         "# Selection study: does KVA's choice of rows matter, at equal task skill?",
         "",
@@ -364,12 +361,8 @@ def markdown(result: dict, command: str, plot_name: str | None) -> str:
         f"({result['probes_kept_by_base']} of {result['probes_written']} probes the base completes "
         "correctly). Mean ± sd over seeds.",
         "",
-        table(result),
-        "",
+        *table_section(result, plot_name, "Runs that hit the cap"),
     ]
-    if plot_name:
-        lines += [f"![trade-off]({plot_name})", ""]
-    lines += ["Runs that hit the cap: " + (", ".join(capped) if capped else "none") + ".", ""]
     lines += [
         "Learning-rate sweep (seed 0; the fastest to the target is chosen):",
         "",

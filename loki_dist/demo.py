@@ -40,7 +40,7 @@ import torch
 
 from loki_dist import files, provenance
 from loki_dist.demo_methods import Budget, RunResult, frozen_weights_moved, lora_rank_for, run_once
-from loki_dist.demo_report import plot, table
+from loki_dist.demo_report import plot, table_section
 from loki_dist.demo_task import QA_TEMPLATE, General, Task, build_task, held_out_accuracy, keep_known, measure
 from loki_dist.errors import UserError, require_at_least
 from loki_dist.mmlu import question_rows
@@ -361,8 +361,6 @@ def _implant_with_trainer(args, out: Path, setup: Setup, loki: dict, positions: 
 def markdown(result: dict, plot_name: str | None) -> str:
     """The report: provenance, what ran, the table, the plot, the runs that hit the cap."""
     s = result["settings"]
-    runs = [(a["name"], r) for a in result["arms"] for r in a["runs"]]
-    capped = [f"{name} (seed {r['seed']})" for name, r in runs if not r["reached"]]
     rates = ", ".join(f"{kind} {lr:g}" for kind, lr in result["learning_rates"].items())
     lines = [
         f"# loki-dist demo, {result['setup']} setup",
@@ -376,12 +374,8 @@ def markdown(result: dict, plot_name: str | None) -> str:
         f"{s['batch_size']}; rows: --quota {s['quota']:g}; rates {rates}; {s['seeds']} seed(s), mean ± sd. "
         f"Retention: {result['general_sizes']}.",
         "",
-        table(result),
-        "",
+        *table_section(result, plot_name, "Runs that did not reach the target"),
     ]
-    if plot_name:
-        lines += [f"![trade-off]({plot_name})", ""]
-    lines += ["Runs that did not reach the target: " + (", ".join(capped) if capped else "none") + ".", ""]
     return "\n".join(lines)
 
 

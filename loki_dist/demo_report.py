@@ -89,3 +89,15 @@ def plot(result: dict, path: Path, title: str) -> bool:
     files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return True
+
+
+def table_section(result: dict, plot_name: str | None, unreached: str) -> list[str]:
+    """A report's middle: the table, the plot, and the runs that did not reach the target (`unreached`
+    is the sentence's start), as markdown lines."""
+    missed = [
+        f"{a['name']} (seed {r['seed']})" for a in result["arms"] for r in a["runs"] if not r["reached"]
+    ]
+    lines = [table(result), ""]
+    if plot_name:
+        lines += [f"![trade-off]({plot_name})", ""]
+    return [*lines, f"{unreached}: " + (", ".join(missed) if missed else "none") + ".", ""]
