@@ -230,57 +230,23 @@ def _smollm2_setup(args, out: Path) -> Setup:
 def _select_rows(args, out: Path, setup: Setup, seeds: list[int]) -> tuple[dict, dict[str, float]]:
     """The real stages: attribute on the general set, then layer-balanced selection and a random draw
     per seed; ({"LoKI": positions, ("random rows", seed): positions, ...}, seconds per stage)."""
-    attribution = out / "attribution.safetensors"
+    attribution, quota = out / "attribution.safetensors", f"{args.quota:g}"
     count = len(json.loads(setup.attribution_data.read_text()))
-    stages = {
-        "attribute": (
-            args.nproc,
-            [
-                "attribute",
-                "--model",
-                setup.base_dir,
-                "--data",
-                setup.attribution_data,
-                "--output",
-                attribution,
-                "--batch-size",
-                4,
-                "--per-subject",
-                count,
-            ],
-        )
-    }
+    attribute = ["attribute", "--model", setup.base_dir, "--data", setup.attribution_data]
+    attribute += ["--output", attribution, "--batch-size", 4, "--per-subject", count]
+    select = ["select", "--attribution", attribution, "--quota", quota]
     paths = {"LoKI": out / "positions.json"}
-    stages["select"] = (
-        1,
-        ["select", "--attribution", attribution, "--quota", f"{args.quota:g}", "--output", paths["LoKI"]],
-    )
+    stages = {"attribute": (args.nproc, attribute), "select": (1, [*select, "--output", paths["LoKI"]])}
     for seed in seeds:  # the first seed's draw keeps the plain name
-        paths["random rows", seed] = out / (
-            "positions_random.json" if seed == seeds[0] else f"positions_random_seed{seed}.json"
-        )
-        stages[f"select random (seed {seed})"] = (
-            1,
-            [
-                "select",
-                "--attribution",
-                attribution,
-                "--quota",
-                f"{args.quota:g}",
-                "--strategy",
-                "random",
-                "--seed",
-                seed,
-                "--output",
-                paths["random rows", seed],
-            ],
-        )
-    # fmt: skip
+        name = "positions_random.json" if seed == seeds[0] else f"positions_random_seed{seed}.json"
+        paths["random rows", seed] = out / name
+        random_draw = [*select, "--strategy", "random", "--seed", seed, "--output", out / name]
+        stages[f"select random (seed {seed})"] = (1, random_draw)
     times = {name: run_stage(name, [str(a) for a in argv], nproc) for name, (nproc, argv) in stages.items()}
     return {key: json.loads(path.read_text()) for key, path in paths.items()}, times
 
 
-def _check_rows(setup: Setup, label: str, moved: int | None) -> None:
+def _check_rows(label: str, moved: int | None) -> None:
     print(f"{label}: weights outside the selected rows that changed: {moved} (LoKI promises 0)", flush=True)
     if moved:
         raise RuntimeError(f"{label}: {moved} frozen weights moved; this is a bug, please report it")
@@ -311,7 +277,7 @@ def _methods(args, setup: Setup, positions: dict, seeds: list[int]) -> list[dict
                 train_skill=lambda m: held_out_accuracy(m, setup.task, setup.pad_id, held_out=False),
             )  # fmt: skip
             if kind == "rows":
-                _check_rows(setup, f"{name} (seed {seed})", result.frozen_moved)
+                _check_rows(f"{name} (seed {seed})", result.frozen_moved)
             result.measures = setup.measure(model)
             runs.append(asdict(result))
         label = f"LoRA r={lora_rank} (down_proj)" if kind == "lora" else name
@@ -353,7 +319,7 @@ def _implant_with_trainer(args, out: Path, setup: Setup, loki: dict, positions: 
                        skill, held_out_accuracy(model, setup.task, setup.pad_id, held_out=False), seconds,
                        float("nan"), loki["trainable"], [(steps, skill)],
                        frozen_weights_moved(setup.base, model, positions))  # fmt: skip
-    _check_rows(setup, "LoKI via loki-dist train", result.frozen_moved)
+    _check_rows("LoKI via loki-dist train", result.frozen_moved)
     result.measures = setup.measure(model)
     return {"name": label, "kind": "rows", "lr": loki["lr"], "runs": [asdict(result)]}
 
