@@ -30,8 +30,10 @@ import torch
 from loki_dist import distributed, files, provenance
 from loki_dist.cli import build_parser
 from loki_dist.data import collate
+from loki_dist.schedule import global_batch_indices, micro_batches, normaliser
 from loki_dist.tiny import save_tiny
-from loki_dist.training import Trainer, _normaliser, global_batch_indices, micro_batches, plan_run
+from loki_dist.trainer import Trainer
+from loki_dist.training import plan_run
 
 METHODS = ("LoKI masked", "LoKI split", "masking off", "full fine-tuning", "LoRA r=16")
 
@@ -106,7 +108,7 @@ def timed_steps(trainer: Trainer, plan, steps: int, warmup: int = 2) -> tuple[li
     times, tokens = [], []
     for step in range(steps + warmup):
         indices = global_batch_indices(step, plan)
-        scale = _normaliser(indices, plan)
+        scale = normaliser(indices, plan)
         start = time.perf_counter()
         for i, mine in enumerate(micro_batches(indices, plan)):
             loss = trainer.loss_sum(collate([plan.examples[j] for j in mine], pad_id=plan.pad_id)) / scale

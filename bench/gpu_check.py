@@ -389,6 +389,7 @@ def training_worker(opts) -> None:
     from bench_training import TRAINERS, timed_steps
 
     from loki_dist import distributed, training
+    from loki_dist import trainer as trainer_module
     from loki_dist.cli import build_parser
 
     root, world = Path(opts.root), distributed.world_from_env()
@@ -419,7 +420,7 @@ def training_worker(opts) -> None:
     with mock.patch.object(training, "check_weights", lambda *_, **__: []):  # weights are made in memory
         plan = training.plan_run(args, world)
     started = time.perf_counter()
-    with mock.patch.object(training, "load_causal_lm", random_causal_lm):
+    with mock.patch.object(trainer_module, "load_causal_lm", random_causal_lm):
         trainer = TRAINERS[opts.method](plan, device)
     synchronize(device)
     result = {

@@ -41,6 +41,8 @@ INDEX_FILE = "rows_index.json"
 LEGACY_ROWS_FILE = "rows.safetensors"
 INDEX_FORMAT = "loki_dist.rows/2"
 QUANTITIES = ("master", *ADAM_STATE_KEYS)
+# beside the checkpoints in OUT: the model exported from the last one when a run finishes
+FINAL_DIR = "final"
 
 
 def _stored(state: RowState) -> dict[str, Slice]:

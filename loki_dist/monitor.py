@@ -58,7 +58,8 @@ from loki_dist.evaluation import (
 from loki_dist.sharding import my_block
 
 if TYPE_CHECKING:  # training imports this module
-    from loki_dist.training import Plan, Trainer
+    from loki_dist.trainer import Trainer
+    from loki_dist.training import Plan
 
 # what a stop compares: the metric and the sign of its change that means forgetting
 FORGETTING = {"general_perplexity": 1, "general_accuracy": -1}

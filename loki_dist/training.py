@@ -3,30 +3,16 @@
 The recipe, top to bottom: check every input (before any process group or model exists, so a mistake
 costs nothing and overwrites nothing) -> load the model sharded (ZeRO-3 zero.Init through the HF
 DeepSpeed integration, or ZeRO-1/2, or one plain process) -> freeze everything, then make the selected
-rows trainable: as their own parameter (`--row-params split`, rowsplit.py) or as the whole down_proj
-weight whose other rows' gradients are masked -> loop over global batches: forward/backward per
+rows trainable (trainer.py) -> loop over global batches (schedule.py): forward/backward per
 micro-batch, then at each update (masked layout) zero the gradients of unselected rows on this rank's
 partition, apply decoupled weight decay to selected rows only, let the optimizer step -> row-level
 checkpoints -> OUT/final built from the base model's shards.
 
-Requeue: SIGUSR1 or SIGTERM (Slurm's warning before the time limit, a preemption, `kill`) does not stop
-a step half-way. The step in progress finishes, every rank agrees on the stop at the step boundary, a
-checkpoint is saved, and the process exits with REQUEUE_EXIT_CODE; the next run with the same command
-resumes from that checkpoint (`--resume auto`, which skips, with a warning, checkpoints that
-`checkpoint.damage` finds damaged).
-
-Divergence: a NaN or Inf loss or gradient norm on any rank, agreed at the same step boundary (in the
-same one-element collective as the stop), or a NaN or Inf in the rows a checkpoint would save, ends the
-run with DIVERGED_EXIT_CODE before anything of that step is saved: the newest checkpoint stays the last
-good one, and final/ is never written from a diverged state.
+resume.py chooses the checkpoint to resume from; stopping.py says how a run ends early:
+REQUEUE_EXIT_CODE after a stop signal and a checkpoint, DIVERGED_EXIT_CODE on NaN or Inf.
 
 One run per output directory at a time (runlock.py); every collective is bounded by the process group's
 timeout, and one that breaks off names the stage (distributed.stage).
-
-Why frozen rows cannot move: split, they are not parameters at all. Masked, their gradients are exactly
-zero from the first step, so Adam's moments stay zero and its update 0/(sqrt(0)+eps) is exactly zero;
-clipping only rescales (zeros stay zero); the optimizer's own weight decay is off and ours touches
-selected rows only; the bf16 copy of an unmoved fp32 master is the original bf16 value.
 """
 
 from __future__ import annotations
@@ -37,7 +23,6 @@ import hashlib
 import json
 import math
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -51,14 +36,12 @@ from loki_dist import (
     distributed,
     dsconfig,
     files,
-    implant,
-    metering,
     monitor,
     positions,
-    rowstate,
     runlock,
 )
-from loki_dist.adapters import ModelSpec, down_projections, spec_from_dir
+from loki_dist.adapters import ModelSpec, spec_from_dir
+from loki_dist.checkpoint import FINAL_DIR
 from loki_dist.data import (
     Example,
     add_data_arguments,
@@ -71,17 +54,11 @@ from loki_dist.data import (
 )
 from loki_dist.errors import UserError, require_at_least
 from loki_dist.export import fingerprint
-from loki_dist.modeling import check_weights, load_causal_lm, load_tokenizer, zero3_share
-
-FINAL_DIR = "final"
-# sysexits' EX_TEMPFAIL, "try again later": stopped on a signal after saving a checkpoint. Distinct from
-# 0 (finished), 1 (crash) and 2 (user error) so that a job script can tell "requeue me" from the rest.
-REQUEUE_EXIT_CODE = 75
-# the loss, gradient norm or trained rows became NaN or Inf: retrying as it is will not help (lower the
-# learning rate or weight decay); the newest checkpoint is from before the divergence
-DIVERGED_EXIT_CODE = 3
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-STACKS_SIGNAL = signal.SIGUSR2
+from loki_dist.modeling import check_weights, load_tokenizer
+from loki_dist.resume import find_resume
+from loki_dist.schedule import global_batch_indices, lr_at, micro_batches, normaliser
+from loki_dist.stopping import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE, STACKS_SIGNAL, StopRequest
+from loki_dist.trainer import Trainer
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -151,7 +128,7 @@ class Plan:
     world: distributed.World
     pad_id: int
     log: list[str] = field(default_factory=list)
-    lock: runlock.RunLock | None = None  # the output directory's, held by rank 0 (_find_resume)
+    lock: runlock.RunLock | None = None  # the output directory's, held by rank 0 (resume.find_resume)
     evals: monitor.Inputs | None = None  # this rank's share of --eval-data / --general-data
 
     @property
@@ -276,7 +253,7 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
         f"{data.dropped} dropped with no response token left)"
     )
     plan.evals = monitor.read_inputs(args, tokenizer, world)
-    plan.resume_from = _find_resume(plan)
+    plan.resume_from = find_resume(plan)
     return plan
 
 
@@ -285,254 +262,6 @@ def _data_print(examples: list[Example]) -> str:
     for e in examples:
         digest.update(json.dumps([e.input_ids, e.labels]).encode())
     return digest.hexdigest()[:32]
-
-
-def _find_resume(plan: Plan) -> Path | None:
-    """Take the output directory's run lock (rank 0; released by run_train), then choose the checkpoint
-    to resume from, if any: under the lock, so that no other run changes the directory meanwhile."""
-    lock = runlock.RunLock.acquire(plan.out) if plan.world.is_main else None
-    try:
-        path = _choose_checkpoint(plan)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
-    plan.lock = lock
-    return path
-
-
-def _choose_checkpoint(plan: Plan) -> Path | None:
-    args, out = plan.args, plan.out
-    if (out / FINAL_DIR).exists() and not args.overwrite:
-        raise UserError(f"--output-dir {out}: already holds a finished run (pass --overwrite to start over)")
-    if args.overwrite or args.resume == "never":
-        return None
-    if args.resume == "auto":
-        path = _newest_loadable(out, plan.world)
-    else:
-        path = Path(args.resume)
-        why = checkpoint.damage(path) if path.is_dir() else "not a directory"
-        if why is not None:
-            raise UserError(f"--resume {path}: not a loadable loki_dist checkpoint: {why}")
-    if path is not None:
-        saved = json.loads((path / checkpoint.STATE_FILE).read_text())
-        expected = {
-            "base_fingerprint": plan.base_print,
-            "positions": plan.positions,
-            "data_fingerprint": plan.data_print,
-            "global_batch": plan.global_batch,
-        }
-        for key, value in expected.items():
-            if saved.get(key) != value:
-                raise UserError(
-                    f"--resume {path}: its {key} ({saved.get(key)}) differs from this run's ({value}); "
-                    "resume needs the same base, positions, data and global batch size"
-                )
-    return path
-
-
-def _newest_loadable(out: Path, world: distributed.World) -> Path | None:
-    """The newest checkpoint in OUT that can be resumed from; a newer damaged one is skipped with a
-    warning naming it, and a directory whose every checkpoint is damaged is refused."""
-    damaged = []
-    for path in reversed(checkpoint.checkpoint_dirs(out)) if out.is_dir() else []:
-        why = checkpoint.damage(path)
-        if why is None:
-            break
-        damaged.append(f"{path} ({why})")
-    else:
-        if damaged:
-            raise UserError(
-                f"--output-dir {out}: no checkpoint in it can be resumed from: {'; '.join(damaged)}; pass "
-                "--resume never to start over beside them, or --overwrite to delete them first"
-            )
-        return None
-    if world.is_main:
-        for line in damaged:
-            print(f"loki-dist train: warning: skipping damaged {line}; resuming from {path}", file=sys.stderr)
-    return path
-
-
-def lr_at(step: int, plan: Plan) -> float:
-    """Linear warm-up from 0, then cosine or linear decay to 0, or constant (a pure function of the step)."""
-    total, base = plan.total_steps, plan.args.learning_rate
-    warmup = math.ceil(plan.args.warmup_ratio * total)
-    if step < warmup:
-        return base * step / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if plan.args.lr_scheduler == "constant":
-        return base
-    if plan.args.lr_scheduler == "linear":
-        return base * max(0.0, 1.0 - progress)
-    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def global_batch_indices(step: int, plan: Plan) -> list[int]:
-    """The samples of optimizer step `step`: a seeded permutation per epoch, cut into global batches."""
-    epoch, index = divmod(step, plan.steps_per_epoch)
-    generator = torch.Generator().manual_seed(plan.args.seed + epoch)
-    order = torch.randperm(len(plan.examples), generator=generator).tolist()
-    return order[index * plan.global_batch : (index + 1) * plan.global_batch]
-
-
-def micro_batches(indices: list[int], plan: Plan) -> list[list[int]]:
-    """This rank's micro-batches of a global batch (micro-batch i of rank r: slot i*world + r)."""
-    w, m = plan.world, plan.micro
-    return [indices[(i * w.size + w.rank) * m : (i * w.size + w.rank + 1) * m] for i in range(plan.accum)]
-
-
-@dataclass
-class TrainableRows:
-    layer: int
-    param: torch.nn.Parameter  # the down_proj weight (masked) or its selected rows (split)
-    selected: torch.Tensor  # bool over the parameter's rows: which of them train
-    rows: list[int]  # the down_proj rows those are
-
-
-class Trainer:
-    """The model, its optimizer and the row states, behind one interface for DeepSpeed and plain runs."""
-
-    def __init__(self, plan: Plan, device: torch.device):
-        self.plan, self.device = plan, device
-        stage = dsconfig.zero_stage(plan.ds_config)
-        dtype = torch.bfloat16 if plan.bf16 and stage is not None else torch.float32
-        model = load_causal_lm(plan.args.model, dtype, plan.ds_config)
-        model.config.use_cache = False
-        model.train()  # from_pretrained returns eval mode; dropout and checkpointing follow this flag
-        if plan.args.gradient_checkpointing:
-            # non-reentrant: the reentrant variant drops gradients when a block's inputs need none
-            # (frozen embeddings), and it is the variant tested with ZeRO-3 and frozen parameters here
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model, trainable = self.make_trainable(model)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.params, lr=plan.args.learning_rate, weight_decay=0.0)
-        # fp32 ZeRO-0 steps the client optimizer itself, and DeepSpeed then keeps no gradient norm
-        self.engine_measures_norm = stage != 0 or plan.bf16
-        if stage is None:
-            self.model, self.engine, self.inner = model.to(device), None, optimizer
-        else:
-            import deepspeed
-
-            self.engine, _, _, _ = deepspeed.initialize(
-                model=model, optimizer=optimizer, config=plan.ds_config
-            )
-            self.model = self.engine
-            rowstate.check_deepspeed_internals(self.engine)
-            self.inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
-            if stage == 3 and plan.world.is_main:
-                held, total = zero3_share(model)
-                print(f"ZeRO-3: rank 0 holds {held:,} of {total:,} parameter elements", flush=True)
-        F = plan.spec.intermediate_size
-        self.states = []
-        for t in trainable:
-            w = plan.world
-            state = rowstate.build(t.layer, t.param, t.selected, F, w.rank, self.inner, t.rows)
-            if state.needs_mask and state.masks_by_hook:
-                t.param.register_hook(lambda g, keep=t.selected: g.masked_fill(~keep.unsqueeze(1), 0))
-            self.states.append(state)
-
-    def make_trainable(self, model: torch.nn.Module) -> tuple[torch.nn.Module, list[TrainableRows]]:
-        """Unfreeze what LoKI trains: the selected rows as their own parameter per layer (split, through
-        the Python API's implant_rows), or the whole down_proj weight of each layer with positions, its
-        other rows' gradients masked. Subclasses may train something else (the benchmark's full
-        fine-tuning and LoRA baselines) and return no rows."""
-        rows_by_layer = self.plan.positions
-        if self.plan.args.row_params == "split":
-            implant.implant_rows(model, rows_by_layer)
-            return model, [
-                TrainableRows(layer, module.trained, self._all_rows(module.rows), module.rows.tolist())
-                for layer, module in implant.implanted_layers(model)
-            ]
-        trainable = []
-        for layer, (linear, rows) in enumerate(zip(down_projections(model), rows_by_layer, strict=True)):
-            if rows:
-                selected = positions.row_mask(rows, self.plan.spec.hidden_size, self.device)
-                trainable.append(TrainableRows(layer, linear.weight.requires_grad_(True), selected, rows))
-        return model, trainable
-
-    def _all_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.ones(len(rows), dtype=torch.bool, device=self.device)
-
-    def prepare_optimizer(self, step: int) -> None:
-        """Create Adam's state as after `step` updates, ready to receive a checkpoint's moments."""
-        zero_optimizer = self.engine.optimizer if self.engine else None
-        holders = rowstate.optimizer_state_holders(self.inner, zero_optimizer)
-        rowstate.ensure_adam_state(self.inner, step, holders)
-        link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
-        if link is not None:  # ZeRO-1/2 map their fragments onto the state only after a first step
-            link()
-
-    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed next-token loss over response tokens (normalised by the caller, globally)."""
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        autocast = self.plan.bf16 and self.engine is None
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-            batch["labels"][:, 1:].reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-
-    def backward(self, loss: torch.Tensor, lr: float, boundary: bool) -> float | None:
-        """Backward of one micro-batch; at the accumulation boundary also the update (mask, decay, step).
-
-        DeepSpeed counts micro-steps itself and wants engine.step() after every backward; it only
-        updates at its boundary, which the caller's `boundary` matches. Returns the gradient norm there.
-        """
-        if self.engine is not None:  # it averages over ranks; the loss's normalisation covers accumulation
-            self.engine.backward(loss, scale_wrt_gas=False)
-            if not boundary:
-                self.engine.step()
-                return None
-            self._prepare_update(lr)
-            # where the engine keeps no norm, the gradients are whole and already all-reduced on every
-            # rank: measure them before the step consumes them (no communication)
-            own = None if self.engine_measures_norm else _grad_norm(self.params)
-            self.engine.step()
-            norm = self.engine.get_global_grad_norm() if own is None else own
-            return None if norm is None else float(norm)
-        loss.backward()
-        if not boundary:
-            return None
-        self._prepare_update(lr)
-        clip = self.plan.max_grad_norm if self.plan.max_grad_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        self.inner.step()
-        self.inner.zero_grad(set_to_none=True)
-        return float(norm)
-
-    def _prepare_update(self, lr: float) -> None:
-        """Set the learning rate, zero unselected rows' gradients, decay selected rows only (each rank
-        on its own slice: nothing here communicates)."""
-        for group in self.inner.param_groups:
-            group["lr"] = lr
-        decay = 1.0 - lr * self.plan.args.weight_decay
-        with metering.phase("update"):
-            for state in self.states:
-                if state.needs_mask and not state.masks_by_hook:
-                    with state.grad().edit() as grad:
-                        state.partition.zero_unselected_(grad)
-                if decay != 1.0:
-                    with state.master().edit() as master:
-                        state.partition.scale_selected_(master, decay)
-
-
-def _grad_norm(params: list[torch.nn.Parameter]) -> float:
-    norms = [torch.linalg.vector_norm(p.grad.float()) for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
-def _normaliser(indices: list[int], plan: Plan) -> float:
-    """Divide each rank's summed loss by this, so gradients are the mean over the global batch's tokens.
-
-    DeepSpeed averages gradients over ranks, so its per-rank loss carries a factor world_size; a plain
-    run has one rank. Normalising by the global token count makes the update independent of how the
-    global batch is split into ranks and micro-batches (1 rank = 2 ranks).
-    """
-    targets = sum(num_targets(plan.examples[i]) for i in indices)
-    return max(targets, 1) / plan.world.size
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -562,32 +291,6 @@ def run_train(args: argparse.Namespace) -> None:
             plan.lock.release()
     if status:
         sys.exit(status)
-
-
-class StopRequest:
-    """Turns SIGUSR1/SIGTERM into a request to stop at the next step boundary, agreed by all ranks.
-
-    The handler only records the signal: stopping inside a step would leave ranks in different
-    collectives. `agreed` runs at every step boundary; with several ranks it all-reduces two flags, this
-    rank's stop request and whether its step diverged (one small collective, negligible next to a ZeRO
-    step), so that a signal or a NaN that only some ranks saw stops all of them at the same step.
-    """
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._record)
-
-    def _record(self, signum: int, frame) -> None:
-        self.received = signum
-
-    def agreed(self, world: distributed.World, device: torch.device, diverged: bool) -> tuple[bool, int]:
-        """(whether any rank was asked to stop, how many ranks' steps diverged)"""
-        if world.size == 1:
-            return self.received is not None, int(diverged)
-        flags = torch.tensor([float(self.received is not None), float(diverged)], device=device)
-        stop, bad = distributed.all_reduce_sum(flags).tolist()
-        return stop > 0, int(bad)
 
 
 def _train(plan: Plan) -> int:
@@ -671,7 +374,7 @@ def _steps(
         done = step + 1
         with distributed.stage(f"step {done}"):
             indices = global_batch_indices(step, plan)
-            scale = _normaliser(indices, plan)
+            scale = normaliser(indices, plan)
             lr = lr_at(step, plan)
             loss = torch.zeros(1, dtype=torch.float64)  # this rank's share of the step's mean loss
             for i, mine in enumerate(micro_batches(indices, plan)):

@@ -77,7 +77,9 @@ def measure_trainer(inputs: Path, layout: str, world) -> dict[str, int]:
     import argparse
 
     from loki_dist.data import collate
-    from loki_dist.training import Trainer, add_train_arguments, global_batch_indices, micro_batches, plan_run
+    from loki_dist.schedule import global_batch_indices, micro_batches
+    from loki_dist.trainer import Trainer
+    from loki_dist.training import add_train_arguments, plan_run
 
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)

@@ -142,7 +142,7 @@ def test_tiny_tokenizer_is_deterministic_and_total():
 def test_learning_rate_schedules(scheduler):
     from types import SimpleNamespace
 
-    from loki_dist.training import lr_at
+    from loki_dist.schedule import lr_at
 
     args = SimpleNamespace(learning_rate=0.1, warmup_ratio=0.1, lr_scheduler=scheduler)
     plan = SimpleNamespace(total_steps=100, args=args)

@@ -18,8 +18,8 @@ from test_training import make_data
 
 from loki_dist.errors import UserError
 from loki_dist.pipeline import StageEnded, run_stage
+from loki_dist.stopping import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE
 from loki_dist.tiny import save_tiny
-from loki_dist.training import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE
 
 
 def _ran(stdout: str) -> list[str]:

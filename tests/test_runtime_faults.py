@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from loki_dist.checkpoint import INDEX_FILE, shard_name
 from loki_dist.runlock import LOCK_NAME
-from loki_dist.training import DIVERGED_EXIT_CODE, STACKS_SIGNAL
+from loki_dist.stopping import DIVERGED_EXIT_CODE, STACKS_SIGNAL
 
 POSITIONS = [[0, 3, 5], [1, 2]]
 # ever larger weight decay blows the trained rows up: the first makes them overflow a few steps in (the
