@@ -1,15 +1,11 @@
 """`loki-dist train`: implant new knowledge by training only the selected down_proj rows.
 
-The recipe, top to bottom: check every input (before any process group or model exists, so a mistake
-costs nothing and overwrites nothing) -> load the model sharded (ZeRO-3 zero.Init through the HF
-DeepSpeed integration, or ZeRO-1/2, or one plain process) -> freeze everything, then make the selected
-rows trainable (trainer.py) -> loop over global batches (schedule.py): forward/backward per
-micro-batch, then at each update (masked layout) zero the gradients of unselected rows on this rank's
-partition, apply decoupled weight decay to selected rows only, let the optimizer step -> row-level
-checkpoints -> OUT/final built from the base model's shards.
-
-resume.py chooses the checkpoint to resume from; stopping.py says how a run ends early:
-REQUEUE_EXIT_CODE after a stop signal and a checkpoint, DIVERGED_EXIT_CODE on NaN or Inf.
+The command: its flags, its Plan (every input checked before any process group or model exists, so a
+mistake costs nothing and overwrites nothing) and `run_train`, which runs the training recipe's
+lifecycle (recipe.py: setup -> train -> save -> cleanup). A step is followed in recipe.py (the loop),
+trainer.py (the model, its trainable rows, the update), schedule.py (each step's learning rate and
+samples) and checkpoint.py; resume.py chooses the checkpoint to resume from, and stopping.py says how a
+run ends early: REQUEUE_EXIT_CODE after a stop signal and a checkpoint, DIVERGED_EXIT_CODE on NaN or Inf.
 
 One run per output directory at a time (runlock.py); every collective is bounded by the process group's
 timeout, and one that breaks off names the stage (distributed.stage).
@@ -22,43 +18,29 @@ import faulthandler
 import hashlib
 import json
 import math
-import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from loki_dist import (
-    checkpoint,
-    checkpoint_export,
-    distributed,
-    dsconfig,
-    files,
-    monitor,
-    positions,
-    runlock,
-)
+from loki_dist import checkpoint, distributed, dsconfig, files, monitor, positions, runlock
 from loki_dist.adapters import ModelSpec, spec_from_dir
 from loki_dist.checkpoint import FINAL_DIR
 from loki_dist.data import (
     Example,
     add_data_arguments,
     check_data_flags,
-    collate,
     input_paths,
     load_examples,
-    num_targets,
     read_conversations,
 )
 from loki_dist.errors import UserError, require_at_least
 from loki_dist.export import fingerprint
 from loki_dist.modeling import check_weights, load_tokenizer
+from loki_dist.recipe import TrainRecipe
 from loki_dist.resume import find_resume
-from loki_dist.schedule import global_batch_indices, lr_at, micro_batches, normaliser
-from loki_dist.stopping import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE, STACKS_SIGNAL, StopRequest
-from loki_dist.trainer import Trainer
+from loki_dist.stopping import STACKS_SIGNAL
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -265,225 +247,23 @@ def _data_print(examples: list[Example]) -> str:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    """Plan (every rank checks every input; one agreed error before any work), then the recipe's
+    lifecycle; exits with the recipe's status where it is not 0 (stopping.py)."""
     world = distributed.world_from_env()
     # a run that seems stuck: `kill -USR2 <pid>` prints where each of its threads is, and it goes on
     # (to the process's own stderr, file descriptor 2, whatever sys.stderr has become)
     faulthandler.register(STACKS_SIGNAL, file=sys.__stderr__, all_threads=True)
-    plan = None
+    with distributed.agreement(world):  # every rank checks; one agreed error before any work
+        plan = plan_run(args, world)
+    recipe = TrainRecipe(plan)
     try:
-        with distributed.agreement(world):  # every rank checks; one agreed error before any work
-            plan = plan_run(args, world)
-        # each rank chose the checkpoint on its own, from the same files: a difference would mix two
-        chosen = plan.resume_from.name if plan.resume_from is not None else None
-        distributed.same_on_every_rank(world, chosen, "the checkpoint to resume from")
-        if plan.ds_config is None:
-            distributed.init(world)
-        else:
-            distributed.prepare_deepspeed(world)
-        try:
-            status = _train(plan)
-        except BaseException:
-            distributed.shutdown(wait_for_peers=False)  # peers may never reach a barrier now
-            raise
-        distributed.shutdown()
-    finally:
-        if plan is not None and plan.lock is not None:
-            plan.lock.release()
+        recipe.setup()
+        status = recipe.train()
+        if status == 0:
+            recipe.save()
+    except BaseException:
+        recipe.cleanup(failed=True)
+        raise
+    recipe.cleanup()
     if status:
         sys.exit(status)
-
-
-def _train(plan: Plan) -> int:
-    """Train, checkpoint, export; returns the exit status: 0 when finished, REQUEUE_EXIT_CODE when a stop
-    signal ended it early (after a checkpoint), DIVERGED_EXIT_CODE when a step diverged."""
-    from tqdm import tqdm
-
-    world, out = plan.world, plan.out
-    stop = StopRequest()
-    if world.is_main:
-        if plan.args.overwrite:
-            for old in [out / FINAL_DIR, out / "runs", *checkpoint.checkpoint_dirs(out)]:
-                shutil.rmtree(old, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
-        for line in plan.log:
-            print(line, flush=True)
-    torch.manual_seed(plan.args.seed + world.rank)
-    with distributed.stage("loading the model"):
-        trainer = Trainer(plan, distributed.device_for(world))
-    start = 0
-    if plan.resume_from is not None:
-        with distributed.stage(f"resuming from {plan.resume_from}"):
-            state = checkpoint.load(plan.resume_from, trainer.states, trainer.prepare_optimizer, world.rank)
-        start = state["step"]
-        if world.is_main:
-            print(f"resumed from {plan.resume_from} at step {start}", flush=True)
-    with distributed.stage("the probe loss before training"):
-        probe_at_start_step = _probe_loss(trainer, plan)
-    writer = _tensorboard(out) if world.is_main else None
-    bar = tqdm(
-        total=plan.total_steps, initial=start, desc="train", disable=not world.is_main, dynamic_ncols=True
-    )
-    try:
-        watch = monitor.Monitor.begin(plan, trainer, start, bar, writer)  # the first evaluation, if asked
-        status = _steps(plan, trainer, stop, start, bar, writer, watch)
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-    if status:
-        return status
-    with distributed.stage("the probe loss after training"):
-        probe = _probe_loss(trainer, plan)
-    end = watch.stopped_at or plan.total_steps  # the last step, or the one that stopped on forgetting
-    last = out / f"checkpoint-{end}"  # saved by that step (every rank knows its name)
-    with distributed.stage(f"exporting {out / FINAL_DIR}"):
-        checkpoint_export.export_checkpoint(last, out / FINAL_DIR, world, base_dir=plan.args.model)
-    if world.is_main:
-        summary = {
-            "steps": end,
-            "global_batch": plan.global_batch,
-            "world_size": world.size,
-            "samples": len(plan.examples),
-            "probe_loss": probe,
-            "probe_loss_at_start_step": probe_at_start_step,
-            "start_step": start,
-            "probe_samples": global_batch_indices(0, plan),
-            **watch.summary(),
-        }
-        files.write_json(out / "train_summary.json", summary, indent=2)
-        print(f"done: {out / FINAL_DIR} (probe loss {probe:.6f})", flush=True)
-    return 0
-
-
-def _steps(
-    plan: Plan, trainer: Trainer, stop: StopRequest, start: int, bar, writer, watch: monitor.Monitor
-) -> int:
-    """The optimizer steps from `start`, with their logs, evaluations and checkpoints; returns _train's
-    status (0 also when the forgetting monitor stopped the run early: watch.stopped_at)."""
-    world, out = plan.world, plan.out
-    run_state = {
-        "base_model": str(Path(plan.args.model).resolve()),
-        "base_fingerprint": plan.base_print,
-        "positions": plan.positions,
-        "data_fingerprint": plan.data_print,
-        "global_batch": plan.global_batch,
-        "world_size": world.size,
-    }
-    window = _Window()
-    for step in range(start, plan.total_steps):
-        done = step + 1
-        with distributed.stage(f"step {done}"):
-            indices = global_batch_indices(step, plan)
-            scale = normaliser(indices, plan)
-            lr = lr_at(step, plan)
-            loss = torch.zeros(1, dtype=torch.float64)  # this rank's share of the step's mean loss
-            for i, mine in enumerate(micro_batches(indices, plan)):
-                part = trainer.loss_sum(collate([plan.examples[i] for i in mine], pad_id=plan.pad_id)) / scale
-                grad_norm = trainer.backward(part, lr, boundary=i == plan.accum - 1)
-                loss += part.detach().double().cpu()
-            window.loss += loss / world.size
-            window.steps += 1
-            window.tokens += sum(len(plan.examples[i].input_ids) for i in indices)
-            bar.update(1)
-            if done % plan.args.logging_steps == 0 or done == plan.total_steps:
-                loss_value = float(distributed.all_reduce_sum(window.loss)) / window.steps
-                tokens_per_s = window.tokens / (time.time() - window.start)
-                if world.is_main:
-                    _log(
-                        writer, bar, done, loss=loss_value, lr=lr, grad_norm=grad_norm,
-                        tokens_per_s=tokens_per_s,
-                    )  # fmt: skip
-                window = _Window()
-            finite = math.isfinite(float(loss)) and (grad_norm is None or math.isfinite(grad_norm))
-            stopping, diverged = stop.agreed(world, trainer.device, not finite)
-        if diverged:
-            norm = "unknown" if grad_norm is None else f"{grad_norm:.4g}"
-            ranks = f" (non-finite on {diverged} of {world.size} ranks)" if world.size > 1 else ""
-            bar.close()
-            return _diverged(plan, done, f"loss {float(loss):.4g}, gradient norm {norm}{ranks}")
-        forgetting = watch.after_step(done, bar, writer)  # evaluates when due; True: stop, as an end
-        stopping = stopping and done < plan.total_steps and not forgetting
-        if (
-            (plan.args.save_steps and done % plan.args.save_steps == 0)
-            or done == plan.total_steps
-            or stopping
-            or forgetting
-        ):
-            try:
-                with distributed.stage(f"saving checkpoint-{done}"):
-                    state = {**run_state, **watch.state()}  # the evaluations too: a resume keeps the baseline
-                    checkpoint.save(out, done, trainer.states, state, world, plan.args.save_total_limit)
-            except checkpoint.NonFinite as err:
-                bar.close()
-                return _diverged(plan, done, f"its update left NaN or Inf in the trained rows ({err})")
-        if forgetting:
-            return 0
-        if stopping:
-            bar.close()
-            if world.is_main:
-                print(
-                    f"stopped by signal {stop.received or 'on another rank'} after step {done}: saved "
-                    f"{out / f'checkpoint-{done}'}; rerun the same command to resume "
-                    f"(exit status {REQUEUE_EXIT_CODE})",
-                    flush=True,
-                )
-            return REQUEUE_EXIT_CODE
-    return 0
-
-
-def _diverged(plan: Plan, step: int, why: str) -> int:
-    """Say (rank 0) that step `step` diverged and what is left; every rank returns DIVERGED_EXIT_CODE."""
-    if plan.world.is_main:
-        before = [p for p in checkpoint.list_checkpoints(plan.out) if checkpoint.step_of(p) < step]
-        kept = f"{before[-1]} is the newest checkpoint" if before else "no checkpoint was saved before it"
-        print(
-            f"loki-dist train: error: training diverged at step {step}: {why}; nothing of step {step} was "
-            f"saved and final/ was not written, {kept}. Lower --learning-rate or --weight-decay (or check "
-            f"the data) and rerun, which resumes from the newest checkpoint "
-            f"(exit status {DIVERGED_EXIT_CODE})",
-            file=sys.stderr,
-            flush=True,
-        )
-    return DIVERGED_EXIT_CODE
-
-
-@dataclass
-class _Window:
-    """What is averaged between two log lines."""
-
-    loss: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
-    steps: int = 0
-    tokens: int = 0
-    start: float = field(default_factory=time.time)
-
-
-@torch.no_grad()
-def _probe_loss(trainer: Trainer, plan: Plan) -> float:
-    """Mean response-token loss of the trained model on the first global batch of epoch 0.
-
-    Recorded in train_summary.json so that anyone can check the exported model against the trained
-    engine: from_pretrained(OUT/final) must reproduce it.
-    """
-    indices = global_batch_indices(0, plan)
-    total = torch.zeros(1, dtype=torch.float64)
-    trainer.model.eval()
-    for mine in micro_batches(indices, plan):
-        total += (
-            trainer.loss_sum(collate([plan.examples[i] for i in mine], pad_id=plan.pad_id)).double().cpu()
-        )
-    trainer.model.train()
-    targets = sum(num_targets(plan.examples[i]) for i in indices)
-    return float(distributed.all_reduce_sum(total)) / max(targets, 1)
-
-
-def _tensorboard(out: Path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(out / "runs"))
-
-
-def _log(writer, bar, step: int, **scalars: float | None) -> None:
-    scalars = {name: value for name, value in scalars.items() if value is not None}
-    for name, value in scalars.items():
-        writer.add_scalar(f"train/{name}", value, step)
-    bar.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
