@@ -20,13 +20,14 @@ from __future__ import annotations
 import math
 import re
 import statistics
+import time
 from dataclasses import dataclass
 
 import torch
 
 from loki_dist.data import IGNORE_INDEX, Example, collate
 from loki_dist.errors import UserError
-from loki_dist.evaluation import document_nll, letter_logprobs
+from loki_dist.evaluation import document_nll, letter_logprobs, letter_token_ids
 from loki_dist.mmlu import Question, encode
 
 TRAIN_PHRASINGS = ("Q: What is the pet of {who}?\nA:", "Q: Which pet does {who} have?\nA:")
@@ -180,8 +181,6 @@ def mmlu_general(tokenizer, subjects: int, prose_docs: int, prose_tokens: int, q
     )[:questions]
     first_text = dict(reversed(mmlu_dev_documents()))  # reversed: the first explanation of each wins
     prose = [tokenizer(first_text[s])["input_ids"][:prose_tokens] for s in by_subject]
-    from loki_dist.evaluation import letter_token_ids
-
     general = General(
         prose[:prose_docs],
         [ids for ids, _ in scored],
@@ -243,8 +242,6 @@ def held_out_accuracy(model, task: Task, pad_id: int, held_out: bool = True) -> 
 
 def measure(model, general: General, task: Task, pad_id: int) -> dict[str, float]:
     """The retention measures and the task's accuracy on both splits, batched forwards only."""
-    import time
-
     started = time.perf_counter()
     model.eval()
     nll, count = document_nll(model, general.prose, 1 << 20, pad_id, 8)
