@@ -80,6 +80,7 @@ class Setup:
     task: Task
     attribution_data: Path  # MMLU-layout questions for `attribute`
     probes_written: int
+    texts: str  # what the perplexity is read on, for the report
 
     def measure(self, model) -> dict:
         return measure(model, self.general, self.task, self.pad_id)
@@ -203,7 +204,8 @@ def _toy_setup(args, out: Path) -> Setup:
     task = build_task(tokenizer, args.people, args.seed)
     data = files.write_json(out / "general.json", question_rows(world.general), indent=None)
     model_name = f"a 4-layer Llama, hidden {args.hidden_size}, taught the toy world"
-    return Setup("toy", model_name, out / "base", model, pad, general, task, data, len(probes))
+    texts = "taught texts (its general questions answered)"
+    return Setup("toy", model_name, out / "base", model, pad, general, task, data, len(probes), texts)
 
 
 def _smollm2_setup(args, out: Path) -> Setup:
@@ -224,7 +226,10 @@ def _smollm2_setup(args, out: Path) -> Setup:
     task = build_task(tokenizer, args.people, args.seed)
     data = files.write_json(out / "general.json", question_rows(attribute_on), indent=None)
     pad = tokenizer.pad_token_id or 0
-    return Setup("smollm2", "SmolLM2-135M-Instruct", base_dir, model, pad, general, task, data, len(PROBES))
+    texts = "held-out texts (MMLU's worked explanations)"
+    return Setup(
+        "smollm2", "SmolLM2-135M-Instruct", base_dir, model, pad, general, task, data, len(PROBES), texts
+    )
 
 
 def _select_rows(args, out: Path, setup: Setup, seeds: list[int]) -> tuple[dict, dict[str, float]]:
@@ -369,7 +374,7 @@ def run_demo(args: argparse.Namespace) -> None:
         "setup": args.setup, "model": setup.model,
         "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "learning_rates": LEARNING_RATES[args.setup], "stage_seconds": stage_times, "base": base,
-        "arms": arms, "general_sizes": f"perplexity of {len(g.prose)} held-out texts, gold log-prob of "
+        "arms": arms, "general_sizes": f"perplexity of {len(g.prose)} {setup.texts}, gold log-prob of "
         f"{len(g.mmlu_prompts)} questions, {known} of {setup.probes_written} facts the base knows",
         "total_seconds": time.perf_counter() - started, "date": str(datetime.date.today()),
         "commit": provenance.commit(), "machine": provenance.machine(), "command": command,

@@ -117,7 +117,8 @@ def test_demo_on_smollm2_at_reduced_size(tmp_path):
     assert len(json.loads((out / "general.json").read_text())) == 3  # one question per subject attributed
     results = json.loads((out / "results.json").read_text())
     assert results["setup"] == "smollm2" and results["settings"]["seeds"] == 1
-    assert "perplexity of 3 held-out texts, gold log-prob of 3 questions" in results["general_sizes"]
+    sizes = results["general_sizes"]
+    assert sizes.startswith("perplexity of 3 held-out texts") and "gold log-prob of 3 questions" in sizes
     for arm in [{"runs": [{"measures": results["base"], "steps": 0}]}, *results["arms"]]:
         for run in arm["runs"]:
             m = run["measures"]
