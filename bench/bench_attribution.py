@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from loki_dist import kva
-from loki_dist.adapters import down_projections
-from loki_dist.tiny import build_model, save_tiny
+from loki_dist.attribution import kva
+from loki_dist.core.families import down_projections
+from loki_dist.demo.tiny import build_model, save_tiny
 
 
 def score_prompts(

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from loki_dist import files, provenance
+from loki_dist.core import files, provenance
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
@@ -74,7 +74,7 @@ def reports(meter: Path, world: int) -> list[dict]:
 
 
 def make_inputs(root: Path, opts) -> dict[str, Path]:
-    from loki_dist.tiny import save_tiny
+    from loki_dist.demo.tiny import save_tiny
 
     sys.path.insert(0, str(REPO / "tests"))
     from test_training import make_data  # the tests' small instruction data set
@@ -116,7 +116,7 @@ def attribution_inputs(root: Path, opts) -> dict[str, Path]:
     layout questions; the histograms are 3 x L x D x 100 counts, the scores N x L x D floats."""
     from transformers import AutoModelForCausalLM
 
-    from loki_dist.tiny import build_tokenizer, tiny_config
+    from loki_dist.demo.tiny import build_tokenizer, tiny_config
 
     sys.path.insert(0, str(REPO / "tests"))
     from mmlu_fixture import write_mmlu
@@ -143,7 +143,7 @@ def attribution_phase(root: Path, inputs: dict[str, Path], world: int) -> dict:
 
 
 def attribution_table(results: dict[int, dict]) -> str:
-    from loki_dist.attribution import CHUNK_BYTES
+    from loki_dist.attribution.attribute import CHUNK_BYTES
 
     lines = [
         "| world | rank | peak rise at the end (MiB) | received (MiB) | file (MiB) | one piece (MiB) |",

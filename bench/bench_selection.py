@@ -75,10 +75,13 @@ from pathlib import Path
 
 import torch
 
-from loki_dist import files, provenance, selection
-from loki_dist.demo_methods import Budget, RunResult, lora_rank_for, run_once
-from loki_dist.demo_report import COLUMNS, plot, summarise, table_section, values_of
-from loki_dist.demo_task import (
+from loki_dist import selection
+from loki_dist.attribution.mmlu import encode, question_rows
+from loki_dist.core import files, provenance
+from loki_dist.core.errors import UserError
+from loki_dist.demo.methods import Budget, RunResult, lora_rank_for, run_once
+from loki_dist.demo.report import COLUMNS, plot, summarise, table_section, values_of
+from loki_dist.demo.task import (
     HELD_OUT_PHRASINGS,
     PROBES,
     TRAIN_PHRASINGS,
@@ -92,9 +95,7 @@ from loki_dist.demo_task import (
     task_corpus,
     tokenize_probes,
 )
-from loki_dist.errors import UserError
-from loki_dist.evaluation import letter_token_ids
-from loki_dist.mmlu import encode, question_rows
+from loki_dist.evaluation.evaluate import letter_token_ids
 
 # ------------------------------------------------------------------------------------------------- arms
 
@@ -191,7 +192,7 @@ def real_setup(args, sizes: Sizes) -> tuple[Setup, float]:
     """SmolLM2-135M-Instruct and MMLU's dev files (demo_assets), attribution on the demo's data."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loki_dist.demo_assets import convert_smollm2, mmlu_dev_questions
+    from loki_dist.demo.assets import convert_smollm2, mmlu_dev_questions
 
     base_dir = convert_smollm2(args.cache_dir)
     if base_dir is None or mmlu_dev_questions() is None:
@@ -213,13 +214,13 @@ def real_setup(args, sizes: Sizes) -> tuple[Setup, float]:
 
 
 def tiny_setup(args, sizes: Sizes) -> tuple[Setup, float]:
-    """A tiny Llama built in code (loki_dist.tiny) in place of SmolLM2; toyworld's general questions in
+    """A tiny Llama built in code (loki_dist.demo.tiny) in place of SmolLM2; toyworld's general questions in
     place of MMLU. The probes' answers become the base's own greedy next token, so that the "kept"
     measure has something to keep: the study's code path runs in seconds, its numbers mean nothing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loki_dist.tiny import build_model, build_tokenizer, sharpen_
-    from loki_dist.toyworld import build_world
+    from loki_dist.demo.tiny import build_model, build_tokenizer, sharpen_
+    from loki_dist.demo.toyworld import build_world
 
     world = build_world(8, 1)
     base_dir = Path(args.out) / "tiny_base"

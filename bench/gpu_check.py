@@ -68,7 +68,7 @@ class Shape:
     kv_heads: int
 
     def config(self):
-        from loki_dist.tiny import tiny_config
+        from loki_dist.demo.tiny import tiny_config
 
         return tiny_config(
             "llama",
@@ -103,7 +103,7 @@ TINY = Sizes(Shape(2, 64, 176, 512, 4, 2), 48, 2, 1, 2, 128, 2)
 
 
 def write_json(path: Path, value) -> None:
-    from loki_dist import files
+    from loki_dist.core import files
 
     files.write_json(path, value, indent=1)
 
@@ -270,8 +270,8 @@ def random_model(shape: Shape, device: torch.device, dtype: torch.dtype):
 def mmlu_prompts(count: int, tokens: int, seed: int = 0) -> list[list[int]]:
     """DESIGN.md's single-choice prompts through the built-in tokenizer's chat template, `tokens` long
     give or take 20%, the question made of random words."""
-    from loki_dist import mmlu
-    from loki_dist.tiny import build_tokenizer
+    from loki_dist.attribution import mmlu
+    from loki_dist.demo.tiny import build_tokenizer
 
     tokenizer, rng, prompts = build_tokenizer(), random.Random(seed), []
     for _ in range(count):
@@ -355,7 +355,7 @@ def attribution(opts, seconds: float, work: Path) -> dict:
 
 def prepare_training(sizes: Sizes, root: Path) -> None:
     """A model directory without weights (config and tokenizer), q=10 positions, 2048-token samples."""
-    from loki_dist.tiny import build_tokenizer
+    from loki_dist.demo.tiny import build_tokenizer
 
     shape, rng = sizes.shape, random.Random(0)
     model_dir = root / "model"
@@ -374,7 +374,7 @@ def random_causal_lm(model_dir, dtype: torch.dtype, ds_config: dict | None):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from loki_dist import dsconfig
+    from loki_dist.core import dsconfig
 
     keep_alive = HfDeepSpeedConfig(ds_config) if dsconfig.zero_stage(ds_config) == 3 else None  # noqa: F841
     torch.manual_seed(0)
@@ -388,9 +388,10 @@ def training_worker(opts) -> None:
 
     from bench_training import TRAINERS, timed_steps
 
-    from loki_dist import distributed, training
-    from loki_dist import trainer as trainer_module
     from loki_dist.cli import build_parser
+    from loki_dist.core import distributed
+    from loki_dist.implant import train
+    from loki_dist.implant import trainer as trainer_module
 
     root, world = Path(opts.root), distributed.world_from_env()
     distributed.prepare_deepspeed(world)
@@ -418,7 +419,7 @@ def training_worker(opts) -> None:
         ]
     )
     with mock.patch.object(training, "check_weights", lambda *_, **__: []):  # weights are made in memory
-        plan = training.plan_run(args, world)
+        plan = train.plan_run(args, world)
     started = time.perf_counter()
     with mock.patch.object(trainer_module, "load_causal_lm", random_causal_lm):
         trainer = TRAINERS[opts.method](plan, device)
@@ -447,7 +448,7 @@ def predicted_bytes(
     sizes: Sizes, config_json: Path, checkpointing: bool, precision: str
 ) -> dict[str, dict[str, int]]:
     """`loki-dist estimate-memory` for this configuration, per memory.py method, total and parts."""
-    from loki_dist import memory as planner
+    from loki_dist.planning import memory as planner
 
     config = json.loads(config_json.read_text())  # as `estimate-memory --model-config` reads it
     setup = planner.Setup(
@@ -532,7 +533,9 @@ def _git(*args: str) -> str | None:
 def source_identity(given: str | None) -> dict[str, str]:
     """The commit (from git, or --commit where the checkout has no .git) and a digest of the sources."""
     digest = hashlib.sha256()
-    for path in sorted([*REPO.glob("loki_dist/*.py"), *BENCH.glob("*.py"), REPO / "tests" / "test_gpu.py"]):
+    for path in sorted(
+        [*REPO.glob("loki_dist/**/*.py"), *BENCH.glob("*.py"), REPO / "tests" / "test_gpu.py"]
+    ):
         digest.update(path.read_bytes())
     commit = given or _git("rev-parse", "HEAD") or "unknown (no git checkout; pass --commit)"
     if given is None and _git("status", "--porcelain", "--untracked-files=no"):
@@ -762,7 +765,7 @@ def main(argv: list[str] | None = None) -> None:
         if any(named):
             meta.setdefault("device_name", next(name for name in named if name))
         write_json(opts.out / "gpu.json", report)
-        from loki_dist import files
+        from loki_dist.core import files
 
         files.write_text(opts.out / "gpu.md", markdown(report))
 

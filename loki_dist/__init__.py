@@ -1,6 +1,6 @@
 """loki_dist: distributed LoKI (Low-damage Knowledge Implanting) for Hugging Face causal LMs.
 
-The Python API (loki_dist/implant.py), for any training loop:
+The Python API (loki_dist/implant/api.py), for any training loop:
     model = loki_dist.implant_rows(model, "positions.json")  # only the selected down_proj rows train
     loki_dist.save_implant(model, "implant.safetensors", base=base_dir)
     merged = loki_dist.merge_rows(model)                     # plain Hugging Face modules again
@@ -14,7 +14,7 @@ def __getattr__(name: str):
     """The API on first use: `import loki_dist` stays light, and loki_dist's modules can import
     __version__ from here without a cycle."""
     if name in __all__:
-        from loki_dist import implant
+        from loki_dist.implant import api
 
-        return getattr(implant, name)
+        return getattr(api, name)
     raise AttributeError(f"module 'loki_dist' has no attribute {name!r}")

@@ -28,35 +28,45 @@ from typing import NoReturn
 
 import torch.distributed as dist
 
-from loki_dist import __version__, distributed, files, runconfig
-from loki_dist.errors import RankErrors, UserError
+from loki_dist import __version__
+from loki_dist.core import distributed, files, runconfig
+from loki_dist.core.errors import RankErrors, UserError
 
 # sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "attribute": ("loki_dist.attribution", "score every down_proj row on general-knowledge prompts (KVA)"),
+    "attribute": (
+        "loki_dist.attribution.attribute",
+        "score every down_proj row on general-knowledge prompts (KVA)",
+    ),
     "select": ("loki_dist.selection", "choose the rows to train from an attribution file"),
-    "train": ("loki_dist.training", "implant: train only the selected down_proj rows"),
+    "train": ("loki_dist.implant.train", "implant: train only the selected down_proj rows"),
     "export": (
-        "loki_dist.checkpoint_export",
+        "loki_dist.implant.checkpoint_export",
         "turn a training checkpoint into a Hugging Face model and an implant",
     ),
-    "apply": ("loki_dist.export", "merge an implant file into its base model"),
+    "apply": ("loki_dist.implant.export", "merge an implant file into its base model"),
     "evaluate": (
-        "loki_dist.evaluation",
+        "loki_dist.evaluation.evaluate",
         "multiple-choice accuracy (MMLU layout) or perplexity, data-parallel",
     ),
-    "forgetting": ("loki_dist.forgetting", "the paper's forgetting score of tuned models against the base"),
-    "chat": ("loki_dist.chat", "talk to a model through its chat template, greedily (before, after apply)"),
+    "forgetting": (
+        "loki_dist.evaluation.forgetting",
+        "the paper's forgetting score of tuned models against the base",
+    ),
+    "chat": (
+        "loki_dist.evaluation.chat",
+        "talk to a model through its chat template, greedily (before, after apply)",
+    ),
     "pipeline": (
         "loki_dist.pipeline",
         "attribute -> select -> train from one YAML file, skipping current stages",
     ),
     "estimate-memory": (
-        "loki_dist.memory",
+        "loki_dist.planning.memory",
         "per-GPU memory of LoKI, full fine-tuning and LoRA for a model, cluster size and ZeRO stage",
     ),
     "demo": (
-        "loki_dist.demo",
+        "loki_dist.demo.demo",
         "the whole job offline, on SmolLM2-135M when installed or a built-in tiny model",
     ),
 }

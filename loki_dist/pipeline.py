@@ -47,8 +47,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loki_dist import files
-from loki_dist.errors import UserError
+from loki_dist.core import files
+from loki_dist.core.errors import UserError
 
 STAGES = ("attribute", "select", "train")
 TOP_LEVEL_KEYS = {"output_dir", "model", "nproc", "launcher", *STAGES}
@@ -120,7 +120,7 @@ def load_config(path: str) -> dict:
 
 def _flags(section: dict, name: str = "") -> list[str]:
     """YAML mapping -> command-line flags (`data_config: all` -> `--data-config all`)."""
-    from loki_dist.runconfig import LIST_FLAGS
+    from loki_dist.core.runconfig import LIST_FLAGS
 
     out = []
     for key, value in section.items():
@@ -184,9 +184,10 @@ def _parse(stage: Stage) -> argparse.Namespace:
 def validate(path: str, config: dict, stages: list[Stage]) -> None:
     """Everything about every stage that can be known before the first one runs: a mistake in the last
     stage's section costs seconds, not the hours of the stages before it."""
-    from loki_dist import chat_templates, data, dsconfig, training
-    from loki_dist.adapters import spec_from_dir
-    from loki_dist.modeling import check_weights, load_tokenizer
+    from loki_dist.core import dsconfig
+    from loki_dist.core.families import spec_from_dir
+    from loki_dist.core.modeling import check_weights, load_tokenizer
+    from loki_dist.implant import chat_templates, data, train
     from loki_dist.selection import parse_quota
 
     with _section(path, "model"):
@@ -201,7 +202,7 @@ def validate(path: str, config: dict, stages: list[Stage]) -> None:
             parsed[stage.name] = _parse(stage)
     inputs = {"model": config["model"], "attribute.data": parsed["attribute"].data}
     with _section(path, "train"):
-        training.check_flags(parsed["train"])  # --data or --dataset, before their files are named
+        train.check_flags(parsed["train"])  # --data or --dataset, before their files are named
         inputs.update({f"train {flag}": file for flag, file in data.input_paths(parsed["train"]).items()})
     for stage in stages:
         with _section(path, stage.name):
@@ -234,7 +235,7 @@ def fingerprint_path(path: Path) -> str:
     A model directory uses export.fingerprint (its config, shard headers and the first bytes of every
     tensor), so a 70B base is identified in a few MB of reads rather than 140 GB.
     """
-    from loki_dist.export import fingerprint
+    from loki_dist.implant.export import fingerprint
 
     if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return "model:" + fingerprint(path)
@@ -358,7 +359,7 @@ def run_stage(name: str, args: list[str], nproc: int = 1, launcher: list[str] | 
             preexec_fn=_Forwarder.ignore_usr1 if own_group else None,
         )
         code = forwarder.child.wait()
-    from loki_dist.stopping import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE
+    from loki_dist.implant.stopping import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE
 
     if code != 0 and forwarder.stopped:
         stopped = f"the {name} stage stopped on a signal; rerun the same command to continue"
@@ -371,13 +372,13 @@ def run_stage(name: str, args: list[str], nproc: int = 1, launcher: list[str] | 
 
 
 def _free_port() -> int:
-    from loki_dist.distributed import _free_port
+    from loki_dist.core.distributed import _free_port
 
     return _free_port()
 
 
 def run_pipeline(args: argparse.Namespace) -> None:
-    from loki_dist.distributed import world_from_env
+    from loki_dist.core.distributed import world_from_env
 
     if world_from_env().size > 1:  # torchrun, or a bare `srun -n N` (no WORLD_SIZE, a step of N tasks)
         raise UserError(

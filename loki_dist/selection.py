@@ -13,8 +13,8 @@ import argparse
 import math
 from fractions import Fraction
 
-from loki_dist import files
-from loki_dist.errors import UserError
+from loki_dist.core import files
+from loki_dist.core.errors import UserError
 
 STRATEGIES = ("layer_balanced", "global_lowest", "global_highest", "random")
 
@@ -63,7 +63,7 @@ def _pick(count, score_sum, k: int, low_sum_first: bool = True):
 
 def bottom_counts_from_scores(scores, k: int, descending: bool = False):
     """Per node, the samples in which it is among the k lowest (highest) along the last dim."""
-    from loki_dist.stats import ascending_ranks
+    from loki_dist.attribution.stats import ascending_ranks
 
     return (ascending_ranks(-scores if descending else scores) < k).sum(0)
 
@@ -94,7 +94,7 @@ def layer_balanced(tensors: dict, quota: Fraction, highest: bool = False) -> lis
 
 
 def global_selection(tensors: dict, quota: Fraction, highest: bool) -> list[list[int]]:
-    from loki_dist.stats import GLOBAL_HIGH, GLOBAL_LOW
+    from loki_dist.attribution.stats import GLOBAL_HIGH, GLOBAL_LOW
 
     num_layers, hidden = tensors["score_sum"].shape
     total = math.floor(quota * num_layers * hidden / 100)
@@ -123,7 +123,7 @@ def random_selection(num_layers: int, hidden: int, quota: Fraction, seed: int) -
 
 
 def _global_hist(strategy: str) -> str:
-    from loki_dist.stats import GLOBAL_HIGH, GLOBAL_LOW
+    from loki_dist.attribution.stats import GLOBAL_HIGH, GLOBAL_LOW
 
     return GLOBAL_HIGH if strategy == "global_highest" else GLOBAL_LOW
 
@@ -156,7 +156,7 @@ def load_attribution(
 
     With a quota and strategy, only what that selection reads is loaded.
     """
-    from loki_dist.stats import BINS, GLOBAL_HIGH, GLOBAL_LOW, load_file
+    from loki_dist.attribution.stats import BINS, GLOBAL_HIGH, GLOBAL_LOW, load_file
 
     pick = _reads(quota, strategy) if quota is not None and strategy is not None else None
     tensors, metadata = load_file(path, pick=pick)
@@ -184,7 +184,7 @@ def load_attribution(
                 f"--attribution {path}: {name} has shape {list(tensors[name].shape)}, expected {shape}"
             )
     if model is not None:
-        from loki_dist.adapters import spec_from_dir
+        from loki_dist.core.families import spec_from_dir
 
         spec = spec_from_dir(model)
         if (spec.num_layers, spec.hidden_size) != (num_layers, hidden):
@@ -216,7 +216,7 @@ def select(tensors: dict, quota: Fraction, strategy: str, seed: int = 0) -> list
 
 
 def run_select(args: argparse.Namespace) -> None:
-    from loki_dist import positions as positions_file
+    from loki_dist.core import positions as positions_file
 
     quota = parse_quota(args.quota)
     check_outputs(args)
@@ -227,7 +227,7 @@ def run_select(args: argparse.Namespace) -> None:
     if args.attribution is None:
         if args.strategy != "random" or args.model is None:
             raise UserError("--attribution is required (only --strategy random can do with --model alone)")
-        from loki_dist.adapters import spec_from_dir
+        from loki_dist.core.families import spec_from_dir
 
         spec = spec_from_dir(args.model)
         positions = random_selection(spec.num_layers, spec.hidden_size, quota, args.seed)

@@ -88,6 +88,6 @@ def zero3_rank0_share(log: str) -> tuple[int, int]:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 32, intermediate 48) with the built-in tokenizer."""
-    from loki_dist.tiny import save_tiny
+    from loki_dist.demo.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny_llama"), "llama", seed=0)

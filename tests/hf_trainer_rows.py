@@ -4,7 +4,7 @@
 
 SETTINGS: base, positions, data, out, steps, micro, accum, learning_rate, weight_decay, warmup_steps,
 seed. What is aligned with `loki-dist train` to make the two comparable: the same tokenised samples
-(loki_dist.data), fed in the CLI's documented order (a seeded permutation cut into global batches),
+(loki_dist.implant.data), fed in the CLI's documented order (a seeded permutation cut into global batches),
 laid out so that accelerate's per-rank sharding hands rank r the micro-batches the CLI gives it), the
 same schedule (warm-up from 0 then cosine to 0), AdamW with HF's defaults (betas, eps: the CLI's), no
 clipping. Everything else is HF's own: its loss (summed over the global batch's response tokens, divided
@@ -23,9 +23,9 @@ from torch.utils.data import Dataset, SequentialSampler
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import loki_dist
-from loki_dist import distributed
-from loki_dist.data import collate, load_examples
-from loki_dist.modeling import load_tokenizer
+from loki_dist.core import distributed
+from loki_dist.core.modeling import load_tokenizer
+from loki_dist.implant.data import collate, load_examples
 
 
 class InOrder(Dataset):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from loki_dist.tiny import build_model
+from loki_dist.demo.tiny import build_model
 
 TINY = dict(num_layers=2, hidden_size=64, intermediate_size=176, vocab_size=512, num_heads=4, num_kv_heads=2)
 DS_CONFIG = {
@@ -76,10 +76,10 @@ def measure_trainer(inputs: Path, layout: str, world) -> dict[str, int]:
     """loki_dist's Trainer, built from `loki-dist train` arguments, after one update of its own."""
     import argparse
 
-    from loki_dist.data import collate
-    from loki_dist.schedule import global_batch_indices, micro_batches
-    from loki_dist.trainer import Trainer
-    from loki_dist.training import add_train_arguments, plan_run
+    from loki_dist.implant.data import collate
+    from loki_dist.implant.schedule import global_batch_indices, micro_batches
+    from loki_dist.implant.train import add_train_arguments, plan_run
+    from loki_dist.implant.trainer import Trainer
 
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
@@ -111,7 +111,7 @@ def measure_trainer(inputs: Path, layout: str, world) -> dict[str, int]:
 
 
 def main() -> None:
-    from loki_dist import distributed
+    from loki_dist.core import distributed
 
     inputs = Path(sys.argv[1])
     world = distributed.world_from_env()

@@ -19,10 +19,10 @@ from conftest import assert_user_error, run_cli, zero3_rank0_share
 from mmlu_fixture import write_mmlu
 from safetensors.torch import load_file
 
-from loki_dist import kva
-from loki_dist.adapters import down_projections
-from loki_dist.files import temporary_name
-from loki_dist.tiny import build_model, save_tiny, tiny_config
+from loki_dist.attribution import kva
+from loki_dist.core.families import down_projections
+from loki_dist.core.files import temporary_name
+from loki_dist.demo.tiny import build_model, save_tiny, tiny_config
 
 CPU = torch.device("cpu")
 LENGTHS = (9, 23, 4, 15)  # prompts of very different lengths, batched with padding
@@ -228,7 +228,7 @@ def two_rank_file(attribution_setup) -> Path:
 
 def _assert_identical(a_path: Path, b_path: Path) -> None:
     """Every tensor equal to the bit, and the metadata but for the world size."""
-    from loki_dist.stats import load_file as load_with_metadata
+    from loki_dist.attribution.stats import load_file as load_with_metadata
 
     (a, meta_a), (b, meta_b) = load_with_metadata(a_path), load_with_metadata(b_path)
     assert a.keys() == b.keys()
@@ -319,7 +319,7 @@ def test_two_rank_file_is_the_design_contract_in_data_order(attribution_setup, t
     # data order: samples on both sides of the rank boundary, each scored alone here
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loki_dist import mmlu
+    from loki_dist.attribution import mmlu
 
     model_dir, data = args[args.index("--model") + 1], args[args.index("--data") + 1]
     questions, shots = mmlu.load_questions(data, 50, 0, None, "test", None)
@@ -351,9 +351,9 @@ def test_only_rank0_receives_and_only_the_other_ranks_share(attribution_setup, t
 
 def test_score_sums_do_not_depend_on_how_the_samples_are_grouped():
     """The file's score_sum on 1, 2 or 3 ranks: each rank adds its samples with stats.exact_add, rank 0
-    adds the ranks' sums and errors (as attribution._exact_score_sum does). Scores of one node spanning
+    adds the ranks' sums and errors (as attribute._exact_score_sum does). Scores of one node spanning
     1e-12 to 1e-2, where a plain float64 sum changes with the grouping."""
-    from loki_dist.stats import exact_add
+    from loki_dist.attribution.stats import exact_add
 
     gen = torch.Generator().manual_seed(0)
     magnitude = torch.pow(10.0, -torch.randint(2, 13, (200, 64), generator=gen).double())
@@ -409,7 +409,7 @@ def test_killed_run_resumes_to_the_identical_file(attribution_setup, two_rank_fi
     proc = run_cli([*resumable, "--resume"], nproc)
     assert "resuming after 2 batches" in proc.stderr
     # bit-identical tensors and metadata (safetensors writes the metadata map in hash order)
-    from loki_dist.stats import load_file as load_with_metadata
+    from loki_dist.attribution.stats import load_file as load_with_metadata
 
     (resumed, meta_resumed), (whole, meta_whole) = (
         load_with_metadata(output),

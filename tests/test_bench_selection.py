@@ -115,8 +115,8 @@ def test_runs_stop_at_the_target_or_the_cap_and_the_sweep_picks_the_fastest(stud
 def test_layer_balanced_highest_matches_a_brute_force_reading():
     """The arm's selection: per layer, the k rows most often among a sample's k highest scores (ties:
     higher score sum, then lower index)."""
+    from loki_dist.attribution.stats import Stats
     from loki_dist.selection import layer_balanced
-    from loki_dist.stats import Stats
 
     n, layers, hidden, k = 6, 2, 20, 4
     scores = torch.randint(-3, 4, (n, layers, hidden), generator=torch.Generator().manual_seed(1)).float()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import REPO, assert_user_error, run_cli
 
-from loki_dist.tiny import save_tiny
+from loki_dist.demo.tiny import save_tiny
 
 
 @pytest.fixture(scope="module")

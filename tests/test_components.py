@@ -7,11 +7,11 @@ import itertools
 import pytest
 import torch
 
-from loki_dist import adapters, dsconfig, positions
-from loki_dist.data import IGNORE_INDEX, to_messages, tokenize
-from loki_dist.errors import UserError
-from loki_dist.partition import RowPartition
-from loki_dist.tiny import build_model, build_tokenizer
+from loki_dist.core import dsconfig, families, positions
+from loki_dist.core.errors import UserError
+from loki_dist.demo.tiny import build_model, build_tokenizer
+from loki_dist.implant.data import IGNORE_INDEX, to_messages, tokenize
+from loki_dist.implant.partition import RowPartition
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5, 7])
@@ -48,12 +48,12 @@ def test_row_partition_matches_dense_mask(world):
     assert torch.equal(torch.cat(pieces), weight[selected].reshape(-1))
 
 
-@pytest.mark.parametrize("model_type", sorted(adapters.FAMILIES))
+@pytest.mark.parametrize("model_type", sorted(families.FAMILIES))
 def test_every_family_exposes_its_down_projections(model_type):
     model = build_model(model_type, num_layers=2, hidden_size=32, intermediate_size=48)
-    spec = adapters.spec_from_config(model.config)
+    spec = families.spec_from_config(model.config)
     named = dict(model.named_parameters())
-    projections = adapters.down_projections(model)
+    projections = families.down_projections(model)
     assert len(projections) == spec.num_layers == 2
     for layer, proj in enumerate(projections):
         assert proj.weight.shape == (spec.hidden_size, spec.intermediate_size) == (32, 48)
@@ -63,11 +63,11 @@ def test_every_family_exposes_its_down_projections(model_type):
 
 def test_unsupported_model_type_lists_supported_ones():
     with pytest.raises(UserError, match=r"'bert' is not supported; supported model types: gemma2, .*llama"):
-        adapters.spec_from_config({"model_type": "bert", "num_hidden_layers": 2, "hidden_size": 8})
+        families.spec_from_config({"model_type": "bert", "num_hidden_layers": 2, "hidden_size": 8})
 
 
 def test_positions_validation():
-    spec = adapters.ModelSpec("llama", num_layers=2, hidden_size=8, intermediate_size=4)
+    spec = families.ModelSpec("llama", num_layers=2, hidden_size=8, intermediate_size=4)
     assert positions.validate([[3, 1], []], spec) == [[1, 3], []]
     for bad, message in [
         ([[1]], "has 1 layer lists but the model has 2 layers"),
@@ -142,7 +142,7 @@ def test_tiny_tokenizer_is_deterministic_and_total():
 def test_learning_rate_schedules(scheduler):
     from types import SimpleNamespace
 
-    from loki_dist.schedule import lr_at
+    from loki_dist.implant.schedule import lr_at
 
     args = SimpleNamespace(learning_rate=0.1, warmup_ratio=0.1, lr_scheduler=scheduler)
     plan = SimpleNamespace(total_steps=100, args=args)
@@ -184,7 +184,7 @@ def test_deepspeed_internals_are_there_and_a_missing_one_is_named(tmp_path):
     import tomllib
     from conftest import REPO
 
-    from loki_dist.rowstate import TESTED_DEEPSPEED
+    from loki_dist.implant.rowstate import TESTED_DEEPSPEED
 
     probe = tmp_path / "probe.py"
     probe.write_text(INTERNALS_PROBE)

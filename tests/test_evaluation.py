@@ -17,7 +17,7 @@ from mmlu_fixture import write_mmlu
 @pytest.fixture(scope="module")
 def opinionated_llama(tmp_path_factory):
     """A tiny Llama with scaled-up layers, so that different prompts get different answers."""
-    from loki_dist.tiny import save_tiny
+    from loki_dist.demo.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("opinionated"), "llama", seed=3, sharp=True)
 
@@ -26,7 +26,7 @@ def _direct_letters(model_dir, data, shots: int) -> list[int]:
     """One unbatched forward per question, log-softmax over the vocabulary, best of A-D."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loki_dist import mmlu
+    from loki_dist.attribution import mmlu
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -222,7 +222,7 @@ def test_a_mistake_on_some_ranks_reaches_stderr_with_those_ranks(tiny_llama, tmp
 
 def test_token_nll_in_chunks_equals_a_float64_log_softmax():
     """bf16-valued logits (as a GPU model returns them), several chunks of 3 positions."""
-    from loki_dist.evaluation import token_nll
+    from loki_dist.evaluation.evaluate import token_nll
 
     torch.manual_seed(0)
     vocab = 5000
@@ -243,7 +243,7 @@ def test_document_nll_equals_float64_cross_entropy_per_document(tiny_llama):
     cross-entropy of the same model's logits written here, per document."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loki_dist.evaluation import document_nll
+    from loki_dist.evaluation.evaluate import document_nll
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()

@@ -14,8 +14,8 @@ import torch
 from conftest import run_cli
 from safetensors.torch import load_file
 
-from loki_dist.adapters import FAMILIES, spec_from_dir
-from loki_dist.tiny import save_tiny
+from loki_dist.core.families import FAMILIES, spec_from_dir
+from loki_dist.demo.tiny import save_tiny
 
 POSITIONS = [[0, 3, 17, 31], [5, 6]]  # rows of down_proj per layer (hidden 32)
 

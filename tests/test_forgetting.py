@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import assert_user_error
 
-from loki_dist.forgetting import Scores, forgetting_table
+from loki_dist.evaluation.forgetting import Scores, forgetting_table
 
 # DESIGN.md's reference facts: paper Table 4 (Qwen2.5-0.5B-Instruct) and Table 2 (Llama-3.1-8B-Instruct)
 TABLE4 = ("TriviaQA", "GSM8K", "HellaSwag", "WinoGrande", "HumanEval", "IFEval")

@@ -13,7 +13,7 @@ What is checked, against computations written here (CPU references, sums of know
   per-layer Spearman correlation and bottom-10% overlap against fp32; `attribute` (ZeRO-3 inference)
   on the device against the reference algorithm on the CPU;
 - `evaluate` on the device choosing the same letters as an unbatched CPU forward;
-- every collective helper of loki_dist/distributed.py on device and CPU tensors.
+- every collective helper of loki_dist/core/distributed.py on device and CPU tensors.
 With more than one device visible, the multi-process tests also run on 2 ranks.
 
 Training processes run with torch.use_deterministic_algorithms(True) (this file's `cli` entry point):
@@ -180,9 +180,9 @@ def bottom_overlap(a: torch.Tensor, b: torch.Tensor, quota: float = 0.1) -> torc
 
 
 def test_attribution_fast_equals_reference_fp32_and_bf16_keeps_ranks(record):
-    from loki_dist import kva
-    from loki_dist.adapters import down_projections
-    from loki_dist.tiny import build_model
+    from loki_dist.attribution import kva
+    from loki_dist.core.families import down_projections
+    from loki_dist.demo.tiny import build_model
 
     model = build_model("llama", seed=0, num_layers=4, hidden_size=128, intermediate_size=352,
                         num_heads=4, num_kv_heads=2).to(DEVICE).requires_grad_(False)  # fmt: skip
@@ -215,7 +215,7 @@ def test_attribution_fast_equals_reference_fp32_and_bf16_keeps_ranks(record):
 def mmlu_model(tmp_path_factory) -> dict[str, Path]:
     from mmlu_fixture import write_mmlu
 
-    from loki_dist.tiny import save_tiny
+    from loki_dist.demo.tiny import save_tiny
 
     root = tmp_path_factory.mktemp("gpu_mmlu")
     model = save_tiny(root / "model", "llama", seed=0, num_layers=3, hidden_size=64, intermediate_size=96)
@@ -226,7 +226,7 @@ def _cpu_prompts(setup):
     """The CPU model in fp32, its tokenizer and the data's prompts, as DESIGN.md builds them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loki_dist import mmlu
+    from loki_dist.attribution import mmlu
 
     tokenizer = AutoTokenizer.from_pretrained(setup["model"])
     questions, shots = mmlu.load_questions(str(setup["data"]), per_subject=50)
@@ -239,8 +239,8 @@ def _cpu_prompts(setup):
 def test_attribute_zero3_on_device_matches_cpu_reference(mmlu_model, nproc, record):
     from safetensors.torch import load_file
 
-    from loki_dist import kva
-    from loki_dist.adapters import down_projections
+    from loki_dist.attribution import kva
+    from loki_dist.core.families import down_projections
 
     output = mmlu_model["root"] / f"attribution{nproc}.safetensors"
     run(["cli", "attribute", "--model", str(mmlu_model["model"]), "--data", str(mmlu_model["data"]),
@@ -259,7 +259,7 @@ def test_attribute_zero3_on_device_matches_cpu_reference(mmlu_model, nproc, reco
 
 
 def test_evaluate_on_device_matches_cpu_predictions(mmlu_model, record):
-    from loki_dist.evaluation import letter_token_ids
+    from loki_dist.evaluation.evaluate import letter_token_ids
 
     output = mmlu_model["root"] / "evaluate.json"
     run(["cli", "evaluate", "--model", str(mmlu_model["model"]), "--data", str(mmlu_model["data"]),
@@ -287,7 +287,7 @@ def train_setup(tmp_path_factory) -> dict[str, Path]:
     """A bf16 base (hidden 64, head dim 16), the positions and data of tests/test_training.py."""
     from test_training import POSITIONS, make_data
 
-    from loki_dist.tiny import save_tiny
+    from loki_dist.demo.tiny import save_tiny
 
     root = tmp_path_factory.mktemp("gpu_train")
     base = save_tiny(root / "base", "llama", seed=1, num_layers=3, hidden_size=64, intermediate_size=96,
@@ -411,7 +411,7 @@ def test_zero3_bf16_two_ranks(train_setup, trained, record):
 
 def _collectives_worker(out: str) -> None:
     """Run under torchrun: every helper of distributed.py on tensors on the rank's device and on the CPU."""
-    from loki_dist import distributed
+    from loki_dist.core import distributed
 
     world = distributed.world_from_env()
     device = distributed.device_for(world)

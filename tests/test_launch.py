@@ -204,7 +204,7 @@ def srun_task(monkeypatch):
 
 
 def test_srun_task_is_one_rank_of_the_step(srun_task):
-    from loki_dist.distributed import World, world_from_env
+    from loki_dist.core.distributed import World, world_from_env
 
     assert world_from_env() == World(rank=1, size=2, local_rank=0)
     # torchrun started inside an srun step (slurm/srun_torchrun.sh): its variables win
@@ -216,7 +216,7 @@ def test_srun_task_is_one_rank_of_the_step(srun_task):
 def test_batch_shell_is_one_process(srun_task):
     """An sbatch script's own shell has SLURM_NTASKS and SLURM_PROCID, but no step: a plain command
     there is one process (taking SLURM_NTASKS as the world size made it wait for ranks never started)."""
-    from loki_dist.distributed import World, rendezvous_env, world_from_env
+    from loki_dist.core.distributed import World, rendezvous_env, world_from_env
 
     for name in ("SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST"):
         srun_task.delenv(name)
@@ -228,8 +228,8 @@ def test_batch_shell_is_one_process(srun_task):
 
 
 def test_srun_without_master_addr_or_scontrol_is_one_line_naming_what_to_set(srun_task, tmp_path):
-    from loki_dist.distributed import rendezvous_env
-    from loki_dist.errors import UserError
+    from loki_dist.core.distributed import rendezvous_env
+    from loki_dist.core.errors import UserError
 
     srun_task.setenv("PATH", str(tmp_path))  # no scontrol on it
     with pytest.raises(UserError) as err:
@@ -240,7 +240,7 @@ def test_srun_without_master_addr_or_scontrol_is_one_line_naming_what_to_set(sru
 
 
 def test_srun_port_is_the_users_or_one_per_job_step(srun_task, tmp_path):
-    from loki_dist.distributed import rendezvous_env
+    from loki_dist.core.distributed import rendezvous_env
 
     srun_task.setenv("PATH", str(tmp_path))  # MASTER_ADDR given: scontrol is not needed
     env = {**os.environ, "MASTER_ADDR": "10.0.0.7"}
@@ -270,8 +270,8 @@ def test_srun_port_is_the_users_or_one_per_job_step(srun_task, tmp_path):
 def test_gpu_of_a_task_is_its_own_or_a_one_line_error(local_rank, visible, device, monkeypatch):
     """srun --gpus-per-task=1 shows each task one GPU: device 0, whatever its local rank. With several
     visible, local rank i takes GPU i; a local rank past them would share a GPU: refused."""
-    from loki_dist.distributed import device_index
-    from loki_dist.errors import UserError
+    from loki_dist.core.distributed import device_index
+    from loki_dist.core.errors import UserError
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(str(i) for i in range(visible)))
     if device is not None:

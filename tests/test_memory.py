@@ -18,7 +18,8 @@ from conftest import REPO, assert_user_error, free_port
 from memory_probe import TINY
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from loki_dist.memory import (
+from loki_dist.demo.tiny import build_model, save_tiny, tiny_config
+from loki_dist.planning.memory import (
     GIB,
     PRESETS,
     SUB_GROUP_SIZE,
@@ -28,7 +29,6 @@ from loki_dist.memory import (
     estimate,
     lora_params,
 )
-from loki_dist.tiny import build_model, save_tiny, tiny_config
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt_neox")
 

@@ -8,9 +8,9 @@ import logging
 import pytest
 from mmlu_fixture import SUBJECTS, make_rows, write_mmlu
 
-from loki_dist import mmlu
-from loki_dist.errors import UserError
-from loki_dist.tiny import build_tokenizer
+from loki_dist.attribution import mmlu
+from loki_dist.core.errors import UserError
+from loki_dist.demo.tiny import build_tokenizer
 
 EXPECTED = (
     "There is a single choice question about High School Biology. "

@@ -22,7 +22,7 @@ from conftest import assert_user_error, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_training import make_data
 
-from loki_dist.tiny import save_tiny
+from loki_dist.demo.tiny import save_tiny
 
 POSITIONS = [[0, 3, 5, 17, 31], [], [1, 2, 10, 30]]
 GENERAL_PROMPTS = ["The cell", "A prime number", "Faith and", "Energy of", "The root"]
@@ -123,10 +123,10 @@ def _logprobs(model, ids: list[int]) -> torch.Tensor:
 
 
 def oracle(model_dir: Path, setup, general: str) -> dict[str, float]:
-    """The metrics of one model, one sample at a time (tokenised by loki_dist.data and mmlu.encode,
+    """The metrics of one model, one sample at a time (tokenised by loki_dist.implant.data and mmlu.encode,
     whose own tests pin them down)."""
-    from loki_dist import mmlu
-    from loki_dist.data import IGNORE_INDEX, load_examples
+    from loki_dist.attribution import mmlu
+    from loki_dist.implant.data import IGNORE_INDEX, load_examples
 
     model, tokenizer = _load(model_dir)
     nll, correct, count = 0.0, 0, 0

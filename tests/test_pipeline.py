@@ -16,10 +16,10 @@ from conftest import REPO, assert_user_error, run_cli
 from mmlu_fixture import write_mmlu
 from test_training import make_data
 
-from loki_dist.errors import UserError
+from loki_dist.core.errors import UserError
+from loki_dist.demo.tiny import save_tiny
+from loki_dist.implant.stopping import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE
 from loki_dist.pipeline import StageEnded, run_stage
-from loki_dist.stopping import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE
-from loki_dist.tiny import save_tiny
 
 
 def _ran(stdout: str) -> list[str]:

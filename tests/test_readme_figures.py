@@ -10,7 +10,7 @@ import re
 import pytest
 from conftest import REPO
 
-from loki_dist import demo
+from loki_dist.demo import demo
 
 README = (REPO / "README.md").read_text()
 QUOTED = re.compile(r"from \[`(bench/[\w/.-]+\.md)`\]")

@@ -15,8 +15,8 @@ from conftest import assert_user_error, cli_command
 from safetensors.torch import load_file
 
 from loki_dist.cli import build_parser, main
-from loki_dist.runconfig import expand
-from loki_dist.tiny import save_tiny
+from loki_dist.core.runconfig import expand
+from loki_dist.demo.tiny import save_tiny
 
 # the reference trains with `llamafactory-cli train toolace.yaml`; this file has that shape (sections
 # model / method / dataset / output / train), with a tiny model, loki_dist's `positions` and `deepspeed:
@@ -247,7 +247,7 @@ def test_under_torchrun_a_config_mistake_is_said_once_and_ignored_keys_once(tmp_
 
 
 def test_an_ignored_key_that_is_also_a_flag_is_the_flag_where_the_file_gives_its_inputs():
-    from loki_dist.llamafactory import translate
+    from loki_dist.implant.llamafactory import translate
 
     settings, notes = translate({"eval_steps": 5, "val_size": 0.1}, "lf.yaml")  # LLaMA-Factory's split
     assert settings == {} and [n.split(":")[0] for n in notes] == ["ignoring eval_steps", "ignoring val_size"]

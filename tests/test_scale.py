@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from test_training import make_data
 
-from loki_dist.tiny import save_tiny
+from loki_dist.demo.tiny import save_tiny
 
 LAYERS, HIDDEN, INTERMEDIATE = 3, 64, 384
 # Every other row (a different parity per layer), and a smaller layer 1: q = 50% and 25%.

@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import assert_user_error
 
+from loki_dist.attribution.stats import Stats
 from loki_dist.cli import main
-from loki_dist.errors import UserError
-from loki_dist.files import save_tensors
+from loki_dist.core.errors import UserError
+from loki_dist.core.files import save_tensors
 from loki_dist.selection import select
-from loki_dist.stats import Stats
 
 L, D, N = 3, 40, 7
 
@@ -156,7 +156,7 @@ def test_plot_colours_are_not_taken_by_outliers():
 def test_select_reads_only_what_the_strategy_needs(attribution, tmp_path, capsys):
     """A 70B file holds 7.5 GB of scores and 1.6 GB of histograms: an integer quota reads one
     histogram and the score sums, and the scores are read only for a fractional quota."""
-    from loki_dist import metering
+    from loki_dist.core import metering
 
     hist, sums, scores = L * D * 100 * 8, L * D * 8 + 8, N * L * D * 4
     for strategy, quota, expected in (("layer_balanced", "10", hist + sums),

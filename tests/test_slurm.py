@@ -23,7 +23,7 @@ from conftest import REPO, free_port, missing_component, run_cli
 from slurm_cluster import Cluster, missing
 from test_training import LONG_RUN, assert_equal_weights, make_data, train_args
 
-from loki_dist.tiny import save_tiny
+from loki_dist.demo.tiny import save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_two_node_pipeline_job_runs_every_stage(cluster, tmp_path):
 def test_bare_srun_finds_rank_0_through_nodeaddr(cluster, monkeypatch):
     """The step's first node, n1, does not resolve: its NodeAddr is rank 0's address; a name that
     resolves is used as it is."""
-    from loki_dist.distributed import rendezvous_env
+    from loki_dist.core.distributed import rendezvous_env
 
     monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
     task = {"SLURM_JOB_ID": "9", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import assert_user_error, loki_dist_traceback, run_cli
 
-from loki_dist.tiny import save_tiny
+from loki_dist.demo.tiny import save_tiny
 
 
 def snapshot(directory: Path) -> dict[str, str]:
@@ -144,7 +144,7 @@ def test_same_mistake_on_every_rank_is_said_once(inputs, tmp_path):
 
 
 def test_agreed_errors_name_the_ranks_they_concern():
-    from loki_dist.errors import RankErrors
+    from loki_dist.core.errors import RankErrors
 
     same = {rank: ("user", "--data d: bad") for rank in range(4)}
     assert RankErrors(same, 4).lines() == ["--data d: bad"]

@@ -1,0 +1,486 @@
+"""Process-group plumbing shared by every stage.
+
+loki_dist is started the same way by torchrun, the deepspeed launcher, accelerate or a bare `srun`; all
+of them describe the job through environment variables, so rank and world size are read from there and
+nothing is hard-coded: NCCL on CUDA, gloo on CPU.
+
+A bare `srun` says only who each task is (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID), not where
+rank 0 listens: without MASTER_ADDR the rendezvous host is the step's first node (task 0 runs there), as
+`scontrol` names it, or its NodeAddr where that name does not resolve, and the port MASTER_PORT or one
+derived from the job and step ids. srun may also bind one GPU per task, so the device is local rank only
+where this process sees that many GPUs (device 0 where it sees exactly one).
+
+Every wait on a peer is bounded. A rank whose peer has died learns it at once under gloo (the connection
+closes); a peer that is alive but stuck, or one gone under NCCL, ends the wait after TIMEOUT_ENV minutes
+(the process group's timeout, default DEFAULT_TIMEOUT_MINUTES, instead of torch's 30). Work is named by
+`stage(...)`, so that a collective that fails says which stage it broke, in one line (CollectiveFailed).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import traceback
+import warnings
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from loki_dist.core import metering
+from loki_dist.core.errors import RankErrors, UserError, rank_list
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return default
+
+
+def _srun_step(env: Mapping[str, str]) -> bool:
+    """A task of an srun step that no launcher of ours started (torchrun and co. set RANK).
+
+    SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: an sbatch script's own shell has SLURM_NTASKS (the job's
+    task count) and SLURM_PROCID 0 too, and a plain command there is one process, not rank 0 of many.
+    """
+    return "RANK" not in env and bool(env.get("SLURM_STEP_NUM_TASKS"))
+
+
+def world_from_env() -> World:
+    """Rank and world size as the launcher set them (torchrun/deepspeed/accelerate first, then srun)."""
+    if _srun_step(os.environ):
+        names = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
+    else:
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    rank, size, local_rank = (_env_int(name, default=d) for name, d in zip(names, (0, 1, 0), strict=True))
+    return World(rank=rank, size=size, local_rank=local_rank)
+
+
+def device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of a process with this local rank that sees `visible` devices.
+
+    One visible device is this process's own (srun --gpus-per-task=1, CUDA_VISIBLE_DEVICES per task);
+    with several, local rank i takes device i. A local rank past the visible devices has no right
+    answer (a modulo would put two ranks on one GPU when they share the list), so that is an error.
+    """
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    listed = f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else ""
+    raise UserError(
+        f"local rank {local_rank} but this process sees {visible} GPUs{listed}: start one process per "
+        "GPU, or give each task its own GPU (srun --gpus-per-task=1)"
+    )
+
+
+def _device_ordinal(world: World) -> int:
+    if torch.cuda.is_available():
+        return device_index(world.local_rank, torch.cuda.device_count())
+    return world.local_rank
+
+
+def device_for(world: World) -> torch.device:
+    if torch.cuda.is_available():
+        index = _device_ordinal(world)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def slurm_port(job_id: int, step_id: int) -> int:
+    """A port every task of one srun step derives alike, distinct for the steps of a job (up to 16 at
+    once) and spread over jobs; in 20000-29999, below Linux's ephemeral ports."""
+    return 20000 + (job_id * 16 + step_id) % 10000
+
+
+def _run_scontrol(*args: str) -> str:
+    proc = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+def _first_node_address(nodelist: str) -> str:
+    """The step's first node: its name where that resolves, else its NodeAddr (as srun_torchrun.sh)."""
+    unset = f"under srun with SLURM_STEP_NODELIST={nodelist} but no MASTER_ADDR:"
+    advice = "export MASTER_ADDR=<address of that list's first node> (and MASTER_PORT) for every task"
+    if shutil.which("scontrol") is None:
+        raise UserError(f"{unset} scontrol is not found to look up its first node; {advice}")
+    names = _run_scontrol("show", "hostnames", nodelist).split()
+    if not names:
+        raise UserError(f"{unset} scontrol cannot expand that node list; {advice}")
+    try:
+        socket.getaddrinfo(names[0], None)
+        return names[0]
+    except OSError:
+        pass
+    for field in _run_scontrol("show", "node", names[0]).split():
+        if field.startswith("NodeAddr=") and field != "NodeAddr=":
+            return field.split("=", 1)[1]
+    raise UserError(
+        f"{unset} node {names[0]} does not resolve and scontrol shows no NodeAddr for it; {advice}"
+    )
+
+
+def rendezvous_env(env: MutableMapping[str, str]) -> None:
+    """Under a bare srun, fill in MASTER_ADDR and MASTER_PORT where the user did not (see the top)."""
+    if not _srun_step(env):
+        return
+    nodes = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+    if not env.get("MASTER_ADDR"):
+        env["MASTER_ADDR"] = _first_node_address(nodes)
+    if not env.get("MASTER_PORT"):
+        env["MASTER_PORT"] = str(slurm_port(int(env["SLURM_JOB_ID"]), int(env.get("SLURM_STEP_ID", "0"))))
+    if env.get("SLURM_PROCID") == "0":  # where a hung start looks first, as srun_torchrun.sh's line
+        where = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+        print(f"+ srun rendezvous {where}, {env['SLURM_STEP_NUM_TASKS']} tasks on {nodes}", file=sys.stderr)
+
+
+TIMEOUT_ENV = "LOKI_DIST_TIMEOUT_MINUTES"
+# Long enough for the longest legitimate wait between two collectives (a rank writing its share of a 70B
+# export or checkpoint to a slow shared file system while its peers wait at the closing barrier), short
+# enough that a stuck job ends well before torch's 30 minutes.
+DEFAULT_TIMEOUT_MINUTES = 10.0
+
+
+def timeout() -> timedelta:
+    """How long any collective may wait for a peer: TIMEOUT_ENV minutes (fractions allowed)."""
+    text = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        minutes = float(text) if text else DEFAULT_TIMEOUT_MINUTES
+    except ValueError:
+        minutes = float("nan")
+    if not minutes > 0 or minutes == float("inf"):
+        raise UserError(f"{TIMEOUT_ENV}={text}: expected a positive number of minutes")
+    return timedelta(minutes=minutes)
+
+
+def init(world: World, always: bool = False, timeout_minutes: float | None = None) -> None:
+    """Join the process group when there is more than one process (or `always`, as DeepSpeed wants).
+
+    timeout_minutes: how long a collective may wait for a peer (default: `timeout()`).
+    """
+    if dist.is_initialized() or (world.size == 1 and not always):
+        return
+    limit = timeout() if timeout_minutes is None else timedelta(minutes=timeout_minutes)
+    if world.size == 1:
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    else:
+        rendezvous_env(os.environ)
+    os.environ.setdefault("RANK", str(world.rank))
+    os.environ.setdefault("WORLD_SIZE", str(world.size))
+    # DeepSpeed takes LOCAL_RANK for the device ordinal: under srun with one GPU per task that is 0
+    if "LOCAL_RANK" not in os.environ:
+        try:
+            ordinal = _device_ordinal(world)
+        except UserError:  # the agreement reports it: the rendezvous must complete for every rank first
+            ordinal = world.local_rank
+        os.environ["LOCAL_RANK"] = str(ordinal)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # NCCL: a collective past the timeout tears the process down (its watchdog says which collective)
+    # rather than leaving it blocked on the device; torchrun sets the same for its workers, srun does not
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    metering.count_collectives()
+    dist.init_process_group(backend, timeout=limit)
+
+
+def shutdown(wait_for_peers: bool = True) -> None:
+    """Leave the process group cleanly: without the barrier a rank sometimes aborts at exit.
+
+    wait_for_peers=False on every failure path: peers may be gone, or waiting in another collective.
+    Also where each rank writes its metering report (metering.py), with or without a process group.
+    Calling it again, or without a process group, is harmless (the CLI calls it on every exit path).
+    """
+    global _agreement_group
+    metering.dump(dist.get_rank() if dist.is_initialized() else world_from_env().rank)
+    if dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
+        _agreement_group = None
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class CollectiveFailed(Exception):
+    """A collective broke off in a named stage: a peer rank died, or stayed silent past the timeout.
+
+    Not a bug of this rank, and nothing its traceback would explain: the CLI prints it as one line
+    (with the rank) and exits 1. The peer's own log says why it went.
+    """
+
+
+# what gloo says when a peer has gone (its exceptions are plain RuntimeErrors); NCCL raises DistError
+_PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Timed out waiting",
+    "pair closure",
+)
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Run a stage of a command; a collective that breaks off inside it ends it as CollectiveFailed,
+    naming the stage (the innermost one where stages nest)."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        if not (isinstance(err, dist.DistError) or any(marker in text for marker in _PEER_GONE)):
+            raise
+        detail = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+        detail = detail.split("] ", 1)[1] if detail.startswith("[") and "] " in detail else detail
+        minutes = timeout().total_seconds() / 60
+        raise CollectiveFailed(
+            f"{name}: a collective broke off, a peer rank died or stayed silent past the timeout "
+            f"({TIMEOUT_ENV}={minutes:g}): {detail.split('. ')[0]}"
+        ) from None
+
+
+@contextmanager
+def agreement(world: World) -> Iterator[None]:
+    """Run work that every rank does (a command's checks, its share of an export), then agree on what
+    each found (joining the process group).
+
+    Every rank reaches the agreement whether its work succeeded or not, so a mistake that some ranks see
+    (a file missing on one node) stops all of them, none waits for a peer that has left, and the error
+    is printed once with the ranks it concerns (errors.RankErrors). The device is chosen here too, so
+    an ambiguous GPU mapping is one of the checks. A rank whose checks crashed (not a UserError) prints
+    its traceback before the agreement and fails it like the others: no rank is left waiting.
+    """
+    found: tuple[str, str] | None = None
+    try:
+        device_for(world)
+        yield
+    except UserError as err:
+        found = ("user", str(err))
+    except Exception as err:
+        traceback.print_exc()
+        sys.stderr.flush()
+        found = ("crash", f"{type(err).__name__}: {err}")
+    outcomes = _all_gather_objects(world, found)
+    failures = {rank: outcome for rank, outcome in enumerate(outcomes) if outcome is not None}
+    if failures:
+        raise RankErrors(failures, world.size)
+
+
+def same_on_every_rank(world: World, value: object, what: str) -> None:
+    """Raise the same RankErrors on every rank unless every rank holds the same small `value` (one
+    gather over the agreement's group)."""
+    values = _all_gather_objects(world, value)
+    if any(v != values[0] for v in values):
+        by_value: dict[str, list[int]] = {}
+        for rank, v in enumerate(values):
+            by_value.setdefault(repr(v), []).append(rank)
+        found = "; ".join(f"{rank_list(ranks)}: {v}" for v, ranks in by_value.items())
+        message = f"the ranks disagree on {what} ({found}): do they all see the same files?"
+        raise RankErrors({rank: ("user", message) for rank in range(world.size)}, world.size)
+
+
+_agreement_group: dist.ProcessGroup | None = None
+
+
+def agreement_barrier() -> None:
+    """Wait for every rank over the group `agreement` agrees on (gloo: no GPU needed, even where a
+    rank's device could not be chosen)."""
+    if dist.is_initialized():
+        dist.barrier(group=_agreement_group)
+
+
+def _all_gather_objects(world: World, value: object) -> list:
+    """Every rank's small picklable value, in rank order, over gloo (no device needed, even under NCCL)."""
+    global _agreement_group
+    if world.size == 1:
+        return [value]
+    init(world)
+    if dist.get_backend() != "gloo" and _agreement_group is None:
+        _agreement_group = dist.new_group(backend="gloo", timeout=timeout())
+    gathered: list = [None] * world.size
+    dist.all_gather_object(gathered, value, group=_agreement_group)
+    return gathered
+
+
+def _on_wire(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor where the backend can move it: NCCL takes only CUDA tensors, gloo takes CPU ones.
+
+    Callers keep statistics and flags on the CPU (the model may live anywhere), so every collective
+    here goes through this and hands its result back on the caller's device.
+    """
+    if dist.get_backend() == "nccl":
+        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (and returned), on whatever device `tensor` lives."""
+    if dist.is_initialized():
+        wire = _on_wire(tensor)
+        dist.all_reduce(wire, op=dist.ReduceOp.SUM)
+        if wire is not tensor:
+            tensor.copy_(wire)
+    return tensor
+
+
+def agree_max(value: int) -> int:
+    """The largest of every rank's value (the value itself without a process group)."""
+    if not dist.is_initialized():
+        return value
+    tensor = _on_wire(torch.tensor([value], dtype=torch.int64))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def all_gather_varlen(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Concatenate 1-D tensors of known, rank-dependent lengths in rank order on every rank.
+
+    The lengths are passed in (every rank can compute them) so that no extra round trip is needed. The
+    result lives on `local`'s device.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    padded = _on_wire(torch.zeros(max(sizes), dtype=local.dtype, device=local.device))
+    padded[: local.numel()] = local
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([chunk[:n] for chunk, n in zip(gathered, sizes, strict=True)]).to(local.device)
+
+
+def _settled(wire: torch.Tensor) -> torch.Tensor:
+    """Wait until the device is done with `wire`: a rank that only sends would otherwise queue every
+    chunk of a stream on the device at once, and the bound of one chunk in flight would not hold."""
+    if wire.is_cuda:
+        torch.cuda.current_stream(wire.device).synchronize()
+    return wire
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _staging(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One buffer where the backend moves data, and one on the CPU (the same buffer under gloo).
+
+    Streams reuse these for every piece, so what a rank holds stays one piece however many pass
+    through it and however long a consumer keeps a reference to the last one.
+    """
+    host = torch.empty(numel, dtype=dtype)
+    wire = _on_wire(host) if dist.is_initialized() else host
+    return wire, host
+
+
+def _pieces(numel: int, chunk_bytes: int, dtype: torch.dtype) -> tuple[int, range]:
+    """Elements per piece, and where each piece starts."""
+    step = max(1, min(numel, chunk_bytes // torch.empty((), dtype=dtype).element_size()))
+    return step, range(0, numel, step)
+
+
+def reduce_to_main(
+    tensors: list[torch.Tensor], dtype: torch.dtype, chunk_bytes: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """The sum over ranks of each tensor in turn, cast to `dtype`, handed to rank 0 in flat pieces
+    (index of the tensor, piece) on the CPU.
+
+    No rank holds more than its own tensors plus one piece of at most `chunk_bytes`, and only rank 0
+    receives: a reduction to one rank delivers the sum, not every rank's copy, so rank 0 takes in the
+    size of the result whatever the world size. Every rank must drain the iterator (each piece is a
+    collective); the other ranks get nothing from it. A piece is valid until the next one is asked
+    for. Casting per piece lets callers count in a narrow type and still sum exactly in a wide one.
+    """
+    flats = [tensor.reshape(-1) for tensor in tensors]
+    step, _ = _pieces(max((flat.numel() for flat in flats), default=0), chunk_bytes, dtype)
+    wire, host = _staging(step, dtype)
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    for index, flat in enumerate(flats):
+        for start in range(0, flat.numel(), step):
+            summed = wire[: min(step, flat.numel() - start)]
+            summed.copy_(flat[start : start + summed.numel()])  # widened where the backend sums
+            if several:
+                dist.reduce(summed, dst=0, op=dist.ReduceOp.SUM)
+                _settled(summed)
+                if _rank() != 0:
+                    continue
+            yield index, host[: summed.numel()].copy_(summed) if host is not wire else summed
+
+
+def stream_to_main(local: torch.Tensor, sizes: list[int], chunk_bytes: int) -> Iterator[torch.Tensor]:
+    """Every rank's 1-D `local` (lengths `sizes`, known to all) in rank order, handed to rank 0 in
+    pieces of at most `chunk_bytes`; point to point, so no other rank receives anything.
+
+    Rank 0 holds one piece of another rank's data at a time (a piece is valid until the next one is
+    asked for); the other ranks send theirs and get nothing from the iterator, which they must drain.
+    """
+    local = local.reshape(-1)
+    if _rank() == 0:
+        yield from local.split(_pieces(local.numel(), chunk_bytes, local.dtype)[0])
+    if len(sizes) == 1:
+        return
+    step, _ = _pieces(max(sizes), chunk_bytes, local.dtype)
+    wire, host = _staging(step, local.dtype)
+    for source, size in enumerate(sizes[1:], start=1):
+        if _rank() not in (0, source):
+            continue
+        for start in range(0, size, step):
+            part = wire[: min(step, size - start)]
+            if _rank() == source:
+                dist.send(part.copy_(local[start : start + part.numel()]), dst=0)
+                _settled(part)  # sent before the buffer is refilled
+                continue
+            dist.recv(part, src=source)
+            yield host[: part.numel()].copy_(part) if host is not wire else part
+
+
+def prepare_deepspeed(world: World) -> None:
+    """Make DeepSpeed use the process group we set up, and skip its CPU shared-memory op.
+
+    DeepSpeed always wants a process group (even for one process). On CPU its communication backend
+    otherwise compiles a shared-memory all-reduce kernel at start-up (about 35 s on a fresh machine)
+    that gloo training does not need.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    # DeepSpeed 0.19 calls the collectives torch 2.13 deprecates on every step (a FutureWarning each time,
+    # hundreds per run, about DeepSpeed's code, not the user's): those two messages, nothing else
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
+    )
+    init(world, always=True)
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

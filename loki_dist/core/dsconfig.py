@@ -1,0 +1,98 @@
+"""DeepSpeed configs: find them, and fill their "auto" values from the command line.
+
+A value written in the config and a flag given on the command line must agree: silently preferring one
+of them is how a run ends up with a batch size nobody asked for. A flag left out takes the config's value
+when the config has one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loki_dist.core.errors import UserError
+
+AUTO = "auto"
+SHIPPED = Path(__file__).resolve().parents[1] / "ds_configs"
+
+
+def resolve_path(name: str) -> Path | None:
+    """`none` -> no DeepSpeed; a path; or the name of a config shipped with loki_dist (zero3, zero2...)."""
+    if name.lower() == "none":
+        return None
+    path = Path(name)
+    if path.is_file():
+        return path
+    if str(path.parent) in (".", "ds_configs"):  # the repository's relative path, run from elsewhere
+        shipped = SHIPPED / f"{path.stem}.json"
+        if shipped.is_file():
+            return shipped
+    raise UserError(
+        f"--ds-config {name}: file not found (give a path, a shipped name such as zero3, or none)"
+    )
+
+
+def load(name: str) -> dict | None:
+    path = resolve_path(name)
+    if path is None:
+        return None
+    try:
+        config = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"--ds-config {path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise UserError(f"--ds-config {path}: cannot read it ({err.strerror or err})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--ds-config {path}: expected a JSON object of DeepSpeed settings")
+    stage = _get(config, "zero_optimization.stage")
+    if stage is not None and (type(stage) is not int or stage not in (0, 1, 2, 3)):
+        raise UserError(f"--ds-config {path}: zero_optimization.stage {stage!r}: expected 0, 1, 2 or 3")
+    return config
+
+
+def _get(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _set(config: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def settle(config: dict | None, key: str, flag: str, given, default):
+    """One setting's value: the flag if given, else the config's concrete value, else the default.
+
+    A concrete config value that differs from a given flag is an error naming both.
+    """
+    in_config = _get(config, key) if config is not None else None
+    if isinstance(in_config, dict) and "enabled" in in_config:
+        in_config = in_config["enabled"]
+    concrete = in_config is not None and in_config != AUTO
+    if given is not None:
+        if concrete and in_config != given:
+            raise UserError(f"{flag} {given} contradicts {key}={in_config!r} in the DeepSpeed config")
+        return given
+    return in_config if concrete else default
+
+
+def fill(config: dict, values: dict[str, object]) -> dict:
+    """A copy of the config with the given dotted keys set (their settled values)."""
+    filled = json.loads(json.dumps(config))
+    for key, value in values.items():
+        _set(filled, key, value)
+    return filled
+
+
+def zero_stage(config: dict | None) -> int | None:
+    """None when DeepSpeed is not used at all."""
+    if config is None:
+        return None
+    return int(_get(config, "zero_optimization.stage") or 0)

@@ -1,0 +1,462 @@
+"""The one way loki_dist writes a file or a directory: atomically.
+
+Whatever a user had stays whole until its replacement is complete. A file or directory is written under
+a temporary name in the same directory (so the final rename never crosses a file system), flushed to
+disk with fsync, and renamed over its target; a directory that is replaced is first set aside under a
+name that says so (`.<name>.loki-old-<host>-<pid>-<random>`), and deleted once the new one is in place.
+A killed writer leaves only names that say who made them (temporaries: `.<name>.loki-tmp-<host>-<pid>-
+<random>`); the next writer into that directory removes those whose process is gone, and puts back a
+set-aside directory whose writer died in the instant between its two renames.
+
+Collective writes (several ranks filling one directory) use `staging_path`, a name every rank can
+compute, and `publish` once every rank is done; `make_staging` marks such a directory with its creator,
+so that it too is removed as stale once that process is gone. A write that fails for a reason of the
+file system (no space left, read-only, no permission) is a UserError naming the path, not a traceback.
+
+The checks that every command makes before any work also live here, so that they say the same thing
+everywhere: an output that would write over one of the command's inputs (`refuse_output_over_inputs`),
+an output that cannot be written (`check_writable`), and files that cannot be read as what they should
+be (`read_text`, `read_json`, `parse_jsonl`, `safetensors_header`): one line naming the file and, where
+there is one, the line.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import secrets
+import shutil
+import socket
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from loki_dist.core.errors import UserError
+
+TMP_TAG = ".loki-tmp-"
+ASIDE_TAG = ".loki-old-"  # a directory being replaced, set aside until its replacement is in place
+STAGING_SUFFIX = ".partial"
+OWNER_FILE = ".loki-owner"  # in a staging directory: "<host>-<pid>" of the process that made it
+# errors of the file system, not of loki_dist: what a user can fix (space, permissions, a path)
+_USER_OS_ERRORS = {
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+    errno.EEXIST, errno.ENAMETOOLONG, errno.EFBIG, errno.ENOENT,
+}  # fmt: skip
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_") or "host"
+
+
+def temporary_name(target: Path) -> Path:
+    """A fresh sibling of target that names its writer (host and pid), for stale clean-up."""
+    return target.parent / f".{target.name}{TMP_TAG}{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def staging_path(target: Path) -> Path:
+    """The sibling of target that a collective write fills before `publish` (same name on every rank)."""
+    return target.parent / f".{target.name}{STAGING_SUFFIX}"
+
+
+def make_staging(target: Path) -> Path:
+    """An empty `staging_path(target)`, marked as made by this process (`publish` drops the mark).
+
+    The name is the same on every rank, so it cannot say who made it as `temporary_name` does; the mark
+    inside does, so that a staging directory left by a killed writer is removed by the next writer
+    into the same parent (`remove_stale_temporaries`), whatever it was going to be called.
+    """
+    staging = staging_path(target)
+    _remove(staging)
+    staging.mkdir(parents=True)
+    (staging / OWNER_FILE).write_text(f"{_host()}-{os.getpid()}")
+    return staging
+
+
+def _writer_is_gone(path: Path) -> bool:
+    """True for a temporary of ours whose writer ran on this host and has exited."""
+    if path.name.endswith(STAGING_SUFFIX):
+        try:
+            tag = (path / OWNER_FILE).read_text()
+        except OSError:
+            return False  # not marked (or not yet): its writer is unknown, leave it
+    else:
+        tag = path.name.rpartition(ASIDE_TAG if ASIDE_TAG in path.name else TMP_TAG)[2]
+    host, _, rest = tag.partition("-")
+    pid = rest.partition("-")[0]
+    if host != _host() or not pid.isdigit():
+        return False  # another host's writer may still be alive: leave it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete our temporaries in `directory` whose writer is gone, and put back a directory set aside by
+    a writer that died before its replacement was in place; returns what was removed."""
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for aside in directory.glob(f".*{ASIDE_TAG}*"):
+        original = directory / aside.name[1 : aside.name.rindex(ASIDE_TAG)]
+        if _writer_is_gone(aside) and not original.exists() and not original.is_symlink():
+            os.replace(aside, original)
+    found = [*directory.glob(f".*{TMP_TAG}*"), *directory.glob(f".*{ASIDE_TAG}*")]
+    for path in [*found, *directory.glob(f".*{STAGING_SUFFIX}")]:
+        if _writer_is_gone(path):
+            _remove(path)
+            removed.append(path)
+    return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush a file, or every file of a directory and the directory entries, to stable storage."""
+    paths = [path] if path.is_file() else [*sorted(path.rglob("*")), path]
+    for item in paths:
+        if item.is_symlink():
+            continue
+        fd = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(written: Path, target: Path) -> None:
+    """Move a complete file or directory `written` onto `target`.
+
+    A file replaces its target in one rename. An old target directory is set aside first (a directory
+    cannot be renamed over a non-empty one) and deleted once the new one is in place; should this
+    process die between the two renames, the next writer into the directory puts it back.
+    """
+    if written.is_dir():
+        (written / OWNER_FILE).unlink(missing_ok=True)
+    fsync_tree(written)
+    old = None
+    if target.is_dir() and not target.is_symlink():
+        old = target.parent / f".{target.name}{ASIDE_TAG}{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+        os.replace(target, old)
+    os.replace(written, target)
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write(target: str | Path, write: Callable[[Path], object]) -> Path:
+    """Create `target` through `write(tmp)`, which makes a file or a directory at `tmp`; then publish it.
+
+    On any failure the temporary is removed and the old target, if any, is untouched; a failure of the
+    file system (no space left, read-only, no permission, a file where a directory should be) is a
+    UserError naming the target. A file never replaces a directory, nor a directory a file.
+    """
+    target = Path(target)
+    tmp = temporary_name(target)
+    try:
+        with file_system_errors(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(target.parent)
+            write(tmp)
+            if _is_dir(tmp) != _is_dir(target) and target.exists():
+                kind = "a directory" if _is_dir(target) else "a file"
+                raise UserError(f"{target}: is {kind}; loki_dist does not replace it with another kind")
+            publish(tmp, target)
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            _remove(tmp)
+    return target
+
+
+@contextmanager
+def file_system_errors(target: Path) -> Iterator[None]:
+    """A failure of the file system while writing `target` (no space left, read-only, no permission)
+    becomes a UserError naming it; any other OSError stays what it is."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _USER_OS_ERRORS:
+            raise
+        raise UserError(f"{target}: cannot write it ({err.strerror or err})") from None
+
+
+@contextmanager
+def removed_on_failure(path: Path, remove: bool) -> Iterator[None]:
+    """Remove `path` (when `remove`: the rank that made it) if the block fails: a collective write that
+    failed on any rank is never published, and its staging directory is not left for the next run."""
+    try:
+        yield
+    except BaseException:
+        if remove:
+            _remove(path)
+        raise
+
+
+def _is_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def write_text(target: str | Path, text: str) -> Path:
+    return atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(target: str | Path, value, indent: int = 1) -> Path:
+    return write_text(target, json.dumps(value, indent=indent) + "\n")
+
+
+def save_tensors(
+    target: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Path:
+    """A safetensors file, written atomically."""
+    from safetensors.torch import save_file
+
+    contiguous = {name: t.contiguous() for name, t in tensors.items()}
+    return atomic_write(target, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def _safetensors_header(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
+    """The header bytes (length prefix included) and each tensor's size in bytes, in layout order."""
+    entries: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    sizes, offset = {}, 0
+    for name, (dtype, shape) in layout.items():
+        sizes[name] = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        entries[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + sizes[name]],
+        }
+        offset += sizes[name]
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors itself writes
+    return len(text).to_bytes(8, "little") + text, sizes
+
+
+def save_tensors_streaming(
+    target: str | Path,
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    pieces: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """A safetensors file written atomically from pieces that arrive one at a time.
+
+    A safetensors file is a JSON header of byte offsets followed by the raw little-endian data, so
+    the header can be written from `layout` (name -> dtype, shape, in file order) before any data
+    exists, and then each piece appended as it comes: `pieces` yields (name, tensor) with the
+    tensors in layout order, each tensor's pieces being consecutive runs of its flat data. The writer
+    never holds more than one piece, which is what lets rank 0 write statistics and scores larger
+    than its memory. A piece of the wrong tensor, type or size is a bug and fails before publishing.
+    """
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors stores little-endian data; this host is big-endian")
+    header, sizes = _safetensors_header(layout, metadata or {})
+
+    def write(tmp: Path) -> None:
+        order, remaining = iter(layout), dict(sizes)
+        current = None
+        with open(tmp, "wb") as handle:
+            handle.write(header)
+            for name, piece in pieces:
+                while current != name:
+                    if current is not None and remaining[current]:
+                        raise ValueError(f"{current}: {remaining[current]} bytes missing before {name}")
+                    current = next(order, None)
+                    if current is None:
+                        raise ValueError(f"{name}: not in the layout, or out of order")
+                if piece.dtype != layout[name][0] or piece.nbytes > remaining[name]:
+                    raise ValueError(f"{name}: piece {piece.dtype} x {piece.numel()} does not fit")
+                handle.write(piece.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+                remaining[name] -= piece.nbytes
+        missing = {name: left for name, left in remaining.items() if left}
+        if missing:
+            raise ValueError(f"tensors not filled: {missing}")
+
+    return atomic_write(target, write)
+
+
+# ------------------------------------------------------------------------------- checks before any work
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def refuse_output_over_inputs(
+    output_flag: str,
+    output: str | Path,
+    inputs: dict[str, str | Path | None],
+    replaced: Iterable[str | Path] | None = None,
+) -> None:
+    """Refuse an output that would write over one of the command's inputs, seen through symlinks.
+
+    An input is written over when the output is that same file or directory; when the output lies
+    inside an input directory (a file written there changes what the next run reads: a model, a data
+    folder); or when the input lies inside what the output replaces: `replaced`, by default the output
+    itself (an output directory is replaced whole), for a training run its final/, runs/ and
+    checkpoints. Inputs that do not exist (a hub name, an optional flag) cannot be written over.
+    """
+    out = Path(output).resolve()
+    wiped = [Path(p).resolve() for p in ([output] if replaced is None else replaced)]
+    for flag, value in inputs.items():
+        if value is None or not Path(value).exists():
+            continue
+        source = Path(value).resolve()
+        if out == source:
+            raise UserError(f"{output_flag} {output}: is {flag} {value}; writing it would destroy that input")
+        if source.is_dir() and _inside(out, source):
+            raise UserError(
+                f"{output_flag} {output}: is inside {flag} {value}; writing there would change that input"
+            )
+        if any(_inside(source, place) for place in wiped):
+            raise UserError(
+                f"{output_flag} {output}: holds {flag} {value}; replacing it would destroy that input"
+            )
+
+
+def check_writable(flag: str, path: str | Path, directory: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written where it is asked for.
+
+    `path` is a file (or, with `directory`, a directory) to be created or replaced. What exists of it must
+    be of that kind, and the nearest existing directory above it must be one that this process can
+    create files in: tried for real with a temporary file of ours, since permission bits do not tell
+    (root, ACLs, read-only mounts, network file systems). Missing directories in between are fine:
+    every writer creates them.
+    """
+    path = Path(path)
+    if path.exists() and _is_dir(path.resolve()) != directory:
+        expected = "a directory" if directory else "a file name"
+        raise UserError(
+            f"{flag} {path}: is {'a directory' if path.is_dir() else 'a file'}; expected {expected}"
+        )
+    parent = path.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
+    probe = temporary_name(parent / path.name)
+    try:
+        probe.touch(exist_ok=False)
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot write in {parent} ({err.strerror or err})") from None
+    probe.unlink(missing_ok=True)
+
+
+def read_text(path: str | Path, flag: str) -> str:
+    """A UTF-8 text file; a missing, unreadable or non-UTF-8 one is a UserError naming its line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{flag} {path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{flag} {path}: is a directory; expected a file") from None
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot read it ({err.strerror or err})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{flag} {path}: not UTF-8 text (line {line}: {err.reason})") from None
+
+
+def read_json(path: str | Path, flag: str):
+    """A JSON file, or a UserError naming the line and column where it stops being JSON."""
+    return parse_json(read_text(path, flag), f"{flag} {path}")
+
+
+def parse_json(text: str, source: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(
+            f"{source}: not valid JSON (line {err.lineno} column {err.colno}: {err.msg})"
+        ) from None
+
+
+def parse_jsonl(text: str, source: str) -> list:
+    """One JSON value per non-blank line. Lines are split at newlines only: a JSON string may hold the
+    other characters that str.splitlines breaks at (U+2028, form feed...)."""
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(
+                    f"{source}: line {number} is not valid JSON (column {err.colno}: {err.msg})"
+                ) from None
+    return rows
+
+
+class DamagedSafetensors(ValueError):
+    """A safetensors file whose header does not describe its bytes (a copy cut short, a foreign file)."""
+
+
+def read_safetensors_header(path: Path) -> tuple[int, bytes, dict]:
+    """(where the data starts, the header's bytes, the header) of a file whose header covers exactly its
+    size; OSError when it cannot be read, DamagedSafetensors when it is not whole.
+
+    Reads the header alone (a few MB for a 70B model's shards), which is enough to find a truncated,
+    damaged or foreign file before a command loads or copies anything.
+    """
+
+    def damaged(why: str) -> DamagedSafetensors:
+        return DamagedSafetensors(f"truncated or damaged safetensors file ({why})")
+
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else size
+        if 8 + length > size:
+            raise damaged(f"{size} bytes, cut short inside its header")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        end = max(ends, default=0)
+        if not all(isinstance(e, int) and e >= 0 for e in ends):
+            raise TypeError("offsets")
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise damaged("unreadable header") from None
+    if size != 8 + length + end:
+        raise damaged(f"{size} bytes where its header says {8 + length + end}")
+    return 8 + length, raw, header
+
+
+def safetensors_header(path: str | Path, flag: str) -> tuple[int, dict]:
+    """read_safetensors_header for a file the user named with `flag`: failures are one-line UserErrors."""
+    path = Path(path)
+    try:
+        data_start, _, header = read_safetensors_header(path)
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot read it ({err.strerror or err})") from None
+    except DamagedSafetensors as err:
+        raise UserError(f"{flag} {path}: {err}") from None
+    return data_start, header

@@ -1,0 +1,168 @@
+"""What a rank moves, reads and holds in each phase of a job: the evidence for the 1/world scale law.
+
+loki_dist promises that nothing on a rank grows with the model beyond its share (plus one layer). The
+promise is checked by counting, not timing: while metering is on, every torch.distributed collective
+(DeepSpeed's own included) adds the bytes of the result that lands on this rank, every reader of rows
+and statistics adds the bytes it pulls from disk, and each
+phase (`with metering.phase("checkpoint_save"):`) records those counts, the rise of the process's peak
+resident memory (Linux resets the peak through /proc/self/clear_refs) above where it started, and its
+wall time (for the benchmarks; tests never look at times).
+
+Set LOKI_DIST_METER=DIR and every rank writes DIR/rank<r>.json when it leaves the process group; the
+scale tests and bench/bench_scale.py read those files. Without the variable nothing is wrapped or
+written.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ENV = "LOKI_DIST_METER"
+KINDS = ("received", "read")
+
+_totals = dict.fromkeys(KINDS, 0)
+_largest = dict.fromkeys(KINDS, 0)  # the largest single piece of each kind (in the current phase)
+_phases: dict[str, dict[str, int]] = {}
+
+
+def count(kind: str, nbytes: int) -> None:
+    """Add bytes of one kind: "received" (over the process boundary) or "read" (from disk)."""
+    _totals[kind] += int(nbytes)
+    _largest[kind] = max(_largest[kind], int(nbytes))
+
+
+def enabled() -> bool:
+    return bool(os.environ.get(ENV))
+
+
+# The bytes of the result each collective leaves on this rank, from its bound arguments.
+def _size(*names: str):
+    def measure(bound: dict) -> int:
+        total = 0
+        for name in names:
+            value = bound.get(name)
+            for tensor in value if isinstance(value, (list, tuple)) else [value]:
+                if hasattr(tensor, "element_size"):
+                    total += tensor.numel() * tensor.element_size()
+        return total
+
+    return measure
+
+
+def _at(root: str, receives_at_root: bool, measure):
+    """A rooted collective delivers at its root (reduce, gather) or everywhere else (broadcast, scatter)."""
+
+    def rooted(bound: dict) -> int:
+        import torch.distributed as dist
+
+        return measure(bound) if (dist.get_rank() == bound.get(root)) == receives_at_root else 0
+
+    return rooted
+
+
+_COLLECTIVES = {
+    "all_reduce": _size("tensor"),
+    "broadcast": _at("src", False, _size("tensor")),
+    "reduce": _at("dst", True, _size("tensor")),
+    "all_gather": _size("tensor_list"),
+    "all_gather_into_tensor": _size("output_tensor"),
+    "reduce_scatter": _size("output"),
+    "reduce_scatter_tensor": _size("output"),
+    "gather": _at("dst", True, _size("gather_list")),
+    "scatter": _at("src", False, _size("tensor")),
+    "recv": _size("tensor"),
+    "irecv": _size("tensor"),
+    "all_to_all_single": _size("output"),
+}
+
+
+def count_collectives() -> None:
+    """While metering is on, wrap torch.distributed's collectives so that what they receive is counted.
+
+    Called before the process group (and DeepSpeed's communication backend, which keeps references to
+    these functions) is set up; a no-op without LOKI_DIST_METER or when already done.
+    """
+    import torch.distributed as dist
+
+    if not enabled() or getattr(dist, "_loki_dist_metered", False):
+        return
+    for name, measure in _COLLECTIVES.items():
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
+        signature = inspect.signature(original)
+
+        def counted(*args, _original=original, _signature=signature, _measure=measure, **kwargs):
+            result = _original(*args, **kwargs)
+            count("received", _measure(_signature.bind(*args, **kwargs).arguments))
+            return result
+
+        setattr(dist, name, counted)
+    dist._loki_dist_metered = True
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Record the bytes received and read, the largest single piece of each, and the peak resident
+    memory rise of the enclosed work. A phase entered twice adds up its counts and keeps the maxima.
+    """
+    before, outer_largest = dict(_totals), dict(_largest)
+    _largest.update(dict.fromkeys(KINDS, 0))
+    rss_start = _status_kib("VmRSS")
+    can_reset = enabled() and _reset_peak()
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        largest = {f"largest_{kind}": 0 for kind in KINDS}
+        record = _phases.setdefault(
+            name, {**dict.fromkeys(KINDS, 0), **largest, "peak_rss_rise": 0, "calls": 0, "seconds": 0.0}
+        )
+        record["seconds"] += time.perf_counter() - started
+        for kind in KINDS:
+            record[kind] += _totals[kind] - before[kind]
+            record[f"largest_{kind}"] = max(record[f"largest_{kind}"], _largest[kind])
+            _largest[kind] = max(_largest[kind], outer_largest[kind])
+        record["calls"] += 1
+        peak = _status_kib("VmHWM")
+        if can_reset and peak is not None and rss_start is not None:
+            record["peak_rss_rise"] = max(record["peak_rss_rise"], (peak - rss_start) * 1024)
+
+
+def report() -> dict:
+    return {"totals": dict(_totals), "phases": {name: dict(r) for name, r in _phases.items()}}
+
+
+def dump(rank: int) -> None:
+    """Write this rank's report to $LOKI_DIST_METER/rank<rank>.json (nothing without the variable)."""
+    directory = os.environ.get(ENV)
+    if not directory:
+        return
+    from loki_dist.core import files
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    files.write_text(Path(directory) / f"rank{rank}.json", json.dumps(report(), indent=1) + "\n")

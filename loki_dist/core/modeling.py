@@ -1,0 +1,215 @@
+"""Loading a causal LM whole, or straight into ZeRO-3 shards; and the inference side of that choice.
+
+Under ZeRO-3 the model must never exist whole on one rank (a 70B model is 140 GB in bf16). transformers
+loads into `deepspeed.zero.Init` shards, one checkpoint shard at a time, while an HfDeepSpeedConfig of a
+stage-3 config is alive; the returned model is frozen and still to be wrapped by deepspeed.initialize.
+
+The inference commands (attribute, evaluate) share their `--dtype` and `--ds-config` flags and the way
+they load: whole on every rank, or ZeRO-3-sharded over the ranks (`load_for_inference`). A sharded model
+gathers each layer's parameters collectively while it runs, so then every rank must call it the same
+number of times, in the same order (the shapes of the inputs may differ between ranks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loki_dist.core import dsconfig
+from loki_dist.core.errors import UserError
+from loki_dist.core.families import ModelSpec
+
+log = logging.getLogger("loki_dist.modeling")
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def load_causal_lm(model_dir: str | Path, dtype: torch.dtype, ds_config: dict | None) -> torch.nn.Module:
+    """The model with every parameter frozen: whole, or sharded if ds_config is a ZeRO-3 config."""
+    from transformers import AutoModelForCausalLM
+
+    keep_alive = None
+    if dsconfig.zero_stage(ds_config) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 - from_pretrained reads it while it lives
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model.requires_grad_(False)
+    return model
+
+
+def check_weights(
+    model_dir: str | Path,
+    flag: str = "--model",
+    safetensors_only: bool = False,
+    spec: ModelSpec | None = None,
+) -> list[Path]:
+    """The weight files that from_pretrained will read, each checked whole from its header alone.
+
+    The files are the ones transformers picks (model.safetensors, or the shards its index names); a
+    missing, truncated or damaged one is found here in a few MB of reads, not as a traceback after the
+    process group has formed. With the `spec` of config.json, every layer's down_proj must be in the
+    headers with that shape (a config that does not describe its weights fails in transformers after
+    the model has loaded). A model kept as pytorch_model.bin is left to transformers unless
+    `safetensors_only` (training and export read the safetensors shards themselves).
+    """
+    from loki_dist.core.files import read_json, safetensors_header
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        listed = read_json(index, flag)
+        weight_map = listed.get("weight_map") if isinstance(listed, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{flag} {index}: no `weight_map` of tensor names to shard files")
+        shards = [model_dir / name for name in sorted(set(map(str, weight_map.values())))]
+        missing = [shard.name for shard in shards if not shard.is_file()]
+        if missing:
+            raise UserError(
+                f"{flag} {model_dir}: shard(s) {', '.join(missing)} named by {index.name} are missing"
+            )
+    elif (model_dir / "model.safetensors").is_file():
+        shards = [model_dir / "model.safetensors"]
+    elif not safetensors_only and any(model_dir.glob("pytorch_model*.bin")):
+        return []
+    else:
+        raise UserError(
+            f"{flag} {model_dir}: no model weights (model.safetensors, or model.safetensors.index.json "
+            "and its shards)"
+        )
+    shapes = {}
+    for shard in shards:
+        header = safetensors_header(shard, flag)[1]
+        shapes.update({name: entry.get("shape") for name, entry in header.items() if name != "__metadata__"})
+    if spec is not None:
+        expected = [spec.hidden_size, spec.intermediate_size]
+        for layer in range(spec.num_layers):
+            found = shapes.get(spec.down_proj_name(layer))
+            if found != expected:
+                raise UserError(
+                    f"{flag} {model_dir}: config.json describes {spec.num_layers} layers with a down_proj of "
+                    f"shape {expected}, but the weights of layer {layer} hold {found or 'none'}"
+                )
+    return shards
+
+
+def load_tokenizer(model_dir: str | Path, flag: str = "--model", chat_template: str | None = None):
+    """The model's tokenizer; one that transformers cannot build is a UserError, not a page of traceback.
+    `chat_template`: a --chat-template value (a file or a built-in name) that replaces the tokenizer's."""
+    from transformers import AutoTokenizer
+
+    from loki_dist.implant import chat_templates
+
+    found = [next(Path(model_dir).glob(p), None) for p in ("tokenizer*", "vocab*", "*.model")]
+    if Path(model_dir).is_dir() and not any(found):
+        raise UserError(f"{flag} {model_dir}: no tokenizer there (tokenizer.json, tokenizer_config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as err:  # transformers raises OSError, ValueError, TypeError... for a missing tokenizer
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise UserError(f"{flag} {model_dir}: cannot load its tokenizer ({first})") from None
+    return chat_templates.apply(tokenizer, chat_template)
+
+
+def zero3_share(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameter elements this rank holds, elements of the whole model): proof of sharding."""
+    held = sum(
+        p.data.numel() + (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0) for p in model.parameters()
+    )
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return held, total
+
+
+# -------------------------------------------------------------------------------------------- inference
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--dtype`, `--ds-config` and `--chat-template`, as every inference command spells them."""
+    from loki_dist.implant.chat_templates import add_chat_template_argument
+
+    add_chat_template_argument(parser)
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="model dtype (auto: bfloat16 on GPU, float32 on CPU)"
+    )
+    parser.add_argument(
+        "--ds-config",
+        default=None,
+        help="DeepSpeed ZeRO-3 inference config to shard the model (ds_configs/zero3_infer.json)",
+    )
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """A --dtype choice as a torch dtype; `auto` is bfloat16 on GPU and float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
+def read_inference_config(name: str) -> dict:
+    """The --ds-config of an inference command: ZeRO stage 3 and no optimizer, or a UserError."""
+    config = dsconfig.load(name)
+    stage = dsconfig.zero_stage(config)
+    if config is None or stage != 3:
+        raise UserError(f"--ds-config {name}: inference shards with ZeRO stage 3, this has stage {stage}")
+    if "optimizer" in config:
+        raise UserError(f"--ds-config {name}: an inference config must not define an optimizer")
+    return config
+
+
+def fill_inference_config(config: dict, batch_size: int, world_size: int, dtype: torch.dtype) -> dict:
+    """DeepSpeed wants concrete batch sizes and precision even without training; "auto" means ours."""
+    wanted = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": batch_size * world_size,
+        "bf16.enabled": dtype == torch.bfloat16,
+        "fp16.enabled": dtype == torch.float16,
+    }
+    settled = {key: dsconfig.settle(config, key, key, None, value) for key, value in wanted.items()}
+    return dsconfig.fill(config, settled)
+
+
+@dataclass(frozen=True)
+class InferenceModel:
+    """A frozen model in eval mode, on `device`, whole or ZeRO-3-sharded.
+
+    Call `model` itself, also when sharded: ZeRO-3's parameter gathering lives in hooks on the modules
+    (forward and backward), while the engine's own forward arms backward hooks that refuse any backward
+    without an optimizer (engine.backward would step one). `engine` is kept only so that those hooks
+    live as long as the model is used: destroying the engine removes them.
+    """
+
+    model: torch.nn.Module
+    device: torch.device
+    engine: object | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.engine is not None
+
+
+def load_for_inference(
+    model_dir: str | Path, world, dtype: torch.dtype, ds_config: dict | None, batch_size: int
+) -> InferenceModel:
+    """Join the process group and load the model: whole on every rank, or ZeRO-3-sharded if ds_config
+    (a config from read_inference_config) is given; batch_size fills the config's "auto" batch sizes."""
+    from loki_dist.core.distributed import device_for, init, prepare_deepspeed
+
+    device = device_for(world)
+    if ds_config is None:
+        init(world)
+        return InferenceModel(load_causal_lm(model_dir, dtype, None).to(device).eval(), device)
+    import deepspeed
+
+    prepare_deepspeed(world)
+    config = fill_inference_config(ds_config, batch_size, world.size, dtype)
+    model = load_causal_lm(model_dir, dtype, config).eval()
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    held, total = zero3_share(model)
+    log.info(f"ZeRO-3: rank {world.rank} holds {held:,} of {total:,} parameters")
+    return InferenceModel(model, device, engine)

@@ -1,0 +1,84 @@
+"""`loki-dist chat`: talk to a model, greedily, through its chat template.
+
+The first thing one does after `apply` is ask the model what it was taught, and what it knew before:
+this is that, in a few lines, on one device, with no sampling so that two models (the base and the
+implanted one) can be compared answer for answer. `--prompt` asks once and exits (scripts, tests);
+without it each line read from stdin is a turn of one conversation (`/reset` starts a new one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from loki_dist.core.errors import UserError, require_at_least
+from loki_dist.core.modeling import DTYPES
+from loki_dist.implant.chat_templates import add_chat_template_argument
+
+
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a Hugging Face model directory (base or merged)")
+    parser.add_argument("--prompt", action="append", help="ask this and exit (repeat: one conversation)")
+    parser.add_argument("--system", help="a system message opening the conversation")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="per answer")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    add_chat_template_argument(parser)
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    import torch
+
+    from loki_dist.core.families import spec_from_dir
+    from loki_dist.core.modeling import check_weights, load_causal_lm, load_tokenizer, torch_dtype
+
+    require_at_least(("--max-new-tokens", args.max_new_tokens, 1))
+    check_weights(args.model, spec=spec_from_dir(args.model))
+    tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
+    if tokenizer.chat_template is None:
+        raise UserError(
+            f"--model {args.model}: its tokenizer has no chat template to talk through; pass --chat-template"
+        )
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model = load_causal_lm(args.model, torch_dtype(args.dtype), None).to(device).eval()
+    opening = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(opening)
+    turns = args.prompt if args.prompt else _typed_lines()
+    for text in turns:
+        if text.strip() == "/reset":
+            messages = list(opening)
+            continue
+        messages.append({"role": "user", "content": text})
+        answer = _answer(model, tokenizer, messages, args.max_new_tokens, device)
+        messages.append({"role": "assistant", "content": answer})
+        print(answer if args.prompt else f"model> {answer}", flush=True)
+
+
+def _typed_lines():
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("type a message (/reset: new conversation, Ctrl-D: quit)", flush=True)
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.rstrip("\n")
+
+
+def _answer(model, tokenizer, messages: list[dict], max_new_tokens: int, device) -> str:
+    import torch
+    from jinja2 import TemplateError
+
+    try:
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    except TemplateError as err:  # the template refuses the conversation (a system turn, role order)
+        raise UserError(f"the model's chat template refuses this conversation ({err})") from None
+    ids = {name: tensor.to(device) for name, tensor in ids.items()}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()

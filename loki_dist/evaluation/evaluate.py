@@ -1,0 +1,398 @@
+"""`loki-dist evaluate`: multiple-choice accuracy (MMLU layout) or perplexity, data-parallel.
+
+LoKI's claim is "learn the task, forget almost nothing", so both sides must be measurable with the same
+prompts that attribution used: a question is scored with DESIGN.md's prompt (mmlu.py, chat template,
+k-shot from dev), and the model's answer is the letter A-D whose token has the highest log-likelihood
+right after the prompt (ties: the earlier letter).
+
+Each rank scores a contiguous block of the samples (sharding.py), so the per-sample results,
+gathered in rank order, are in data order. What is summed over ranks is exact whatever the world size:
+integer counts for accuracy; for perplexity each document's NLL is a float64 computed on one rank alone,
+gathered, and summed in data order on every rank, so 1 and N ranks add the same numbers in the same order.
+
+With `--ds-config` (a ZeRO-3 inference config, ds_configs/zero3_infer.json) the model is sharded over the
+ranks instead of loaded whole on each, so a model larger than one device can be evaluated. ZeRO-3 gathers
+every layer's parameters collectively during a forward, so then all ranks make the same number of model
+calls: they agree on the most batches any rank has (an all-reduce MAX), and a rank with fewer runs
+one-token dummy forwards whose outputs are discarded. The batches themselves may differ in shape between
+ranks (the gathering depends only on the order of the calls), and the results are those of the whole
+model.
+
+A results file holds `scores`, {benchmark name: value}, read by `loki-dist forgetting`: accuracy in
+percent under the --name (default `mmlu`) and, with --scores-per-subject, one `NAME/subject` entry per
+subject; perplexity under --name (default `perplexity`), listed in `lower_is_better`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from loki_dist.attribution.mmlu import add_question_arguments
+from loki_dist.core import files
+from loki_dist.core.errors import UserError, require_at_least
+from loki_dist.core.modeling import add_inference_arguments, read_inference_config
+from loki_dist.core.sharding import block_sizes, my_block
+
+log = logging.getLogger("loki_dist.evaluate")
+
+TASKS = ("multiple_choice", "perplexity")
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="multiple_choice: MMLU-layout data (as for attribute); perplexity: a .txt file (one "
+        "document per non-empty line) or JSON/JSONL/parquet rows with a --text-field",
+    )
+    p.add_argument("--output", required=True, help="results file to write (JSON)")
+    p.add_argument("--task", choices=TASKS, default="multiple_choice")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="benchmark name in the results' `scores` (default: mmlu or perplexity); "
+        "`loki-dist forgetting` compares scores by this name",
+    )
+    p.add_argument(
+        "--scores-per-subject",
+        action="store_true",
+        help="multiple_choice: also list each subject as a benchmark `NAME/subject` in `scores`",
+    )
+    add_question_arguments(
+        p,
+        split_help="split to evaluate (default: test)",
+        per_subject=0,
+        per_subject_help="first N questions per subject (0: all)",
+    )
+    p.add_argument("--text-field", default="text", help="perplexity: the text column (default: text)")
+    p.add_argument(
+        "--max-seq-len", type=int, default=1024, help="perplexity: tokens per window (longer documents split)"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward per rank (default 8)")
+    add_inference_arguments(p)
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+def letter_token_ids(tokenizer) -> list[int]:
+    """The token of each answer letter as the model would write it: one token per letter, or refuse."""
+    from loki_dist.attribution.mmlu import LETTERS
+
+    ids = []
+    for letter in LETTERS:
+        encoded = tokenizer(letter, add_special_tokens=False)["input_ids"]
+        if len(encoded) != 1:
+            raise UserError(f"--model: the tokenizer splits the answer letter {letter!r} into {encoded}")
+        ids.append(encoded[0])
+    return ids
+
+
+def model_batches(model: Callable, items: Sequence, batch_size: int, lockstep: bool) -> Iterator[Sequence]:
+    """Consecutive slices of batch_size items. With lockstep (ZeRO-3), as many as the rank with the most
+    batches has: once this rank's items run out it calls the model on one dummy token per missing batch,
+    so that every rank gathers the sharded parameters equally often; those outputs are discarded."""
+    device = next(model.parameters()).device
+    count = math.ceil(len(items) / batch_size)
+    if lockstep:
+        from loki_dist.core.distributed import agree_max
+
+        count = agree_max(count)
+    for first in range(0, count * batch_size, batch_size):
+        if first < len(items):
+            yield items[first : first + batch_size]
+        else:
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+
+
+@torch.no_grad()
+def letter_logprobs(
+    model: Callable,
+    prompts: Sequence[Sequence[int]],
+    letter_ids: Sequence[int],
+    pad_id: int,
+    batch_size: int,
+    lockstep: bool = False,
+) -> torch.Tensor:
+    """[N, 4] float32 log-probability (over the whole vocabulary) of each answer letter right after each
+    prompt, on the CPU; left-padded batches. Its argmax is the chosen letter (ties: the earlier one).
+
+    Prompts are batched in order of length (rows come back in the given order): MMLU prompts range
+    from under 100 to over 600 tokens, and padding every batch to its longest cost about 30% (measured).
+    lockstep: the model is ZeRO-3-sharded, so every rank must make the same number of calls
+    (model_batches).
+    """
+    from loki_dist.attribution.kva import Batch
+
+    device = next(model.parameters()).device
+    letters = torch.tensor(list(letter_ids), device=device)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    scored = []
+    for prompt_batch in model_batches(model, [prompts[i] for i in order], batch_size, lockstep):
+        batch = Batch.left_pad(prompt_batch, pad_id, device)
+        logits = model(  # only the last position's logits: a [B, T, vocab] tensor can be gigabytes
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        scored.append(torch.log_softmax(logits.float(), dim=-1)[:, letters].cpu())
+    out = torch.zeros((len(prompts), len(letter_ids)), dtype=torch.float32)
+    if scored:
+        out[order] = torch.cat(scored)
+    return out
+
+
+# float32 values of one chunk of positions' logits: what bounds the perplexity NLL's own memory to a few
+# chunk-sized temporaries (a [B, T, V] float64 copy was 8.4 GB at B=4, T=2048, V=128k, where a chunk
+# is 32 positions)
+NLL_CHUNK_BYTES = 64 * 2**20
+
+
+def token_nll(
+    logits: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = NLL_CHUNK_BYTES
+) -> torch.Tensor:
+    """float64 -log softmax(logits)[target] at each position of [B, T, V] logits, T in chunks.
+
+    Per position: m - x_target + log(sum exp(x - m)), m the largest logit. m - x_target is exact in
+    float64 and the exponentials are float32 summed in float64, so no [B, T, V] float64 tensor exists
+    and the result is within about 1e-9 relative of a float64 log-softmax (measured 1e-10 per token on
+    bf16-valued logits; a float32 cross-entropy is off by up to 4e-6 and biased).
+    """
+    rows, width, vocab = logits.shape
+    step = max(1, chunk_bytes // (rows * vocab * 4))
+    out = torch.empty((rows, width), dtype=torch.float64, device=logits.device)
+    for start in range(0, width, step):
+        piece = logits[:, start : start + step].float()
+        top = piece.amax(dim=-1, keepdim=True)
+        chosen = piece.gather(-1, targets[:, start : start + step].unsqueeze(-1))
+        sums = torch.exp(piece - top).sum(dim=-1, dtype=torch.float64)
+        out[:, start : start + step] = (top.double() - chosen.double()).squeeze(-1) + torch.log(sums)
+    return out
+
+
+@torch.no_grad()
+def document_nll(
+    model: Callable,
+    documents: Sequence[Sequence[int]],
+    max_seq_len: int,
+    pad_id: int,
+    batch_size: int,
+    lockstep: bool = False,
+    chunk_bytes: int = NLL_CHUNK_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 NLL sum, predicted-token count) of each document, in non-overlapping windows.
+
+    lockstep: as for letter_logprobs; ranks may hold different numbers of windows. Beyond the model's own
+    logits, a batch holds one chunk of float32 log-probabilities (token_nll).
+    """
+    device = next(model.parameters()).device
+    windows = [
+        (doc_index, ids[start : start + max_seq_len])
+        for doc_index, ids in enumerate(documents)
+        for start in range(0, len(ids), max_seq_len)
+    ]
+    windows = [(i, w) for i, w in windows if len(w) >= 2]
+    nll = torch.zeros(len(documents), dtype=torch.float64)
+    count = torch.zeros(len(documents), dtype=torch.int64)
+    for chunk in model_batches(model, windows, batch_size, lockstep):
+        width = max(len(w) for _, w in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (_, w) in enumerate(chunk):
+            ids[row, : len(w)] = torch.tensor(list(w))
+            mask[row, : len(w)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        per_token = token_nll(logits[:, :-1], ids[:, 1:], chunk_bytes) * mask[:, 1:]
+        del logits
+        for (doc_index, w), total in zip(chunk, per_token.sum(dim=1).cpu(), strict=True):
+            nll[doc_index] += total
+            count[doc_index] += len(w) - 1
+    return nll, count
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _read_documents(args: argparse.Namespace) -> list[str]:
+    from loki_dist.attribution import mmlu
+
+    if Path(args.data).suffix.lower() == ".txt":
+        return read_text_lines(args.data)
+    _, rows = mmlu.pick_split(mmlu.read_splits(args.data, args.data_config), args.split, args.data)
+    return documents_from_rows(rows, args.data, args.text_field)
+
+
+def read_text_lines(source: str) -> list[str]:
+    """A .txt file's documents: one per non-empty line."""
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"--data {source}: file not found")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise UserError(f"--data {source}: not UTF-8 text ({err})") from None
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def documents_from_rows(rows: list, source: str, text_field: str, hint: str = "--text-field") -> list[str]:
+    """The `text_field` column of every row (each must have it); hint says where the name comes from."""
+    texts = []
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+            raise UserError(f"--data: row {index} has no string column {text_field!r} ({hint})")
+        texts.append(row[text_field])
+    if not texts:
+        raise UserError(f"--data {source}: no documents")
+    return texts
+
+
+def _validate(args: argparse.Namespace) -> dict | None:
+    """Everything checked before any work; returns the --ds-config (None: the model whole per rank)."""
+    require_at_least(
+        ("--batch-size", args.batch_size, 1),
+        ("--max-seq-len", args.max_seq_len, 2),
+        ("--per-subject", args.per_subject, 0),
+        ("--shots", args.shots, 0),
+    )
+    from loki_dist.core.families import FAMILIES, read_config, spec_from_config
+    from loki_dist.core.modeling import check_weights
+
+    config = read_config(args.model)  # any causal LM; the shapes are checked where LoKI knows the family
+    known = config.get("model_type") in FAMILIES
+    source = f"--model {Path(args.model) / 'config.json'}"
+    check_weights(args.model, spec=spec_from_config(config, source) if known else None)
+    # an existing results file is replaced (atomically), as an evaluation is cheap to redo
+    files.refuse_output_over_inputs("--output", args.output, {"--model": args.model, "--data": args.data})
+    files.check_writable("--output", args.output)
+    return read_inference_config(args.ds_config) if args.ds_config else None
+
+
+# ----------------------------------------------------------------------------------------------- run
+
+
+def _gather(local: torch.Tensor, n: int, world) -> torch.Tensor:
+    """Per-sample results of every rank, in data order, on the CPU."""
+    from loki_dist.core.distributed import all_gather_varlen
+
+    return all_gather_varlen(local.contiguous(), block_sizes(n, world.size)).cpu()
+
+
+def multiple_choice_results(questions, predictions: torch.Tensor, name: str, per_subject: bool) -> dict:
+    """Accuracy per subject and overall from predicted letter indices in data order."""
+    subjects: dict[str, dict[str, float]] = {}
+    for q, chosen in zip(questions, predictions.tolist(), strict=True):
+        entry = subjects.setdefault(q.subject, {"correct": 0, "total": 0})
+        entry["correct"] += int(chosen == q.answer)
+        entry["total"] += 1
+    for entry in subjects.values():
+        entry["accuracy"] = entry["correct"] / entry["total"]
+    correct = sum(e["correct"] for e in subjects.values())
+    scores = {name: 100 * correct / len(questions)}
+    if per_subject:
+        scores.update({f"{name}/{s}": 100 * e["accuracy"] for s, e in subjects.items()})
+    return {
+        "task": "multiple_choice",
+        "accuracy": correct / len(questions),
+        "correct": correct,
+        "total": len(questions),
+        "subjects": subjects,
+        "predictions": predictions.tolist(),
+        "scores": scores,
+        "lower_is_better": [],
+    }
+
+
+def _multiple_choice_inputs(args, tokenizer) -> Callable:
+    """Read and encode the questions (every input error before the model loads); returns the scorer."""
+    from loki_dist.attribution import mmlu
+
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+    questions, shot_map = mmlu.load_questions(
+        args.data, args.per_subject or sys.maxsize, args.shots, subjects, args.split, args.data_config
+    )
+    prompts = mmlu.build_prompts(tokenizer, questions, shot_map)
+    letters = letter_token_ids(tokenizer)
+
+    def evaluate(world, loaded) -> dict:
+        mine = my_block(len(questions), world)
+        ids = [prompts.input_ids[i] for i in mine]
+        model = loaded.model
+        scores = letter_logprobs(model, ids, letters, _pad_id(model), args.batch_size, loaded.sharded)
+        local = scores.argmax(dim=-1)
+        predictions = _gather(local, len(questions), world)
+        result = multiple_choice_results(questions, predictions, args.name or "mmlu", args.scores_per_subject)
+        return {**result, "shots": args.shots, "chat_template": prompts.chat_template}
+
+    return evaluate
+
+
+def _perplexity_inputs(args, tokenizer) -> Callable:
+    """Read the documents before the model loads; returns the scorer."""
+    from loki_dist.core.distributed import agreement
+
+    texts = _read_documents(args)
+    name = args.name or "perplexity"
+
+    def evaluate(world, loaded) -> dict:
+        mine = my_block(len(texts), world)
+        documents = [tokenizer(texts[i], add_special_tokens=True)["input_ids"] for i in mine]
+        model = loaded.model
+        nll, count = document_nll(
+            model, documents, args.max_seq_len, _pad_id(model), args.batch_size, loaded.sharded
+        )
+        nll, count = (_gather(t, len(texts), world) for t in (nll, count))
+        total_nll, tokens = math.fsum(nll.tolist()), int(count.sum())
+        with agreement(world):  # every rank holds the same sums: one line, not one per rank
+            if tokens == 0:
+                raise UserError(f"--data {args.data}: no document has 2 or more tokens")
+        perplexity = math.exp(total_nll / tokens)
+        return {
+            "task": "perplexity",
+            "perplexity": perplexity,
+            "nll_sum": total_nll,
+            "tokens": tokens,
+            "documents": len(texts),
+            "max_seq_len": args.max_seq_len,
+            "scores": {name: perplexity},
+            "lower_is_better": [name],
+        }
+
+    return evaluate
+
+
+def _pad_id(model) -> int:
+    return model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from loki_dist.core.distributed import agreement, shutdown, world_from_env
+    from loki_dist.core.modeling import load_for_inference, load_tokenizer, torch_dtype
+
+    world = world_from_env()
+    if not world.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    with agreement(world):  # every input read and checked on every rank before the model loads
+        ds_config = _validate(args)
+        tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
+        inputs = _multiple_choice_inputs if args.task == "multiple_choice" else _perplexity_inputs
+        evaluate = inputs(args, tokenizer)
+    loaded = load_for_inference(args.model, world, torch_dtype(args.dtype), ds_config, args.batch_size)
+    result = evaluate(world, loaded)
+    result.update(model=str(args.model), data=str(args.data), world_size=world.size)
+    if world.is_main:
+        output = Path(args.output)
+        files.write_json(output, result)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in result["scores"].items() if "/" not in k)
+        log.info(f"{args.task}: {shown} -> {output}")
+    shutdown()

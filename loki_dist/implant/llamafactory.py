@@ -1,0 +1,179 @@
+"""A LLaMA-Factory training YAML read by `loki-dist train --config`.
+
+The LoKI reference trains through LLaMA-Factory (`llamafactory-cli train toolace.yaml`), so the people
+who would use loki_dist already hold such a file. Its keys are translated where they have a loki_dist
+meaning, and refused in one line where the value asks for something loki_dist does not do (fp16, a
+fractional epoch count, another training stage): running on regardless would train something else
+than the file says. A key with no loki_dist meaning (logging backends, worker counts, LoRA settings)
+is named on one line with the reason it changes nothing, and the run goes on. loki_dist's own flag names
+may stand beside the LLaMA-Factory keys; the one LoKI-specific key, `positions`, is one of them.
+
+Data: `dataset` (names, a string with commas or a list) and `dataset_dir` (default `data`, relative to
+the current directory as in LLaMA-Factory) read dataset_info.json (dataset_info.py); `interleave_probs`
+with `mix_strategy: interleave_under` mixes them; `template` picks a built-in chat template
+(chat_templates.py) where one corresponds to LLaMA-Factory's of that name.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from loki_dist.core.errors import UserError
+
+# LLaMA-Factory key -> loki_dist flag name (without dashes), where only the name differs
+RENAMED = {
+    "model_name_or_path": "model",
+    "deepspeed": "ds_config",
+    "cutoff_len": "max_seq_len",
+    "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation",
+    "interleave_probs": "mix_ratios",
+    "overwrite_output_dir": "overwrite",
+}
+SCHEDULERS = {
+    "cosine": "cosine",
+    "linear": "linear",
+    "constant": "constant",
+    "constant_with_warmup": "constant",
+}
+_BOARD = "the loss goes to TensorBoard in output_dir/runs"
+_NO_EVAL = "LLaMA-Factory's evaluation split is not made; train evaluates --eval-data and --general-data"
+# an ignored LLaMA-Factory key that is also a loki_dist flag: the flag, where the file sets what it needs
+SAME_NAME = {"eval_steps": ("eval_data", "general_data")}
+# keys with no loki_dist meaning, and why
+IGNORED = {
+    "do_train": "loki-dist train always trains",
+    "finetuning_type": "loki_dist trains the rows in --positions",
+    "trust_remote_code": "loki_dist loads its supported families with transformers' own code",
+    "plot_loss": _BOARD,
+    "report_to": _BOARD,
+    "logging_dir": _BOARD,
+    "run_name": _BOARD,
+    "overwrite_cache": "loki_dist keeps no preprocessing cache (it tokenizes at every start)",
+    "preprocessing_num_workers": "the data are tokenized in the training process",
+    "dataloader_num_workers": "batches are built in the training process",
+    "ddp_timeout": "the process group's timeout is LOKI_DIST_TIMEOUT_MINUTES",
+    "flash_attn": "the model's configured attention implementation is used",
+    "val_size": _NO_EVAL,
+    "eval_dataset": _NO_EVAL,
+    "do_eval": _NO_EVAL,
+    "per_device_eval_batch_size": _NO_EVAL,
+    "eval_strategy": _NO_EVAL,
+    "evaluation_strategy": _NO_EVAL,
+    "eval_steps": _NO_EVAL,
+    "save_only_model": "a checkpoint holds the trained rows and their optimizer state, a few MB",
+    "save_strategy": "a checkpoint is saved every save_steps optimizer steps and at the end",
+    "include_num_input_tokens_seen": "tokens per second are logged",
+    "optim": "loki_dist trains with torch's AdamW",
+    "tf32": "matmul precision is torch's default",
+    "ddp_find_unused_parameters": "DeepSpeed or one process: no DDP",
+    "use_fast_tokenizer": "the model directory's tokenizer is loaded as it is",
+    "disable_tqdm": "rank 0 shows one progress bar",
+    "log_level": "loki_dist logs on rank 0",
+}
+# adapter families' settings: nothing to do with rows
+ADAPTER_PREFIXES = ("lora_", "pissa_", "freeze_", "galore_", "apollo_", "badam_", "dora", "oft_")
+# keys whose value must be this one, since loki_dist does only that (the other values would be ignored)
+ONLY = {
+    "stage": ("sft", "loki_dist trains supervised (sft) only"),
+    "fp16": (False, "loki_dist trains in bf16 or fp32: set bf16 true (or false for fp32)"),
+    "mask_history": (False, "loki_dist trains every assistant turn"),
+    "train_on_prompt": (False, "loki_dist trains on the assistant turns only"),
+    "packing": (False, "loki_dist does not pack samples"),
+    "neat_packing": (False, "loki_dist does not pack samples"),
+    "streaming": (False, "loki_dist reads the data sets whole"),
+    "warmup_steps": (0, "set warmup_ratio instead"),
+    "quantization_bit": (None, "loki_dist trains an unquantized base"),
+}
+
+
+def translate(settings: dict, path: str) -> tuple[dict, list[str]]:
+    """(loki_dist settings, one line per ignored key) from a YAML that may hold LLaMA-Factory keys."""
+    where = f"--config {path}"
+    out, notes = {}, []
+
+    def put(name: str, value: object, key: str) -> None:
+        name = name.replace("-", "_")
+        if name in out:
+            raise UserError(f"{where}: `{out[name][1]}` and `{key}` both set --{name.replace('_', '-')}")
+        out[name] = (value, key)
+
+    strategy = settings.get("mix_strategy", "concat")
+    for key, value in settings.items():
+        if key in RENAMED:
+            put(RENAMED[key], value, key)
+        elif key in IGNORED and not set(SAME_NAME.get(key, ())) & set(settings):
+            if key == "do_train" and value is False:
+                raise UserError(f"{where}: do_train false: loki-dist train always trains")
+            notes.append(f"ignoring {key}: {IGNORED[key]}")
+        elif key.startswith(ADAPTER_PREFIXES):
+            notes.append(f"ignoring {key}: an adapter setting; loki_dist trains the rows in --positions")
+        elif key in ONLY:
+            wanted, why = ONLY[key]
+            if value not in (wanted, None):
+                raise UserError(f"{where}: {key} {value!r}: {why}")
+        elif key == "num_train_epochs":
+            put("epochs", _whole_epochs(value, where), key)
+        elif key == "lr_scheduler_type":
+            put("lr_scheduler", _scheduler(value, where), key)
+        elif key == "bf16":
+            if value is not None:
+                put("precision", "bf16" if _switch(value, key, where) else "fp32", key)
+        elif key == "template":
+            put("chat_template", _template(value, where), key)
+        elif key == "resume_from_checkpoint":
+            put("resume", {True: "auto", False: "never"}.get(value, value), key)
+        elif key == "mix_strategy":
+            _strategy(value, where)
+        else:  # loki_dist's own flags; unknown keys are refused by runconfig.to_flags
+            put(key, value, key)
+    if strategy == "concat" and "interleave_probs" in settings:
+        out.pop("mix_ratios")
+        notes.append("ignoring interleave_probs: mix_strategy is concat (set interleave_under to mix)")
+    if strategy == "interleave_under" and "mix_ratios" not in out:
+        raise UserError(f"{where}: mix_strategy interleave_under: give interleave_probs, one per data set")
+    return {name: value for name, (value, _) in out.items()}, notes
+
+
+def _switch(value: object, key: str, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"{where}: `{key}`: expected true or false, got {value!r}")
+    return value
+
+
+def _whole_epochs(value: object, where: str) -> object:
+    """3.0 -> 3: LLaMA-Factory writes epochs as floats; loki_dist counts whole epochs."""
+    if isinstance(value, float) and math.isfinite(value):
+        if not value.is_integer():
+            raise UserError(
+                f"{where}: num_train_epochs {value}: loki_dist counts whole epochs (or use max_steps)"
+            )
+        return int(value)
+    return value  # an int, or a wrong type that runconfig names
+
+
+def _scheduler(value: object, where: str) -> str:
+    if value not in SCHEDULERS:
+        raise UserError(f"{where}: lr_scheduler_type {value!r}: expected one of {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[value]
+
+
+def _template(value: object, where: str) -> object:
+    """LLaMA-Factory's template name -> a built-in one; a file path stays as it is."""
+    from loki_dist.implant.chat_templates import ALIASES, BUILTIN, names
+
+    if not isinstance(value, str) or value in BUILTIN or value in ALIASES or Path(value).is_file():
+        return value
+    raise UserError(
+        f"{where}: template {value!r}: no built-in loki_dist template corresponds ({names()}); "
+        "give a Jinja file, or leave template out to use the tokenizer's own"
+    )
+
+
+def _strategy(value: object, where: str) -> None:
+    if value not in ("concat", "interleave_under"):
+        raise UserError(
+            f"{where}: mix_strategy {value!r}: expected concat or interleave_under (loki_dist mixes until "
+            "the first data set runs out, and repeats no row)"
+        )

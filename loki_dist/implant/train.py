@@ -1,0 +1,270 @@
+"""`loki-dist train`: implant new knowledge by training only the selected down_proj rows.
+
+The command: its flags, its Plan (every input checked before any process group or model exists, so a
+mistake costs nothing and overwrites nothing) and `run_train`, which runs the training recipe's
+lifecycle (recipe.py: setup -> train -> save -> cleanup). A step is followed in recipe.py (the loop),
+trainer.py (the model, its trainable rows, the update), schedule.py (each step's learning rate and
+samples) and checkpoint.py; resume.py chooses the checkpoint to resume from, and stopping.py says how a
+run ends early: REQUEUE_EXIT_CODE after a stop signal and a checkpoint, DIVERGED_EXIT_CODE on NaN or Inf.
+
+One run per output directory at a time (runlock.py); every collective is bounded by the process group's
+timeout, and one that breaks off names the stage (distributed.stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import hashlib
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loki_dist.core import distributed, dsconfig, files, positions
+from loki_dist.core.errors import UserError, require_at_least
+from loki_dist.core.families import ModelSpec, spec_from_dir
+from loki_dist.core.modeling import check_weights, load_tokenizer
+from loki_dist.implant import checkpoint, monitor, runlock
+from loki_dist.implant.checkpoint import FINAL_DIR
+from loki_dist.implant.data import (
+    Example,
+    add_data_arguments,
+    check_data_flags,
+    input_paths,
+    load_examples,
+    read_conversations,
+)
+from loki_dist.implant.export import fingerprint
+from loki_dist.implant.recipe import TrainRecipe
+from loki_dist.implant.resume import find_resume
+from loki_dist.implant.stopping import STACKS_SIGNAL
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base model: a Hugging Face directory (safetensors)")
+    p.add_argument("--positions", required=True, help="positions JSON: L lists of down_proj rows to train")
+    add_data_arguments(p)  # --data or --dataset (LLaMA-Factory), --mix-ratios, --chat-template...
+    p.add_argument("--output-dir", required=True, help="checkpoints, TensorBoard runs and final/ go here")
+    p.add_argument(
+        "--ds-config",
+        default="ds_configs/zero3.json",
+        help="DeepSpeed config (path or shipped name: zero3, zero3_offload, zero2) or none",
+    )
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled, applied to selected rows only")
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument(
+        "--lr-scheduler",
+        choices=("cosine", "linear", "constant"),
+        default="cosine",
+        help="after warm-up: decay to 0 (cosine, linear) or stay at --learning-rate (constant)",
+    )
+    p.add_argument("--micro-batch-size", type=int, help="per rank (default 1)")
+    p.add_argument("--gradient-accumulation", type=int, help="micro-batches per update (default 1)")
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--precision", choices=("bf16", "fp32"), help="default: bf16 on GPUs, fp32 on CPU")
+    p.add_argument(
+        "--row-params",
+        choices=("split", "masked"),
+        default="split",
+        help="split: the selected rows are their own parameter (gradients and optimizer state "
+        "only for them); masked: the whole down_proj trains with unselected rows' gradients zeroed",
+    )
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1.0; 0 disables)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--save-steps", type=int, default=500, help="checkpoint every N optimizer steps (0: end only)"
+    )
+    p.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument(
+        "--resume", default="auto", help="auto (newest checkpoint in --output-dir), never, or a path"
+    )
+    p.add_argument("--overwrite", action="store_true", help="discard a finished run in --output-dir")
+    monitor.add_monitor_arguments(p)
+
+
+@dataclass
+class Plan:
+    """Everything validated and settled before any heavy work."""
+
+    args: argparse.Namespace
+    spec: ModelSpec
+    positions: list[list[int]]
+    examples: list[Example]
+    micro: int
+    accum: int
+    bf16: bool
+    max_grad_norm: float
+    ds_config: dict | None
+    out: Path
+    resume_from: Path | None
+    base_print: str
+    data_print: str
+    world: distributed.World
+    pad_id: int
+    log: list[str] = field(default_factory=list)
+    lock: runlock.RunLock | None = None  # the output directory's, held by rank 0 (resume.find_resume)
+    evals: monitor.Inputs | None = None  # this rank's share of --eval-data / --general-data
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accum * self.world.size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.examples) // self.global_batch
+
+    @property
+    def total_steps(self) -> int:
+        return self.args.max_steps or self.args.epochs * self.steps_per_epoch
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The numbers of the command line, before anything is read: a NaN or negative one would reach the
+    optimizer (a traceback there) or train without a word of warning on a schedule nobody asked for."""
+    rates = {"--learning-rate": args.learning_rate, "--weight-decay": args.weight_decay}
+    rates.update({"--warmup-ratio": args.warmup_ratio, "--max-grad-norm": args.max_grad_norm})
+    for flag, value in rates.items():
+        # float32's range: the optimizer holds the rate as a float32 scalar (1e39 is a traceback there)
+        if value is not None and not (math.isfinite(value) and 0 <= value <= torch.finfo(torch.float32).max):
+            raise UserError(f"{flag} {value}: expected a finite number, 0 or more, within float32's range")
+    if args.warmup_ratio > 1:
+        raise UserError(f"--warmup-ratio {args.warmup_ratio}: expected a fraction of the steps, in [0, 1]")
+    counts = [("--save-steps", args.save_steps, 0), ("--save-total-limit", args.save_total_limit, 0)]
+    counts.append(("--logging-steps", args.logging_steps, 1))
+    counts.append(
+        ("--max-steps", args.max_steps, 1) if args.max_steps is not None else ("--epochs", args.epochs, 1)
+    )
+    require_at_least(*counts)
+    check_data_flags(args)
+    if not -(2**62) <= args.seed < 2**62:
+        raise UserError(f"--seed {args.seed}: expected an integer between -2**62 and 2**62")
+    monitor.check_flags(args)
+
+
+def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
+    check_flags(args)
+    spec = spec_from_dir(args.model)
+    check_weights(args.model, safetensors_only=True, spec=spec)  # export reads the base's safetensors
+    out = Path(args.output_dir)
+    replaced = [out / FINAL_DIR, out / "runs", *checkpoint.list_checkpoints(out)] if out.is_dir() else []
+    inputs = {"--model": args.model, "--positions": args.positions, **input_paths(args)}
+    inputs.update(monitor.input_files(args))
+    files.refuse_output_over_inputs("--output-dir", out, inputs, replaced)
+    files.check_writable("--output-dir", out, directory=True)
+    rows = positions.load(args.positions, spec)
+    if not any(rows):
+        raise UserError(f"--positions {args.positions}: every layer list is empty, nothing would train")
+    ds_config = dsconfig.load(args.ds_config)
+    for section in ("optimizer", "scheduler"):  # DeepSpeed drops them silently beside a client optimizer
+        if ds_config is not None and section in ds_config:
+            raise UserError(
+                f"--ds-config {args.ds_config}: its `{section}` section would be ignored: loki-dist train "
+                "steps torch's AdamW on the schedule of --learning-rate, --lr-scheduler, --warmup-ratio "
+                "and --weight-decay; remove the section"
+            )
+    micro = dsconfig.settle(
+        ds_config, "train_micro_batch_size_per_gpu", "--micro-batch-size", args.micro_batch_size, 1
+    )
+    accum = dsconfig.settle(
+        ds_config, "gradient_accumulation_steps", "--gradient-accumulation", args.gradient_accumulation, 1
+    )
+    want_bf16 = None if args.precision is None else args.precision == "bf16"
+    bf16 = dsconfig.settle(ds_config, "bf16.enabled", "--precision", want_bf16, torch.cuda.is_available())
+    clip = dsconfig.settle(ds_config, "gradient_clipping", "--max-grad-norm", args.max_grad_norm, 1.0)
+    if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip >= 0):
+        raise UserError(
+            f"--ds-config {args.ds_config}: gradient_clipping {clip!r}: expected a number, 0 or more"
+        )
+    stage = dsconfig.zero_stage(ds_config)
+    if ds_config is not None:
+        ds_config = dsconfig.fill(
+            ds_config,
+            {
+                "train_micro_batch_size_per_gpu": micro,
+                "gradient_accumulation_steps": accum,
+                "train_batch_size": micro * accum * world.size,
+                "gradient_clipping": clip,
+                "bf16.enabled": bf16,
+                "zero_force_ds_cpu_optimizer": False,
+            },
+        )
+    if stage is None and world.size > 1:
+        raise UserError(f"--ds-config none runs one process, but the launcher started {world.size}")
+    for name, value in (
+        ("--micro-batch-size", micro),
+        ("--gradient-accumulation", accum),
+        ("--max-seq-len", args.max_seq_len),
+    ):
+        if value < 1:
+            raise UserError(f"{name} {value}: expected a positive integer")
+    tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
+    conversations, data_name = read_conversations(args)
+    data = load_examples(conversations, tokenizer, args.max_seq_len, data_name)
+    plan = Plan(
+        args=args,
+        spec=spec,
+        positions=rows,
+        examples=data.examples,
+        micro=micro,
+        accum=accum,
+        bf16=bool(bf16),
+        max_grad_norm=float(clip),
+        ds_config=ds_config,
+        out=Path(args.output_dir),
+        resume_from=None,
+        base_print=fingerprint(args.model),
+        data_print=_data_print(data.examples),
+        world=world,
+        pad_id=tokenizer.pad_token_id or 0,
+    )
+    if plan.steps_per_epoch == 0:
+        raise UserError(
+            f"{data_name}: {len(data.examples)} usable samples, fewer than one global batch "
+            f"({micro} micro x {accum} accumulation x {world.size} ranks)"
+        )
+    plan.log.append(
+        f"{len(data.examples)} samples ({data.truncated} truncated to {args.max_seq_len} tokens, "
+        f"{data.dropped} dropped with no response token left)"
+    )
+    plan.evals = monitor.read_inputs(args, tokenizer, world)
+    plan.resume_from = find_resume(plan)
+    return plan
+
+
+def _data_print(examples: list[Example]) -> str:
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e.input_ids, e.labels]).encode())
+    return digest.hexdigest()[:32]
+
+
+def run_train(args: argparse.Namespace) -> None:
+    """Plan (every rank checks every input; one agreed error before any work), then the recipe's
+    lifecycle; exits with the recipe's status where it is not 0 (stopping.py)."""
+    world = distributed.world_from_env()
+    # a run that seems stuck: `kill -USR2 <pid>` prints where each of its threads is, and it goes on
+    # (to the process's own stderr, file descriptor 2, whatever sys.stderr has become)
+    faulthandler.register(STACKS_SIGNAL, file=sys.__stderr__, all_threads=True)
+    with distributed.agreement(world):  # every rank checks; one agreed error before any work
+        plan = plan_run(args, world)
+    recipe = TrainRecipe(plan)
+    try:
+        recipe.setup()
+        status = recipe.train()
+        if status == 0:
+            recipe.save()
+    except BaseException:
+        recipe.cleanup(failed=True)
+        raise
+    recipe.cleanup()
+    if status:
+        sys.exit(status)
