@@ -248,7 +248,7 @@ def test_a_killed_writer_leaves_a_temporary_that_the_next_writer_removes(tmp_pat
     next write into the directory removes it, as it names a writer that is gone."""
     target = tmp_path / "results.json"
     target.write_text("old")
-    script = ("import os, signal; from loki_dist import files\n"
+    script = ("import os, signal; from loki_dist.core import files\n"
               "def write(tmp):\n    tmp.write_text('half')\n    os.kill(os.getpid(), signal.SIGKILL)\n"
               f"files.atomic_write({str(target)!r}, write)\n")  # fmt: skip
     killed = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True)
@@ -265,7 +265,7 @@ def test_a_writer_killed_between_its_two_renames_loses_nothing(tmp_path):
     target = tmp_path / "final"
     target.mkdir()
     (target / "weights").write_text("old")
-    script = ("import os, signal; from loki_dist import files\n"
+    script = ("import os, signal; from loki_dist.core import files\n"
               "rename = os.replace\n"
               "def replace(src, dst):\n    rename(src, dst)\n"
               "    if files.ASIDE_TAG in str(dst):\n        os.kill(os.getpid(), signal.SIGKILL)\n"

@@ -288,7 +288,7 @@ def test_a_killed_rank_ends_its_peer_at_once_naming_the_stage(inputs, tmp_path):
 
 STUCK_PEER = """
 import os, signal, sys, time, torch
-from loki_dist import distributed
+from loki_dist.core import distributed
 world = distributed.world_from_env()
 distributed.init(world)
 distributed.all_reduce_sum(torch.ones(1))
