@@ -155,8 +155,9 @@ def test_learning_rate_schedules(scheduler):
 
 INTERNALS_PROBE = """
 import torch, deepspeed
-from loki_dist import distributed, rowstate
-from loki_dist.tiny import build_model
+from loki_dist.core import distributed
+from loki_dist.implant import rowstate
+from loki_dist.demo.tiny import build_model
 
 distributed.prepare_deepspeed(distributed.World(0, 1, 0))
 for stage, attribute in ((2, "_hp_mapping"), (3, "ds_tensor")):
@@ -218,3 +219,29 @@ def test_every_flag_with_a_default_says_it_in_help():
                 continue
             block = blocks[action.option_strings[0]]
             assert "default" in block.lower(), (name, action.option_strings[0], block)
+
+
+def test_shared_flags_are_declared_once_and_read_alike():
+    """A flag several commands take means one thing: core/flags.py alone declares it, so its type and
+    choices agree in every command (a second declaration would drift, as --dtype's help once did)."""
+    import argparse
+    import re
+
+    from conftest import REPO
+
+    from loki_dist.cli import build_parser
+
+    shared = ("--overwrite", "--dtype", "--precision", "--ds-config", "--max-seq-len")
+    pattern = re.compile(r"add_argument\(\s*\"(" + "|".join(shared) + ')"')
+    for path in (REPO / "loki_dist").rglob("*.py"):
+        if path.name != "flags.py":
+            assert not pattern.search(path.read_text()), f"{path} declares a shared flag itself"
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for flag in shared:
+        kinds = {
+            name: (type(action), action.type, action.choices)
+            for name, parser in commands.choices.items()
+            for action in parser._actions
+            if flag in action.option_strings
+        }
+        assert len(kinds) >= 2 and len(set(kinds.values())) == 1, (flag, kinds)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from loki_dist import __version__
 from loki_dist.attribution.mmlu import add_question_arguments
-from loki_dist.core import files, sharding
+from loki_dist.core import files, flags, sharding
 from loki_dist.core.errors import UserError, require_at_least
 from loki_dist.core.modeling import add_inference_arguments, check_weights, read_inference_config
 
@@ -91,11 +91,9 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue from the checkpoints in --checkpoint-dir"
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing --output, and discard the partial progress of an earlier run unless "
-        "--resume continues it",
+    flags.add_overwrite(
+        parser,
+        "an existing --output, and discard an earlier run's partial progress unless --resume continues it",
     )
 
 

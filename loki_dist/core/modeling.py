@@ -19,13 +19,11 @@ from pathlib import Path
 
 import torch
 
-from loki_dist.core import dsconfig
+from loki_dist.core import dsconfig, flags
 from loki_dist.core.errors import UserError
 from loki_dist.core.families import ModelSpec
 
 log = logging.getLogger("loki_dist.modeling")
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def load_causal_lm(model_dir: str | Path, dtype: torch.dtype, ds_config: dict | None) -> torch.nn.Module:
@@ -132,13 +130,12 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     from loki_dist.implant.chat_templates import add_chat_template_argument
 
     add_chat_template_argument(parser)
-    parser.add_argument(
-        "--dtype", choices=DTYPES, default="auto", help="model dtype (auto: bfloat16 on GPU, float32 on CPU)"
-    )
-    parser.add_argument(
-        "--ds-config",
-        default=None,
-        help="DeepSpeed ZeRO-3 inference config to shard the model (ds_configs/zero3_infer.json)",
+    flags.add_dtype(parser)
+    flags.add_ds_config(
+        parser,
+        None,
+        "to shard the model with ZeRO-3: a path or the shipped name zero3_infer (without it, each rank "
+        "holds the whole model)",
     )
 
 

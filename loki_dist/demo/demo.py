@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from loki_dist.attribution.mmlu import question_rows
-from loki_dist.core import files, provenance
+from loki_dist.core import files, flags, provenance
 from loki_dist.core.errors import UserError, require_at_least
 from loki_dist.demo.methods import Budget, RunResult, frozen_weights_moved, lora_rank_for, run_once
 from loki_dist.demo.report import plot, table_section
@@ -114,7 +114,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    "initialisation (default: toy 3, smollm2 1)")  # fmt: skip
     p.add_argument("--subjects", type=int, default=57, help="smollm2: the first N MMLU subjects (of 57)")
     p.add_argument("--seed", type=int, default=0, help="the first seed; the toy world is drawn from it")
-    p.add_argument("--overwrite", action="store_true", help="start again in an existing --output-dir")
+    flags.add_overwrite(p, "an existing --output-dir: start again")
 
 
 def _choose_setup(args: argparse.Namespace) -> str:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from loki_dist.core import flags
 from loki_dist.core.errors import UserError, require_at_least
-from loki_dist.core.modeling import DTYPES
 from loki_dist.implant.chat_templates import add_chat_template_argument
 
 
@@ -21,7 +21,7 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", help="ask this and exit (repeat: one conversation)")
     parser.add_argument("--system", help="a system message opening the conversation")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="per answer")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    flags.add_dtype(parser)
     add_chat_template_argument(parser)
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from loki_dist.attribution.mmlu import add_question_arguments
-from loki_dist.core import files
+from loki_dist.core import files, flags
 from loki_dist.core.errors import UserError, require_at_least
 from loki_dist.core.modeling import add_inference_arguments, read_inference_config
 from loki_dist.core.sharding import block_sizes, my_block
@@ -73,9 +73,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         per_subject_help="first N questions per subject (0: all)",
     )
     p.add_argument("--text-field", default="text", help="perplexity: the text column (default: text)")
-    p.add_argument(
-        "--max-seq-len", type=int, default=1024, help="perplexity: tokens per window (longer documents split)"
-    )
+    flags.add_max_seq_len(p, 1024, "perplexity reads a longer document in windows of this many")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward per rank (default 8)")
     add_inference_arguments(p)
 

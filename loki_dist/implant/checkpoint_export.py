@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from loki_dist.core import distributed, files
+from loki_dist.core import distributed, files, flags
 from loki_dist.core.errors import UserError
 from loki_dist.core.families import spec_from_dir
 from loki_dist.implant import checkpoint
@@ -86,7 +86,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint-N directory of a training run")
     parser.add_argument("--output", required=True, help="directory for the Hugging Face model + implant")
     parser.add_argument("--base", help="base model directory (default: the one the run recorded)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    flags.add_overwrite(parser, "an existing --output")
 
 
 def run_export(args: argparse.Namespace) -> None:

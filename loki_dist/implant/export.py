@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from loki_dist import __version__
-from loki_dist.core import distributed, files, metering
+from loki_dist.core import distributed, files, flags, metering
 from loki_dist.core.errors import UserError
 from loki_dist.core.families import ModelSpec, spec_from_dir
 
@@ -389,7 +389,7 @@ def add_apply_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="the base model directory the implant was trained on")
     parser.add_argument("--implant", required=True, help="implant.safetensors from a training run")
     parser.add_argument("--output", required=True, help="directory for the merged Hugging Face model")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    flags.add_overwrite(parser, "an existing --output")
 
 
 def apply_implant(base_dir: Path, implant: Path, out_dir: Path, world, overwrite: bool = False) -> None:

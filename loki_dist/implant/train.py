@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from loki_dist.core import distributed, dsconfig, files, positions
+from loki_dist.core import distributed, dsconfig, files, flags, positions
 from loki_dist.core.errors import UserError, require_at_least
 from loki_dist.core.families import ModelSpec, spec_from_dir
 from loki_dist.core.modeling import check_weights, load_tokenizer
@@ -49,10 +49,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--positions", required=True, help="positions JSON: L lists of down_proj rows to train")
     add_data_arguments(p)  # --data or --dataset (LLaMA-Factory), --mix-ratios, --chat-template...
     p.add_argument("--output-dir", required=True, help="checkpoints, TensorBoard runs and final/ go here")
-    p.add_argument(
-        "--ds-config",
-        default="ds_configs/zero3.json",
-        help="DeepSpeed config (path or shipped name: zero3, zero3_offload, zero2) or none",
+    flags.add_ds_config(
+        p, "ds_configs/zero3.json", "(a path, a shipped name: zero3, zero3_offload, zero2; or none)"
     )
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
@@ -67,8 +65,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--micro-batch-size", type=int, help="per rank (default 1)")
     p.add_argument("--gradient-accumulation", type=int, help="micro-batches per update (default 1)")
-    p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--precision", choices=("bf16", "fp32"), help="default: bf16 on GPUs, fp32 on CPU")
+    flags.add_max_seq_len(p, 2048, "a longer sample is cut, and counted in the log")
+    flags.add_precision(p, default=None)
     p.add_argument(
         "--row-params",
         choices=("split", "masked"),
@@ -87,7 +85,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume", default="auto", help="auto (newest checkpoint in --output-dir), never, or a path"
     )
-    p.add_argument("--overwrite", action="store_true", help="discard a finished run in --output-dir")
+    flags.add_overwrite(p, "a finished run in --output-dir")
     monitor.add_monitor_arguments(p)
 
 

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from loki_dist.core import files
+from loki_dist.core import files, flags
 from loki_dist.core.errors import UserError
 from loki_dist.core.families import spec_from_config
 from loki_dist.selection import parse_quota
@@ -397,7 +397,7 @@ def add_estimate_memory_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute each layer in backward"
     )
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    flags.add_precision(parser, default="bf16")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the numbers (bytes) here")
 
 
