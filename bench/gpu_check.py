@@ -418,7 +418,7 @@ def training_worker(opts) -> None:
             *(["--gradient-checkpointing"] if opts.checkpointing else []),
         ]
     )
-    with mock.patch.object(training, "check_weights", lambda *_, **__: []):  # weights are made in memory
+    with mock.patch.object(train, "check_weights", lambda *_, **__: []):  # weights are made in memory
         plan = train.plan_run(args, world)
     started = time.perf_counter()
     with mock.patch.object(trainer_module, "load_causal_lm", random_causal_lm):

@@ -1,7 +1,7 @@
 """Loading a causal LM whole, or straight into ZeRO-3 shards; and the inference side of that choice.
 
 Under ZeRO-3 the model must never exist whole on one rank (a 70B model is 140 GB in bf16). transformers
-loads into `deepspeed.zero.Init` shards, one checkpoint shard at a time, while an HfDeepSpeedConfig of a
+loads into `deepspeed.zero.Init` shards, one weight file at a time, while an HfDeepSpeedConfig of a
 stage-3 config is alive; the returned model is frozen and still to be wrapped by deepspeed.initialize.
 
 The inference commands (attribute, evaluate) share their `--dtype` and `--ds-config` flags and the way

@@ -44,7 +44,7 @@ class Trainer:
         dtype = torch.bfloat16 if plan.bf16 and stage is not None else torch.float32
         model = load_causal_lm(plan.args.model, dtype, plan.ds_config)
         model.config.use_cache = False
-        model.train()  # from_pretrained returns eval mode; dropout and checkpointing follow this flag
+        model.train()  # from_pretrained gives eval mode; dropout and gradient checkpointing follow this
         if plan.args.gradient_checkpointing:
             # non-reentrant: the reentrant variant drops gradients when a block's inputs need none
             # (frozen embeddings), and it is the variant tested with ZeRO-3 and frozen parameters here
