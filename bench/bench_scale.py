@@ -143,7 +143,7 @@ def attribution_phase(root: Path, inputs: dict[str, Path], world: int) -> dict:
 
 
 def attribution_table(results: dict[int, dict]) -> str:
-    from loki_dist.attribution.attribute import CHUNK_BYTES
+    from loki_dist.attribution.output import CHUNK_BYTES
 
     lines = [
         "| world | rank | peak rise at the end (MiB) | received (MiB) | file (MiB) | one piece (MiB) |",

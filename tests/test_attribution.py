@@ -351,7 +351,7 @@ def test_only_rank0_receives_and_only_the_other_ranks_share(attribution_setup, t
 
 def test_score_sums_do_not_depend_on_how_the_samples_are_grouped():
     """The file's score_sum on 1, 2 or 3 ranks: each rank adds its samples with stats.exact_add, rank 0
-    adds the ranks' sums and errors (as attribute._exact_score_sum does). Scores of one node spanning
+    adds the ranks' sums and errors (as output._exact_score_sum does). Scores of one node spanning
     1e-12 to 1e-2, where a plain float64 sum changes with the grouping."""
     from loki_dist.attribution.stats import exact_add
 

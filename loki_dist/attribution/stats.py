@@ -1,4 +1,4 @@
-"""Per-node attribution statistics, the attribution file, and the per-rank partial checkpoints.
+"""Per-node attribution statistics, the attribution file, and the per-rank partial progress.
 
 What is kept per sample is only what selection needs, so that attribution over any number of samples
 and ranks is a sum: a histogram of each node's ascending rank (per layer, and over all L*D nodes for
@@ -125,7 +125,7 @@ class Stats:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Views of the running sums (histograms in their narrow type, the score sum with its rounding
-        error); what a checkpoint holds."""
+        error); what a rank's partial progress holds."""
         out = {
             "num_samples": self.num_samples,
             "score_sum": self.score_sum,
@@ -152,7 +152,7 @@ class Stats:
 def load_file(
     path: str | Path, flag: str = "--attribution", pick: Callable[[list[str]], Collection[str]] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of an attribution (or checkpoint) file; any damage is a UserError.
+    """Tensors and metadata of an attribution (or partial progress) file; any damage is a UserError.
 
     `pick` chooses, from the names the file holds, the tensors to load (default: all), so that a
     reader leaves what it does not need on disk (a 70B file's scores are 7.5 GB).
