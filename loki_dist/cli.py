@@ -62,7 +62,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "attribute -> select -> train from one YAML file, skipping current stages",
     ),
     "estimate-memory": (
-        "loki_dist.planning.memory",
+        "loki_dist.planning.estimate_memory",
         "per-GPU memory of LoKI, full fine-tuning and LoRA for a model, cluster size and ZeRO stage",
     ),
     "demo": (

@@ -1,4 +1,5 @@
-"""`loki-dist estimate-memory`: per-GPU memory of LoKI, full fine-tuning and LoRA, before booking a cluster.
+"""Per-GPU memory of LoKI, full fine-tuning and LoRA, before booking a cluster: the model behind
+`loki-dist estimate-memory` (whose command line and table are estimate_memory.py's).
 
 Everything is computed from the model config alone (no weights, no GPU). Per GPU, four parts:
 
@@ -36,36 +37,18 @@ What moves is reported as CPU memory per rank.
 
 from __future__ import annotations
 
-import argparse
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 
-from loki_dist.core import files, flags
 from loki_dist.core.errors import UserError
 from loki_dist.core.families import spec_from_config
-from loki_dist.selection import parse_quota
 
 GIB = 2**30
 SUB_GROUP_SIZE = 10**9  # DeepSpeed's default zero_optimization.sub_group_size (elements)
 LORA_RANK = 16
 METHODS = ("loki_masked", "loki_compact", "full", "lora")
-METHOD_TITLES = {
-    "loki_masked": "LoKI masked",
-    "loki_compact": "LoKI compact",
-    "full": "full FT",
-    "lora": f"LoRA r={LORA_RANK}",
-}
 PARTS = ("parameters", "gradients", "optimizer_state", "activations")
-REQUIRED_KEYS = (
-    "model_type",
-    "num_hidden_layers",
-    "hidden_size",
-    "intermediate_size",
-    "vocab_size",
-    "num_attention_heads",
-)
 
 # Built-in configs, in the Hugging Face config.json form, so that they go through the same code as a file.
 PRESETS: dict[str, dict] = {
@@ -375,124 +358,3 @@ def estimate(arch: Architecture, quota: Fraction, setup: Setup) -> dict[str, Est
             cpu_offload=states.cpu,
         )
     return result
-
-
-# --- command line ---------------------------------------------------------------------------------------
-
-
-def add_estimate_memory_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model-config", help="a config.json, or a Hugging Face model directory holding one")
-    source.add_argument("--preset", choices=sorted(PRESETS), help="a built-in config")
-    parser.add_argument("--world-size", type=int, default=8, help="number of GPUs (ranks) in the job")
-    parser.add_argument("--quota", default="10", help="LoKI: percent of rows per layer, in (0, 100]")
-    parser.add_argument("--zero", type=int, choices=(2, 3), default=3, help="DeepSpeed ZeRO stage")
-    parser.add_argument(
-        "--offload",
-        action="store_true",
-        help="CPU offload as in ds_configs/zero3_offload.json (ZeRO-2: optimizer and gradients only)",
-    )
-    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per step")
-    parser.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence")
-    parser.add_argument(
-        "--gradient-checkpointing", action="store_true", help="recompute each layer in backward"
-    )
-    flags.add_precision(parser, default="bf16")
-    parser.add_argument("--json", default=None, metavar="FILE", help="also write the numbers (bytes) here")
-
-
-def load_config(args: argparse.Namespace) -> tuple[dict, str]:
-    """The config dict and a name for it, from --preset or --model-config (file or model directory)."""
-    if args.preset:
-        return PRESETS[args.preset], args.preset
-    path = Path(args.model_config)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise UserError(f"--model-config {args.model_config}: no such config.json or model directory")
-    config = files.read_json(path, "--model-config")
-    if not isinstance(config, dict):
-        raise UserError(f"--model-config {path}: expected a JSON object of settings")
-    missing = [key for key in REQUIRED_KEYS if key not in config]
-    if missing:
-        raise UserError(f"--model-config {path}: missing {', '.join(missing)}")
-    return config, str(path)
-
-
-def setup_from_args(args: argparse.Namespace) -> Setup:
-    for flag in ("world_size", "micro_batch", "seq_len"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
-    return Setup(
-        world_size=args.world_size,
-        zero=args.zero,
-        offload=args.offload,
-        micro_batch=args.micro_batch,
-        seq_len=args.seq_len,
-        gradient_checkpointing=args.gradient_checkpointing,
-        precision=args.precision,
-    )
-
-
-def _params_text(count: int) -> str:
-    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
-
-
-def _part_rows(setup: Setup) -> list[str]:
-    return [*PARTS, "total", *(["cpu_offload"] if setup.offload else [])]
-
-
-def _grid(title: str, result: dict[str, Estimate], rows: list[str], cell) -> list[str]:
-    """One table: a row per part, a column per method; `cell` turns a number into text."""
-    width = max(14, *(len(cell(getattr(e, part))) + 2 for e in result.values() for part in rows))
-    header = f"{title:<20}" + "".join(f"{METHOD_TITLES[m]:>{width}}" for m in METHODS)
-    lines = [header, "-" * len(header)]
-    for part in rows:
-        label = "CPU per rank" if part == "cpu_offload" else part.replace("_", " ")
-        lines.append(f"{label:<20}" + "".join(f"{cell(getattr(result[m], part)):>{width}}" for m in METHODS))
-    return lines
-
-
-def format_table(
-    name: str, arch: Architecture, quota: Fraction, setup: Setup, result: dict[str, Estimate]
-) -> str:
-    """The setup in three lines, then the per-GPU numbers in GiB and in bytes."""
-    checkpointing = "gradient checkpointing" if setup.gradient_checkpointing else "no gradient checkpointing"
-    offload = ", CPU offload" if setup.offload else ""
-    lines = [
-        f"{name}: {_params_text(arch.total_params)} parameters, L={arch.num_layers} D={arch.hidden_size} "
-        f"F={arch.intermediate_size} vocab={arch.vocab_size}",
-        f"ZeRO-{setup.zero}{offload}, {setup.world_size} GPUs, {setup.precision}, micro-batch "
-        f"{setup.micro_batch} x {setup.seq_len} tokens, {checkpointing}",
-        f"LoKI q={quota}: {loki_rows_per_layer(arch.hidden_size, quota)} rows per layer",
-        "",
-        f"{'trainable params':<20}"
-        + "".join(f"{_params_text(result[m].trainable_params):>14}" for m in METHODS),
-        "",
-    ]
-    rows = _part_rows(setup)
-    lines += _grid("per GPU (GiB)", result, rows, lambda value: f"{value / GIB:.2f}")
-    lines += ["", *_grid("per GPU (bytes)", result, rows, lambda value: f"{value:,}")]
-    return "\n".join(lines)
-
-
-def run_estimate_memory(args: argparse.Namespace) -> None:
-    config, name = load_config(args)
-    arch = architecture(config)
-    quota = parse_quota(args.quota)
-    setup = setup_from_args(args)
-    if args.json:  # replaced atomically if it exists, as every results file is
-        files.refuse_output_over_inputs("--json", args.json, {"--model-config": args.model_config})
-        files.check_writable("--json", args.json)
-    result = estimate(arch, quota, setup)
-    print(format_table(name, arch, quota, setup, result))
-    if args.json:
-        numbers = {
-            "model": name,
-            "total_params": arch.total_params,
-            "quota": str(quota),
-            "rows_per_layer": loki_rows_per_layer(arch.hidden_size, quota),
-            "setup": asdict(setup),
-            "bytes_per_gpu": {m: {**asdict(e), "total": e.total} for m, e in result.items()},
-        }
-        files.write_json(args.json, numbers, indent=2)
