@@ -64,7 +64,7 @@ class PartialProgress:
         from loki_dist.core.distributed import barrier
         from loki_dist.core.files import save_tensors_streaming
 
-        with metering.phase("attribute_checkpoint"):
+        with metering.phase("attribute_progress_save"):
             tensors = stats.tensors()  # views: written as they are, never copied whole
             layout = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
             metadata = {**self.identity, "step": str(step)}
@@ -92,7 +92,7 @@ class PartialProgress:
         differs = [k for k, v in self.identity.items() if metadata.get(k) != v]
         if differs:
             raise UserError(
-                f"--resume: the checkpoint in {self.directory} was made with different settings "
+                f"--resume: the partial progress in {self.directory} was made with different settings "
                 f"({', '.join(differs)}); delete it or run without --resume"
             )
         stats.load(tensors)
