@@ -41,10 +41,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "select": ("loki_dist.selection", "choose the rows to train from an attribution file"),
     "train": ("loki_dist.implant.train", "implant: train only the selected down_proj rows"),
     "export": (
-        "loki_dist.implant.checkpoint_export",
+        "loki_dist.implant.export",
         "turn a training checkpoint into a Hugging Face model and an implant",
     ),
-    "apply": ("loki_dist.implant.export", "merge an implant file into its base model"),
+    "apply": ("loki_dist.implant.apply", "merge an implant file into its base model"),
     "evaluate": (
         "loki_dist.evaluation.evaluate",
         "multiple-choice accuracy (MMLU layout) or perplexity, data-parallel",

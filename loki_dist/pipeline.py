@@ -232,10 +232,10 @@ def _section(path: str, name: str):
 def fingerprint_path(path: Path) -> str:
     """A digest of a file or directory: content for small files, size and mtime for big ones.
 
-    A model directory uses export.fingerprint (its config, shard headers and the first bytes of every
+    A model directory uses implant_file.fingerprint (its config, shard headers and the first bytes of every
     tensor), so a 70B base is identified in a few MB of reads rather than 140 GB.
     """
-    from loki_dist.implant.export import fingerprint
+    from loki_dist.implant.implant_file import fingerprint
 
     if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return "model:" + fingerprint(path)

@@ -514,7 +514,7 @@ def test_apply_refuses_a_base_of_other_shapes(shape, zero3_run, tmp_path, capsys
 def test_apply_refuses_an_already_implanted_base(setup, zero3_run, tmp_path):
     """final/ carries, in its shard headers, a digest of the rows written in: it fingerprints apart
     from its base (reading a few KB, not the weights), and apply will not implant into it twice."""
-    from loki_dist.implant.export import fingerprint
+    from loki_dist.implant.implant_file import fingerprint
 
     final = zero3_run.out / "final"
     assert fingerprint(final) != fingerprint(setup["base"])

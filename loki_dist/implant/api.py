@@ -27,7 +27,8 @@ from loki_dist.core import files, positions
 from loki_dist.core.errors import UserError
 from loki_dist.core.families import down_proj_slots, spec_from_config, spec_from_dir
 from loki_dist.implant import rowsplit
-from loki_dist.implant.export import BaseShards, RowSource, fingerprint, write_implant
+from loki_dist.implant.export import BaseShards
+from loki_dist.implant.implant_file import RowSource, fingerprint, write_implant
 
 
 def implant_rows(model: nn.Module, rows: str | Path | Sequence[Sequence[int]]) -> nn.Module:

@@ -1,9 +1,11 @@
-"""Implant files and standard Hugging Face exports.
+"""Standard Hugging Face exports, and the `export` command (a training checkpoint -> model + implant).
 
 Everything LoKI did not train is, by construction, the base model's own bytes. So a trained model is
 never gathered and saved whole: the export copies the base model's safetensors shards one at a time and
-replaces only the trained down_proj rows (peak host memory about one shard, even at 70B). The implant
-file holds just those rows and their indices, like a PEFT adapter; `apply` merges it into the base.
+replaces only the trained down_proj rows (peak host memory about one shard, even at 70B), and writes the
+implant file (implant_file.py) beside them. export_model takes its rows from any RowSource: an implant
+file (`apply`, apply.py), a training checkpoint (the `export` command and the end of a run, below; via
+CheckpointRows, so that checkpoint.py knows nothing of export), or the Python API.
 """
 
 from __future__ import annotations
@@ -14,52 +16,22 @@ import json
 import os
 import shutil
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from loki_dist import __version__
 from loki_dist.core import distributed, files, flags, metering
 from loki_dist.core.errors import UserError
 from loki_dist.core.families import ModelSpec, spec_from_dir
+from loki_dist.implant import checkpoint
+from loki_dist.implant.implant_file import IMPLANT_NAME, RowSource, fingerprint, write_implant
 
 # tests only, after a rank writes a shard: SIGKILL itself (any value), or fail on the rank it names
 _KILL_ENV, _FAIL_ENV = "LOKI_DIST_TEST_KILL_IN_EXPORT", "LOKI_DIST_TEST_FAIL_IN_EXPORT"
-IMPLANT_NAME = "implant.safetensors"
-IMPLANT_FORMAT = "loki_dist.implant/1"
 # shard metadata key of an exported model: a digest of the rows written into that shard
 IMPLANTED_KEY = "loki_dist_implant"
-_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures"}
-
-
-def fingerprint(model_dir: str | Path) -> str:
-    """A fast identity of a base model: its config, every shard's header and each tensor's first 4 KiB.
-
-    Reading 140 GB to hash a 70B model would take minutes on every run; this reads a few MB and still
-    tells apart two checkpoints of one architecture (different weights differ in their first bytes).
-    """
-    model_dir = Path(model_dir)
-    digest = hashlib.sha256()
-    config = json.loads((model_dir / "config.json").read_text())
-    stable = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
-    digest.update(json.dumps(stable, sort_keys=True).encode())
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        if shard.name == IMPLANT_NAME:
-            continue
-        try:
-            data_start, raw, header = files.read_safetensors_header(shard)
-        except (OSError, files.DamagedSafetensors) as err:
-            raise UserError(f"{shard}: {err}") from None
-        digest.update(raw)
-        entries = {k: v for k, v in header.items() if k != "__metadata__"}
-        with shard.open("rb") as handle:
-            for name in sorted(entries):
-                begin, end = entries[name]["data_offsets"]
-                handle.seek(data_start + begin)
-                digest.update(handle.read(min(4096, end - begin)))
-    return digest.hexdigest()[:32]
 
 
 def weight_shards(model_dir: str | Path, flag: str = "--base") -> list[Path]:
@@ -69,121 +41,6 @@ def weight_shards(model_dir: str | Path, flag: str = "--base") -> list[Path]:
             f"{flag} {model_dir}: no *.safetensors weights (loki_dist exports from safetensors bases)"
         )
     return shards
-
-
-# ----------------------------------------------------------------------------------------- row sources
-
-
-class RowSource:
-    """Trained rows by layer, wherever they are kept: an implant file or a training checkpoint.
-
-    An export asks for one layer at a time, so a source never needs to hold all rows at once.
-    """
-
-    def layers(self) -> list[int]:
-        raise NotImplementedError
-
-    def rows(self, layer: int) -> torch.Tensor:
-        """The down_proj rows trained in `layer`, int64 [k]."""
-        raise NotImplementedError
-
-    def weight(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
-        """Their trained values, [k, F] in `dtype`."""
-        raise NotImplementedError
-
-
-class ImplantRows(RowSource):
-    """An implant file, read one layer at a time."""
-
-    def __init__(self, path: str | Path):
-        from safetensors import safe_open
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise UserError(f"--implant {self.path}: file not found")
-        try:
-            self.handle = safe_open(str(self.path), framework="pt")
-            self.metadata = self.handle.metadata() or {}
-            names = list(self.handle.keys())
-        except Exception as err:  # safetensors raises several types for truncated/corrupted files
-            raise UserError(f"--implant {self.path}: not a readable safetensors file ({err})") from None
-        if self.metadata.get("format") != IMPLANT_FORMAT:
-            raise UserError(
-                f"--implant {self.path}: not a loki_dist implant file "
-                f"(format {self.metadata.get('format')!r})"
-            )
-        parts = [name.split(".") for name in names]
-        if any(
-            len(p) != 3 or p[0] != "layers" or not p[1].isdigit() or p[2] not in ("rows", "weight")
-            for p in parts
-        ):
-            raise UserError(
-                f"--implant {self.path}: holds tensors other than layers.<l>.rows/.weight; damaged?"
-            )
-        self._layers = sorted({int(p[1]) for p in parts})
-        self.label = f"--implant {self.path}"
-
-    def layers(self) -> list[int]:
-        return self._layers
-
-    def rows(self, layer: int) -> torch.Tensor:
-        return self.handle.get_tensor(f"layers.{layer}.rows")
-
-    def weight(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
-        return self.handle.get_tensor(f"layers.{layer}.weight").to(dtype)
-
-
-def implant_metadata(spec: ModelSpec, base_fingerprint: str, positions: list[list[int]]) -> dict[str, str]:
-    return {
-        "format": IMPLANT_FORMAT,
-        "base_fingerprint": base_fingerprint,
-        "model_type": spec.model_type,
-        "num_layers": str(spec.num_layers),
-        "hidden_size": str(spec.hidden_size),
-        "intermediate_size": str(spec.intermediate_size),
-        "quota": f"{100.0 * max(len(r) for r in positions) / spec.hidden_size:g}",
-        "positions": json.dumps(positions),
-        "loki_dist_version": __version__,
-    }
-
-
-def write_implant(
-    path: Path, source: RowSource, spec: ModelSpec, dtypes: dict[int, torch.dtype], base_print: str
-):
-    """The implant file of `source`: per trained layer its rows (int64 [k]) and weight ([k, F], the base
-    model's dtype), streamed one layer at a time."""
-    layers = source.layers()
-    rows = {layer: source.rows(layer) for layer in layers}
-    positions = [rows[layer].tolist() if layer in rows else [] for layer in range(spec.num_layers)]
-    layout = {}
-    for layer in layers:
-        layout[f"layers.{layer}.rows"] = (torch.int64, (len(rows[layer]),))
-        layout[f"layers.{layer}.weight"] = (dtypes[layer], (len(rows[layer]), spec.intermediate_size))
-
-    def pieces() -> Iterator[tuple[str, torch.Tensor]]:  # one layer in memory at a time
-        for layer in layers:
-            yield f"layers.{layer}.rows", rows[layer]
-            yield f"layers.{layer}.weight", source.weight(layer, dtypes[layer])
-
-    files.save_tensors_streaming(path, layout, pieces(), implant_metadata(spec, base_print, positions))
-
-
-def check_implant_fits(metadata: dict[str, str], spec: ModelSpec, base_print: str, base_dir) -> None:
-    shape = (spec.model_type, spec.num_layers, spec.hidden_size, spec.intermediate_size)
-    implant_shape = (
-        metadata.get("model_type"),
-        *(int(metadata.get(k, -1)) for k in ("num_layers", "hidden_size", "intermediate_size")),
-    )
-    if implant_shape != shape:
-        raise UserError(
-            f"--base {base_dir}: model (type, layers, hidden, intermediate) {shape} does not match the "
-            f"implant's {implant_shape}"
-        )
-    if metadata.get("base_fingerprint") != base_print:
-        raise UserError(
-            f"--base {base_dir}: fingerprint {base_print} differs from the implant's base "
-            f"{metadata.get('base_fingerprint')}; the implant was trained on another model"
-        )
 
 
 # ------------------------------------------------------------------------------------------- exporting
@@ -382,31 +239,62 @@ def check_output(out_dir: Path, overwrite: bool, inputs: dict[str, str | Path | 
     refuse_existing(out_dir, overwrite)
 
 
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+class CheckpointRows(RowSource):
+    """A checkpoint's trained rows, one layer at a time, cast to the base model's dtype."""
+
+    def __init__(self, path: Path):
+        self.reader = checkpoint.RowsReader(path)
+        self.label = f"--checkpoint {path}"  # how export's checks name it
+
+    def layers(self) -> list[int]:
+        return sorted(self.reader.rows)
+
+    def rows(self, layer: int) -> torch.Tensor:
+        return torch.tensor(self.reader.rows[layer], dtype=torch.int64)
+
+    def weight(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
+        k = len(self.reader.rows[layer])
+        # finite as saved; check_rows refuses what overflows the base's dtype, before any write
+        return self.reader.read(layer, "master", 0, self.reader.lengths[layer]).view(k, -1).to(dtype)
+
+
+def export_checkpoint(checkpoint_dir: Path, out_dir: Path, world, base_dir: str | Path | None = None) -> None:
+    """Collective: a checkpoint -> a standard Hugging Face directory with implant.safetensors."""
+    why = checkpoint.damage(checkpoint_dir, rng=False) if checkpoint_dir.is_dir() else "not a directory"
+    if why is not None:
+        raise UserError(f"--checkpoint {checkpoint_dir}: not a loadable loki_dist checkpoint: {why}")
+    trainer_state = json.loads((checkpoint_dir / checkpoint.STATE_FILE).read_text())
+    base = Path(base_dir or trainer_state["base_model"])
+    base_print = fingerprint(base)
+    if base_print != trainer_state["base_fingerprint"]:
+        raise UserError(f"--base {base}: fingerprint {base_print} is not the run's base model's")
+    export_model(base, CheckpointRows(checkpoint_dir), out_dir, world, base_print)
+
+
+def check_checkpoint(path: Path, base: str | None) -> Path:
+    """A training checkpoint that export can read: its state, rows index and shard headers (the rows'
+    values are check_rows' work). Returns the base model directory to export onto."""
+    state_file = path / checkpoint.STATE_FILE
+    if not state_file.is_file():
+        raise UserError(f"--checkpoint {path}: not a complete loki_dist checkpoint (no {state_file.name})")
+    state = files.read_json(state_file, "--checkpoint")
+    if not isinstance(state, dict) or not isinstance(state.get("base_model"), str):
+        raise UserError(f"--checkpoint {state_file}: not the trainer state of a loki_dist run (damaged?)")
+    if (path / checkpoint.INDEX_FILE).is_file():
+        files.read_json(path / checkpoint.INDEX_FILE, "--checkpoint")
+    try:
+        reader = checkpoint.RowsReader(path)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UserError(f"--checkpoint {path}: damaged rows index ({type(err).__name__}: {err})") from None
+    for name in reader.shards:
+        files.safetensors_header(path / name, "--checkpoint")
+    return Path(base or state["base_model"])
+
+
 # ----------------------------------------------------------------------------------------------- CLI
-
-
-def add_apply_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, help="the base model directory the implant was trained on")
-    parser.add_argument("--implant", required=True, help="implant.safetensors from a training run")
-    parser.add_argument("--output", required=True, help="directory for the merged Hugging Face model")
-    flags.add_overwrite(parser, "an existing --output")
-
-
-def apply_implant(base_dir: Path, implant: Path, out_dir: Path, world, overwrite: bool = False) -> None:
-    """Collective: out_dir := base_dir with the implant merged in (and the implant file beside it)."""
-    with distributed.agreement(world):  # every rank checks; one agreed error before anything is written
-        check_output(out_dir, overwrite, {"--base": base_dir, "--implant": implant})
-        source = ImplantRows(implant)
-        spec = spec_from_dir(base_dir, "--base")
-        implanted = BaseShards.read(base_dir, spec).implanted
-        if implanted:  # an export: a second implant would stack two trainings on rows chosen for one
-            raise UserError(
-                f"--base {base_dir}: {implanted} already carries a loki_dist implant; apply it to the "
-                "original base model instead"
-            )
-        base_print = fingerprint(base_dir)
-        check_implant_fits(source.metadata, spec, base_print, base_dir)
-    export_model(base_dir, source, out_dir, world, base_print, implant=implant)
 
 
 def run_collectively(work: Callable[[object], None], out: Path) -> None:
@@ -423,8 +311,21 @@ def run_collectively(work: Callable[[object], None], out: Path) -> None:
         print(f"wrote {out}")
 
 
-def run_apply(args: argparse.Namespace) -> None:
-    out = Path(args.output)
-    run_collectively(
-        lambda world: apply_implant(Path(args.base), Path(args.implant), out, world, args.overwrite), out
-    )
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint-N directory of a training run")
+    parser.add_argument("--output", required=True, help="directory for the Hugging Face model + implant")
+    parser.add_argument("--base", help="base model directory (default: the one the run recorded)")
+    flags.add_overwrite(parser, "an existing --output")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    out, path = Path(args.output), Path(args.checkpoint)
+
+    def export(world) -> None:
+        with distributed.agreement(world):  # every rank checks; one agreed error before anything is written
+            base = check_checkpoint(path, args.base)
+            check_output(out, args.overwrite, {"--checkpoint": path, "--base": base})
+            BaseShards.read(base, spec_from_dir(base, "--base"))  # whole shards, before fingerprinting
+        export_checkpoint(path, out, world, args.base)
+
+    run_collectively(export, out)

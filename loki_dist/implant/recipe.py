@@ -5,7 +5,7 @@ HF DeepSpeed integration, or ZeRO-1/2, or one plain process) -> freeze everythin
 selected rows trainable (trainer.py) -> loop over global batches (schedule.py): forward/backward per
 micro-batch, then at each update (masked layout) zero the gradients of unselected rows on this rank's
 partition, apply decoupled weight decay to selected rows only, let the optimizer step -> row-level
-checkpoints (checkpoint.py) -> OUT/final built from the base model's shards (checkpoint_export.py).
+checkpoints (checkpoint.py) -> OUT/final built from the base model's shards (export.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from loki_dist.core import distributed, files
-from loki_dist.implant import checkpoint, checkpoint_export, monitor
+from loki_dist.implant import checkpoint, export, monitor
 from loki_dist.implant.checkpoint import FINAL_DIR
 from loki_dist.implant.data import collate, num_targets
 from loki_dist.implant.schedule import global_batch_indices, lr_at, micro_batches, normaliser
@@ -230,7 +230,7 @@ class TrainRecipe:
         end = self.watch.stopped_at or plan.total_steps  # the last step, or the one stopped on forgetting
         last = out / f"checkpoint-{end}"  # saved by that step (every rank knows its name)
         with distributed.stage(f"exporting {out / FINAL_DIR}"):
-            checkpoint_export.export_checkpoint(last, out / FINAL_DIR, world, base_dir=plan.args.model)
+            export.export_checkpoint(last, out / FINAL_DIR, world, base_dir=plan.args.model)
         if world.is_main:
             summary = {
                 "steps": end,

@@ -38,7 +38,7 @@ from loki_dist.implant.data import (
     load_examples,
     read_conversations,
 )
-from loki_dist.implant.export import fingerprint
+from loki_dist.implant.implant_file import fingerprint
 from loki_dist.implant.recipe import TrainRecipe
 from loki_dist.implant.resume import find_resume
 from loki_dist.implant.stopping import STACKS_SIGNAL
