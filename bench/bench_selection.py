@@ -169,7 +169,7 @@ class Setup:
 
 def attribution_file(base_dir: Path, data: list[dict], cache: Path, nproc: int) -> tuple[Path, float]:
     """`loki-dist attribute --save-scores` on `data`, once per (model, data): cached by fingerprint."""
-    from loki_dist.pipeline import run_stage
+    from loki_dist.pipeline.run import run_stage
 
     config = (base_dir / "config.json").read_text()
     key = hashlib.sha256(json.dumps([config, data], sort_keys=True).encode()).hexdigest()[:16]

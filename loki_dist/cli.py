@@ -58,7 +58,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "talk to a model through its chat template, greedily (before, after apply)",
     ),
     "pipeline": (
-        "loki_dist.pipeline",
+        "loki_dist.pipeline.run",
         "attribute -> select -> train from one YAML file, skipping current stages",
     ),
     "estimate-memory": (

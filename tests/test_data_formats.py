@@ -259,7 +259,7 @@ def test_bad_data_input_is_one_line_before_any_work(case, job, tmp_path, capsys)
 
 
 def test_pipeline_passes_the_data_flags_on_and_checks_them_first(job, tmp_path, capsys):
-    from loki_dist.pipeline import build_stages, load_config, validate
+    from loki_dist.pipeline.stages import build_stages, load_config, validate
 
     root = layout(tmp_path / "data", {"t": {"file_name": "t.json"}}, {"t.json": [GOOD_ROW] * 4})
     train = {"dataset": ["t", "t"], "dataset_dir": str(root), "mix_ratios": [1, 1], "chat_template": "chatml",

@@ -19,7 +19,7 @@ from test_training import make_data
 from loki_dist.core.errors import UserError
 from loki_dist.demo.tiny import save_tiny
 from loki_dist.implant.stopping import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE
-from loki_dist.pipeline import StageEnded, run_stage
+from loki_dist.pipeline.run import StageEnded, run_stage
 
 
 def _ran(stdout: str) -> list[str]:
@@ -100,7 +100,7 @@ def test_pipeline_refuses_unknown_keys(tmp_path, capsys):
 
 
 def test_example_configs_build_their_stages():
-    from loki_dist.pipeline import build_stages, load_config
+    from loki_dist.pipeline.stages import build_stages, load_config
 
     examples = sorted((REPO / "examples").glob("pipeline_*.yaml"))
     assert len(examples) >= 2

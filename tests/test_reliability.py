@@ -705,7 +705,7 @@ def test_pipeline_checks_every_stage_before_the_first(case, job, tmp_path, capsy
 def test_pipeline_passes_zero_values_on():
     """`warmup_ratio: 0` is a value: it was dropped as if unset (0 == False), so training ran with the
     defaults (3% warm-up, clipping at 1.0) that the YAML had turned off."""
-    from loki_dist.pipeline import build_stages
+    from loki_dist.pipeline.stages import build_stages
 
     train = {"warmup_ratio": 0, "max_grad_norm": 0.0, "gradient_checkpointing": False}
     argv = build_stages({"output_dir": "out", "model": "m", "train": train})[2].argv

@@ -44,7 +44,7 @@ from loki_dist.core.errors import UserError, require_at_least
 from loki_dist.demo.methods import Budget, RunResult, frozen_weights_moved, lora_rank_for, run_once
 from loki_dist.demo.report import plot, table_section
 from loki_dist.demo.task import QA_TEMPLATE, General, Task, build_task, held_out_accuracy, keep_known, measure
-from loki_dist.pipeline import run_stage
+from loki_dist.pipeline.run import run_stage
 
 SETUPS = ("auto", "smollm2", "toy")
 # Per setup, what the flags left at None default to. The toy trains a 4-layer model in milliseconds per
