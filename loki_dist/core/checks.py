@@ -1,0 +1,177 @@
+"""The checks every command makes before any work, in one place so that they say the same thing everywhere.
+
+An output that would write over one of the command's inputs (`refuse_output_over_inputs`), an output
+that cannot be written (`check_writable`), and files that cannot be read as what they should be
+(`read_text`, `read_json`, `parse_jsonl`, `safetensors_header`): each is one line naming the flag, the
+file and, where there is one, the line, not a traceback from deep inside the work. The work reads what
+it was given through the same readers (a model's config, a shard's safetensors header).
+
+Writing a file, atomically, is files.py's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from loki_dist.core.errors import UserError
+from loki_dist.core.files import is_real_dir, temporary_name
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def refuse_output_over_inputs(
+    output_flag: str,
+    output: str | Path,
+    inputs: dict[str, str | Path | None],
+    replaced: Iterable[str | Path] | None = None,
+) -> None:
+    """Refuse an output that would write over one of the command's inputs, seen through symlinks.
+
+    An input is written over when the output is that same file or directory; when the output lies
+    inside an input directory (a file written there changes what the next run reads: a model, a data
+    folder); or when the input lies inside what the output replaces: `replaced`, by default the output
+    itself (an output directory is replaced whole), for a training run its final/, runs/ and
+    checkpoints. Inputs that do not exist (a hub name, an optional flag) cannot be written over.
+    """
+    out = Path(output).resolve()
+    wiped = [Path(p).resolve() for p in ([output] if replaced is None else replaced)]
+    for flag, value in inputs.items():
+        if value is None or not Path(value).exists():
+            continue
+        source = Path(value).resolve()
+        if out == source:
+            raise UserError(f"{output_flag} {output}: is {flag} {value}; writing it would destroy that input")
+        if source.is_dir() and _inside(out, source):
+            raise UserError(
+                f"{output_flag} {output}: is inside {flag} {value}; writing there would change that input"
+            )
+        if any(_inside(source, place) for place in wiped):
+            raise UserError(
+                f"{output_flag} {output}: holds {flag} {value}; replacing it would destroy that input"
+            )
+
+
+def check_writable(flag: str, path: str | Path, directory: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written where it is asked for.
+
+    `path` is a file (or, with `directory`, a directory) to be created or replaced. What exists of it must
+    be of that kind, and the nearest existing directory above it must be one that this process can
+    create files in: tried for real with a temporary file of ours, since permission bits do not tell
+    (root, ACLs, read-only mounts, network file systems). Missing directories in between are fine:
+    every writer creates them.
+    """
+    path = Path(path)
+    if path.exists() and is_real_dir(path.resolve()) != directory:
+        expected = "a directory" if directory else "a file name"
+        raise UserError(
+            f"{flag} {path}: is {'a directory' if path.is_dir() else 'a file'}; expected {expected}"
+        )
+    parent = path.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
+    probe = temporary_name(parent / path.name)
+    try:
+        probe.touch(exist_ok=False)
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot write in {parent} ({err.strerror or err})") from None
+    probe.unlink(missing_ok=True)
+
+
+def read_text(path: str | Path, flag: str) -> str:
+    """A UTF-8 text file; a missing, unreadable or non-UTF-8 one is a UserError naming its line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{flag} {path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{flag} {path}: is a directory; expected a file") from None
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot read it ({err.strerror or err})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{flag} {path}: not UTF-8 text (line {line}: {err.reason})") from None
+
+
+def read_json(path: str | Path, flag: str):
+    """A JSON file, or a UserError naming the line and column where it stops being JSON."""
+    return parse_json(read_text(path, flag), f"{flag} {path}")
+
+
+def parse_json(text: str, source: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(
+            f"{source}: not valid JSON (line {err.lineno} column {err.colno}: {err.msg})"
+        ) from None
+
+
+def parse_jsonl(text: str, source: str) -> list:
+    """One JSON value per non-blank line. Lines are split at newlines only: a JSON string may hold the
+    other characters that str.splitlines breaks at (U+2028, form feed...)."""
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(
+                    f"{source}: line {number} is not valid JSON (column {err.colno}: {err.msg})"
+                ) from None
+    return rows
+
+
+class DamagedSafetensors(ValueError):
+    """A safetensors file whose header does not describe its bytes (a copy cut short, a foreign file)."""
+
+
+def read_safetensors_header(path: Path) -> tuple[int, bytes, dict]:
+    """(where the data starts, the header's bytes, the header) of a file whose header covers exactly its
+    size; OSError when it cannot be read, DamagedSafetensors when it is not whole.
+
+    Reads the header alone (a few MB for a 70B model's shards), which is enough to find a truncated,
+    damaged or foreign file before a command loads or copies anything.
+    """
+
+    def damaged(why: str) -> DamagedSafetensors:
+        return DamagedSafetensors(f"truncated or damaged safetensors file ({why})")
+
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else size
+        if 8 + length > size:
+            raise damaged(f"{size} bytes, cut short inside its header")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        end = max(ends, default=0)
+        if not all(isinstance(e, int) and e >= 0 for e in ends):
+            raise TypeError("offsets")
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise damaged("unreadable header") from None
+    if size != 8 + length + end:
+        raise damaged(f"{size} bytes where its header says {8 + length + end}")
+    return 8 + length, raw, header
+
+
+def safetensors_header(path: str | Path, flag: str) -> tuple[int, dict]:
+    """read_safetensors_header for a file the user named with `flag`: failures are one-line UserErrors."""
+    path = Path(path)
+    try:
+        data_start, _, header = read_safetensors_header(path)
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot read it ({err.strerror or err})") from None
+    except DamagedSafetensors as err:
+        raise UserError(f"{flag} {path}: {err}") from None
+    return data_start, header
