@@ -550,7 +550,7 @@ FIGURE_NOTES = {
     "train_bf16_split_2ranks_vs_fp32": "bf16 split on 2 ranks vs the 1-rank fp32 run",
     "attribute_cli_1rank_vs_cpu_reference": "`attribute` (ZeRO-3, fp32) on the device vs CPU reference",
     "attribute_cli_2rank_vs_cpu_reference": "the same on 2 ranks",
-    "collectives_1rank": "every distributed.py collective, device and CPU tensors, 1 rank",
+    "collectives_1rank": "every collectives.py collective, device and CPU tensors, 1 rank",
     "collectives_2rank": "the same on 2 ranks",
     "train_repeat_max_abs_diff": "two identical bf16 runs (deterministic kernels): largest weight difference",
     "train_resumed_from_step": "checkpoint the SIGKILLed run resumed from (then bit-identical)",

@@ -13,7 +13,7 @@ import argparse
 import math
 from fractions import Fraction
 
-from loki_dist.core import files
+from loki_dist.core import checks, files
 from loki_dist.core.errors import UserError
 
 STRATEGIES = ("layer_balanced", "global_lowest", "global_highest", "random")
@@ -249,8 +249,8 @@ def check_outputs(args: argparse.Namespace) -> None:
     inputs = {"--attribution": args.attribution, "--model": args.model}
     for flag, path in (("--output", args.output), ("--plot", args.plot)):
         if path is not None:
-            files.refuse_output_over_inputs(flag, path, inputs)
-            files.check_writable(flag, path)
+            checks.refuse_output_over_inputs(flag, path, inputs)
+            checks.check_writable(flag, path)
 
 
 def summary(positions: list[list[int]], tensors: dict | None, strategy: str, quota: Fraction) -> str:

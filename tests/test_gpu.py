@@ -13,7 +13,7 @@ What is checked, against computations written here (CPU references, sums of know
   per-layer Spearman correlation and bottom-10% overlap against fp32; `attribute` (ZeRO-3 inference)
   on the device against the reference algorithm on the CPU;
 - `evaluate` on the device choosing the same letters as an unbatched CPU forward;
-- every collective helper of loki_dist/core/distributed.py on device and CPU tensors.
+- every collective helper of loki_dist/core/collectives.py on device and CPU tensors.
 With more than one device visible, the multi-process tests also run on 2 ranks.
 
 Training processes run with torch.use_deterministic_algorithms(True) (this file's `cli` entry point):
@@ -410,8 +410,8 @@ def test_zero3_bf16_two_ranks(train_setup, trained, record):
 
 
 def _collectives_worker(out: str) -> None:
-    """Run under torchrun: every helper of distributed.py on tensors on the rank's device and on the CPU."""
-    from loki_dist.core import distributed
+    """Run under torchrun: every helper of collectives.py on tensors on the rank's device and on the CPU."""
+    from loki_dist.core import collectives, distributed
 
     world = distributed.world_from_env()
     device = distributed.device_for(world)
@@ -426,17 +426,17 @@ def _collectives_worker(out: str) -> None:
             "sum_float64": torch.tensor([2.0**-r], dtype=torch.float64, device=on),
             "sum_int64": torch.full((2,), 10**r, dtype=torch.int64, device=on),
         }
-        summed = {name: distributed.all_reduce_sum(t) for name, t in tensors.items()}
+        summed = {name: collectives.all_reduce_sum(t) for name, t in tensors.items()}
         sizes = [k + 2 for k in range(world.size)]
         local = (100 * r + torch.arange(sizes[r], dtype=torch.float32)).to(on)
-        gathered = distributed.all_gather_varlen(local, sizes)
+        gathered = collectives.all_gather_varlen(local, sizes)
         distributed.barrier()
         result[where] = {
             **{name: t.tolist() for name, t in summed.items()},
             "gathered": gathered.tolist(),
             "devices": [str(t.device) for t in (*summed.values(), gathered)],
         }
-    result["max"] = distributed.agree_max(10 * world.rank + 3)
+    result["max"] = collectives.agree_max(10 * world.rank + 3)
     Path(out, f"rank{world.rank}.json").write_text(json.dumps(result))
     distributed.shutdown()
 

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from loki_dist.attribution.stats import Stats
 from loki_dist.cli import main
-from loki_dist.core import files
+from loki_dist.core import checks, files
 from loki_dist.core.errors import UserError
 
 GOOD_ROW = {"instruction": "Say hi", "input": "", "output": "hi"}
@@ -171,7 +171,7 @@ def test_what_counts_as_writing_over_an_input(tmp_path):
     for path in (model / "config.json", run / "data.json", run / "final" / "model.safetensors"):
         path.write_text("{}")
     (tmp_path / "link").symlink_to(model)
-    refuse = files.refuse_output_over_inputs
+    refuse = checks.refuse_output_over_inputs
     for output, words in [(tmp_path / "link", "is --model"), (model / "sub" / "x.json", "is inside --model"),
                           (tmp_path, "holds --model")]:  # fmt: skip
         with pytest.raises(UserError, match=words):
@@ -290,7 +290,7 @@ def test_sigkill_during_apply_leaves_staging_that_the_next_apply_removes(job, tm
     assert leftovers(tmp_path) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["second"]
     shard = tmp_path / "second" / "model.safetensors"
-    files.safetensors_header(shard, "merged")  # whole
+    checks.safetensors_header(shard, "merged")  # whole
     assert not (tmp_path / "second" / files.OWNER_FILE).exists()
 
 

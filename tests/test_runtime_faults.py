@@ -288,14 +288,14 @@ def test_a_killed_rank_ends_its_peer_at_once_naming_the_stage(inputs, tmp_path):
 
 STUCK_PEER = """
 import os, signal, sys, time, torch
-from loki_dist.core import distributed
+from loki_dist.core import collectives, distributed
 world = distributed.world_from_env()
 distributed.init(world)
-distributed.all_reduce_sum(torch.ones(1))
+collectives.all_reduce_sum(torch.ones(1))
 if world.rank == 1:
     os.kill(os.getpid(), signal.SIGSTOP)  # alive, holding its connections, silent
 with distributed.stage("the stage under test"):
-    distributed.all_reduce_sum(torch.ones(1))
+    collectives.all_reduce_sum(torch.ones(1))
 """
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from loki_dist.attribution.mmlu import add_question_arguments
 from loki_dist.attribution.output import finish
 from loki_dist.attribution.progress import PROGRESS_FORMAT, PartialProgress
-from loki_dist.core import files, flags, sharding
+from loki_dist.core import checks, flags, sharding
 from loki_dist.core.errors import UserError, require_at_least
 from loki_dist.core.modeling import add_inference_arguments, check_weights, read_inference_config
 
@@ -145,10 +145,10 @@ def _check_outputs(args: argparse.Namespace) -> None:
     discarded unless asked (--overwrite), and both places must be writable before the model loads."""
     output, partial = Path(args.output), Path(args.checkpoint_dir or f"{args.output}.partial")
     inputs = {"--model": args.model, "--data": args.data}
-    files.refuse_output_over_inputs("--output", output, {**inputs, "--checkpoint-dir": args.checkpoint_dir})
-    files.refuse_output_over_inputs("--checkpoint-dir", partial, inputs)
-    files.check_writable("--output", output)
-    files.check_writable("--checkpoint-dir", partial, directory=True)
+    checks.refuse_output_over_inputs("--output", output, {**inputs, "--checkpoint-dir": args.checkpoint_dir})
+    checks.refuse_output_over_inputs("--checkpoint-dir", partial, inputs)
+    checks.check_writable("--output", output)
+    checks.check_writable("--checkpoint-dir", partial, directory=True)
     progress = partial.is_dir() and any(partial.glob("rank*-step*.safetensors"))
     if progress and not (args.resume or args.overwrite):
         raise UserError(

@@ -129,7 +129,7 @@ def _read_file(path: Path) -> list[dict]:
             return pq.read_table(path).to_pylist()
         text = path.read_text()
         if suffix == ".jsonl" or not text.lstrip().startswith("["):
-            from loki_dist.core.files import parse_jsonl
+            from loki_dist.core.checks import parse_jsonl
 
             return parse_jsonl(text, f"--data {path}")  # names the broken line
         return json.loads(text)

@@ -50,7 +50,7 @@ def _write_attribution(args, world, spec, stats, num_samples: int, metadata: dic
     import torch
 
     from loki_dist.attribution.stats import HISTOGRAMS, file_layout
-    from loki_dist.core.distributed import reduce_to_main, stream_to_main
+    from loki_dist.core.collectives import reduce_to_main, stream_to_main
     from loki_dist.core.files import save_tensors_streaming
 
     layout = file_layout(spec.num_layers, spec.hidden_size, num_samples, args.save_scores)
@@ -92,7 +92,7 @@ def _exact_score_sum(stats, world_size: int, chunk: int):
     import torch
 
     from loki_dist.attribution.stats import exact_add
-    from loki_dist.core.distributed import stream_to_main
+    from loki_dist.core.collectives import stream_to_main
 
     total, error = torch.zeros_like(stats.score_sum), torch.zeros_like(stats.score_sum)
     flat_total, flat_error, numel = total.view(-1), error.view(-1), total.numel()

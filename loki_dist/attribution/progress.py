@@ -79,7 +79,7 @@ class PartialProgress:
         import torch
 
         from loki_dist.attribution.stats import load_file
-        from loki_dist.core.distributed import all_gather_varlen
+        from loki_dist.core.collectives import all_gather_varlen
 
         mine = self.steps()
         latest = torch.tensor([mine[-1] if mine else 0], dtype=torch.int64)

@@ -82,7 +82,7 @@ def spec_from_config(config: dict | object, source: str = "the model config") ->
 
 def read_config(model_dir: str | Path, flag: str = "--model") -> dict:
     """config.json of a Hugging Face model directory, as a JSON object, or a UserError saying why not."""
-    from loki_dist.core.files import read_json
+    from loki_dist.core.checks import read_json
 
     if not Path(model_dir).is_dir():
         raise UserError(f"{flag} {model_dir}: directory not found")

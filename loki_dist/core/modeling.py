@@ -55,7 +55,7 @@ def check_weights(
     the model has loaded). A model kept as pytorch_model.bin is left to transformers unless
     `safetensors_only` (training and export read the safetensors shards themselves).
     """
-    from loki_dist.core.files import read_json, safetensors_header
+    from loki_dist.core.checks import read_json, safetensors_header
 
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"

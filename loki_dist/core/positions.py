@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from loki_dist.core import files
+from loki_dist.core import checks, files
 from loki_dist.core.errors import UserError
 from loki_dist.core.families import ModelSpec
 
@@ -44,7 +44,7 @@ def validate(positions: object, spec: ModelSpec, source: str = "positions") -> P
 
 
 def load(path: str | Path, spec: ModelSpec) -> Positions:
-    return validate(files.read_json(path, "--positions"), spec, source=f"--positions {path}")
+    return validate(checks.read_json(path, "--positions"), spec, source=f"--positions {path}")
 
 
 def save(positions: Positions, path: str | Path) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loki_dist.core import files
+from loki_dist.core import checks
 from loki_dist.core.errors import UserError
 
 CONFIG_FLAG = "--config"
@@ -96,7 +96,7 @@ def load(path: str) -> dict:
     """The YAML file as a mapping of settings."""
     import yaml
 
-    text = files.read_text(path, CONFIG_FLAG)
+    text = checks.read_text(path, CONFIG_FLAG)
     try:
         settings = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from loki_dist.attribution.mmlu import add_question_arguments
-from loki_dist.core import files, flags
+from loki_dist.core import checks, files, flags
 from loki_dist.core.errors import UserError, require_at_least
 from loki_dist.core.modeling import add_inference_arguments, read_inference_config
 from loki_dist.core.sharding import block_sizes, my_block
@@ -101,7 +101,7 @@ def model_batches(model: Callable, items: Sequence, batch_size: int, lockstep: b
     device = next(model.parameters()).device
     count = math.ceil(len(items) / batch_size)
     if lockstep:
-        from loki_dist.core.distributed import agree_max
+        from loki_dist.core.collectives import agree_max
 
         count = agree_max(count)
     for first in range(0, count * batch_size, batch_size):
@@ -270,8 +270,8 @@ def _validate(args: argparse.Namespace) -> dict | None:
     source = f"--model {Path(args.model) / 'config.json'}"
     check_weights(args.model, spec=spec_from_config(config, source) if known else None)
     # an existing results file is replaced (atomically), as an evaluation is cheap to redo
-    files.refuse_output_over_inputs("--output", args.output, {"--model": args.model, "--data": args.data})
-    files.check_writable("--output", args.output)
+    checks.refuse_output_over_inputs("--output", args.output, {"--model": args.model, "--data": args.data})
+    checks.check_writable("--output", args.output)
     return read_inference_config(args.ds_config) if args.ds_config else None
 
 
@@ -280,7 +280,7 @@ def _validate(args: argparse.Namespace) -> dict | None:
 
 def _gather(local: torch.Tensor, n: int, world) -> torch.Tensor:
     """Per-sample results of every rank, in data order, on the CPU."""
-    from loki_dist.core.distributed import all_gather_varlen
+    from loki_dist.core.collectives import all_gather_varlen
 
     return all_gather_varlen(local.contiguous(), block_sizes(n, world.size)).cpu()
 

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from loki_dist.core import files
+from loki_dist.core import checks, files
 from loki_dist.core.errors import UserError
 
 
@@ -54,7 +54,7 @@ def read_scores(spec: str, flag: str) -> Scores:
     values: dict[str, float] = {}
     lower: set[str] = set()
     for name in _spec_files(spec):
-        data = files.read_json(name, flag)
+        data = checks.read_json(name, flag)
         scores = data.get("scores", data) if isinstance(data, dict) else None
         if not isinstance(scores, dict) or not scores:
             raise UserError(f"{flag} {name}: expected a `scores` map {{benchmark: number}}")
@@ -123,8 +123,8 @@ def run_forgetting(args: argparse.Namespace) -> None:
     if args.output:
         for flag, spec in [("--base", args.base), *(("--tuned", spec) for spec in args.tuned)]:
             for name in _spec_files(spec):
-                files.refuse_output_over_inputs("--output", args.output, {flag: name})
-        files.check_writable("--output", args.output)
+                checks.refuse_output_over_inputs("--output", args.output, {flag: name})
+        checks.check_writable("--output", args.output)
     base = read_scores(args.base, "--base")
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     if labels is not None and len(labels) != len(args.tuned):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loki_dist.core import files, positions
+from loki_dist.core import checks, positions
 from loki_dist.core.errors import UserError
 from loki_dist.core.families import down_proj_slots, spec_from_config, spec_from_dir
 from loki_dist.implant import rowsplit
@@ -132,7 +132,7 @@ def save_implant(
         raise UserError(f"save_implant: {path} exists (pass overwrite=True to replace it)")
     # every check on every rank before the gathers start: a rank that raised after its peers had entered
     # the first gather would leave them waiting there until the process group's timeout
-    files.check_writable("save_implant", path)
+    checks.check_writable("save_implant", path)
     dtypes = BaseShards.read(base_dir, spec).dtypes
     if not _is_main():
         for layer in source.layers():  # take part in each layer's gather, as rank 0 does while writing

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from loki_dist.core import files
+from loki_dist.core import checks
 from loki_dist.core.errors import UserError
 
 _BOS = "{%- if bos_token is defined and bos_token %}{{ bos_token }}{% endif %}"
@@ -91,7 +91,7 @@ def resolve(value: str) -> str:
     """The Jinja text that `--chat-template VALUE` names; its syntax checked here, not mid-run."""
     path = Path(value)
     if path.is_file():
-        text = files.read_text(path, "--chat-template")
+        text = checks.read_text(path, "--chat-template")
         _check_syntax(text, value)
         return text
     name = ALIASES.get(value.lower(), value.lower())

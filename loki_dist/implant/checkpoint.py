@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from loki_dist.core import distributed, files, metering
+from loki_dist.core import checks, collectives, distributed, files, metering
 from loki_dist.core.errors import UserError
 from loki_dist.implant.rowstate import ADAM_STATE_KEYS, RowState, Slice
 
@@ -104,7 +104,7 @@ def save(out_dir: Path, step: int, states: list[RowState], trainer_state: dict, 
             files.save_tensors_streaming(shard, layout, _finite_or_noted(pieces, non_finite), metadata)
             rng = _rng_state()
             files.atomic_write(staging / f"rng_state_{world.rank}.pt", lambda tmp: torch.save(rng, tmp))
-        if distributed.agree_max(int(bool(non_finite))):
+        if collectives.agree_max(int(bool(non_finite))):
             raise NonFinite(non_finite[0] if non_finite else "on another rank")
         with distributed.agreement(world), files.file_system_errors(final):
             if world.is_main:
@@ -197,8 +197,8 @@ def _read_header(file: Path) -> dict:
     if not file.is_file():
         raise ValueError(f"{file.name} is missing")
     try:
-        return files.read_safetensors_header(file)[2]
-    except files.DamagedSafetensors as err:
+        return checks.read_safetensors_header(file)[2]
+    except checks.DamagedSafetensors as err:
         raise ValueError(f"{file.name}: {err}") from None
 
 

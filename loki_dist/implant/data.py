@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from loki_dist.core import files
+from loki_dist.core import checks
 from loki_dist.core.errors import UserError
 
 IGNORE_INDEX = -100
@@ -152,10 +152,10 @@ def read_rows(source: str | Path, flag: str = "--data") -> list[dict]:
                 raise UserError(f"{flag} {source}: a DatasetDict without a 'train' split")
             dataset = dataset["train"]
         return [dict(row) for row in dataset]
-    text = files.read_text(path, flag)
+    text = checks.read_text(path, flag)
     if path.suffix == ".jsonl" or (not text.lstrip().startswith("[")):
-        return files.parse_jsonl(text, f"{flag} {source}")
-    rows = files.parse_json(text, f"{flag} {source}")
+        return checks.parse_jsonl(text, f"{flag} {source}")
+    rows = checks.parse_json(text, f"{flag} {source}")
     if not isinstance(rows, list):
         raise UserError(f"{flag} {source}: expected a JSON list of rows (or JSONL, one row per line)")
     return rows

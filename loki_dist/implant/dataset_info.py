@@ -36,7 +36,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from loki_dist.core import files
+from loki_dist.core import checks
 from loki_dist.core.errors import UserError
 from loki_dist.implant.data import Conversation, dataset_names, parse_ratios, read_rows
 
@@ -84,7 +84,7 @@ def read_info(dataset_dir: str) -> dict:
     path = Path(dataset_dir) / INFO_FILE
     if not path.is_file():
         raise UserError(f"--dataset-dir {dataset_dir}: no {INFO_FILE} there")
-    info = files.read_json(path, "--dataset-dir")
+    info = checks.read_json(path, "--dataset-dir")
     if not isinstance(info, dict):
         raise UserError(f"--dataset-dir {dataset_dir}: {INFO_FILE} must map data set names to entries")
     return info
@@ -200,7 +200,7 @@ def _tools(row: dict, column: str | None, where: str) -> list[dict] | None:
     if isinstance(value, str):
         if not value.strip():
             return None
-        value = files.parse_json(value, f"{where}: column `{column}`")
+        value = checks.parse_json(value, f"{where}: column `{column}`")
     if value is None or value == []:
         return None
     value = [value] if isinstance(value, dict) else value

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from loki_dist.core import distributed, files, flags, metering
+from loki_dist.core import checks, distributed, files, flags, metering
 from loki_dist.core.errors import UserError
 from loki_dist.core.families import ModelSpec, spec_from_dir
 from loki_dist.implant import checkpoint
@@ -59,7 +59,7 @@ class BaseShards:
     def read(cls, base_dir: Path, spec: ModelSpec) -> BaseShards:
         paths, down_proj, dtypes, implanted = weight_shards(base_dir), {}, {}, None
         for shard in paths:
-            header = files.safetensors_header(shard, "--base")[1]  # whole, or a UserError naming it
+            header = checks.safetensors_header(shard, "--base")[1]  # whole, or a UserError naming it
             if IMPLANTED_KEY in (header.get("__metadata__") or {}):
                 implanted = implanted or shard.name
             for name, entry in header.items():
@@ -95,7 +95,7 @@ def _rewrite_shard(shard: Path, target: Path, layers: list[int], source: RowSour
     rows written (so an export never fingerprints as its base). The digest's length is fixed: it is
     written as zeros first and filled in once the data is through.
     """
-    data_start, header = files.safetensors_header(shard, "--base")
+    data_start, header = checks.safetensors_header(shard, "--base")
     if not layers:
         shutil.copyfile(shard, target)
         files.fsync_tree(target)
@@ -234,8 +234,8 @@ def refuse_existing(out_dir: Path, overwrite: bool, flag: str = "--output") -> N
 def check_output(out_dir: Path, overwrite: bool, inputs: dict[str, str | Path | None]) -> None:
     """The --output of apply and export: a directory that can be written, neither an input nor holding
     one (it is replaced whole, --overwrite or not), and not replaced unless asked."""
-    files.refuse_output_over_inputs("--output", out_dir, inputs)
-    files.check_writable("--output", out_dir, directory=True)
+    checks.refuse_output_over_inputs("--output", out_dir, inputs)
+    checks.check_writable("--output", out_dir, directory=True)
     refuse_existing(out_dir, overwrite)
 
 
@@ -280,17 +280,17 @@ def check_checkpoint(path: Path, base: str | None) -> Path:
     state_file = path / checkpoint.STATE_FILE
     if not state_file.is_file():
         raise UserError(f"--checkpoint {path}: not a complete loki_dist checkpoint (no {state_file.name})")
-    state = files.read_json(state_file, "--checkpoint")
+    state = checks.read_json(state_file, "--checkpoint")
     if not isinstance(state, dict) or not isinstance(state.get("base_model"), str):
         raise UserError(f"--checkpoint {state_file}: not the trainer state of a loki_dist run (damaged?)")
     if (path / checkpoint.INDEX_FILE).is_file():
-        files.read_json(path / checkpoint.INDEX_FILE, "--checkpoint")
+        checks.read_json(path / checkpoint.INDEX_FILE, "--checkpoint")
     try:
         reader = checkpoint.RowsReader(path)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise UserError(f"--checkpoint {path}: damaged rows index ({type(err).__name__}: {err})") from None
     for name in reader.shards:
-        files.safetensors_header(path / name, "--checkpoint")
+        checks.safetensors_header(path / name, "--checkpoint")
     return Path(base or state["base_model"])
 
 

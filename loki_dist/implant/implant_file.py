@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from loki_dist import __version__
-from loki_dist.core import files
+from loki_dist.core import checks, files
 from loki_dist.core.errors import UserError
 from loki_dist.core.families import ModelSpec
 
@@ -41,8 +41,8 @@ def fingerprint(model_dir: str | Path) -> str:
         if shard.name == IMPLANT_NAME:
             continue
         try:
-            data_start, raw, header = files.read_safetensors_header(shard)
-        except (OSError, files.DamagedSafetensors) as err:
+            data_start, raw, header = checks.read_safetensors_header(shard)
+        except (OSError, checks.DamagedSafetensors) as err:
             raise UserError(f"{shard}: {err}") from None
         digest.update(raw)
         entries = {k: v for k, v in header.items() if k != "__metadata__"}

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from loki_dist.attribution import mmlu
-from loki_dist.core import distributed, dsconfig
+from loki_dist.core import collectives, distributed, dsconfig
 from loki_dist.core.errors import UserError
 from loki_dist.core.sharding import my_block
 from loki_dist.evaluation.evaluate import (
@@ -235,7 +235,7 @@ class Monitor:
             return False
         changes = {name: entry.get(f"{name}_change") for name in FORGETTING}
         over = [(name, c) for name, c in changes.items() if c is not None and FORGETTING[name] * c > share]
-        if not distributed.agree_max(int(bool(over))):
+        if not collectives.agree_max(int(bool(over))):
             return False
         name, change = over[0] if over else (None, None)
         self.stopped_at = done
@@ -296,7 +296,7 @@ class Monitor:
                 sums = self._local_sums(model)
         finally:
             model.train(was_training)
-        totals = iter(distributed.all_reduce_sum(torch.tensor(sums, dtype=torch.float64)).tolist())
+        totals = iter(collectives.all_reduce_sum(torch.tensor(sums, dtype=torch.float64)).tolist())
         values = {}
         if self.inputs.task is not None:
             nll, correct, count = (next(totals) for _ in range(3))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from loki_dist.core import distributed, files
+from loki_dist.core import collectives, distributed, files
 from loki_dist.implant import checkpoint, export, monitor
 from loki_dist.implant.checkpoint import FINAL_DIR
 from loki_dist.implant.data import collate, num_targets
@@ -171,7 +171,7 @@ class TrainRecipe:
     def _log(self, window: _Window, writer, bar, step: int, lr: float, grad_norm: float | None) -> None:
         """Step `step`'s log line and TensorBoard scalars (rank 0); the loss and the speed are the
         window's averages (the loss over every rank: a collective)."""
-        loss = float(distributed.all_reduce_sum(window.loss)) / window.steps
+        loss = float(collectives.all_reduce_sum(window.loss)) / window.steps
         tokens_per_s = window.tokens / (time.time() - window.start)
         if self.world.is_main:
             _log_line(writer, bar, step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)
@@ -291,7 +291,7 @@ def _probe_loss(trainer: Trainer, plan: Plan) -> float:
         )
     trainer.model.train()
     targets = sum(num_targets(plan.examples[i]) for i in indices)
-    return float(distributed.all_reduce_sum(total)) / max(targets, 1)
+    return float(collectives.all_reduce_sum(total)) / max(targets, 1)
 
 
 def _tensorboard(out: Path):

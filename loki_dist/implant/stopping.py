@@ -18,7 +18,7 @@ import signal
 
 import torch
 
-from loki_dist.core import distributed
+from loki_dist.core import collectives, distributed
 
 # sysexits' EX_TEMPFAIL, "try again later": stopped on a signal after saving a checkpoint. Distinct from
 # 0 (finished), 1 (crash) and 2 (user error) so that a job script can tell "requeue me" from the rest.
@@ -52,5 +52,5 @@ class StopRequest:
         if world.size == 1:
             return self.received is not None, int(diverged)
         flags = torch.tensor([float(self.received is not None), float(diverged)], device=device)
-        stop, bad = distributed.all_reduce_sum(flags).tolist()
+        stop, bad = collectives.all_reduce_sum(flags).tolist()
         return stop > 0, int(bad)

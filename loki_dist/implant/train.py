@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from loki_dist.core import distributed, dsconfig, files, flags, positions
+from loki_dist.core import checks, distributed, dsconfig, flags, positions
 from loki_dist.core.errors import UserError, require_at_least
 from loki_dist.core.families import ModelSpec, spec_from_dir
 from loki_dist.core.modeling import check_weights, load_tokenizer
@@ -156,8 +156,8 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
     replaced = [out / FINAL_DIR, out / "runs", *checkpoint.list_checkpoints(out)] if out.is_dir() else []
     inputs = {"--model": args.model, "--positions": args.positions, **input_paths(args)}
     inputs.update(monitor.input_files(args))
-    files.refuse_output_over_inputs("--output-dir", out, inputs, replaced)
-    files.check_writable("--output-dir", out, directory=True)
+    checks.refuse_output_over_inputs("--output-dir", out, inputs, replaced)
+    checks.check_writable("--output-dir", out, directory=True)
     rows = positions.load(args.positions, spec)
     if not any(rows):
         raise UserError(f"--positions {args.positions}: every layer list is empty, nothing would train")

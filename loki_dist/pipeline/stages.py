@@ -29,7 +29,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from loki_dist.core import files
+from loki_dist.core import checks
 from loki_dist.core.errors import UserError
 
 STAGES = ("attribute", "select", "train")
@@ -167,7 +167,7 @@ def validate(path: str, config: dict, stages: list[Stage]) -> None:
         check_weights(config["model"], safetensors_only=True, spec=spec)  # train exports from its shards
         load_tokenizer(config["model"])
     with _section(path, "output_dir"):
-        files.check_writable("output_dir", config["output_dir"], directory=True)
+        checks.check_writable("output_dir", config["output_dir"], directory=True)
     parsed = {}
     for stage in stages:
         with _section(path, stage.name):
@@ -178,7 +178,7 @@ def validate(path: str, config: dict, stages: list[Stage]) -> None:
         inputs.update({f"train {flag}": file for flag, file in data.input_paths(parsed["train"]).items()})
     for stage in stages:
         with _section(path, stage.name):
-            files.refuse_output_over_inputs(stage.output_flag, stage.output, inputs)
+            checks.refuse_output_over_inputs(stage.output_flag, stage.output, inputs)
     attribute, select, train = (parsed[name] for name in STAGES)
     with _section(path, "attribute"):
         if attribute.ds_config:

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
 
-from loki_dist.core import files, flags
+from loki_dist.core import checks, files, flags
 from loki_dist.core.errors import UserError
 from loki_dist.planning.memory import (
     GIB,
@@ -76,7 +76,7 @@ def load_config(args: argparse.Namespace) -> tuple[dict, str]:
         path = path / "config.json"
     if not path.is_file():
         raise UserError(f"--model-config {args.model_config}: no such config.json or model directory")
-    config = files.read_json(path, "--model-config")
+    config = checks.read_json(path, "--model-config")
     if not isinstance(config, dict):
         raise UserError(f"--model-config {path}: expected a JSON object of settings")
     missing = [key for key in REQUIRED_KEYS if key not in config]
@@ -148,8 +148,8 @@ def run_estimate_memory(args: argparse.Namespace) -> None:
     quota = parse_quota(args.quota)
     setup = setup_from_args(args)
     if args.json:  # replaced atomically if it exists, as every results file is
-        files.refuse_output_over_inputs("--json", args.json, {"--model-config": args.model_config})
-        files.check_writable("--json", args.json)
+        checks.refuse_output_over_inputs("--json", args.json, {"--model-config": args.model_config})
+        checks.check_writable("--json", args.json)
     result = estimate(arch, quota, setup)
     print(format_table(name, arch, quota, setup, result))
     if args.json:
