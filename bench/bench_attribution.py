@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from loki_dist.attribution import kva
+from loki_dist.core import distributed
 from loki_dist.core.families import down_projections
 from loki_dist.demo.tiny import build_model, save_tiny
 
@@ -70,12 +70,6 @@ def time_algorithms(args) -> None:
     print(f"speed-up  {reference_s / fast_s:8.1f}x   (max |fast - reference| / max |reference| = {diff:.1e})")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def time_ranks(args) -> None:
     root = Path(tempfile.mkdtemp(prefix="loki_bench_"))
     model = save_tiny(root / "model", "llama", seed=0, num_layers=args.layers, hidden_size=args.hidden,
@@ -90,7 +84,7 @@ def time_ranks(args) -> None:
     for ranks in (1, 2):
         launcher = [sys.executable] if ranks == 1 else [
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-            "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]  # fmt: skip
+            "--master_addr=127.0.0.1", f"--master_port={distributed.free_port()}"]  # fmt: skip
         threads = max(1, torch.get_num_threads() // ranks)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         output = str(root / f"ws{ranks}.safetensors")

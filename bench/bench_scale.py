@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from loki_dist.core import files, provenance
+from loki_dist.core import distributed, files, provenance
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
@@ -55,18 +55,10 @@ def torchrun(args: list[str], world: int, meter: Path) -> None:
         "MALLOC_TRIM_THRESHOLD_": "0",
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-           f"--master_port={_free_port()}", "-m", "loki_dist", *args]  # fmt: skip
+           f"--master_port={distributed.free_port()}", "-m", "loki_dist", *args]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def reports(meter: Path, world: int) -> list[dict]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from loki_dist.core.distributed import free_port  # tests import it from here
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,12 +25,6 @@ def missing_component(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"CI=true but {reason}")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cli_command(args: list[str], nproc: int = 1) -> list[str]:

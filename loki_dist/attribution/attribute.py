@@ -80,11 +80,11 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint-every",
         type=int,
         default=200,
-        help="checkpoint partial statistics every N samples per rank (0: never)",
+        help="save partial statistics every N samples per rank (0: never)",
     )
     parser.add_argument("--checkpoint-dir", default=None, help="default: OUTPUT.partial")
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the checkpoints in --checkpoint-dir"
+        "--resume", action="store_true", help="continue from the partial progress in --checkpoint-dir"
     )
     flags.add_overwrite(
         parser,

@@ -187,7 +187,7 @@ def init(world: World, always: bool = False, timeout_minutes: float | None = Non
         return
     limit = timeout() if timeout_minutes is None else timedelta(minutes=timeout_minutes)
     if world.size == 1:
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     else:
         rendezvous_env(os.environ)
     os.environ.setdefault("RANK", str(world.rank))
@@ -353,7 +353,8 @@ def prepare_deepspeed(world: World) -> None:
     deepspeed.init_distributed(dist_backend=dist.get_backend())
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port free on this host now, for a single-node rendezvous (the launcher binds it next)."""
     import socket
 
     with socket.socket() as sock:

@@ -115,8 +115,10 @@ def run_stage(name: str, args: list[str], nproc: int = 1, launcher: list[str] | 
     if launcher:
         command = [*launcher, *args]
     elif nproc > 1:
+        from loki_dist.core.distributed import free_port
+
         torchrun = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1"]
-        command = [sys.executable, *torchrun, f"--master_port={_free_port()}", "-m", "loki_dist", *args]
+        command = [sys.executable, *torchrun, f"--master_port={free_port()}", "-m", "loki_dist", *args]
     else:
         command = [sys.executable, "-m", "loki_dist", *args]
     print(f"\n=== {name}: {shlex.join(command)}", flush=True)
@@ -140,12 +142,6 @@ def run_stage(name: str, args: list[str], nproc: int = 1, launcher: list[str] | 
     if code != 0:
         raise UserError(f"the {name} stage failed with exit status {code} (its output is above)")
     return time.time() - start
-
-
-def _free_port() -> int:
-    from loki_dist.core.distributed import _free_port
-
-    return _free_port()
 
 
 def run_pipeline(args: argparse.Namespace) -> None:
