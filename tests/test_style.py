@@ -33,3 +33,14 @@ def test_readme_layout_names_every_module_where_it_is():
         assert named == modules, (name, sorted(named ^ modules))
     for row in rows:
         assert (REPO / row).exists(), f"README's layout names {row}, which is not in the tree"
+
+
+def test_every_package_folder_is_shipped():
+    """pyproject.toml lists the packages by name: a new stage folder left out of it would be missing
+    from a pip install while every test in a checkout passes."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    package = REPO / "loki_dist"
+    folders = {"loki_dist", *(f"loki_dist.{p.parent.name}" for p in package.glob("*/__init__.py"))}
+    assert folders <= listed, sorted(folders - listed)
