@@ -179,17 +179,17 @@ def validate(path: str, config: dict, stages: list[Stage]) -> None:
     for stage in stages:
         with _section(path, stage.name):
             checks.refuse_output_over_inputs(stage.output_flag, stage.output, inputs)
-    attribute, select, train = (parsed[name] for name in STAGES)
+    attribute_args, select_args, train_args = (parsed[name] for name in STAGES)
     with _section(path, "attribute"):
-        if attribute.ds_config:
-            dsconfig.load(attribute.ds_config)
+        if attribute_args.ds_config:
+            dsconfig.load(attribute_args.ds_config)
     with _section(path, "select"):
-        parse_quota(select.quota)
+        parse_quota(select_args.quota)
     with _section(path, "train"):
-        dsconfig.load(train.ds_config)
-        data.read_conversations(train)  # every row readable, of a known form
-        if train.chat_template:
-            chat_templates.resolve(train.chat_template)
+        dsconfig.load(train_args.ds_config)
+        data.read_conversations(train_args)  # every row readable, of a known form
+        if train_args.chat_template:
+            chat_templates.resolve(train_args.chat_template)
 
 
 @contextlib.contextmanager
