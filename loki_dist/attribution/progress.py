@@ -52,6 +52,10 @@ class PartialProgress:
                 metadata = handle.metadata() or {}
         except Exception as err:  # safetensors raises several types for a damaged file
             raise UserError(f"--resume: {path} is unreadable ({err}); pass --overwrite instead") from None
+        self._refuse_other_run(metadata)
+
+    def _refuse_other_run(self, metadata: dict[str, str]) -> None:
+        """Statistics of other settings must not be summed into this run's."""
         differs = [key for key, value in self.identity.items() if metadata.get(key) != value]
         if differs:
             raise UserError(
@@ -89,12 +93,7 @@ class PartialProgress:
         if common not in mine:
             raise UserError(f"--resume: {self.directory} lacks step {common} for rank {self.rank}")
         tensors, metadata = load_file(self._path(common), flag="--resume")
-        differs = [k for k, v in self.identity.items() if metadata.get(k) != v]
-        if differs:
-            raise UserError(
-                f"--resume: the partial progress in {self.directory} was made with different settings "
-                f"({', '.join(differs)}); delete it or run without --resume"
-            )
+        self._refuse_other_run(metadata)  # the step all ranks share may be older than the one checked
         stats.load(tensors)
         return common
 
