@@ -58,8 +58,3 @@ def row_mask(rows: list[int], hidden_size: int, device: torch.device | str = "cp
     mask = torch.zeros(hidden_size, dtype=torch.bool, device=device)
     mask[torch.as_tensor(rows, dtype=torch.long, device=device)] = True
     return mask
-
-
-def quota_of(positions: Positions, spec: ModelSpec) -> float:
-    """The quota q (percent of D per layer) the positions correspond to, from the largest layer list."""
-    return 100.0 * max((len(rows) for rows in positions), default=0) / spec.hidden_size
