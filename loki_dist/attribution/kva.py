@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from loki_dist.core import metering
+
 Forward = Callable[..., object]  # a model or a DeepSpeed engine: forward(**inputs) -> output with .logits
 
 
@@ -181,7 +183,8 @@ def reference_scores(
     memory is bounded by a few copies whatever the batch; the number of forwards depends only on B, L,
     m and max_copies, never on the data (ZeRO-3 needs every rank to make the same calls).
     """
-    z, y = clean_pass(forward, projections, batch)
+    with metering.phase("attribute_prefix"):
+        z, y = clean_pass(forward, projections, batch)
     num_layers, copies = len(projections), len(batch) * steps
     per_forward = max_copies or copies
     scale = alphas(steps, z.dtype, z.device)
@@ -197,7 +200,7 @@ def reference_scores(
         inputs = {
             name: getattr(batch, name)[b_of] for name in ("input_ids", "attention_mask", "position_ids")
         }
-        with torch.enable_grad(), float64_head(forward):
+        with torch.enable_grad(), float64_head(forward), metering.phase("attribute_chunk"):
             handle = projections[layer].register_forward_hook(replace_last)
             try:
                 out = forward(**inputs, use_cache=False, logits_to_keep=1)
@@ -296,7 +299,7 @@ def fast_scores(
     num_layers, device = len(projections), batch.input_ids.device
     cache_arg = _cache_argument(forward)
     store: dict[int, torch.Tensor] = {}
-    with torch.no_grad():
+    with torch.no_grad(), metering.phase("attribute_prefix"):
         keys_values = _prefix_cache(forward, batch, cache_arg)
         with hooked(projections, _capture_last(store)):
             out = forward(
@@ -321,7 +324,7 @@ def fast_scores(
             mine = (l_of == layer)[None, :, None]
             return lambda _m, _i, output: torch.where(mine, value.to(output.dtype), output)
 
-        with torch.enable_grad(), hooked(projections, hook_for):
+        with torch.enable_grad(), hooked(projections, hook_for), metering.phase("attribute_chunk"):
             out = forward(
                 input_ids=batch.input_ids[:, -1:].expand(-1, len(row)),
                 attention_mask=_row_masks(config, prefix_mask, len(row), z.dtype),

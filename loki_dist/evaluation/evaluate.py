@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from loki_dist.attribution.mmlu import add_question_arguments
-from loki_dist.core import checks, files, flags
+from loki_dist.core import checks, files, flags, metering
 from loki_dist.core.errors import UserError, require_at_least
 from loki_dist.core.modeling import add_inference_arguments, read_inference_config
 from loki_dist.core.sharding import block_sizes, my_block
@@ -386,7 +386,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
         inputs = _multiple_choice_inputs if args.task == "multiple_choice" else _perplexity_inputs
         evaluate = inputs(args, tokenizer)
     loaded = load_for_inference(args.model, world, torch_dtype(args.dtype), ds_config, args.batch_size)
-    result = evaluate(world, loaded)
+    with metering.phase("evaluate"):
+        result = evaluate(world, loaded)
     result.update(model=str(args.model), data=str(args.data), world_size=world.size)
     if world.is_main:
         output = Path(args.output)

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from loki_dist.attribution import mmlu
-from loki_dist.core import collectives, distributed, dsconfig
+from loki_dist.core import collectives, distributed, dsconfig, metering
 from loki_dist.core.errors import UserError
 from loki_dist.core.sharding import my_block
 from loki_dist.evaluation.evaluate import (
@@ -261,7 +261,7 @@ class Monitor:
         return {"evaluations": self.history, "stopped_on_forgetting": self.stop_reason}
 
     def _evaluate(self, step: int, bar, writer) -> dict:
-        with distributed.stage(f"evaluating at step {step}"):
+        with distributed.stage(f"evaluating at step {step}"), metering.phase("evaluate"):
             values = self._measure()
         baseline = self.history[0] if self.history else None
         entry = {"step": step, **values}

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from loki_dist.core import collectives, distributed, files
+from loki_dist.core import collectives, distributed, files, metering
 from loki_dist.implant import checkpoint, export, monitor
 from loki_dist.implant.checkpoint import FINAL_DIR
 from loki_dist.implant.data import collate, num_targets
@@ -285,10 +285,10 @@ def _probe_loss(trainer: Trainer, plan: Plan) -> float:
     indices = global_batch_indices(0, plan)
     total = torch.zeros(1, dtype=torch.float64)
     trainer.model.eval()
-    for mine in micro_batches(indices, plan):
-        total += (
-            trainer.loss_sum(collate([plan.examples[i] for i in mine], pad_id=plan.pad_id)).double().cpu()
-        )
+    with metering.phase("probe"):
+        for mine in micro_batches(indices, plan):
+            batch = collate([plan.examples[i] for i in mine], pad_id=plan.pad_id)
+            total += trainer.loss_sum(batch).double().cpu()
     trainer.model.train()
     targets = sum(num_targets(plan.examples[i]) for i in indices)
     return float(collectives.all_reduce_sum(total)) / max(targets, 1)

@@ -13,6 +13,7 @@ selected rows only; the bf16 copy of an unmoved fp32 master is the original bf16
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -59,9 +60,10 @@ class Trainer:
         else:
             import deepspeed
 
-            self.engine, _, _, _ = deepspeed.initialize(
-                model=model, optimizer=optimizer, config=plan.ds_config
-            )
+            with metering.phase("ds_initialize"):
+                self.engine, _, _, _ = deepspeed.initialize(
+                    model=model, optimizer=optimizer, config=plan.ds_config
+                )
             self.model = self.engine
             rowstate.check_deepspeed_internals(self.engine)
             self.inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
@@ -112,7 +114,8 @@ class Trainer:
         """Summed next-token loss over response tokens (normalised by the caller, globally)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         autocast = self.plan.bf16 and self.engine is None
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+        metered = metering.phase("forward") if torch.is_grad_enabled() else contextlib.nullcontext()
+        with metered, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return torch.nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]),
@@ -128,7 +131,8 @@ class Trainer:
         updates at its boundary, which the caller's `boundary` matches. Returns the gradient norm there.
         """
         if self.engine is not None:  # it averages over ranks; the loss's normalisation covers accumulation
-            self.engine.backward(loss, scale_wrt_gas=False)
+            with metering.phase("backward"):
+                self.engine.backward(loss, scale_wrt_gas=False)
             if not boundary:
                 self.engine.step()
                 return None
@@ -136,16 +140,19 @@ class Trainer:
             # where the engine keeps no norm, the gradients are whole and already all-reduced on every
             # rank: measure them before the step consumes them (no communication)
             own = None if self.engine_measures_norm else _grad_norm(self.params)
-            self.engine.step()
+            with metering.phase("optimizer_step"):
+                self.engine.step()
             norm = self.engine.get_global_grad_norm() if own is None else own
             return None if norm is None else float(norm)
-        loss.backward()
+        with metering.phase("backward"):
+            loss.backward()
         if not boundary:
             return None
         self._prepare_update(lr)
         clip = self.plan.max_grad_norm if self.plan.max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        self.inner.step()
+        with metering.phase("optimizer_step"):
+            self.inner.step()
         self.inner.zero_grad(set_to_none=True)
         return float(norm)
 
