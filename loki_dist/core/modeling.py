@@ -1,8 +1,8 @@
 """Loading a causal LM whole, or straight into ZeRO-3 shards; and the inference side of that choice.
 
-Under ZeRO-3 the model must never exist whole on one rank (a 70B model is 140 GB in bf16). transformers
-loads into `deepspeed.zero.Init` shards, one weight file at a time, while an HfDeepSpeedConfig of a
-stage-3 config is alive; the returned model is frozen and still to be wrapped by deepspeed.initialize.
+Under ZeRO-3 the model must never exist whole on one rank (a 70B model is 140 GB in bf16): it is built
+empty under `deepspeed.zero.Init` and each rank reads its own partitions from the weight files
+(zero3_load.py); the returned model is frozen and still to be wrapped by deepspeed.initialize.
 
 The inference commands (attribute, evaluate) share their `--dtype` and `--ds-config` flags and the way
 they load: whole on every rank, or ZeRO-3-sharded over the ranks (`load_for_inference`). A sharded model
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from loki_dist.core import dsconfig, flags
+from loki_dist.core import dsconfig, flags, metering
 from loki_dist.core.errors import UserError
 from loki_dist.core.families import ModelSpec
 
@@ -27,7 +27,23 @@ log = logging.getLogger("loki_dist.modeling")
 
 
 def load_causal_lm(model_dir: str | Path, dtype: torch.dtype, ds_config: dict | None) -> torch.nn.Module:
-    """The model with every parameter frozen: whole, or sharded if ds_config is a ZeRO-3 config."""
+    """The model with every parameter frozen: whole, or sharded if ds_config is a ZeRO-3 config (each
+    rank then reads only its own share of the weight files: zero3_load.py)."""
+    with metering.phase("load"):
+        model = None
+        if dsconfig.zero_stage(ds_config) == 3:
+            from loki_dist.core.zero3_load import load_zero3
+
+            model = load_zero3(model_dir, dtype, ds_config)
+        if model is None:
+            model = _load_with_transformers(model_dir, dtype, ds_config)
+    model.requires_grad_(False)
+    return model
+
+
+def _load_with_transformers(model_dir: str | Path, dtype: torch.dtype, ds_config: dict | None):
+    """from_pretrained, into ZeRO-3 shards while an HfDeepSpeedConfig of a stage-3 config is alive (rank
+    0 then reads every file and broadcasts each parameter: only where zero3_load cannot map the files)."""
     from transformers import AutoModelForCausalLM
 
     keep_alive = None
@@ -35,9 +51,19 @@ def load_causal_lm(model_dir: str | Path, dtype: torch.dtype, ds_config: dict | 
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 - from_pretrained reads it while it lives
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    model.requires_grad_(False)
-    return model
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+
+
+def sized_for(ds_config: dict | None, model_dir: str | Path) -> dict | None:
+    """A ZeRO-3 config with its model-sized settings filled for this model (dsconfig.ZERO3_SIZED);
+    other configs as they are."""
+    if dsconfig.zero_stage(ds_config) != 3:
+        return ds_config
+    from loki_dist.core.families import read_config
+    from loki_dist.planning.memory import architecture
+
+    arch = architecture(read_config(model_dir))
+    return dsconfig.size_zero3(ds_config, arch.layer_params, arch.hidden_size)
 
 
 def check_weights(
@@ -203,9 +229,10 @@ def load_for_inference(
     import deepspeed
 
     prepare_deepspeed(world)
-    config = fill_inference_config(ds_config, batch_size, world.size, dtype)
+    config = sized_for(fill_inference_config(ds_config, batch_size, world.size, dtype), model_dir)
     model = load_causal_lm(model_dir, dtype, config).eval()
-    engine, *_ = deepspeed.initialize(model=model, config=config)
+    with metering.phase("ds_initialize"):
+        engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     held, total = zero3_share(model)
     log.info(f"ZeRO-3: rank {world.rank} holds {held:,} of {total:,} parameters")
