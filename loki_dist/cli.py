@@ -29,7 +29,7 @@ from typing import NoReturn
 import torch.distributed as dist
 
 from loki_dist import __version__
-from loki_dist.core import distributed, files, runconfig
+from loki_dist.core import allocator, distributed, files, runconfig
 from loki_dist.core.errors import RankErrors, UserError
 
 # sub-command -> (module, one-line help)
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    allocator.return_freed_memory()
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     command = runconfig.command_of(argv) or "loki-dist"

@@ -91,6 +91,35 @@ def fill(config: dict, values: dict[str, object]) -> dict:
     return filled
 
 
+# ZeRO-3 settings whose right value follows the model's size, in elements, from one decoder layer's
+# parameters and the hidden size. DeepSpeed's fixed defaults suit none of the sizes loki_dist runs: a
+# prefetch bucket of 5e7 is less than one MLP weight of a 70B model (no prefetch at all), while live and
+# reuse limits of 1e9 keep a model below a billion parameters gathered whole from its forward into its
+# backward (a rank then holds the whole model, not its share). Filled where a config says "auto" or
+# leaves the key out (the shipped configs leave out the two that transformers' own "auto" does not know).
+ZERO3_SIZED = {
+    # fetch the next decoder layer while this one runs
+    "zero_optimization.stage3_prefetch_bucket_size": lambda layer, hidden: layer,
+    # the running layer and the prefetched one: never the whole model
+    "zero_optimization.stage3_max_live_parameters": lambda layer, hidden: 2 * layer,
+    # keep gathered only what is used again within a layer's worth of work (the last layer's forward
+    # into its backward), not everything used again within a billion elements
+    "zero_optimization.stage3_max_reuse_distance": lambda layer, hidden: layer,
+    # norms and biases stay whole on every rank (transformers' "auto" value)
+    "zero_optimization.stage3_param_persistence_threshold": lambda layer, hidden: 10 * hidden,
+}
+
+
+def size_zero3(config: dict, layer_params: int, hidden: int) -> dict:
+    """A copy of a ZeRO-3 config with ZERO3_SIZED filled for a model whose decoder layer has
+    `layer_params` elements, where the config says "auto" or leaves them out; concrete values stay."""
+    values = {}
+    for key, size in ZERO3_SIZED.items():
+        if _get(config, key) in (None, AUTO):
+            values[key] = size(layer_params, hidden)
+    return fill(config, values)
+
+
 def zero_stage(config: dict | None) -> int | None:
     """None when DeepSpeed is not used at all."""
     if config is None:

@@ -27,7 +27,7 @@ import torch
 from loki_dist.core import checks, distributed, dsconfig, flags, positions
 from loki_dist.core.errors import UserError, require_at_least
 from loki_dist.core.families import ModelSpec, spec_from_dir
-from loki_dist.core.modeling import check_weights, load_tokenizer
+from loki_dist.core.modeling import check_weights, load_tokenizer, sized_for
 from loki_dist.implant import checkpoint, monitor, runlock
 from loki_dist.implant.checkpoint import FINAL_DIR
 from loki_dist.implant.data import (
@@ -195,6 +195,7 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
                 "zero_force_ds_cpu_optimizer": False,
             },
         )
+        ds_config = sized_for(ds_config, args.model)
     if stage is None and world.size > 1:
         raise UserError(f"--ds-config none runs one process, but the launcher started {world.size}")
     for name, value in (
