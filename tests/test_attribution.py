@@ -19,7 +19,7 @@ from conftest import assert_user_error, run_cli, zero3_rank0_share
 from mmlu_fixture import write_mmlu
 from safetensors.torch import load_file
 
-from loki_dist.attribution import kva
+from loki_dist.attribution import fast, kva
 from loki_dist.core.families import down_projections
 from loki_dist.core.files import temporary_name
 from loki_dist.demo.tiny import build_model, save_tiny, tiny_config
@@ -102,13 +102,13 @@ def test_fast_and_reference_equal_the_formula_and_batching_changes_nothing(name)
     formula = torch.stack([_formula(model, prompt) for prompt in prompts])
     assert formula.abs().max() > 0
     batch = kva.Batch.left_pad(prompts, pad_id=0, device=CPU)
-    fast = kva.fast_scores(model, projections, batch, steps=7, max_rows=10)  # several chunks
+    packed = fast.fast_scores(model, projections, batch, steps=7, max_rows=10)  # several chunks
     reference = kva.reference_scores(model, projections, batch, steps=7, max_copies=3)  # uneven chunks
-    _assert_relative(fast, formula)
+    _assert_relative(packed, formula)
     _assert_relative(reference, formula)
-    _assert_relative(fast, reference)
-    alone = [kva.fast_scores(model, projections, kva.Batch.left_pad([p], 0, CPU), 7, 1000) for p in prompts]
-    _assert_relative(fast, torch.cat(alone))
+    _assert_relative(packed, reference)
+    alone = [fast.fast_scores(model, projections, kva.Batch.left_pad([p], 0, CPU), 7, 1000) for p in prompts]
+    _assert_relative(packed, torch.cat(alone))
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -148,7 +148,7 @@ def test_bf16_ranks_the_nodes_as_fp32_does(family):
         projections = down_projections(model)
         results[dtype] = (
             kva.clean_pass(model, projections, batch)[1],
-            kva.fast_scores(model, projections, batch, 7, 10000),
+            fast.fast_scores(model, projections, batch, 7, 10000),
         )
     (y32, fp32), (y16, bf16) = results[torch.float32], results[torch.bfloat16]
     same = y32 == y16
@@ -164,7 +164,7 @@ def test_one_node_against_finite_differences():
     model = build_model("llama", seed=3, num_layers=3).double()
     projections = down_projections(model)
     prompts = _prompts(seed=1)
-    fast = kva.fast_scores(model, projections, kva.Batch.left_pad(prompts, 0, CPU), steps=7, max_rows=64)
+    packed = fast.fast_scores(model, projections, kva.Batch.left_pad(prompts, 0, CPU), steps=7, max_rows=64)
     sample, layer, steps, eps = 1, 1, 7, 1e-3  # RMSNorm computes in float32: no smaller eps
     ids = torch.tensor([prompts[sample]])
     captured = {}
@@ -186,7 +186,7 @@ def test_one_node_against_finite_differences():
         handle.remove()
         return p
 
-    for node in (int(fast[sample, layer].abs().argmax()), 5):
+    for node in (int(packed[sample, layer].abs().argmax()), 5):
         bump = torch.zeros_like(z)
         bump[node] = eps
         derivative_sum = sum(
@@ -194,7 +194,7 @@ def test_one_node_against_finite_differences():
             for k in range(steps)
         )
         expected = z[node].item() / steps * derivative_sum
-        assert fast[sample, layer, node].item() == pytest.approx(expected, rel=1e-4, abs=1e-12)
+        assert packed[sample, layer, node].item() == pytest.approx(expected, rel=1e-4, abs=1e-12)
 
 
 # ------------------------------------------------------------------------------------- through the CLI
@@ -326,7 +326,7 @@ def test_two_rank_file_is_the_design_contract_in_data_order(attribution_setup, t
     prompts = mmlu.build_prompts(AutoTokenizer.from_pretrained(model_dir), questions, shots).input_ids
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for i in (0, 15, 16, 26):
-        alone = kva.fast_scores(
+        alone = fast.fast_scores(
             model, down_projections(model), kva.Batch.left_pad([prompts[i]], 0, CPU), 7, 1000
         )
         torch.testing.assert_close(scores[i], alone[0].float(), rtol=0, atol=1e-4 * alone.abs().max().item())

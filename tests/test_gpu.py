@@ -180,7 +180,7 @@ def bottom_overlap(a: torch.Tensor, b: torch.Tensor, quota: float = 0.1) -> torc
 
 
 def test_attribution_fast_equals_reference_fp32_and_bf16_keeps_ranks(record):
-    from loki_dist.attribution import kva
+    from loki_dist.attribution import fast, kva
     from loki_dist.core.families import down_projections
     from loki_dist.demo.tiny import build_model
 
@@ -191,7 +191,7 @@ def test_attribution_fast_equals_reference_fp32_and_bf16_keeps_ranks(record):
     def scores(algorithm: str) -> torch.Tensor:
         projections = down_projections(model)
         if algorithm == "fast":
-            return kva.fast_scores(model, projections, batch, steps=7, max_rows=40).cpu()  # several chunks
+            return fast.fast_scores(model, projections, batch, steps=7, max_rows=40).cpu()  # several chunks
         return kva.reference_scores(model, projections, batch, steps=7).cpu()
 
     fast32, reference32 = scores("fast"), scores("reference")

@@ -34,6 +34,9 @@ from loki_dist.core.modeling import add_inference_arguments, check_weights, read
 
 log = logging.getLogger("loki_dist.attribute")
 
+# the default chunk budget: this share of the GPU memory free once the model is loaded, or on CPU this
+# many GiB (host memory is shared by the ranks of a node, and by whatever else runs there)
+CUDA_BUDGET_SHARE, CPU_DEFAULT_GB = 0.8, 2.0
 _KILL_ENV = "LOKI_DIST_TEST_KILL_AFTER_CHECKPOINT"  # tests only: SIGKILL self after this many saves
 
 
@@ -72,8 +75,10 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chunk-memory-gb",
         type=float,
-        default=2.0,
-        help="memory budget of one forward: packed rows (fast) or full-prompt copies (reference) (default 2)",
+        default=None,
+        help=f"memory budget of one forward: packed rows (fast) or full-prompt copies (reference) "
+        f"(default: {100 * CUDA_BUDGET_SHARE:.0f}%% of the GPU memory free once the model is loaded; "
+        f"{CPU_DEFAULT_GB:g} on CPU)",
     )
     parser.add_argument("--save-scores", action="store_true", help="also store per-sample scores [N, L, D]")
     parser.add_argument(
@@ -131,7 +136,7 @@ def _validate(args: argparse.Namespace):
         ("--max-rows", args.max_rows, 0),
         ("--checkpoint-every", args.checkpoint_every, 0),
     )
-    if args.chunk_memory_gb <= 0:
+    if args.chunk_memory_gb is not None and args.chunk_memory_gb <= 0:
         raise UserError(f"--chunk-memory-gb {args.chunk_memory_gb}: must be positive")
     spec = spec_from_dir(args.model)
     check_weights(args.model, spec=spec)
@@ -218,26 +223,40 @@ def run_attribute(args: argparse.Namespace) -> None:
         )
 
 
-def _chunk_size(args, model, prompts, dtype, spec) -> int:
-    """Packed rows (`fast`) or full-prompt copies (`reference`) per forward: the same on every rank,
-    from the longest prompt of the whole data set and --chunk-memory-gb (or --max-rows for `fast`)."""
-    from loki_dist.attribution import kva
+def _chunking(args, model, prompts, dtype, spec):
+    """`fast`: the chunks of a batch's rows ([start, end) per sample); `reference`: full-prompt copies
+    per forward. The same on every rank: from the longest prompt of the whole data set and the memory
+    budget (or --max-rows for `fast`)."""
+    from loki_dist.attribution import chunks
 
-    if args.algorithm == "fast" and args.max_rows:
-        return args.max_rows
     longest = max(len(ids) for ids in prompts.input_ids)
+    shape = chunks.Shape.of(model.config, longest - 1, dtype)
     if args.algorithm == "fast":
-        per_item = kva.bytes_per_row(model.config, longest - 1, dtype)
-    else:
-        per_item = kva.bytes_per_copy(model.config, longest, dtype)
-    most = args.batch_size * args.steps * (spec.num_layers if args.algorithm == "fast" else 1)
-    return max(1, min(int(args.chunk_memory_gb * 2**30 // per_item), most))
+        if args.max_rows:
+            return chunks.uniform_chunks(spec.num_layers * args.steps, args.batch_size, args.max_rows)
+        return chunks.plan_chunks(shape, args.batch_size, args.steps, chunk_budget(args))
+    per_copy = chunks.copy_bytes(shape, longest)
+    return max(1, min(chunk_budget(args) // per_copy, args.batch_size * args.steps))
+
+
+def chunk_budget(args) -> int:
+    """Bytes one chunk may take: --chunk-memory-gb, or on a GPU by default most of what is free once the
+    model is loaded (ZeRO-3's gathered layers, which stay within two layers, have their share of the rest;
+    the rows and the chunk's gathers must fit together)."""
+    import torch
+
+    if args.chunk_memory_gb is not None:
+        return int(args.chunk_memory_gb * 2**30)
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return int(CUDA_BUDGET_SHARE * free)
+    return int(CPU_DEFAULT_GB * 2**30)
 
 
 def _score_all(args, world, model, projections, prompts, progress, dtype, device, ds_config):
     from tqdm import tqdm
 
-    from loki_dist.attribution import kva
+    from loki_dist.attribution import fast, kva
     from loki_dist.attribution.stats import Stats
     from loki_dist.core.families import spec_from_config
 
@@ -251,7 +270,7 @@ def _score_all(args, world, model, projections, prompts, progress, dtype, device
         log.info(
             f"resuming after {done} batches per rank ({int(stats.num_samples)} samples on rank {world.rank})"
         )
-    chunk = _chunk_size(args, model, prompts, dtype, spec)
+    chunking = _chunking(args, model, prompts, dtype, spec)
     shortest = min(prompts.input_ids, key=len)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     every = math.ceil(args.checkpoint_every / args.batch_size) if args.checkpoint_every else 0
@@ -273,9 +292,9 @@ def _score_all(args, world, model, projections, prompts, progress, dtype, device
         if ids:
             batch = kva.Batch.left_pad(ids, pad_id, device)
             if args.algorithm == "fast":
-                scores = kva.fast_scores(model, projections, batch, args.steps, chunk)
+                scores = fast.fast_scores(model, projections, batch, args.steps, chunks=chunking)
             else:
-                scores = kva.reference_scores(model, projections, batch, args.steps, chunk)
+                scores = kva.reference_scores(model, projections, batch, args.steps, chunking)
             stats.add(scores[: len(members)])
         scored += len(members)
         bar.update(len(members))

@@ -1,4 +1,4 @@
-"""The attribution scores (KVA) of DESIGN.md, two ways: `reference` (as written) and `fast` (same formula).
+"""The attribution scores (KVA) of DESIGN.md, two ways: `reference` (as written, here) and `fast` (fast.py).
 
 For one prompt with last position t, model prediction y and layer-l down_proj output z_l at t:
 
@@ -6,13 +6,11 @@ For one prompt with last position t, model prediction y and layer-l down_proj ou
 
 `reference` runs, per layer, m copies of the whole prompt with position t of that layer replaced, a
 few copies per forward, with the output embedding in float64: it is the oracle, slow and exact (4e-6
-of the float64 formula on SmolLM2-135M, where any float32 head is 1e-4 off). `fast` uses causality:
-replacing position t changes nothing at positions < t, so the KV cache of the prefix is computed once,
-and every (layer, step) pair becomes one extra query token at position t, packed after that shared
-cache with a mask that lets it see the prefix and itself only (the cache is never copied per row).
-Both differentiate with `torch.autograd.grad` with respect to the replaced activation itself (never
-`loss.backward()`, which a DeepSpeed inference engine refuses), so the same code runs on a plain model
-and on a ZeRO-3 engine.
+of the float64 formula on SmolLM2-135M, where any float32 head is 1e-4 off). `fast` (fast.py) uses
+causality to compute the same formula with far less work. Both differentiate with
+`torch.autograd.grad` with respect to the replaced activation itself (never `loss.backward()`, which a
+DeepSpeed inference engine refuses), so the same code runs on a plain model and on a ZeRO-3 engine.
+This module holds what both share: the batch, the Riemann steps, hooks, and the end of the formula.
 
 Prompts of different lengths are batched with *left* padding, masked out of attention, and given the
 position ids they would have alone, so that t is the last column for every sample and no pad position
@@ -73,7 +71,7 @@ def hooked(modules: Sequence[nn.Module], hook_for: Callable[[int], Callable]) ->
             handle.remove()
 
 
-def _capture_last(store: dict[int, torch.Tensor]) -> Callable[[int], Callable]:
+def capture_last(store: dict[int, torch.Tensor]) -> Callable[[int], Callable]:
     def hook_for(layer: int) -> Callable:
         def hook(_module, _inputs, output):
             store[layer] = output[:, -1].detach()
@@ -83,7 +81,7 @@ def _capture_last(store: dict[int, torch.Tensor]) -> Callable[[int], Callable]:
     return hook_for
 
 
-def _stack_layers(store: dict[int, torch.Tensor], num_layers: int) -> torch.Tensor:
+def stack_layers(store: dict[int, torch.Tensor], num_layers: int) -> torch.Tensor:
     return torch.stack([store[layer] for layer in range(num_layers)], dim=1)  # [B, L, D]
 
 
@@ -94,7 +92,7 @@ def _target_probability(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return probs.gather(1, targets[:, None]).sum()
 
 
-def _finish(z: torch.Tensor, grad_sum: torch.Tensor, steps: int) -> torch.Tensor:
+def finish(z: torch.Tensor, grad_sum: torch.Tensor, steps: int) -> torch.Tensor:
     """score = z/m * sum_k grad_k, in float64."""
     return z.double() / steps * grad_sum
 
@@ -106,7 +104,7 @@ def _finish(z: torch.Tensor, grad_sum: torch.Tensor, steps: int) -> torch.Tensor
 def clean_pass(forward: Forward, projections: Sequence[nn.Module], batch: Batch):
     """z [B, L, D] at t for every layer, and y [B], the model's own prediction at t."""
     store: dict[int, torch.Tensor] = {}
-    with hooked(projections, _capture_last(store)):
+    with hooked(projections, capture_last(store)):
         out = forward(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
@@ -114,7 +112,7 @@ def clean_pass(forward: Forward, projections: Sequence[nn.Module], batch: Batch)
             use_cache=False,
             logits_to_keep=1,
         )
-    return _stack_layers(store, len(projections)), out.logits[:, -1].argmax(-1)
+    return stack_layers(store, len(projections)), out.logits[:, -1].argmax(-1)
 
 
 class _Float64Head(torch.autograd.Function):
@@ -169,11 +167,6 @@ def float64_head(forward: Forward) -> Iterator[None]:
         handle.remove()
 
 
-def bytes_per_copy(config, length: int, dtype: torch.dtype) -> int:
-    """Memory one full-prompt copy of `reference` adds to a forward + backward: every token's share."""
-    return length * bytes_per_row(config, length, dtype)
-
-
 def reference_scores(
     forward: Forward, projections: Sequence[nn.Module], batch: Batch, steps: int, max_copies: int = 0
 ) -> torch.Tensor:
@@ -208,132 +201,4 @@ def reference_scores(
                 handle.remove()
             (grad,) = torch.autograd.grad(_target_probability(out.logits, y[b_of]), value)
         grad_sum[:, layer].index_add_(0, b_of, grad.double())
-    return _finish(z, grad_sum, steps)
-
-
-# ------------------------------------------------------------------------------------------------- fast
-
-
-def _cache_argument(forward: Forward) -> str:
-    """transformers 5.24 renamed `past_key_values` to `cache`; accept both."""
-    import inspect
-
-    module = getattr(forward, "module", forward)  # a DeepSpeed engine wraps the model
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-
-
-def _prefix_cache(forward: Forward, batch: Batch, cache_arg: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Key/value tensors of positions < t for every layer (the part no replacement at t can change).
-
-    The cache is a plain full-length one even for sliding-window layers (Gemma-2/3): a sliding cache
-    trims the prefix, and transformers then misaligns a left-padding mask with it (measured: 1% off).
-    The model still applies its sliding window through the attention mask.
-    """
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    forward(
-        input_ids=batch.input_ids[:, :-1],
-        attention_mask=batch.attention_mask[:, :-1],
-        position_ids=batch.position_ids[:, :-1],
-        use_cache=True,
-        logits_to_keep=1,
-        **{cache_arg: cache},
-    )
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _row_masks(config, prefix_mask: torch.Tensor, rows: int, dtype: torch.dtype):
-    """Additive 4-D masks [B, 1, R, T-1+R]: row r sees the real prefix tokens and itself, nothing else.
-
-    transformers uses a 4-D mask as it is, so the model's sliding window (if any) is applied here too:
-    a prefix key at padded index i is visible from t (index T-1) when i > T-1-W. Families that mix full
-    and sliding layers (`layer_types`) take a dict of both masks.
-    """
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    batch, prefix = prefix_mask.shape
-    blocked = torch.finfo(dtype).min
-    eye = torch.eye(rows, dtype=torch.bool, device=prefix_mask.device).expand(batch, rows, rows)
-
-    def build(window: int | None) -> torch.Tensor:
-        visible = prefix_mask.bool()
-        if window is not None:
-            visible = visible & (torch.arange(prefix, device=prefix_mask.device) > prefix - window)
-        allowed = torch.cat([visible[:, None, :].expand(batch, rows, prefix), eye], dim=2)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=prefix_mask.device)
-        return mask.masked_fill_(~allowed, blocked)[:, None]
-
-    window = getattr(text, "sliding_window", None)
-    if getattr(text, "layer_types", None) is not None:
-        full = build(None)
-        return {"full_attention": full, "sliding_attention": build(window) if window else full}
-    return build(window)
-
-
-def bytes_per_row(config, prefix_len: int, dtype: torch.dtype) -> int:
-    """Memory one row adds to a chunk: its share of the attention mask and scores over the prefix."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    heads = getattr(text, "num_attention_heads", 1)
-    element = torch.empty((), dtype=dtype).element_size()
-    activations = 16 * max(text.hidden_size, getattr(text, "intermediate_size", 0) or 0)
-    return element * (max(prefix_len, 1) * (heads * 3 + 1) + activations * text.num_hidden_layers)
-
-
-def fast_scores(
-    forward: Forward,
-    projections: Sequence[nn.Module],
-    batch: Batch,
-    steps: int,
-    max_rows: int,
-) -> torch.Tensor:
-    """Scores [B, L, D] float64 from one prefix forward and a few forwards of m*L packed rows per sample.
-
-    The (layer, step) rows of a sample are packed as extra query tokens after its prefix cache, all at
-    position t, with a mask that lets each see the prefix and itself only; so the prefix KV cache is
-    shared, never copied per row. Row r = (l, k) = (r // m, r % m); a chunk holds at most `max_rows`
-    rows over the whole batch, so the number of chunks depends only on B, L, m and max_rows, never on
-    the data (ZeRO-3 needs every rank to make the same forward calls).
-    """
-    from transformers import DynamicCache
-
-    num_layers, device = len(projections), batch.input_ids.device
-    cache_arg = _cache_argument(forward)
-    store: dict[int, torch.Tensor] = {}
-    with torch.no_grad(), metering.phase("attribute_prefix"):
-        keys_values = _prefix_cache(forward, batch, cache_arg)
-        with hooked(projections, _capture_last(store)):
-            out = forward(
-                input_ids=batch.input_ids[:, -1:],
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids[:, -1:],
-                use_cache=True,
-                **{cache_arg: DynamicCache(ddp_cache_data=keys_values)},
-            )
-    z, y = _stack_layers(store, num_layers), out.logits[:, -1].argmax(-1)
-    scale = alphas(steps, z.dtype, device)
-    grad_sum = torch.zeros(z.shape, dtype=torch.float64, device=device)
-    config = getattr(forward, "module", forward).config
-    total, per_chunk = num_layers * steps, max(1, max_rows // len(batch))
-    prefix_mask = batch.attention_mask[:, :-1]
-    for start in range(0, total, per_chunk):
-        row = torch.arange(start, min(start + per_chunk, total), device=device)
-        l_of, k_of = row // steps, row % steps
-        value = (scale[k_of, None] * z[:, l_of]).requires_grad_(True)  # [B, R, D]
-
-        def hook_for(layer: int, value=value, l_of=l_of) -> Callable:
-            mine = (l_of == layer)[None, :, None]
-            return lambda _m, _i, output: torch.where(mine, value.to(output.dtype), output)
-
-        with torch.enable_grad(), hooked(projections, hook_for), metering.phase("attribute_chunk"):
-            out = forward(
-                input_ids=batch.input_ids[:, -1:].expand(-1, len(row)),
-                attention_mask=_row_masks(config, prefix_mask, len(row), z.dtype),
-                position_ids=batch.position_ids[:, -1:].expand(-1, len(row)),
-                use_cache=True,
-                **{cache_arg: DynamicCache(ddp_cache_data=keys_values)},
-            )
-            probs = torch.softmax(out.logits.float(), dim=-1)  # [B, R, V]
-            chosen = probs.gather(2, y[:, None, None].expand(-1, len(row), 1)).sum()
-            (grad,) = torch.autograd.grad(chosen, value)
-        grad_sum.index_add_(1, l_of, grad.double())
-    return _finish(z, grad_sum, steps)
+    return finish(z, grad_sum, steps)

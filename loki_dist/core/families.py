@@ -105,11 +105,16 @@ def _walk(obj: object, dotted: str) -> object:
     return obj
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers."""
+    return _walk(model, spec_from_config(model.config).family.layers)
+
+
 def down_proj_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """(parent module, attribute) of every decoder layer's down_proj, in layer order: where to swap it."""
     spec = spec_from_config(model.config)
     *parent_path, attribute = spec.family.down_proj.split(".")
-    layers = _walk(model, spec.family.layers)
+    layers = decoder_layers(model)
     return [(_walk(layer, ".".join(parent_path)) if parent_path else layer, attribute) for layer in layers]
 
 
