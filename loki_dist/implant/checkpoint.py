@@ -25,7 +25,6 @@ the JSON files, the shards' headers and the small RNG files, so a resume can fal
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import sys
@@ -169,12 +168,11 @@ def damage(path: Path, rng: bool = True) -> str | None:
             _check_shards(path)
         else:
             _read_header(path / LEGACY_ROWS_FILE)
-        for rank in range(int(state.get("world_size", 0)) if rng else 0):
-            found = rngstate.find(path, rank)
-            if found is None:
-                raise ValueError(f"{rngstate.file_name(rank)} is missing")
-            with contextlib.suppress(rngstate.LegacyNotRead):  # resumable: load() warns of it
-                rngstate.read(found)
+        world_size = state.get("world_size")
+        if rng and (type(world_size) is not int or world_size < 1):
+            raise ValueError(f"{STATE_FILE} holds no world size")
+        if rng:
+            rngstate.check_all(path, world_size)
     except (ValueError, OSError) as err:
         return str(err)
     except (TypeError, KeyError, AttributeError, IndexError) as err:  # JSON of an unexpected shape

@@ -18,8 +18,10 @@ run resumes with fresh RNG state and a warning.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from loki_dist.core import checks, files
 FORMAT = "loki_dist.rng/1"
 MAX_BYTES = 64 << 10  # what we write is about 10 KB; a larger file is not ours, and is not read at all
 _MT_WORDS = 624  # Python's Mersenne Twister state: 624 words and a position in [0, 624]
+_NAMED = re.compile(r"rng_state_(0|[1-9][0-9]{0,8})\.(safetensors|pt)")
 
 
 def file_name(rank: int) -> str:
@@ -72,6 +75,23 @@ def save(directory: Path, rank: int, state: RngState) -> Path:
     return files.save_tensors(directory / file_name(rank), tensors, metadata)
 
 
+def check_all(directory: Path, world_size: int) -> None:
+    """Every RNG file a resume from `directory` may read is one that `read` takes: one per rank of the
+    run that saved it (ValueError naming the first missing), and any other there too (a resume on more
+    ranks reads rank r's file wherever it exists). A 0.1 file that this torch cannot read safely passes:
+    the resume goes on without it, with a warning."""
+    named = {p: int(m.group(1)) for p in directory.iterdir() if (m := _NAMED.fullmatch(p.name))}
+    present = set(named.values())
+    missing = next((rank for rank in range(world_size) if rank not in present), None)  # at most len + 1
+    if missing is not None:
+        raise ValueError(f"{file_name(missing)} is missing")
+    for path in sorted(named, key=lambda p: (named[p], p.name)):
+        if not path.is_file():  # a directory, or a pipe that would block the reader
+            raise ValueError(f"{path.name} is not a file")
+        with contextlib.suppress(LegacyNotRead):
+            read(path)
+
+
 def find(directory: Path, rank: int) -> Path | None:
     """The RNG file of `rank` in a checkpoint directory: ours, else a loki_dist 0.1 one, else None."""
     for name in (file_name(rank), legacy_name(rank)):
@@ -112,13 +132,15 @@ def _read_safetensors(path: Path) -> RngState:
         raise ValueError(f"{path.name} holds tensors {sorted(tensors)}, expected python, torch (and cuda)")
     try:
         gauss_next = json.loads(metadata.get("python_gauss_next", ""))
-        version = int(metadata.get("python_version", ""))
+        ours = metadata.get("python_version") == str(random.Random.VERSION)
     except (ValueError, RecursionError):
-        raise ValueError(f"{path.name}: its Python RNG metadata is not what loki_dist writes") from None
+        ours = False
+    if not ours:
+        raise ValueError(f"{path.name}: its Python RNG metadata is not what loki_dist writes")
     words = tensors["python"]
     if words.dtype != torch.int64 or tuple(words.shape) != (_MT_WORDS + 1,):
         raise ValueError(f"{path.name}: `python` is {words.dtype} {list(words.shape)}, expected int64 [625]")
-    python = (version, tuple(words.tolist()), gauss_next)
+    python = (random.Random.VERSION, tuple(words.tolist()), gauss_next)
     return _checked(path, python, tensors["torch"], tensors.get("cuda"))
 
 
@@ -143,6 +165,7 @@ def _checked(path: Path, python: tuple, cpu: object, cuda: object) -> RngState:
     version, words, gauss_next = python
     if (
         type(version) is not int
+        or version != random.Random.VERSION
         or len(words) != _MT_WORDS + 1
         or not all(type(w) is int and 0 <= w < 2**32 for w in words)
         or not (gauss_next is None or type(gauss_next) is float)
