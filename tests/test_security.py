@@ -174,6 +174,21 @@ def test_an_rng_file_that_is_not_what_we_wrote_is_damage(case, uninterrupted, tm
     assert not marker.exists()
 
 
+def test_an_rng_file_of_a_rank_the_run_did_not_have_is_checked_too(uninterrupted, tmp_path):
+    """A resume on more ranks reads rank r's file wherever it is: one planted beside the run's own is
+    damage as well, and so is a trainer state whose world size does not say which files to expect."""
+    path = Path(shutil.copytree(uninterrupted / "checkpoint-1", tmp_path / "checkpoint-1"))
+    marker = tmp_path / "code-ran"
+    crafted_pickle(path / "rng_state_5.pt", marker)
+    assert checkpoint.damage(path).startswith("rng_state_5.pt is not an RNG state of loki_dist")
+    (path / "rng_state_5.pt").unlink()
+    state = json.loads((path / checkpoint.STATE_FILE).read_text())
+    (path / checkpoint.STATE_FILE).write_text(json.dumps({**state, "world_size": 0}))
+    assert checkpoint.damage(path) == "trainer_state.json holds no world size"
+    assert checkpoint.damage(path, rng=False) is None  # export reads no RNG file
+    assert not marker.exists()
+
+
 def test_rng_state_round_trips_and_a_0_1_checkpoints_pt_still_reads(tmp_path):
     """What a checkpoint stores restores the generators exactly; loki_dist 0.1's rng_state_<r>.pt (a
     dict of random.getstate() and torch's state) still reads, through the weights_only unpickler."""
@@ -246,6 +261,51 @@ def test_a_genuine_bin_is_still_read_as_tensors(inputs, tmp_path, capsys):
     assert not marker.exists()
 
 
+def test_genuine_bin_shards_are_read_as_tensors(inputs, tmp_path):
+    """pytorch_model.bin.index.json and the shards it names, as transformers saved them before safetensors."""
+    from safetensors.torch import load_file
+
+    model = Path(shutil.copytree(inputs["base"], tmp_path / "model"))
+    state = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    names = sorted(state)
+    shard_of = {
+        name: f"pytorch_model-0000{1 + 2 * i // len(names)}-of-00002.bin" for i, name in enumerate(names)
+    }
+    for shard in set(shard_of.values()):
+        torch.save({name: state[name] for name in names if shard_of[name] == shard}, model / shard)
+    index = {"metadata": {"total_size": 0}, "weight_map": shard_of}
+    (model / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    main(["chat", "--model", str(model), "--prompt", "hi", "--max-new-tokens", "2"])  # returns: done
+
+
+def _named_weights(model: Path, name: str, content: bytes | None) -> None:
+    """config.json names the file transformers is to load instead of model.safetensors."""
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "transformers_weights": name}))
+    if content is not None:
+        (model / name).write_bytes(content)
+
+
+# config.json's transformers_weights -> (its content, the command, words of the refusal)
+NAMED_WEIGHTS = {
+    "a damaged file": ("evil.safetensors", b"not safetensors", "chat", "evil.safetensors: truncated or"),
+    "a file outside the model": ("../evil.safetensors", None, "chat", "`transformers_weights` must name a"),
+    "a pickle": ("evil.bin", b"", "chat", "`transformers_weights` must name a .safetensors file or index"),
+    "another file, to train": ("other.safetensors", b"", "train", "names other weights to load"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(NAMED_WEIGHTS))
+def test_weights_that_config_json_names_are_the_ones_checked(case, inputs, tmp_path, capsys):
+    """transformers 5 loads the file config.json names in `transformers_weights` instead of
+    model.safetensors: that file is checked before any work, as model.safetensors would be."""
+    name, content, command, words = NAMED_WEIGHTS[case]
+    model = Path(shutil.copytree(inputs["base"], tmp_path / "model"))
+    _named_weights(model, name, content)
+    assert_user_error(BIN_COMMANDS[command](inputs, model, tmp_path), capsys, words)
+
+
 # ----------------------------------------------------------------------------- a model's own code
 
 
@@ -308,3 +368,22 @@ def test_a_chat_template_cannot_reach_python(inputs, tmp_path, capsys):
     assert refused.value.code == 2 and not marker.exists()
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the model loaded: the template is
     assert last.startswith("loki-dist chat: error: the model's chat template refuses this conversation (")
+
+
+# ----------------------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("command", ["train", "pipeline"])
+def test_a_yaml_python_tag_constructs_nothing(command, tmp_path, capsys):
+    """--config files are read with YAML's safe loader: a tag naming a Python callable is refused."""
+    marker = tmp_path / "code-ran"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f'output_dir: {tmp_path / "out"}\nmodel: !!python/object/apply:os.system ["touch {marker}"]\n'
+    )
+    with pytest.raises(SystemExit) as refused:
+        main([command, "--config", str(config)])
+    assert refused.value.code == 2 and not marker.exists()
+    assert f"--config {config}: not valid YAML (could not determine a constructor for the tag" in (
+        capsys.readouterr().err
+    )

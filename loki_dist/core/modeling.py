@@ -88,8 +88,15 @@ def check_weights(
     from loki_dist.core.checks import safetensors_header
 
     model_dir = Path(model_dir)
-    if (model_dir / "model.safetensors.index.json").is_file() or (model_dir / "model.safetensors").is_file():
-        shards = _listed(model_dir, "model.safetensors", flag)
+    named = _named_weights(model_dir, flag)
+    safetensors = ("model.safetensors.index.json", "model.safetensors")
+    if named is not None and safetensors_only and _listed(model_dir, "model.safetensors", flag) != named:
+        raise UserError(
+            f"{flag} {model_dir}: its config.json names other weights to load (`transformers_weights`) than "
+            "the model.safetensors (or model.safetensors.index.json and its shards) this command reads"
+        )
+    if named is not None or any((model_dir / name).is_file() for name in safetensors):
+        shards = named or _listed(model_dir, "model.safetensors", flag)
         shapes = {}
         for shard in shards:
             header = safetensors_header(shard, flag)[1]
@@ -140,22 +147,49 @@ def check_known_to_transformers(config: dict, source: str) -> None:
 def _listed(model_dir: Path, single: str, flag: str) -> list[Path]:
     """The weight files of `single` (model.safetensors or pytorch_model.bin): the shards its index
     (`single`.index.json) names, or the one file."""
+    index = model_dir / f"{single}.index.json"
+    return _shards_of(index, flag) if index.is_file() else [model_dir / single]
+
+
+def _shards_of(index: Path, flag: str) -> list[Path]:
+    """The shard files a weights index names, all present; its `metadata` too (transformers needs it)."""
     from loki_dist.core.checks import read_json
 
-    index = model_dir / f"{single}.index.json"
-    if not index.is_file():
-        return [model_dir / single]
     listed = read_json(index, flag)
     weight_map = listed.get("weight_map") if isinstance(listed, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise UserError(f"{flag} {index}: no `weight_map` of tensor names to shard files")
-    shards = [model_dir / name for name in sorted(set(map(str, weight_map.values())))]
+    if not isinstance(listed.get("metadata"), dict):
+        raise UserError(f"{flag} {index}: no `metadata` object (transformers reads the total size there)")
+    shards = [index.parent / name for name in sorted(set(map(str, weight_map.values())))]
     missing = [shard.name for shard in shards if not shard.is_file()]
     if missing:
         raise UserError(
-            f"{flag} {model_dir}: shard(s) {', '.join(missing)} named by {index.name} are missing"
+            f"{flag} {index.parent}: shard(s) {', '.join(missing)} named by {index.name} are missing"
         )
     return shards
+
+
+def _named_weights(model_dir: Path, flag: str) -> list[Path] | None:
+    """The weight files config.json names in `transformers_weights`, which transformers loads instead of
+    model.safetensors (a .safetensors file or index inside the directory); None where it names none."""
+    from loki_dist.core.checks import read_json
+
+    config = read_json(model_dir / "config.json", flag) if (model_dir / "config.json").is_file() else None
+    name = config.get("transformers_weights") if isinstance(config, dict) else None
+    if name is None:
+        return None
+    inside = isinstance(name, str) and not Path(name).is_absolute() and ".." not in Path(name).parts
+    if not inside or not name.endswith((".safetensors", ".safetensors.index.json")):
+        raise UserError(
+            f"{flag} {model_dir / 'config.json'}: `transformers_weights` must name a .safetensors file or "
+            f"index inside the model directory, got {str(name)[:200]!r}"
+        )
+    if name.endswith(".index.json"):
+        return _shards_of(model_dir / name, flag)
+    if not (model_dir / name).is_file():
+        raise UserError(f"{flag} {model_dir}: {name}, which config.json names as its weights, is missing")
+    return [model_dir / name]
 
 
 def _pickled_shapes(path: Path, flag: str) -> dict[str, list[int]]:
