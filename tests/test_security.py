@@ -205,6 +205,24 @@ def test_rng_state_round_trips_and_a_0_1_checkpoints_pt_still_reads(tmp_path):
         assert random.getstate() == expected[0] and torch.equal(torch.get_rng_state(), expected[1]), rank
 
 
+def test_under_a_torch_without_a_safe_unpickler_no_pickle_is_read(uninterrupted, inputs, tmp_path, capsys):
+    """torch < 2.6 had a way around its weights_only unpickler (CVE-2025-32434): there a 0.1 checkpoint's
+    rng_state_<r>.pt is not read (the checkpoint still resumes, with fresh generators and a warning) and
+    a .bin model is refused, naming the file. Played by setting torch's version string."""
+    path = Path(shutil.copytree(uninterrupted / "checkpoint-1", tmp_path / "checkpoint-1"))
+    (path / "rng_state_0.safetensors").unlink()
+    _legacy(_genuine_legacy(), path / "rng_state_0.pt")
+    model, marker = bin_model(inputs, tmp_path, "crafted")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "__version__", "2.5.1")
+        with pytest.raises(rngstate.LegacyNotRead, match="torch 2.5.1 cannot read a pickle safely"):
+            rngstate.read(path / "rng_state_0.pt")
+        assert checkpoint.damage(path) is None
+        words = f"{model / 'pytorch_model.bin'}: a .bin file is a pickle and torch 2.5.1 cannot read a pickle"
+        assert_user_error(BIN_COMMANDS["chat"](inputs, model, tmp_path), capsys, words)
+    assert not marker.exists()
+
+
 # ------------------------------------------------------------------------------------- model weights
 
 
