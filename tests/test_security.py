@@ -329,7 +329,8 @@ def test_weights_that_config_json_names_are_the_ones_checked(case, inputs, tmp_p
 
 def with_remote_code(inputs, tmp_path: Path, model_type: str) -> tuple[Path, Path]:
     """The tiny model whose config and tokenizer config name code shipped beside them (auto_map), as a
-    hub repository with custom code does; that code creates the marker when it is imported."""
+    hub repository with custom code does, with a custom_generate/generate.py too; that code creates the
+    marker when it is imported."""
     model = Path(shutil.copytree(inputs["base"], tmp_path / "model"))
     marker = tmp_path / "code-ran"
     code = f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
@@ -347,6 +348,8 @@ def with_remote_code(inputs, tmp_path: Path, model_type: str) -> tuple[Path, Pat
     tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
     tokenizer_config["auto_map"] = {"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]}
     (model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (model / "custom_generate").mkdir()  # transformers' own hook for a model's generate(), also code
+    (model / "custom_generate" / "generate.py").write_text(code + "def generate(model, **kwargs): pass\n")
     return model, marker
 
 

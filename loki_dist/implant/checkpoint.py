@@ -168,10 +168,10 @@ def damage(path: Path, rng: bool = True) -> str | None:
             _check_shards(path)
         else:
             _read_header(path / LEGACY_ROWS_FILE)
-        world_size = state.get("world_size")
-        if rng and (type(world_size) is not int or world_size < 1):
-            raise ValueError(f"{STATE_FILE} holds no world size")
         if rng:
+            world_size = state.get("world_size")
+            if type(world_size) is not int or world_size < 1:
+                raise ValueError(f"{STATE_FILE} holds no world size")
             rngstate.check_all(path, world_size)
     except (ValueError, OSError) as err:
         return str(err)
