@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from transformers import AutoModelForCausalLM
 import loki_dist
 from loki_dist.core.errors import UserError
 from loki_dist.demo.tiny import save_tiny
+from loki_dist.implant.api import implanted_layers
 from loki_dist.implant.rowsplit import RowSplitLinear
 
 POSITIONS = [[0, 3, 5, 17, 31], [], [1, 2, 10, 30]]  # layer 1 stays frozen
@@ -213,3 +216,103 @@ def test_api_mistakes_are_named(setup, tmp_path, call, needle):
         call(model, str(setup["positions"]), tmp_path)
     assert needle in str(err.value)
     assert (tmp_path / "exists.safetensors").read_bytes() == b"keep me"
+
+
+# ------------------------------------------------------------------ what the API refuses to write
+
+
+def _files(directory) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
+
+
+def _over_inputs(tmp):
+    """name -> (where the model loads from, base, path, words): each path is, or lies in, an input."""
+    base, model, link = tmp / "base", tmp / "model", tmp / "link"
+    return {
+        "the base's weights, overwrite=True": (base, base, base / "model.safetensors", "is inside base"),
+        "a new file in the base": (base, base, base / "implant.safetensors", "is inside base"),
+        "the base's weights through a linked directory": (
+            base, base, link / "model.safetensors", "is inside base"),
+        "a link to the base's weights": (base, base, tmp / "weights.safetensors", "is inside base"),
+        "the base named through a link": (base, link, base / "model.safetensors", "is inside base"),
+        "the base as the default, where the model loaded from": (
+            base, None, base / "model.safetensors", "is inside base"),
+        "the directory the model loaded from": (
+            model, base, model / "model.safetensors", "is inside the model's directory"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_over_inputs(Path("/"))))
+def test_save_implant_never_writes_over_its_inputs(setup, tmp_path, case):
+    """As the CLI's outputs: a path that is, lies in or holds the base or the model's own directory,
+    through links, is refused, overwrite=True or not, and every input stays as it was."""
+    for name in ("base", "model"):
+        shutil.copytree(setup["base"], tmp_path / name)
+    (tmp_path / "link").symlink_to(tmp_path / "base")
+    (tmp_path / "weights.safetensors").symlink_to(tmp_path / "base" / "model.safetensors")
+    before = {name: _files(tmp_path / name) for name in ("base", "model")}
+    loads_from, base, path, words = _over_inputs(tmp_path)[case]
+    model = loki_dist.implant_rows(AutoModelForCausalLM.from_pretrained(loads_from), POSITIONS)
+    with pytest.raises(UserError) as err:
+        loki_dist.save_implant(model, path, base=base, overwrite=True)
+    assert str(err.value).startswith(f"save_implant: path {path}: {words} ") and "would change" in str(
+        err.value
+    )
+    assert {name: _files(tmp_path / name) for name in ("base", "model")} == before
+    assert (tmp_path / "weights.safetensors").is_symlink() and (tmp_path / "link").is_symlink()
+
+
+def test_non_finite_rows_are_refused_naming_the_layer(setup, tmp_path):
+    """As `apply` refuses them: NaN (or a value beyond the base's dtype) in a layer's rows, and neither
+    save_implant nor merge_rows writes anything."""
+    model = loki_dist.implant_rows(AutoModelForCausalLM.from_pretrained(setup["base"]), POSITIONS)
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.trained[1, 7] = float("nan")
+    path = tmp_path / "implant.safetensors"
+    with pytest.raises(UserError) as err:
+        loki_dist.save_implant(model, path, base=setup["base"])
+    assert str(err.value).startswith("save_implant: layer 2 has 1 non-finite value(s) (NaN or Inf) in ")
+    assert not path.exists() and not list(tmp_path.iterdir())
+    weight = model.model.layers[2].mlp.down_proj.base.weight.detach().clone()
+    with pytest.raises(UserError) as err:
+        loki_dist.merge_rows(model)
+    assert str(err.value).startswith("merge_rows: layer 2 has 1 non-finite value(s) (NaN or Inf) in ")
+    assert [layer for layer, _ in implanted_layers(model)] == [0, 2]  # nothing merged
+    assert torch.equal(model.model.layers[2].mlp.down_proj.base.weight, weight)
+    # fp32 rows of an fp16 base: 1e6 is inf once written in the base's dtype
+    half = save_tiny(tmp_path / "half", "llama", seed=1, num_layers=3, dtype=torch.float16)
+    model = loki_dist.implant_rows(AutoModelForCausalLM.from_pretrained(half, dtype=torch.float32), POSITIONS)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.trained[0, 0] = 1e6
+    with pytest.raises(UserError) as err:
+        loki_dist.save_implant(model, tmp_path / "half.safetensors", base=half)
+    assert "save_implant: layer 0 has 1 non-finite value(s) (NaN or Inf) in torch.float16" in str(err.value)
+    assert not (tmp_path / "half.safetensors").exists()
+
+
+def test_zero3_refusals_are_made_by_every_rank_together(setup, tmp_path):
+    """ZeRO-3 on 2 ranks (tests/api_zero3_refusals.py): a NaN only rank 1 holds, and an output only
+    rank 1 may not overwrite, are refused on both ranks before any gather; the ranks stay in step."""
+    (tmp_path / "exists.safetensors").write_bytes(b"keep me")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}"]  # fmt: skip
+    script = [*launcher, str(REPO / "tests" / "api_zero3_refusals.py"), str(setup["base"]),
+              str(setup["positions"]), str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(script, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    nan = "layer 2 has 1 non-finite value(s) (NaN or Inf) in torch.float32; a diverged training?"
+    for result in ranks:
+        assert result["save_implant: a NaN on rank 1"] == f"save_implant: {nan} nothing was written"
+        assert result["merge_rows: a NaN on rank 1"] == f"merge_rows: {nan} nothing was written"
+        refused = result["save_implant: rank 1 alone must not overwrite"]
+        assert refused.startswith("rank 1: save_implant: ") and "exists (pass overwrite=True" in refused
+        assert result["implanted layers after the refusals"] == 2
+        assert result["save_implant: nothing wrong"] == "done"
+    assert (tmp_path / "exists.safetensors").read_bytes() == b"keep me"
+    assert not (tmp_path / "nan.safetensors").exists()
+    good = load_file(tmp_path / "good.safetensors")
+    assert all(bool(torch.isfinite(t).all()) for t in good.values()) and "layers.2.weight" in good

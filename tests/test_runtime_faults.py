@@ -229,14 +229,16 @@ def test_no_loadable_checkpoint_is_one_line_before_any_work(inputs, uninterrupte
     out = tmp_path / "out"
     for step in (2, 3):
         shutil.copytree(uninterrupted / f"checkpoint-{step}", out / f"checkpoint-{step}")
-    (out / "checkpoint-2" / "rng_state_0.pt").unlink()  # resuming needs it, exporting does not
+    (out / "checkpoint-2" / "rng_state_0.safetensors").unlink()  # resuming needs it, exporting does not
     shard = out / "checkpoint-3" / shard_name(0, 1)
     shard.write_bytes(shard.read_bytes()[:7])  # not even a whole header length
     (out / "checkpoint-4").mkdir()  # a copy cut short before its state was written
     before = sorted(p.name for p in out.rglob("*"))
     argv = train_args(inputs, out, "--ds-config", "none", "--max-steps", "4")
     assert_user_error(argv, capsys, "no checkpoint in it can be resumed from")
-    assert_user_error([*argv, "--resume", str(out / "checkpoint-2")], capsys, "rng_state_0.pt is missing")
+    assert_user_error(
+        [*argv, "--resume", str(out / "checkpoint-2")], capsys, "rng_state_0.safetensors is missing"
+    )
     export = ["export", "--checkpoint", str(out / "checkpoint-3"), "--output", str(tmp_path / "exported")]
     assert_user_error(
         export,

@@ -544,9 +544,13 @@ def test_zero3_offload_matches_the_oracle_and_resumes_exactly(setup, oracle, tmp
 
 
 def test_checkpoint_of_the_single_file_layout_still_resumes(setup, zero3_run, tmp_path):
-    """loki_dist 0.1 wrote one rows.safetensors ([k, F] master and moments, and the rows) per checkpoint.
-    Rebuilt here from a sharded checkpoint with plain safetensors calls, it resumes to the same bits."""
+    """loki_dist 0.1 wrote one rows.safetensors ([k, F] master and moments, and the rows) per checkpoint,
+    and each rank's RNG state as rng_state_<r>.pt (torch.save of random.getstate() and torch's state).
+    Rebuilt here from a sharded checkpoint with plain safetensors and torch calls, it resumes to the same
+    bits (its RNG files read by torch's weights_only unpickler)."""
     from safetensors.torch import save_file
+
+    from loki_dist.implant import rngstate
 
     old = tmp_path / "old" / "checkpoint-3"
     shutil.copytree(zero3_run.out / "checkpoint-3", old)
@@ -563,6 +567,10 @@ def test_checkpoint_of_the_single_file_layout_still_resumes(setup, zero3_run, tm
         legacy[name] = torch.cat(pieces).view(len(POSITIONS[layer]), -1)
         legacy[f"layers.{layer}.rows"] = torch.tensor(POSITIONS[layer])
     save_file(legacy, str(old / "rows.safetensors"))
+    for rank in range(2):
+        state = rngstate.read(old / f"rng_state_{rank}.safetensors")
+        torch.save({"python": state.python, "torch": state.torch}, old / f"rng_state_{rank}.pt")
+        (old / f"rng_state_{rank}.safetensors").unlink()
     args = train_args(setup, old.parent, "--micro-batch-size", "1", "--gradient-accumulation", "2")
     assert "resumed from" in run_cli(args, nproc=2).stdout
     assert_equal_weights(zero3_run.out, old.parent)

@@ -169,7 +169,7 @@ def _from_hub(name: str, config: str | None) -> dict[str, list[dict]]:
     try:
         from datasets import load_dataset
 
-        loaded = load_dataset(name, config)
+        loaded = load_dataset(name, config, trust_remote_code=False)  # never a data set's own script
     except Exception as err:
         raise UserError(
             f"--data {name}: not a local file or folder, and loading it from the hub failed ({err})"

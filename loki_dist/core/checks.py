@@ -4,7 +4,8 @@ An output that would write over one of the command's inputs (`refuse_output_over
 that cannot be written (`check_writable`), and files that cannot be read as what they should be
 (`read_text`, `read_json`, `parse_jsonl`, `safetensors_header`): each is one line naming the flag, the
 file and, where there is one, the line, not a traceback from deep inside the work. The work reads what
-it was given through the same readers (a model's config, a shard's safetensors header).
+it was given through the same readers (a model's config, a shard's safetensors header). The one reader
+of a torch.save pickle (`read_torch_pickle`) builds tensors and plain containers only, never code.
 
 Writing a file, atomically, is files.py's.
 """
@@ -175,3 +176,23 @@ def safetensors_header(path: str | Path, flag: str) -> tuple[int, dict]:
     except DamagedSafetensors as err:
         raise UserError(f"{flag} {path}: {err}") from None
     return data_start, header
+
+
+class UnsafeTorchLoad(ValueError):
+    """This torch has a known way around its weights_only unpickler: no pickle is read at all."""
+
+
+def read_torch_pickle(path: Path, map_location: str) -> object:
+    """A torch.save file read with torch's weights_only unpickler, which builds tensors and plain
+    containers (dicts, lists, tuples, numbers, strings) and refuses everything else, so a crafted file
+    cannot run code. UnsafeTorchLoad under torch < 2.6 (a crafted file could get around that unpickler
+    there: CVE-2025-32434); a ValueError naming the error for a file it refuses or cannot read.
+    `map_location="meta"` reads the structure and shapes, not the tensors' data."""
+    import torch
+
+    if tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 6):
+        raise UnsafeTorchLoad(f"torch {torch.__version__} cannot read a pickle safely (torch >= 2.6 can)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # the unpickler's refusal, or a damaged zip: each with its own type
+        raise ValueError(f"not a file of tensors ({type(err).__name__})") from None

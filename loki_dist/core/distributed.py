@@ -79,6 +79,14 @@ def world_from_env() -> World:
     return World(rank=rank, size=size, local_rank=local_rank)
 
 
+def joined_world() -> World:
+    """The world of the process group this process has joined (the Python API's: its caller's), or
+    one process when it has joined none."""
+    if not dist.is_initialized():
+        return World(rank=0, size=1, local_rank=0)
+    return World(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", default=0))
+
+
 def device_index(local_rank: int, visible: int) -> int:
     """The CUDA device of a process with this local rank that sees `visible` devices.
 
@@ -268,19 +276,22 @@ def stage(name: str) -> Iterator[None]:
 
 
 @contextmanager
-def agreement(world: World) -> Iterator[None]:
+def agreement(world: World, choose_device: bool = True) -> Iterator[None]:
     """Run work that every rank does (a command's checks, its share of an export), then agree on what
     each found (joining the process group).
 
     Every rank reaches the agreement whether its work succeeded or not, so a mistake that some ranks see
     (a file missing on one node) stops all of them, none waits for a peer that has left, and the error
     is printed once with the ranks it concerns (errors.RankErrors). The device is chosen here too, so
-    an ambiguous GPU mapping is one of the checks. A rank whose checks crashed (not a UserError) prints
-    its traceback before the agreement and fails it like the others: no rank is left waiting.
+    an ambiguous GPU mapping is one of the checks (not with `choose_device=False`: the Python API runs
+    in the caller's process, whose device is the caller's). A rank whose checks crashed (not a
+    UserError) prints its traceback before the agreement and fails it like the others: no rank is left
+    waiting.
     """
     found: tuple[str, str] | None = None
     try:
-        device_for(world)
+        if choose_device:
+            device_for(world)
         yield
     except UserError as err:
         found = ("user", str(err))

@@ -226,11 +226,10 @@ def write_json(target: str | Path, value, indent: int = 1) -> Path:
 def save_tensors(
     target: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> Path:
-    """A safetensors file, written atomically."""
-    from safetensors.torch import save_file
-
-    contiguous = {name: t.contiguous() for name, t in tensors.items()}
-    return atomic_write(target, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+    """A safetensors file, written atomically (by our own writer: safetensors' save_file makes its files
+    readable by their owner alone, where every other file follows the umask)."""
+    layout = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+    return save_tensors_streaming(target, layout, tensors.items(), metadata)
 
 
 _SAFETENSORS_DTYPES = {

@@ -51,7 +51,10 @@ def _load_with_transformers(model_dir: str | Path, dtype: torch.dtype, ds_config
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 - from_pretrained reads it while it lives
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    # transformers' own classes only (never a model's auto_map code); a .bin file as tensors only
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, trust_remote_code=False, weights_only=True
+    )
 
 
 def sized_for(ds_config: dict | None, model_dir: str | Path) -> dict | None:
@@ -78,37 +81,41 @@ def check_weights(
     missing, truncated or damaged one is found here in a few MB of reads, not as a traceback after the
     process group has formed. With the `spec` of config.json, every layer's down_proj must be in the
     headers with that shape (a config that does not describe its weights fails in transformers after
-    the model has loaded). A model kept as pytorch_model.bin is left to transformers unless
+    the model has loaded). A model kept as PyTorch .bin files (pickles) is read here as transformers
+    reads it, with torch's weights_only unpickler, but only its structure and shapes; refused with
     `safetensors_only` (training and export read the safetensors shards themselves).
     """
-    from loki_dist.core.checks import read_json, safetensors_header
+    from loki_dist.core.checks import safetensors_header
 
     model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        listed = read_json(index, flag)
-        weight_map = listed.get("weight_map") if isinstance(listed, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise UserError(f"{flag} {index}: no `weight_map` of tensor names to shard files")
-        shards = [model_dir / name for name in sorted(set(map(str, weight_map.values())))]
-        missing = [shard.name for shard in shards if not shard.is_file()]
-        if missing:
+    named = _named_weights(model_dir, flag)
+    safetensors = ("model.safetensors.index.json", "model.safetensors")
+    if named is not None and safetensors_only and _listed(model_dir, "model.safetensors", flag) != named:
+        raise UserError(
+            f"{flag} {model_dir}: its config.json names other weights to load (`transformers_weights`) than "
+            "the model.safetensors (or model.safetensors.index.json and its shards) this command reads"
+        )
+    if named is not None or any((model_dir / name).is_file() for name in safetensors):
+        shards = named or _listed(model_dir, "model.safetensors", flag)
+        shapes = {}
+        for shard in shards:
+            header = safetensors_header(shard, flag)[1]
+            shapes.update({k: entry.get("shape") for k, entry in header.items() if k != "__metadata__"})
+    elif (model_dir / "pytorch_model.bin").is_file() or (
+        model_dir / "pytorch_model.bin.index.json"
+    ).is_file():
+        if safetensors_only:
             raise UserError(
-                f"{flag} {model_dir}: shard(s) {', '.join(missing)} named by {index.name} are missing"
+                f"{flag} {model_dir}: holds PyTorch .bin weights; this command reads safetensors only "
+                "(convert them: from_pretrained(DIR).save_pretrained(NEW_DIR) writes safetensors)"
             )
-    elif (model_dir / "model.safetensors").is_file():
-        shards = [model_dir / "model.safetensors"]
-    elif not safetensors_only and any(model_dir.glob("pytorch_model*.bin")):
-        return []
+        shards = _listed(model_dir, "pytorch_model.bin", flag)
+        shapes = {name: shape for shard in shards for name, shape in _pickled_shapes(shard, flag).items()}
     else:
         raise UserError(
             f"{flag} {model_dir}: no model weights (model.safetensors, or model.safetensors.index.json "
             "and its shards)"
         )
-    shapes = {}
-    for shard in shards:
-        header = safetensors_header(shard, flag)[1]
-        shapes.update({name: entry.get("shape") for name, entry in header.items() if name != "__metadata__"})
     if spec is not None:
         expected = [spec.hidden_size, spec.intermediate_size]
         for layer in range(spec.num_layers):
@@ -119,6 +126,89 @@ def check_weights(
                     f"shape {expected}, but the weights of layer {layer} hold {found or 'none'}"
                 )
     return shards
+
+
+def check_known_to_transformers(config: dict, source: str) -> None:
+    """Refuse a model type that transformers has no class for: loading it would take code shipped with
+    the model (its config's auto_map), which loki_dist never runs. transformers itself would ask on
+    stdin whether to run it (and a piped answer would), or fail after the process group has formed."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        code = "; its auto_map names code shipped with the model, which loki_dist never runs"
+        raise UserError(
+            f"{source}: model type {model_type!r} is not one that transformers {transformers.__version__} "
+            f"has a class for{code if 'auto_map' in config else ''}"
+        )
+
+
+def _listed(model_dir: Path, single: str, flag: str) -> list[Path]:
+    """The weight files of `single` (model.safetensors or pytorch_model.bin): the shards its index
+    (`single`.index.json) names, or the one file."""
+    index = model_dir / f"{single}.index.json"
+    return _shards_of(index, flag) if index.is_file() else [model_dir / single]
+
+
+def _shards_of(index: Path, flag: str) -> list[Path]:
+    """The shard files a weights index names, all present; its `metadata` too (transformers needs it)."""
+    from loki_dist.core.checks import read_json
+
+    listed = read_json(index, flag)
+    weight_map = listed.get("weight_map") if isinstance(listed, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{flag} {index}: no `weight_map` of tensor names to shard files")
+    if not isinstance(listed.get("metadata"), dict):
+        raise UserError(f"{flag} {index}: no `metadata` object (transformers reads the total size there)")
+    shards = [index.parent / name for name in sorted(set(map(str, weight_map.values())))]
+    missing = [shard.name for shard in shards if not shard.is_file()]
+    if missing:
+        raise UserError(
+            f"{flag} {index.parent}: shard(s) {', '.join(missing)} named by {index.name} are missing"
+        )
+    return shards
+
+
+def _named_weights(model_dir: Path, flag: str) -> list[Path] | None:
+    """The weight files config.json names in `transformers_weights`, which transformers loads instead of
+    model.safetensors (a .safetensors file or index inside the directory); None where it names none."""
+    from loki_dist.core.checks import read_json
+
+    config = read_json(model_dir / "config.json", flag) if (model_dir / "config.json").is_file() else None
+    name = config.get("transformers_weights") if isinstance(config, dict) else None
+    if name is None:
+        return None
+    inside = isinstance(name, str) and not Path(name).is_absolute() and ".." not in Path(name).parts
+    if not inside or not name.endswith((".safetensors", ".safetensors.index.json")):
+        raise UserError(
+            f"{flag} {model_dir / 'config.json'}: `transformers_weights` must name a .safetensors file or "
+            f"index inside the model directory, got {str(name)[:200]!r}"
+        )
+    if name.endswith(".index.json"):
+        return _shards_of(model_dir / name, flag)
+    if not (model_dir / name).is_file():
+        raise UserError(f"{flag} {model_dir}: {name}, which config.json names as its weights, is missing")
+    return [model_dir / name]
+
+
+def _pickled_shapes(path: Path, flag: str) -> dict[str, list[int]]:
+    """Tensor shapes of a .bin weights file, read without its data and without running anything."""
+    from loki_dist.core.checks import UnsafeTorchLoad, read_torch_pickle
+
+    try:
+        state = read_torch_pickle(path, "meta")
+    except UnsafeTorchLoad as err:
+        raise UserError(
+            f"{flag} {path}: a .bin file is a pickle and {err}; convert it to safetensors"
+        ) from None
+    except (ValueError, OSError) as err:
+        raise UserError(f"{flag} {path}: cannot be read as weights: {err}") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in state.items()
+    ):
+        raise UserError(f"{flag} {path}: does not hold a state dict (tensors by name)")
+    return {name: list(tensor.shape) for name, tensor in state.items()}
 
 
 def load_tokenizer(model_dir: str | Path, flag: str = "--model", chat_template: str | None = None):
@@ -132,7 +222,7 @@ def load_tokenizer(model_dir: str | Path, flag: str = "--model", chat_template: 
     if Path(model_dir).is_dir() and not any(found):
         raise UserError(f"{flag} {model_dir}: no tokenizer there (tokenizer.json, tokenizer_config.json)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as err:  # transformers raises OSError, ValueError, TypeError... for a missing tokenizer
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise UserError(f"{flag} {model_dir}: cannot load its tokenizer ({first})") from None

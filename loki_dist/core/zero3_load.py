@@ -73,7 +73,7 @@ def build_empty(model_dir: Path, dtype: torch.dtype, ds_config: dict) -> torch.n
     from transformers.modeling_utils import set_zero3_state
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    config = AutoConfig.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)  # never a model's auto_map code
     # the class (and so its module) is resolved before zero.Init: a module imported inside it has its
     # classes' __init__ wrapped by zero.Init and then reset on exit to what the class body defined,
     # dropping any decorator's (transformers' kernel hooks), so that later models of it cannot run

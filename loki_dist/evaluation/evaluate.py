@@ -263,11 +263,12 @@ def _validate(args: argparse.Namespace) -> dict | None:
         ("--shots", args.shots, 0),
     )
     from loki_dist.core.families import FAMILIES, read_config, spec_from_config
-    from loki_dist.core.modeling import check_weights
+    from loki_dist.core.modeling import check_known_to_transformers, check_weights
 
     config = read_config(args.model)  # any causal LM; the shapes are checked where LoKI knows the family
     known = config.get("model_type") in FAMILIES
     source = f"--model {Path(args.model) / 'config.json'}"
+    check_known_to_transformers(config, source)
     check_weights(args.model, spec=spec_from_config(config, source) if known else None)
     # an existing results file is replaced (atomically), as an evaluation is cheap to redo
     checks.refuse_output_over_inputs("--output", args.output, {"--model": args.model, "--data": args.data})

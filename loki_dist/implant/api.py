@@ -12,22 +12,25 @@ at all. `loki-dist train` builds its default (split) layout through `implant_row
 
 Under ZeRO-3 `save_implant` and `merge_rows` are collective (every rank calls them, as it calls HF's own
 save under ZeRO-3): they gather one layer at a time, so no rank ever holds more than one layer's weight.
+Before the first gather every rank has made the same checks and come to the same decision (a rank that
+refused alone would leave its peers waiting in a gather): the output (never over one of the call's
+inputs, as the CLI's outputs) and the rows (finite, as `apply` wants them).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from loki_dist.core import checks, positions
+from loki_dist.core import checks, collectives, distributed, positions
 from loki_dist.core.errors import UserError
 from loki_dist.core.families import down_proj_slots, spec_from_config, spec_from_dir
 from loki_dist.implant import rowsplit
-from loki_dist.implant.export import BaseShards
+from loki_dist.implant.export import BaseShards, non_finite_rows
 from loki_dist.implant.implant_file import RowSource, fingerprint, write_implant
 
 
@@ -82,6 +85,7 @@ def merge_rows(model: nn.Module) -> nn.Module:
     layers = implanted_layers(model)
     if not layers:
         raise UserError("merge_rows: the model has no implanted rows (implant_rows was not called)")
+    _refuse_non_finite("merge_rows", {layer: (m.trained, m.base.weight.dtype) for layer, m in layers})
     slots = down_proj_slots(model)
     for layer, module in layers:
         base = module.base
@@ -118,28 +122,78 @@ def save_implant(
     `base` is the base model's directory (default: where `model` was loaded from); the file records its
     fingerprint, so that `loki-dist apply` merges it into that base only. Collective under ZeRO-3; rank 0
     writes (atomically) and returns the path, other ranks return None. An existing file is refused
-    unless `overwrite`.
+    unless `overwrite`; a path that is, lies in or holds the base or the model's own directory (through
+    symlinks) is refused whatever `overwrite` says.
     """
     source = _ModelRows(model)
-    if not source.layers():
-        raise UserError("save_implant: the model has no implanted rows (save it before merge_rows)")
-    base_dir = Path(base if base is not None else getattr(model.config, "_name_or_path", "") or ".")
-    spec = spec_from_dir(base_dir, "base")
-    if spec != spec_from_config(model.config):
-        raise UserError(f"save_implant: base {base_dir} is not the model's architecture ({spec})")
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise UserError(f"save_implant: {path} exists (pass overwrite=True to replace it)")
-    # every check on every rank before the gathers start: a rank that raised after its peers had entered
-    # the first gather would leave them waiting there until the process group's timeout
-    checks.check_writable("save_implant", path)
-    dtypes = BaseShards.read(base_dir, spec).dtypes
+    with _checked_together(_sharded(m.trained for m in source.modules.values())):
+        if not source.layers():
+            raise UserError("save_implant: the model has no implanted rows (save it before merge_rows)")
+        base_dir = Path(base if base is not None else getattr(model.config, "_name_or_path", "") or ".")
+        spec = spec_from_dir(base_dir, "base")
+        if spec != spec_from_config(model.config):
+            raise UserError(f"save_implant: base {base_dir} is not the model's architecture ({spec})")
+        path = Path(path)
+        loaded_from = getattr(model.config, "_name_or_path", "") or None
+        inputs = {"base": base_dir, "the model's directory": loaded_from}
+        checks.refuse_output_over_inputs("save_implant: path", path, inputs)
+        if path.exists() and not overwrite:
+            raise UserError(f"save_implant: {path} exists (pass overwrite=True to replace it)")
+        checks.check_writable("save_implant", path)
+        dtypes = BaseShards.read(base_dir, spec).dtypes
+        missing = [layer for layer in source.layers() if layer not in dtypes]
+        if missing:
+            raise UserError(f"save_implant: base {base_dir} has no down_proj weight for layers {missing}")
+    _refuse_non_finite(
+        "save_implant", {layer: (m.trained, dtypes[layer]) for layer, m in source.modules.items()}
+    )
     if not _is_main():
         for layer in source.layers():  # take part in each layer's gather, as rank 0 does while writing
             source.weight(layer, torch.float32)
         return None
     write_implant(path, source, spec, dtypes, fingerprint(base_dir))
     return path
+
+
+def _sharded(params: Iterable[nn.Parameter]) -> bool:
+    """Whether ZeRO-3 has partitioned these parameters (then the call is a collective)."""
+    return any(hasattr(param, "ds_id") for param in params)
+
+
+def _checked_together(sharded: bool):
+    """Where a call's checks run: under ZeRO-3 (a collective call) on every rank, and the ranks agree on
+    what any of them found (a file one node does not see) before the first gather. Otherwise in the
+    calling process alone, which may be rank 0 alone (as a DDP script saves): no collective at all."""
+    if not sharded:
+        return contextlib.nullcontext()
+    return distributed.agreement(distributed.joined_world(), choose_device=False)
+
+
+def _refuse_non_finite(caller: str, rows: dict[int, tuple[nn.Parameter, torch.dtype]]) -> None:
+    """Refuse trained rows that hold NaN or Inf in the dtype they are to be written in (layer -> the
+    parameter and that dtype), naming the first such layer, before anything is gathered or written.
+
+    Under ZeRO-3 no rank holds a layer's rows whole: each counts the non-finite values of its own
+    partition and one all-reduce sums the counts (no gather), so every rank reaches the same decision
+    from the same numbers. Otherwise the calling process holds every row itself and decides alone.
+    """
+    counts = torch.tensor([_non_finite_held(p, dtype) for p, dtype in rows.values()], dtype=torch.int64)
+    if _sharded(param for param, _ in rows.values()):
+        collectives.all_reduce_sum(counts)
+    for (layer, (_, dtype)), count in zip(rows.items(), counts.tolist(), strict=True):
+        if count:
+            raise non_finite_rows(caller, layer, count, dtype)
+
+
+def _non_finite_held(param: nn.Parameter, dtype: torch.dtype) -> int:
+    """NaN or Inf (once in `dtype`) among the elements of `param` this rank holds: its ZeRO-3 partition
+    (rank r holds flat elements [r*n, (r+1)*n), the last rank's zero-padded), else the whole tensor."""
+    held = param.data
+    if hasattr(param, "ds_tensor"):
+        per_rank = param.ds_tensor.ds_numel
+        start = min(torch.distributed.get_rank() * per_rank, param.ds_numel)
+        held = param.ds_tensor.data.view(-1)[: min(per_rank, param.ds_numel - start)]
+    return int((~torch.isfinite(held.to(dtype))).sum())
 
 
 def _is_main() -> bool:

@@ -11,22 +11,23 @@ writes a small index saying which shard holds which range. A resume, on any numb
 the ranges its own slices need (safetensors slices), so reading is spread over the ranks too.
 
 Layout of OUT/checkpoint-<step>/: rows-<r>-of-<W>.safetensors (tensors layers.<l>.<quantity>, flat),
-rows_index.json, trainer_state.json, rng_state_<rank>.pt. The directory is filled under a staging name
-and renamed when complete, so a checkpoint is either whole or absent. Checkpoints of loki_dist 0.1 (one
-rows.safetensors holding [k, F] tensors and layers.<l>.rows) are read as one shard covering everything.
+rows_index.json, trainer_state.json, rng_state_<rank>.safetensors (rngstate.py). Nothing in it is a
+pickle: a resume reads tensors and JSON only, so a file planted in a checkpoint cannot run code. The
+directory is filled under a staging name and renamed when complete, so a checkpoint is either whole or
+absent. Checkpoints of loki_dist 0.1 (one rows.safetensors holding [k, F] tensors and layers.<l>.rows,
+and rng_state_<rank>.pt) are read as one shard covering everything.
 
 A checkpoint is only ever written finite: a rank that finds NaN or Inf in what it saves fails the save on
 every rank (NonFinite) and nothing is published. A checkpoint damaged later (a full disk, a copy cut
-short) is recognised before any model loads by `damage`, which reads the JSON files and the shards'
-headers only, so a resume can fall back to an older one.
+short, a file that is not what we wrote) is recognised before any model loads by `damage`, which reads
+the JSON files, the shards' headers and the small RNG files, so a resume can fall back to an older one.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import shutil
-import zipfile
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import torch
 
 from loki_dist.core import checks, collectives, distributed, files, metering
 from loki_dist.core.errors import UserError
+from loki_dist.implant import rngstate
 from loki_dist.implant.rowstate import ADAM_STATE_KEYS, RowState, Slice
 
 STATE_FILE = "trainer_state.json"
@@ -102,8 +104,7 @@ def save(out_dir: Path, step: int, states: list[RowState], trainer_state: dict, 
             shard = staging / shard_name(world.rank, world.size)
             metadata = {"ranges": json.dumps(ranges)}
             files.save_tensors_streaming(shard, layout, _finite_or_noted(pieces, non_finite), metadata)
-            rng = _rng_state()
-            files.atomic_write(staging / f"rng_state_{world.rank}.pt", lambda tmp: torch.save(rng, tmp))
+            rngstate.save(staging, world.rank, rngstate.capture())
         if collectives.agree_max(int(bool(non_finite))):
             raise NonFinite(non_finite[0] if non_finite else "on another rank")
         with distributed.agreement(world), files.file_system_errors(final):
@@ -156,8 +157,8 @@ def damage(path: Path, rng: bool = True) -> str | None:
     """Why `path` cannot be resumed from (exported from, with rng=False), or None when it can.
 
     Read: trainer_state.json, rows_index.json, every shard's header (a few KB each, not the data) and
-    the end of each rank's RNG file. So it is cheap at any scale, runs before the model loads, and every
-    rank (each checking every shard) comes to the same answer.
+    each rank's RNG file (about 10 KB, checked to hold what we write). So it is cheap at any scale, runs
+    before the model loads, and every rank (each checking every file) comes to the same answer.
     """
     try:
         state = _read_json(path / STATE_FILE)
@@ -167,12 +168,11 @@ def damage(path: Path, rng: bool = True) -> str | None:
             _check_shards(path)
         else:
             _read_header(path / LEGACY_ROWS_FILE)
-        for rank in range(int(state.get("world_size", 0)) if rng else 0):
-            rng = path / f"rng_state_{rank}.pt"
-            if not zipfile.is_zipfile(rng):  # torch.save writes a zip; its directory is at the end
-                raise ValueError(
-                    f"{rng.name} is {'not a complete torch file' if rng.exists() else 'missing'}"
-                )
+        if rng:
+            world_size = state.get("world_size")
+            if type(world_size) is not int or world_size < 1:
+                raise ValueError(f"{STATE_FILE} holds no world size")
+            rngstate.check_all(path, world_size)
     except (ValueError, OSError) as err:
         return str(err)
     except (TypeError, KeyError, AttributeError, IndexError) as err:  # JSON of an unexpected shape
@@ -334,21 +334,12 @@ def load(path: Path, states: list[RowState], prepare_optimizer: Callable[[int], 
                 stored.put(reader.read(state.layer, what, *stored.selected_range()))
             model = state.model()
             model.put(reader.read(state.layer, "master", *model.selected_range()))
-    rng_file = path / f"rng_state_{rank}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+    rng_file = rngstate.find(path, rank)  # none for a rank beyond the saved run's world size
+    if rng_file is not None:
+        try:
+            rngstate.restore(rngstate.read(rng_file))
+        except rngstate.LegacyNotRead as err:
+            print(f"loki-dist train: warning: rank {rank}: {err}", file=sys.stderr)
+        except ValueError as err:  # damage() found it whole before the model loaded: changed since
+            raise UserError(f"{path}: {err}") from None
     return trainer_state
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])

@@ -162,12 +162,18 @@ def check_rows(source: RowSource, spec: ModelSpec, shards: BaseShards, world) ->
                 f"{label}: layer {layer} weight has shape {list(weight.shape)}, expected "
                 f"[{rows.numel()}, {spec.intermediate_size}]"
             )
-        finite = torch.isfinite(weight)
-        if not finite.all():
-            raise UserError(
-                f"{label}: layer {layer} has {int((~finite).sum())} non-finite value(s) (NaN or Inf) in "
-                f"{weight.dtype}; a diverged training? nothing was written"
-            )
+        count = int((~torch.isfinite(weight)).sum())
+        if count:
+            raise non_finite_rows(label, layer, count, weight.dtype)
+
+
+def non_finite_rows(label: str, layer: int, count: int, dtype: torch.dtype) -> UserError:
+    """What apply, export and the Python API say of trained rows holding NaN or Inf in the dtype they
+    are to be written in (an fp32 value beyond fp16's range is inf there)."""
+    return UserError(
+        f"{label}: layer {layer} has {count} non-finite value(s) (NaN or Inf) in {dtype}; a diverged "
+        "training? nothing was written"
+    )
 
 
 def export_model(
