@@ -497,6 +497,9 @@ COMMANDS = {
                                          "--output", str(tmp / "r.json")],
     "apply": lambda job, model, tmp: ["apply", "--base", str(model), "--implant", str(job["implant"]),
                                       "--output", str(tmp / "merged")],
+    "suppress": lambda job, model, tmp: ["suppress", "--model", str(model), "--which", "lowest",
+                                         "--quota", "10", "--attribution", str(job["attribution"]),
+                                         "--output", str(tmp / "s")],
 }  # fmt: skip
 
 
@@ -505,6 +508,8 @@ COMMANDS = {
 def test_a_damaged_model_directory_is_one_line(damage, command, job, tmp_path, capsys):
     if command == "apply" and damage in ("no weights", "no tokenizer"):
         pytest.skip("apply reads neither a tokenizer nor, from a base without them, weights")
+    if command == "suppress" and damage == "no tokenizer":
+        pytest.skip("suppress copies the tokenizer's files as they are, without reading them")
     model = copy_model(job, tmp_path)
     _damage(damage, model)
     argv = COMMANDS[command](job, model, tmp_path)
