@@ -676,6 +676,14 @@ def _pipeline_cases() -> dict[str, tuple[dict, str]]:
             "`train`: --data: row 1: `output` must",
         ),
         "a bad quota": ({"select": {"quota": 0}}, "`select`: --quota 0: must be in (0, 100]"),
+        "a typo in suppress": (
+            {"suppress": {"which": "top"}},
+            "`suppress`: argument --which: invalid choice",
+        ),
+        "S-H without the scores": (
+            {"suppress": {"which": "highest", "quota": 1}},
+            "`suppress`: --which highest at quota 1 reads the per-sample scores: set `save_scores: true`",
+        ),
         "a missing ds_config": (
             {"attribute": {"ds_config": "/nonexistent.json"}},
             "`attribute`: --ds-config",
@@ -698,7 +706,9 @@ def test_pipeline_checks_every_stage_before_the_first(case, job, tmp_path, capsy
               "select": {"quota": 10}, "train": {"data": str(job["data"]), "ds_config": "none"}}  # fmt: skip
     for key, value in change.items():
         if isinstance(value, dict):
-            config[key].update({k: str(null_row) if v == "NULL_ROW" else v for k, v in value.items()})
+            config.setdefault(key, {}).update(
+                {k: str(null_row) if v == "NULL_ROW" else v for k, v in value.items()}
+            )
         else:
             config[key] = value
     path = tmp_path / "pipeline.yaml"
