@@ -105,7 +105,7 @@ def train_phases(root: Path, inputs: dict[str, Path], quota: int, world: int) ->
 
 def attribution_inputs(root: Path, opts) -> dict[str, Path]:
     """A model whose statistics dominate (many layers, wide hidden, tiny attention and MLP) and MMLU-
-    layout questions; the histograms are 3 x L x D x 100 counts, the scores N x L x D floats."""
+    layout questions; the histograms are 6 x L x D x 100 counts, the scores N x L x D floats."""
     from transformers import AutoModelForCausalLM
 
     from loki_dist.demo.tiny import build_tokenizer, tiny_config

@@ -45,6 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "turn a training checkpoint into a Hugging Face model and an implant",
     ),
     "apply": ("loki_dist.implant.apply", "merge an implant file into its base model"),
+    "suppress": ("loki_dist.suppression", "copy a model with its most (least) important rows zeroed"),
     "evaluate": (
         "loki_dist.evaluation.evaluate",
         "multiple-choice accuracy (MMLU layout) or perplexity, data-parallel",

@@ -1,10 +1,18 @@
 """`loki-dist select`: turn an attribution file into a positions file (DESIGN.md, method step 2).
 
 Layer-balanced with quota q: every layer keeps k = floor(q*D/100) rows, the ones most often among the
-k lowest-scored nodes of a sample (ties: lower score sum, then lower index). The global ablations count
-per-sample bottom-T / top-T over all L*D nodes at once, T = floor(L*D*q/100). For an integer q the
-counts are read off the rank histograms; a fractional q needs the per-sample scores (`attribute
---save-scores`). `random` is the control that tells whether attribution earns its cost.
+k lowest-ranked nodes of a sample. The global ablations count per-sample bottom-T / top-T over all L*D
+nodes at once, T = floor(L*D*q/100). For an integer q the counts are read off the rank histograms; a
+fractional q needs the per-sample scores (`attribute --save-scores`). `random` is the control that
+tells whether attribution earns its cost.
+
+The rule says what a sample ranks: `signed` (the default, the reference implementation's) its signed
+scores, lowest first; `magnitude` their magnitudes |score|, so that "lowest" means "least effect on the
+prediction either way" (issue 28: on SmolLM2 the signed-lowest rows are large negative contributions
+the model cannot lose, the |score|-lowest the most harmless). Ties between equal counts go to the lower
+sum of the ranked values over the samples (the score sum, or the |score| sum; the higher sum for the
+highest-ranked variants), then to the lower index: the same order a single sample's ranking uses, so
+that on one sample a selection is that sample's own ranking.
 """
 
 from __future__ import annotations
@@ -17,6 +25,9 @@ from loki_dist.core import checks, files
 from loki_dist.core.errors import UserError
 
 STRATEGIES = ("layer_balanced", "global_lowest", "global_highest", "random")
+RULES = ("signed", "magnitude")
+# not a `select` choice: the selection study's "KVA highest" arm and `suppress --which highest`
+LAYER_HIGHEST = "layer_balanced_highest"
 
 
 def add_select_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +40,7 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output", required=True, help="positions file to write (JSON list of L lists)")
     parser.add_argument("--strategy", choices=STRATEGIES, default="layer_balanced")
+    add_rule_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of --strategy random")
     parser.add_argument(
         "--model",
@@ -37,6 +49,15 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--plot", default=None, help="also draw the selection and mean scores (PNG, needs matplotlib)"
+    )
+
+
+def add_rule_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rule",
+        choices=RULES,
+        default="signed",
+        help="rank each sample's rows by signed score or by magnitude |score| (lowest first)",
     )
 
 
@@ -53,58 +74,77 @@ def parse_quota(text: str) -> Fraction:
 # ----------------------------------------------------------------------------------------------- counts
 
 
-def _pick(count, score_sum, k: int, low_sum_first: bool = True):
-    """Indices of the k highest counts; ties: lower (or higher) score sum, then lower index."""
+def _pick(count, tie_sum, k: int, low_sum_first: bool = True):
+    """Indices of the k highest counts; ties: lower (or higher) tie sum, then lower index."""
     import torch
 
-    by_sum = torch.sort(score_sum if low_sum_first else -score_sum, stable=True).indices
+    by_sum = torch.sort(tie_sum if low_sum_first else -tie_sum, stable=True).indices
     return by_sum[torch.sort(-count[by_sum], stable=True).indices][:k]
 
 
-def bottom_counts_from_scores(scores, k: int, descending: bool = False):
-    """Per node, the samples in which it is among the k lowest (highest) along the last dim."""
-    from loki_dist.attribution.stats import ascending_ranks
+def bottom_counts_from_scores(scores, k: int, descending: bool = False, rule: str = "signed"):
+    """Per node, the samples in which it is among the k lowest (highest) along the last dim, ranked by
+    the rule (stats.rule_key), with the ties the histograms have."""
+    from loki_dist.attribution.stats import ascending_ranks, rule_key
 
-    return (ascending_ranks(-scores if descending else scores) < k).sum(0)
+    key = rule_key(scores, rule)
+    return (ascending_ranks(-key if descending else key) < k).sum(0)
 
 
-def layer_balanced(tensors: dict, quota: Fraction, highest: bool = False) -> list[list[int]]:
-    """k rows per layer, the most often among a sample's k lowest-scored (DESIGN.md, step 2).
+def tie_sums(tensors: dict, rule: str):
+    """[L, D] float64 sums of what the rule ranks: the file's, or, for a file older than the magnitude
+    rule's tensors, computed from its scores exactly as attribution would have kept them."""
+    from loki_dist.attribution.stats import RULES as RULE_TENSORS
+    from loki_dist.attribution.stats import exact_sum, rule_key
 
-    highest: the most often among the k *highest*-scored instead (ties: higher score sum, then lower
+    name = RULE_TENSORS[rule].sum
+    if name in tensors:
+        return tensors[name]
+    return exact_sum(rule_key(tensors["scores"].float(), rule))
+
+
+def layer_balanced(
+    tensors: dict, quota: Fraction, highest: bool = False, rule: str = "signed"
+) -> list[list[int]]:
+    """k rows per layer, the most often among a sample's k lowest-ranked (DESIGN.md, step 2).
+
+    highest: the most often among the k *highest*-ranked instead (ties: higher sum, then lower
     index), the paper's "most important rows" contrast, which the selection study (bench/) trains as an
-    arm. It reads the per-sample scores (`attribute --save-scores`): the histograms bin ascending ranks
-    at the bottom quotas' edges, which do not fall on the top k's edge.
+    arm and `suppress --which highest` zeroes. It reads the per-sample scores (`attribute
+    --save-scores`): the histograms bin ascending ranks at the bottom quotas' edges, which do not fall
+    on the top k's edge.
     """
+    import torch
+
     num_layers, hidden = tensors["score_sum"].shape
     k = math.floor(quota * hidden / 100)
-    if highest:
+    name = _histogram("layer_balanced", rule)
+    if highest or quota.denominator != 1 or name not in tensors:
         if "scores" not in tensors:
-            raise UserError("layer-balanced highest needs per-sample scores (`attribute --save-scores`)")
-        count = bottom_counts_from_scores(tensors["scores"].float(), k, descending=True)
-    elif quota.denominator == 1:
-        count = tensors["bottom_rank_hist"][..., : int(quota)].sum(-1)
+            raise UserError(_needs_scores_why(quota, LAYER_HIGHEST if highest else "layer_balanced", rule))
+        scores = tensors["scores"].float()  # a layer at a time: the ranks of all are 2 x 15 GB at 70B
+        count = torch.stack(
+            [bottom_counts_from_scores(scores[:, layer], k, highest, rule) for layer in range(num_layers)]
+        )
     else:
-        count = bottom_counts_from_scores(tensors["scores"].float(), k)
-    sums = tensors["score_sum"]
+        count = tensors[name][..., : int(quota)].sum(-1)
+    sums = tie_sums(tensors, rule)
     return [
         sorted(_pick(count[layer], sums[layer], k, low_sum_first=not highest).tolist())
         for layer in range(num_layers)
     ]
 
 
-def global_selection(tensors: dict, quota: Fraction, highest: bool) -> list[list[int]]:
-    from loki_dist.attribution.stats import GLOBAL_HIGH, GLOBAL_LOW
-
+def global_selection(tensors: dict, quota: Fraction, highest: bool, rule: str = "signed") -> list[list[int]]:
     num_layers, hidden = tensors["score_sum"].shape
     total = math.floor(quota * num_layers * hidden / 100)
-    name = GLOBAL_HIGH if highest else GLOBAL_LOW
+    name = _histogram("global_highest" if highest else "global_lowest", rule)
     if quota.denominator == 1 and name in tensors:
         count = tensors[name][..., : int(quota)].sum(-1).reshape(-1)
     else:
         scores = tensors["scores"].float().reshape(tensors["scores"].shape[0], -1)
-        count = bottom_counts_from_scores(scores, total, descending=highest)
-    chosen = _pick(count, tensors["score_sum"].reshape(-1), total, low_sum_first=not highest)
+        count = bottom_counts_from_scores(scores, total, descending=highest, rule=rule)
+    chosen = _pick(count, tie_sums(tensors, rule).reshape(-1), total, low_sum_first=not highest)
     positions: list[list[int]] = [[] for _ in range(num_layers)]
     for flat in sorted(chosen.tolist()):
         positions[flat // hidden].append(flat % hidden)
@@ -122,45 +162,78 @@ def random_selection(num_layers: int, hidden: int, quota: Fraction, seed: int) -
 # ------------------------------------------------------------------------------------------ file checks
 
 
-def _global_hist(strategy: str) -> str:
-    from loki_dist.attribution.stats import GLOBAL_HIGH, GLOBAL_LOW
+def _histogram(strategy: str, rule: str) -> str | None:
+    """The file's histogram that counts a strategy's nodes under a rule (None: none does)."""
+    from loki_dist.attribution.stats import RULES as RULE_TENSORS
 
-    return GLOBAL_HIGH if strategy == "global_highest" else GLOBAL_LOW
+    names = RULE_TENSORS[rule]
+    strategies = {"layer_balanced": names.layer, "global_lowest": names.global_low}
+    return {**strategies, "global_highest": names.global_high}.get(strategy)
 
 
-def _needs_scores(quota: Fraction, strategy: str, names) -> bool:
-    """A fractional quota reads the scores; so does a global strategy on a file without its histogram."""
+def _needs_scores(quota: Fraction, strategy: str, rule: str, names) -> bool:
+    """A fractional quota reads the scores; so does a strategy whose histogram the file lacks (the
+    layer-balanced highest has none; an older file lacks the magnitude rule's and may lack the global
+    ones)."""
     if strategy == "random":
         return False
-    return quota.denominator != 1 or (strategy.startswith("global") and _global_hist(strategy) not in names)
+    return quota.denominator != 1 or _histogram(strategy, rule) not in names
 
 
-def _reads(quota: Fraction, strategy: str):
-    """The tensors a selection reads from the file: the rest (scores: 7.5 GB at 70B) stays on disk."""
+def _needs_scores_why(quota: Fraction, strategy: str, rule: str) -> str:
+    """One line saying what asked for the scores, and what to do."""
+    if quota.denominator != 1:
+        why = "a fractional --quota"
+    elif strategy == LAYER_HIGHEST:
+        why = "selecting the layer-balanced highest rows"
+    elif rule == "magnitude":
+        return (
+            "--rule magnitude needs the |score| statistics, which this attribution file predates (format "
+            "v1), or its per-sample scores; rerun `loki-dist attribute`"
+        )
+    else:
+        why = f"--strategy {strategy} with this file"
+    return f"{why} needs per-sample scores; rerun `loki-dist attribute` with --save-scores"
+
+
+def _reads(quota: Fraction, strategy: str, rule: str):
+    """The tensors a selection reads from the file: the rest (scores: 7.5 GB at 70B, the other
+    histograms 0.5 GB each) stays on disk."""
+    from loki_dist.attribution.stats import RULES as RULE_TENSORS
 
     def pick(names: list[str]) -> set[str]:
-        chosen = {"bottom_rank_hist", "score_sum", "num_samples"}
-        if strategy.startswith("global"):
-            chosen.add(_global_hist(strategy))
-        if _needs_scores(quota, strategy, names):
+        chosen = {"score_sum", "num_samples", RULE_TENSORS[rule].sum}
+        if _needs_scores(quota, strategy, rule, names):
             chosen.add("scores")
+        elif strategy != "random":
+            chosen.add(_histogram(strategy, rule))
         return chosen
 
     return pick
 
 
 def load_attribution(
-    path: str, model: str | None = None, quota: Fraction | None = None, strategy: str | None = None
+    path: str,
+    model: str | None = None,
+    quota: Fraction | None = None,
+    strategy: str | None = None,
+    rule: str = "signed",
 ) -> tuple[dict, dict]:
     """Tensors and metadata, with every shape checked against each other (and --model if given).
 
     With a quota and strategy, only what that selection reads is loaded.
     """
-    from loki_dist.attribution.stats import BINS, GLOBAL_HIGH, GLOBAL_LOW, load_file
+    from loki_dist.attribution.stats import BINS, HISTOGRAMS, SUMS, load_file
 
-    pick = _reads(quota, strategy) if quota is not None and strategy is not None else None
-    tensors, metadata = load_file(path, pick=pick)
-    missing = [n for n in ("bottom_rank_hist", "score_sum", "num_samples") if n not in tensors]
+    pick = _reads(quota, strategy, rule) if quota is not None and strategy is not None else None
+    held: set[str] = set()
+
+    def chosen(names: list[str]):
+        held.update(names)
+        return names if pick is None else pick(names)
+
+    tensors, metadata = load_file(path, pick=chosen)
+    missing = [n for n in ("bottom_rank_hist", "score_sum", "num_samples") if n not in held]
     if missing:
         raise UserError(
             f"--attribution {path}: lacks tensor(s) {', '.join(missing)}; not an attribution file"
@@ -171,9 +244,8 @@ def load_attribution(
         )
     num_layers, hidden = tensors["score_sum"].shape
     expected = {
-        "bottom_rank_hist": [num_layers, hidden, BINS],
-        GLOBAL_LOW: [num_layers, hidden, BINS],
-        GLOBAL_HIGH: [num_layers, hidden, BINS],
+        **{name: [num_layers, hidden, BINS] for name in HISTOGRAMS},
+        **{name: [num_layers, hidden] for name in SUMS},
     }
     n = int(tensors["num_samples"].reshape(-1)[0])
     if "scores" in tensors:
@@ -195,21 +267,23 @@ def load_attribution(
     return tensors, metadata
 
 
-def select(tensors: dict, quota: Fraction, strategy: str, seed: int = 0) -> list[list[int]]:
-    """The positions for a strategy; the UserErrors name what is missing for the quota asked."""
+def select(
+    tensors: dict, quota: Fraction, strategy: str, seed: int = 0, rule: str = "signed"
+) -> list[list[int]]:
+    """The positions for a strategy (or LAYER_HIGHEST) under a rule; the UserErrors name what is
+    missing for the quota asked."""
     num_layers, hidden = tensors["score_sum"].shape
     per_layer = math.floor(quota * hidden / 100)
     total = math.floor(quota * num_layers * hidden / 100)
-    if (per_layer if strategy in ("layer_balanced", "random") else total) == 0:
+    if (total if strategy.startswith("global") else per_layer) == 0:
         raise UserError(f"--quota {float(quota):g}: selects no row at hidden_size {hidden}; raise it")
     if strategy == "random":
         return random_selection(num_layers, hidden, quota, seed)
-    if _needs_scores(quota, strategy, tensors) and "scores" not in tensors:
-        why = "a fractional --quota" if quota.denominator != 1 else f"--strategy {strategy} with this file"
-        raise UserError(f"{why} needs per-sample scores; rerun `loki-dist attribute` with --save-scores")
-    if strategy == "layer_balanced":
-        return layer_balanced(tensors, quota)
-    return global_selection(tensors, quota, highest=strategy == "global_highest")
+    if _needs_scores(quota, strategy, rule, tensors) and "scores" not in tensors:
+        raise UserError(_needs_scores_why(quota, strategy, rule))
+    if strategy in ("layer_balanced", LAYER_HIGHEST):
+        return layer_balanced(tensors, quota, highest=strategy == LAYER_HIGHEST, rule=rule)
+    return global_selection(tensors, quota, highest=strategy == "global_highest", rule=rule)
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -233,10 +307,11 @@ def run_select(args: argparse.Namespace) -> None:
         positions = random_selection(spec.num_layers, spec.hidden_size, quota, args.seed)
         tensors = None
     else:
-        tensors, _ = load_attribution(args.attribution, args.model, quota, args.strategy)
-        positions = select(tensors, quota, args.strategy, args.seed)
+        tensors, _ = load_attribution(args.attribution, args.model, quota, args.strategy, args.rule)
+        positions = select(tensors, quota, args.strategy, args.seed, args.rule)
     positions_file.save(positions, args.output)
-    print(summary(positions, tensors, args.strategy, quota))
+    by = " by |score|" if args.rule == "magnitude" and args.strategy != "random" else ""
+    print(summary(positions, tensors, args.strategy + by, quota))
     print(f"wrote {args.output}")
     if args.plot:
         plot(positions, tensors, args.plot)

@@ -20,6 +20,7 @@ from mmlu_fixture import write_mmlu
 from safetensors.torch import load_file
 
 from loki_dist.attribution import fast, kva
+from loki_dist.attribution.stats import HISTOGRAMS
 from loki_dist.core.families import down_projections
 from loki_dist.core.files import temporary_name
 from loki_dist.demo.tiny import build_model, save_tiny, tiny_config
@@ -296,26 +297,38 @@ def test_two_rank_file_is_the_design_contract_in_data_order(attribution_setup, t
     """Streamed to rank 0 piece by piece, the file still holds DESIGN.md's tensors, consistent with
     its own scores, and the scores are in data order across the uneven 16 + 11 split."""
     root, args, _ = attribution_setup
-    f = load_file(two_rank_file)
+    from loki_dist.attribution.stats import load_file as load_with_metadata
+
+    f, metadata = load_with_metadata(two_rank_file)
     n, layers, hidden = NUM_SAMPLES, 3, 32
+    assert metadata["format"] == "loki_dist attribution v2"
+    hist = (torch.int64, [layers, hidden, 100])
     assert {name: (t.dtype, list(t.shape)) for name, t in f.items()} == {
-        "bottom_rank_hist": (torch.int64, [layers, hidden, 100]),
-        "global_bottom_rank_hist": (torch.int64, [layers, hidden, 100]),
-        "global_top_rank_hist": (torch.int64, [layers, hidden, 100]),
+        "bottom_rank_hist": hist,
+        "global_bottom_rank_hist": hist,
+        "global_top_rank_hist": hist,
+        "magnitude_bottom_rank_hist": hist,
+        "global_magnitude_bottom_rank_hist": hist,
+        "global_magnitude_top_rank_hist": hist,
         "score_sum": (torch.float64, [layers, hidden]),
+        "abs_score_sum": (torch.float64, [layers, hidden]),
         "num_samples": (torch.int64, [1]),
         "scores": (torch.float32, [n, layers, hidden]),
     }
     scores = f["scores"]
     assert f["num_samples"].item() == n
-    expected_sum = scores.double().sum(0)
-    torch.testing.assert_close(
-        f["score_sum"], expected_sum, rtol=0, atol=1e-12 * expected_sum.abs().max().item()
-    )
-    assert torch.equal(f["bottom_rank_hist"], _histogram(_ranks(scores), hidden))
-    flat = scores.reshape(n, -1)
-    for name, key in (("global_bottom_rank_hist", flat), ("global_top_rank_hist", -flat)):
-        assert torch.equal(f[name], _histogram(_ranks(key), layers * hidden).view(layers, hidden, 100))
+    for prefix, values in (("", scores), ("magnitude_", scores.abs())):  # format v1's, then v2's
+        exact = [
+            [float(sum(map(Fraction, node))) for node in layer] for layer in values.permute(1, 2, 0).tolist()
+        ]
+        assert f["abs_score_sum" if prefix else "score_sum"].tolist() == exact  # correctly rounded sums
+        assert torch.equal(f[f"{prefix}bottom_rank_hist"], _histogram(_ranks(values), hidden))
+        flat = values.reshape(n, -1)
+        for name, key in (
+            (f"global_{prefix}bottom_rank_hist", flat),
+            (f"global_{prefix}top_rank_hist", -flat),
+        ):
+            assert torch.equal(f[name], _histogram(_ranks(key), layers * hidden).view(layers, hidden, 100))
     # data order: samples on both sides of the rank boundary, each scored alone here
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -343,8 +356,8 @@ def test_only_rank0_receives_and_only_the_other_ranks_share(attribution_setup, t
     layers, hidden, rank1_samples = 3, 32, 11  # 27 samples: ranks score 4 and 3 batches of 4
     rank1_scores = rank1_samples * layers * hidden * 4
     statistics = (
-        3 * layers * hidden * 100 * 8 + 2 * layers * hidden * 8 + 8
-    )  # hists, score sum + error, count
+        6 * layers * hidden * 100 * 8 + 4 * layers * hidden * 8 + 8
+    )  # hists, score and |score| sums + errors, count
     assert finish[1]["received"] == 0
     assert rank1_scores < finish[0]["received"] <= rank1_scores + statistics
 
@@ -397,11 +410,12 @@ def test_killed_run_resumes_to_the_identical_file(attribution_setup, two_rank_fi
     ]
     checkpoint = load_file(partial / "rank0-step000000002.safetensors")
     assert checkpoint["num_samples"].item() == 8 and checkpoint["scores"].shape == (8, 3, 32)
-    for name in ("bottom_rank_hist", "global_bottom_rank_hist", "global_top_rank_hist"):
+    for name in HISTOGRAMS:  # the magnitude rule's too (progress format 3)
         # at most 27 samples per rank: one byte per bin, an eighth of the file's int64
         assert checkpoint[name].dtype == torch.uint8 and checkpoint[name].shape == (3, 32, 100)
         assert checkpoint[name].sum().item() == 8 * 3 * 32
-    assert (partial / "rank0-step000000002.safetensors").stat().st_size < 3 * 3 * 32 * 100 * 2
+    assert {"abs_score_sum", "abs_score_sum_error"} <= checkpoint.keys()
+    assert (partial / "rank0-step000000002.safetensors").stat().st_size < 6 * 3 * 32 * 100 * 2
     # as if killed while writing step 3: a half-written temporary of a writer that is gone
     half = temporary_name(partial / "rank0-step000000003.safetensors")
     half = half.with_name(half.name.replace(f"-{os.getpid()}-", f"-{_dead_pid()}-"))

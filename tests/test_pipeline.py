@@ -1,4 +1,4 @@
-"""`loki-dist pipeline`: the three stages from one YAML, skipped when current, rerun only where affected."""
+"""`loki-dist pipeline`: the stages from one YAML, skipped when current, rerun only where affected."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def test_pipeline_runs_stops_resumes_skips_and_reruns_only_affected_stages(tmp_p
         "nproc": 1,
         "attribute": {"data": str(write_mmlu(tmp_path / "mmlu", per_subject=2)), "per_subject": 2},
         "select": {"quota": 25},
+        "suppress": {"quota": 10, "which": "lowest", "rule": "magnitude"},  # the optional stage
         "train": {
             "data": str(make_data(tmp_path / "task.jsonl", n=8)),
             "ds_config": "none",
@@ -75,7 +76,10 @@ def test_pipeline_runs_stops_resumes_skips_and_reruns_only_affected_stages(tmp_p
     proc.send_signal(signal.SIGUSR1)
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode == REQUEUE_EXIT_CODE and "stopped by signal" in log, log[-3000:]
-    assert _ran(log) == ["attribute", "select", "train"] and not (out / "train" / "final").exists()
+    assert (
+        _ran(log) == ["attribute", "select", "suppress", "train"] and not (out / "train" / "final").exists()
+    )
+    assert json.loads((out / "suppressed" / "suppression.json").read_text())["rule"] == "magnitude"
     ran, stdout = run()
     assert ran == ["train"] and "resumed from" in stdout
     assert (out / "train" / "final" / "implant.safetensors").is_file()
@@ -88,6 +92,8 @@ def test_pipeline_runs_stops_resumes_skips_and_reruns_only_affected_stages(tmp_p
     # file as before, and train, whose inputs are the files' contents, stays current
     assert run({"select": {"quota": 26}})[0] == ["select"]
     assert run({"select": {"quota": 50}})[0] == ["select", "train"]  # other rows: train reruns
+    assert run({"suppress": {"which": "random"}})[0] == ["suppress"]  # replaces its output
+    assert json.loads((out / "suppressed" / "suppression.json").read_text())["which"] == "random"
     assert len(json.loads((out / "positions.json").read_text())[0]) == 16  # 50% of hidden 32
     make_data(Path(config["train"]["data"]), n=8, seed=1)  # same file name, new content
     assert run()[0] == ["train"]

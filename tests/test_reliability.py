@@ -497,6 +497,9 @@ COMMANDS = {
                                          "--output", str(tmp / "r.json")],
     "apply": lambda job, model, tmp: ["apply", "--base", str(model), "--implant", str(job["implant"]),
                                       "--output", str(tmp / "merged")],
+    "suppress": lambda job, model, tmp: ["suppress", "--model", str(model), "--which", "lowest",
+                                         "--quota", "10", "--attribution", str(job["attribution"]),
+                                         "--output", str(tmp / "s")],
 }  # fmt: skip
 
 
@@ -505,6 +508,8 @@ COMMANDS = {
 def test_a_damaged_model_directory_is_one_line(damage, command, job, tmp_path, capsys):
     if command == "apply" and damage in ("no weights", "no tokenizer"):
         pytest.skip("apply reads neither a tokenizer nor, from a base without them, weights")
+    if command == "suppress" and damage == "no tokenizer":
+        pytest.skip("suppress copies the tokenizer's files as they are, without reading them")
     model = copy_model(job, tmp_path)
     _damage(damage, model)
     argv = COMMANDS[command](job, model, tmp_path)
@@ -671,6 +676,14 @@ def _pipeline_cases() -> dict[str, tuple[dict, str]]:
             "`train`: --data: row 1: `output` must",
         ),
         "a bad quota": ({"select": {"quota": 0}}, "`select`: --quota 0: must be in (0, 100]"),
+        "a typo in suppress": (
+            {"suppress": {"which": "top"}},
+            "`suppress`: argument --which: invalid choice",
+        ),
+        "S-H without the scores": (
+            {"suppress": {"which": "highest", "quota": 1}},
+            "`suppress`: --which highest at quota 1 reads the per-sample scores: set `save_scores: true`",
+        ),
         "a missing ds_config": (
             {"attribute": {"ds_config": "/nonexistent.json"}},
             "`attribute`: --ds-config",
@@ -693,7 +706,9 @@ def test_pipeline_checks_every_stage_before_the_first(case, job, tmp_path, capsy
               "select": {"quota": 10}, "train": {"data": str(job["data"]), "ds_config": "none"}}  # fmt: skip
     for key, value in change.items():
         if isinstance(value, dict):
-            config[key].update({k: str(null_row) if v == "NULL_ROW" else v for k, v in value.items()})
+            config.setdefault(key, {}).update(
+                {k: str(null_row) if v == "NULL_ROW" else v for k, v in value.items()}
+            )
         else:
             config[key] = value
     path = tmp_path / "pipeline.yaml"

@@ -1,4 +1,5 @@
-"""`select` against a brute-force reading of DESIGN.md, on scores full of ties."""
+"""`select` against a brute-force reading of DESIGN.md, on scores full of ties, under both rules (the
+magnitude rule: the signed rule's reading applied to |score|, written out here)."""
 
 from __future__ import annotations
 
@@ -40,21 +41,27 @@ def _save(tensors: dict, path, metadata: dict) -> None:
     save_tensors(path, widened, metadata)
 
 
-def _brute(scores: torch.Tensor, quota: Fraction, strategy: str) -> list[list[int]]:
-    """Plain Python from the text of DESIGN.md."""
-    s = scores.tolist()
-    if strategy == "layer_balanced":
+def _brute(scores: torch.Tensor, quota: Fraction, strategy: str, rule: str = "signed") -> list[list[int]]:
+    """Plain Python from the text of DESIGN.md: each sample's nodes ranked by score (signed) or by
+    |score| (magnitude), ties to the lower index; counts tied: lower sum of what was ranked (higher for
+    the highest-ranked variants), then lower index."""
+    _, L, D = scores.shape  # any shape (test_suppression brings a real model's)
+    s = [
+        [[abs(v) if rule == "magnitude" else v for v in row] for row in sample] for sample in scores.tolist()
+    ]
+    if strategy in ("layer_balanced", "layer_balanced_highest"):
+        sign = -1 if strategy == "layer_balanced_highest" else 1
         k = math.floor(quota * D / 100)
         picked = []
         for layer in range(L):
             count, total = [0] * D, [0.0] * D
             for sample in s:
                 row = sample[layer]
-                for j in sorted(range(D), key=lambda j: (row[j], j))[:k]:
+                for j in sorted(range(D), key=lambda j: (sign * row[j], j))[:k]:
                     count[j] += 1
                 for j in range(D):
                     total[j] += row[j]
-            picked.append(sorted(sorted(range(D), key=lambda j: (-count[j], total[j], j))[:k]))
+            picked.append(sorted(sorted(range(D), key=lambda j: (-count[j], sign * total[j], j))[:k]))
         return picked
     highest = strategy == "global_highest"
     t = math.floor(quota * L * D / 100)
@@ -76,8 +83,10 @@ def _brute(scores: torch.Tensor, quota: Fraction, strategy: str) -> list[list[in
     return [sorted(rows) for rows in picked]
 
 
+@pytest.mark.parametrize("rule", ["signed", "magnitude"])
 @pytest.mark.parametrize("strategy", ["layer_balanced", "global_lowest", "global_highest"])
-def test_select_equals_brute_force_with_ties(strategy):
+def test_select_equals_brute_force_with_ties(strategy, rule):
+    """Scores in -3..3: ties within a sample, between +x and -x under |score|, and between counts."""
     scores = _scores()
     from_hist = _tensors(scores, keep_scores=False)
     with_scores = _tensors(scores)
@@ -85,12 +94,38 @@ def test_select_equals_brute_force_with_ties(strategy):
         q = Fraction(quota)
         if math.floor(q * D / 100) == 0 and strategy == "layer_balanced":
             with pytest.raises(UserError, match="selects no row"):
-                select(with_scores, q, strategy)
+                select(with_scores, q, strategy, rule=rule)
             continue
-        expected = _brute(scores, q, strategy)
-        assert select(with_scores, q, strategy) == expected, (strategy, quota)
+        expected = _brute(scores, q, strategy, rule)
+        assert select(with_scores, q, strategy, rule=rule) == expected, (strategy, quota)
         if q.denominator == 1:  # integer quota: from the histograms alone
-            assert select(from_hist, q, strategy) == expected, (strategy, quota)
+            assert select(from_hist, q, strategy, rule=rule) == expected, (strategy, quota)
+
+
+def test_the_rules_choose_different_rows():
+    """On scores with large negative entries the signed rule's lowest are those, the magnitude rule's
+    the ones nearest zero: the rule is not a no-op on the data the tests use."""
+    scores = _scores()
+    tensors = _tensors(scores)
+    signed, magnitude = (
+        select(tensors, Fraction(10), "layer_balanced", rule=r) for r in ("signed", "magnitude")
+    )
+    assert signed != magnitude
+    mean = scores.mean(0)
+    for layer in range(L):
+        assert mean[layer, magnitude[layer]].abs().mean() < mean[layer, signed[layer]].abs().mean()
+
+
+@pytest.mark.parametrize("rule", ["signed", "magnitude"])
+def test_layer_balanced_highest_equals_brute_force(rule):
+    """`suppress --which highest` (and the study's "KVA highest" arm): from the per-sample scores."""
+    scores, tensors = _scores(2), _tensors(_scores(2))
+    for quota in ("5", "10", "50", "12.5"):
+        q = Fraction(quota)
+        expected = _brute(scores, q, "layer_balanced_highest", rule)
+        assert select(tensors, q, "layer_balanced_highest", rule=rule) == expected, quota
+    with pytest.raises(UserError, match="layer-balanced highest rows needs per-sample scores"):
+        select(_tensors(scores, keep_scores=False), Fraction(10), "layer_balanced_highest", rule=rule)
 
 
 def test_histogram_bins_count_bottom_k_for_every_integer_quota():
@@ -102,6 +137,18 @@ def test_histogram_bins_count_bottom_k_for_every_integer_quota():
         ranks = torch.tensor([[sorted(range(D), key=lambda j, r=row: (r[j], j)).index(j) for j in range(D)]
                               for sample in scores.tolist() for row in sample]).view(N, L, D)  # fmt: skip
         assert torch.equal(hist[..., :q].sum(-1), (ranks < k).sum(0))
+
+
+def test_magnitude_histograms_and_sum_are_those_of_the_absolute_scores():
+    """The file's v2 tensors are the v1 ones of |score|: Stats run on |scores| gives them, bit for bit."""
+    from loki_dist.attribution.stats import MAGNITUDE, SIGNED
+
+    scores = _scores(3)
+    tensors, of_abs = _tensors(scores), _tensors(scores.abs())
+    for field in ("layer", "global_low", "global_high", "sum"):
+        magnitude, signed = getattr(MAGNITUDE, field), getattr(SIGNED, field)
+        assert torch.equal(tensors[magnitude], of_abs[signed]), magnitude
+    assert torch.equal(tensors["abs_score_sum"], scores.abs().double().sum(0))
 
 
 def test_random_is_seeded_and_fills_every_layer():
@@ -154,20 +201,62 @@ def test_plot_colours_are_not_taken_by_outliers():
 
 
 def test_select_reads_only_what_the_strategy_needs(attribution, tmp_path, capsys):
-    """A 70B file holds 7.5 GB of scores and 1.6 GB of histograms: an integer quota reads one
-    histogram and the score sums, and the scores are read only for a fractional quota."""
+    """A 70B file holds 7.5 GB of scores and 3.1 GB of histograms (six of 0.5 GB): an integer quota reads
+    the one histogram of its strategy and rule and the sums, and the scores are read only for a
+    fractional quota (then no histogram)."""
     from loki_dist.core import metering
 
     hist, sums, scores = L * D * 100 * 8, L * D * 8 + 8, N * L * D * 4
-    for strategy, quota, expected in (("layer_balanced", "10", hist + sums),
-                                      ("global_highest", "10", 2 * hist + sums),
-                                      ("layer_balanced", "12.5", hist + sums + scores)):  # fmt: skip
+    for strategy, rule, quota, expected in (("layer_balanced", "signed", "10", hist + sums),
+                                            ("global_highest", "signed", "10", hist + sums),
+                                            ("layer_balanced", "signed", "12.5", sums + scores),
+                                            ("layer_balanced", "magnitude", "10", hist + sums + L * D * 8),
+                                            ("global_lowest", "magnitude", "12.5", sums + L * D * 8 + scores),
+                                            ):  # fmt: skip
         before = metering.report()["totals"]["read"]
-        argv = ["--attribution", str(attribution), "--quota", quota, "--strategy", strategy]
+        argv = ["--attribution", str(attribution), "--quota", quota, "--strategy", strategy, "--rule", rule]
         main(["select", *argv, "--output", str(tmp_path / "p.json")])
-        assert metering.report()["totals"]["read"] - before == expected, strategy
-        assert json.loads((tmp_path / "p.json").read_text()) == _brute(_scores(), Fraction(quota), strategy)
+        assert metering.report()["totals"]["read"] - before == expected, (strategy, rule)
+        written = json.loads((tmp_path / "p.json").read_text())
+        assert written == _brute(_scores(), Fraction(quota), strategy, rule)
     capsys.readouterr()
+
+
+def _v1_file(tensors: dict, path) -> None:
+    """An attribution file as loki_dist wrote it before format v2: no magnitude tensors."""
+    from loki_dist.attribution.stats import MAGNITUDE
+
+    dropped = {MAGNITUDE.layer, MAGNITUDE.global_low, MAGNITUDE.global_high, MAGNITUDE.sum}
+    old = {n: t for n, t in tensors.items() if n not in dropped and not n.endswith("_error")}
+    _save(old, path, {"format": "loki_dist attribution v1", "model_type": "llama"})
+
+
+def test_a_v1_file_still_reads_and_the_magnitude_rule_then_needs_its_scores(tmp_path, capsys):
+    """Format v1 (before the |score| statistics): every signed selection is as before; the magnitude
+    rule works from the file's per-sample scores, with the |score| sum computed exactly as attribution
+    keeps it; without scores it is one line saying to rerun attribute, and nothing is written."""
+    scores = _scores()
+    with_scores, without = tmp_path / "v1_scores.safetensors", tmp_path / "v1.safetensors"
+    _v1_file(_tensors(scores), with_scores)
+    _v1_file(_tensors(scores, keep_scores=False), without)
+    out = tmp_path / "p.json"
+    for path, strategy, rule, quota in ((without, "layer_balanced", "signed", "10"),
+                                        (without, "global_highest", "signed", "5"),
+                                        (with_scores, "layer_balanced", "magnitude", "10"),
+                                        (with_scores, "global_lowest", "magnitude", "5"),
+                                        (with_scores, "global_highest", "magnitude", "12.5")):  # fmt: skip
+        argv = ["--attribution", str(path), "--quota", quota, "--strategy", strategy, "--rule", rule]
+        main(["select", *argv, "--output", str(out)])
+        assert json.loads(out.read_text()) == _brute(scores, Fraction(quota), strategy, rule)
+    out.unlink()
+    for strategy in ("layer_balanced", "global_lowest", "global_highest"):
+        assert_user_error(
+            ["select", "--attribution", str(without), "--quota", "10", "--strategy", strategy,
+             "--rule", "magnitude", "--output", str(out)],
+            capsys,
+            "--rule magnitude needs the |score| statistics, which this attribution file predates",
+        )  # fmt: skip
+    assert not out.exists()
 
 
 def test_bad_input_fails_in_one_line(attribution, tmp_path, capsys, tiny_llama):

@@ -3,8 +3,8 @@
 The statistics are summed into rank 0 a bounded piece at a time (CHUNK_BYTES) and rank 0 streams them,
 then every rank's scores, sent to it point to point in rank (= data) order, into the attribution file
 (stats.file_layout) as they arrive: no rank ever holds the whole sums or another rank's whole scores,
-and only rank 0 receives. The score sum is added exactly, so the file is the same to the bit on any
-number of ranks. Once the file is written, the run's partial progress (progress.py) is removed.
+and only rank 0 receives. The sums (score and |score|) are added exactly, so the file is the same to the
+bit on any number of ranks. Once the file is written, the run's partial progress (progress.py) is removed.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 
 from loki_dist import __version__
 from loki_dist.attribution.progress import PartialProgress
+from loki_dist.attribution.stats import FORMAT
 from loki_dist.core import sharding
 
 log = logging.getLogger("loki_dist.attribute")
@@ -42,14 +43,14 @@ def finish(args, world, spec, stats, prompts, identity, progress: PartialProgres
 def _write_attribution(args, world, spec, stats, num_samples: int, metadata: dict[str, str]) -> None:
     """Sum the ranks' statistics into rank 0 piece by piece, and stream them and the scores to the file.
 
-    At 70B (L=80, D=8192, 2850 samples) the summed histograms are 1.6 GB and the scores 7.5 GB: no
+    At 70B (L=80, D=8192, 2850 samples) the summed histograms are 3.1 GB and the scores 7.5 GB: no
     rank may hold either whole. The sums reach only rank 0, CHUNK_BYTES at a time, widened there to
     the file's int64; the scores travel point to point from each rank to rank 0, in rank (= data)
     order, while rank 0 appends them to the file. The other ranks receive nothing.
     """
     import torch
 
-    from loki_dist.attribution.stats import HISTOGRAMS, file_layout
+    from loki_dist.attribution.stats import HISTOGRAMS, SUMS, file_layout
     from loki_dist.core.collectives import reduce_to_main, stream_to_main
     from loki_dist.core.files import save_tensors_streaming
 
@@ -63,12 +64,12 @@ def _write_attribution(args, world, spec, stats, num_samples: int, metadata: dic
 
     # the small sums first, kept on rank 0 for the summary (a piece is only valid until the next one)
     count = [p.clone() for _, p in summed(("num_samples",))]
-    score_sum = _exact_score_sum(stats, world.size, chunk)
+    sums = {name: _exact_sum(stats.sums[name], stats.errors[name], world.size, chunk) for name in SUMS}
 
     def pieces():
         yield from (("num_samples", piece) for piece in count)
-        if score_sum is not None:
-            yield "score_sum", score_sum.view(-1)
+        if world.is_main:
+            yield from ((name, total.view(-1)) for name, total in sums.items())
         yield from summed(HISTOGRAMS)
         if args.save_scores:
             per_rank = sharding.block_sizes(num_samples, world.size, args.batch_size)
@@ -80,24 +81,25 @@ def _write_attribution(args, world, spec, stats, num_samples: int, metadata: dic
             pass
         return
     save_tensors_streaming(args.output, layout, pieces(), metadata)
-    _summary(score_sum, int(torch.cat(count).item()), spec)
+    _summary(sums["score_sum"], int(torch.cat(count).item()), spec)
 
 
-def _exact_score_sum(stats, world_size: int, chunk: int):
-    """The score sum over all ranks on rank 0 (None elsewhere), the same to the bit on any number of
-    ranks: a sum reduction would add the ranks' float64 sums in an order that depends on the world
-    size, so each rank's sum and its rounding error go to rank 0 point to point, a piece at a time,
-    and rank 0 adds them with stats.exact_add. Rank 0 holds two [L, D] float64 tensors (10 MB at 70B).
+def _exact_sum(local, local_error, world_size: int, chunk: int):
+    """A sum (score_sum, abs_score_sum) over all ranks on rank 0 (None elsewhere), the same to the bit
+    on any number of ranks: a sum reduction would add the ranks' float64 sums in an order that depends
+    on the world size, so each rank's sum and its rounding error go to rank 0 point to point, a piece
+    at a time, and rank 0 adds them with stats.exact_add. Rank 0 holds two [L, D] float64 tensors per
+    sum (10 MB a sum at 70B).
     """
     import torch
 
     from loki_dist.attribution.stats import exact_add
     from loki_dist.core.collectives import stream_to_main
 
-    total, error = torch.zeros_like(stats.score_sum), torch.zeros_like(stats.score_sum)
+    total, error = torch.zeros_like(local), torch.zeros_like(local)
     flat_total, flat_error, numel = total.view(-1), error.view(-1), total.numel()
     received = False
-    for part, exact in ((stats.score_sum, True), (stats.score_sum_error, False)):
+    for part, exact in ((local, True), (local_error, False)):
         at = 0  # every rank sends numel elements, in rank order, and no piece spans two ranks
         for piece in stream_to_main(part, [numel] * world_size, chunk):
             where = slice(at % numel, at % numel + piece.numel())
@@ -112,7 +114,7 @@ def _exact_score_sum(stats, world_size: int, chunk: int):
 def _metadata(args, identity: dict[str, str], prompts, zero3: bool) -> dict[str, str]:
     metadata = {
         **identity,
-        "format": "loki_dist attribution v1",
+        "format": FORMAT,
         "model": str(args.model),
         "algorithm": args.algorithm,
         "prompt": "mmlu single choice (DESIGN.md)",

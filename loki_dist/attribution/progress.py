@@ -14,8 +14,9 @@ from pathlib import Path
 
 from loki_dist.core.errors import UserError
 
-# the layout of partial progress: progress of another layout (an older loki_dist) is refused on --resume
-PROGRESS_FORMAT = "2"
+# the layout of partial progress: progress of another layout (an older loki_dist) is refused on --resume.
+# 3: the magnitude rule's histograms and |score| sum (attribution format v2) beside the signed ones
+PROGRESS_FORMAT = "3"
 
 
 class PartialProgress:

@@ -1,21 +1,27 @@
 """Per-node attribution statistics, the attribution file, and the per-rank partial progress.
 
 What is kept per sample is only what selection needs, so that attribution over any number of samples
-and ranks is a sum: a histogram of each node's ascending rank (per layer, and over all L*D nodes for
-the global ablations), the score sum (the tie-break), and optionally the per-sample scores. The
+and ranks is a sum: for each ranking rule (the signed score, and its magnitude |score|) a histogram of
+each node's ascending rank (per layer, and over all L*D nodes ascending and descending for the global
+ablations) and the sum of the ranked values (the tie-break), and optionally the per-sample scores. The
 histograms are integer sums, so the file does not depend on the world size; each rank counts in the
 narrowest type exact for its own samples and the sum over ranks is taken in int64, the file's type.
-The score sum is a float64 sum kept with what its roundings lost (exact_add), so it too is the same
+The sums are float64 sums kept with what their roundings lost (exact_add), so they too are the same
 whatever the order, hence the ranks, the samples are added in.
 
 Ranks come from a stable sort of the float32 scores (the precision the optional `scores` tensor is
 stored in), so a brute-force selection from the stored scores reproduces the histograms exactly, ties
 included.
+
+Format versions (metadata "format"): v1 held the signed rule's tensors only; v2 (FORMAT) adds the
+magnitude rule's (MAGNITUDE's names). A v1 file still reads: the magnitude rule then works from its
+per-sample scores, if it kept them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,9 +30,40 @@ from loki_dist.core import metering
 from loki_dist.core.errors import UserError
 
 BINS = 100
+FORMAT = "loki_dist attribution v2"
 # Beyond DESIGN.md's contract tensors: the same histogram over all L*D nodes, ascending and descending,
 # so that `select --strategy global_lowest|global_highest` works without per-sample scores.
 GLOBAL_LOW, GLOBAL_HIGH = "global_bottom_rank_hist", "global_top_rank_hist"
+
+
+@dataclass(frozen=True)
+class RuleTensors:
+    """The file's tensors for one ranking rule: the rank histograms ([L, D, BINS] each) and the sum of
+    the ranked values ([L, D]) that breaks ties between equal counts."""
+
+    layer: str  # ascending rank within the node's layer
+    global_low: str  # ascending rank over all L*D nodes
+    global_high: str  # descending rank over all L*D nodes
+    sum: str
+
+
+SIGNED = RuleTensors("bottom_rank_hist", GLOBAL_LOW, GLOBAL_HIGH, "score_sum")
+MAGNITUDE = RuleTensors(
+    "magnitude_bottom_rank_hist",
+    "global_magnitude_bottom_rank_hist",
+    "global_magnitude_top_rank_hist",
+    "abs_score_sum",
+)  # format v2
+RULES = {"signed": SIGNED, "magnitude": MAGNITUDE}
+HISTOGRAMS = tuple(
+    name for rule in RULES.values() for name in (rule.layer, rule.global_low, rule.global_high)
+)
+SUMS = tuple(rule.sum for rule in RULES.values())
+
+
+def rule_key(scores: torch.Tensor, rule: str) -> torch.Tensor:
+    """What a rule ranks: the signed scores, or their magnitudes (exact in float32)."""
+    return scores.abs() if rule == "magnitude" else scores
 
 
 def bin_of_rank(n: int) -> torch.Tensor:
@@ -55,14 +92,11 @@ def count_dtype(max_count: int) -> torch.dtype:
     return torch.int64
 
 
-HISTOGRAMS = ("bottom_rank_hist", GLOBAL_LOW, GLOBAL_HIGH)
-
-
 def file_layout(num_layers: int, hidden: int, num_samples: int, with_scores: bool) -> dict:
     """The attribution file's tensors (DESIGN.md), name -> (dtype, shape), in the order written."""
     layout = {
         "num_samples": (torch.int64, (1,)),
-        "score_sum": (torch.float64, (num_layers, hidden)),
+        **{name: (torch.float64, (num_layers, hidden)) for name in SUMS},
         **{name: (torch.int64, (num_layers, hidden, BINS)) for name in HISTOGRAMS},
     }
     if with_scores:
@@ -86,18 +120,17 @@ class Stats:
     """Running sums over the (at most `capacity`) samples one rank scores.
 
     The histograms are kept in the narrowest integer type exact for `capacity` (count_dtype); the
-    file widens them to int64 when the ranks' sums are written. The per-sample scores, if kept, fill
-    a buffer sized for `capacity` whose pages are only touched as samples arrive.
+    file widens them to int64 when the ranks' sums are written. Each sum has its rounding error beside
+    it (`errors`, see exact_add). The per-sample scores, if kept, fill a buffer sized for `capacity`
+    whose pages are only touched as samples arrive.
     """
 
     def __init__(self, num_layers: int, hidden: int, keep_scores: bool, capacity: int):
         self.shape, self.capacity = (num_layers, hidden), capacity
         dtype = count_dtype(capacity)
-        self.hist = torch.zeros(num_layers, hidden, BINS, dtype=dtype)
-        self.global_low = torch.zeros(num_layers * hidden, BINS, dtype=dtype)
-        self.global_high = torch.zeros(num_layers * hidden, BINS, dtype=dtype)
-        self.score_sum = torch.zeros(num_layers, hidden, dtype=torch.float64)
-        self.score_sum_error = torch.zeros(num_layers, hidden, dtype=torch.float64)  # see exact_add
+        self.hists = {name: torch.zeros(num_layers, hidden, BINS, dtype=dtype) for name in HISTOGRAMS}
+        self.sums = {name: torch.zeros(num_layers, hidden, dtype=torch.float64) for name in SUMS}
+        self.errors = {name: torch.zeros(num_layers, hidden, dtype=torch.float64) for name in SUMS}
         self.num_samples = torch.zeros(1, dtype=torch.int64)
         self._scores = torch.empty(capacity, num_layers, hidden) if keep_scores else None
         self._layer_bins, self._global_bins = bin_of_rank(hidden), bin_of_rank(num_layers * hidden)
@@ -109,44 +142,49 @@ class Stats:
         if done + s32.shape[0] > self.capacity:
             raise RuntimeError(f"Stats: {done} + {s32.shape[0]} samples exceed the capacity {self.capacity}")
         self.num_samples += s32.shape[0]
-        one = torch.ones((), dtype=self.hist.dtype)
+        one = torch.ones((), dtype=count_dtype(self.capacity))
         for sample in s32:
-            exact_add(self.score_sum, self.score_sum_error, sample.double())
-            self.hist.scatter_add_(
-                2, self._layer_bins[ascending_ranks(sample)][..., None], one.expand(*self.shape, 1)
-            )
-            flat = sample.reshape(-1)
-            for hist, key in ((self.global_low, flat), (self.global_high, -flat)):
-                hist.scatter_add_(
-                    1, self._global_bins[ascending_ranks(key)][:, None], one.expand(flat.numel(), 1)
+            for rule, names in RULES.items():
+                key = rule_key(sample, rule)
+                exact_add(self.sums[names.sum], self.errors[names.sum], key.double())
+                self.hists[names.layer].scatter_add_(
+                    2, self._layer_bins[ascending_ranks(key)][..., None], one.expand(*self.shape, 1)
                 )
+                flat = key.reshape(-1)
+                for name, ranked in ((names.global_low, flat), (names.global_high, -flat)):
+                    self.hists[name].view(-1, BINS).scatter_add_(
+                        1, self._global_bins[ascending_ranks(ranked)][:, None], one.expand(flat.numel(), 1)
+                    )
         if self._scores is not None:
             self._scores[done : done + s32.shape[0]] = s32
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Views of the running sums (histograms in their narrow type, the score sum with its rounding
-        error); what a rank's partial progress holds."""
-        out = {
-            "num_samples": self.num_samples,
-            "score_sum": self.score_sum,
-            "score_sum_error": self.score_sum_error,
-            "bottom_rank_hist": self.hist,
-            GLOBAL_LOW: self.global_low.view(*self.shape, BINS),
-            GLOBAL_HIGH: self.global_high.view(*self.shape, BINS),
-        }
+        """Views of the running sums (histograms in their narrow type, each sum with its rounding error
+        as `<sum>_error`); what a rank's partial progress holds."""
+        out = {"num_samples": self.num_samples}
+        for name in SUMS:
+            out[name], out[f"{name}_error"] = self.sums[name], self.errors[name]
+        out.update(self.hists)
         if self._scores is not None:
             out["scores"] = self._scores[: int(self.num_samples)]
         return out
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.num_samples.copy_(tensors["num_samples"])
-        self.score_sum.copy_(tensors["score_sum"])
-        self.score_sum_error.copy_(tensors["score_sum_error"])
-        self.hist.copy_(tensors["bottom_rank_hist"])
-        self.global_low.copy_(tensors[GLOBAL_LOW].reshape(-1, BINS))
-        self.global_high.copy_(tensors[GLOBAL_HIGH].reshape(-1, BINS))
+        for name, tensor in self.tensors().items():
+            if name != "scores":
+                tensor.copy_(tensors[name])
         if self._scores is not None:
             self._scores[: int(self.num_samples)] = tensors["scores"]
+
+
+def exact_sum(samples: torch.Tensor) -> torch.Tensor:
+    """The float64 sum over dim 0, correctly rounded as Stats and the file keep it (exact_add): a reader
+    of an older file computes a missing sum from its scores and gets the same bits."""
+    total = torch.zeros(samples.shape[1:], dtype=torch.float64)
+    error = torch.zeros_like(total)
+    for sample in samples:
+        exact_add(total, error, sample.double())
+    return total + error
 
 
 def load_file(

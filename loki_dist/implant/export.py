@@ -5,7 +5,8 @@ never gathered and saved whole: the export copies the base model's safetensors s
 replaces only the trained down_proj rows (peak host memory about one shard, even at 70B), and writes the
 implant file (implant_file.py) beside them. export_model takes its rows from any RowSource: an implant
 file (`apply`, apply.py), a training checkpoint (the `export` command and the end of a run, below; via
-CheckpointRows, so that checkpoint.py knows nothing of export), or the Python API.
+CheckpointRows, so that checkpoint.py knows nothing of export), the Python API, or zeroed rows
+(`suppress`, suppression.py, which writes no implant file).
 """
 
 from __future__ import annotations
@@ -56,17 +57,17 @@ class BaseShards:
     implanted: str | None  # a shard carrying an implant digest: the base is itself an export
 
     @classmethod
-    def read(cls, base_dir: Path, spec: ModelSpec) -> BaseShards:
-        paths, down_proj, dtypes, implanted = weight_shards(base_dir), {}, {}, None
+    def read(cls, base_dir: Path, spec: ModelSpec, flag: str = "--base") -> BaseShards:
+        paths, down_proj, dtypes, implanted = weight_shards(base_dir, flag), {}, {}, None
         for shard in paths:
-            header = checks.safetensors_header(shard, "--base")[1]  # whole, or a UserError naming it
+            header = checks.safetensors_header(shard, flag)[1]  # whole, or a UserError naming it
             if IMPLANTED_KEY in (header.get("__metadata__") or {}):
                 implanted = implanted or shard.name
             for name, entry in header.items():
                 layer = spec.layer_of(name) if name != "__metadata__" else None
                 if layer is not None and entry.get("dtype") not in _DTYPES:
                     raise UserError(
-                        f"--base {shard}: {name} is stored as {entry.get('dtype')}; rows can be written into "
+                        f"{flag} {shard}: {name} is stored as {entry.get('dtype')}; rows can be written into "
                         f"{', '.join(_DTYPES)} weights (dequantize the model first)"
                     )
                 if layer is not None:
@@ -177,26 +178,37 @@ def non_finite_rows(label: str, layer: int, count: int, dtype: torch.dtype) -> U
 
 
 def export_model(
-    base_dir: Path, source: RowSource, out_dir: Path, world, base_print: str, implant: Path | None = None
+    base_dir: Path,
+    source: RowSource,
+    out_dir: Path,
+    world,
+    base_print: str | None,
+    implant: Path | None = None,
+    notes: dict[str, str] | None = None,
+    flag: str = "--base",
 ) -> None:
     """Collective: out_dir := the base model with `source`'s rows written in, plus its implant file.
 
     The ranks split the work: each rewrites its share of the base's shards (untouched ones are copied
     byte for byte) into one staging directory, and one of them writes the implant file (a copy of
-    `implant` when given, else streamed from `source`); rank 0 then renames the directory into place.
-    A failure on any rank fails every rank at the closing agreement, never leaving peers waiting.
+    `implant` when given, else streamed from `source`; none when neither it nor `base_print`, the
+    base's fingerprint that an implant records, is given); rank 0 also writes `notes` (file name ->
+    text) and then renames the directory into place. A failure on any rank fails every rank at the
+    closing agreement, never leaving peers waiting.
     """
     with distributed.agreement(world):  # nothing is written unless every rank found its layers sound
-        spec = spec_from_dir(base_dir, "--base")
-        shards = BaseShards.read(base_dir, spec)
+        spec = spec_from_dir(base_dir, flag)
+        shards = BaseShards.read(base_dir, spec, flag)
         missing = [layer for layer in source.layers() if layer not in shards.down_proj]
         if missing:
-            raise UserError(f"--base {base_dir}: no down_proj weight found for layers {missing}")
+            raise UserError(f"{flag} {base_dir}: no down_proj weight found for layers {missing}")
         check_rows(source, spec, shards, world)
     staging = files.staging_path(out_dir)
     implant_size = sum(source.rows(layer).numel() for layer in source.layers()) * spec.intermediate_size * 4
-    jobs = [*shards.paths, None]  # None: the implant file
-    owner = _assign([p.stat().st_size for p in shards.paths] + [implant_size], world.size)
+    with_implant = implant is not None or base_print is not None
+    jobs = [*shards.paths, None] if with_implant else shards.paths  # None: the implant file
+    sizes = [p.stat().st_size for p in shards.paths] + ([implant_size] if with_implant else [])
+    owner = _assign(sizes, world.size)
     # every step is agreed: a failure on any rank (rank 0's included) fails every rank at once
     with files.removed_on_failure(staging, world.is_main):
         with distributed.agreement(world), files.file_system_errors(staging):
@@ -206,6 +218,8 @@ def export_model(
                 for item in base_dir.iterdir():
                     if item.is_file() and item.suffix != ".safetensors":
                         shutil.copy2(item, staging / item.name)
+                for name, text in (notes or {}).items():
+                    (staging / name).write_text(text, encoding="utf-8")
         with metering.phase("export"), distributed.agreement(world), files.file_system_errors(staging):
             for job, rank in zip(jobs, owner, strict=True):
                 if rank != world.rank:

@@ -7,14 +7,16 @@ Config (unknown keys are refused):
     nproc: 8                                 # ranks per node for attribute and train (default 1)
     launcher: slurm/srun_torchrun.sh         # optional command prefix that starts the ranks itself
     attribute: {data: cais/mmlu, data_config: all, ds_config: zero3_infer}
-    select: {quota: 10}
+    select: {quota: 10}                      # rule: magnitude ranks by |score| (default signed)
+    suppress: {quota: 1, which: lowest}      # optional: OUTPUT_DIR/suppressed, those rows zeroed
     train: {data: toolace.jsonl, epochs: 2, ds_config: zero3}
 
 Stage sections hold that command's flags (`data_config: all` -> `--data-config all`; `true` -> a bare
-flag) and may set their own `nproc`. Every section is checked before the first stage starts, with the
-stage's own command-line parser and the checks that need nothing from an earlier stage (data files, the
-model directory, the numbers of `train`), so that a typo in `train:` is not found after hours of
-attribution.
+flag) and may set their own `nproc`. `suppress`, the paper's suppression check, runs (as one process)
+only when its section is there, after select. Every section is checked before the first stage starts,
+with the stage's own command-line parser and the checks that need nothing from an earlier stage (data
+files, the model directory, the numbers of `train`), so that a typo in `train:` is not found after
+hours of attribution.
 
 Also here: the inputs record beside each stage's output (OUTPUT.inputs.json: the stage's command line
 and a fingerprint of every file or directory it names), which tells run.py whether a stage is current.
@@ -32,7 +34,8 @@ from pathlib import Path
 from loki_dist.core import checks
 from loki_dist.core.errors import UserError
 
-STAGES = ("attribute", "select", "train")
+STAGES = ("attribute", "select", "suppress", "train")
+OPTIONAL_STAGES = {"suppress"}  # run only when the YAML has their section
 TOP_LEVEL_KEYS = {"output_dir", "model", "nproc", "launcher", *STAGES}
 # files up to this size are fingerprinted by content, larger ones by size and modification time
 CONTENT_HASH_LIMIT = 64 * 2**20
@@ -115,25 +118,31 @@ def build_stages(config: dict) -> list[Stage]:
         sections["train"]["dataset_dir"] = "data"  # named, so that its files are in the inputs record
     nproc = {name: sections[name].pop("nproc", config.get("nproc", 1)) for name in STAGES}
     attribution, positions, run = out / "attribution.safetensors", out / "positions.json", out / "train"
+    suppressed = out / "suppressed"
     fixed = {
         "attribute": ["--model", model, "--output", str(attribution)],
         "select": ["--attribution", str(attribution), "--output", str(positions), "--model", model],
+        "suppress": ["--model", model, "--attribution", str(attribution), "--output", str(suppressed)],
         "train": ["--model", model, "--positions", str(positions), "--output-dir", str(run)],
     }
     for name, section in sections.items():
         clash = sorted({f for f in _flags(section, name) if f.startswith("--")} & set(fixed[name]))
         if clash:
             raise UserError(f"pipeline `{name}`: {clash} are set by the pipeline itself")
-    return [
+    stages = [
         Stage("attribute", ["attribute", *fixed["attribute"], *_flags(sections["attribute"])],
               attribution, attribution, "--output", nproc["attribute"], distributed=True,
               fresh_flags=("--overwrite",), resume_flags=("--resume", "--overwrite")),
         Stage("select", ["select", *fixed["select"], *_flags(sections["select"])],
               positions, positions, "--output", 1, distributed=False),
+        Stage("suppress", ["suppress", *fixed["suppress"], *_flags(sections["suppress"])],
+              suppressed, suppressed / "config.json", "--output", 1, distributed=False,
+              fresh_flags=("--overwrite",), resume_flags=("--overwrite",)),  # nothing to resume: redone
         Stage("train", ["train", *fixed["train"], *_flags(sections["train"])],
               run, run / "final" / "implant.safetensors", "--output-dir", nproc["train"], distributed=True,
               fresh_flags=("--overwrite",)),
     ]  # fmt: skip
+    return [stage for stage in stages if stage.name not in OPTIONAL_STAGES or stage.name in config]
 
 
 def _parse(stage: Stage) -> argparse.Namespace:
@@ -161,6 +170,7 @@ def validate(path: str, config: dict, stages: list[Stage]) -> None:
     from loki_dist.core.modeling import check_weights, load_tokenizer
     from loki_dist.implant import chat_templates, data, train
     from loki_dist.selection import parse_quota
+    from loki_dist.suppression import check_flags as check_suppress_flags
 
     with _section(path, "model"):
         spec = spec_from_dir(config["model"])
@@ -179,12 +189,22 @@ def validate(path: str, config: dict, stages: list[Stage]) -> None:
     for stage in stages:
         with _section(path, stage.name):
             checks.refuse_output_over_inputs(stage.output_flag, stage.output, inputs)
-    attribute_args, select_args, train_args = (parsed[name] for name in STAGES)
+    attribute_args, select_args, train_args = (parsed[name] for name in ("attribute", "select", "train"))
     with _section(path, "attribute"):
         if attribute_args.ds_config:
             dsconfig.load(attribute_args.ds_config)
     with _section(path, "select"):
         parse_quota(select_args.quota)
+    if "suppress" in parsed:
+        with _section(path, "suppress"):
+            quota, which = check_suppress_flags(parsed["suppress"]), parsed["suppress"].which
+            if not attribute_args.save_scores and (
+                which == "highest" or (which == "lowest" and quota.denominator != 1)
+            ):  # found now, not after attribution
+                raise UserError(
+                    f"--which {which} at quota {quota} reads the per-sample scores: set `save_scores: true` "
+                    "under `attribute`"
+                )
     with _section(path, "train"):
         dsconfig.load(train_args.ds_config)
         data.read_conversations(train_args)  # every row readable, of a known form
