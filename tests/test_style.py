@@ -29,7 +29,7 @@ def test_readme_layout_names_every_module_where_it_is():
         modules = {p.name for p in folder.glob("*.py")} - {"__init__.py", "__main__.py"}
         if folder == package:  # the top folder's modules may have a row of their own
             modules -= {row.removeprefix("loki_dist/") for row in rows if row.endswith(".py")}
-        named = set(re.findall(r"`([a-z_]+\.py)`", rows.get(name, ""))) - {"__init__.py"}
+        named = set(re.findall(r"`([a-z0-9_]+\.py)`", rows.get(name, ""))) - {"__init__.py"}
         assert named == modules, (name, sorted(named ^ modules))
     for row in rows:
         assert (REPO / row).exists(), f"README's layout names {row}, which is not in the tree"
