@@ -109,6 +109,12 @@ def time_ranks(args) -> None:
 
 
 # (layers, hidden, intermediate, heads, kv heads, vocabulary, prefix, batch, rows per sample, first layer)
+# The fit (--fit): one base shape, and one size at a time moved away from it.
+_BASE = (6, 256, 688, 8, 4, 4000, 120, 2, 40, 0)
+_MOVES = {8: (10, 120), 7: (1, 4), 9: (3, 5), 6: (40, 300), 1: (128, 512), 2: (256, 2048), 3: (4, 16),
+          5: (1000, 32000), 4: (2, 8)}  # fmt: skip
+FIT_SHAPES = [_BASE, *(_BASE[:i] + (v,) + _BASE[i + 1 :] for i, values in _MOVES.items() for v in values)]
+# The check (--memory): shapes the fit did not see.
 MEMORY_SHAPES = [
     (6, 256, 688, 8, 4, 4000, 120, 2, 40, 0),
     (4, 384, 512, 8, 2, 2000, 200, 2, 30, 2),
@@ -145,6 +151,36 @@ def chunk_peak(shape: tuple, steps: int = 7) -> int:
     return metering._phases["attribute_chunk"]["peak_rss_rise"]
 
 
+def measure(shape: tuple) -> int:
+    """chunk_peak(shape) in a fresh process (see --memory-probe)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOKI_DIST_METER": tempfile.mkdtemp()}
+    proc = subprocess.run([sys.executable, __file__, "--memory-probe", json.dumps(shape)],
+                          capture_output=True, text=True, env=env)  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+def fit_terms(shape: tuple, steps: int = 7) -> list[float]:
+    """The terms of chunks.chunk_bytes for one measured shape (float32), before their constants."""
+    layers, hidden, inter, heads, kv, vocab, prefix, batch, rows, first = shape
+    start = first * steps
+    end = min(start + rows, layers * steps)
+    running = [min(end, (j + 1) * steps) - start for j in range(first, layers)]
+    keys = 4.0 * batch * sum(prefix + r for r in running) * hidden
+    return [4.0 * batch * sum(running) * hidden, 4.0 * batch * sum(running) * inter, keys,
+            batch * (end - start) * vocab, 1.0]  # fmt: skip
+
+
+def fit() -> None:
+    """Measure FIT_SHAPES and print the least-squares constants of chunks.chunk_bytes."""
+    measured = torch.tensor([float(measure(shape)) for shape in FIT_SHAPES], dtype=torch.float64)
+    terms = torch.tensor([fit_terms(shape) for shape in FIT_SHAPES], dtype=torch.float64)
+    constants = torch.linalg.lstsq(terms, measured[:, None]).solution[:, 0]
+    names = ("C_HIDDEN", "C_MLP", "C_QUERY_WIDTH", "C_VOCAB", "C_FIXED (bytes)")
+    print(", ".join(f"{name} {value:.4g}" for name, value in zip(names, constants.tolist(), strict=True)))
+
+
 def memory_table() -> list[str]:
     """Each shape's measured chunk peak against chunks.chunk_bytes, as markdown rows."""
     from loki_dist.attribution import chunks
@@ -153,12 +189,7 @@ def memory_table() -> list[str]:
               "measured (MiB)", "estimate (MiB)", "estimate / measured")  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for shape in MEMORY_SHAPES:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "LOKI_DIST_METER": tempfile.mkdtemp()}
-        proc = subprocess.run([sys.executable, __file__, "--memory-probe", json.dumps(shape)],
-                              capture_output=True, text=True, env=env)  # fmt: skip
-        if proc.returncode != 0:
-            raise SystemExit(proc.stderr[-3000:])
-        measured = int(proc.stdout.strip().splitlines()[-1])
+        measured = measure(shape)
         layers, hidden, inter, heads, kv, vocab, prefix, batch, rows, first = shape
         rows = min(rows, (layers - first) * 7)
         model_shape = chunks.Shape(num_layers=layers, hidden=hidden, intermediate=inter, query_width=hidden,
@@ -218,8 +249,14 @@ def main() -> None:
     parser.add_argument(
         "--flops", action="store_true", help="forward-equivalents per prompt at SmolLM2's shape"
     )
+    parser.add_argument(
+        "--fit", action="store_true", help="measure the fit's shapes, print chunk_bytes' constants"
+    )
     parser.add_argument("--markdown", help="write the --memory / --flops tables here")
     args = parser.parse_args()
+    if args.fit:
+        fit()
+        return
     if args.memory or args.flops:
         report(args)
         return
