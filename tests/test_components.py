@@ -245,3 +245,32 @@ def test_shared_flags_are_declared_once_and_read_alike():
             if flag in action.option_strings
         }
         assert len(kinds) >= 2 and len(set(kinds.values())) == 1, (flag, kinds)
+
+
+def test_zero3_settings_follow_the_model_and_the_nodes(monkeypatch):
+    """Prefetch one layer, two layers live, reuse within one, norms persistent: filled where the config
+    says auto or leaves them out, never over a concrete value; ZeRO++'s in-node copy only where the job
+    spans several nodes of several ranks (torchrun's LOCAL_WORLD_SIZE, srun's tasks per node)."""
+    from loki_dist.core import distributed, dsconfig
+
+    config = {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": "auto",
+                                    "stage3_max_reuse_distance": 7}}  # fmt: skip
+    zero = dsconfig.size_zero3(config, layer_params=1000, hidden=16)["zero_optimization"]
+    assert zero["stage3_prefetch_bucket_size"] == 1000 and zero["stage3_max_live_parameters"] == 2000
+    assert zero["stage3_max_reuse_distance"] == 7  # the user's value stays
+    assert zero["stage3_param_persistence_threshold"] == 160
+    assert config["zero_optimization"]["stage3_prefetch_bucket_size"] == "auto"  # a copy, not in place
+    hpz = "zero_hpz_partition_size"
+    assert dsconfig.in_node_partition(config, 8, 32)["zero_optimization"][hpz] == 8
+    for ranks_per_node, world in ((8, 8), (1, 4), (3, 8)):  # one node; one rank a node; uneven nodes
+        assert hpz not in dsconfig.in_node_partition(config, ranks_per_node, world)["zero_optimization"]
+    given = {"zero_optimization": {"stage": 3, hpz: 1}}
+    assert dsconfig.in_node_partition(given, 8, 32)["zero_optimization"][hpz] == 1
+    world = distributed.World(rank=0, size=32, local_rank=0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert distributed.ranks_per_node(world) == 8
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "32")
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "8(x4)")
+    assert distributed.ranks_per_node(world) == 8

@@ -440,6 +440,18 @@ def test_overwrite_starts_a_finished_run_over_on_truncated_data(setup, trained, 
     assert_matches_oracle(run, oracle(options, GLOBAL_BATCH), FP32)  # its events only: steps 1 and 2
 
 
+# ZeRO++'s in-node secondary partition (zero_hpz_partition_size): 4 ranks as 2 "nodes" of 2. Gathers then
+# come from the node's copy; the gradients, and so the masks of the rows, stay on the primary partitions.
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_zero3_in_node_secondary_partition_matches_the_oracle(setup, oracle, layout):
+    config = _config_variant(setup["root"], f"hpz-{layout}", "zero3", {"zero_hpz_partition_size": 2})
+    options = {**ORACLE_RUN, "--row-params": layout}
+    run = train(setup, setup["root"] / f"hpz-{layout}", "--ds-config", str(config), "--micro-batch-size", "1",
+                nproc=4, options=options)  # fmt: skip
+    assert_only_selected_rows_moved(setup["base"], run.out)
+    assert_matches_oracle(run, oracle(ORACLE_RUN, 4), FP32)
+
+
 # --- one run clipping every step: the oracle's clipped update, and the export/apply paths -------------------
 
 

@@ -87,6 +87,15 @@ def joined_world() -> World:
     return World(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", default=0))
 
 
+def ranks_per_node(world: World) -> int:
+    """How many of the job's ranks share this node, as the launcher says (torchrun's LOCAL_WORLD_SIZE,
+    srun's SLURM_STEP_TASKS_PER_NODE such as "8(x4)"); the whole world where none says."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if not local and _srun_step(os.environ):
+        local = os.environ.get("SLURM_STEP_TASKS_PER_NODE", "").split("(")[0].split(",")[0]
+    return int(local) if local.isdigit() and 0 < int(local) <= world.size else world.size
+
+
 def device_index(local_rank: int, visible: int) -> int:
     """The CUDA device of a process with this local rank that sees `visible` devices.
 

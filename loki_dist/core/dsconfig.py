@@ -120,6 +120,24 @@ def size_zero3(config: dict, layer_params: int, hidden: int) -> dict:
     return fill(config, values)
 
 
+HPZ = "zero_optimization.zero_hpz_partition_size"
+
+
+def in_node_partition(config: dict, ranks_per_node: int, world_size: int) -> dict:
+    """A ZeRO-3 config with ZeRO++'s in-node secondary partition (each node keeps its own copy of the
+    weights, split over its ranks) where the job spans several nodes and the config leaves it out.
+
+    The frozen 99% of the model never changes, so its copy is cut once and every later gather of it, in
+    the forward and the backward, stays inside the node instead of crossing the network; the rows, the
+    only trained weights, are re-gathered from their partitions after each step (DeepSpeed does that).
+    It costs each rank the model's bytes / ranks per node (17.5 GB at 70B in bf16 on 8 GPUs a node);
+    `"zero_hpz_partition_size": 1` in the config turns it off."""
+    several = 1 < ranks_per_node < world_size and world_size % ranks_per_node == 0
+    if _get(config, HPZ) is not None or not several:
+        return config
+    return fill(config, {HPZ: ranks_per_node})
+
+
 def zero_stage(config: dict | None) -> int | None:
     """None when DeepSpeed is not used at all."""
     if config is None:

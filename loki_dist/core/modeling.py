@@ -57,16 +57,18 @@ def _load_with_transformers(model_dir: str | Path, dtype: torch.dtype, ds_config
     )
 
 
-def sized_for(ds_config: dict | None, model_dir: str | Path) -> dict | None:
-    """A ZeRO-3 config with its model-sized settings filled for this model (dsconfig.ZERO3_SIZED);
-    other configs as they are."""
+def sized_for(ds_config: dict | None, model_dir: str | Path, world) -> dict | None:
+    """A ZeRO-3 config with its model-sized settings filled for this model (dsconfig.ZERO3_SIZED) and,
+    on several nodes, ZeRO++'s in-node copy (dsconfig.in_node_partition); other configs as they are."""
     if dsconfig.zero_stage(ds_config) != 3:
         return ds_config
+    from loki_dist.core.distributed import ranks_per_node
     from loki_dist.core.families import read_config
     from loki_dist.planning.memory import architecture
 
     arch = architecture(read_config(model_dir))
-    return dsconfig.size_zero3(ds_config, arch.layer_params, arch.hidden_size)
+    sized = dsconfig.size_zero3(ds_config, arch.layer_params, arch.hidden_size)
+    return dsconfig.in_node_partition(sized, ranks_per_node(world), world.size)
 
 
 def check_weights(
@@ -319,7 +321,7 @@ def load_for_inference(
     import deepspeed
 
     prepare_deepspeed(world)
-    config = sized_for(fill_inference_config(ds_config, batch_size, world.size, dtype), model_dir)
+    config = sized_for(fill_inference_config(ds_config, batch_size, world.size, dtype), model_dir, world)
     model = load_causal_lm(model_dir, dtype, config).eval()
     with metering.phase("ds_initialize"):
         engine, *_ = deepspeed.initialize(model=model, config=config)

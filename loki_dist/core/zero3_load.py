@@ -161,6 +161,10 @@ def fill_partitions(model: torch.nn.Module, model_dir: Path, keys: dict[str, str
             end = min(begin + part.ds_numel, param.ds_numel)
             if end > begin:
                 part.data[: end - begin].copy_(_flat_range(stored, begin, end))
+            if getattr(param, "ds_secondary_tensor", None) is not None:
+                # ZeRO++'s in-node copy (zero_hpz_partition_size) was cut from the unfilled values:
+                # dropped, DeepSpeed rebuilds it from the partitions at the first gather
+                param.ds_secondary_tensor = None
         for name, buffer in model.named_buffers():
             if name in keys:
                 value = view(keys[name])[:]

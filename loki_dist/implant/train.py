@@ -195,7 +195,7 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
                 "zero_force_ds_cpu_optimizer": False,
             },
         )
-        ds_config = sized_for(ds_config, args.model)
+        ds_config = sized_for(ds_config, args.model, world)
     if stage is None and world.size > 1:
         raise UserError(f"--ds-config none runs one process, but the launcher started {world.size}")
     for name, value in (
