@@ -321,6 +321,12 @@ def attribution_worker(opts) -> None:
         return scores
 
     score_prompts("fast", model, prompts[:1])  # warm-up: kernels, allocator
+    result["device_tflops"] = matmul_tflops(sizes.shape, device, dtype)
+    result["predicted_s_per_sample"] = {
+        batch: predicted_attribution(sizes.shape, result["device_tflops"], tokens, batch, device)
+        for batch in (1, 8)
+    }
+    write_json(opts.result, result)
     b1 = prompts[1 : 1 + sizes.fast_b1_samples]
     fast = measure("fast_b1", "fast", b1, 1)
     reference = measure("reference", "reference", b1[: sizes.reference_samples], 1)
@@ -330,6 +336,38 @@ def attribution_worker(opts) -> None:
     rest = prompts[1 + sizes.fast_b1_samples :]
     score_prompts("fast", model, rest[:8], batch_size=8)  # warm-up at batch 8
     measure("fast_b8", "fast", rest[8:], 8)
+
+
+def matmul_tflops(shape: Shape, device: torch.device, dtype: torch.dtype, tokens: int = 2048) -> float:
+    """Dense TFLOP/s of the device on a product of the model's MLP width: `estimate-time`'s --tflops."""
+    a = torch.randn(tokens, shape.hidden, device=device, dtype=dtype)
+    b = torch.randn(shape.hidden, shape.intermediate, device=device, dtype=dtype)
+    a @ b
+    synchronize(device)
+    started, count = time.perf_counter(), 10
+    for _ in range(count):
+        a @ b
+    synchronize(device)
+    return 2 * tokens * shape.hidden * shape.intermediate * count / (time.perf_counter() - started) / 1e12
+
+
+def _one_device(tflops: float, device: torch.device):
+    """This machine as `estimate-time` sees it: one GPU, nothing to gather."""
+    from loki_dist.planning import timing
+
+    total = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" else 24.0
+    return timing.Cluster(nodes=1, gpus_per_node=1, tflops=tflops, intra_gbps=1.0, inter_gbps=1.0,
+                          fs_gbps=1.0, memory_gb=total)  # fmt: skip
+
+
+def predicted_attribution(shape: Shape, tflops: float, tokens: float, batch: int, device) -> float:
+    """`estimate-time`'s seconds per sample of `fast` on this device (planning/timing.py)."""
+    from loki_dist.planning import timing
+    from loki_dist.planning.memory import architecture
+
+    work = timing.Workload(prompt_tokens=round(tokens), attribution_batch=batch, element=2)
+    cluster = _one_device(tflops, device)
+    return timing.attribution_batch(architecture(shape.config()), cluster, work)["seconds"] / batch
 
 
 def attribution(opts, seconds: float, work: Path) -> dict:
@@ -648,6 +686,13 @@ def _attribution_md(parts: dict) -> list[str]:
         f"{part['work_ratio_reference_over_fast']:.0f} at T = {part['prompt_tokens_mean']:.0f} and "
         f"L = {s['layers']}."
     )
+    predicted = {str(batch): value for batch, value in part.get("predicted_s_per_sample", {}).items()}
+    if predicted:
+        lines.append(
+            f"\n`estimate-time`'s prediction (planning/timing.py) from the device's "
+            f"{part['device_tflops']:.0f} TFLOP/s on dense {part['dtype']} products of the model's width: "
+            f"fast at batch 1 {predicted['1']:.4g} s/sample, at batch 8 {predicted['8']:.4g} s/sample."
+        )
     if "fast_vs_reference_max_rel" in part:
         lines.append(
             f"\nfast vs reference on the same prompts: max|diff|/max|ref| = "

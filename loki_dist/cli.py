@@ -66,6 +66,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "loki_dist.planning.estimate_memory",
         "per-GPU memory of LoKI, full fine-tuning and LoRA for a model, cluster size and ZeRO stage",
     ),
+    "estimate-time": (
+        "loki_dist.planning.estimate_time",
+        "each stage's wall time (load, attribution, training, checkpoint, export) on a described cluster",
+    ),
     "demo": (
         "loki_dist.demo.demo",
         "the whole job offline, on SmolLM2-135M when installed or a built-in tiny model",
