@@ -19,6 +19,7 @@ import pytest
 from conftest import run_cli
 from mmlu_fixture import write_mmlu
 
+from loki_dist.attribution.chunks import gathered_elements, uniform_chunks
 from loki_dist.core import checks
 from loki_dist.demo.tiny import save_tiny
 
@@ -66,12 +67,25 @@ def test_the_prompt_pass_gathers_the_model_once_per_batch(attribution):
         assert model_bytes * 0.95 <= gathered <= model_bytes * 1.1, (gathered, model_bytes)
 
 
+def test_estimate_time_finds_a_70b_attribution_gathering_less_than_the_model_per_prompt(capsys):
+    """The 70B preset on 80 GB GPUs at attribute's defaults: at most one full-model gather per prompt."""
+    from loki_dist.cli import main
+
+    main(["estimate-time", "--preset", "llama-3-70b", "--nodes", "8"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if "full-model gathers per prompt" in x)
+    assert float(line.split(": ")[-1].split()[0]) <= 1.0, line
+
+
 def test_each_chunk_gathers_its_layers_and_the_head_not_the_model(attribution):
     layers, head, model_bytes = parameter_bytes(attribution["model"])
     # --max-rows 7*B: one layer's m rows per sample per chunk, so chunk a starts at layer a
     per_batch = sum(2 * (sum(layers[i] for i in range(first, LAYERS)) + head) for first in range(LAYERS))
     whole_model_per_chunk = 2 * LAYERS * model_bytes
     assert per_batch < 0.65 * whole_model_per_chunk  # what this test tells apart
+    # estimate-time's count (chunks.gathered_elements) is this one, in elements of 4 bytes
+    plan = uniform_chunks(LAYERS * STEPS, BATCH, STEPS * BATCH)
+    counted = gathered_elements(layers[0] // 4, head // 4, model_bytes // 4, plan, STEPS, LAYERS)
+    assert 4 * counted - model_bytes == pytest.approx(per_batch, rel=0.02)
     for phases in attribution["ranks"]:
         chunk = phases["attribute_chunk"]
         batches = chunk["calls"] // LAYERS
