@@ -10,15 +10,16 @@ starts, so a bad row stops the run with the row's index instead of failing mid-w
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from loki_dist.core import checks
-from loki_dist.core.errors import UserError
+from loki_dist.core.errors import UserError, shown
 
 IGNORE_INDEX = -100
 _ROLE_ALIASES = {
@@ -191,27 +192,32 @@ def to_messages(row: dict, index: int) -> list[dict[str, str]]:
                 f"--data: row {index}, turn {number}: content must be a string, got {_shown(content)}"
             )
         messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise UserError(f"--data: row {index} has no assistant turn, so nothing to learn from it")
+    check_turns(messages, f"--data: row {index}")
     return messages
 
 
+def check_turns(messages: list[dict[str, str]], where: str) -> None:
+    """A conversation has an assistant turn to learn from, and opens with the user (after any system
+    message): an answer to nothing is not a conversation any chat template renders as one (there is no
+    prompt before it), and LLaMA-Factory, whose sharegpt rows alternate user and assistant, skips it."""
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"{where} has no assistant turn, so nothing to learn from it")
+    if next(m["role"] for m in messages if m["role"] != "system") == "assistant":
+        raise UserError(
+            f"{where}: the first turn is the assistant's; a conversation opens with the user's turn "
+            "(after any system message)"
+        )
+
+
 def _shown(value: object) -> str:
-    """A wrong value as a user would recognise it in their file, kept short."""
-    if value is None:
-        return "null"
-    return f"{type(value).__name__} {json.dumps(value, default=str)[:60]}"
+    """A wrong value as a user would recognise it in their JSON file, kept short."""
+    return "null" if value is None else shown(value, json_style=True)
 
 
 def _render(tokenizer, messages: list[dict], prompt: bool, where: str, tools: list | None = None) -> str:
-    from jinja2 import TemplateError  # a template refuses what it cannot render with raise_exception
+    from loki_dist.implant.chat_templates import render
 
-    try:
-        return tokenizer.apply_chat_template(
-            messages, add_generation_prompt=prompt, tokenize=False, tools=tools
-        )
-    except TemplateError as err:
-        raise UserError(f"{where}: the tokenizer's chat template refuses it ({err})") from None
+    return render(tokenizer, messages, where, prompt=prompt, tools=tools)
 
 
 def check_tools(tokenizer, conversation: Conversation) -> None:
@@ -249,6 +255,13 @@ def tokenize(
             continue
         before = _render(tokenizer, messages[:i], True, where, tools)
         through = _render(tokenizer, messages[: i + 1], False, where, tools)
+        if not _shows(through[len(os.path.commonprefix([before, through])) :], message["content"]):
+            from loki_dist.implant.chat_templates import describe
+
+            raise UserError(
+                f"{where}: {describe(tokenizer)} renders nothing of the assistant's text (turn {i}); a "
+                "template that drops the assistant's turns leaves nothing to train on"
+            )
         if not (full.startswith(through) and through.startswith(before)):
             raise UserError(
                 f"{where}: the chat template does not render conversations "
@@ -263,6 +276,14 @@ def tokenize(
     ]
     truncated = len(ids) > max_len
     return Example(ids[:max_len], labels[:max_len]), truncated
+
+
+def _shows(rendered: str, content: str) -> bool:
+    """Whether a turn's rendering holds any word of its content (a template may trim it, escape it,
+    move reasoning out of it, but one that writes none of it has dropped it). Content without a word
+    (blank, only symbols) cannot be looked for, and passes."""
+    words = set(re.findall(r"\w+", content.lower()))
+    return not words or not words.isdisjoint(re.findall(r"\w+", rendered.lower()))
 
 
 def load_examples(
