@@ -312,6 +312,16 @@ def test_a_template_that_raises_is_one_line_naming_row_and_template(case, job, t
     assert not (tmp_path / "out").exists()
 
 
+def test_a_chat_template_of_megabytes_is_not_compiled(job, tmp_path, capsys):
+    """A data file given as --chat-template by mistake is refused by its size, before it is compiled
+    and written out with every row (it was, 1.4M tokens a row, then blamed on --max-seq-len)."""
+    template = tmp_path / "rows.jsonl"
+    template.write_text((json.dumps(GOOD_ROW) + "\n") * 40_000 + CHAT_TEMPLATE)
+    line = refusal(train_argv(job, tmp_path, **{"--chat-template": template}), capsys)
+    assert f"--chat-template {template}: 2," in line and "a chat template is at most 1 Mi" in line
+    assert not (tmp_path / "out").exists()
+
+
 # a template that fails only on what one input holds: the eval rows, the MMLU prompts, any conversation
 FAILS_ON = "{% if '%s' in messages[-1]['content'] %}{{ 1 // 0 }}{% endif %}"
 

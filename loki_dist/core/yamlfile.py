@@ -121,9 +121,9 @@ def parse(text: str, source: str):
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except _Refused as err:
         raise UserError(f"{source}: {err}") from None
-    except yaml.YAMLError as err:
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise UserError(f"{source}: not valid YAML ({first.strip()})") from None
+    except yaml.MarkedYAMLError as err:  # what is wrong, and where (its context comes first in str())
+        where = f"line {err.problem_mark.line + 1}: " if err.problem_mark else ""
+        raise UserError(f"{source}: not valid YAML ({where}{err.problem or err.context})") from None
 
 
 def read(path: str | Path, flag: str):

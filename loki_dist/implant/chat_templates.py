@@ -122,12 +122,17 @@ def describe(tokenizer) -> str:
     return _NAMES.get(text) or f"the chat template of {tokenizer.name_or_path or 'the tokenizer'}"
 
 
+MAX_TEMPLATE_CHARS = 2**20  # real ones are a few KB; a data file given by mistake is not compiled
+
+
 def check(text: str, name: str) -> None:
     """Compile a template now, so that a broken one is one line before any work, not mid-run."""
     from jinja2 import TemplateSyntaxError
 
     from loki_dist.implant import template_sandbox
 
+    if len(text) > MAX_TEMPLATE_CHARS:
+        raise UserError(f"{name}: {len(text):,} characters; a chat template is at most 1 Mi (right file?)")
     try:
         template_sandbox.compiled(text)
     except TemplateSyntaxError as err:
