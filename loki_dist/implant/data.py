@@ -20,6 +20,7 @@ import torch
 
 from loki_dist.core import checks
 from loki_dist.core.errors import UserError, shown
+from loki_dist.implant.chat_templates import add_chat_template_argument, describe, render
 
 IGNORE_INDEX = -100
 _ROLE_ALIASES = {
@@ -58,8 +59,6 @@ class TokenizedData:
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """The training data flags: `--data FILE` or `--dataset NAMES` (exactly one), and what shapes them."""
-    from loki_dist.implant.chat_templates import add_chat_template_argument
-
     p.add_argument("--data", help="JSON/JSONL (alpaca or messages form) or a datasets dir; or --dataset")
     p.add_argument(
         "--dataset",
@@ -214,18 +213,12 @@ def _shown(value: object) -> str:
     return "null" if value is None else shown(value, json_style=True)
 
 
-def _render(tokenizer, messages: list[dict], prompt: bool, where: str, tools: list | None = None) -> str:
-    from loki_dist.implant.chat_templates import render
-
-    return render(tokenizer, messages, where, prompt=prompt, tools=tools)
-
-
 def check_tools(tokenizer, conversation: Conversation) -> None:
     """Refuse tools that the chat template would drop without a word: a template that does not use
     `tools` renders a conversation the same with and without them."""
     probe = [{"role": "user", "content": "?"}]
-    with_tools = _render(tokenizer, probe, True, conversation.where, conversation.tools)
-    if with_tools == _render(tokenizer, probe, True, conversation.where):
+    with_tools = render(tokenizer, probe, conversation.where, prompt=True, tools=conversation.tools)
+    if with_tools == render(tokenizer, probe, conversation.where, prompt=True):
         raise UserError(
             f"{conversation.where} has tools, but the chat template renders nothing of them (they would be "
             "dropped); use a template that renders `tools` (the model's own or --chat-template FILE), or "
@@ -248,16 +241,14 @@ def tokenize(
     rendering of a conversation extends the rendering of its prefix works unchanged.
     """
     where = where or f"--data: row {index}"
-    full = _render(tokenizer, messages, False, where, tools)
+    full = render(tokenizer, messages, where, tools=tools)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], True, where, tools)
-        through = _render(tokenizer, messages[: i + 1], False, where, tools)
+        before = render(tokenizer, messages[:i], where, prompt=True, tools=tools)
+        through = render(tokenizer, messages[: i + 1], where, tools=tools)
         if not _shows(through[len(os.path.commonprefix([before, through])) :], message["content"]):
-            from loki_dist.implant.chat_templates import describe
-
             raise UserError(
                 f"{where}: {describe(tokenizer)} renders nothing of the assistant's text (turn {i}); a "
                 "template that drops the assistant's turns leaves nothing to train on"
