@@ -248,6 +248,9 @@ SMALL_FAULTS = {
     "a lone surrogate in JSONL --data": ("--data", '{"instruction": "a", "output": "b"}\n'
                                          '{"instruction": "a", "output": "\\udfff"}\n',
                                          "line 2: holds an unpaired surrogate escape"),
+    "an unknown role, with a megabyte of content": (
+        "--data", json.dumps([{"messages": [{"role": "narrator", "content": "x" * 2**20}]}]),
+        'row 0 has a turn without a known role and content: {"role": "narrator", "content": "xxx'),
     "a sharegpt role that is a list": (
         "--dataset", '[{"conversations": [{"from": ["human"], "value": "a"}]}]',
         "row 0, turn 0: from ['human'] is none of the tags"),
@@ -257,7 +260,7 @@ SMALL_FAULTS = {
 @pytest.mark.parametrize("case", list(SMALL_FAULTS))
 def test_json_that_python_reads_but_cannot_use_is_one_line(case, job, tmp_path, capsys):
     """A traceback before (a ValueError from int(), a TypeError from tokenizers or from a dict lookup),
-    or a duplicate DeepSpeed key silently dropped (DeepSpeed's own reader refuses it)."""
+    a duplicate DeepSpeed key silently dropped (DeepSpeed's own reader refuses it), a megabyte line."""
     flag, text, words = SMALL_FAULTS[case]
     bad = tmp_path / ("bad.jsonl" if "JSONL" in case else "bad.json")
     bad.write_text(text)
@@ -268,7 +271,8 @@ def test_json_that_python_reads_but_cannot_use_is_one_line(case, job, tmp_path, 
         argv = dataset_argv(job, tmp_path)
     else:
         argv = train_argv(job, tmp_path, **{flag: bad})
-    assert words in refusal(argv, capsys)
+    line = refusal(argv, capsys)
+    assert words in line and len(line) < 400, line[:1000]
     assert not (tmp_path / "out").exists()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from loki_dist.core import checks
-from loki_dist.core.errors import UserError, shown
+from loki_dist.core.errors import UserError, preview, shown
 from loki_dist.implant.chat_templates import add_chat_template_argument, describe, render
 
 IGNORE_INDEX = -100
@@ -185,7 +185,8 @@ def to_messages(row: dict, index: int) -> list[dict[str, str]]:
         role = _ROLE_ALIASES.get(str(turn.get("role", turn.get("from", ""))).lower())
         content = turn.get("content", turn.get("value"))
         if role is None or content is None:
-            raise UserError(f"--data: row {index} has a turn without a known role and content: {turn}")
+            shown_turn = preview(turn, json_style=True)
+            raise UserError(f"--data: row {index} has a turn without a known role and content: {shown_turn}")
         if not isinstance(content, str):
             raise UserError(
                 f"--data: row {index}, turn {number}: content must be a string, got {_shown(content)}"
