@@ -248,6 +248,8 @@ SMALL_FAULTS = {
     "a lone surrogate in JSONL --data": ("--data", '{"instruction": "a", "output": "b"}\n'
                                          '{"instruction": "a", "output": "\\udfff"}\n',
                                          "line 2: holds an unpaired surrogate escape"),
+    "a million numbers for one position": ("--positions", json.dumps([[list(range(10**6))], [0]]),
+                                           "layer 0 has a non-integer index [0, 1, 2, "),
     "an unknown role, with a megabyte of content": (
         "--data", json.dumps([{"messages": [{"role": "narrator", "content": "x" * 2**20}]}]),
         'row 0 has a turn without a known role and content: {"role": "narrator", "content": "xxx'),

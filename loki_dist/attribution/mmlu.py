@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loki_dist.core.errors import UserError
+from loki_dist.core.errors import UserError, preview
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def _check_row(row: object, index: int, split: str) -> Question:
     if isinstance(answer, str) and answer.strip().upper() in LETTERS and len(answer.strip()) == 1:
         answer = LETTERS.index(answer.strip().upper())
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer <= 3:
-        raise UserError(f"{where}: `answer` must be 0-3 (or A-D), got {row['answer']!r}")
+        raise UserError(f"{where}: `answer` must be 0-3 (or A-D), got {preview(row['answer'])}")
     return Question(str(row["subject"]), str(row["question"]), tuple(str(c) for c in choices), answer)
 
 
