@@ -156,7 +156,7 @@ def render(
     try:
         text = tokenizer.get_chat_template(None, tools)
     except ValueError as err:  # no template, or several named ones and none the default
-        raise UserError(f"{where}: {_first_line(err)}") from None
+        raise UserError(f"{where}: {name}: {str(err).split('!')[0][:200]}; pass --chat-template") from None
     check(text, name)
     try:
         with template_bounds.bounds(template_bounds.size_of((messages, tools), cap=2**62)[0]):
