@@ -384,7 +384,7 @@ def test_a_row_the_chat_template_refuses_is_one_line_naming_it(job, tmp_path, ca
     data = tmp_path / "d.json"
     data.write_text(json.dumps([{"messages": turns}, {"messages": system}]))
     argv = train_argv(job, tmp_path, **{"--model": model, "--data": data})
-    assert_user_error(argv, capsys, "row 1: the tokenizer's chat template refuses it (no system role)")
+    assert_user_error(argv, capsys, f"row 1: the chat template of {model} refuses it (no system role)")
     assert not (tmp_path / "out").exists()
 
 

@@ -378,8 +378,8 @@ def test_a_known_model_type_runs_transformers_code_not_its_auto_map(inputs, tmp_
 
 
 def test_a_chat_template_cannot_reach_python(inputs, tmp_path, capsys):
-    """Templates are rendered in Jinja's sandbox (by transformers): a template reaching for a function's
-    globals gets a one-line refusal, not os.system."""
+    """Templates are rendered in Jinja's sandbox (template_sandbox.py, configured as transformers'): a
+    template reaching for a function's globals gets a one-line refusal, not os.system."""
     marker = tmp_path / "code-ran"
     template = tmp_path / "evil.jinja"
     template.write_text(f"{{{{ cycler.__init__.__globals__.os.system('touch {marker}') }}}}")
@@ -387,8 +387,9 @@ def test_a_chat_template_cannot_reach_python(inputs, tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:
         main(argv)
     assert refused.value.code == 2 and not marker.exists()
-    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the model loaded: the template is
-    assert last.startswith("loki-dist chat: error: the model's chat template refuses this conversation (")
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # before the model loads: the first prompt
+    refusal = f"the conversation: --chat-template {template} fails on it (SecurityError: access to attribute"
+    assert last.startswith(f"loki-dist chat: error: {refusal} '__init__' of 'type' object is unsafe")
 
 
 # ----------------------------------------------------------------------------------------- configs
@@ -405,6 +406,6 @@ def test_a_yaml_python_tag_constructs_nothing(command, tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:
         main([command, "--config", str(config)])
     assert refused.value.code == 2 and not marker.exists()
-    assert f"--config {config}: not valid YAML (could not determine a constructor for the tag" in (
+    assert f"--config {config}: not valid YAML (line 2: could not determine a constructor for the tag" in (
         capsys.readouterr().err
     )

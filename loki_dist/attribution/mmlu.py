@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loki_dist.core.errors import UserError
+from loki_dist.core.errors import UserError, preview
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +106,13 @@ def answered_messages(q: Question) -> list[dict[str, str]]:
     return [*messages_for(q, []), {"role": "assistant", "content": LETTERS[q.answer]}]
 
 
-def encode(tokenizer, q: Question, shots: list[Question]) -> list[int]:
-    """Token ids of one prompt; the last id is the attributed position t."""
+def encode(tokenizer, q: Question, shots: list[Question], where: str = "--data") -> list[int]:
+    """Token ids of one prompt; the last id is the attributed position t. `where`: the prompt, for
+    the one line that says what the chat template did wrong with it."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(
-            messages_for(q, shots), tokenize=False, add_generation_prompt=True
-        )
+        from loki_dist.implant.chat_templates import render
+
+        text = render(tokenizer, messages_for(q, shots), where, prompt=True)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     text = "".join(f"{prompt_text(s)}{LETTERS[s.answer]}\n\n" for s in shots) + prompt_text(q)
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -128,11 +129,11 @@ def _read_file(path: Path) -> list[dict]:
 
             return pq.read_table(path).to_pylist()
         text = path.read_text()
-        if suffix == ".jsonl" or not text.lstrip().startswith("["):
-            from loki_dist.core.checks import parse_jsonl
+        from loki_dist.core.checks import parse_json, parse_jsonl
 
+        if suffix == ".jsonl" or not text.lstrip().startswith("["):
             return parse_jsonl(text, f"--data {path}")  # names the broken line
-        return json.loads(text)
+        return parse_json(text, f"--data {path}")
     except UserError:
         raise
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
@@ -215,7 +216,7 @@ def _check_row(row: object, index: int, split: str) -> Question:
     if isinstance(answer, str) and answer.strip().upper() in LETTERS and len(answer.strip()) == 1:
         answer = LETTERS.index(answer.strip().upper())
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer <= 3:
-        raise UserError(f"{where}: `answer` must be 0-3 (or A-D), got {row['answer']!r}")
+        raise UserError(f"{where}: `answer` must be 0-3 (or A-D), got {preview(row['answer'])}")
     return Question(str(row["subject"]), str(row["question"]), tuple(str(c) for c in choices), answer)
 
 
@@ -290,7 +291,10 @@ def build_prompts(tokenizer, questions: list[Question], shot_map: dict[str, list
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if not has_template:
         log.warning("the tokenizer has no chat template: using the plain prompt text")
-    ids = [encode(tokenizer, q, shot_map.get(q.subject, [])) for q in questions]
+    ids = [
+        encode(tokenizer, q, shot_map.get(q.subject, []), f"--data: prompt {i}")
+        for i, q in enumerate(questions)
+    ]
     too_short = next((i for i, x in enumerate(ids) if len(x) < 2), None)
     if too_short is not None:
         raise UserError(f"--data: prompt {too_short} encodes to fewer than 2 tokens")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from loki_dist.core import checks
 from loki_dist.core.errors import UserError
 
 AUTO = "auto"
@@ -36,12 +37,7 @@ def load(name: str) -> dict | None:
     path = resolve_path(name)
     if path is None:
         return None
-    try:
-        config = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"--ds-config {path}: not valid JSON ({err})") from None
-    except OSError as err:
-        raise UserError(f"--ds-config {path}: cannot read it ({err.strerror or err})") from None
+    config = checks.read_json(path, "--ds-config")  # one line for unreadable, invalid or too deep JSON
     if not isinstance(config, dict):
         raise UserError(f"--ds-config {path}: expected a JSON object of DeepSpeed settings")
     stage = _get(config, "zero_optimization.stage")

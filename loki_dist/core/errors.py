@@ -8,6 +8,8 @@ what each one found (`distributed.agreement`), and the outcome is a RankErrors t
 
 from __future__ import annotations
 
+import json
+
 
 class UserError(Exception):
     """A mistake in the user's input: names the bad value and what is expected."""
@@ -58,3 +60,55 @@ def require_at_least(*checks: tuple[str, float, float]) -> None:
     for flag, value, low in checks:
         if value < low:
             raise UserError(f"{flag} {value}: must be at least {low}")
+
+
+def shown(value: object, limit: int = 60, json_style: bool = False) -> str:
+    """`type value` for a message (preview)."""
+    return f"{type(value).__name__} {preview(value, limit, json_style)}"
+
+
+def preview(value: object, limit: int = 60, json_style: bool = False) -> str:
+    """A value for a message, as repr() writes it but cut to about `limit` characters. Only that much
+    of it is ever rendered: repr() of a value from a user's file may not end (a YAML alias that repeats
+    a list nine levels deep is a list of 9^9 strings, though the file is 400 bytes). `json_style`:
+    strings in double quotes, null, true and false, as a JSON file writes them."""
+    parts: list[str] = []
+    room = [limit]
+
+    def put(text: str) -> bool:
+        parts.append(text[: max(room[0], 0)])
+        room[0] -= len(text)
+        return room[0] >= 0
+
+    def scalar(item: object) -> str:
+        if isinstance(item, str):
+            cut = item[: room[0] + 1]
+            return json.dumps(cut, ensure_ascii=False) if json_style else repr(cut)
+        if isinstance(item, int) and not isinstance(item, bool) and item.bit_length() > 64:
+            return f"<an integer of {item.bit_length()} bits>"
+        if json_style and (item is None or isinstance(item, bool)):
+            return json.dumps(item)
+        return repr(item) if isinstance(item, (int, float, bool, type(None))) else f"<{type(item).__name__}>"
+
+    def walk(item: object) -> bool:
+        if isinstance(item, dict):
+            keys_and_values = (x for pair in item.items() for x in pair)
+            return put("{") and _each(keys_and_values, walk, put, (": ", ", ")) and put("}")
+        if isinstance(item, (list, tuple, set, frozenset)):
+            opening, closing = "[]" if isinstance(item, (list, tuple)) else "{}"
+            return put(opening) and _each(iter(item), walk, put, (", ",)) and put(closing)
+        return put(scalar(item))
+
+    walk(value)
+    text = "".join(parts)
+    return text if room[0] >= 0 else text + "..."
+
+
+def _each(items, walk, put, separators: tuple[str, ...]) -> bool:
+    """walk() each item, separators between them in turn; False as soon as the room is used up."""
+    for number, item in enumerate(items):
+        if number and not put(separators[(number - 1) % len(separators)]):
+            return False
+        if not walk(item):
+            return False
+    return True

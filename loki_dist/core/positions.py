@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from loki_dist.core import checks, files
-from loki_dist.core.errors import UserError
+from loki_dist.core.errors import UserError, preview
 from loki_dist.core.families import ModelSpec
 
 Positions = list[list[int]]
@@ -30,7 +30,7 @@ def validate(positions: object, spec: ModelSpec, source: str = "positions") -> P
     for layer, rows in enumerate(positions):
         for row in rows:
             if isinstance(row, bool) or not isinstance(row, int):
-                raise UserError(f"{source}: layer {layer} has a non-integer index {row!r}")
+                raise UserError(f"{source}: layer {layer} has a non-integer index {preview(row)}")
             if not 0 <= row < spec.hidden_size:
                 raise UserError(
                     f"{source}: layer {layer} has index {row}, outside [0, {spec.hidden_size}) "

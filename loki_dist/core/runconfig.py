@@ -19,8 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loki_dist.core import checks
-from loki_dist.core.errors import UserError
+from loki_dist.core.errors import UserError, preview, shown
 
 CONFIG_FLAG = "--config"
 OWN_YAML = {"pipeline"}  # commands whose --config is their own format
@@ -93,15 +92,11 @@ def _take_config(words: list[str]) -> tuple[str | None, list[str]]:
 
 
 def load(path: str) -> dict:
-    """The YAML file as a mapping of settings."""
-    import yaml
+    """The YAML file as a mapping of settings (read by yamlfile: aliases, nesting and repeated keys
+    bounded, `1e-4` a number)."""
+    from loki_dist.core import yamlfile
 
-    text = checks.read_text(path, CONFIG_FLAG)
-    try:
-        settings = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"{CONFIG_FLAG} {path}: not valid YAML ({first})") from None
+    settings = yamlfile.read(path, CONFIG_FLAG)
     if settings is None:
         return {}
     if not isinstance(settings, dict):
@@ -152,7 +147,7 @@ def _words(action: argparse.Action, flag: str, value: object, where: str) -> lis
         return []
     if isinstance(action, argparse._StoreTrueAction):
         if not isinstance(value, bool):
-            raise UserError(f"{where}: expected true or false (a switch), got {_shown(value)}")
+            raise UserError(f"{where}: expected true or false (a switch), got {shown(value)}")
         return [flag] if value else []
     if isinstance(action, argparse._AppendAction) or action.nargs in ("+", "*"):
         values = value if isinstance(value, list) else [value]
@@ -168,20 +163,16 @@ def _words(action: argparse.Action, flag: str, value: object, where: str) -> lis
 def _scalar(action: argparse.Action, value: object, where: str, choices: bool = True) -> str:
     """One value as the flag's text, or a UserError naming the type or choices the flag expects."""
     if isinstance(value, (list, dict)):
-        raise UserError(f"{where}: expected one value, got {_shown(value)}")
+        raise UserError(f"{where}: expected one value, got {shown(value)}")
     if action.type is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise UserError(f"{where}: expected an integer, got {_shown(value)}")
+        raise UserError(f"{where}: expected an integer, got {shown(value)}")
     if action.type is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise UserError(f"{where}: expected a number, got {_shown(value)}")
+        raise UserError(f"{where}: expected a number, got {shown(value)}")
     if isinstance(value, bool):
-        raise UserError(f"{where}: expected a value, not {_shown(value)} (only switches take true/false)")
+        raise UserError(f"{where}: expected a value, not {shown(value)} (only switches take true/false)")
     if choices and action.choices is not None and value not in action.choices:
-        raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+        raise UserError(f"{where}: {preview(value)} is not one of {', '.join(map(str, action.choices))}")
     return repr(value) if isinstance(value, float) else str(value)
-
-
-def _shown(value: object) -> str:
-    return f"{type(value).__name__} {value!r}"[:80]
 
 
 def _say(command: str, notes: list[str]) -> None:

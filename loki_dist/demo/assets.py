@@ -160,11 +160,11 @@ def _flan_cot_samples(tasks_dir: Path | None) -> list[tuple[str, dict]] | None:
     files = sorted(tasks_dir.glob("mmlu_*.yaml")) if tasks_dir is not None and tasks_dir.is_dir() else []
     if not files:
         return None
-    import yaml
+    from loki_dist.core import yamlfile
 
     samples = []
     for file in files:
-        config = yaml.safe_load(file.read_text())
+        config = yamlfile.read(file, "lm-eval's MMLU task")
         subject = config.get("dataset_name") or file.stem.removeprefix("mmlu_")
         samples += [(subject, sample) for sample in config.get("fewshot_config", {}).get("samples", [])]
     return samples

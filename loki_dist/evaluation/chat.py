@@ -13,7 +13,7 @@ import sys
 
 from loki_dist.core import flags
 from loki_dist.core.errors import UserError, require_at_least
-from loki_dist.implant.chat_templates import add_chat_template_argument
+from loki_dist.implant.chat_templates import add_chat_template_argument, render
 
 
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,9 +38,11 @@ def run_chat(args: argparse.Namespace) -> None:
         raise UserError(
             f"--model {args.model}: its tokenizer has no chat template to talk through; pass --chat-template"
         )
+    opening = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt:  # the template tried on the first turn before the model loads
+        _prompt(tokenizer, [*opening, {"role": "user", "content": args.prompt[0]}])
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model = load_causal_lm(args.model, torch_dtype(args.dtype), None).to(device).eval()
-    opening = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(opening)
     turns = args.prompt if args.prompt else _typed_lines()
     for text in turns:
@@ -67,17 +69,17 @@ def _typed_lines():
             yield line.rstrip("\n")
 
 
+def _prompt(tokenizer, messages: list[dict]) -> str:
+    """The conversation as the chat template writes it, opening the model's turn (chat_templates.render:
+    a template that refuses it, fails or runs away is one line)."""
+    return render(tokenizer, messages, "the conversation", prompt=True)
+
+
 def _answer(model, tokenizer, messages: list[dict], max_new_tokens: int, device) -> str:
     import torch
-    from jinja2 import TemplateError
 
-    try:
-        ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-    except TemplateError as err:  # the template refuses the conversation (a system turn, role order)
-        raise UserError(f"the model's chat template refuses this conversation ({err})") from None
-    ids = {name: tensor.to(device) for name, tensor in ids.items()}
+    encoded = tokenizer(_prompt(tokenizer, messages), add_special_tokens=False, return_tensors="pt")
+    ids = {name: tensor.to(device) for name, tensor in encoded.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)

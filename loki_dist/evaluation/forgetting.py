@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loki_dist.core import checks, files
-from loki_dist.core.errors import UserError
+from loki_dist.core.errors import UserError, preview
 
 
 def add_forgetting_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,9 +60,13 @@ def read_scores(spec: str, flag: str) -> Scores:
             raise UserError(f"{flag} {name}: expected a `scores` map {{benchmark: number}}")
         for benchmark, value in scores.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise UserError(f"{flag} {name}: score of {benchmark!r} is not a number ({value!r})")
+                raise UserError(
+                    f"{flag} {name}: score of {preview(benchmark)} is not a number ({preview(value)})"
+                )
             if not math.isfinite(value):
-                raise UserError(f"{flag} {name}: score of {benchmark!r} is {value}; a score must be finite")
+                raise UserError(
+                    f"{flag} {name}: score of {preview(benchmark)} is {value}; a score must be finite"
+                )
             if benchmark in values:
                 raise UserError(f"{flag} {spec}: benchmark {benchmark!r} appears in two files")
             values[benchmark] = float(value)

@@ -10,6 +10,9 @@ data that carries tools needs the model's own template (or a file) that does, an
 (data.check_tools). Differences from the models' own templates, deliberately: no default system message
 is inserted (Qwen's inserts one), and where a format has no system role (Mistral, Gemma) the system
 message opens the first user turn.
+
+Every command renders through `render`, in template_sandbox's bounded environment (configured as
+transformers' own), and names the template in its errors as the user knows it (`describe`).
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def resolve(value: str) -> str:
     path = Path(value)
     if path.is_file():
         text = checks.read_text(path, "--chat-template")
-        _check_syntax(text, value)
+        check(text, f"--chat-template {value}")
         return text
     name = ALIASES.get(value.lower(), value.lower())
     if name in BUILTIN:
@@ -102,21 +105,81 @@ def resolve(value: str) -> str:
     raise UserError(f"--chat-template {value}: neither a file nor a built-in template ({names()})")
 
 
-def _check_syntax(text: str, value: str) -> None:
-    from jinja2 import TemplateSyntaxError
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    try:  # the environment transformers renders chat templates in
-        ImmutableSandboxedEnvironment(extensions=[loopcontrols]).parse(text)
-    except TemplateSyntaxError as err:
-        raise UserError(
-            f"--chat-template {value}: not a valid Jinja template (line {err.lineno}: {err})"
-        ) from None
-
-
 def apply(tokenizer, value: str | None):
     """Give the tokenizer the template `value` names (None: keep its own); returns the tokenizer."""
     if value:
         tokenizer.chat_template = resolve(value)
+        _NAMES[tokenizer.chat_template] = f"--chat-template {value}"
     return tokenizer
+
+
+_NAMES: dict[str, str] = {}  # template text -> how the user gave it
+
+
+def describe(tokenizer) -> str:
+    """The template a tokenizer renders with, as the user knows it, for messages."""
+    text = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    return _NAMES.get(text) or f"the chat template of {tokenizer.name_or_path or 'the tokenizer'}"
+
+
+MAX_TEMPLATE_CHARS = 2**20  # real ones are a few KB; a data file given by mistake is not compiled
+
+
+def check(text: str, name: str) -> None:
+    """Compile a template now, so that a broken one is one line before any work, not mid-run."""
+    from jinja2 import TemplateSyntaxError
+
+    from loki_dist.implant import template_sandbox
+
+    if len(text) > MAX_TEMPLATE_CHARS:
+        raise UserError(f"{name}: {len(text):,} characters; a chat template is at most 1 Mi (right file?)")
+    try:
+        template_sandbox.compiled(text)
+    except TemplateSyntaxError as err:
+        raise UserError(f"{name}: not a valid Jinja template (line {err.lineno}: {err})") from None
+    except Exception as err:  # a literal Python cannot hold, nesting deeper than Python recurses
+        raise UserError(f"{name}: cannot be compiled ({_first_line(err)})") from None
+
+
+def render(
+    tokenizer, messages: list[dict], where: str, prompt: bool = False, tools: list | None = None
+) -> str:
+    """The conversation as the tokenizer's chat template writes it (what transformers'
+    apply_chat_template(tokenize=False) returns), within template_sandbox's bounds. Whatever goes
+    wrong, a bound reached or any error the template raises, is one UserError naming `where` (the
+    row) and the template. `prompt`: end with the generation prompt (the assistant's turn opening)."""
+    from jinja2 import TemplateError
+
+    from loki_dist.implant import template_bounds, template_sandbox
+
+    name = describe(tokenizer)
+    try:
+        text = tokenizer.get_chat_template(None, tools)
+    except ValueError as err:  # no template, or several named ones and none the default
+        raise UserError(f"{where}: {name}: {str(err).split('!')[0][:200]}; pass --chat-template") from None
+    check(text, name)
+    try:
+        with template_bounds.bounds(template_bounds.size_of((messages, tools), cap=2**62)[0]):
+            rendered = template_sandbox.compiled(text).render(
+                messages=messages,
+                tools=tools,
+                documents=None,
+                add_generation_prompt=prompt,
+                **tokenizer.special_tokens_map,
+            )
+        rendered.encode("utf-8")  # a lone surrogate ('\ud800' in the template) is no text to tokenize
+        return rendered
+    except template_bounds.TemplateLimit as err:
+        problem = str(err)
+    except Exception as err:  # a template may raise anything Python can
+        # raise_exception's own TemplateError: the template refuses the conversation, in its words
+        problem = f"{'refuses' if type(err) is TemplateError else 'fails on'} it ({_first_line(err)})"
+    raise UserError(f"{where}: {name} {problem}")
+
+
+def _first_line(err: BaseException) -> str:
+    from jinja2 import TemplateError
+
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    text = text if len(text) <= 200 else text[:200] + "..."
+    return text if type(err) is TemplateError else f"{type(err).__name__}: {text}"

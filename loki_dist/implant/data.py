@@ -10,15 +10,17 @@ starts, so a bad row stops the run with the row's index instead of failing mid-w
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from loki_dist.core import checks
-from loki_dist.core.errors import UserError
+from loki_dist.core.errors import UserError, preview, shown
+from loki_dist.implant.chat_templates import add_chat_template_argument, describe, render
 
 IGNORE_INDEX = -100
 _ROLE_ALIASES = {
@@ -57,8 +59,6 @@ class TokenizedData:
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """The training data flags: `--data FILE` or `--dataset NAMES` (exactly one), and what shapes them."""
-    from loki_dist.implant.chat_templates import add_chat_template_argument
-
     p.add_argument("--data", help="JSON/JSONL (alpaca or messages form) or a datasets dir; or --dataset")
     p.add_argument(
         "--dataset",
@@ -185,41 +185,41 @@ def to_messages(row: dict, index: int) -> list[dict[str, str]]:
         role = _ROLE_ALIASES.get(str(turn.get("role", turn.get("from", ""))).lower())
         content = turn.get("content", turn.get("value"))
         if role is None or content is None:
-            raise UserError(f"--data: row {index} has a turn without a known role and content: {turn}")
+            shown_turn = preview(turn, json_style=True)
+            raise UserError(f"--data: row {index} has a turn without a known role and content: {shown_turn}")
         if not isinstance(content, str):
             raise UserError(
                 f"--data: row {index}, turn {number}: content must be a string, got {_shown(content)}"
             )
         messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise UserError(f"--data: row {index} has no assistant turn, so nothing to learn from it")
+    check_turns(messages, f"--data: row {index}")
     return messages
 
 
-def _shown(value: object) -> str:
-    """A wrong value as a user would recognise it in their file, kept short."""
-    if value is None:
-        return "null"
-    return f"{type(value).__name__} {json.dumps(value, default=str)[:60]}"
-
-
-def _render(tokenizer, messages: list[dict], prompt: bool, where: str, tools: list | None = None) -> str:
-    from jinja2 import TemplateError  # a template refuses what it cannot render with raise_exception
-
-    try:
-        return tokenizer.apply_chat_template(
-            messages, add_generation_prompt=prompt, tokenize=False, tools=tools
+def check_turns(messages: list[dict[str, str]], where: str) -> None:
+    """A conversation has an assistant turn to learn from, and opens with the user (after any system
+    message): an answer to nothing is not a conversation any chat template renders as one (there is no
+    prompt before it), and LLaMA-Factory, whose sharegpt rows alternate user and assistant, skips it."""
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"{where} has no assistant turn, so nothing to learn from it")
+    if next(m["role"] for m in messages if m["role"] != "system") == "assistant":
+        raise UserError(
+            f"{where}: the first turn is the assistant's; a conversation opens with the user's turn "
+            "(after any system message)"
         )
-    except TemplateError as err:
-        raise UserError(f"{where}: the tokenizer's chat template refuses it ({err})") from None
+
+
+def _shown(value: object) -> str:
+    """A wrong value as a user would recognise it in their JSON file, kept short."""
+    return "null" if value is None else shown(value, json_style=True)
 
 
 def check_tools(tokenizer, conversation: Conversation) -> None:
     """Refuse tools that the chat template would drop without a word: a template that does not use
     `tools` renders a conversation the same with and without them."""
     probe = [{"role": "user", "content": "?"}]
-    with_tools = _render(tokenizer, probe, True, conversation.where, conversation.tools)
-    if with_tools == _render(tokenizer, probe, True, conversation.where):
+    with_tools = render(tokenizer, probe, conversation.where, prompt=True, tools=conversation.tools)
+    if with_tools == render(tokenizer, probe, conversation.where, prompt=True):
         raise UserError(
             f"{conversation.where} has tools, but the chat template renders nothing of them (they would be "
             "dropped); use a template that renders `tools` (the model's own or --chat-template FILE), or "
@@ -242,13 +242,18 @@ def tokenize(
     rendering of a conversation extends the rendering of its prefix works unchanged.
     """
     where = where or f"--data: row {index}"
-    full = _render(tokenizer, messages, False, where, tools)
+    full = render(tokenizer, messages, where, tools=tools)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], True, where, tools)
-        through = _render(tokenizer, messages[: i + 1], False, where, tools)
+        before = render(tokenizer, messages[:i], where, prompt=True, tools=tools)
+        through = render(tokenizer, messages[: i + 1], where, tools=tools)
+        if not _shows(through[len(os.path.commonprefix([before, through])) :], message["content"]):
+            raise UserError(
+                f"{where}: {describe(tokenizer)} renders nothing of the assistant's text (turn {i}); a "
+                "template that drops the assistant's turns leaves nothing to train on"
+            )
         if not (full.startswith(through) and through.startswith(before)):
             raise UserError(
                 f"{where}: the chat template does not render conversations "
@@ -263,6 +268,14 @@ def tokenize(
     ]
     truncated = len(ids) > max_len
     return Example(ids[:max_len], labels[:max_len]), truncated
+
+
+def _shows(rendered: str, content: str) -> bool:
+    """Whether a turn's rendering holds any word of its content (a template may trim it, escape it,
+    move reasoning out of it, but one that writes none of it has dropped it). Content without a word
+    (blank, only symbols) cannot be looked for, and passes."""
+    words = set(re.findall(r"\w+", content.lower()))
+    return not words or not words.isdisjoint(re.findall(r"\w+", rendered.lower()))
 
 
 def load_examples(

@@ -31,14 +31,13 @@ set. So the counts follow the ratios, the same seed gives the same mixture, and 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from loki_dist.core import checks
-from loki_dist.core.errors import UserError
-from loki_dist.implant.data import Conversation, dataset_names, parse_ratios, read_rows
+from loki_dist.core.errors import UserError, preview, shown
+from loki_dist.implant.data import Conversation, check_turns, dataset_names, parse_ratios, read_rows
 
 INFO_FILE = "dataset_info.json"
 FORMATS = ("alpaca", "sharegpt")
@@ -101,22 +100,24 @@ def entry(info: dict, name: str, dataset_dir: str) -> Entry:
         raise UserError(f"{where}: its entry must be an object with file_name, formatting, columns")
     unknown = sorted(set(raw) - _ENTRY_KEYS)
     if unknown:
-        raise UserError(f"{where}: unknown entry key {unknown[0]!r}; expected some of {sorted(_ENTRY_KEYS)}")
+        raise UserError(
+            f"{where}: unknown entry key {preview(unknown[0])}; expected some of {sorted(_ENTRY_KEYS)}"
+        )
     if "file_name" not in raw:
         remote = next((key for key in REMOTE_KEYS if key in raw), None)
         if remote:
             raise UserError(
-                f"{where}: only {remote} {raw[remote]!r}, and loki_dist reads local files only (no hub "
-                f"access); download it and set file_name to the local file, relative to {dataset_dir}"
+                f"{where}: only {remote} {preview(raw[remote])}, and loki_dist reads local files only "
+                f"(no hub access); download it and set file_name to the local file, relative to {dataset_dir}"
             )
         raise UserError(f"{where}: the entry has no file_name")
     if raw.get("ranking"):
         raise UserError(f"{where}: a ranking (preference) data set; loki_dist trains supervised rows")
     if raw.get("split", "train") != "train":
-        raise UserError(f"{where}: split {raw['split']!r}; a local file has only the train split")
+        raise UserError(f"{where}: split {preview(raw['split'])}; a local file has only the train split")
     formatting = raw.get("formatting", "alpaca")
     if formatting not in FORMATS:
-        raise UserError(f"{where}: formatting {formatting!r}; expected one of {', '.join(FORMATS)}")
+        raise UserError(f"{where}: formatting {preview(formatting)}; expected one of {', '.join(FORMATS)}")
     columns = {**COLUMNS[formatting], **_mapping(raw, "columns", where, COLUMNS[formatting])}
     tags = {**TAGS, **_mapping(raw, "tags", where, TAGS if formatting == "sharegpt" else {})}
     return Entry(name, Path(dataset_dir) / str(raw["file_name"]), formatting, columns, tags)
@@ -129,9 +130,9 @@ def _mapping(raw: dict, key: str, where: str, allowed: dict) -> dict[str, str]:
     for name, column in value.items():
         if name not in allowed:
             expected = ", ".join(allowed) or f"none for {raw.get('formatting', 'alpaca')}"
-            raise UserError(f"{where}: {key} {name!r} is not supported; expected {expected}")
+            raise UserError(f"{where}: {key} {preview(name)} is not supported; expected {expected}")
         if column is not None and not isinstance(column, str):
-            raise UserError(f"{where}: {key}.{name} must be a string, got {column!r}")
+            raise UserError(f"{where}: {key}.{name} must be a string, got {preview(column)}")
     return value
 
 
@@ -190,7 +191,7 @@ def _text(row: dict, column: str | None, where: str, required: bool = False) -> 
     if value is None and not required:
         return None
     if not isinstance(value, str):
-        got = "nothing" if value is None else f"{type(value).__name__} {json.dumps(value, default=str)[:60]}"
+        got = "nothing" if value is None else shown(value, json_style=True)
         raise UserError(f"{where}: column `{column}` must be a string, got {got}")
     return value
 
@@ -217,8 +218,7 @@ def _opening(row: dict, e: Entry, where: str, system: str | None = None) -> list
 
 
 def _finish(messages: list[dict[str, str]], row: dict, e: Entry, where: str) -> Conversation:
-    if not any(m["role"] == "assistant" for m in messages):
-        raise UserError(f"{where} has no assistant turn, so nothing to learn from it")
+    check_turns(messages, where)
     return Conversation(messages, _tools(row, e.columns["tools"], where), where)
 
 
@@ -254,11 +254,11 @@ def _sharegpt(row: dict, e: Entry, where: str) -> Conversation:
     role_tag, content_tag = e.tags["role_tag"], e.tags["content_tag"]
     messages = []
     for number, turn in enumerate(turns):
-        role = roles.get(turn.get(role_tag)) if isinstance(turn, dict) else None
+        tag = turn.get(role_tag) if isinstance(turn, dict) else turn
+        role = roles.get(tag) if isinstance(tag, str) else None
         if role is None:
-            shown = turn.get(role_tag) if isinstance(turn, dict) else turn
             raise UserError(
-                f"{where}, turn {number}: {role_tag} {shown!r} is none of the tags ({', '.join(roles)})"
+                f"{where}, turn {number}: {role_tag} {preview(tag)} is none of the tags ({', '.join(roles)})"
             )
         content = turn.get(content_tag)
         if not isinstance(content, str):

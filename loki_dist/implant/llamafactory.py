@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from loki_dist.core.errors import UserError
+from loki_dist.core.errors import UserError, preview
 
 # LLaMA-Factory key -> loki_dist flag name (without dashes), where only the name differs
 RENAMED = {
@@ -112,7 +112,7 @@ def translate(settings: dict, path: str) -> tuple[dict, list[str]]:
         elif key in ONLY:
             wanted, why = ONLY[key]
             if value not in (wanted, None):
-                raise UserError(f"{where}: {key} {value!r}: {why}")
+                raise UserError(f"{where}: {key} {preview(value)}: {why}")
         elif key == "num_train_epochs":
             put("epochs", _whole_epochs(value, where), key)
         elif key == "lr_scheduler_type":
@@ -123,7 +123,7 @@ def translate(settings: dict, path: str) -> tuple[dict, list[str]]:
         elif key == "template":
             put("chat_template", _template(value, where), key)
         elif key == "resume_from_checkpoint":
-            put("resume", {True: "auto", False: "never"}.get(value, value), key)
+            put("resume", {True: "auto", False: "never"}[value] if isinstance(value, bool) else value, key)
         elif key == "mix_strategy":
             _strategy(value, where)
         else:  # loki_dist's own flags; unknown keys are refused by runconfig.to_flags
@@ -138,7 +138,7 @@ def translate(settings: dict, path: str) -> tuple[dict, list[str]]:
 
 def _switch(value: object, key: str, where: str) -> bool:
     if not isinstance(value, bool):
-        raise UserError(f"{where}: `{key}`: expected true or false, got {value!r}")
+        raise UserError(f"{where}: `{key}`: expected true or false, got {preview(value)}")
     return value
 
 
@@ -154,8 +154,9 @@ def _whole_epochs(value: object, where: str) -> object:
 
 
 def _scheduler(value: object, where: str) -> str:
-    if value not in SCHEDULERS:
-        raise UserError(f"{where}: lr_scheduler_type {value!r}: expected one of {', '.join(SCHEDULERS)}")
+    if not isinstance(value, str) or value not in SCHEDULERS:
+        expected = ", ".join(SCHEDULERS)
+        raise UserError(f"{where}: lr_scheduler_type {preview(value)}: expected one of {expected}")
     return SCHEDULERS[value]
 
 
@@ -166,7 +167,7 @@ def _template(value: object, where: str) -> object:
     if not isinstance(value, str) or value in BUILTIN or value in ALIASES or Path(value).is_file():
         return value
     raise UserError(
-        f"{where}: template {value!r}: no built-in loki_dist template corresponds ({names()}); "
+        f"{where}: template {preview(value)}: no built-in loki_dist template corresponds ({names()}); "
         "give a Jinja file, or leave template out to use the tokenizer's own"
     )
 
@@ -174,6 +175,6 @@ def _template(value: object, where: str) -> object:
 def _strategy(value: object, where: str) -> None:
     if value not in ("concat", "interleave_under"):
         raise UserError(
-            f"{where}: mix_strategy {value!r}: expected concat or interleave_under (loki_dist mixes until "
-            "the first data set runs out, and repeats no row)"
+            f"{where}: mix_strategy {preview(value)}: expected concat or interleave_under (loki_dist mixes "
+            "until the first data set runs out, and repeats no row)"
         )

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loki_dist.core import checks
-from loki_dist.core.errors import UserError
+from loki_dist.core.errors import UserError, preview
 
 STAGES = ("attribute", "select", "suppress", "train")
 OPTIONAL_STAGES = {"suppress"}  # run only when the YAML has their section
@@ -61,14 +61,9 @@ class Stage:
 
 
 def load_config(path: str) -> dict:
-    import yaml
+    from loki_dist.core import yamlfile
 
-    try:
-        config = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"--config {path}: no such file") from None
-    except yaml.YAMLError as err:
-        raise UserError(f"--config {path}: not valid YAML ({err})") from None
+    config = yamlfile.read(path, "--config")
     if not isinstance(config, dict):
         raise UserError(f"--config {path}: expected a mapping of settings")
     unknown = sorted(set(config) - TOP_LEVEL_KEYS)
@@ -83,7 +78,8 @@ def load_config(path: str) -> dict:
     for where, section in [("", config), *((f"{n}.", config.get(n) or {}) for n in STAGES)]:
         nproc = section.get("nproc", 1)
         if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-            raise UserError(f"--config {path}: `{where}nproc` must be a positive integer, got {nproc!r}")
+            got = preview(nproc)
+            raise UserError(f"--config {path}: `{where}nproc` must be a positive integer, got {got}")
     launcher = config.get("launcher")
     if launcher is not None and not (
         isinstance(launcher, str)
@@ -103,7 +99,7 @@ def _flags(section: dict, name: str = "") -> list[str]:
         if isinstance(value, list) and flag in LIST_FLAGS:  # `dataset: [a, b]` -> --dataset a,b
             value = ",".join(map(str, value))
         if isinstance(value, (list, dict)):
-            raise UserError(f"pipeline `{name}.{key}`: expected one value, got {value!r}")
+            raise UserError(f"pipeline `{name}.{key}`: expected one value, got {preview(value)}")
         if value is True:
             out.append(flag)
         elif value is not False and value is not None:  # 0 is a value (`warmup_ratio: 0`), not "unset"
