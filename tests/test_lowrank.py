@@ -287,3 +287,18 @@ def test_rank_flag_mistakes_are_one_line(flags, needle, tmp_path, capsys):
     assert_user_error(argv, capsys, needle)
     assert not (tmp_path / "out").exists()
 
+
+def test_llamafactory_lora_rank_becomes_the_rank_of_loki_star():
+    """A LLaMA-Factory YAML's lora_rank means LoRA's rank where finetuning_type is lora (its default):
+    LoKI* then, of that rank. Beside a full or freeze fine-tuning LLaMA-Factory ignores it, and so does
+    loki_dist, saying so."""
+    from loki_dist.implant.llamafactory import translate
+
+    settings, notes = translate({"lora_rank": 8, "lora_alpha": 16}, "x.yaml")
+    assert settings == {"lora_rank": 8} and notes == ["ignoring lora_alpha: an adapter setting; loki_dist "
+                                                      "trains the rows in --positions"]  # fmt: skip
+    assert translate({"finetuning_type": "lora", "lora_rank": 8}, "x.yaml")[0] == {"lora_rank": 8}
+    settings, notes = translate({"finetuning_type": "full", "lora_rank": 8}, "x.yaml")
+    assert (
+        settings == {} and "ignoring lora_rank: finetuning_type is full (LoKI* takes it with lora)" in notes
+    )
