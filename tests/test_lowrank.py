@@ -302,3 +302,12 @@ def test_llamafactory_lora_rank_becomes_the_rank_of_loki_star():
     assert (
         settings == {} and "ignoring lora_rank: finetuning_type is full (LoKI* takes it with lora)" in notes
     )
+
+
+def test_pipeline_yaml_reaches_the_rank():
+    """`train: {lora_rank: 32}` in a pipeline YAML is train's --lora-rank, parsed by train's own parser."""
+    from loki_dist.pipeline.stages import _parse, build_stages
+
+    config = {"output_dir": "out", "model": "m", "train": {"data": "d.jsonl", "lora_rank": 32}}
+    train_stage = next(s for s in build_stages(config) if s.name == "train")
+    assert _parse(train_stage).lora_rank == 32
