@@ -11,15 +11,16 @@ writes a small index saying which shard holds which range. A resume, on any numb
 the ranges its own slices need (safetensors slices), so reading is spread over the ranks too.
 
 Layout of OUT/checkpoint-<step>/: rows-<r>-of-<W>.safetensors (tensors layers.<l>.<quantity>, flat),
-rows_index.json, trainer_state.json, rng_state_<rank>.safetensors (rngstate.py). A LoKI* run (lowrank.py)
-stores its factors the same way, each as an entry of its own: tensors layers.<l>.A.<quantity> and
-layers.<l>.B.<quantity> over A's and B's flat elements, index entries "<l>.A" and "<l>.B" with their
-shapes, and the index format LOWRANK_FORMAT (so that a reader of rows alone refuses it by name, instead
-of exporting factors as rows). Nothing in it is a
+rows_index.json, trainer_state.json, rng_state_<rank>.safetensors (rngstate.py). Nothing in it is a
 pickle: a resume reads tensors and JSON only, so a file planted in a checkpoint cannot run code. The
 directory is filled under a staging name and renamed when complete, so a checkpoint is either whole or
 absent. Checkpoints of loki_dist 0.1 (one rows.safetensors holding [k, F] tensors and layers.<l>.rows,
 and rng_state_<rank>.pt) are read as one shard covering everything.
+
+A LoKI* run (lowrank.py) stores its factors as rows are stored, each factor an entry of its own
+(RowState.key): tensors layers.<l>.A.<quantity> and layers.<l>.B.<quantity> over A's and B's flat
+elements, index entries "<l>.A" and "<l>.B" with their shapes, under the index format LOWRANK_FORMAT, so
+that a reader that knows rows alone refuses it by name instead of taking factors for rows.
 
 A checkpoint is only ever written finite: a rank that finds NaN or Inf in what it saves fails the save on
 every rank (NonFinite) and nothing is published. A checkpoint damaged later (a full disk, a copy cut
