@@ -2,6 +2,7 @@
 
 The Python API (loki_dist/implant/api.py), for any training loop:
     model = loki_dist.implant_rows(model, "positions.json")  # only the selected down_proj rows train
+    # (implant_rows(model, "positions.json", rank=32): LoKI*, their update W_S0 + A B trains instead)
     loki_dist.save_implant(model, "implant.safetensors", base=base_dir)
     merged = loki_dist.merge_rows(model)                     # plain Hugging Face modules again
 """

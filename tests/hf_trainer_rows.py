@@ -3,9 +3,10 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/hf_trainer_rows.py SETTINGS.json
 
 SETTINGS: base, positions, data, out, steps, micro, accum, learning_rate, weight_decay, warmup_steps,
-seed. What is aligned with `loki-dist train` to make the two comparable: the same tokenised samples
-(loki_dist.implant.data), fed in the CLI's documented order (a seeded permutation cut into global batches),
-laid out so that accelerate's per-rank sharding hands rank r the micro-batches the CLI gives it), the
+seed, and rank (optional: LoKI*'s, implant_rows(rank=), B drawn from seed as the CLI's). What is aligned
+with `loki-dist train` to make the two comparable: the same tokenised samples (loki_dist.implant.data),
+fed in the CLI's documented order (a seeded permutation cut into global batches), laid out so that
+accelerate's per-rank sharding hands rank r the micro-batches the CLI gives it), the
 same schedule (warm-up from 0 then cosine to 0), AdamW with HF's defaults (betas, eps: the CLI's), no
 clipping. Everything else is HF's own: its loss (summed over the global batch's response tokens, divided
 by their count, averaged across devices), its optimizer with decoupled decay, its DeepSpeed engine.
@@ -86,7 +87,9 @@ def main(settings: dict) -> None:
         remove_unused_columns=False,
     )
     model = AutoModelForCausalLM.from_pretrained(settings["base"], dtype=torch.float32)
-    model = loki_dist.implant_rows(model, settings["positions"])
+    model = loki_dist.implant_rows(
+        model, settings["positions"], rank=settings.get("rank", 0), seed=settings["seed"]
+    )
     for name, param in model.named_parameters():  # each rank holds its share of the rows from the start
         if param.requires_grad:
             assert param.ds_tensor.numel() == -(-param.ds_numel // world.size), name

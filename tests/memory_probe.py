@@ -5,7 +5,8 @@ partitions, the 16-bit gradient partition buffer plus the largest fp32 gradient 
 sub-group made during the step, and the fp32 master partitions plus Adam's moments. Full fine-tuning is
 a plain engine over the whole model; LoKI is loki_dist's own Trainer (`loki-dist train`'s model loading,
 freezing, row layout and update), once per row layout: masked (the whole down_proj trains, unselected
-rows' gradients zeroed) and split (the selected rows as their own parameter).
+rows' gradients zeroed), split (the selected rows as their own parameter) and LoKI* (their update A B
+of rank STAR_RANK, `--lora-rank`).
 Usage: memory_probe.py OUT_DIR, where OUT_DIR holds base/ (TINY), positions.json and data.json.
 """
 
@@ -29,7 +30,13 @@ DS_CONFIG = {
     "zero_force_ds_cpu_optimizer": False,
     "steps_per_print": 10**9,
 }
-LAYOUTS = {"loki_masked": "masked", "loki_compact": "split"}
+STAR_RANK = 4
+# method: `loki-dist train` flags of its layout
+LAYOUTS = {
+    "loki_masked": ["--row-params", "masked"],
+    "loki_compact": ["--row-params", "split"],
+    "loki_star": ["--lora-rank", str(STAR_RANK)],
+}
 
 
 def _bytes(tensors) -> int:
@@ -72,7 +79,7 @@ def measure_full() -> dict[str, int]:
     return _states_after(engine, step)
 
 
-def measure_trainer(inputs: Path, layout: str, world) -> dict[str, int]:
+def measure_trainer(inputs: Path, method: str, world) -> dict[str, int]:
     """loki_dist's Trainer, built from `loki-dist train` arguments, after one update of its own."""
     import argparse
 
@@ -92,11 +99,10 @@ def measure_trainer(inputs: Path, layout: str, world) -> dict[str, int]:
             "--data",
             str(inputs / "data.json"),
             "--output-dir",
-            str(inputs / f"out-{layout}"),  # each run holds its directory's run lock
+            str(inputs / f"out-{method}"),  # each run holds its directory's run lock
             "--ds-config",
             str(inputs / "ds_config.json"),
-            "--row-params",
-            layout,
+            *LAYOUTS[method],
         ]  # fmt: skip
     )
     plan = plan_run(args, world)
@@ -120,8 +126,8 @@ def main() -> None:
     distributed.prepare_deepspeed(world)
     distributed.barrier()
     result = {"full": measure_full()}
-    for method, layout in LAYOUTS.items():
-        result[method] = measure_trainer(inputs, layout, world)
+    for method in LAYOUTS:
+        result[method] = measure_trainer(inputs, method, world)
     (inputs / f"rank{world.rank}.json").write_text(json.dumps(result))
 
 

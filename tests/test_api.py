@@ -88,31 +88,36 @@ def assert_only_rows_differ(base: dict, got: dict) -> None:
         assert torch.equal(actual, expected), name
 
 
-@pytest.fixture(scope="module")
-def runs(setup):
-    """The Trainer script and `loki-dist train`, both 2 ranks, ZeRO-3, fp32."""
+def hf_and_cli(setup, name: str, rank: int = 0) -> tuple[Path, Path]:
+    """The Trainer script and `loki-dist train`, both 2 ranks, ZeRO-3, fp32; LoKI* of `rank` where > 0."""
     root = setup["root"]
     settings = {**SETTINGS, "base": str(setup["base"]), "positions": str(setup["positions"]),
-                "data": str(setup["data"]), "out": str(root / "hf")}  # fmt: skip
-    (root / "settings.json").write_text(json.dumps(settings))
+                "data": str(setup["data"]), "out": str(root / f"hf{name}"), "rank": rank}  # fmt: skip
+    (root / f"settings{name}.json").write_text(json.dumps(settings))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                 "--master_addr=127.0.0.1", f"--master_port={free_port()}"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    script = [*launcher, str(REPO / "tests" / "hf_trainer_rows.py"), str(root / "settings.json")]
+    script = [*launcher, str(REPO / "tests" / "hf_trainer_rows.py"), str(root / f"settings{name}.json")]
     proc = subprocess.run(script, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     cli = ["train", "--model", str(setup["base"]), "--positions", str(setup["positions"]),
-           "--data", str(setup["data"]), "--output-dir", str(root / "cli"),
+           "--data", str(setup["data"]), "--output-dir", str(root / f"cli{name}"),
            "--ds-config", str(root / "zero3.json"),
            "--max-steps", "4", "--learning-rate", "1e-2", "--weight-decay", "0.1", "--max-grad-norm", "0",
            "--warmup-ratio", "0.5", "--micro-batch-size", "1", "--gradient-accumulation", "2",
-           "--precision", "fp32", "--logging-steps", "1", "--seed", "42"]  # fmt: skip
+           "--precision", "fp32", "--logging-steps", "1", "--seed", "42",
+           "--lora-rank", str(rank)]  # fmt: skip
     run_cli(cli, nproc=2)
-    return root / "hf", root / "cli"
+    return root / f"hf{name}", root / f"cli{name}"
 
 
-def test_hf_trainer_with_zero3_trains_the_rows_as_loki_dist_train_does(setup, runs):
-    hf, cli = runs
+@pytest.fixture(scope="module")
+def runs(setup):
+    return hf_and_cli(setup, "")
+
+
+def assert_the_trainer_trains_as_the_cli(hf: Path, cli: Path) -> None:
+    """The Trainer's implant is the CLI's final/ implant, and its losses the CLI's logged ones."""
     implant, expected = (
         load_file(hf / "implant.safetensors"),
         load_file(cli / "final" / "implant.safetensors"),
@@ -133,20 +138,36 @@ def test_hf_trainer_with_zero3_trains_the_rows_as_loki_dist_train_does(setup, ru
     torch.testing.assert_close(torch.tensor(hf_losses), torch.tensor(cli_losses), rtol=LOSS_RTOL, atol=0)
 
 
-def test_the_merged_model_is_a_plain_hf_model_with_only_the_rows_changed(setup, runs, tmp_path):
-    hf, cli = runs
+def assert_merged_is_plain_and_applies(setup, hf: Path, out: Path) -> None:
+    """merge_rows' model reloads with no custom code, only the rows changed, and `apply` of the implant
+    save_implant wrote merges into the base to the same weights."""
     reloaded = AutoModelForCausalLM.from_pretrained(hf / "merged", dtype=torch.float32)  # no custom code
     got = {name: tensor.detach() for name, tensor in reloaded.state_dict().items()}
     base = base_tensors(setup["base"])
     got = {name: got[name] for name in base}  # tied or derived entries aside, the saved ones
     assert_only_rows_differ(base, got)
-    # the implant save_implant wrote merges into the base (loki-dist apply) to the same weights
-    out = tmp_path / "applied"
     run_cli(["apply", "--base", str(setup["base"]), "--implant", str(hf / "implant.safetensors"),
              "--output", str(out)])  # fmt: skip
     applied = base_tensors(out)
     for name in base:
         assert torch.equal(applied[name], got[name]), name
+
+
+def test_hf_trainer_with_zero3_trains_the_rows_as_loki_dist_train_does(setup, runs):
+    assert_the_trainer_trains_as_the_cli(*runs)
+
+
+def test_the_merged_model_is_a_plain_hf_model_with_only_the_rows_changed(setup, runs, tmp_path):
+    assert_merged_is_plain_and_applies(setup, runs[0], tmp_path / "applied")
+
+
+def test_hf_trainer_with_zero3_trains_loki_star_as_loki_dist_train_does(setup, tmp_path):
+    """LoKI* (implant_rows(rank=2), B from the seed) in the Trainer under ZeRO-3, A and B partitioned
+    over the ranks and decayed by HF's AdamW: save_implant and merge_rows gather the base weight with
+    them and write W_S0 + A B, as `loki-dist train --lora-rank 2` exports them."""
+    hf, cli = hf_and_cli(setup, "-lowrank", rank=2)
+    assert_the_trainer_trains_as_the_cli(hf, cli)
+    assert_merged_is_plain_and_applies(setup, hf, tmp_path / "applied")
 
 
 def test_a_plain_loop_trains_only_the_rows_and_merges_back(setup, tmp_path):

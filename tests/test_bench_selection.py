@@ -61,10 +61,11 @@ def test_report_json_and_plot_are_written_and_agree(study):
 
 def test_rows_arms_leave_every_other_tensor_bit_identical(study):
     _, result = study
-    rows_runs = [r for a in result["arms"] if a["kind"] == "rows" for r in [*a["runs"], *a["sweep"]]]
-    assert len(rows_runs) >= 10
+    rows_kinds = ("rows", "lowrank")  # LoKI*'s merged update lies in its rows too
+    rows_runs = [r for a in result["arms"] if a["kind"] in rows_kinds for r in [*a["runs"], *a["sweep"]]]
+    assert len(rows_runs) >= 10 and any(a["kind"] == "lowrank" for a in result["arms"])
     assert all(r["frozen_moved"] == 0 for r in rows_runs)
-    others = [r for a in result["arms"] if a["kind"] != "rows" for r in a["runs"]]
+    others = [r for a in result["arms"] if a["kind"] not in rows_kinds for r in a["runs"]]
     assert all(r["frozen_moved"] is None for r in others)
 
 
@@ -83,6 +84,7 @@ def test_arms_select_what_they_claim(study):
     arms = {a["name"]: a for a in result["arms"]}
     assert arms["LoKI q=10"]["runs"][0]["trainable"] == 2 * 4 * 64  # layers x rows x intermediate
     assert arms["LoKI q=25"]["runs"][0]["trainable"] == 2 * 10 * 64
+    assert arms["LoKI* q=30 r=8"]["runs"][0]["trainable"] == 2 * 8 * (12 + 64)  # layers x r x (k + F)
     lora = next(a for a in result["arms"] if a["kind"] == "lora")
     assert lora["name"] == f"LoRA down_proj r={result['lora_rank']}"
     assert lora["runs"][0]["trainable"] == result["lora_rank"] * 2 * (40 + 64)

@@ -15,7 +15,7 @@ from fractions import Fraction
 import pytest
 import torch
 from conftest import REPO, assert_user_error, free_port
-from memory_probe import TINY
+from memory_probe import STAR_RANK, TINY
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from loki_dist.demo.tiny import build_model, save_tiny, tiny_config
@@ -27,6 +27,7 @@ from loki_dist.planning.memory import (
     activation_bytes,
     architecture,
     estimate,
+    loki_star_params,
     lora_params,
 )
 
@@ -176,6 +177,33 @@ def test_trainable_parameters_match_the_paper(preset, quota, rows, millions, tmp
     assert numbers["bytes_per_gpu"]["loki_masked"]["trainable_params"] == trainable
 
 
+def test_loki_star_trains_the_papers_16m_parameters(tmp_path, capsys):
+    """The paper's Table 2: LoKI*(q=30, r=32) on Llama-3.1-8B trains 16M parameters instead of LoKI
+    q=30's 563M, 97.16% fewer: L * (k*r + r*F) = 32 * 32 * (1228 + 14336)."""
+    from loki_dist.cli import main
+
+    out = tmp_path / "memory.json"
+    main(
+        [
+            "estimate-memory",
+            "--preset",
+            "llama-3-8b",
+            "--quota",
+            "30",
+            "--lora-rank",
+            "32",
+            "--json",
+            str(out),
+        ]
+    )
+    assert "LoKI* r=32: A [1228, 32] and B [32, 14336] per layer" in capsys.readouterr().out
+    numbers = json.loads(out.read_text())
+    star = numbers["bytes_per_gpu"]["loki_star"]["trainable_params"]
+    rows = numbers["bytes_per_gpu"]["loki_compact"]["trainable_params"]
+    assert star == 32 * (1228 * 32 + 32 * 14336) == 15_937_536 and numbers["lora_rank"] == 32
+    assert round(star / 1e6) == 16 and round(100 * (1 - star / rows), 1) == 97.2
+
+
 # --- (d) real tensors on CPU ------------------------------------------------------------------------------
 
 
@@ -203,9 +231,8 @@ def _adam_moment_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def _predicted(model: torch.nn.Module, method: str, quota: int = 25) -> dict[str, int]:
     """fp32 on one rank, ZeRO-2 accounting: no sharding and no gathered working set, like plain torch."""
-    result = estimate(
-        architecture(model.config), Fraction(quota), Setup(world_size=1, zero=2, precision="fp32")
-    )
+    setup = Setup(world_size=1, zero=2, precision="fp32")
+    result = estimate(architecture(model.config), Fraction(quota), setup, star_rank=STAR_RANK)
     return {part: getattr(result[method], part) for part in ("parameters", "gradients", "optimizer_state")}
 
 
@@ -243,6 +270,18 @@ def test_loki_compact_state_bytes_on_cpu():
     assert predicted["gradients"] == _bytes(row.grad for row in rows)
 
 
+def test_loki_star_state_bytes_on_cpu():
+    """LoKI* through the Python API: A and B beside the whole model, their gradients and AdamW state."""
+    import loki_dist
+
+    model = build_model("llama", **TINY).train()
+    k = 25 * TINY["hidden_size"] // 100
+    model = loki_dist.implant_rows(model, [list(range(k))] * TINY["num_layers"], rank=STAR_RANK)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == loki_star_params(architecture(model.config), k, STAR_RANK)
+    _assert_exact(_one_adamw_step(model, trainable), _predicted(model, "loki_star"))
+
+
 def test_lora_state_bytes_on_cpu():
     from peft import LoraConfig, get_peft_model
 
@@ -277,9 +316,10 @@ def test_zero3_bf16_state_bytes_of_real_engines_and_the_trainer_on_2_ranks(tmp_p
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     arch = architecture(build_model("llama", **TINY).config)
-    predicted = estimate(arch, Fraction(25), Setup(world_size=2, zero=3))
+    predicted = estimate(arch, Fraction(25), Setup(world_size=2, zero=3), star_rank=STAR_RANK)
     largest_trainable = {"full": arch.largest_module_params, "loki_masked": arch.down_proj_params,
-                         "loki_compact": k * arch.intermediate_size}  # fmt: skip
+                         "loki_compact": k * arch.intermediate_size,
+                         "loki_star": STAR_RANK * (k + arch.intermediate_size)}  # fmt: skip
     for rank in (0, 1):
         measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert measured.keys() == largest_trainable.keys()
@@ -303,6 +343,10 @@ def test_zero3_bf16_state_bytes_of_real_engines_and_the_trainer_on_2_ranks(tmp_p
         assert split["parameters"] == masked["parameters"] + 2 * selected // 2
         extra = predicted["loki_compact"].parameters - predicted["loki_masked"].parameters
         assert extra == split["parameters"] - masked["parameters"]
+        # LoKI*: fp32 master and moments for A and B only, which are parameters of their own too
+        star = loki_star_params(arch, k, STAR_RANK)
+        assert measured["loki_star"]["optimizer_state"] == 12 * star // 2 + 4
+        assert measured["loki_star"]["parameters"] == masked["parameters"] + 2 * star // 2
 
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -327,10 +371,12 @@ def _saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("method", ["full", "loki_masked", "lora"])
+@pytest.mark.parametrize("method", ["full", "loki_masked", "loki_star", "lora"])
 def test_activation_bytes_saved_by_autograd_on_cpu(method, precision):
     """The formula against the tensors autograd really saves (CPU SDPA runs a flash kernel, like a GPU)."""
     from peft import LoraConfig, get_peft_model
+
+    import loki_dist
 
     shapes = dict(num_layers=3, hidden_size=256, intermediate_size=688, vocab_size=512, num_heads=4)
     model = build_model("llama", **shapes, num_kv_heads=2)
@@ -340,11 +386,14 @@ def test_activation_bytes_saved_by_autograd_on_cpu(method, precision):
         model.requires_grad_(False)
         for layer in model.model.layers:
             layer.mlp.down_proj.weight.requires_grad_(True)
+    if method == "loki_star":  # factors in the base dtype, as under DeepSpeed bf16
+        model = loki_dist.implant_rows(model, [list(range(0, 256, 4))] * 3, rank=16)
     if method == "lora":  # adapters in the base dtype, as under DeepSpeed bf16
         lora = LoraConfig(r=16, target_modules=LORA_TARGETS)
         model = get_peft_model(model, lora, autocast_adapter_dtype=False)
     tokens = torch.randint(0, 512, (2, 128), generator=torch.Generator().manual_seed(0))
-    predicted = activation_bytes(arch, Setup(micro_batch=2, seq_len=128, precision=precision), method)
+    setup = Setup(micro_batch=2, seq_len=128, precision=precision)
+    predicted = activation_bytes(arch, setup, method, star_rank=16)
     assert predicted == pytest.approx(_saved_activation_bytes(model, tokens), rel=0.01)  # README: within 1%
 
 
@@ -356,10 +405,11 @@ def test_model_directory_and_table(tiny_llama, tmp_path, capsys):
 
     main(["estimate-memory", "--model-config", str(tiny_llama), "--world-size", "2", "--quota", "25"])
     out = capsys.readouterr().out
-    for text in ("per GPU (GiB)", "per GPU (bytes)", "LoKI masked", "LoKI compact", "full FT", "LoRA r=16"):
+    titles = ("LoKI masked", "LoKI compact", "LoKI* r=32", "full FT", "LoRA r=16")
+    for text in ("per GPU (GiB)", "per GPU (bytes)", *titles):
         assert text in out
     total_row = next(line for line in out.splitlines() if line.startswith("total") and "," in line)
-    assert len(total_row.split()) == 5
+    assert len(total_row.split()) == 6
 
 
 def test_checkpointing_and_offload_shrink_the_gpu_share():
@@ -380,6 +430,7 @@ def test_checkpointing_and_offload_shrink_the_gpu_share():
         (["--preset", "llama-3-8b", "--quota", "0"], "--quota 0"),
         (["--preset", "llama-3-8b", "--quota", "0.01"], "selects no row"),
         (["--preset", "llama-3-8b", "--world-size", "0"], "--world-size 0"),
+        (["--preset", "llama-3-8b", "--lora-rank", "0"], "--lora-rank 0: must be at least 1"),
         (["--model-config", "/nonexistent/config.json"], "--model-config /nonexistent"),
         (
             ["--preset", "qwen2.5-0.5b", "--json", "/dev/null/memory.json"],

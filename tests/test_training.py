@@ -233,15 +233,15 @@ def train_oracle(base: Path, data: Path, options: dict, global_batch: int) -> Or
     weights = dict(model.named_parameters())
     names = {layer: f"model.layers.{layer}.mlp.down_proj.weight" for layer, r in enumerate(POSITIONS) if r}
     index = {layer: torch.tensor(POSITIONS[layer]) for layer in names}
-    rows = {layer: weights[name][index[layer]].clone().requires_grad_(True) for layer, name in names.items()}
+    params, rows = parametrise({layer: weights[name][index[layer]] for layer, name in names.items()}, options)
     # torch's AdamW decays decoupled, w <- w * (1 - lr * wd), before its moment update and step
     # (_single_tensor_adam), the order in which loki_dist decays the fp32 master and then steps Adam with
     # weight_decay 0; betas (0.9, 0.999) and eps 1e-8 are torch's defaults, which the trainer keeps too
-    optimizer = torch.optim.AdamW(rows.values(), weight_decay=options["--weight-decay"], foreach=False)
+    optimizer = torch.optim.AdamW(params, weight_decay=options["--weight-decay"], foreach=False)
 
     def mean_loss(batch: list[int]) -> torch.Tensor:
         spliced = {
-            name: weights[name].index_copy(0, index[layer], rows[layer]) for layer, name in names.items()
+            name: weights[name].index_copy(0, index[layer], rows(layer)) for layer, name in names.items()
         }
         total, count = torch.zeros((), dtype=torch.float64), 0
         for ids, labels in (samples[i] for i in batch):
@@ -259,10 +259,10 @@ def train_oracle(base: Path, data: Path, options: dict, global_batch: int) -> Or
         optimizer.zero_grad()
         loss = mean_loss(batch)
         loss.backward()
-        norm = torch.cat([r.grad.flatten() for r in rows.values()]).norm().item()
+        norm = torch.cat([p.grad.flatten() for p in params]).norm().item()
         if clip > 0:
-            for r in rows.values():
-                r.grad.mul_(min(1.0, clip / (norm + 1e-6)))
+            for p in params:
+                p.grad.mul_(min(1.0, clip / (norm + 1e-6)))
         oracle.lrs.append(scheduled_lr(step, options))
         optimizer.param_groups[0]["lr"] = oracle.lrs[-1]
         optimizer.step()
@@ -270,8 +270,29 @@ def train_oracle(base: Path, data: Path, options: dict, global_batch: int) -> Or
         oracle.norms.append(norm)
         with torch.no_grad():
             oracle.probes.append(mean_loss(batches[0]).item())
-    oracle.rows = {layer: r.detach() for layer, r in rows.items()}
+    oracle.rows = {layer: rows(layer).detach() for layer in names}
     return oracle
+
+
+def parametrise(frozen: dict[int, torch.Tensor], options: dict):
+    """(the tensors the oracle trains, layer -> its selected rows as they now stand) from each trained
+    layer's base rows W_S0. The rows themselves; or, with --lora-rank R (LoKI*), W_S0 + A B with A [k, R]
+    starting at zero and B [R, F] drawn as loki_dist documents it: torch's kaiming_uniform_(a=sqrt(5)),
+    PEFT's lora_A initialisation, in float32 from one CPU generator seeded with --seed (42 by default),
+    layer after layer."""
+    rank = options.get("--lora-rank", 0)
+    if not rank:
+        rows = {layer: w.clone().requires_grad_(True) for layer, w in frozen.items()}
+        return list(rows.values()), rows.__getitem__
+    generator = torch.Generator().manual_seed(options.get("--seed", 42))
+    factors = {}
+    for layer, w in sorted(frozen.items()):
+        b = torch.empty(rank, w.shape[1])
+        torch.nn.init.kaiming_uniform_(b, a=math.sqrt(5), generator=generator)
+        a = torch.zeros(w.shape[0], rank, dtype=w.dtype)
+        factors[layer] = (a.requires_grad_(True), b.to(w.dtype).requires_grad_(True))
+    params = [t for pair in factors.values() for t in pair]
+    return params, lambda layer: frozen[layer] + factors[layer][0] @ factors[layer][1]
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,9 @@ Every run goes through `train_until`: AdamW with no weight decay (so rows that d
 bit-identical, which both check), a constant rate, no clipping, the same batches in the same seeded order,
 and the same loss (the mean cross-entropy of the labelled tokens, as `loki-dist train`'s). Methods differ
 only in what may move (`build_trainable`): the selected down_proj rows through the Python API
-(`implant_rows` / `merge_rows`, the split layout `loki-dist train` uses), all weights, or LoRA adapters on
-down_proj (peft), merged back so that every result is a plain model. A run stops at a target skill
+(`implant_rows` / `merge_rows`, the split layout `loki-dist train` uses), LoKI*'s low-rank update of
+those rows (`implant_rows(..., rank=R)`, as `loki-dist train --lora-rank R`), all weights, or LoRA
+adapters on down_proj (peft), merged back so that every result is a plain model. A run stops at a target skill
 (checked every `eval_every` steps) or its step cap, so methods are compared at equal skill where they
 reach it, and the steps each took are reported.
 """
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from loki_dist.implant.data import IGNORE_INDEX, Example, collate
 
-KINDS = ("rows", "full", "lora")
+KINDS = ("rows", "lowrank", "full", "lora")  # lowrank: LoKI*, W_S0 + A B in the rows
 
 
 @dataclass
@@ -51,7 +52,7 @@ class RunResult:
     cpu_seconds: float
     trainable: int
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, skill)
-    frozen_moved: int | None = None  # rows: elements outside the rows that differ from the base
+    frozen_moved: int | None = None  # rows, lowrank: elements outside the rows that differ from the base
     measures: dict | None = None
 
 
@@ -120,12 +121,13 @@ def train_until(
 
 
 def build_trainable(kind: str, base, positions: list[list[int]] | None, lora_rank: int, seed: int):
-    """(a copy of `base` to train, its trainable parameters, finish): `finish` returns the plain model."""
+    """(a copy of `base` to train, its trainable parameters, finish): `finish` returns the plain model.
+    `lora_rank`: LoRA's rank, or LoKI*'s (lowrank, whose B is drawn from `seed`)."""
     import loki_dist
 
     model = copy.deepcopy(base)
-    if kind == "rows":
-        loki_dist.implant_rows(model, positions)
+    if kind in ("rows", "lowrank"):
+        loki_dist.implant_rows(model, positions, rank=lora_rank if kind == "lowrank" else 0, seed=seed)
         return model, [p for p in model.parameters() if p.requires_grad], loki_dist.merge_rows
     if kind == "full":
         model.requires_grad_(True)
@@ -142,7 +144,8 @@ def run_once(
     name: str, kind: str, base, examples, skill: Callable, budget: Budget, seed: int, pad_id: int, **how
 ) -> tuple[RunResult, torch.nn.Module]:
     """One run of one method; (its result, the trained model as a plain HF model). `how`: `positions`
-    (rows) or `lora_rank` (LoRA); `train_skill(model)` when the result should say the training split's."""
+    (rows, lowrank) and `lora_rank` (LoRA, lowrank); `train_skill(model)` when the result should say the
+    training split's."""
     positions = how.get("positions")
     model, params, finish = build_trainable(kind, base, positions, how.get("lora_rank", 0), seed)
     wall, cpu = time.perf_counter(), time.process_time()

@@ -6,9 +6,11 @@
     loki_dist.save_implant(model, "implant.safetensors", base=base)
     merged = loki_dist.merge_rows(model)                     # plain nn.Linear again: save_pretrained
 
-The rows become their own parameter per layer (rowsplit.RowSplitLinear), so any optimizer's weight decay
+The rows become their own parameter per layer (rowsplit.RowSplitLinear), or, with `rank=R`, LoKI*'s
+low-rank factors A and B of W_S = W_S0 + A B (lowrank.RowLowRankLinear), so any optimizer's weight decay
 touches only them, any ZeRO stage shards only them, and every other tensor is not a parameter that trains
-at all. `loki-dist train` builds its default (split) layout through `implant_rows` as well.
+at all. `loki-dist train` builds its default (split) layout and LoKI*'s through `implant_rows` as well.
+Whatever the layout, `save_implant` and `merge_rows` write plain trained rows.
 
 Under ZeRO-3 `save_implant` and `merge_rows` are collective (every rank calls them, as it calls HF's own
 save under ZeRO-3): they gather one layer at a time, so no rank ever holds more than one layer's weight.
@@ -29,16 +31,22 @@ from torch import nn
 from loki_dist.core import checks, collectives, distributed, positions
 from loki_dist.core.errors import UserError
 from loki_dist.core.families import down_proj_slots, spec_from_config, spec_from_dir
-from loki_dist.implant import rowsplit
+from loki_dist.implant import lowrank, rowsplit
 from loki_dist.implant.export import BaseShards, non_finite_rows
 from loki_dist.implant.implant_file import RowSource, fingerprint, write_implant
 
 
-def implant_rows(model: nn.Module, rows: str | Path | Sequence[Sequence[int]]) -> nn.Module:
+def implant_rows(
+    model: nn.Module, rows: str | Path | Sequence[Sequence[int]], rank: int = 0, seed: int = 0
+) -> nn.Module:
     """Freeze `model` and make trainable only the down_proj rows in `rows`, a positions file or L lists.
 
-    Returns the same model, changed in place (as PEFT's get_peft_model wraps it): call it before the
-    optimizer is built, so that the optimizer sees the row parameters and nothing else.
+    rank 0: the rows themselves train (parameters `...down_proj.trained`, [k, F]). rank R > 0: LoKI*,
+    the rows are W_S0 + A B with A [k, R] (zero at first) and B [R, F] (kaiming-uniform as PEFT draws
+    lora_A, from a generator seeded with `seed`: the same on every rank), parameters `...down_proj.A` and
+    `...down_proj.B` (lowrank.py). Returns the same model, changed in place (as PEFT's get_peft_model
+    wraps it): call it before the optimizer is built, so that the optimizer sees what trains and nothing
+    else.
     """
     spec = spec_from_config(model.config)
     if isinstance(rows, (str, Path)):
@@ -49,30 +57,41 @@ def implant_rows(model: nn.Module, rows: str | Path | Sequence[Sequence[int]]) -
         raise UserError("implant_rows: the model already has implanted rows (call merge_rows first)")
     if not any(chosen):
         raise UserError("implant_rows: every layer list is empty, nothing would train")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise UserError(f"implant_rows: rank {rank!r}: expected an integer, 0 (the rows) or more (LoKI*)")
     model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
     for (parent, attribute), layer_rows in zip(down_proj_slots(model), chosen, strict=True):
-        if layer_rows:
-            rowsplit.split(parent, attribute, layer_rows).requires_grad_(True)
+        if not layer_rows:
+            continue
+        if rank:
+            module = lowrank.attach(parent, attribute, layer_rows, rank, generator)
+        else:
+            module = rowsplit.split(parent, attribute, layer_rows)
+        for param in module.parts().values():
+            param.requires_grad_(True)
     return model
 
 
-def implanted_layers(model: nn.Module) -> list[tuple[int, rowsplit.RowSplitLinear]]:
+def implanted_layers(model: nn.Module) -> list[tuple[int, rowsplit.RowLinear]]:
     """(layer, module) of every down_proj whose rows train, in layer order."""
     found = []
     for layer, (parent, attribute) in enumerate(down_proj_slots(model)):
         module = getattr(parent, attribute)
-        if isinstance(module, rowsplit.RowSplitLinear):
+        if isinstance(module, rowsplit.RowLinear):
             found.append((layer, module))
     return found
 
 
 def _gathered(*params: nn.Parameter, modifier_rank: int | None = None):
-    """The whole tensors of ZeRO-3 partitioned parameters for the block (a collective); else nothing."""
+    """The whole tensors of ZeRO-3 partitioned parameters for the block (a collective); else nothing.
+    Each parameter once, however often it is named (LoKI*'s rows read the base weight itself)."""
     if not any(hasattr(p, "ds_id") for p in params):
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
+    unique = list({id(p): p for p in params}.values())
+    return deepspeed.zero.GatheredParameters(unique, modifier_rank=modifier_rank)
 
 
 def merge_rows(model: nn.Module) -> nn.Module:
@@ -85,12 +104,13 @@ def merge_rows(model: nn.Module) -> nn.Module:
     layers = implanted_layers(model)
     if not layers:
         raise UserError("merge_rows: the model has no implanted rows (implant_rows was not called)")
-    _refuse_non_finite("merge_rows", {layer: (m.trained, m.base.weight.dtype) for layer, m in layers})
+    _refuse_non_finite("merge_rows", _trained_values(layers, {layer: m.weight.dtype for layer, m in layers}))
     slots = down_proj_slots(model)
     for layer, module in layers:
         base = module.base
-        with _gathered(base.weight, module.trained, modifier_rank=0), torch.no_grad():
-            base.weight.data[module.rows.to(base.weight.device)] = module.trained.data.to(base.weight.dtype)
+        with _gathered(base.weight, *module.inputs(), modifier_rank=0), torch.no_grad():
+            rows = module.rows_value(base.weight.dtype)
+            base.weight.data[module.rows.to(base.weight.device)] = rows.to(base.weight.device)
         parent, attribute = slots[layer]
         setattr(parent, attribute, base)
     return model
@@ -109,9 +129,9 @@ class _ModelRows(RowSource):
         return self.modules[layer].rows.cpu()
 
     def weight(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
-        trained = self.modules[layer].trained
-        with _gathered(trained):
-            return trained.data.detach().to("cpu", dtype, copy=True)
+        module = self.modules[layer]
+        with _gathered(*module.inputs()):
+            return module.rows_value(dtype).detach().to("cpu", copy=True)
 
 
 def save_implant(
@@ -126,7 +146,8 @@ def save_implant(
     symlinks) is refused whatever `overwrite` says.
     """
     source = _ModelRows(model)
-    with _checked_together(_sharded(m.trained for m in source.modules.values())):
+    trained = [p for m in source.modules.values() for p in m.parts().values()]
+    with _checked_together(_sharded(trained)):
         if not source.layers():
             raise UserError("save_implant: the model has no implanted rows (save it before merge_rows)")
         base_dir = Path(base if base is not None else getattr(model.config, "_name_or_path", "") or ".")
@@ -144,9 +165,7 @@ def save_implant(
         missing = [layer for layer in source.layers() if layer not in dtypes]
         if missing:
             raise UserError(f"save_implant: base {base_dir} has no down_proj weight for layers {missing}")
-    _refuse_non_finite(
-        "save_implant", {layer: (m.trained, dtypes[layer]) for layer, m in source.modules.items()}
-    )
+    _refuse_non_finite("save_implant", _trained_values(list(source.modules.items()), dtypes))
     if not _is_main():
         for layer in source.layers():  # take part in each layer's gather, as rank 0 does while writing
             source.weight(layer, torch.float32)
@@ -169,18 +188,31 @@ def _checked_together(sharded: bool):
     return distributed.agreement(distributed.joined_world(), choose_device=False)
 
 
-def _refuse_non_finite(caller: str, rows: dict[int, tuple[nn.Parameter, torch.dtype]]) -> None:
-    """Refuse trained rows that hold NaN or Inf in the dtype they are to be written in (layer -> the
-    parameter and that dtype), naming the first such layer, before anything is gathered or written.
+def _trained_values(
+    layers: list[tuple[int, rowsplit.RowLinear]], dtypes: dict[int, torch.dtype]
+) -> list[tuple[int, nn.Parameter, torch.dtype]]:
+    """(layer, parameter, dtype to check it in) for what trains in each layer: the rows in the dtype they
+    are written in (`dtypes`); LoKI*'s factors A and B in their own (a non-finite factor makes every
+    merged row it touches non-finite)."""
+    return [
+        (layer, param, dtypes[layer] if name == "" else param.dtype)
+        for layer, module in layers
+        for name, param in module.parts().items()
+    ]
+
+
+def _refuse_non_finite(caller: str, values: list[tuple[int, nn.Parameter, torch.dtype]]) -> None:
+    """Refuse trained values that hold NaN or Inf in the dtype they are checked in ((layer, parameter,
+    dtype) triples), naming the first such layer, before anything is gathered or written.
 
     Under ZeRO-3 no rank holds a layer's rows whole: each counts the non-finite values of its own
     partition and one all-reduce sums the counts (no gather), so every rank reaches the same decision
     from the same numbers. Otherwise the calling process holds every row itself and decides alone.
     """
-    counts = torch.tensor([_non_finite_held(p, dtype) for p, dtype in rows.values()], dtype=torch.int64)
-    if _sharded(param for param, _ in rows.values()):
+    counts = torch.tensor([_non_finite_held(p, dtype) for _, p, dtype in values], dtype=torch.int64)
+    if _sharded(param for _, param, _ in values):
         collectives.all_reduce_sum(counts)
-    for (layer, (_, dtype)), count in zip(rows.items(), counts.tolist(), strict=True):
+    for (layer, _, dtype), count in zip(values, counts.tolist(), strict=True):
         if count:
             raise non_finite_rows(caller, layer, count, dtype)
 

@@ -17,6 +17,11 @@ directory is filled under a staging name and renamed when complete, so a checkpo
 absent. Checkpoints of loki_dist 0.1 (one rows.safetensors holding [k, F] tensors and layers.<l>.rows,
 and rng_state_<rank>.pt) are read as one shard covering everything.
 
+A LoKI* run (lowrank.py) stores its factors as rows are stored, each factor an entry of its own
+(RowState.key): tensors layers.<l>.A.<quantity> and layers.<l>.B.<quantity> over A's and B's flat
+elements, index entries "<l>.A" and "<l>.B" with their shapes, under the index format LOWRANK_FORMAT, so
+that a reader that knows rows alone refuses it by name instead of taking factors for rows.
+
 A checkpoint is only ever written finite: a rank that finds NaN or Inf in what it saves fails the save on
 every rank (NonFinite) and nothing is published. A checkpoint damaged later (a full disk, a copy cut
 short, a file that is not what we wrote) is recognised before any model loads by `damage`, which reads
@@ -42,6 +47,8 @@ STATE_FILE = "trainer_state.json"
 INDEX_FILE = "rows_index.json"
 LEGACY_ROWS_FILE = "rows.safetensors"
 INDEX_FORMAT = "loki_dist.rows/2"
+LOWRANK_FORMAT = "loki_dist.lowrank/1"  # LoKI*'s factors: entries <l>.A and <l>.B, with shapes
+FORMATS = (INDEX_FORMAT, LOWRANK_FORMAT)
 QUANTITIES = ("master", *ADAM_STATE_KEYS)
 # beside the checkpoints in OUT: the model exported from the last one when a run finishes
 FINAL_DIR = "final"
@@ -89,16 +96,16 @@ def save(out_dir: Path, step: int, states: list[RowState], trainer_state: dict, 
             if world.is_main:
                 files.make_staging(final)  # also removes what a run killed while saving left
         # this rank's non-empty slices (a replicated layout is written by rank 0 alone)
-        mine = {s.layer: (s, s.master().selected_range()) for s in states if s.owns_slice or world.is_main}
-        mine = {layer: (s, (b, e)) for layer, (s, (b, e)) in mine.items() if e > b}
-        layout = {f"layers.{layer}.{what}": (torch.float32, (e - b,))
-                  for layer, (_, (b, e)) in mine.items() for what in QUANTITIES}  # fmt: skip
+        mine = {s.key: (s, s.master().selected_range()) for s in states if s.owns_slice or world.is_main}
+        mine = {key: (s, (b, e)) for key, (s, (b, e)) in mine.items() if e > b}
+        layout = {f"layers.{key}.{what}": (torch.float32, (e - b,))
+                  for key, (_, (b, e)) in mine.items() for what in QUANTITIES}  # fmt: skip
         pieces = (  # one layer's quantity in memory at a time
-            (f"layers.{layer}.{what}", stored.take().float())
-            for layer, (state, _) in mine.items()
+            (f"layers.{key}.{what}", stored.take().float())
+            for key, (state, _) in mine.items()
             for what, stored in _stored(state).items()
         )
-        ranges = {str(layer): list(r) for layer, (_, r) in mine.items()}
+        ranges = {key: list(r) for key, (_, r) in mine.items()}
         non_finite: list[str] = []  # checked as the pieces stream by: no second pass over the rows
         with distributed.agreement(world):
             shard = staging / shard_name(world.rank, world.size)
@@ -137,7 +144,10 @@ def _index(staging: Path, states: list[RowState], world_size: int) -> dict:
         name = shard_name(rank, world_size)
         with safe_open(str(staging / name), framework="pt") as handle:
             shards[name] = json.loads(handle.metadata()["ranges"])
-    layers = {str(s.layer): {"rows": s.rows.tolist(), "length": s.num_selected} for s in states}
+    layers = {s.key: {"rows": s.rows.tolist(), "length": s.num_selected} for s in states}
+    lowrank = any(s.part for s in states)
+    for s in states if lowrank else []:
+        layers[s.key]["shape"] = s.shape
     for layer, entry in layers.items():
         pieces = sorted(r[layer] for r in shards.values() if layer in r)
         covered = 0
@@ -147,7 +157,7 @@ def _index(staging: Path, states: list[RowState], world_size: int) -> dict:
             covered = end
         if covered != entry["length"]:
             raise RuntimeError(f"checkpoint shards of layer {layer} cover {covered} of {entry['length']}")
-    return {"format": INDEX_FORMAT, "layers": layers, "shards": shards}
+    return {"format": LOWRANK_FORMAT if lowrank else INDEX_FORMAT, "layers": layers, "shards": shards}
 
 
 # ---------------------------------------------------------------------------------------- loadability
@@ -205,8 +215,8 @@ def _read_header(file: Path) -> dict:
 def _check_shards(path: Path) -> None:
     """The index parses, and every shard it lists exists, is whole, and holds what the index says."""
     index = _read_json(path / INDEX_FILE)
-    if index.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{INDEX_FILE} has format {index.get('format')!r}, expected {INDEX_FORMAT}")
+    if index.get("format") not in FORMATS:
+        raise ValueError(f"{INDEX_FILE} has format {index.get('format')!r}, expected {' or '.join(FORMATS)}")
     try:
         lengths = {layer: int(entry["length"]) for layer, entry in index["layers"].items()}
         shards = {
@@ -240,28 +250,48 @@ def _check_shards(path: Path) -> None:
 
 
 class RowsReader:
-    """Ranges of each layer's selected sequence, read from whichever shards hold them (nothing else)."""
+    """Ranges of each entry's selected sequence, read from whichever shards hold them (nothing else).
+
+    Entries are named as the states that wrote them (RowState.key): "<layer>" for rows, "<layer>.A" and
+    "<layer>.B" for LoKI*'s factors (`lowrank` then says so).
+    """
 
     def __init__(self, path: Path):
         self.path = path
         if (path / INDEX_FILE).is_file():
             index = json.loads((path / INDEX_FILE).read_text())
-            if index.get("format") != INDEX_FORMAT:
-                raise UserError(f"{path}: rows index format {index.get('format')!r}, expected {INDEX_FORMAT}")
-            self.rows = {int(k): v["rows"] for k, v in index["layers"].items()}
-            self.lengths = {int(k): v["length"] for k, v in index["layers"].items()}
-            self.shards = {
-                name: {int(k): r for k, r in ranges.items()} for name, ranges in index["shards"].items()
-            }
+            if index.get("format") not in FORMATS:
+                raise UserError(
+                    f"{path}: rows index format {index.get('format')!r}, expected {' or '.join(FORMATS)}"
+                )
+            self.lowrank = index["format"] == LOWRANK_FORMAT
+            self.rows = {key: entry["rows"] for key, entry in index["layers"].items()}
+            self.lengths = {key: entry["length"] for key, entry in index["layers"].items()}
+            self.shapes = {key: entry["shape"] for key, entry in index["layers"].items() if "shape" in entry}
+            self.shards = index["shards"]
         elif (path / LEGACY_ROWS_FILE).is_file():
+            self.lowrank, self.shapes = False, {}
             self.rows, self.shards = self._legacy_layout(path / LEGACY_ROWS_FILE)
-            self.lengths = {layer: r[1] for layer, r in self.shards[LEGACY_ROWS_FILE].items()}
+            self.lengths = {key: r[1] for key, r in self.shards[LEGACY_ROWS_FILE].items()}
         else:
             raise UserError(f"{path}: not a loki_dist checkpoint (no {INDEX_FILE} or {LEGACY_ROWS_FILE})")
         self._handles: dict[str, object] = {}
 
+    def layers(self) -> list[int]:
+        """The trained layers, in order."""
+        return sorted({int(key.split(".")[0]) for key in self.rows})
+
+    def layer_rows(self, layer: int) -> list[int]:
+        """The down_proj rows `layer` trains (its factors' entries name the same rows)."""
+        return self.rows[f"{layer}.A" if self.lowrank else str(layer)]
+
+    def whole(self, key: str) -> torch.Tensor:
+        """An entry's fp32 master, whole: [rows, row length] (a factor's shape, or the rows' [k, F])."""
+        shape = self.shapes.get(key) or [len(self.rows[key]), -1]
+        return self.read(key, "master", 0, self.lengths[key]).view(shape)
+
     @staticmethod
-    def _legacy_layout(file: Path) -> tuple[dict[int, list[int]], dict[str, dict[int, list[int]]]]:
+    def _legacy_layout(file: Path) -> tuple[dict[str, list[int]], dict[str, dict[str, list[int]]]]:
         from safetensors import safe_open
 
         rows, ranges = {}, {}
@@ -269,10 +299,10 @@ class RowsReader:
             for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                 _, layer, what = name.split(".")
                 if what == "rows":
-                    rows[int(layer)] = handle.get_tensor(name).tolist()
+                    rows[layer] = handle.get_tensor(name).tolist()
                 elif what == "master":
                     k, row_len = handle.get_slice(name).get_shape()
-                    ranges[int(layer)] = [0, k * row_len]
+                    ranges[layer] = [0, k * row_len]
         return rows, {file.name: ranges}
 
     def _handle(self, name: str):
@@ -285,21 +315,21 @@ class RowsReader:
                 raise UserError(f"{self.path / name}: unreadable checkpoint shard ({err})") from None
         return self._handles[name]
 
-    def read(self, layer: int, what: str, begin: int, end: int) -> torch.Tensor:
-        """Elements [begin, end) of `what` over layer's selected sequence, as a flat fp32 tensor."""
+    def read(self, key: str, what: str, begin: int, end: int) -> torch.Tensor:
+        """Elements [begin, end) of `what` over entry `key`'s selected sequence, as a flat fp32 tensor."""
         out = torch.empty(end - begin, dtype=torch.float32)
         filled = 0
         for name, ranges in self.shards.items():
-            if layer not in ranges:
+            if key not in ranges:
                 continue
-            lo, hi = max(begin, ranges[layer][0]), min(end, ranges[layer][1])
+            lo, hi = max(begin, ranges[key][0]), min(end, ranges[key][1])
             if lo >= hi:
                 continue
-            piece = self._slice(self._handle(name), f"layers.{layer}.{what}", lo - ranges[layer][0], hi - lo)
+            piece = self._slice(self._handle(name), f"layers.{key}.{what}", lo - ranges[key][0], hi - lo)
             out[lo - begin : hi - begin] = piece
             filled += hi - lo
         if filled != end - begin:
-            raise UserError(f"{self.path}: layer {layer} lacks elements {begin}..{end} of {what}")
+            raise UserError(f"{self.path}: layer {key} lacks elements {begin}..{end} of {what}")
         metering.count("read", out.numel() * out.element_size())
         return out
 
@@ -325,15 +355,19 @@ def load(path: Path, states: list[RowState], prepare_optimizer: Callable[[int], 
     trainer_state = json.loads((path / STATE_FILE).read_text())
     reader = RowsReader(path)
     for state in states:
-        if reader.rows.get(state.layer) != state.rows.tolist():
+        if reader.rows.get(state.key) != state.rows.tolist():
             raise UserError(f"{path}: layer {state.layer} was trained on other rows than --positions gives")
+        if reader.shapes.get(state.key, state.shape) != state.shape:
+            raise UserError(
+                f"{path}: layer {state.key} has shape {reader.shapes[state.key]}, not {state.shape}"
+            )
     prepare_optimizer(trainer_state["step"])
     with metering.phase("resume"):
         for state in states:
             for what, stored in _stored(state).items():
-                stored.put(reader.read(state.layer, what, *stored.selected_range()))
+                stored.put(reader.read(state.key, what, *stored.selected_range()))
             model = state.model()
-            model.put(reader.read(state.layer, "master", *model.selected_range()))
+            model.put(reader.read(state.key, "master", *model.selected_range()))
     rng_file = rngstate.find(path, rank)  # none for a rank beyond the saved run's world size
     if rng_file is not None:
         try:

@@ -26,7 +26,7 @@ import torch
 from loki_dist.core import checks, distributed, files, flags, metering
 from loki_dist.core.errors import UserError
 from loki_dist.core.families import ModelSpec, spec_from_dir
-from loki_dist.implant import checkpoint
+from loki_dist.implant import checkpoint, lowrank
 from loki_dist.implant.implant_file import IMPLANT_NAME, RowSource, fingerprint, write_implant
 
 # tests only, after a rank writes a shard: SIGKILL itself (any value), or fail on the rank it names
@@ -263,22 +263,32 @@ def check_output(out_dir: Path, overwrite: bool, inputs: dict[str, str | Path | 
 
 
 class CheckpointRows(RowSource):
-    """A checkpoint's trained rows, one layer at a time, cast to the base model's dtype."""
+    """A checkpoint's trained rows, one layer at a time, cast to the base model's dtype.
 
-    def __init__(self, path: Path):
+    A LoKI* checkpoint holds the factors A and B; its rows are W_S0 + A B (lowrank.merge), with W_S0 read
+    from `base_dir`'s shard of that layer (the selected rows only)."""
+
+    def __init__(self, path: Path, base_dir: Path | None = None):
         self.reader = checkpoint.RowsReader(path)
         self.label = f"--checkpoint {path}"  # how export's checks name it
+        self.base = None
+        if self.reader.lowrank:
+            spec = spec_from_dir(base_dir, "--base")
+            self.base = (spec, BaseShards.read(base_dir, spec).down_proj)
 
     def layers(self) -> list[int]:
-        return sorted(self.reader.rows)
+        return self.reader.layers()
 
     def rows(self, layer: int) -> torch.Tensor:
-        return torch.tensor(self.reader.rows[layer], dtype=torch.int64)
+        return torch.tensor(self.reader.layer_rows(layer), dtype=torch.int64)
 
     def weight(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
-        k = len(self.reader.rows[layer])
         # finite as saved; check_rows refuses what overflows the base's dtype, before any write
-        return self.reader.read(layer, "master", 0, self.reader.lengths[layer]).view(k, -1).to(dtype)
+        if self.base is None:
+            return self.reader.whole(str(layer)).to(dtype)
+        spec, shards = self.base
+        frozen = lowrank.base_rows(shards[layer], spec.down_proj_name(layer), self.reader.layer_rows(layer))
+        return lowrank.merge(frozen, self.reader.whole(f"{layer}.A"), self.reader.whole(f"{layer}.B"), dtype)
 
 
 def export_checkpoint(checkpoint_dir: Path, out_dir: Path, world, base_dir: str | Path | None = None) -> None:
@@ -291,7 +301,7 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path, world, base_dir: str 
     base_print = fingerprint(base)
     if base_print != trainer_state["base_fingerprint"]:
         raise UserError(f"--base {base}: fingerprint {base_print} is not the run's base model's")
-    export_model(base, CheckpointRows(checkpoint_dir), out_dir, world, base_print)
+    export_model(base, CheckpointRows(checkpoint_dir, base), out_dir, world, base_print)
 
 
 def check_checkpoint(path: Path, base: str | None) -> Path:

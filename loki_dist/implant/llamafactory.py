@@ -7,6 +7,9 @@ fractional epoch count, another training stage): running on regardless would tra
 than the file says. A key with no loki_dist meaning (logging backends, worker counts, LoRA settings)
 is named on one line with the reason it changes nothing, and the run goes on. loki_dist's own flag names
 may stand beside the LLaMA-Factory keys; the one LoKI-specific key, `positions`, is one of them.
+`lora_rank` is both: LoRA's rank where `finetuning_type` is lora (LLaMA-Factory's default), which is
+LoKI*'s rank here (LoRA inside the selected rows, `--lora-rank`); beside another finetuning_type
+LLaMA-Factory ignores it, and so does loki_dist, saying so.
 
 Data: `dataset` (names, a string with commas or a list) and `dataset_dir` (default `data`, relative to
 the current directory as in LLaMA-Factory) read dataset_info.json (dataset_info.py); `interleave_probs`
@@ -107,6 +110,12 @@ def translate(settings: dict, path: str) -> tuple[dict, list[str]]:
             if key == "do_train" and value is False:
                 raise UserError(f"{where}: do_train false: loki-dist train always trains")
             notes.append(f"ignoring {key}: {IGNORED[key]}")
+        elif key == "lora_rank":
+            method = settings.get("finetuning_type", "lora")
+            if method == "lora":
+                put(key, value, key)
+            else:
+                notes.append(f"ignoring lora_rank: finetuning_type is {method} (LoKI* takes it with lora)")
         elif key.startswith(ADAPTER_PREFIXES):
             notes.append(f"ignoring {key}: an adapter setting; loki_dist trains the rows in --positions")
         elif key in ONLY:

@@ -42,8 +42,8 @@ class TrainRecipe:
 
     Features:
     - layouts: ZeRO-3 (zero.Init through the HF DeepSpeed integration), ZeRO-1/2, or one plain process
-      (`--ds-config none`); the rows as their own parameter (`--row-params split`) or masked in the whole
-      down_proj weight (trainer.py);
+      (`--ds-config none`); the rows as their own parameter (`--row-params split`), LoKI*'s low-rank
+      update of them (`--lora-rank R`, lowrank.py) or masked in the whole down_proj weight (trainer.py);
     - row-level checkpoints every --save-steps and at the end, resumed on any world size (resume.py
       chooses, checkpoint.py reads only this rank's ranges);
     - SIGUSR1/SIGTERM stop at the next step boundary, on every rank, after a checkpoint: `train` returns
@@ -186,6 +186,7 @@ class TrainRecipe:
             "data_fingerprint": plan.data_print,
             "global_batch": plan.global_batch,
             "world_size": world.size,
+            "lora_rank": plan.args.lora_rank,  # LoKI*'s factors, or 0: the rows themselves
         }
         with distributed.stage(f"saving checkpoint-{done}"):
             state.update(self.watch.state())  # the evaluations too: a resume keeps the baseline

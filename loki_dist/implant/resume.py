@@ -3,7 +3,8 @@ directory's run lock (runlock.py), so that no other run changes the directory me
 
 `--resume auto` takes the newest checkpoint in --output-dir that `checkpoint.damage` finds whole,
 skipping newer damaged ones with a warning; a path is taken as given, if whole. Either must have been
-saved by a run of the same base, positions, data and global batch size (the world size may differ).
+saved by a run of the same base, positions, data, global batch size and --lora-rank (the world size may
+differ; a checkpoint from before --lora-rank existed trained the rows themselves: rank 0).
 """
 
 from __future__ import annotations
@@ -57,12 +58,14 @@ def _choose_checkpoint(plan: Plan) -> Path | None:
             "positions": plan.positions,
             "data_fingerprint": plan.data_print,
             "global_batch": plan.global_batch,
+            "lora_rank": args.lora_rank,
         }
         for key, value in expected.items():
-            if saved.get(key) != value:
+            was = saved.get(key, 0 if key == "lora_rank" else None)
+            if was != value:
                 raise UserError(
-                    f"--resume {path}: its {key} ({saved.get(key)}) differs from this run's ({value}); "
-                    "resume needs the same base, positions, data and global batch size"
+                    f"--resume {path}: its {key} ({was}) differs from this run's ({value}); "
+                    "resume needs the same base, positions, data, global batch size and --lora-rank"
                 )
     return path
 

@@ -10,6 +10,9 @@ so autograd computes dR = dY[:, S]^T X only (k/D of the weight-gradient work), t
 flows through all of W, and the optimizer (and DeepSpeed's fp32 master) holds state for k*F elements
 instead of D*F. W itself never changes, so every unselected row is bit-identical by construction.
 Checkpoints, exports and implants are the same as with masking: they only ever hold the rows.
+
+RowLinear is what every row layout shares (the frozen base Linear, the rows, and how the API reads the
+trained rows back); LoKI*'s low-rank rows (lowrank.py) are the other layout.
 """
 
 from __future__ import annotations
@@ -19,21 +22,52 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class RowSplitLinear(nn.Module):
-    """A Linear whose rows `rows` come from the trainable `trained` [k, in] instead of `weight`."""
+class RowLinear(nn.Module):
+    """A down_proj whose rows `rows` train in some parametrisation, over the frozen base Linear.
 
-    def __init__(self, base: nn.Linear, rows: list[int], trained: torch.Tensor):
+    The base's weight and bias are this module's parameters too (shared, frozen), so that ZeRO-3 gathers
+    them for its forward; the base module itself is kept aside for merge_rows to put back.
+    """
+
+    def __init__(self, base: nn.Linear, rows: list[int], device: torch.device):
         super().__init__()
         self.weight, self.bias = base.weight, base.bias  # the frozen base parameters, shared
         self.__dict__["base"] = base  # not a submodule: merge_rows puts it back, state_dict skips it
-        index = torch.tensor(rows, dtype=torch.long, device=trained.device)
-        self.register_buffer("rows", index, persistent=False)
+        self.register_buffer("rows", torch.tensor(rows, dtype=torch.long, device=device), persistent=False)
+
+    def parts(self) -> dict[str, nn.Parameter]:
+        """What trains, by the name a checkpoint gives it ("" where the parameter is the rows)."""
+        raise NotImplementedError
+
+    def inputs(self) -> list[nn.Parameter]:
+        """The parameters whose whole values `rows_value` reads (to gather first under ZeRO-3)."""
+        raise NotImplementedError
+
+    def rows_value(self, dtype: torch.dtype) -> torch.Tensor:
+        """The trained rows [k, F] in `dtype`, from the whole values of `inputs()`."""
+        raise NotImplementedError
+
+
+class RowSplitLinear(RowLinear):
+    """A Linear whose rows `rows` come from the trainable `trained` [k, in] instead of `weight`."""
+
+    def __init__(self, base: nn.Linear, rows: list[int], trained: torch.Tensor):
+        super().__init__(base, rows, trained.device)
         self.trained = nn.Parameter(trained)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
         bias = None if self.bias is None else self.bias[self.rows]
         return out.index_copy(-1, self.rows, F.linear(x, self.trained, bias))
+
+    def parts(self) -> dict[str, nn.Parameter]:
+        return {"": self.trained}
+
+    def inputs(self) -> list[nn.Parameter]:
+        return [self.trained]
+
+    def rows_value(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.trained.data.to(dtype)
 
 
 def selected_rows(linear: nn.Linear, rows: list[int]) -> torch.Tensor:
@@ -47,26 +81,28 @@ def selected_rows(linear: nn.Linear, rows: list[int]) -> torch.Tensor:
         return linear.weight.data[index.to(linear.weight.device)].clone()
 
 
-def split(parent: nn.Module, attribute: str, rows: list[int]) -> nn.Parameter:
-    """Replace parent.<attribute> (a Linear) by a RowSplitLinear; returns the new trainable parameter."""
+def split(parent: nn.Module, attribute: str, rows: list[int]) -> RowSplitLinear:
+    """Replace parent.<attribute> (a Linear) by a RowSplitLinear, which it returns."""
     base = getattr(parent, attribute)
-    module = RowSplitLinear(base, rows, selected_rows(base, rows))
-    if hasattr(base.weight, "ds_id"):
-        _partition_like(module, base.weight)
+    return install(parent, attribute, RowSplitLinear(base, rows, selected_rows(base, rows)))
+
+
+def install(parent: nn.Module, attribute: str, module: RowLinear) -> RowLinear:
+    """Put `module` in the place of parent.<attribute>, its new parameters partitioned at once under
+    ZeRO-3, where the base weight's partition lives. Left whole, every rank would hold every layer's new
+    parameters until deepspeed.initialize (3.8 GB at 70B, q = 10, bf16, for the split rows)."""
+    weight = module.weight
+    if hasattr(weight, "ds_id"):
+        import deepspeed
+
+        new = next(iter(module.parts().values()))
+        held = weight.ds_tensor
+        offloaded = held.device.type == "cpu" and new.device.type != "cpu"
+        deepspeed.zero.Init(
+            module=module,
+            remote_device="cpu" if offloaded else None,
+            pin_memory=offloaded and held.is_pinned(),
+            dtype=new.dtype,
+        )
     setattr(parent, attribute, module)
-    return module.trained
-
-
-def _partition_like(module: RowSplitLinear, weight: nn.Parameter) -> None:
-    """ZeRO-3: partition the new row parameter at once, where the weight's partition lives. Left whole,
-    every rank would hold every layer's rows until deepspeed.initialize (3.8 GB at 70B, q = 10, bf16)."""
-    import deepspeed
-
-    held = weight.ds_tensor
-    offloaded = held.device.type == "cpu" and module.trained.device.type != "cpu"
-    deepspeed.zero.Init(
-        module=module,
-        remote_device="cpu" if offloaded else None,
-        pin_memory=offloaded and held.is_pinned(),
-        dtype=module.trained.dtype,
-    )
+    return module

@@ -12,7 +12,9 @@ its own slice of the fp32 master and of Adam's moments; nothing here gathers a w
 
 The selected elements of a weight, taken in flat (row-major) order, form one sequence of k*F numbers per
 layer; a rank's slice covers one contiguous range of it (`selected_range`). Checkpoints store and read
-exactly those ranges, which is what lets a run resume on any number of ranks.
+exactly those ranges, which is what lets a run resume on any number of ranks. LoKI* (lowrank.py) trains
+two parameters per layer, its factors A [k, r] and B [r, F]: each is a state of its own, every one of its
+rows selected, told apart by its `part` ("A", "B"; "" where the parameter holds the rows themselves).
 
 The DeepSpeed internals used here are listed in `DEEPSPEED_INTERNALS`; `check_deepspeed_internals`
 names the first one an upgrade removed, and a test runs it against real engines.
@@ -100,6 +102,17 @@ class RowState:
     def __init__(self, layer: int, param: torch.nn.Parameter, partition: RowPartition, rows: torch.Tensor):
         self.layer, self.param, self.partition, self.rows = layer, param, partition, rows
         self.model_partition = partition
+        self.part = ""  # which of the layer's trained parameters: "" (the rows), "A" or "B" (LoKI*)
+
+    @property
+    def key(self) -> str:
+        """The state's name in a checkpoint: the layer, and its part where the layer has several."""
+        return f"{self.layer}.{self.part}" if self.part else str(self.layer)
+
+    @property
+    def shape(self) -> list[int]:
+        """The parameter's whole shape [rows, row length], however it is held."""
+        return [self.partition.selected.numel(), self.partition.row_len]
 
     @property
     def needs_mask(self) -> bool:
@@ -247,21 +260,26 @@ def build(
     rank: int,
     optimizer: torch.optim.Optimizer,
     rows: list[int],
+    part: str = "",
 ) -> RowState:
     """Pick the layout from the parameter itself (ZeRO-3 params carry ds_id, ZeRO-1/2 _hp_mapping).
 
-    `selected` marks the parameter's rows that train; `rows` names the down_proj rows they are (all of
-    the parameter's rows in the split layout, where it holds only the selected ones).
+    `selected` marks the parameter's rows that train, each `row_len` long; `rows` names the down_proj
+    rows they are (all of the parameter's rows in the split layout, where it holds only the selected
+    ones), or, for one of LoKI*'s factors (`part` "A" or "B"), the down_proj rows it updates.
     """
     row_ids = torch.tensor(rows, dtype=torch.long)
     if hasattr(param, "ds_id"):
         partition = RowPartition.of_rank(selected, row_len, rank, param.ds_tensor.ds_numel)
-        return Zero3RowState(layer, param, partition, row_ids)
-    if hasattr(param, "_hp_mapping"):  # None on ranks whose partition misses this param, but present
+        state: RowState = Zero3RowState(layer, param, partition, row_ids)
+    elif hasattr(param, "_hp_mapping"):  # None on ranks whose partition misses this param, but present
         address = param._hp_mapping.lp_fragment_address if param._hp_mapping is not None else None
         start, length = (address.start, address.numel) if address is not None else (0, 0)
-        return FragmentRowState(layer, param, RowPartition(start, length, row_len, selected), row_ids)
-    return PlainRowState(layer, param, RowPartition.whole(selected, row_len), row_ids, optimizer)
+        state = FragmentRowState(layer, param, RowPartition(start, length, row_len, selected), row_ids)
+    else:
+        state = PlainRowState(layer, param, RowPartition.whole(selected, row_len), row_ids, optimizer)
+    state.part = part
+    return state
 
 
 def ensure_adam_state(optimizer: torch.optim.Optimizer, step: int, holders: list[torch.Tensor]) -> None:

@@ -74,6 +74,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="split: the selected rows are their own parameter (gradients and optimizer state "
         "only for them); masked: the whole down_proj trains with unselected rows' gradients zeroed",
     )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="LoKI*: train the selected rows of each layer as W_S0 + A B, A [k, R] (zero at first) and "
+        "B [R, F] (kaiming-uniform, as LoRA), R*(k+F) parameters instead of k*F; with --row-params "
+        "split. 0 (default): the rows themselves",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1.0; 0 disables)")
     p.add_argument("--seed", type=int, default=42)
@@ -141,7 +150,13 @@ def check_flags(args: argparse.Namespace) -> None:
     counts.append(
         ("--max-steps", args.max_steps, 1) if args.max_steps is not None else ("--epochs", args.epochs, 1)
     )
+    counts.append(("--lora-rank", args.lora_rank, 0))
     require_at_least(*counts)
+    if args.lora_rank and args.row_params != "split":
+        raise UserError(
+            f"--lora-rank {args.lora_rank}: LoKI*'s low-rank rows are a layout of their own; "
+            f"it cannot be combined with --row-params {args.row_params} (leave --row-params at split)"
+        )
     check_data_flags(args)
     if not -(2**62) <= args.seed < 2**62:
         raise UserError(f"--seed {args.seed}: expected an integer between -2**62 and 2**62")

@@ -1,12 +1,13 @@
 """The row trainer of `loki-dist train`, for DeepSpeed (ZeRO-3, ZeRO-1/2) and plain runs alike.
 
 It freezes everything, then makes the selected rows trainable: as their own parameter (`--row-params
-split`, rowsplit.py) or as the whole down_proj weight whose other rows' gradients are masked. At each
-update (masked layout) it zeroes the gradients of unselected rows on this rank's partition, applies
-decoupled weight decay to selected rows only, and lets the optimizer step.
+split`, rowsplit.py), as LoKI*'s low-rank update W_S0 + A B of them (`--lora-rank R`, lowrank.py), or as
+the whole down_proj weight whose other rows' gradients are masked. At each update (masked layout) it
+zeroes the gradients of unselected rows on this rank's partition, applies decoupled weight decay to
+what trains only (the selected rows; LoKI*'s A and B), and lets the optimizer step.
 
-Why frozen rows cannot move: split, they are not parameters at all. Masked, their gradients are exactly
-zero from the first step, so Adam's moments stay zero and its update 0/(sqrt(0)+eps) is exactly zero;
+Why frozen rows cannot move: split and LoKI*, they are not parameters at all. Masked, their gradients are
+exactly zero from the first step, so Adam's moments stay zero and its update 0/(sqrt(0)+eps) is zero;
 clipping only rescales (zeros stay zero); the optimizer's own weight decay is off and ours touches
 selected rows only; the bf16 copy of an unmoved fp32 master is the original bf16 value.
 """
@@ -31,9 +32,11 @@ if TYPE_CHECKING:  # training imports this module
 @dataclass
 class TrainableRows:
     layer: int
-    param: torch.nn.Parameter  # the down_proj weight (masked) or its selected rows (split)
+    param: torch.nn.Parameter  # the down_proj weight (masked), its selected rows (split) or a LoKI* factor
     selected: torch.Tensor  # bool over the parameter's rows: which of them train
-    rows: list[int]  # the down_proj rows those are
+    rows: list[int]  # the down_proj rows those are (or that the factor updates)
+    row_len: int  # the length of one of the parameter's rows: F, or r for LoKI*'s A
+    part: str = ""  # "A" or "B" for LoKI*'s factors
 
 
 class Trainer:
@@ -70,36 +73,40 @@ class Trainer:
             if stage == 3 and plan.world.is_main:
                 held, total = zero3_share(model)
                 print(f"ZeRO-3: rank 0 holds {held:,} of {total:,} parameter elements", flush=True)
-        F = plan.spec.intermediate_size
         self.states = []
         for t in trainable:
             w = plan.world
-            state = rowstate.build(t.layer, t.param, t.selected, F, w.rank, self.inner, t.rows)
+            state = rowstate.build(
+                t.layer, t.param, t.selected, t.row_len, w.rank, self.inner, t.rows, t.part
+            )
             if state.needs_mask and state.masks_by_hook:
                 t.param.register_hook(lambda g, keep=t.selected: g.masked_fill(~keep.unsqueeze(1), 0))
             self.states.append(state)
 
     def make_trainable(self, model: torch.nn.Module) -> tuple[torch.nn.Module, list[TrainableRows]]:
-        """Unfreeze what LoKI trains: the selected rows as their own parameter per layer (split, through
-        the Python API's implant_rows), or the whole down_proj weight of each layer with positions, its
-        other rows' gradients masked. Subclasses may train something else (the benchmark's full
-        fine-tuning and LoRA baselines) and return no rows."""
-        rows_by_layer = self.plan.positions
-        if self.plan.args.row_params == "split":
-            api.implant_rows(model, rows_by_layer)
+        """Unfreeze what LoKI trains: the selected rows as their own parameter per layer (split), or
+        LoKI*'s factors A and B of their update (--lora-rank), both through the Python API's implant_rows
+        (B drawn from --seed, the same on every rank), or the whole down_proj weight of each layer with
+        positions, its other rows' gradients masked. Subclasses may train something else (the
+        benchmark's full fine-tuning and LoRA baselines) and return no rows."""
+        args, rows_by_layer = self.plan.args, self.plan.positions
+        if args.row_params == "split":
+            api.implant_rows(model, rows_by_layer, rank=args.lora_rank, seed=args.seed)
             return model, [
-                TrainableRows(layer, module.trained, self._all_rows(module.rows), module.rows.tolist())
+                TrainableRows(layer, param, self._all_rows(shape[0]), module.rows.tolist(), shape[1], part)
                 for layer, module in api.implanted_layers(model)
+                for part, param in module.parts().items()
+                for shape in [getattr(param, "ds_shape", param.shape)]  # ZeRO-3 empties param.data
             ]
-        trainable = []
+        trainable, F = [], self.plan.spec.intermediate_size
         for layer, (linear, rows) in enumerate(zip(down_projections(model), rows_by_layer, strict=True)):
             if rows:
                 selected = positions.row_mask(rows, self.plan.spec.hidden_size, self.device)
-                trainable.append(TrainableRows(layer, linear.weight.requires_grad_(True), selected, rows))
+                trainable.append(TrainableRows(layer, linear.weight.requires_grad_(True), selected, rows, F))
         return model, trainable
 
-    def _all_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.ones(len(rows), dtype=torch.bool, device=self.device)
+    def _all_rows(self, count: int) -> torch.Tensor:
+        return torch.ones(count, dtype=torch.bool, device=self.device)
 
     def prepare_optimizer(self, step: int) -> None:
         """Create Adam's state as after `step` updates, ready to receive a checkpoint's moments."""
@@ -157,8 +164,8 @@ class Trainer:
         return float(norm)
 
     def _prepare_update(self, lr: float) -> None:
-        """Set the learning rate, zero unselected rows' gradients, decay selected rows only (each rank
-        on its own slice: nothing here communicates)."""
+        """Set the learning rate, zero unselected rows' gradients, decay what trains only: the selected
+        rows, or LoKI*'s A and B, never W_S0 (each rank on its own slice: nothing here communicates)."""
         for group in self.inner.param_groups:
             group["lr"] = lr
         decay = 1.0 - lr * self.plan.args.weight_decay

@@ -20,6 +20,7 @@ from loki_dist.planning.memory import (
     METHODS,
     PARTS,
     PRESETS,
+    STAR_RANK,
     Architecture,
     Estimate,
     Setup,
@@ -41,6 +42,7 @@ REQUIRED_KEYS = (
 METHOD_TITLES = {
     "loki_masked": "LoKI masked",
     "loki_compact": "LoKI compact",
+    "loki_star": "LoKI* r={rank}",
     "full": "full FT",
     "lora": f"LoRA r={LORA_RANK}",
 }
@@ -52,6 +54,14 @@ def add_estimate_memory_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--preset", choices=sorted(PRESETS), help="a built-in config")
     parser.add_argument("--world-size", type=int, default=8, help="number of GPUs (ranks) in the job")
     parser.add_argument("--quota", default="10", help="LoKI: percent of rows per layer, in (0, 100]")
+    parser.add_argument(
+        "--lora-rank",
+        type=int,
+        default=STAR_RANK,
+        metavar="R",
+        help=f"LoKI*: the rank of the selected rows' update W_S0 + A B (train --lora-rank; default "
+        f"{STAR_RANK}, the paper's)",
+    )
     parser.add_argument("--zero", type=int, choices=(2, 3), default=3, help="DeepSpeed ZeRO stage")
     parser.add_argument(
         "--offload",
@@ -86,7 +96,7 @@ def load_config(args: argparse.Namespace) -> tuple[dict, str]:
 
 
 def setup_from_args(args: argparse.Namespace) -> Setup:
-    for flag in ("world_size", "micro_batch", "seq_len"):
+    for flag in ("world_size", "micro_batch", "seq_len", "lora_rank"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     return Setup(
@@ -108,10 +118,14 @@ def _part_rows(setup: Setup) -> list[str]:
     return [*PARTS, "total", *(["cpu_offload"] if setup.offload else [])]
 
 
-def _grid(title: str, result: dict[str, Estimate], rows: list[str], cell) -> list[str]:
+def _titles(rank: int) -> dict[str, str]:
+    return {method: title.format(rank=rank) for method, title in METHOD_TITLES.items()}
+
+
+def _grid(title: str, result: dict[str, Estimate], rows: list[str], cell, rank: int) -> list[str]:
     """One table: a row per part, a column per method; `cell` turns a number into text."""
     width = max(14, *(len(cell(getattr(e, part))) + 2 for e in result.values() for part in rows))
-    header = f"{title:<20}" + "".join(f"{METHOD_TITLES[m]:>{width}}" for m in METHODS)
+    header = f"{title:<20}" + "".join(f"{_titles(rank)[m]:>{width}}" for m in METHODS)
     lines = [header, "-" * len(header)]
     for part in rows:
         label = "CPU per rank" if part == "cpu_offload" else part.replace("_", " ")
@@ -120,25 +134,27 @@ def _grid(title: str, result: dict[str, Estimate], rows: list[str], cell) -> lis
 
 
 def format_table(
-    name: str, arch: Architecture, quota: Fraction, setup: Setup, result: dict[str, Estimate]
+    name: str, arch: Architecture, quota: Fraction, setup: Setup, result: dict[str, Estimate], rank: int
 ) -> str:
     """The setup in three lines, then the per-GPU numbers in GiB and in bytes."""
     checkpointing = "gradient checkpointing" if setup.gradient_checkpointing else "no gradient checkpointing"
+    rows = loki_rows_per_layer(arch.hidden_size, quota)
     offload = ", CPU offload" if setup.offload else ""
     lines = [
         f"{name}: {_params_text(arch.total_params)} parameters, L={arch.num_layers} D={arch.hidden_size} "
         f"F={arch.intermediate_size} vocab={arch.vocab_size}",
         f"ZeRO-{setup.zero}{offload}, {setup.world_size} GPUs, {setup.precision}, micro-batch "
         f"{setup.micro_batch} x {setup.seq_len} tokens, {checkpointing}",
-        f"LoKI q={quota}: {loki_rows_per_layer(arch.hidden_size, quota)} rows per layer",
+        f"LoKI q={quota}: {rows} rows per layer; LoKI* r={rank}: A [{rows}, {rank}] and B [{rank}, "
+        f"{arch.intermediate_size}] per layer",
         "",
         f"{'trainable params':<20}"
         + "".join(f"{_params_text(result[m].trainable_params):>14}" for m in METHODS),
         "",
     ]
-    rows = _part_rows(setup)
-    lines += _grid("per GPU (GiB)", result, rows, lambda value: f"{value / GIB:.2f}")
-    lines += ["", *_grid("per GPU (bytes)", result, rows, lambda value: f"{value:,}")]
+    parts = _part_rows(setup)
+    lines += _grid("per GPU (GiB)", result, parts, lambda value: f"{value / GIB:.2f}", rank)
+    lines += ["", *_grid("per GPU (bytes)", result, parts, lambda value: f"{value:,}", rank)]
     return "\n".join(lines)
 
 
@@ -150,14 +166,15 @@ def run_estimate_memory(args: argparse.Namespace) -> None:
     if args.json:  # replaced atomically if it exists, as every results file is
         checks.refuse_output_over_inputs("--json", args.json, {"--model-config": args.model_config})
         checks.check_writable("--json", args.json)
-    result = estimate(arch, quota, setup)
-    print(format_table(name, arch, quota, setup, result))
+    result = estimate(arch, quota, setup, args.lora_rank)
+    print(format_table(name, arch, quota, setup, result, args.lora_rank))
     if args.json:
         numbers = {
             "model": name,
             "total_params": arch.total_params,
             "quota": str(quota),
             "rows_per_layer": loki_rows_per_layer(arch.hidden_size, quota),
+            "lora_rank": args.lora_rank,
             "setup": asdict(setup),
             "bytes_per_gpu": {m: {**asdict(e), "total": e.total} for m, e in result.items()},
         }

@@ -24,6 +24,9 @@ the methods differ only in which elements are trainable:
   the dense gradient and the dense Adam state in place, although only q% of their rows ever move.
 * LoKI (compact, `train --row-params split`): gradients and Adam state only for the selected rows,
   L * floor(q*D/100) * F elements, which are also held a second time as their own 16-bit parameter.
+* LoKI* (`train --lora-rank r`): the selected rows' update as A [k, r] and B [r, F] per layer, so
+  L * (k*r + r*F) elements have gradients and Adam state, held as parameters of their own beside the
+  frozen weight; the layer saves B's r-wide output for A's gradient as well.
 * full fine-tuning: every parameter.
 * LoRA r=16 on every Linear of a layer (q, k, v, o, gate, up, down): the frozen base stays in 16 bits
   and is sharded like any parameter; the adapters add r*(in+out) parameters each, with their gradients
@@ -47,7 +50,8 @@ from loki_dist.core.families import spec_from_config
 GIB = 2**30
 SUB_GROUP_SIZE = 10**9  # DeepSpeed's default zero_optimization.sub_group_size (elements)
 LORA_RANK = 16
-METHODS = ("loki_masked", "loki_compact", "full", "lora")
+STAR_RANK = 32  # LoKI*'s rank in the paper's Table 2 (q = 30, r = 32 on Llama-3.1-8B)
+METHODS = ("loki_masked", "loki_compact", "loki_star", "full", "lora")
 PARTS = ("parameters", "gradients", "optimizer_state", "activations")
 
 # Built-in configs, in the Hugging Face config.json form, so that they go through the same code as a file.
@@ -207,6 +211,11 @@ def loki_rows_per_layer(hidden_size: int, quota: Fraction) -> int:
     return math.floor(quota * hidden_size / 100)
 
 
+def loki_star_params(arch: Architecture, rows: int, rank: int = STAR_RANK) -> int:
+    """A [k, r] and B [r, F] of every layer: L * (k*r + r*F)."""
+    return arch.num_layers * rank * (rows + arch.intermediate_size)
+
+
 def lora_params(arch: Architecture, rank: int = LORA_RANK) -> int:
     """A and B of every Linear of every layer: rank * (in + out) each."""
     per_layer = sum(rank * (linear.in_features + linear.out_features) for linear in arch.layer_linears)
@@ -280,7 +289,7 @@ def model_states(
     return ModelStates(w * held_params, (low_precision_grads + 4) * trainable // n, optimizer, 0)
 
 
-def activation_bytes(arch: Architecture, setup: Setup, method: str) -> int:
+def activation_bytes(arch: Architecture, setup: Setup, method: str, star_rank: int = STAR_RANK) -> int:
     """Bytes autograd saves for backward in one micro-batch on one GPU (held until backward frees them).
 
     Per decoder layer and token, in the spirit of Korthikanti et al. 2022 ("Reducing Activation
@@ -295,7 +304,9 @@ def activation_bytes(arch: Architecture, setup: Setup, method: str) -> int:
     * MLP: gate, up, SiLU(gate) and their product (4F) in w bytes, needed by every method because the
       SiLU-product gradient flows to the (trained or not) layers below and down_proj's input is needed
       whenever any down_proj trains;
-    * LoRA only: each adapter's r-wide intermediate (r per adapted Linear).
+    * LoRA only: each adapter's r-wide intermediate (r per adapted Linear); LoKI* likewise B's output,
+      r per layer (`star_rank`), beside down_proj's input that every LoKI layout saves, and, once per
+      layer whatever the tokens, the [D, r] matrix its forward builds from A (lowrank.py).
 
     Outside the layers: the final norm (same rule; only full fine-tuning trains lm_head), the fp32
     log-softmax the loss saves (4V) and the w-byte logits the forward returns (wV); they dominate short
@@ -314,20 +325,24 @@ def activation_bytes(arch: Architecture, setup: Setup, method: str) -> int:
 
     full, lora = method == "full", method == "lora"
     attention = w * (2 * d + 2 * arch.kv_size) + 4 * arch.num_heads
-    adapters = w * LORA_RANK * len(arch.layer_linears) if method == "lora" else 0
+    adapters = {"lora": w * LORA_RANK * len(arch.layer_linears), "loki_star": w * star_rank}.get(method, 0)
     per_token_layer = 2 * norm(full, full or lora) + attention + w * 4 * arch.intermediate_size + adapters
     if setup.gradient_checkpointing:
         per_token_layers = arch.num_layers * w * d + per_token_layer
-    elif method in ("loki_masked", "loki_compact"):
-        per_token_layers = (arch.num_layers - 1) * per_token_layer + w * arch.intermediate_size
+    elif method.startswith("loki_"):
+        per_token_layers = (arch.num_layers - 1) * per_token_layer + w * arch.intermediate_size + adapters
     else:
         per_token_layers = arch.num_layers * per_token_layer - (4 * d + 4 if lora else 0)
     head = norm(full, full) + (4 + w) * arch.vocab_size
-    return setup.micro_batch * setup.seq_len * (per_token_layers + head)
+    per_layer = w * d * star_rank if method == "loki_star" else 0
+    return setup.micro_batch * setup.seq_len * (per_token_layers + head) + arch.num_layers * per_layer
 
 
-def estimate(arch: Architecture, quota: Fraction, setup: Setup) -> dict[str, Estimate]:
-    """The four methods' per-GPU bytes; they differ only in what trains (module docstring)."""
+def estimate(
+    arch: Architecture, quota: Fraction, setup: Setup, star_rank: int = STAR_RANK
+) -> dict[str, Estimate]:
+    """The methods' per-GPU bytes (LoKI* of rank `star_rank`); they differ only in what trains (module
+    docstring)."""
     k = loki_rows_per_layer(arch.hidden_size, quota)
     if k == 0:
         raise UserError(
@@ -338,11 +353,14 @@ def estimate(arch: Architecture, quota: Fraction, setup: Setup) -> dict[str, Est
     adapters = lora_params(arch)
     largest_adapter = max(LORA_RANK * max(lin.in_features, lin.out_features) for lin in arch.layer_linears)
     selected = arch.num_layers * k * arch.intermediate_size
+    star = loki_star_params(arch, k, star_rank)
     # method: (params held, elements with gradients and Adam state, the largest such module, params that move)
     methods = {
         "loki_masked": (total, arch.num_layers * down, down, selected),
         # the split layout holds the selected rows twice: in the frozen weight and as their own parameter
         "loki_compact": (total + selected, selected, k * arch.intermediate_size, selected),
+        # A and B beside the frozen weight; the largest module with gradients is a down_proj's A and B
+        "loki_star": (total + star, star, star // arch.num_layers, star),
         "full": (total, total, largest, total),
         "lora": (total + adapters, adapters, largest_adapter, adapters),
     }
@@ -354,7 +372,7 @@ def estimate(arch: Architecture, quota: Fraction, setup: Setup) -> dict[str, Est
             parameters=states.parameters,
             gradients=states.gradients,
             optimizer_state=states.optimizer_state,
-            activations=activation_bytes(arch, setup, name),
+            activations=activation_bytes(arch, setup, name, star_rank),
             cpu_offload=states.cpu,
         )
     return result
