@@ -50,11 +50,15 @@ the pool, every MMLU dev question no retention measure reads (200), for the stab
 --arms-attribution pool the arms select from the pool instead.
 
 Sizes: 24 people (48 training samples, 48 held-out prompts), batch 16, target 90% held-out accuracy,
-checked every 5 steps, cap 60 steps, 4 rates per arm, 3 seeds, 9 arms: 108 runs, each measured. Measured
-on 2026-11-30 for the single-rate study: attribution of 57 prompts 128 s on 2 ranks, setup and the base's
-measures about 80 s, a rows step about 2 s with its evaluations, a full fine-tuning step about 2.2 s, the
-measures about 20 s a model. --tiny runs the same code on a tiny model built in code
-(tests/test_bench_selection.py runs it in CI).
+checked every 5 steps, cap 60 steps, 4 rates per arm, 3 seeds, 9 arms: 108 runs, each measured. The
+single-rate study measured on 2026-11-30 (the 2-core machine): attribution of 57 prompts 128 s on 2 ranks,
+setup and the base's measures about 80 s, a rows or LoRA step about 2 s with its evaluations, a full
+fine-tuning step about 2.2 s, the measures about 20 s a model (a timing of the pieces on 2026-12-07 agreed,
+in CPU seconds). With the steps its sweep took at each rate (rates it stopped early taken to need 30-60
+steps), this design comes to about 90 min of training, 36 min of measures and 10 min of attribution (57
+and 200 prompts, cached after): 2-2.5 hours alone on that machine. --seeds 2, a lower --cap or fewer
+--arms shorten it. --tiny runs the same code on a tiny model built in code (tests/test_bench_selection.py
+runs it in CI).
 
 What it cannot show: one 135M model and one small synthetic task; the answers to "which rows" on an 8B
 model and a real task (the paper's setting) may differ. The numbers are whatever the run measures.
@@ -76,12 +80,13 @@ from pathlib import Path
 import selection_fronts  # bench/, beside this script (as the two below)
 import selection_stability
 import torch
+from selection_report import comparisons, markdown_sweep
 from selection_setup import TINY, Setup, Sizes, real_setup, tiny_setup
 
 from loki_dist import selection
 from loki_dist.core import files, provenance
 from loki_dist.demo.methods import Budget, lora_rank_for, run_once
-from loki_dist.demo.report import COLUMNS, summarise, table_section, values_of
+from loki_dist.demo.report import plot, table_section
 from loki_dist.demo.task import (
     HELD_OUT_PHRASINGS,
     TRAIN_PHRASINGS,
@@ -177,29 +182,6 @@ def one_run(arm, setup: Setup, tensors, sizes: Sizes, lr: float, seed: int, lora
 
 
 # --------------------------------------------------------------------------------------------- report
-
-
-def comparisons(result: dict) -> list[str]:
-    """Plain sentences: each arm against random rows, per retention measure, and whether the difference
-    of means exceeds the seeds' spread (the larger of the two sds); with 3 seeds, no more is claimed."""
-    by_name = {arm["name"]: arm for arm in result["arms"]}
-    control = by_name.get("random rows q=10")
-    if control is None:
-        return []
-    sentences = []
-    for arm in result["arms"]:
-        if arm is control:
-            continue
-        parts = []
-        for key, heading, scale, fmt in COLUMNS[2:]:
-            (a, da), (b, db) = (
-                summarise([scale * v for v in values_of(x["runs"], key)]) for x in (arm, control)
-            )
-            beyond = abs(a - b) > max(da, db)
-            parts.append(f"{heading} {fmt.format(a)} vs {fmt.format(b)} "
-                         f"({'beyond' if beyond else 'within'} the seeds' spread)")  # fmt: skip
-        sentences.append(f"- {arm['name']} against random rows: " + "; ".join(parts) + ".")
-    return sentences
 
 
 def markdown(result: dict, command: str, plots: dict[str, str]) -> str:
@@ -315,16 +297,16 @@ def run_study(args: argparse.Namespace) -> dict:
 
 def report(result: dict, markdown_path: Path) -> None:
     """The plots and the report of a run's results (also re-rendered from its JSON: --report-from)."""
-    title, plots = f"Selection study ({result['model']})", {}
-    fronts, curve = (
-        markdown_path.with_suffix(".png"),
-        markdown_path.with_name(markdown_path.stem + "_stability.png"),
-    )
-    if selection_fronts.plot(result, fronts, title):
-        plots["fronts"] = fronts.name
-    if selection_stability.plot(result["stability"], curve, title):
-        plots["stability"] = curve.name
-    text = markdown(result, result["command"], plots)
+    title, png = f"Selection study ({result['model']})", markdown_path.with_suffix(".png")
+    if "rates" not in result["arms"][0]:  # a run from before the fronts (selection_report.py)
+        text = markdown_sweep(result, result["command"], png.name if plot(result, png, title) else None)
+    else:
+        curve, plots = markdown_path.with_name(markdown_path.stem + "_stability.png"), {}
+        if selection_fronts.plot(result, png, title):
+            plots["fronts"] = png.name
+        if selection_stability.plot(result["stability"], curve, title):
+            plots["stability"] = curve.name
+        text = markdown(result, result["command"], plots)
     files.atomic_write(markdown_path, lambda tmp: Path(tmp).write_text(text))
     print(text)
 
