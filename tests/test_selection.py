@@ -203,7 +203,8 @@ def test_plot_colours_are_not_taken_by_outliers():
 def test_select_reads_only_what_the_strategy_needs(attribution, tmp_path, capsys):
     """A 70B file holds 7.5 GB of scores and 3.1 GB of histograms (six of 0.5 GB): an integer quota reads
     the one histogram of its strategy and rule and the sums, and the scores are read only for a
-    fractional quota (then no histogram)."""
+    fractional quota (then no histogram). --resamples 0: without the stability figures, which read the
+    scores a layer at a time (test_stability)."""
     from loki_dist.core import metering
 
     hist, sums, scores = L * D * 100 * 8, L * D * 8 + 8, N * L * D * 4
@@ -215,7 +216,7 @@ def test_select_reads_only_what_the_strategy_needs(attribution, tmp_path, capsys
                                             ):  # fmt: skip
         before = metering.report()["totals"]["read"]
         argv = ["--attribution", str(attribution), "--quota", quota, "--strategy", strategy, "--rule", rule]
-        main(["select", *argv, "--output", str(tmp_path / "p.json")])
+        main(["select", *argv, "--output", str(tmp_path / "p.json"), "--resamples", "0"])
         assert metering.report()["totals"]["read"] - before == expected, (strategy, rule)
         written = json.loads((tmp_path / "p.json").read_text())
         assert written == _brute(_scores(), Fraction(quota), strategy, rule)

@@ -164,31 +164,54 @@ def tokenize_probes(tokenizer, probes) -> list[tuple[list[int], list[int]]]:
     ]
 
 
-def mmlu_general(tokenizer, subjects: int, prose_docs: int, prose_tokens: int, questions: int):
-    """(General, the questions attribution uses) from MMLU's dev files (demo_assets), the first
-    `subjects` subjects: per subject the first worked explanation is prose (truncated to `prose_tokens`),
-    the second question is scored (the `questions` shortest prompts: a step's measures stay cheap), the
-    third is attribution's, so that what is attributed is never what is scored."""
+def _mmlu_parts(tokenizer, subjects: int, questions: int):
+    """What mmlu_general reads from MMLU's dev files, the first `subjects` subjects: the questions by
+    subject, the scored ones ((prompt ids, question) of the `questions` shortest second questions) and the
+    first worked explanation of each subject (its prose)."""
     from loki_dist.demo.assets import mmlu_dev_documents, mmlu_dev_questions
 
     by_subject: dict[str, list[Question]] = {}
     for q in mmlu_dev_questions() or []:
         by_subject.setdefault(q.subject, []).append(q)
     by_subject = dict(list(by_subject.items())[:subjects])
-    attribute_on = [qs[2] for qs in by_subject.values() if len(qs) > 2]
     scored = sorted(
-        ((encode(tokenizer, qs[1], []), qs[1].answer) for qs in by_subject.values()), key=lambda p: len(p[0])
+        ((encode(tokenizer, qs[1], []), qs[1]) for qs in by_subject.values()), key=lambda p: len(p[0])
     )[:questions]
     first_text = dict(reversed(mmlu_dev_documents()))  # reversed: the first explanation of each wins
+    return by_subject, scored, first_text
+
+
+def mmlu_general(tokenizer, subjects: int, prose_docs: int, prose_tokens: int, questions: int):
+    """(General, the questions attribution uses) from MMLU's dev files (demo_assets), the first
+    `subjects` subjects: per subject the first worked explanation is prose (truncated to `prose_tokens`),
+    the second question is scored (the `questions` shortest prompts: a step's measures stay cheap), the
+    third is attribution's, so that what is attributed is never what is scored."""
+    by_subject, scored, first_text = _mmlu_parts(tokenizer, subjects, questions)
+    attribute_on = [qs[2] for qs in by_subject.values() if len(qs) > 2]
     prose = [tokenizer(first_text[s])["input_ids"][:prose_tokens] for s in by_subject]
     general = General(
         prose[:prose_docs],
         [ids for ids, _ in scored],
-        [a for _, a in scored],
+        [q.answer for _, q in scored],
         letter_token_ids(tokenizer),
         tokenize_probes(tokenizer, PROBES),
     )
     return general, attribute_on
+
+
+def retention_free_questions(tokenizer, subjects: int, prose_docs: int, questions: int) -> list[Question]:
+    """Every MMLU dev question of the first `subjects` subjects that no measure of mmlu_general (same
+    arguments) reads: neither scored nor inside a prose document. The selection study attributes on
+    them to see how the chosen rows depend on the prompts (issue 25); attribute_on's are among them."""
+    by_subject, scored, first_text = _mmlu_parts(tokenizer, subjects, questions)
+    read = {id(q) for _, q in scored}
+    prose = [first_text[s] for s in list(by_subject)[:prose_docs]]
+    return [
+        q
+        for qs in by_subject.values()
+        for q in qs
+        if id(q) not in read and not any(q.question in text for text in prose)
+    ]
 
 
 @torch.no_grad()
