@@ -8,6 +8,7 @@ seconds per stage and what each is made of, and with `--json` writes the numbers
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict
 
 from loki_dist.core import checks, files
@@ -62,9 +63,10 @@ def add_estimate_time_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cluster_from_args(args: argparse.Namespace) -> timing.Cluster:
     require_at_least(("--nodes", args.nodes, 1), ("--gpus-per-node", args.gpus_per_node, 1))
-    for flag in ("tflops", "intra_gbps", "inter_gbps", "fs_gbps", "gpu_memory_gb"):
-        if not getattr(args, flag) > 0:
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
+    for flag in ("tflops", "intra_gbps", "inter_gbps", "fs_gbps", "gpu_memory_gb", "chunk_memory_gb"):
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
     if args.latency_us < 0:
         raise UserError(f"--latency-us {args.latency_us}: must be 0 or more")
     return timing.Cluster(
@@ -84,8 +86,8 @@ def workload_from_args(args: argparse.Namespace) -> timing.Workload:
     require_at_least(*((f"--{f.replace('_', '-')}", getattr(args, f), 1) for f in (
         "prompts", "prompt_tokens", "attribution_batch", "samples", "sample_tokens", "global_batch",
         "micro_batch")))  # fmt: skip
-    if not args.epochs > 0:
-        raise UserError(f"--epochs {args.epochs}: must be positive")
+    if not (math.isfinite(args.epochs) and args.epochs > 0):
+        raise UserError(f"--epochs {args.epochs}: expected a positive number")
     return timing.Workload(args.prompts, args.prompt_tokens, args.attribution_batch, 7, args.samples,
                            args.sample_tokens, args.epochs, args.global_batch, args.micro_batch,
                            parse_quota(args.quota), args.bytes_per_element)  # fmt: skip
@@ -103,6 +105,12 @@ def run_estimate_time(args: argparse.Namespace) -> None:
     if args.json:
         checks.refuse_output_over_inputs("--json", args.json, {"--model-config": args.model_config})
         checks.check_writable("--json", args.json)
+    held = timing.held_bytes(arch, cluster, work)
+    if held >= cluster.memory_gb * timing.GB:
+        raise UserError(
+            f"--gpu-memory-gb {cluster.memory_gb:g}: a GPU would hold its share of the model and two "
+            f"gathered layers, {held / timing.GB:.1f} GB, before any work; more GPUs or more memory"
+        )
     seconds = timing.estimate(arch, cluster, work)
     batch, step = timing.attribution_batch(arch, cluster, work), timing.train_step(arch, cluster, work)
     per_prompt = batch["gathered_elements"] / arch.total_params / work.attribution_batch

@@ -117,13 +117,17 @@ def _shape(arch: Architecture, work: Workload) -> chunks.Shape:
     )
 
 
+def held_bytes(arch: Architecture, cluster: Cluster, work: Workload) -> float:
+    """What a GPU holds before any work under ZeRO-3: its share of the model and two gathered layers."""
+    return _bytes(arch, arch.total_params / cluster.world + 2 * arch.layer_params, work)
+
+
 def attribution_plan(arch: Architecture, cluster: Cluster, work: Workload) -> list[tuple[int, int]]:
     """The chunks `attribute` cuts a batch into on this cluster's GPUs (its default budget, after the
     rank's share of the model and two gathered layers)."""
     from loki_dist.attribution.attribute import CUDA_BUDGET_SHARE
 
-    held = _bytes(arch, arch.total_params / cluster.world + 2 * arch.layer_params, work)
-    free = cluster.memory_gb * GB - held
+    free = cluster.memory_gb * GB - held_bytes(arch, cluster, work)
     budget = cluster.chunk_gb * 2**30 if cluster.chunk_gb else CUDA_BUDGET_SHARE * free
     return chunks.plan_chunks(_shape(arch, work), work.attribution_batch, work.steps, int(budget))
 
