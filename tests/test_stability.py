@@ -231,7 +231,8 @@ def test_bad_flags_fail_in_one_line_before_any_work(tmp_path, capsys):
     path = _file(torch.randn(4, 2, 40, generator=torch.Generator().manual_seed(7)), tmp_path / "a.st")
     out = tmp_path / "p.json"
     base = ["select", "--attribution", str(path), "--quota", "10", "--output", str(out)]
-    assert_user_error([*base, "--resamples", "-1"], capsys, "--resamples -1: expected a count >= 0")
+    assert_user_error([*base, "--resamples", "-1"], capsys, "--resamples -1: expected a count in [0, 10000]")
+    assert_user_error([*base, "--resamples", "100000000"], capsys, "--resamples 100000000: expected a count")
     assert_user_error([*base, "--report", str(out)], capsys, "is also --output")
     assert_user_error([*base, "--report", str(path)], capsys, "would destroy that input")
     assert not out.exists() and path.stat().st_size > 0
