@@ -86,7 +86,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 
     if not 0 <= args.resamples <= MAX_RESAMPLES:
         raise UserError(
-            f"--resamples {args.resamples}: expected a count in [0, {MAX_RESAMPLES}] (0: no stability figures)"
+            f"--resamples {args.resamples}: expected a count in [0, {MAX_RESAMPLES}] (0: no stability "
+            "figures)"
         )
     if args.report is None:
         return
