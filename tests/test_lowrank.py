@@ -271,6 +271,21 @@ def test_api_refuses_a_rank_that_is_not_a_count(setup, rank):
     assert not any(p.requires_grad is False for p in model.parameters())  # nothing frozen yet
 
 
+def test_a_rank_above_what_a_b_can_use_is_refused_before_anything_is_allocated(setup, tmp_path, capsys):
+    """A B has rank at most min(k, F) in a layer of k rows: 2**40 would have asked for 200 TB."""
+    model = AutoModelForCausalLM.from_pretrained(setup["base"], dtype=torch.float32)
+    most = max(len(rows) for rows in POSITIONS)
+    with pytest.raises(UserError, match=f"rank {2**40}: above what A B can use \\(at most {most}"):
+        loki_dist.implant_rows(model, POSITIONS, rank=2**40)
+    loki_dist.implant_rows(model, POSITIONS, rank=most)  # the largest useful rank is taken
+    capsys.readouterr()  # from_pretrained's progress bar
+    argv = ["train", "--model", str(setup["base"]), "--positions", str(setup["positions"]), "--data",
+            str(setup["data"]), "--output-dir", str(tmp_path / "out"),
+            "--lora-rank", str(most + 1)]  # fmt: skip
+    assert_user_error(argv, capsys, f"--lora-rank {most + 1}: above what A B can use")
+    assert not (tmp_path / "out").exists()
+
+
 # --- the command line ------------------------------------------------------------------------------------
 
 

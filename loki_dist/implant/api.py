@@ -59,6 +59,7 @@ def implant_rows(
         raise UserError("implant_rows: every layer list is empty, nothing would train")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise UserError(f"implant_rows: rank {rank!r}: expected an integer, 0 (the rows) or more (LoKI*)")
+    lowrank.check_rank(rank, chosen, spec.intermediate_size, "implant_rows: rank")
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for (parent, attribute), layer_rows in zip(down_proj_slots(model), chosen, strict=True):

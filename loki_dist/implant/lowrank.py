@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loki_dist.core.errors import UserError
 from loki_dist.implant.rowsplit import RowLinear, install
 
 
@@ -64,6 +65,17 @@ class RowLowRankLinear(RowLinear):
     def rows_value(self, dtype: torch.dtype) -> torch.Tensor:
         base_rows = self.weight.data[self.rows.to(self.weight.device)]
         return merge(base_rows, self.A.data, self.B.data, dtype)
+
+
+def check_rank(rank: int, positions: list[list[int]], intermediate_size: int, source: str) -> None:
+    """A rank the update A B can use: it has rank at most min(k, F) in a layer of k rows, so a larger r
+    only adds parameters (and at r = 2**40, an allocation no machine has)."""
+    useful = min(max(len(rows) for rows in positions), intermediate_size)
+    if rank > useful:
+        raise UserError(
+            f"{source} {rank}: above what A B can use (at most {useful}: the most rows a layer trains, "
+            f"or the intermediate size)"
+        )
 
 
 def merge(base_rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -28,7 +28,7 @@ from loki_dist.core import checks, distributed, dsconfig, flags, positions
 from loki_dist.core.errors import UserError, require_at_least
 from loki_dist.core.families import ModelSpec, spec_from_dir
 from loki_dist.core.modeling import check_weights, load_tokenizer, sized_for
-from loki_dist.implant import checkpoint, monitor, runlock
+from loki_dist.implant import checkpoint, lowrank, monitor, runlock
 from loki_dist.implant.checkpoint import FINAL_DIR
 from loki_dist.implant.data import (
     Example,
@@ -176,6 +176,7 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
     rows = positions.load(args.positions, spec)
     if not any(rows):
         raise UserError(f"--positions {args.positions}: every layer list is empty, nothing would train")
+    lowrank.check_rank(args.lora_rank, rows, spec.intermediate_size, "--lora-rank")
     ds_config = dsconfig.load(args.ds_config)
     for section in ("optimizer", "scheduler"):  # DeepSpeed drops them silently beside a client optimizer
         if ds_config is not None and section in ds_config:
