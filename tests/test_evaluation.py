@@ -178,6 +178,16 @@ def test_evaluate_user_errors(tiny_llama, tmp_path, capsys):
     (tmp_path / "opt.json").write_text(json.dumps({"zero_optimization": {"stage": 3}, "optimizer": {}}))
     argv = [*base, "--data", str(data), "--ds-config", str(tmp_path / "opt.json")]
     assert_user_error(argv, capsys, "must not define an optimizer")
+    # values DeepSpeed cannot take: before the model loads, not a traceback from deepspeed.initialize
+    for setting, needle in [
+        ({"bf16": True}, 'bf16 true: expected an object such as {"enabled": "auto"}'),
+        ({"train_micro_batch_size_per_gpu": 0}, 'train_micro_batch_size_per_gpu 0: expected a positive'),
+        ({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": "many"}},
+         'zero_optimization.stage3_max_live_parameters "many": Input should be a valid integer'),
+    ]:  # fmt: skip
+        (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}, **setting}))
+        argv = [*base, "--data", str(data), "--ds-config", str(tmp_path / "ds.json")]
+        assert_user_error(argv, capsys, needle)
     assert not (tmp_path / "r.json").exists()
 
 

@@ -75,10 +75,32 @@ CASES = {
     "an output directory holding a finished run": ({"out": "finished"}, "already holds a finished run"),
     "a ZeRO stage that is not a number": (
         {"ds": {"zero_optimization": {"stage": "abc"}}},
-        "zero_optimization.stage 'abc': expected 0, 1, 2 or 3",
+        'zero_optimization.stage "abc": expected 0, 1, 2 or 3',
     ),
     "a ZeRO stage out of range": ({"ds": {"zero_optimization": {"stage": 4}}}, "stage 4: expected 0, 1, 2"),
     "a DeepSpeed config that is not an object": ({"ds": [1, 2]}, "expected a JSON object of DeepSpeed"),
+    # values of the wrong type: each a traceback once (after the process group formed, or in the sampler)
+    "bf16 as a switch": ({"ds": {"bf16": True}}, 'bf16 true: expected an object such as {"enabled": "auto"}'),
+    "a batch size as a string": (
+        {"ds": {"train_micro_batch_size_per_gpu": "4"}},
+        'train_micro_batch_size_per_gpu "4": expected a positive integer or "auto"',
+    ),
+    "zero_optimization as a number": (
+        {"ds": {"zero_optimization": 3}},
+        'zero_optimization 3: expected an object such as {"stage": 3}',
+    ),
+    "fractional accumulation steps": (
+        {"ds": {"gradient_accumulation_steps": 2.5}},
+        'gradient_accumulation_steps 2.5: expected a positive integer or "auto"',
+    ),
+    "a setting only DeepSpeed reads": (
+        {"ds": {"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}}},
+        "zero_optimization.offload_param.device \"gpu\": Input should be 'none', 'cpu' or 'nvme'",
+    ),
+    "a section only DeepSpeed reads, not an object": (
+        {"ds": {"zero_optimization": {"stage": 2}, "activation_checkpointing": 3}},
+        "activation_checkpointing 3: DeepSpeed cannot read it",
+    ),
     "a DeepSpeed optimizer section": (
         {"ds": {"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}},
         "its `optimizer` section would be ignored",

@@ -8,7 +8,9 @@ when the config has one.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import NoReturn
 
 from loki_dist.core import checks
 from loki_dist.core.errors import UserError
@@ -40,10 +42,61 @@ def load(name: str) -> dict | None:
     config = checks.read_json(path, "--ds-config")  # one line for unreadable, invalid or too deep JSON
     if not isinstance(config, dict):
         raise UserError(f"--ds-config {path}: expected a JSON object of DeepSpeed settings")
-    stage = _get(config, "zero_optimization.stage")
-    if stage is not None and (type(stage) is not int or stage not in (0, 1, 2, 3)):
-        raise UserError(f"--ds-config {path}: zero_optimization.stage {stage!r}: expected 0, 1, 2 or 3")
+    check_values(config, path)
     return config
+
+
+# --------------------------------------------------------------------------------------- value checks
+
+# the settings loki_dist reads or fills, by what they must hold; "auto" where HF and loki_dist fill it
+_COUNTS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+_SWITCHED = ("bf16", "fp16")  # {"enabled": true, false or "auto", ...}
+
+
+def check_values(config: dict, path: Path | str) -> None:
+    """The values loki_dist reads (or fills) must be of the type DeepSpeed expects, or "auto" where it is
+    filled: `"bf16": true` or a batch size of "4" otherwise ends in a traceback after the process group
+    has formed (or, as 2.5 accumulation steps, in the data sampler)."""
+
+    def refuse(key: str, value, expected: str) -> NoReturn:
+        raise UserError(f"--ds-config {path}: {key} {_shown(value)}: expected {expected}")
+
+    for key in _COUNTS:
+        value = config.get(key)
+        if value is not None and value != AUTO and not (_is_int(value) and value >= 1):
+            refuse(key, value, 'a positive integer or "auto"')
+    clip = config.get("gradient_clipping")
+    if clip is not None and clip != AUTO and not (_is_number(clip) and math.isfinite(clip) and clip >= 0):
+        refuse("gradient_clipping", clip, 'a number, 0 or more, or "auto"')
+    for key in _SWITCHED:
+        if key in config and not isinstance(config[key], dict):
+            refuse(key, config[key], 'an object such as {"enabled": "auto"}')
+        enabled = _get(config, f"{key}.enabled")
+        if enabled is not None and enabled != AUTO and not isinstance(enabled, bool):
+            refuse(f"{key}.enabled", enabled, 'true, false or "auto"')
+    if "zero_optimization" in config and not isinstance(config["zero_optimization"], dict):
+        refuse("zero_optimization", config["zero_optimization"], 'an object such as {"stage": 3}')
+    stage = _get(config, "zero_optimization.stage")
+    if stage is not None and not (_is_int(stage) and stage in (0, 1, 2, 3)):
+        refuse("zero_optimization.stage", stage, "0, 1, 2 or 3")
+
+
+def _is_int(value) -> bool:
+    return type(value) is int  # JSON's true is a bool, which Python counts as an int
+
+
+def _is_number(value) -> bool:
+    return type(value) in (int, float)
+
+
+def _shown(value) -> str:
+    """A value as the JSON file spells it, bounded: a whole object or list is not worth a long line."""
+    if isinstance(value, dict):
+        return "{...}"
+    if isinstance(value, list):
+        return "[...]"
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _get(config: dict, dotted: str):
@@ -139,3 +192,37 @@ def zero_stage(config: dict | None) -> int | None:
     if config is None:
         return None
     return int(_get(config, "zero_optimization.stage") or 0)
+
+
+def check_with_deepspeed(config: dict, name: str) -> None:
+    """Have DeepSpeed read a filled config now, before the model loads: any other value it cannot take
+    (a bucket size of "auto", an offload device "gpu", a section that is not an object) is one line
+    naming the setting, not a traceback from deepspeed.initialize once the model is in memory.
+
+    The batch arithmetic is left out (DeepSpeed checks train_batch_size against the world size, which it
+    does not know before the process group forms; loki_dist computes it itself).
+    """
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    def refusal(trial: dict) -> Exception | None:
+        try:
+            DeepSpeedConfig(trial)
+        except Exception as err:  # whatever DeepSpeed raises on a value it cannot read
+            return err
+        return None
+
+    trial = {key: value for key, value in config.items() if key != "train_batch_size"}
+    err = refusal(trial)
+    if err is None:
+        return
+    # the setting to blame: the first top-level key that DeepSpeed refuses on its own
+    batch = {key: trial[key] for key in _COUNTS[:2] if key in trial}
+    culprit = next((key for key in trial if key not in batch and refusal({**batch, key: trial[key]})), None)
+    errors = getattr(err, "errors", None)  # pydantic's ValidationError: where, what it was, why
+    if callable(errors) and errors():
+        first = errors()[0]
+        where = ".".join([culprit or "", *(str(part) for part in first.get("loc", ()))]).strip(".")
+        raise UserError(f"--ds-config {name}: {where} {_shown(first.get('input'))}: {first.get('msg')}")
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    setting = f"{culprit} {_shown(trial[culprit])}: " if culprit else ""
+    raise UserError(f"--ds-config {name}: {setting}DeepSpeed cannot read it ({detail})")

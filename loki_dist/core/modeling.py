@@ -272,6 +272,9 @@ def read_inference_config(name: str) -> dict:
         raise UserError(f"--ds-config {name}: inference shards with ZeRO stage 3, this has stage {stage}")
     if "optimizer" in config:
         raise UserError(f"--ds-config {name}: an inference config must not define an optimizer")
+    # what DeepSpeed will make of it, its "auto" values filled as any batch size, dtype and model would
+    filled = dsconfig.size_zero3(fill_inference_config(config, 1, 1, torch.float32), 1, 1)
+    dsconfig.check_with_deepspeed(filled, name)
     return config
 
 

@@ -194,10 +194,6 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
     want_bf16 = None if args.precision is None else args.precision == "bf16"
     bf16 = dsconfig.settle(ds_config, "bf16.enabled", "--precision", want_bf16, torch.cuda.is_available())
     clip = dsconfig.settle(ds_config, "gradient_clipping", "--max-grad-norm", args.max_grad_norm, 1.0)
-    if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip >= 0):
-        raise UserError(
-            f"--ds-config {args.ds_config}: gradient_clipping {clip!r}: expected a number, 0 or more"
-        )
     stage = dsconfig.zero_stage(ds_config)
     if ds_config is not None:
         ds_config = dsconfig.fill(
@@ -212,6 +208,7 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
             },
         )
         ds_config = sized_for(ds_config, args.model, world)
+        dsconfig.check_with_deepspeed(ds_config, args.ds_config)
     if stage is None and world.size > 1:
         raise UserError(f"--ds-config none runs one process, but the launcher started {world.size}")
     for name, value in (
