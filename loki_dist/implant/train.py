@@ -266,8 +266,14 @@ def run_train(args: argparse.Namespace) -> None:
     # a run that seems stuck: `kill -USR2 <pid>` prints where each of its threads is, and it goes on
     # (to the process's own stderr, file descriptor 2, whatever sys.stderr has become)
     faulthandler.register(STACKS_SIGNAL, file=sys.__stderr__, all_threads=True)
-    with distributed.agreement(world):  # every rank checks; one agreed error before any work
-        plan = plan_run(args, world)
+    plan = None
+    try:
+        with distributed.agreement(world):  # every rank checks; one agreed error before any work
+            plan = plan_run(args, world)
+    except BaseException:
+        if plan is not None and plan.lock is not None:  # rank 0 planned, a peer did not (or never met it)
+            plan.lock.release()
+        raise
     recipe = TrainRecipe(plan)
     try:
         recipe.setup()
