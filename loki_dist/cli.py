@@ -215,7 +215,7 @@ def _leave(keep_status: bool = False) -> None:
 def _rank_and_size() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    world = distributed.world_from_env()
+    world = distributed.world_or_one()
     return world.rank, world.size
 
 

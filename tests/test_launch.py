@@ -284,6 +284,76 @@ def test_gpu_of_a_task_is_its_own_or_a_one_line_error(local_rank, visible, devic
     assert "--gpus-per-task=1" in message
 
 
+# --------------------------------------------------------- launcher variables that contradict each other
+
+# env -> the one line. Each once went on as some guess (RANK=1 alone: a world of one with no rank 0; a
+# rank waiting for peers never started) or ended in a traceback (int('one'), a KeyError on the node list).
+BAD_LAUNCHER_ENV = {
+    "RANK without WORLD_SIZE": ({"RANK": "1"}, "RANK=1 but no WORLD_SIZE: a launcher sets both"),
+    "RANK past WORLD_SIZE": ({"RANK": "2", "WORLD_SIZE": "2"},
+                             "RANK=2 with WORLD_SIZE=2: expected a rank below the world size"),
+    "RANK not a number": ({"RANK": "one", "WORLD_SIZE": "2"}, "RANK=one: expected a non-negative integer"),
+    "SLURM_PROCID not a number": ({**SRUN_TASK, "SLURM_PROCID": "1st"},
+                                  "SLURM_PROCID=1st: expected a non-negative integer"),
+    "a Slurm task count without a node list": (
+        {k: v for k, v in SRUN_TASK.items() if not k.endswith("NODELIST")},
+        "under srun with SLURM_STEP_NUM_TASKS=2 but neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST"),
+    "MASTER_PORT not a port": ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "http"},
+                               "MASTER_PORT=http: expected a port number, 1 to 65535"),
+}  # fmt: skip
+
+
+def test_contradicting_launcher_variables_are_one_line_before_any_work(tiny_llama, tmp_path):
+    """Real processes started as a launcher would (all at once: each is a fresh interpreter): exit status
+    2, one line naming the variables, and no output directory made."""
+    import json
+
+    (tmp_path / "positions.json").write_text(json.dumps([[0, 3], [1]]))
+    (tmp_path / "data.json").write_text(json.dumps([{"instruction": "Hi", "input": "", "output": "hi"}] * 4))
+    clean = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
+    procs = {}
+    for n, (case, (env, _)) in enumerate(BAD_LAUNCHER_ENV.items()):
+        args = ["train", "--model", str(tiny_llama), "--positions", str(tmp_path / "positions.json"),
+                "--data", str(tmp_path / "data.json"), "--output-dir", str(tmp_path / f"out{n}")]  # fmt: skip
+        full = {**clean, "OMP_NUM_THREADS": "1", "LOKI_DIST_TIMEOUT_MINUTES": "0.1", **env}
+        procs[case] = subprocess.Popen([sys.executable, "-m", "loki_dist", *args], cwd=REPO, env=full,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    for n, (case, proc) in enumerate(procs.items()):
+        _, stderr = proc.communicate(timeout=180)
+        lines = [line for line in stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+        needle = BAD_LAUNCHER_ENV[case][1]
+        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], (case, stderr[-3000:])
+        assert lines[0].startswith("loki-dist train: error: "), (case, lines)
+        assert not (tmp_path / f"out{n}").exists(), case
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 but no RANK: a launcher sets both"),
+        ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK=-1: expected a non-negative integer"),
+        ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=0: expected a positive integer"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "2"}, "LOCAL_RANK=2 with WORLD_SIZE=2: expected a"),
+        ({**SRUN_TASK, "SLURM_STEP_NUM_TASKS": "2x"}, "SLURM_STEP_NUM_TASKS=2x: expected a positive integer"),
+        ({**SRUN_TASK, "SLURM_PROCID": "2"}, "SLURM_PROCID=2 with SLURM_STEP_NUM_TASKS=2: expected a rank"),
+        ({k: v for k, v in SRUN_TASK.items() if k != "SLURM_JOB_ID"} | {"MASTER_ADDR": "10.0.0.7"},
+         "no SLURM_JOB_ID to derive a port from: export MASTER_PORT"),
+    ],
+)  # fmt: skip
+def test_every_contradiction_of_the_launcher_variables_is_named(env, needle, monkeypatch):
+    """The other contradictions, read in-process (the same function the processes above run)."""
+    from loki_dist.core.distributed import world_from_env
+    from loki_dist.core.errors import UserError
+
+    for name in [*LAUNCHER_VARS, *(k for k in os.environ if k.startswith("SLURM_"))]:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError) as err:
+        world_from_env()
+    assert "\n" not in str(err.value) and needle in str(err.value)
+
+
 def test_torchrun_wrapper_turns_a_stop_signal_into_the_workers_75(tmp_path, tiny_llama):
     """SIGUSR1 to launch/torchrun.sh (as `#SBATCH --signal=B:USR1` delivers it to a batch shell running
     it) reaches both workers, which finish their step, save a checkpoint and exit with 75. torchrun

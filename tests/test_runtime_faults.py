@@ -251,10 +251,10 @@ def test_no_loadable_checkpoint_is_one_line_before_any_work(inputs, uninterrupte
 # ------------------------------------------------------------------------------------------ a peer gone
 
 
-def bare_ranks(args: list[str], logs: Path) -> list[subprocess.Popen]:
+def bare_ranks(args: list[str], logs: Path, **env: str) -> list[subprocess.Popen]:
     """Two ranks started as a bare `srun` would (no launcher watching over them); logs/rank<r>.log."""
     logs.mkdir()
-    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), **env}
     return [
         start(args, logs / f"rank{r}.log", env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
         for r in range(2)
@@ -286,6 +286,36 @@ def test_a_killed_rank_ends_its_peer_at_once_naming_the_stage(inputs, tmp_path):
     assert len(lines) == 1 and re.match(stage, lines[0]), log[-3000:]
     assert re.search(r'recipe\.py", line \d+ in train\n', log)  # the stack it printed shows the loop
     assert waited < 60, f"rank 0 waited {waited:.0f} s for its dead peer"  # measured: well under 1 s
+
+
+def test_a_master_port_in_use_is_said_as_that_not_as_a_dead_peer(inputs, tmp_path):
+    """Rank 0 cannot listen on a MASTER_PORT that another socket holds (bound here, as another job's
+    would be): it says so, naming the address and port, exit status 2. Rank 1 never reaches a rank 0 and
+    says that, naming the same, once the timeout is up. Neither blames a peer that died."""
+    logs = tmp_path / "logs"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        args = train_args(inputs, tmp_path / "out", "--max-steps", "1")
+        ranks = bare_ranks(args, logs, MASTER_PORT=str(port), LOKI_DIST_TIMEOUT_MINUTES="0.05")
+        try:
+            for rank in ranks:
+                rank.wait(timeout=120)
+        finally:
+            for rank in ranks:
+                rank.kill()
+                rank.wait()
+    where = f"MASTER_ADDR=127.0.0.1 MASTER_PORT={port}"
+    said = [(logs / f"rank{r}.log").read_text() for r in range(2)]
+    assert ranks[0].returncode == 2 and error_lines(said[0]) == [
+        f"loki-dist train: error: rank 0: {where}: the port is already in use on this host, so rank 0 "
+        "cannot listen on it for its peers: choose a free MASTER_PORT (the same for every rank)"
+    ], said[0][-3000:]
+    lines = error_lines(said[1])
+    assert ranks[1].returncode == 1 and len(lines) == 1, said[1][-3000:]
+    assert lines[0].startswith(f"loki-dist train: error: rank 1: joining the other ranks at {where} failed")
+    assert not any("peer rank died" in log or loki_dist_traceback(log) for log in said), said
+    assert not (tmp_path / "out").exists()
 
 
 STUCK_PEER = """

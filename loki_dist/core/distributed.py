@@ -1,14 +1,10 @@
 """Process-group plumbing shared by every stage.
 
-loki_dist is started the same way by torchrun, the deepspeed launcher, accelerate or a bare `srun`; all
-of them describe the job through environment variables, so rank and world size are read from there and
-nothing is hard-coded: NCCL on CUDA, gloo on CPU.
-
-A bare `srun` says only who each task is (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID), not where
-rank 0 listens: without MASTER_ADDR the rendezvous host is the step's first node (task 0 runs there), as
-`scontrol` names it, or its NodeAddr where that name does not resolve, and the port MASTER_PORT or one
-derived from the job and step ids. srun may also bind one GPU per task, so the device is local rank only
-where this process sees that many GPUs (device 0 where it sees exactly one).
+Who each process is, and where rank 0 listens, comes from the launcher's variables (launcher.py; every
+stage takes World and world_from_env from here). NCCL on CUDA, gloo on CPU. srun may bind one GPU per
+task, so the device is local rank only where this process sees that many GPUs (device 0 where it sees
+exactly one). A rendezvous that fails is said as that, naming MASTER_ADDR and MASTER_PORT (a port
+already taken on rank 0's host, or a rank 0 never reached), not as a peer that died.
 
 Every wait on a peer is bounded. A rank whose peer has died learns it at once under gloo (the connection
 closes); a peer that is alive but stuck, or one gone under NCCL, ends the wait after TIMEOUT_ENV minutes
@@ -23,15 +19,12 @@ collectives.py's.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
 import sys
 import traceback
 import warnings
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -39,44 +32,14 @@ import torch.distributed as dist
 
 from loki_dist.core import metering
 from loki_dist.core.errors import RankErrors, UserError, rank_list
-
-
-@dataclass(frozen=True)
-class World:
-    rank: int
-    size: int
-    local_rank: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _env_int(*names: str, default: int) -> int:
-    for name in names:
-        value = os.environ.get(name)
-        if value not in (None, ""):
-            return int(value)
-    return default
-
-
-def _srun_step(env: Mapping[str, str]) -> bool:
-    """A task of an srun step that no launcher of ours started (torchrun and co. set RANK).
-
-    SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: an sbatch script's own shell has SLURM_NTASKS (the job's
-    task count) and SLURM_PROCID 0 too, and a plain command there is one process, not rank 0 of many.
-    """
-    return "RANK" not in env and bool(env.get("SLURM_STEP_NUM_TASKS"))
-
-
-def world_from_env() -> World:
-    """Rank and world size as the launcher set them (torchrun/deepspeed/accelerate first, then srun)."""
-    if _srun_step(os.environ):
-        names = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
-    else:
-        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-    rank, size, local_rank = (_env_int(name, default=d) for name, d in zip(names, (0, 1, 0), strict=True))
-    return World(rank=rank, size=size, local_rank=local_rank)
+from loki_dist.core.launcher import (  # noqa: F401 - every stage takes these from here
+    World,
+    env_count,
+    ranks_per_node,
+    rendezvous_env,
+    world_from_env,
+    world_or_one,
+)
 
 
 def joined_world() -> World:
@@ -84,16 +47,7 @@ def joined_world() -> World:
     one process when it has joined none."""
     if not dist.is_initialized():
         return World(rank=0, size=1, local_rank=0)
-    return World(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", default=0))
-
-
-def ranks_per_node(world: World) -> int:
-    """How many of the job's ranks share this node, as the launcher says (torchrun's LOCAL_WORLD_SIZE,
-    srun's SLURM_STEP_TASKS_PER_NODE such as "8(x4)"); the whole world where none says."""
-    local = os.environ.get("LOCAL_WORLD_SIZE", "")
-    if not local and _srun_step(os.environ):
-        local = os.environ.get("SLURM_STEP_TASKS_PER_NODE", "").split("(")[0].split(",")[0]
-    return int(local) if local.isdigit() and 0 < int(local) <= world.size else world.size
+    return World(dist.get_rank(), dist.get_world_size(), env_count(os.environ, "LOCAL_RANK", 0) or 0)
 
 
 def device_index(local_rank: int, visible: int) -> int:
@@ -127,53 +81,6 @@ def device_for(world: World) -> torch.device:
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
-
-
-def slurm_port(job_id: int, step_id: int) -> int:
-    """A port every task of one srun step derives alike, distinct for the steps of a job (up to 16 at
-    once) and spread over jobs; in 20000-29999, below Linux's ephemeral ports."""
-    return 20000 + (job_id * 16 + step_id) % 10000
-
-
-def _run_scontrol(*args: str) -> str:
-    proc = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
-    return proc.stdout if proc.returncode == 0 else ""
-
-
-def _first_node_address(nodelist: str) -> str:
-    """The step's first node: its name where that resolves, else its NodeAddr (as srun_torchrun.sh)."""
-    unset = f"under srun with SLURM_STEP_NODELIST={nodelist} but no MASTER_ADDR:"
-    advice = "export MASTER_ADDR=<address of that list's first node> (and MASTER_PORT) for every task"
-    if shutil.which("scontrol") is None:
-        raise UserError(f"{unset} scontrol is not found to look up its first node; {advice}")
-    names = _run_scontrol("show", "hostnames", nodelist).split()
-    if not names:
-        raise UserError(f"{unset} scontrol cannot expand that node list; {advice}")
-    try:
-        socket.getaddrinfo(names[0], None)
-        return names[0]
-    except OSError:
-        pass
-    for field in _run_scontrol("show", "node", names[0]).split():
-        if field.startswith("NodeAddr=") and field != "NodeAddr=":
-            return field.split("=", 1)[1]
-    raise UserError(
-        f"{unset} node {names[0]} does not resolve and scontrol shows no NodeAddr for it; {advice}"
-    )
-
-
-def rendezvous_env(env: MutableMapping[str, str]) -> None:
-    """Under a bare srun, fill in MASTER_ADDR and MASTER_PORT where the user did not (see the top)."""
-    if not _srun_step(env):
-        return
-    nodes = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
-    if not env.get("MASTER_ADDR"):
-        env["MASTER_ADDR"] = _first_node_address(nodes)
-    if not env.get("MASTER_PORT"):
-        env["MASTER_PORT"] = str(slurm_port(int(env["SLURM_JOB_ID"]), int(env.get("SLURM_STEP_ID", "0"))))
-    if env.get("SLURM_PROCID") == "0":  # where a hung start looks first, as srun_torchrun.sh's line
-        where = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
-        print(f"+ srun rendezvous {where}, {env['SLURM_STEP_NUM_TASKS']} tasks on {nodes}", file=sys.stderr)
 
 
 TIMEOUT_ENV = "LOKI_DIST_TIMEOUT_MINUTES"
@@ -218,12 +125,37 @@ def init(world: World, always: bool = False, timeout_minutes: float | None = Non
         os.environ["LOCAL_RANK"] = str(ordinal)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
+    port = os.environ["MASTER_PORT"]
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise UserError(f"MASTER_PORT={port}: expected a port number, 1 to 65535")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     # NCCL: a collective past the timeout tears the process down (its watchdog says which collective)
     # rather than leaving it blocked on the device; torchrun sets the same for its workers, srun does not
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     metering.count_collectives()
-    dist.init_process_group(backend, timeout=limit)
+    try:
+        dist.init_process_group(backend, timeout=limit)
+    except dist.DistError as err:
+        raise _rendezvous_failed(err, limit) from None
+
+
+def _rendezvous_failed(err: dist.DistError, limit: timedelta) -> Exception:
+    """What a failed rendezvous means, named by MASTER_ADDR and MASTER_PORT (not "a peer rank died":
+    no collective has run yet). Rank 0 listens on MASTER_PORT: a port already taken (another job, an
+    earlier run not yet gone) is what torch's store reports as EADDRINUSE; the other ranks only see that
+    rank 0 never answered."""
+    where = f"MASTER_ADDR={os.environ['MASTER_ADDR']} MASTER_PORT={os.environ['MASTER_PORT']}"
+    text = str(err).strip()
+    if "EADDRINUSE" in text:
+        return UserError(
+            f"{where}: the port is already in use on this host, so rank 0 cannot listen on it for its "
+            "peers: choose a free MASTER_PORT (the same for every rank)"
+        )
+    detail = text.splitlines()[0] if text else type(err).__name__
+    return CollectiveFailed(
+        f"joining the other ranks at {where} failed ({TIMEOUT_ENV}={limit.total_seconds() / 60:g}; are all "
+        f"ranks started, with the same MASTER_ADDR and MASTER_PORT?): {detail.split('. ')[0]}"
+    )
 
 
 def shutdown(wait_for_peers: bool = True) -> None:
@@ -234,7 +166,7 @@ def shutdown(wait_for_peers: bool = True) -> None:
     Calling it again, or without a process group, is harmless (the CLI calls it on every exit path).
     """
     global _agreement_group
-    metering.dump(dist.get_rank() if dist.is_initialized() else world_from_env().rank)
+    metering.dump(dist.get_rank() if dist.is_initialized() else world_or_one().rank)
     if dist.is_initialized():
         if wait_for_peers:
             dist.barrier()
@@ -375,7 +307,6 @@ def prepare_deepspeed(world: World) -> None:
 
 def free_port() -> int:
     """A port free on this host now, for a single-node rendezvous (the launcher binds it next)."""
-    import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
