@@ -229,6 +229,8 @@ BAD = {
     "a negative ratio": ({"names": "t,t", "add": ["--mix-ratios", "1,-1"]}, "expected positive finite"),
     "a ratio that is not a number": ({"names": "t,t", "add": ["--mix-ratios", "1,nan"]}, "positive finite"),
     "ratios for one data set": ({"add": ["--mix-ratios", "1"]}, "mixes several --dataset names, got 1"),
+    "ratios whose sum overflows": ({"names": "t,t", "add": ["--mix-ratios", "1e308,1e308"]},
+                                   "--mix-ratios 1e308,1e308: their sum overflows; only the proportions"),
     "no samples": ({"add": ["--max-samples", "0"]}, "--max-samples 0: expected a positive integer"),
     "an unknown template name": ({"add": ["--chat-template", "vicuna"]}, "neither a file nor a built-in"),
     "a template that is not Jinja": ({"template": "{% for %}"}, "not a valid Jinja template"),

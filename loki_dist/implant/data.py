@@ -110,6 +110,10 @@ def parse_ratios(value: str, count: int) -> list[float]:
         raise UserError(f"--mix-ratios {value}: {len(ratios)} ratios for {count} data sets; expected {count}")
     if not all(math.isfinite(r) and r > 0 for r in ratios):
         raise UserError(f"--mix-ratios {value}: expected positive finite numbers")
+    if not math.isfinite(sum(ratios)):  # the mixture draws with probability ratio / sum
+        raise UserError(
+            f"--mix-ratios {value}: their sum overflows; only the proportions count (1,1 for 1e308,1e308)"
+        )
     return ratios
 
 
