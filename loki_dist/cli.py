@@ -18,7 +18,6 @@ to pass on, since the launchers themselves exit with 1 for any failed worker.
 from __future__ import annotations
 
 import argparse
-import atexit
 import importlib
 import os
 import signal
@@ -29,7 +28,7 @@ from typing import NoReturn
 import torch.distributed as dist
 
 from loki_dist import __version__
-from loki_dist.core import allocator, distributed, files, runconfig
+from loki_dist.core import allocator, distributed, exits, files, runconfig
 from loki_dist.core.errors import RankErrors, UserError
 
 # sub-command -> (module, one-line help)
@@ -126,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = runconfig.command_of(argv) or "loki-dist"
     try:
-        with distributed.stage(command):  # commands name their own stages inside, where they have them
+        # commands name their own stages inside, where they have them
+        with exits.as_interrupt(), distributed.stage(command):
             args = parser.parse_args(_with_config(parser, argv))
             args._run(args)
     except UserError as err:
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         _exit(1)
     except KeyboardInterrupt:
         _leave()
-        _exit(130)
+        _exit(exits.INTERRUPTED)
     except SystemExit as stop:  # 75: training stopped on a signal, every rank after the same checkpoint
         _leave(keep_status=_rank_and_size()[1] > 1)
         _exit(stop.code)
@@ -171,20 +171,19 @@ def _with_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
 
 
 def _exit(code: int | str | None) -> NoReturn:
-    """sys.exit(code), except that one rank of several skips the interpreter's finalization (after its
-    exit handlers and a flush). DeepSpeed keeps its process groups alive past destroy_process_group, and a
-    gloo worker thread still releasing its last collective's tensors when finalization starts is killed
-    inside a destructor: std::terminate, SIGABRT at exit (1 in ~15 two-rank ZeRO-3 runs, measured).
-    Every file loki_dist writes is complete and fsynced before this point (files.py)."""
+    """sys.exit(code), except that one rank of several, and any process after a Ctrl-C, skips the
+    interpreter's finalization (exits.exit_now, after its exit handlers and a flush). DeepSpeed keeps its
+    process groups alive past destroy_process_group, and a gloo worker thread still releasing its last
+    collective's tensors when finalization starts is killed inside a destructor: std::terminate, SIGABRT
+    at exit (1 in ~15 two-rank ZeRO-3 runs, measured); after a Ctrl-C, finalization may end the process
+    with signal 2 instead of 130 (exits.py). Every file loki_dist writes is complete and fsynced before
+    this point (files.py)."""
     _report_status(code)
-    if _rank_and_size()[1] == 1:
+    if _rank_and_size()[1] == 1 and code != exits.INTERRUPTED:
         sys.exit(code)
     if isinstance(code, str):
         print(code, file=sys.stderr)
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+    exits.exit_now(code if isinstance(code, int) else 0 if code is None else 1)
 
 
 STATUS_DIR_ENV = "LOKI_DIST_STATUS_DIR"

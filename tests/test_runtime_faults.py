@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -246,6 +247,36 @@ def test_no_loadable_checkpoint_is_one_line_before_any_work(inputs, uninterrupte
         f"{shard}: truncated or damaged safetensors file (7 bytes, cut short inside its header)",
     )
     assert sorted(p.name for p in out.rglob("*")) == before and not (tmp_path / "exported").exists()
+
+
+# ------------------------------------------------------------------------------------------ a Ctrl-C
+
+# `python -m loki_dist` and what pip's `loki-dist` script runs (pyproject.toml's entry point)
+ENTRY_POINTS = {
+    "-m": ["-m", "loki_dist"],
+    "script": ["-c", "import sys; from loki_dist.__main__ import run; sys.exit(run())"],
+}
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_ctrl_c_while_starting_is_130_without_a_traceback(entry, inputs, tmp_path):
+    """SIGINT at several moments of start-up: torch, transformers and DeepSpeed still importing (seconds),
+    then the planning. Each is exit status 130 with nothing on stderr but the start-up's own lines: no
+    traceback, no error (and never signal 2, which CPython's `-m` runner turned some into)."""
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"loki-dist": "loki_dist.__main__:run"}
+    args = train_args(inputs, tmp_path / "out", "--max-steps", "100000")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for delay in (0.2, 1, 3):
+        proc = subprocess.Popen([sys.executable, *ENTRY_POINTS[entry], *args], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+        said = [line for line in stderr.splitlines() if "Traceback" in line or "error" in line.lower()]
+        assert proc.returncode == 130 and not said, (delay, proc.returncode, stderr[-3000:])
 
 
 # ------------------------------------------------------------------------------------------ a peer gone
