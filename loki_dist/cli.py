@@ -76,6 +76,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse's own mistakes (a required flag missing, a bad choice or number, an unknown flag) said as
+    every other mistake is: one line, `loki-dist COMMAND: error: ...`, exit status 2, without the usage
+    that argparse prints first (tens of lines for `train`; `--help` prints it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.splitlines())}\n")
+
+
 class HelpWithDefaults(argparse.HelpFormatter):
     """Every flag's help ends with its default, unless the help already says what it is."""
 
@@ -101,7 +110,7 @@ def _show_defaults(command: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loki-dist", description=__doc__.splitlines()[0])
+    parser = OneLineErrors(prog="loki-dist", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"loki_dist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
@@ -124,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     command = runconfig.command_of(argv) or "loki-dist"
+    if command in COMMANDS:  # the top level says what the command's parser left over: the command's flags
+        parser.prog = f"loki-dist {command}"
     try:
         # commands name their own stages inside, where they have them
         with exits.as_interrupt(), distributed.stage(command):

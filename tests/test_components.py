@@ -274,3 +274,33 @@ def test_zero3_settings_follow_the_model_and_the_nodes(monkeypatch):
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "32")
     monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "8(x4)")
     assert distributed.ranks_per_node(world) == 8
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["train"], "loki-dist train: error: the following arguments are required: --model, --positions, "
+                    "--output-dir"),
+        (["select", "--quota"], "loki-dist select: error: argument --quota: expected one argument"),
+        (["select", "--quota", "5", "--output", "p.json", "--strategy", "best"],
+         "loki-dist select: error: argument --strategy: invalid choice: 'best' (choose from "
+         "'layer_balanced', 'global_lowest', 'global_highest', 'random')"),
+        (["select", "--quota", "5", "--output", "p.json", "--seed", "x"],
+         "loki-dist select: error: argument --seed: invalid int value: 'x'"),
+        (["select", "--quota", "5", "--output", "p.json", "--bogus"],
+         "loki-dist select: error: unrecognized arguments: --bogus"),
+        ([], "loki-dist: error: the following arguments are required: COMMAND"),
+    ],
+)  # fmt: skip
+def test_argparse_mistakes_are_one_line_and_help_is_whole(argv, line, capsys):
+    """argparse's own refusals read as loki_dist's: one line naming the flag, exit status 2, without the
+    usage argparse prints first (30 lines for train); `--help` still prints everything."""
+    from loki_dist.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines() == [line]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv[:1], "--help"])
+    said = capsys.readouterr().out
+    assert exit_info.value.code == 0 and said.startswith("usage: loki-dist") and "options:" in said
