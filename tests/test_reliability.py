@@ -201,15 +201,20 @@ def tmpfs(mount: Path, options: str, why: str):
         subprocess.run(["umount", str(mount)], check=True)
 
 
+def fill(mount: Path) -> None:
+    """Fill the file system at `mount` to the last byte."""
+    with contextlib.suppress(OSError), (mount / "filler").open("wb") as filler:
+        while True:
+            filler.write(b"\0" * 4096)
+            filler.flush()
+
+
 @pytest.fixture
 def full_disk(tmp_path):
     """A 256 KiB tmpfs holding an earlier results file `old.json`, filled to the last byte."""
     with tmpfs(tmp_path / "full", "size=256k", "a full disk") as mount:
         (mount / "old.json").write_text('{"scores": {"a": 1.0}}\n')
-        with contextlib.suppress(OSError), (mount / "filler").open("wb") as filler:
-            while True:
-                filler.write(b"\0" * 4096)
-                filler.flush()
+        fill(mount)
         yield mount
 
 
@@ -238,6 +243,44 @@ def test_a_full_disk_leaves_the_earlier_file_whole_and_says_so(command, job, ful
                                                     "write it (No space left on device)"]  # fmt: skip
     assert old.read_bytes() == before
     assert leftovers(full_disk) == []
+
+
+@pytest.mark.parametrize("command", ["apply", "export"])
+def test_a_full_disk_names_the_output_not_the_hidden_directory_being_filled(command, job, full_disk, capsys):
+    """apply and export fill `.<output>.partial` and rename it into place: a full disk is said of the
+    output the user named (it was said of `.merged.partial`), and nothing of it is left."""
+    out = full_disk / "merged"
+    argv = {"apply": ["apply", "--base", str(job["base"]), "--implant", str(job["implant"])],
+            "export": ["export", "--checkpoint", str(job["checkpoint"])]}[command]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--output", str(out)])
+    errors = [
+        line for line in capsys.readouterr().err.splitlines() if "error:" in line or "Traceback" in line
+    ]
+    assert exit_info.value.code == 2
+    assert errors == [f"loki-dist {command}: error: {out}: cannot write it (No space left on device)"]
+    assert leftovers(full_disk) == [] and not out.exists()
+
+
+def test_a_file_written_inside_a_directory_in_the_making_is_named_where_it_will_be(tmp_path):
+    """A checkpoint's files are written inside its staging directory, a model's inside its temporary
+    directory: a full disk names each file where it is going (checkpoint-7/trainer_state.json), not in
+    the hidden directory that holds it meanwhile."""
+    state = {"step": 7, "log": "x" * 16384}
+    with tmpfs(tmp_path / "disk", "size=64k", "a full disk") as mount:
+        staging = files.make_staging(mount / "checkpoint-7")
+        fill(mount)
+        with pytest.raises(UserError) as in_staging:
+            files.write_json(staging / "trainer_state.json", state)
+        with pytest.raises(UserError) as in_temporary:
+            files.atomic_write(mount / "model", lambda tmp: files.write_json(tmp / "config.json", state))
+    assert (
+        str(in_staging.value)
+        == f"{mount}/checkpoint-7/trainer_state.json: cannot write it (No space left on device)"
+    )
+    assert str(in_temporary.value) == f"{mount}/model/config.json: cannot write it (No space left on device)"
+    users = tmp_path / ".attribution.safetensors.partial" / "rank0-step3.safetensors"  # a user's own name
+    assert files.users_name(users) == users
 
 
 # ---------------------------------------------------------------------------------- killed writers

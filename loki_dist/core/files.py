@@ -189,13 +189,30 @@ def atomic_write(target: str | Path, write: Callable[[Path], object]) -> Path:
 @contextmanager
 def file_system_errors(target: Path) -> Iterator[None]:
     """A failure of the file system while writing `target` (no space left, read-only, no permission)
-    becomes a UserError naming it; any other OSError stays what it is."""
+    becomes a UserError naming it, by the name the user knows (users_name); any other OSError stays
+    what it is."""
     try:
         yield
     except OSError as err:
         if err.errno not in _USER_OS_ERRORS:
             raise
-        raise UserError(f"{target}: cannot write it ({err.strerror or err})") from None
+        raise UserError(f"{users_name(target)}: cannot write it ({err.strerror or err})") from None
+
+
+def users_name(path: str | Path) -> Path:
+    """The name a user knows for a path of ours still in the making: a temporary `.<name>.loki-tmp-...`
+    or a staging directory `.<name>.partial` (one that make_staging marked: a user's own hidden `.partial`
+    is left alone) anywhere along it is named as the `<name>` it is about to become. A file written
+    inside a checkpoint or an export being filled is `checkpoint-N/...`, not the hidden directory."""
+    real, shown = Path(), Path()
+    for part in Path(path).parts:
+        real, name = real / part, part
+        if part.startswith(".") and TMP_TAG in part:
+            name = part[1 : part.rindex(TMP_TAG)]
+        elif part.startswith(".") and part.endswith(STAGING_SUFFIX) and (real / OWNER_FILE).is_file():
+            name = part[1 : -len(STAGING_SUFFIX)]
+        shown /= name
+    return shown
 
 
 @contextmanager

@@ -211,7 +211,7 @@ def export_model(
     owner = _assign(sizes, world.size)
     # every step is agreed: a failure on any rank (rank 0's included) fails every rank at once
     with files.removed_on_failure(staging, world.is_main):
-        with distributed.agreement(world), files.file_system_errors(staging):
+        with distributed.agreement(world), files.file_system_errors(out_dir):
             if world.is_main:
                 files.remove_stale_temporaries(out_dir.parent)  # what killed writers left, whatever its name
                 files.make_staging(out_dir)  # also replaces one that a killed export of out_dir left
@@ -220,7 +220,7 @@ def export_model(
                         shutil.copy2(item, staging / item.name)
                 for name, text in (notes or {}).items():
                     (staging / name).write_text(text, encoding="utf-8")
-        with metering.phase("export"), distributed.agreement(world), files.file_system_errors(staging):
+        with metering.phase("export"), distributed.agreement(world), files.file_system_errors(out_dir):
             for job, rank in zip(jobs, owner, strict=True):
                 if rank != world.rank:
                     continue
