@@ -295,8 +295,15 @@ def test_bad_monitor_flags_are_one_line_before_any_work(setup, tmp_path, capsys)
         (["--eval-steps", "2"], "--eval-steps 2: nothing to evaluate; add --eval-data or --general-data"),
         ([*task, "--eval-steps", "0"], "--eval-steps 0: expected a positive number of steps"),
         ([*task, "--stop-on-forgetting", "0.05"], "--stop-on-forgetting 0.05: forgetting is measured on"),
-        ([*general, "--stop-on-forgetting", "nan"], "--stop-on-forgetting nan: expected a share above 0"),
-        ([*general, "--stop-on-forgetting", "0"], "--stop-on-forgetting 0.0: expected a share above 0"),
+        ([*general, "--stop-on-forgetting", "nan"], "--stop-on-forgetting nan: expected a share between 0"),
+        ([*general, "--stop-on-forgetting", "0"], "--stop-on-forgetting 0: expected a share between 0 and 1"),
+        # 5 meant as 5%: a 500% rise in perplexity, a fall in accuracy that cannot happen
+        ([*general, "--stop-on-forgetting", "5"], "--stop-on-forgetting 5: expected a share between 0 and 1"),
+        ([*general, "--stop-on-forgetting", "1"], "--stop-on-forgetting 1: expected a share between 0 and 1"),
+        (  # a question longer than --max-seq-len (the training rows fit in 90 tokens, the questions do not)
+            ["--general-data", str(setup["mmlu"]), "--max-seq-len", "200"],
+            f"--general-data {setup['mmlu']}: question ",
+        ),
         (
             ["--general-data", str(bad / "missing.txt")],
             f"--general-data {bad / 'missing.txt'}: file not found",

@@ -87,7 +87,7 @@ def add_monitor_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         metavar="SHARE",
         help="end the run (checkpoint, final/, exit 0) once general perplexity rose, or general accuracy "
-        "fell, by more than SHARE (e.g. 0.05) relative to the first evaluation",
+        "fell, by more than SHARE (between 0 and 1: 0.05 is 5%%) relative to the first evaluation",
     )
 
 
@@ -103,8 +103,13 @@ def check_flags(args: argparse.Namespace) -> None:
             )
     share = args.stop_on_forgetting
     if share is not None:
-        if not (math.isfinite(share) and share > 0):
-            raise UserError(f"--stop-on-forgetting {share}: expected a share above 0, e.g. 0.05 for 5%")
+        # a relative change: accuracy cannot fall by 1 (100%) or more, and perplexity doubled is long past
+        # anything worth stopping for; 5 is someone's 5%
+        if not (math.isfinite(share) and 0 < share < 1):
+            raise UserError(
+                f"--stop-on-forgetting {share:g}: expected a share between 0 and 1 of the first evaluation's "
+                "value, e.g. 0.05 for 5%"
+            )
         if not args.general_data:
             raise UserError(
                 f"--stop-on-forgetting {share}: forgetting is measured on --general-data, which is not given"
@@ -148,13 +153,17 @@ def read_inputs(args: argparse.Namespace, tokenizer, world: distributed.World) -
         inputs.task = [examples[i] for i in my_block(len(examples), world)]
     if args.general_data:
         with _as_flag("--general-data"):
-            _read_general(args.general_data, tokenizer, world, inputs, digest)
+            _read_general(args.general_data, tokenizer, world, inputs, digest, args.max_seq_len)
     inputs.fingerprint = digest.hexdigest()[:32]
     return inputs
 
 
-def _read_general(source: str, tokenizer, world: distributed.World, inputs: Inputs, digest) -> None:
-    """Documents or questions, chosen by the rows: MMLU's columns make questions, else `text`."""
+def _read_general(
+    source: str, tokenizer, world: distributed.World, inputs: Inputs, digest, max_seq_len: int
+) -> None:
+    """Documents or questions, chosen by the rows: MMLU's columns make questions, else `text`. Documents
+    are scored in windows of max_seq_len; a question must fit whole (its last token is where the answer
+    letter is read), so a longer one is refused here rather than run out of memory at an evaluation."""
     if Path(source).suffix.lower() == ".txt":
         texts = read_text_lines(source)
         if not texts:
@@ -165,8 +174,15 @@ def _read_general(source: str, tokenizer, world: distributed.World, inputs: Inpu
         if rows and isinstance(rows[0], dict) and "question" in rows[0]:
             questions, _ = mmlu.questions_from_splits(splits, source, sys.maxsize, split=split)
             digest.update(json.dumps(mmlu.question_rows(questions)).encode())
-            mine = [questions[i] for i in my_block(len(questions), world)]
+            block = my_block(len(questions), world)
+            mine = [questions[i] for i in block]
             inputs.prompts = mmlu.build_prompts(tokenizer, mine, {}).input_ids
+            for i, q, ids in zip(block, mine, inputs.prompts, strict=True):
+                if len(ids) > max_seq_len:
+                    raise UserError(
+                        f"--data {source}: question {i} ({q.subject}) encodes to {len(ids)} tokens, more "
+                        f"than --max-seq-len {max_seq_len}: raise it, or leave the longer questions out"
+                    )
             inputs.answers = [q.answer for q in mine]
             inputs.letters = letter_token_ids(tokenizer)
             return
