@@ -143,7 +143,12 @@ def test_perplexity_two_ranks_whole_and_zero3_agree(tiny_llama, ppl_one_rank):
     windows = [math.ceil(len(tokenizer(t)["input_ids"]) / 16) for t in TEXTS]
     assert (sum(windows[:4]), sum(windows[4:])) == (8, 5)  # rank 0: 3 batches of 3, rank 1: 2
     whole, _ = _run(args, root / "two-whole.json", nproc=2)
-    zero3, log = _run(args + ZERO3, root / "two-zero3.json", nproc=2)
+    # a config with its own batch sizes, written for one GPU: inference trains nothing, so they are
+    # --batch-size's (they once failed DeepSpeed's batch check once the model had loaded)
+    config = json.loads((REPO / "ds_configs" / "zero3_infer.json").read_text())
+    fixed = root / "zero3_fixed_batch.json"
+    fixed.write_text(json.dumps({**config, "train_micro_batch_size_per_gpu": 1, "train_batch_size": 1}))
+    zero3, log = _run([*args, "--ds-config", str(fixed)], root / "two-zero3.json", nproc=2)
     _assert_sharded_log(log)
     assert (whole["tokens"], whole["world_size"]) == (one["tokens"], 2)
     # 1 and 2 ranks batch (and pad) the windows differently, so the float32 logits may differ in their
@@ -182,6 +187,7 @@ def test_evaluate_user_errors(tiny_llama, tmp_path, capsys):
     for setting, needle in [
         ({"bf16": True}, 'bf16 true: expected an object such as {"enabled": "auto"}'),
         ({"train_micro_batch_size_per_gpu": 0}, 'train_micro_batch_size_per_gpu 0: expected a positive'),
+        ({"bf16": {"enabled": True}}, 'bf16.enabled true contradicts --dtype float32: leave it "auto"'),
         ({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": "many"}},
          'zero_optimization.stage3_max_live_parameters "many": Input should be a valid integer'),
     ]:  # fmt: skip

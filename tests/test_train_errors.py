@@ -101,6 +101,15 @@ CASES = {
         {"ds": {"zero_optimization": {"stage": 2}, "activation_checkpointing": 3}},
         "activation_checkpointing 3: DeepSpeed cannot read it",
     ),
+    "a train_batch_size that is not the product": (
+        {"ds": {"train_batch_size": 64}},
+        "train_batch_size 64 is not --micro-batch-size 1 x --gradient-accumulation 1 x 1 ranks = 1",
+    ),
+    "fp16, which train does not run": (
+        {"ds": {"fp16": {"enabled": True}}},
+        "fp16.enabled true: loki-dist train runs in bf16 or fp32 (--precision)",
+    ),
+    "steps_per_print 0": ({"ds": {"steps_per_print": 0}}, "steps_per_print 0: expected a positive integer"),
     "a DeepSpeed optimizer section": (
         {"ds": {"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}},
         "its `optimizer` section would be ignored",

@@ -30,7 +30,12 @@ from loki_dist.attribution.output import finish
 from loki_dist.attribution.progress import PROGRESS_FORMAT, PartialProgress
 from loki_dist.core import checks, flags, sharding
 from loki_dist.core.errors import UserError, require_at_least
-from loki_dist.core.modeling import add_inference_arguments, check_weights, read_inference_config
+from loki_dist.core.modeling import (
+    add_inference_arguments,
+    check_weights,
+    read_inference_config,
+    torch_dtype,
+)
 
 log = logging.getLogger("loki_dist.attribute")
 
@@ -140,7 +145,7 @@ def _validate(args: argparse.Namespace):
         raise UserError(f"--chunk-memory-gb {args.chunk_memory_gb}: must be positive")
     spec = spec_from_dir(args.model)
     check_weights(args.model, spec=spec)
-    ds_config = read_inference_config(args.ds_config) if args.ds_config else None
+    ds_config = read_inference_config(args.ds_config, torch_dtype(args.dtype)) if args.ds_config else None
     _check_outputs(args)
     return spec, ds_config
 
@@ -171,7 +176,7 @@ def run_attribute(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from loki_dist.attribution import mmlu
     from loki_dist.core.distributed import agreement, stage, world_from_env
-    from loki_dist.core.modeling import load_for_inference, load_tokenizer, torch_dtype
+    from loki_dist.core.modeling import load_for_inference, load_tokenizer
 
     world = world_from_env()
     with agreement(world):  # every rank checks; one agreed error before any work

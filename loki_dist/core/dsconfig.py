@@ -79,6 +79,27 @@ def check_values(config: dict, path: Path | str) -> None:
     stage = _get(config, "zero_optimization.stage")
     if stage is not None and not (_is_int(stage) and stage in (0, 1, 2, 3)):
         refuse("zero_optimization.stage", stage, "0, 1, 2 or 3")
+    every = config.get("steps_per_print")  # DeepSpeed takes the step modulo it: 0 fails the first step
+    if every is not None and not (_is_int(every) and every >= 1):
+        refuse("steps_per_print", every, "a positive integer")
+
+
+def check_training(config: dict, name: str, micro: int, accum: int, ranks: int) -> None:
+    """What `loki-dist train` fills must not overrule the config unsaid: a concrete train_batch_size is
+    micro batch x accumulation x ranks (it was replaced by that), and fp16, which train does not run
+    (--precision: bf16 or fp32), is not enabled."""
+    batch = micro * accum * ranks
+    given = settle(config, "train_batch_size", "train_batch_size", None, batch)
+    if given != batch:
+        raise UserError(
+            f"--ds-config {name}: train_batch_size {given} is not --micro-batch-size {micro} x "
+            f'--gradient-accumulation {accum} x {ranks} ranks = {batch}; leave it "auto"'
+        )
+    if settle(config, "fp16.enabled", "fp16.enabled", None, False) is True:
+        raise UserError(
+            f"--ds-config {name}: fp16.enabled true: loki-dist train runs in bf16 or fp32 (--precision); "
+            'set it to false or "auto"'
+        )
 
 
 def _is_int(value) -> bool:

@@ -264,31 +264,42 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def read_inference_config(name: str) -> dict:
-    """The --ds-config of an inference command: ZeRO stage 3 and no optimizer, or a UserError."""
+def read_inference_config(name: str, dtype: torch.dtype) -> dict:
+    """The --ds-config of an inference command whose model is in `dtype`: ZeRO stage 3, no optimizer, no
+    precision but the model's, and values DeepSpeed can read (its "auto" filled as any batch size and
+    model would fill them); or a UserError."""
     config = dsconfig.load(name)
     stage = dsconfig.zero_stage(config)
     if config is None or stage != 3:
         raise UserError(f"--ds-config {name}: inference shards with ZeRO stage 3, this has stage {stage}")
     if "optimizer" in config:
         raise UserError(f"--ds-config {name}: an inference config must not define an optimizer")
-    # what DeepSpeed will make of it, its "auto" values filled as any batch size, dtype and model would
-    filled = dsconfig.size_zero3(fill_inference_config(config, 1, 1, torch.float32), 1, 1)
-    dsconfig.check_with_deepspeed(filled, name)
+    for key, half in (("bf16.enabled", torch.bfloat16), ("fp16.enabled", torch.float16)):
+        enabled = dsconfig.settle(config, key, key, None, None)  # the config's own value, unless "auto"
+        if enabled is not None and enabled != (dtype == half):  # DeepSpeed would cast the model to it
+            raise UserError(
+                f"--ds-config {name}: {key} {str(enabled).lower()} contradicts --dtype "
+                f'{str(dtype).removeprefix("torch.")}: leave it "auto" (the model\'s dtype) or change --dtype'
+            )
+    dsconfig.check_with_deepspeed(dsconfig.size_zero3(fill_inference_config(config, 1, 1, dtype), 1, 1), name)
     return config
 
 
 def fill_inference_config(config: dict, batch_size: int, world_size: int, dtype: torch.dtype) -> dict:
-    """DeepSpeed wants concrete batch sizes and precision even without training; "auto" means ours."""
-    wanted = {
-        "train_micro_batch_size_per_gpu": batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": batch_size * world_size,
-        "bf16.enabled": dtype == torch.bfloat16,
-        "fp16.enabled": dtype == torch.float16,
-    }
-    settled = {key: dsconfig.settle(config, key, key, None, value) for key, value in wanted.items()}
-    return dsconfig.fill(config, settled)
+    """DeepSpeed wants concrete batch sizes and precision even without training. The batch sizes, which
+    nothing trains with, are loki_dist's (--batch-size): a config's own would only have to agree with a
+    world size it cannot know, and failed DeepSpeed's check once the model had loaded. The precision is
+    the model's dtype (read_inference_config refused a config that says otherwise)."""
+    return dsconfig.fill(
+        config,
+        {
+            "train_micro_batch_size_per_gpu": batch_size,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": batch_size * world_size,
+            "bf16.enabled": dtype == torch.bfloat16,
+            "fp16.enabled": dtype == torch.float16,
+        },
+    )
 
 
 @dataclass(frozen=True)

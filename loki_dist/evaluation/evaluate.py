@@ -37,7 +37,7 @@ import torch
 from loki_dist.attribution.mmlu import add_question_arguments
 from loki_dist.core import checks, files, flags, metering
 from loki_dist.core.errors import UserError, require_at_least
-from loki_dist.core.modeling import add_inference_arguments, read_inference_config
+from loki_dist.core.modeling import add_inference_arguments, read_inference_config, torch_dtype
 from loki_dist.core.sharding import block_sizes, my_block
 
 log = logging.getLogger("loki_dist.evaluate")
@@ -273,7 +273,7 @@ def _validate(args: argparse.Namespace) -> dict | None:
     # an existing results file is replaced (atomically), as an evaluation is cheap to redo
     checks.refuse_output_over_inputs("--output", args.output, {"--model": args.model, "--data": args.data})
     checks.check_writable("--output", args.output)
-    return read_inference_config(args.ds_config) if args.ds_config else None
+    return read_inference_config(args.ds_config, torch_dtype(args.dtype)) if args.ds_config else None
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -376,7 +376,7 @@ def _pad_id(model) -> int:
 def run_evaluate(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from loki_dist.core.distributed import agreement, shutdown, world_from_env
-    from loki_dist.core.modeling import load_for_inference, load_tokenizer, torch_dtype
+    from loki_dist.core.modeling import load_for_inference, load_tokenizer
 
     world = world_from_env()
     if not world.is_main:

@@ -196,6 +196,7 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
     clip = dsconfig.settle(ds_config, "gradient_clipping", "--max-grad-norm", args.max_grad_norm, 1.0)
     stage = dsconfig.zero_stage(ds_config)
     if ds_config is not None:
+        dsconfig.check_training(ds_config, args.ds_config, micro, accum, world.size)
         ds_config = dsconfig.fill(
             ds_config,
             {
