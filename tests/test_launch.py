@@ -354,6 +354,42 @@ def test_every_contradiction_of_the_launcher_variables_is_named(env, needle, mon
     assert "\n" not in str(err.value) and needle in str(err.value)
 
 
+def test_empty_launcher_variables_count_as_unset():
+    """`export MASTER_ADDR=$HEAD` with HEAD unset: an empty MASTER_ADDR, MASTER_PORT, RANK or WORLD_SIZE
+    is unset, as world_from_env reads it (torch took the empty value as given: a traceback)."""
+    script = ("import torch.distributed as dist; from loki_dist.core import distributed\n"
+              "distributed.init(distributed.world_from_env(), always=True)\n"
+              "print(dist.get_world_size(), dist.get_rank()); distributed.shutdown()\n")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
+    env.update({name: "" for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")})
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.split() == ["1", "0"], proc.stderr[-3000:]
+
+
+def test_a_master_addr_that_does_not_resolve_is_one_line(monkeypatch):
+    """torch retries a host name that does not resolve until the timeout (10 minutes for a typo)."""
+    import socket
+
+    from loki_dist.core import distributed
+    from loki_dist.core.errors import UserError
+
+    host = "no-such-host.invalid"  # a name reserved never to resolve
+    try:
+        socket.getaddrinfo(host, 1)
+        pytest.skip(f"{host} resolves here")
+    except socket.gaierror as err:
+        if err.errno != socket.EAI_NONAME:
+            pytest.skip(f"this resolver does not say that a name does not exist ({err})")
+    for name in LAUNCHER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", host)
+    monkeypatch.setenv("LOKI_DIST_TIMEOUT_MINUTES", "0.05")
+    with pytest.raises(UserError) as err:
+        distributed.init(distributed.World(rank=0, size=1, local_rank=0), always=True)
+    assert str(err.value).startswith(f"MASTER_ADDR={host}: no such host (")
+
+
 def test_torchrun_wrapper_turns_a_stop_signal_into_the_workers_75(tmp_path, tiny_llama):
     """SIGUSR1 to launch/torchrun.sh (as `#SBATCH --signal=B:USR1` delivers it to a batch shell running
     it) reaches both workers, which finish their step, save a checkpoint and exit with 75. torchrun

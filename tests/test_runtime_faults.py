@@ -349,6 +349,21 @@ def test_a_master_port_in_use_is_said_as_that_not_as_a_dead_peer(inputs, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("minutes", ["1e-9", "0.001"])
+def test_a_timeout_under_a_second_is_refused(minutes, monkeypatch):
+    """No rendezvous completes in less (torch counts whole milliseconds: 1e-9 minutes was 0 ms)."""
+    from loki_dist.core import distributed
+    from loki_dist.core.errors import UserError
+
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, minutes)
+    with pytest.raises(UserError) as err:
+        distributed.timeout()
+    assert (
+        str(err.value)
+        == f"LOKI_DIST_TIMEOUT_MINUTES={minutes}: expected a number of minutes, at least 1/60 (a second)"
+    )
+
+
 STUCK_PEER = """
 import os, signal, sys, time, torch
 from loki_dist.core import collectives, distributed

@@ -97,8 +97,9 @@ def timeout() -> timedelta:
         minutes = float(text) if text else DEFAULT_TIMEOUT_MINUTES
     except ValueError:
         minutes = float("nan")
-    if not minutes > 0 or minutes == float("inf"):
-        raise UserError(f"{TIMEOUT_ENV}={text}: expected a positive number of minutes")
+    # under a second, no rendezvous completes (torch's own timeouts count whole milliseconds)
+    if not minutes >= 1 / 60 or minutes == float("inf"):
+        raise UserError(f"{TIMEOUT_ENV}={text}: expected a number of minutes, at least 1/60 (a second)")
     return timedelta(minutes=minutes)
 
 
@@ -111,11 +112,11 @@ def init(world: World, always: bool = False, timeout_minutes: float | None = Non
         return
     limit = timeout() if timeout_minutes is None else timedelta(minutes=timeout_minutes)
     if world.size == 1:
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        _default("MASTER_PORT", str(free_port()))
     else:
         rendezvous_env(os.environ)
-    os.environ.setdefault("RANK", str(world.rank))
-    os.environ.setdefault("WORLD_SIZE", str(world.size))
+    _default("RANK", str(world.rank))
+    _default("WORLD_SIZE", str(world.size))
     # DeepSpeed takes LOCAL_RANK for the device ordinal: under srun with one GPU per task that is 0
     if "LOCAL_RANK" not in os.environ:
         try:
@@ -123,11 +124,9 @@ def init(world: World, always: bool = False, timeout_minutes: float | None = Non
         except UserError:  # the agreement reports it: the rendezvous must complete for every rank first
             ordinal = world.local_rank
         os.environ["LOCAL_RANK"] = str(ordinal)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    port = os.environ["MASTER_PORT"]
-    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-        raise UserError(f"MASTER_PORT={port}: expected a port number, 1 to 65535")
+    _default("MASTER_ADDR", "127.0.0.1")
+    _default("MASTER_PORT", "29500")
+    _check_rendezvous_address(os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     # NCCL: a collective past the timeout tears the process down (its watchdog says which collective)
     # rather than leaving it blocked on the device; torchrun sets the same for its workers, srun does not
@@ -137,6 +136,27 @@ def init(world: World, always: bool = False, timeout_minutes: float | None = Non
         dist.init_process_group(backend, timeout=limit)
     except dist.DistError as err:
         raise _rendezvous_failed(err, limit) from None
+
+
+def _default(name: str, value: str) -> None:
+    """Set a launcher variable that is unset or empty (an empty one means unset, as world_from_env reads
+    it; torch would take it as given)."""
+    if not os.environ.get(name):
+        os.environ[name] = value
+
+
+def _check_rendezvous_address(host: str, port: str) -> None:
+    """MASTER_PORT a port number, and MASTER_ADDR a name that resolves: torch retries a name that does
+    not until the timeout (minutes for a typo); a failure that may pass (EAI_AGAIN) is left to it."""
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise UserError(f"MASTER_PORT={port}: expected a port number, 1 to 65535")
+    try:
+        socket.getaddrinfo(host, int(port))
+    except socket.gaierror as err:
+        if err.errno == socket.EAI_NONAME:
+            raise UserError(
+                f"MASTER_ADDR={host}: no such host ({err.strerror}); expected rank 0's address"
+            ) from None
 
 
 def _rendezvous_failed(err: dist.DistError, limit: timedelta) -> Exception:
