@@ -22,7 +22,7 @@ import math
 from fractions import Fraction
 
 from loki_dist import stability
-from loki_dist.core import checks, files
+from loki_dist.core import checks, files, flags
 from loki_dist.core.errors import UserError
 
 STRATEGIES = ("layer_balanced", "global_lowest", "global_highest", "random")
@@ -64,11 +64,16 @@ def add_rule_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_quota(text: str) -> Fraction:
+    """The exact quota (0.1 is 1/10). Its range is checked on a float first: Fraction('1e999999999')
+    computes 10**999999999 (minutes and gigabytes), a float of it is inf at once."""
     try:
-        quota = Fraction(text)
-    except (ValueError, ZeroDivisionError):
-        raise UserError(f"--quota {text}: not a number") from None
-    if not 0 < quota <= 100:
+        rough = float(Fraction(text)) if "/" in text else float(text)
+        quota = Fraction(text) if 0 < rough <= 100 else None
+    except (ValueError, ZeroDivisionError, OverflowError):
+        rough = math.nan
+    if math.isnan(rough):
+        raise UserError(f"--quota {text}: not a number")
+    if quota is None or not 0 < quota <= 100:
         raise UserError(f"--quota {text}: must be in (0, 100] (percent of the rows of each layer)")
     return quota
 
@@ -294,6 +299,7 @@ def run_select(args: argparse.Namespace) -> None:
     from loki_dist.core import positions as positions_file
 
     quota = parse_quota(args.quota)
+    flags.check_seed(args.seed)
     check_outputs(args)
     stability.check_arguments(args)
     if args.plot:

@@ -469,6 +469,9 @@ def test_bad_input_fails_in_one_line_before_work(tmp_path, capsys, tiny_llama):
     assert_user_error(
         [*base, "--model", str(tiny_llama), "--data", str(data), "--steps", "0"], capsys, "--steps 0"
     )
+    for memory in ("inf", "nan"):  # once a traceback when the chunks were sized, after the model loaded
+        argv = [*base, "--model", str(tiny_llama), "--data", str(data), "--chunk-memory-gb", memory]
+        assert_user_error(argv, capsys, f"--chunk-memory-gb {memory}: must be a positive finite number")
     missing_config = str(tmp_path / "x.json")
     argv = [*base, "--model", str(tiny_llama), "--data", str(data), "--ds-config", missing_config]
     assert_user_error(argv, capsys, "file not found")

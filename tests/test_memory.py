@@ -431,6 +431,10 @@ def test_checkpointing_and_offload_shrink_the_gpu_share():
         (["--preset", "llama-3-8b", "--quota", "0.01"], "selects no row"),
         (["--preset", "llama-3-8b", "--world-size", "0"], "--world-size 0"),
         (["--preset", "llama-3-8b", "--lora-rank", "0"], "--lora-rank 0: must be at least 1"),
+        # the byte counts are floats: 10**400 tokens was an OverflowError
+        (["--preset", "llama-3-8b", "--seq-len", str(10**400)], "--seq-len: a number of 401 digits"),
+        # Fraction('1e999999999') computes 10**999999999 (minutes and gigabytes)
+        (["--preset", "llama-3-8b", "--quota", "1e999999999"], "--quota 1e999999999: must be in (0, 100]"),
         (["--model-config", "/nonexistent/config.json"], "--model-config /nonexistent"),
         (
             ["--preset", "qwen2.5-0.5b", "--json", "/dev/null/memory.json"],

@@ -265,8 +265,11 @@ def test_bad_input_fails_in_one_line(attribution, tmp_path, capsys, tiny_llama):
     base = ["select", "--output", out, "--attribution", str(attribution)]
     out_of_range = "must be in (0, 100]"
     for quota, needle in (("0", out_of_range), ("101", out_of_range), ("ten", "not a number"),
-                          ("1", "selects no row")):  # fmt: skip
+                          ("1", "selects no row"), ("1e999999999", out_of_range)):  # fmt: skip
         assert_user_error([*base, "--quota", quota], capsys, needle)
+    # torch.Generator.manual_seed: 'Overflow when unpacking long long'
+    argv = [*base, "--quota", "10", "--strategy", "random", "--seed", str(2**70)]
+    assert_user_error(argv, capsys, f"--seed {2**70}: expected an integer between -2**62 and 2**62")
     assert_user_error(
         [*base, "--quota", "10", "--model", str(tiny_llama)], capsys, "made for 3 layers x 40 rows"
     )

@@ -141,8 +141,9 @@ def _validate(args: argparse.Namespace):
         ("--max-rows", args.max_rows, 0),
         ("--checkpoint-every", args.checkpoint_every, 0),
     )
-    if args.chunk_memory_gb is not None and args.chunk_memory_gb <= 0:
-        raise UserError(f"--chunk-memory-gb {args.chunk_memory_gb}: must be positive")
+    # nan or inf was a traceback once the model had loaded
+    if args.chunk_memory_gb is not None and not 0 < args.chunk_memory_gb < math.inf:
+        raise UserError(f"--chunk-memory-gb {args.chunk_memory_gb}: must be a positive finite number")
     spec = spec_from_dir(args.model)
     check_weights(args.model, spec=spec)
     ds_config = read_inference_config(args.ds_config, torch_dtype(args.dtype)) if args.ds_config else None

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from loki_dist.core.errors import UserError
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRECISIONS = ("bf16", "fp32")
 
@@ -46,3 +48,10 @@ def add_ds_config(parser: argparse.ArgumentParser, default: str | None, what: st
 def add_max_seq_len(parser: argparse.ArgumentParser, default: int, longer: str) -> None:
     """Tokens per sequence; `longer` says what the command does with a longer one."""
     parser.add_argument("--max-seq-len", type=int, default=default, help=f"tokens per sequence; {longer}")
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """A seed torch's generators take, with room for the offsets added to it (seed + epoch, seed + k):
+    2**70 was 'Overflow when unpacking long long' from torch.Generator.manual_seed."""
+    if not -(2**62) <= seed < 2**62:
+        raise UserError(f"{flag} {seed}: expected an integer between -2**62 and 2**62")

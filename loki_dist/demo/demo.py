@@ -143,6 +143,7 @@ def _validate(args: argparse.Namespace) -> Path:
                      ("--teach-steps", args.teach_steps, 0), ("--task-steps", args.task_steps, 1),
                      ("--batch-size", args.batch_size, 1), ("--eval-every", args.eval_every, 1),
                      ("--seeds", args.seeds, 1), ("--subjects", args.subjects, 1))  # fmt: skip
+    flags.check_seed(args.seed)
     if args.hidden_size < 8 or args.hidden_size % 4:
         raise UserError(f"--hidden-size {args.hidden_size}: expected a multiple of 4, at least 8")
     if not 0 < args.quota <= 100:

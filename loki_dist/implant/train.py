@@ -158,8 +158,7 @@ def check_flags(args: argparse.Namespace) -> None:
             f"it cannot be combined with --row-params {args.row_params} (leave --row-params at split)"
         )
     check_data_flags(args)
-    if not -(2**62) <= args.seed < 2**62:
-        raise UserError(f"--seed {args.seed}: expected an integer between -2**62 and 2**62")
+    flags.check_seed(args.seed)
     monitor.check_flags(args)
 
 

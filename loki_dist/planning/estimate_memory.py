@@ -97,8 +97,11 @@ def load_config(args: argparse.Namespace) -> tuple[dict, str]:
 
 def setup_from_args(args: argparse.Namespace) -> Setup:
     for flag in ("world_size", "micro_batch", "seq_len", "lora_rank"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+        value, name = getattr(args, flag), f"--{flag.replace('_', '-')}"
+        if value < 1:
+            raise UserError(f"{name} {value}: must be at least 1")
+        if value > 2**53:  # the byte counts are floats: 10**400 tokens was an OverflowError
+            raise UserError(f"{name}: a number of {len(str(value))} digits; expected at most 2**53")
     return Setup(
         world_size=args.world_size,
         zero=args.zero,

@@ -346,7 +346,7 @@ def estimate(
     k = loki_rows_per_layer(arch.hidden_size, quota)
     if k == 0:
         raise UserError(
-            f"--quota {quota}: selects no row of a layer with hidden size {arch.hidden_size} "
+            f"--quota {float(quota):g}: selects no row of a layer with hidden size {arch.hidden_size} "
             f"(k = floor(q*D/100) = 0); use a quota of at least {Fraction(100, arch.hidden_size)}"
         )
     total, largest, down = arch.total_params, arch.largest_module_params, arch.down_proj_params
