@@ -87,7 +87,8 @@ def test_the_production_path_learns_the_tokens_the_loop_learns():
 def test_demo_rejects_bad_input_before_any_work(tmp_path):
     out = tmp_path / "never"
     for flags, message in ((["--seeds", "0"], "--seeds 0: must be at least 1"),
-                           (["--target", "1.5"], "--target 1.5: expected a share")):  # fmt: skip
+                           (["--target", "1.5"], "--target 1.5: expected a share"),
+                           (["--seed", str(2**70)], "expected an integer between -2**62")):  # fmt: skip
         bad = run_cli(["demo", "--setup", "toy", *flags, "--output-dir", str(out)], check=False)
         assert bad.returncode == 2 and message in bad.stderr
         assert "Traceback" not in bad.stderr and not out.exists()
