@@ -24,6 +24,7 @@ from fractions import Fraction
 from loki_dist import stability
 from loki_dist.core import checks, files, flags
 from loki_dist.core.errors import UserError
+from loki_dist.core.flags import parse_quota
 
 STRATEGIES = ("layer_balanced", "global_lowest", "global_highest", "random")
 RULES = ("signed", "magnitude")
@@ -61,21 +62,6 @@ def add_rule_argument(parser: argparse.ArgumentParser) -> None:
         default="signed",
         help="rank each sample's rows by signed score or by magnitude |score| (lowest first)",
     )
-
-
-def parse_quota(text: str) -> Fraction:
-    """The exact quota (0.1 is 1/10). Its range is checked on a float first: Fraction('1e999999999')
-    computes 10**999999999 (minutes and gigabytes), a float of it is inf at once."""
-    try:
-        rough = float(Fraction(text)) if "/" in text else float(text)
-        quota = Fraction(text) if 0 < rough <= 100 else None
-    except (ValueError, ZeroDivisionError, OverflowError):
-        rough = math.nan
-    if math.isnan(rough):
-        raise UserError(f"--quota {text}: not a number")
-    if quota is None or not 0 < quota <= 100:
-        raise UserError(f"--quota {text}: must be in (0, 100] (percent of the rows of each layer)")
-    return quota
 
 
 # ----------------------------------------------------------------------------------------------- counts

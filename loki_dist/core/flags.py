@@ -3,12 +3,15 @@
 A flag that means one thing in two commands must read the same in both `--help`s; where its meaning
 differs by command (what `--overwrite` replaces, the default `--max-seq-len`), the command says only that
 part. Flags that travel as a group live beside what reads them: the question flags in attribution/mmlu.py,
-the data flags in implant/data.py, the monitor's in implant/monitor.py.
+the data flags in implant/data.py, the monitor's in implant/monitor.py. A value several commands read
+alike is checked here once too (--seed, --quota).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+from fractions import Fraction
 
 from loki_dist.core.errors import UserError
 
@@ -55,3 +58,19 @@ def check_seed(seed: int, flag: str = "--seed") -> None:
     2**70 was 'Overflow when unpacking long long' from torch.Generator.manual_seed."""
     if not -(2**62) <= seed < 2**62:
         raise UserError(f"{flag} {seed}: expected an integer between -2**62 and 2**62")
+
+
+def parse_quota(text: str) -> Fraction:
+    """--quota of select, suppress, estimate-memory/time and the pipeline: percent of the rows of each
+    layer, exact (0.1 is 1/10). Its range is checked on a float first: Fraction('1e999999999')
+    computes 10**999999999 (minutes and gigabytes), a float of it is inf at once."""
+    try:
+        rough = float(Fraction(text)) if "/" in text else float(text)
+        quota = Fraction(text) if 0 < rough <= 100 else None
+    except (ValueError, ZeroDivisionError, OverflowError):
+        rough = math.nan
+    if math.isnan(rough):
+        raise UserError(f"--quota {text}: not a number")
+    if quota is None or not 0 < quota <= 100:
+        raise UserError(f"--quota {text}: must be in (0, 100] (percent of the rows of each layer)")
+    return quota
