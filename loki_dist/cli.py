@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         # commands name their own stages inside, where they have them
         with exits.as_interrupt(), distributed.stage(command):
             args = parser.parse_args(_with_config(parser, argv))
+            exits.running()
             args._run(args)
     except UserError as err:
         rank, size = _rank_and_size()

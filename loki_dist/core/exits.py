@@ -2,10 +2,13 @@
 
 The entry point (loki_dist/__main__.py, also the console script) calls `install` before anything heavy
 imports: for seconds torch, transformers and DeepSpeed are still importing, and a KeyboardInterrupt there
-would be a traceback. The handler raises KeyboardInterrupt as Python's own does, and remembers that it
-did: a library may turn it into an error of its own (transformers' lazy imports, interrupted half-way,
-report a module that "could not be imported", which loki_dist would say as a broken tokenizer, exit 2),
-and `as_interrupt` turns such an error back into the interrupt.
+was a traceback, or was swallowed by an importing library (a run under test went on past the Ctrl-C).
+Until the command itself runs (`running`), nothing is there to leave or clean up, so a Ctrl-C ends the
+process at once. From then on the handler raises KeyboardInterrupt as Python's own does, so that cli.main
+leaves the process group, and remembers that it did: a library may turn it into an error of its own
+(transformers' lazy imports, interrupted half-way, report a module that "could not be imported", which
+loki_dist would say as a broken tokenizer, exit 2), and `as_interrupt` turns such an error back into the
+interrupt.
 
 `exit_now` leaves without the interpreter's finalization, after the exit handlers and a flush: cli.main
 ends that way for one rank of several (see cli._exit) and after a Ctrl-C. CPython's `-m` runner kills
@@ -21,11 +24,12 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import NoReturn
 
 INTERRUPTED = 130  # what a shell reports for a command ended by SIGINT (128 + 2)
 _seen = False
+_starting = True
 
 
 def install() -> None:
@@ -35,9 +39,19 @@ def install() -> None:
         signal.signal(signal.SIGINT, _interrupt)
 
 
+def running() -> None:
+    """The command runs from here on: a Ctrl-C is a KeyboardInterrupt (see the top)."""
+    global _starting
+    _starting = False
+
+
 def _interrupt(signum: int, frame) -> None:
     global _seen
     _seen = True
+    if _starting:  # no exit handlers: the interrupted import may hold what they would need
+        with suppress(Exception):
+            sys.stderr.flush()
+        os._exit(INTERRUPTED)
     raise KeyboardInterrupt
 
 
