@@ -33,7 +33,7 @@ from pathlib import Path
 from loki_dist.attribution.mmlu import add_question_arguments
 from loki_dist.attribution.output import finish
 from loki_dist.attribution.progress import PROGRESS_FORMAT, PartialProgress
-from loki_dist.core import checks, flags, sharding
+from loki_dist.core import checks, flags, hubdata, sharding
 from loki_dist.core.errors import UserError, require_at_least
 from loki_dist.core.modeling import add_inference_arguments, check_weights, read_inference_config
 from loki_dist.implant.stopping import StopRequest
@@ -191,9 +191,11 @@ def run_attribute(args: argparse.Namespace) -> None:
     stop = StopRequest()  # from the start: a signal while the model loads stops at the first batch
     with agreement(world):  # every rank checks; one agreed error before any work
         spec, ds_config = _validate(args)
+    data = hubdata.command_data(args, world)  # a hub data set: fetched once, by rank 0, for every rank
+    with agreement(world):
         subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
         questions, shot_map = mmlu.load_questions(
-            args.data, args.per_subject, args.shots, subjects, args.split, args.data_config
+            data, args.per_subject, args.shots, subjects, args.split, args.data_config
         )
         tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
         prompts = mmlu.build_prompts(tokenizer, questions, shot_map)
