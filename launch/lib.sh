@@ -1,20 +1,32 @@
 # shellcheck shell=bash
 # Shared by the launch/*.sh wrappers (sourced, not run).
 
-# GPUs on this node as nvidia-smi lists them (0 without nvidia-smi or GPUs).
+# GPUs this process may use: those CUDA_VISIBLE_DEVICES lists where it is set (Slurm sets it for a
+# task's GPUs; set and empty: none), else those nvidia-smi lists (0 without nvidia-smi or GPUs).
 gpus_on_node() {
-    if command -v nvidia-smi >/dev/null 2>&1; then
+    if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+        local -a listed
+        IFS=',' read -r -a listed <<<"$CUDA_VISIBLE_DEVICES"
+        echo "${#listed[@]}"
+    elif command -v nvidia-smi >/dev/null 2>&1; then
         nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
     else
         echo 0
     fi
 }
 
-# Processes per node: NPROC_PER_NODE, else one per GPU, else 1, saying which on stderr (a CPU machine
-# gets one process unless NPROC_PER_NODE says otherwise, which surprises whoever expected more).
+# Processes per node: NPROC_PER_NODE, else the GPUs Slurm gave this node (SLURM_GPUS_ON_NODE), else one
+# per GPU found, else 1, saying which on stderr (a CPU machine gets one process unless NPROC_PER_NODE
+# says otherwise, which surprises whoever expected more).
 nproc_per_node() {
     if [[ -n "${NPROC_PER_NODE:-}" ]]; then
         echo "$NPROC_PER_NODE"
+        return
+    fi
+    if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]] && ((SLURM_GPUS_ON_NODE > 0)); then
+        echo "$(basename "$0"): NPROC_PER_NODE not set: $SLURM_GPUS_ON_NODE processes per node, one per GPU" \
+            "Slurm gave this node" >&2
+        echo "$SLURM_GPUS_ON_NODE"
         return
     fi
     local gpus

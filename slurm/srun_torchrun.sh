@@ -9,8 +9,14 @@
 # a checkpoint and exits with 75; then this script runs `scontrol requeue` (unless REQUEUE=0) and exits
 # 75. The requeued job runs the same command and resumes from the newest checkpoint (--resume auto).
 #
-# Environment: NPROC_PER_NODE (default: GPUs per node, or 1), RDZV_PORT (default 29400), RDZV_HOST
-# (skip the lookup below), REQUEUE (default 1), PYTHON.
+# CPUs: each node's task gets the job's --cpus-per-task (or, without it, the fewest CPUs the job holds on
+# any node) and is bound to those cores; its torchrun and all its ranks share them. Slurm >= 22.05 no
+# longer passes the batch job's --cpus-per-task on to srun, and a step that asks for nothing gets one
+# CPU per task: all ranks of a node on one core.
+#
+# Environment: NPROC_PER_NODE (default: SLURM_GPUS_ON_NODE, else the GPUs this node's task sees, else
+# 1), RDZV_PORT (default: derived from the job id, so that two jobs sharing a node do not meet on one
+# port), RDZV_HOST (skip the lookup below), REQUEUE (default 1), PYTHON.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -49,10 +55,31 @@ rdzv_host() {
     echo "$addr"
 }
 
+# CPUs for each node's task: --cpus-per-task of the job, else the fewest it holds on any of its nodes
+# (SLURM_JOB_CPUS_PER_NODE reads like "64(x2),32").
+step_cpus() {
+    if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+        echo "$SLURM_CPUS_PER_TASK"
+        return
+    fi
+    local fewest="" count
+    for count in $(echo "${SLURM_JOB_CPUS_PER_NODE:-}" | tr ',' ' ' | sed 's/([^)]*)//g'); do
+        if [[ -z "$fewest" ]] || ((count < fewest)); then
+            fewest="$count"
+        fi
+    done
+    echo "${fewest:-1}"
+}
+
 host="$(rdzv_host)"
-export NNODES="${SLURM_NNODES:-1}" RDZV_ENDPOINT="$host:${RDZV_PORT:-29400}" RDZV_ID="$SLURM_JOB_ID"
+cpus="$(step_cpus)"
+# The c10d store listens on the first node, on a port of this job's own: derived from the job id as
+# loki_dist derives a bare srun's (distributed.slurm_port, as for step 15). A fixed port is shared by
+# every job that lands on that node, and a job that finds it taken joins the other job's store.
+port="${RDZV_PORT:-$((20000 + (SLURM_JOB_ID * 16 + 15) % 10000))}"
+export NNODES="${SLURM_NNODES:-1}" RDZV_ENDPOINT="$host:$port" RDZV_ID="$SLURM_JOB_ID"
 export LOKI_DIST_LAUNCH="$here/../launch/torchrun.sh"
-echo "+ rendezvous $RDZV_ENDPOINT, $NNODES node(s), job $SLURM_JOB_ID" >&2
+echo "+ rendezvous $RDZV_ENDPOINT, $NNODES node(s), job $SLURM_JOB_ID, CPUs per node: $cpus" >&2
 
 stopping=0 step=""
 # shellcheck disable=SC2317  # invoked by the trap
@@ -70,7 +97,7 @@ trap forward_stop USR1 TERM
 # loki_dist installs its handler, its workers) ignore the SIGUSR1 Slurm delivers to every process of the
 # step: torchrun would otherwise die of it and take the workers down mid-step.
 # shellcheck disable=SC2016
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
+srun --ntasks-per-node=1 --cpus-per-task="$cpus" --cpu-bind=cores --kill-on-bad-exit=1 \
     bash -c 'trap "" USR1; NODE_RANK="$SLURM_NODEID" exec "$LOKI_DIST_LAUNCH" "$@"' loki-dist-node "$@" &
 step=$!
 

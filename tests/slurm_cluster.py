@@ -4,7 +4,10 @@ Debian's slurmctld/slurmd 22.05 and munge, one slurm.conf under a temporary dire
 (n1 on 127.0.0.2, n2 on 127.0.0.3: loopback only, never a private-range network). The daemons' ports
 are free ones picked at start, so two clusters (two test runs on one machine) do not take each other's.
 The node names do not resolve, which is what makes the templates take the rendezvous address from
-NodeAddr. Every daemon is started here and stopped here, by the pid it wrote.
+NodeAddr. Tasks are bound to cores (task/affinity, TaskPluginParam=Cores), as on sites that bind by
+default: a step's task runs on the CPUs its step was given, so an srun that does not pass on the job's
+--cpus-per-task (Slurm >= 22.05 no longer inherits it) runs on one CPU. Every daemon is started here and
+stopped here, by the pid it wrote.
 """
 
 from __future__ import annotations
@@ -66,7 +69,8 @@ SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
 SlurmdLogFile={root}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
+TaskPluginParam=Cores
 SlurmdParameters=config_overrides
 SchedulerType=sched/builtin
 SelectType=select/cons_tres

@@ -9,13 +9,15 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import subprocess
+import time
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_user_error, run_cli, zero3_rank0_share
+from conftest import REPO, assert_user_error, cli_command, run_cli, zero3_rank0_share
 from mmlu_fixture import write_mmlu
 from safetensors.torch import load_file
 
@@ -253,15 +255,24 @@ def test_one_two_and_three_ranks_write_identical_files(attribution_setup, two_ra
     _assert_identical(single, three)
 
 
-def test_zero3_gives_the_same_file_with_either_algorithm(attribution_setup):
+ZERO3 = ["--ds-config", "ds_configs/zero3_infer.json"]
+
+
+@pytest.fixture(scope="module")
+def zero3_file(attribution_setup) -> tuple[Path, str]:
+    """The attribution under ZeRO-3 over 2 ranks, uninterrupted, and its log."""
+    root, args, _ = attribution_setup
+    sharded = root / "ws2z3.safetensors"
+    return sharded, run_cli([*args, "--output", str(sharded), *ZERO3], nproc=2).stderr
+
+
+def test_zero3_gives_the_same_file_with_either_algorithm(attribution_setup, zero3_file):
     """ZeRO-3 over 2 ranks: `fast` on all samples (rank 1 runs a dummy batch to keep the lockstep);
     `reference` (its float64 output embedding gathered by ZeRO-3 in forward and backward) on the first
     3 samples, one batch that rank 1 runs only as a dummy."""
     root, args, single = attribution_setup
     ws1 = load_file(single)
-    sharded = root / "ws2z3.safetensors"
-    zero3 = ["--ds-config", "ds_configs/zero3_infer.json"]
-    proc = run_cli([*args, "--output", str(sharded), *zero3], nproc=2)
+    sharded, log = zero3_file
     got = load_file(sharded)
     assert got.keys() == ws1.keys()
     for name, tensor in ws1.items():
@@ -269,10 +280,10 @@ def test_zero3_gives_the_same_file_with_either_algorithm(attribution_setup):
             _assert_relative(got[name], tensor)
         else:
             assert torch.equal(got[name], tensor), name
-    held, total = zero3_rank0_share(proc.stderr)
+    held, total = zero3_rank0_share(log)
     assert 0.45 < held / total < 0.55  # each parameter split in two
     reference = root / "reference_z3.safetensors"
-    few = [*args, "--per-subject", "1", "--algorithm", "reference", "--output", str(reference), *zero3]
+    few = [*args, "--per-subject", "1", "--algorithm", "reference", "--output", str(reference), *ZERO3]
     run_cli(few, nproc=2)
     _assert_relative(load_file(reference)["scores"], ws1["scores"][:3])
 
@@ -432,6 +443,57 @@ def test_killed_run_resumes_to_the_identical_file(attribution_setup, two_rank_fi
     assert meta_resumed == meta_whole and resumed.keys() == whole.keys()
     assert all(torch.equal(resumed[name], whole[name]) for name in whole)
     assert not partial.exists()
+
+
+def _worker_of_rank(launcher: int, rank: int) -> int:
+    """The pid of the launcher's worker process whose environment says RANK=rank."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == launcher and f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    raise AssertionError(f"no worker of rank {rank} under pid {launcher}")
+
+
+def test_sigterm_to_one_rank_stops_all_after_one_batch_and_resumes_identical(attribution_setup, zero3_file):
+    """torchrun, 2 ranks under ZeRO-3 (every rank must make the same forward calls), the progress saved
+    by the clock alone (--checkpoint-every 0; a 70B run on 64 ranks never reaches 200 samples per rank).
+    A SIGTERM to rank 1 only, after the first save: both ranks agree at the next batch boundary, save
+    there, exit 75; --resume then writes the uninterrupted run's file to the bit."""
+    from loki_dist.attribution.stats import load_file as load_with_metadata
+
+    root, args, _ = attribution_setup
+    output, log = root / "stopped.safetensors", root / "stopped.log"
+    partial = root / "stopped.safetensors.partial"
+    argv = [*args, "--output", str(output), *ZERO3, "--checkpoint-every", "0", "--checkpoint-minutes", "1e-9"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with log.open("w") as handle:
+        proc = subprocess.Popen(cli_command(argv, nproc=2), cwd=REPO, env=env, stdout=handle, stderr=handle)
+    try:
+        deadline = time.time() + 180
+        while not list(partial.glob("rank1-step*.safetensors")):
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.005)
+        os.kill(_worker_of_rank(proc.pid, 1), signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    text = log.read_text()
+    assert proc.returncode != 0 and text.count("exitcode  : 75") == 2, text[-3000:]  # torchrun says 1
+    stopped = int(text.split("stopped by signal")[1].split("after ")[1].split(" of 4 batches")[0])
+    assert 1 <= stopped < 4 and not output.exists()
+    assert sorted(p.name for p in partial.iterdir()) == [
+        f"rank{r}-step{stopped:09d}.safetensors" for r in (0, 1)
+    ]
+    resumed = run_cli([*argv, "--resume"], nproc=2)
+    assert f"resuming after {stopped} batches" in resumed.stderr
+    (got, meta_got), (whole, meta_whole) = load_with_metadata(output), load_with_metadata(zero3_file[0])
+    assert meta_got == meta_whole and got.keys() == whole.keys()
+    assert all(torch.equal(got[name], whole[name]) for name in whole)
 
 
 def test_summary_and_metadata(attribution_setup):

@@ -1,43 +1,45 @@
-"""The CUDA paths, checked on a GPU: ZeRO-3 bf16 training, attribution, evaluation, NCCL collectives.
+"""The CUDA paths, checked on a GPU: ZeRO-3 bf16 training (with CPU offload too), the ZeRO-3 loader,
+attribution, evaluation, NCCL collectives.
 
 Marked `gpu`; without CUDA every test skips. `bench/gpu_check.py` runs them first (`pytest -m gpu`) and
 collects the figures they measure (LOKI_GPU_FIGURES=FILE: one JSON line per figure). With
 LOKI_GPU_TEST_DEVICE=cpu they run on the CPU instead (gloo, CUDA hidden from every subprocess): that is
 how `gpu_check.py --device cpu --tiny`, and so CI, keeps them from rotting without a GPU.
 
+Every process these tests check is started at once by one fixture (`launched`, tests/gpu_launch.py),
+before the first test: on one GPU they share it, and the whole takes about its slowest process plus a
+resume, not six process starts in a row. The tests come most valuable first (training, then loading,
+attribution, evaluation, collectives), so a run cut short by gpu_check's budget has checked the most.
+
 What is checked, against computations written here (CPU references, sums of known values):
 - `train` under ZeRO-3 in bf16, split and masked row layouts: frozen tensors bit-identical to the base,
   selected rows close to an fp32 run of the same steps (the gap is measured and reported), two identical
-  runs equal, and a run killed with SIGKILL then resumed equal to the uninterrupted run bit for bit;
+  runs equal, a run killed with SIGKILL then resumed equal to the uninterrupted run bit for bit, and the
+  split layout under `zero3_offload` (its row parameters partitioned by the run's own DeepSpeed config);
+- loading: the model built empty under zero.Init and filled from safetensors slices
+  (core/zero3_load.py) holds on the device exactly what transformers' whole load reads;
 - attribution: `fast` against `reference` on the device in fp32 (<= 1e-5 relative) and, in bf16, the
   per-layer Spearman correlation and bottom-10% overlap against fp32; `attribute` (ZeRO-3 inference)
   on the device against the reference algorithm on the CPU;
 - `evaluate` on the device choosing the same letters as an unbatched CPU forward;
-- every collective helper of loki_dist/core/collectives.py on device and CPU tensors.
-With more than one device visible, the multi-process tests also run on 2 ranks.
-
-Training processes run with torch.use_deterministic_algorithms(True) (this file's `cli` entry point):
-CUDA's attention backward is otherwise non-deterministic, and two identical runs could not agree bit
-for bit, resumed or not.
+- every collective helper of loki_dist/core/collectives.py on device and CPU tensors: sums, the int64
+  sums of uint8 counts and the point-to-point streams to rank 0 that attribution ends with, the
+  variable-length gathers.
+With two devices visible the collectives, `attribute` and a ZeRO-3 training also run on 2 ranks over
+NCCL. One GPU cannot show those: NCCL refuses two ranks on one device ("Duplicate GPU detected", NCCL
+2.5 and later), so on one GPU they run on 1 rank.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, free_port
+from gpu_launch import DEVICE, Launch
 
-FORCED = os.environ.get("LOKI_GPU_TEST_DEVICE")
-DEVICE = torch.device(FORCED or "cuda")
 FIGURES_ENV = "LOKI_GPU_FIGURES"
 
 pytestmark = [
@@ -48,11 +50,11 @@ pytestmark = [
     ),
 ]
 
-STEPS = 30  # long enough that a kill after the first checkpoint lands well before the end
+STEPS = 8  # checkpoints at 2, 4, 6: a kill after the first one lands well before the end
 # bf16 against fp32, with room over what the CPU measured (the GPU's figures go to bench/gpu.md): the
-# row updates after 30 Adam steps, as a relative Frobenius norm (measured 0.004; a wrong row or a lost
-# update is off by ~1), and the per-layer rank statistics of the scores (measured: Spearman >= 0.9997,
-# bottom-10% overlap >= 0.92 on 128 nodes; garbage scores give ~0 and ~0.1).
+# row updates after STEPS Adam steps, as a relative Frobenius norm (measured 0.004 after 30 steps; a
+# wrong row or a lost update is off by ~1), and the per-layer rank statistics of the scores (measured:
+# Spearman >= 0.9997, bottom-10% overlap >= 0.92 on 128 nodes; garbage scores give ~0 and ~0.1).
 BF16_UPDATE_TOLERANCE = 0.05
 BF16_MIN_SPEARMAN = 0.9
 BF16_MIN_OVERLAP = 0.6
@@ -68,48 +70,11 @@ def device_count() -> int:
 
 
 RANKS = [n for n in (1, 2) if n <= device_count()]
-
-
-def child_env() -> dict[str, str]:
-    """Environment of every subprocess: CUDA hidden in CPU mode, cuBLAS deterministic."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
-    if DEVICE.type == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    return env
-
-
-def command(args: list[str], nproc: int) -> list[str]:
-    """This file as a program (`cli ...` or `collectives ...`), one process or torchrun on loopback."""
-    if nproc == 1:
-        return [sys.executable, __file__, *args]
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                "--master_addr=127.0.0.1", f"--master_port={free_port()}"]  # fmt: skip
-    return [*launcher, __file__, *args]
-
-
-def start(args: list[str], nproc: int = 1) -> subprocess.Popen:
-    """Start this file as a program in a session of its own; its output (stdout and stderr together) goes
-    to a temporary file, so that processes running side by side never block on a full pipe."""
-    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - outlives this function; finish() closes it
-    proc = subprocess.Popen(command(args, nproc), env=child_env(), cwd=REPO, stdout=log,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
-    proc.log = log
-    return proc
-
-
-def finish(proc: subprocess.Popen, timeout: int = 300) -> str:
-    """Wait for a started process; its output, or a failure showing it."""
-    proc.wait(timeout=timeout)
-    with proc.log:
-        proc.log.seek(0)
-        output = proc.log.read()
-    assert proc.returncode == 0, f"{proc.args} failed ({proc.returncode}):\n{output[-6000:]}"
-    return output
-
-
-def run(args: list[str], nproc: int = 1) -> str:
-    return finish(start(args, nproc))
+ZERO3_INFER = ["--ds-config", "ds_configs/zero3_infer.json"]
+# the uninterrupted training runs: name -> (row layout, precision, extra flags)
+TRAINED = {"split": ("split", "bf16", []), "repeat": ("split", "bf16", []),
+           "masked": ("masked", "bf16", []), "fp32": ("split", "fp32", []),
+           "offload": ("split", "bf16", ["--ds-config", "zero3_offload"])}  # fmt: skip
 
 
 @pytest.fixture
@@ -127,27 +92,183 @@ def record(request):
     return write
 
 
-# ---------------------------------------------------------------------------------------- collectives
+# ------------------------------------------------------------------------------ inputs, one launcher
 
 
-@pytest.mark.parametrize("nproc", RANKS)
-def test_collective_helpers_on_device_and_cpu_tensors(nproc, tmp_path, record):
-    """Each rank r contributes values derived from r; the expected results are written out here."""
-    run(["collectives", str(tmp_path)], nproc=nproc)
-    sizes = [r + 2 for r in range(nproc)]
-    gathered = [float(100 * r + i) for r in range(nproc) for i in range(sizes[r])]
-    for rank in range(nproc):
-        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert result["backend"] == ("nccl" if DEVICE.type == "cuda" else "gloo")
-        for where in ("device", "cpu"):
-            got = result[where]
-            assert got["sum_float32"] == [sum(r + 1.5 for r in range(nproc))] * 3
-            assert got["sum_float64"] == [sum(2.0**-r for r in range(nproc))]
-            assert got["sum_int64"] == [sum(10**r for r in range(nproc))] * 2
-            assert got["gathered"] == gathered
-            assert got["devices"] == [result[f"{where}_name"]] * 4  # results stay where the inputs were
-        assert result["max"] == 10 * (nproc - 1) + 3
-    record(f"collectives_{nproc}rank", "passed")
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    """A bf16 base (hidden 64, head dim 16) with tests/test_training.py's positions and data; an fp32
+    model and MMLU-layout questions for attribution and evaluation."""
+    from mmlu_fixture import write_mmlu
+    from test_training import POSITIONS, make_data
+
+    from loki_dist.demo.tiny import save_tiny
+
+    root = tmp_path_factory.mktemp("gpu")
+    base = save_tiny(root / "base", "llama", seed=1, num_layers=3, hidden_size=64, intermediate_size=96,
+                     dtype=torch.bfloat16)  # fmt: skip
+    positions = root / "positions.json"
+    positions.write_text(json.dumps(POSITIONS))
+    model = save_tiny(root / "model", "llama", seed=0, num_layers=3, hidden_size=64, intermediate_size=96,
+                      max_shard_size="20KB")  # fmt: skip
+    return {"root": root, "base": base, "positions": positions, "data": make_data(root / "data.jsonl"),
+            "model": model, "mmlu": write_mmlu(root / "mmlu", per_subject=3)}  # fmt: skip
+
+
+def gpu_train_args(setup, out: Path, layout: str, precision: str, nproc: int = 1) -> list[str]:
+    """test_training's run (lr 1e-2, decay, clipping) for STEPS steps, global batch 2 on any rank count."""
+    from test_training import train_args
+
+    return [
+        "cli",
+        *train_args(setup, out),
+        *("--max-steps", str(STEPS), "--save-steps", "2", "--row-params", layout),
+        *("--precision", precision, "--micro-batch-size", "1", "--gradient-accumulation", str(2 // nproc)),
+    ]
+
+
+def attribute_args(setup, nproc: int) -> list[str]:
+    output = setup["root"] / f"attribution{nproc}.safetensors"
+    return ["cli", "attribute", "--model", str(setup["model"]), "--data", str(setup["mmlu"]),
+            "--output", str(output), "--dtype", "float32", *ZERO3_INFER, "--batch-size", "2",
+            "--save-scores"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def launched(setup):
+    """Every process of this file, started at once; the killed run is killed after its first checkpoint
+    and resumed here, while the others run."""
+    root, launch = setup["root"], Launch()
+    killed = gpu_train_args(setup, root / "killed", "split", "bf16")
+    launch.start("killed", killed)
+    for name, (layout, precision, extra) in TRAINED.items():
+        launch.start(name, [*gpu_train_args(setup, root / name, layout, precision), *extra])
+    launch.start("load", ["load", str(root / "load.json"), str(setup["model"])])
+    for nproc in RANKS:
+        launch.start(f"attribute{nproc}", attribute_args(setup, nproc), nproc=nproc)
+        (root / f"collectives{nproc}").mkdir()
+        launch.start(f"collectives{nproc}", ["collectives", str(root / f"collectives{nproc}")], nproc=nproc)
+    launch.start("evaluate", ["cli", "evaluate", "--model", str(setup["model"]), "--data", str(setup["mmlu"]),
+                              "--output", str(root / "evaluate.json"), "--dtype", "float32",
+                              "--batch-size", "4"])  # fmt: skip
+    if 2 in RANKS:
+        launch.start(
+            "two_ranks", gpu_train_args(setup, root / "two_ranks", "split", "bf16", nproc=2), nproc=2
+        )
+    try:
+        launch.kill_after_first_checkpoint("killed", root / "killed")
+        launch.start("resumed", killed)
+        yield launch
+    finally:
+        launch.stop()
+
+
+def trained(setup, launched, name: str) -> Path:
+    launched.output(name)
+    return setup["root"] / name
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def selected_updates(base: Path, out: Path) -> torch.Tensor:
+    """Every selected row's change from the base, in float32, concatenated over layers."""
+    from safetensors.torch import load_file
+    from test_training import POSITIONS, final_weights
+
+    before, after = load_file(str(base / "model.safetensors")), final_weights(out)
+    updates = []
+    for layer, rows in enumerate(POSITIONS):
+        name = f"model.layers.{layer}.mlp.down_proj.weight"
+        updates.append((after[name][rows].float() - before[name][rows].float()).flatten())
+    return torch.cat(updates)
+
+
+def relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("layout", ["split", "masked"])
+def test_zero3_bf16_training_keeps_frozen_bits_and_tracks_fp32(setup, launched, layout, record):
+    from test_training import assert_only_selected_rows_moved
+
+    out = trained(setup, launched, layout)
+    assert_only_selected_rows_moved(setup["base"], out)
+    fp32 = selected_updates(setup["base"], trained(setup, launched, "fp32"))
+    gap = relative_gap(selected_updates(setup["base"], out), fp32)
+    record(f"train_bf16_{layout}_vs_fp32", gap)
+    assert gap <= BF16_UPDATE_TOLERANCE, f"bf16 {layout} rows moved {gap:.3f} away from the fp32 run"
+
+
+def test_split_and_masked_agree_in_bf16(setup, launched, record):
+    base = setup["base"]
+    split, masked = (selected_updates(base, trained(setup, launched, n)) for n in ("split", "masked"))
+    gap = relative_gap(split, masked)
+    record("train_bf16_split_vs_masked", gap)
+    assert gap <= BF16_UPDATE_TOLERANCE
+
+
+def test_two_identical_runs_are_bit_identical(setup, launched, record):
+    """What makes the resume test below meaningful: with deterministic kernels a run repeats exactly."""
+    from test_training import final_weights
+
+    first, second = (final_weights(trained(setup, launched, n)) for n in ("split", "repeat"))
+    diff = max((first[name].float() - second[name].float()).abs().max().item() for name in first)
+    record("train_repeat_max_abs_diff", diff)
+    assert diff == 0
+
+
+def test_sigkill_then_resume_is_bit_identical(setup, launched, record):
+    from test_training import final_weights
+
+    out = setup["root"] / "killed"
+    assert "resumed from" in launched.output("resumed")
+    resumed_from = int(
+        launched.output("resumed").split("resumed from ")[1].split("checkpoint-")[1].split()[0]
+    )
+    record("train_resumed_from_step", resumed_from)
+    expected = final_weights(trained(setup, launched, "split"))
+    for name, tensor in final_weights(out).items():
+        assert torch.equal(tensor, expected[name]), f"{name}: the resumed run differs"
+
+
+def test_zero3_offload_split_rows_keep_frozen_bits_and_track_fp32(setup, launched, record):
+    """ds_configs/zero3_offload.json (parameters and optimizer state in host memory) with the split rows,
+    whose own parameters zero.Init partitions by the run's config: offloaded with the model."""
+    from test_training import assert_only_selected_rows_moved
+
+    out = trained(setup, launched, "offload")
+    assert_only_selected_rows_moved(setup["base"], out)
+    fp32 = selected_updates(setup["base"], trained(setup, launched, "fp32"))
+    gap = relative_gap(selected_updates(setup["base"], out), fp32)
+    record("train_bf16_offload_split_vs_fp32", gap)
+    assert gap <= BF16_UPDATE_TOLERANCE
+
+
+@pytest.mark.skipif(2 not in RANKS, reason="needs 2 devices")
+def test_zero3_bf16_two_ranks(setup, launched, record):
+    from test_training import assert_only_selected_rows_moved
+
+    out = trained(setup, launched, "two_ranks")
+    assert_only_selected_rows_moved(setup["base"], out)
+    base = setup["base"]
+    gap = relative_gap(selected_updates(base, out), selected_updates(base, trained(setup, launched, "fp32")))
+    record("train_bf16_split_2ranks_vs_fp32", gap)
+    assert gap <= BF16_UPDATE_TOLERANCE
+
+
+# -------------------------------------------------------------------------------------------- loading
+
+
+def test_zero3_loader_fills_the_partitions_on_the_device(setup, launched, record):
+    """core/zero3_load.py on the device: the model built empty under zero.Init, each partition filled
+    from safetensors slices of a model in 8 shards, gathered equal bit for bit to from_pretrained's
+    whole CPU load, having read no more than the model."""
+    launched.output("load")
+    result = json.loads((setup["root"] / "load.json.rank0").read_text())[str(setup["model"])]
+    size = sum(p.stat().st_size for p in setup["model"].glob("*.safetensors"))
+    record("zero3_load_parameters_differing", len(result["differ"]))
+    assert result["differ"] == [] and 0 < result["read"] <= size
 
 
 # ---------------------------------------------------------------------------------------- attribution
@@ -211,17 +332,6 @@ def test_attribution_fast_equals_reference_fp32_and_bf16_keeps_ranks(record):
     assert rho.min() >= BF16_MIN_SPEARMAN and overlap.min() >= BF16_MIN_OVERLAP, (rho, overlap)
 
 
-@pytest.fixture(scope="module")
-def mmlu_model(tmp_path_factory) -> dict[str, Path]:
-    from mmlu_fixture import write_mmlu
-
-    from loki_dist.demo.tiny import save_tiny
-
-    root = tmp_path_factory.mktemp("gpu_mmlu")
-    model = save_tiny(root / "model", "llama", seed=0, num_layers=3, hidden_size=64, intermediate_size=96)
-    return {"root": root, "model": model, "data": write_mmlu(root / "mmlu", per_subject=3)}
-
-
 def _cpu_prompts(setup):
     """The CPU model in fp32, its tokenizer and the data's prompts, as DESIGN.md builds them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -229,25 +339,22 @@ def _cpu_prompts(setup):
     from loki_dist.attribution import mmlu
 
     tokenizer = AutoTokenizer.from_pretrained(setup["model"])
-    questions, shots = mmlu.load_questions(str(setup["data"]), per_subject=50)
+    questions, shots = mmlu.load_questions(str(setup["mmlu"]), per_subject=50)
     prompts = mmlu.build_prompts(tokenizer, questions, shots).input_ids
     model = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32).eval()
     return model, tokenizer, prompts
 
 
 @pytest.mark.parametrize("nproc", RANKS)
-def test_attribute_zero3_on_device_matches_cpu_reference(mmlu_model, nproc, record):
+def test_attribute_zero3_on_device_matches_cpu_reference(setup, launched, nproc, record):
     from safetensors.torch import load_file
 
     from loki_dist.attribution import kva
     from loki_dist.core.families import down_projections
 
-    output = mmlu_model["root"] / f"attribution{nproc}.safetensors"
-    run(["cli", "attribute", "--model", str(mmlu_model["model"]), "--data", str(mmlu_model["data"]),
-         "--output", str(output), "--dtype", "float32", "--ds-config", "ds_configs/zero3_infer.json",
-         "--batch-size", "2", "--save-scores"], nproc=nproc)  # fmt: skip
-    got = load_file(str(output))["scores"].double()
-    model, _, prompts = _cpu_prompts(mmlu_model)
+    launched.output(f"attribute{nproc}")
+    got = load_file(str(setup["root"] / f"attribution{nproc}.safetensors"))["scores"].double()
+    model, _, prompts = _cpu_prompts(setup)
     projections = down_projections(model)
     expected = torch.cat(
         [kva.reference_scores(model, projections, kva.Batch.left_pad([p], 0, torch.device("cpu")), 7)
@@ -258,14 +365,12 @@ def test_attribute_zero3_on_device_matches_cpu_reference(mmlu_model, nproc, reco
     assert got.shape == expected.shape and gap <= FP32_RELATIVE
 
 
-def test_evaluate_on_device_matches_cpu_predictions(mmlu_model, record):
+def test_evaluate_on_device_matches_cpu_predictions(setup, launched, record):
     from loki_dist.evaluation.evaluate import letter_token_ids
 
-    output = mmlu_model["root"] / "evaluate.json"
-    run(["cli", "evaluate", "--model", str(mmlu_model["model"]), "--data", str(mmlu_model["data"]),
-         "--output", str(output), "--dtype", "float32", "--batch-size", "4"])  # fmt: skip
-    predictions = json.loads(output.read_text())["predictions"]
-    model, tokenizer, prompts = _cpu_prompts(mmlu_model)
+    launched.output("evaluate")
+    predictions = json.loads((setup["root"] / "evaluate.json").read_text())["predictions"]
+    model, tokenizer, prompts = _cpu_prompts(setup)
     letters = letter_token_ids(tokenizer)
     expected, margins = [], []
     with torch.no_grad():
@@ -279,177 +384,34 @@ def test_evaluate_on_device_matches_cpu_predictions(mmlu_model, record):
     assert predictions == expected
 
 
-# ------------------------------------------------------------------------------------------- training
+# ---------------------------------------------------------------------------------------- collectives
 
 
-@pytest.fixture(scope="module")
-def train_setup(tmp_path_factory) -> dict[str, Path]:
-    """A bf16 base (hidden 64, head dim 16), the positions and data of tests/test_training.py."""
-    from test_training import POSITIONS, make_data
-
-    from loki_dist.demo.tiny import save_tiny
-
-    root = tmp_path_factory.mktemp("gpu_train")
-    base = save_tiny(root / "base", "llama", seed=1, num_layers=3, hidden_size=64, intermediate_size=96,
-                     dtype=torch.bfloat16)  # fmt: skip
-    positions = root / "positions.json"
-    positions.write_text(json.dumps(POSITIONS))
-    return {"root": root, "base": base, "positions": positions, "data": make_data(root / "data.jsonl")}
-
-
-def gpu_train_args(setup, out: Path, layout: str, precision: str, nproc: int = 1) -> list[str]:
-    """test_training's run (lr 1e-2, decay, clipping) for STEPS steps, global batch 2 on any rank count."""
-    from test_training import train_args
-
-    return [
-        "cli",
-        *train_args(setup, out),
-        *("--max-steps", str(STEPS), "--save-steps", "2", "--row-params", layout),
-        *("--precision", precision, "--micro-batch-size", "1", "--gradient-accumulation", str(2 // nproc)),
-    ]
-
-
-@pytest.fixture(scope="module")
-def trained(train_setup) -> dict[str, Path]:
-    """Uninterrupted one-rank runs, side by side: bf16 split twice (are two runs identical at all?), bf16
-    masked, and fp32 (the precision reference)."""
-    runs = {"split": ("split", "bf16"), "repeat": ("split", "bf16"), "masked": ("masked", "bf16"),
-            "fp32": ("split", "fp32")}  # fmt: skip
-    outs = {name: train_setup["root"] / name for name in runs}
-    started = [start(gpu_train_args(train_setup, outs[n], *runs[n])) for n in runs]
-    for proc in started:
-        finish(proc)
-    return outs
-
-
-def selected_updates(base: Path, out: Path) -> torch.Tensor:
-    """Every selected row's change from the base, in float32, concatenated over layers."""
-    from safetensors.torch import load_file
-    from test_training import POSITIONS, final_weights
-
-    before, after = load_file(str(base / "model.safetensors")), final_weights(out)
-    updates = []
-    for layer, rows in enumerate(POSITIONS):
-        name = f"model.layers.{layer}.mlp.down_proj.weight"
-        updates.append((after[name][rows].float() - before[name][rows].float()).flatten())
-    return torch.cat(updates)
-
-
-def relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-@pytest.mark.parametrize("layout", ["split", "masked"])
-def test_zero3_bf16_training_keeps_frozen_bits_and_tracks_fp32(train_setup, trained, layout, record):
-    from test_training import assert_only_selected_rows_moved
-
-    assert_only_selected_rows_moved(train_setup["base"], trained[layout])
-    fp32 = selected_updates(train_setup["base"], trained["fp32"])
-    gap = relative_gap(selected_updates(train_setup["base"], trained[layout]), fp32)
-    record(f"train_bf16_{layout}_vs_fp32", gap)
-    assert gap <= BF16_UPDATE_TOLERANCE, f"bf16 {layout} rows moved {gap:.3f} away from the fp32 run"
-
-
-def test_split_and_masked_agree_in_bf16(train_setup, trained, record):
-    base = train_setup["base"]
-    gap = relative_gap(selected_updates(base, trained["split"]), selected_updates(base, trained["masked"]))
-    record("train_bf16_split_vs_masked", gap)
-    assert gap <= BF16_UPDATE_TOLERANCE
-
-
-def test_two_identical_runs_are_bit_identical(trained, record):
-    """What makes the resume test below meaningful: with deterministic kernels a run repeats exactly."""
-    from test_training import final_weights
-
-    first, second = final_weights(trained["split"]), final_weights(trained["repeat"])
-    diff = max((first[name].float() - second[name].float()).abs().max().item() for name in first)
-    record("train_repeat_max_abs_diff", diff)
-    assert diff == 0
-
-
-def _kill_after_first_checkpoint(args: list[str], out: Path) -> None:
-    proc = start(args)
-    deadline = time.time() + 240
-    while not list(out.glob("checkpoint-*")):  # published by a rename: complete once it appears
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)  # one process (nproc 1), leader of its own group
-    proc.wait()
-    proc.log.close()
-    assert not (out / "final").exists(), "the run finished before it could be killed"
-
-
-def test_sigkill_then_resume_is_bit_identical(train_setup, trained, tmp_path, record):
-    from test_training import final_weights
-
-    out = tmp_path / "killed"
-    args = gpu_train_args(train_setup, out, "split", "bf16")
-    _kill_after_first_checkpoint(args, out)
-    killed_at = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
-    assert "resumed from" in run(args)
-    record("train_resumed_from_step", killed_at)
-    expected = final_weights(trained["split"])
-    for name, tensor in final_weights(out).items():
-        assert torch.equal(tensor, expected[name]), f"{name}: the resumed run differs"
-
-
-@pytest.mark.skipif(2 not in RANKS, reason="needs 2 devices")
-def test_zero3_bf16_two_ranks(train_setup, trained, record):
-    from test_training import assert_only_selected_rows_moved
-
-    out = train_setup["root"] / "two_ranks"
-    run(gpu_train_args(train_setup, out, "split", "bf16", nproc=2), nproc=2)
-    assert_only_selected_rows_moved(train_setup["base"], out)
-    base = train_setup["base"]
-    gap = relative_gap(selected_updates(base, out), selected_updates(base, trained["fp32"]))
-    record("train_bf16_split_2ranks_vs_fp32", gap)
-    assert gap <= BF16_UPDATE_TOLERANCE
-
-
-# ------------------------------------------------------------------------------------ entry points
-
-
-def _collectives_worker(out: str) -> None:
-    """Run under torchrun: every helper of collectives.py on tensors on the rank's device and on the CPU."""
-    from loki_dist.core import collectives, distributed
-
-    world = distributed.world_from_env()
-    device = distributed.device_for(world)
-    distributed.init(world, always=True)
-    import torch.distributed as dist
-
-    result = {"backend": dist.get_backend(), "device_name": str(device), "cpu_name": "cpu"}
-    for where, on in (("device", device), ("cpu", torch.device("cpu"))):
-        r = world.rank
-        tensors = {
-            "sum_float32": torch.full((3,), r + 1.5, dtype=torch.float32, device=on),
-            "sum_float64": torch.tensor([2.0**-r], dtype=torch.float64, device=on),
-            "sum_int64": torch.full((2,), 10**r, dtype=torch.int64, device=on),
-        }
-        summed = {name: collectives.all_reduce_sum(t) for name, t in tensors.items()}
-        sizes = [k + 2 for k in range(world.size)]
-        local = (100 * r + torch.arange(sizes[r], dtype=torch.float32)).to(on)
-        gathered = collectives.all_gather_varlen(local, sizes)
-        distributed.barrier()
-        result[where] = {
-            **{name: t.tolist() for name, t in summed.items()},
-            "gathered": gathered.tolist(),
-            "devices": [str(t.device) for t in (*summed.values(), gathered)],
-        }
-    result["max"] = collectives.agree_max(10 * world.rank + 3)
-    Path(out, f"rank{world.rank}.json").write_text(json.dumps(result))
-    distributed.shutdown()
-
-
-def _cli(argv: list[str]) -> None:
-    """`loki-dist ARGV` with deterministic kernels (module docstring). Uninitialised memory is left as it
-    is (deterministic mode would fill it with NaN): that is DeepSpeed's business, not what is tested."""
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = False
-    from loki_dist.cli import main
-
-    main(argv)
-
-
-if __name__ == "__main__":
-    {"cli": _cli, "collectives": lambda argv: _collectives_worker(*argv)}[sys.argv[1]](sys.argv[2:])
+@pytest.mark.parametrize("nproc", RANKS)
+def test_collective_helpers_on_device_and_cpu_tensors(setup, launched, nproc, record):
+    """Each rank r contributes values derived from r; the expected results are written out here."""
+    launched.output(f"collectives{nproc}")
+    sizes = [r + 2 for r in range(nproc)]
+    gathered = [float(100 * r + i) for r in range(nproc) for i in range(sizes[r])]
+    streamed = [float(1000 * r + i) for r in range(nproc) for i in range(300 + 7 * r)]
+    counts = sum(200 + r for r in range(nproc))  # over 255 from 2 ranks: summed as int64, not uint8
+    for rank in range(nproc):
+        result = json.loads((setup["root"] / f"collectives{nproc}" / f"rank{rank}.json").read_text())
+        assert result["backend"] == ("nccl" if DEVICE.type == "cuda" else "gloo")
+        for where in ("device", "cpu"):
+            got = result[where]
+            assert got["sum_float32"] == [sum(r + 1.5 for r in range(nproc))] * 3
+            assert got["sum_float64"] == [sum(2.0**-r for r in range(nproc))]
+            assert got["sum_int64"] == [sum(10**r for r in range(nproc))] * 2
+            assert got["gathered"] == gathered
+            assert got["devices"] == [result[f"{where}_name"]] * 4  # results stay where the inputs were
+            if rank != 0:  # only rank 0 receives the sums and the streams
+                assert got["reduced"] == [] and got["streamed"] == []
+                continue
+            assert {dtype for _, dtype, _ in got["reduced"]} == {"torch.int64"}
+            first = [v for i, _, piece in got["reduced"] if i == 0 for v in piece]
+            second = [v for i, _, piece in got["reduced"] if i == 1 for v in piece]
+            assert first == [counts] * 700 and second == [nproc * v for v in range(5)]
+            assert got["streamed"] == streamed and got["streamed_pieces"] > nproc  # many 128-byte pieces
+        assert result["max"] == 10 * (nproc - 1) + 3
+    record(f"collectives_{nproc}rank", "passed")

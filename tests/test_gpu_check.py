@@ -23,6 +23,8 @@ FIGURES = (
     "train_bf16_split_vs_masked",
     "train_repeat_max_abs_diff",
     "train_resumed_from_step",
+    "train_bf16_offload_split_vs_fp32",
+    "zero3_load_parameters_differing",
     "attr_fp32_fast_vs_reference",
     "attr_bf16_fast_vs_reference",
     "attr_bf16_spearman_min",

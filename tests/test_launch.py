@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, missing_component
+from conftest import REPO, missing_component
 
 SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("slurm/*.sh"), *REPO.glob("slurm/*.sbatch")])
 
@@ -99,20 +99,50 @@ def test_launcher_wrappers_pass_the_command_through_unchanged(tmp_path, script, 
     assert expected in proc.stdout, proc.stdout
 
 
-@pytest.mark.parametrize(("gpus", "processes", "said"), [
-    (3, 3, "NPROC_PER_NODE not set: 3 processes per node, one per GPU"),
-    (0, 1, "NPROC_PER_NODE not set and no GPU found: 1 process per node"),
+GPU_VARIABLES = ("NPROC_PER_NODE", "SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES")
+
+
+def _stubs(where: Path, gpus: int, **tools: str) -> dict[str, str]:
+    """Stand-ins for nvidia-smi (listing `gpus` GPUs) and `tools` (name -> script) first on PATH, and
+    the environment without any variable that says how many processes to start."""
+    for tool, script in {"nvidia-smi": f"seq 0 {gpus - 1} | sed 's/^/GPU /'", **tools}.items():
+        (where / tool).write_text(f"#!/usr/bin/env bash\n{script}\n")
+        (where / tool).chmod(0o755)
+    return {k: v for k, v in _env(PATH=f"{where}:{os.environ['PATH']}").items() if k not in GPU_VARIABLES}
+
+
+@pytest.mark.parametrize(("gpus", "extra", "processes", "said"), [
+    (3, {}, 3, "not set: 3 processes per node, one per GPU"),
+    (0, {}, 1, "not set and no GPU found: 1 process per node"),
+    (0, {"CUDA_VISIBLE_DEVICES": "4,5"}, 2, "not set: 2 processes per node, one per GPU"),
+    (8, {"CUDA_VISIBLE_DEVICES": ""}, 1, "not set and no GPU found: 1 process per node"),
+    (8, {"SLURM_GPUS_ON_NODE": "4"}, 4, "not set: 4 processes per node, one per GPU Slurm gave this node"),
 ])  # fmt: skip
-def test_without_nproc_per_node_the_wrappers_take_one_per_gpu_and_say_so(tmp_path, gpus, processes, said):
-    stubs = {"accelerate": 'printf "%q " "$@"', "nvidia-smi": f"seq 0 {gpus - 1} | sed 's/^/GPU /'"}
-    for tool, script in stubs.items():
-        (tmp_path / tool).write_text(f"#!/usr/bin/env bash\n{script}\n")
-        (tmp_path / tool).chmod(0o755)
-    env = {k: v for k, v in _env(PATH=f"{tmp_path}:{os.environ['PATH']}").items() if k != "NPROC_PER_NODE"}
+def test_without_nproc_per_node_the_wrappers_take_one_per_gpu_and_say_so(
+    tmp_path, gpus, extra, processes, said
+):
+    """The GPUs Slurm gave the node, else those this process may use (CUDA_VISIBLE_DEVICES, as Slurm sets
+    it per task), else those nvidia-smi lists, else 1."""
+    env = {**_stubs(tmp_path, gpus, accelerate='printf "%q " "$@"'), **extra}
     proc = subprocess.run(["launch/accelerate.sh", "--version"], cwd=REPO, capture_output=True, text=True,
                           env=env, timeout=60)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert f"--num_processes {processes} " in proc.stdout and f"accelerate.sh: {said}" in proc.stderr
+    assert f"--num_processes {processes} " in proc.stdout
+    assert f"accelerate.sh: NPROC_PER_NODE {said}" in proc.stderr
+
+
+@pytest.mark.parametrize("template", ["attribute", "train"])
+def test_sbatch_templates_count_the_gpus_where_slurm_does_not_say(tmp_path, template):
+    """Where SLURM_GPUS_ON_NODE is unset (a site that allocates GPUs some other way), a template starts
+    one rank per GPU found, not 1. The node's torchrun is a stand-in that prints its arguments."""
+    env = _stubs(tmp_path, 4, python='printf "%q " "$@"')
+    fake = _fake_bin(tmp_path, with_scontrol=True)
+    env.update(PATH=f"{fake}:{env['PATH']}", PYTHON=str(tmp_path / "python"), SLURM_JOB_ID="77",
+               SLURM_NNODES="2", SLURM_JOB_NODELIST="zz-node-[1-2]")  # fmt: skip
+    proc = subprocess.run(["bash", f"slurm/{template}.sbatch", "--model", "m"], cwd=REPO, capture_output=True,
+                          text=True, env=env, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("-m torch.distributed.run --nproc_per_node 4 --nnodes 2 ") == 2, proc.stdout
 
 
 def test_shipped_ds_configs_match_their_purpose():
@@ -146,6 +176,11 @@ def _fake_bin(tmp_path: Path, with_scontrol: bool) -> Path:
 
 
 def test_slurm_wrapper_gives_each_node_its_id_and_finds_the_address_from_nodeaddr(tmp_path):
+    """...and meets on a port of the job's own (distributed.slurm_port of the job id, as for step 15): a
+    fixed one is shared by every job whose first node is the same machine, and a job that finds it
+    taken joins the other job's c10d store."""
+    from loki_dist.core.distributed import slurm_port
+
     fake = _fake_bin(tmp_path, with_scontrol=True)
     env = _env(
         PATH=f"{fake}:{os.environ['PATH']}",
@@ -153,8 +188,8 @@ def test_slurm_wrapper_gives_each_node_its_id_and_finds_the_address_from_nodeadd
         SLURM_NNODES="2",
         SLURM_JOB_NODELIST="zz-node-[1-2]",
         NPROC_PER_NODE="1",
-        RDZV_PORT=str(free_port()),
     )
+    env.pop("RDZV_PORT", None)
     proc = subprocess.run(
         ["slurm/srun_torchrun.sh", "--version"],
         cwd=REPO,
@@ -164,7 +199,8 @@ def test_slurm_wrapper_gives_each_node_its_id_and_finds_the_address_from_nodeadd
         timeout=180,
     )
     assert proc.returncode == 0, proc.stderr
-    assert f"rendezvous 127.0.0.1:{env['RDZV_PORT']}, 2 node(s), job 77" in proc.stderr
+    assert f"rendezvous 127.0.0.1:{slurm_port(77, 15)}, 2 node(s), job 77, CPUs per node: 1" in proc.stderr
+    assert len({slurm_port(job, 15) for job in range(77, 77 + 600)}) == 600  # jobs sharing a first node
     for node in (0, 1):  # expanded by each task's shell, not once by the batch shell
         assert f"--rdzv_id 77 --node_rank {node} -m loki_dist --version" in proc.stderr, proc.stderr
     assert proc.stdout.count("loki_dist ") == 2  # the two "nodes" met at the c10d rendezvous and ran

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import pytest
 from mmlu_fixture import SUBJECTS, make_rows, write_mmlu
+from transformers import AutoTokenizer
 
 from loki_dist.attribution import mmlu
 from loki_dist.core.errors import UserError
@@ -113,3 +115,67 @@ def test_other_user_errors(tmp_path):
         mmlu.load_questions(str(tmp_path / "only.jsonl"), shots=1)
     with pytest.raises(UserError, match="too few examples"):
         mmlu.load_questions(str(tmp_path / "d"), shots=3)
+
+
+# --------------------------------------------------------------------------------- hub data, fetched once
+
+HUB_NAME = "loki-test/mmlu-tiny"
+# every process that opens a file of the hub cache adds its pid to $LOKI_TEST_HUB_OPENS (an audit hook:
+# Python reports every open() it makes, whoever makes it, here the `datasets` library's)
+AUDIT_HOOK = """import os, sys
+_cache, _log = os.environ.get("HF_DATASETS_CACHE"), os.environ.get("LOKI_TEST_HUB_OPENS")
+_seen = []
+def _hook(event, args):
+    if event == "open" and _cache and _log and not _seen and str(args[0]).startswith(_cache):
+        _seen.append(1)
+        with open(_log, "a") as handle:
+            handle.write(f"{os.getpid()}\\n")
+sys.addaudithook(_hook)
+"""
+
+
+def offline_hub_cache(root, rows: list[dict]):
+    """A datasets cache holding HUB_NAME (configuration `all`) as `load_dataset` leaves it after a
+    download: what HF_DATASETS_OFFLINE=1 then loads without a network (made here by datasets' own json
+    builder, moved to where the hub copy of that name lives)."""
+    import shutil
+
+    from datasets.packaged_modules.json.json import Json
+
+    (root / "test.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    built = Json(cache_dir=str(root / "build"), dataset_name="mmlu-tiny", config_name="all",
+                 data_files={"test": [str(root / "test.jsonl")]})  # fmt: skip
+    built.download_and_prepare()
+    cache = root / "hf_datasets"
+    shutil.copytree(built.cache_dir, cache / "loki-test___mmlu-tiny" / "all" / "0.0.0" / "cached")
+    return cache
+
+
+def test_hub_data_is_loaded_by_one_process_for_every_rank(tmp_path, tiny_llama):
+    """`attribute --data OWNER/NAME` on 2 ranks, offline, from a datasets cache: one process (rank 0)
+    calls load_dataset and saves a local copy beside the output, which both ranks read; the prompts are
+    those of the same rows read from a file. Before, every rank loaded it from the hub cache at once."""
+    from conftest import run_cli
+
+    from loki_dist.attribution.stats import load_file
+    from loki_dist.core.hubdata import copy_path
+
+    rows = make_rows(2)
+    cache = offline_hub_cache(tmp_path, rows)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(AUDIT_HOOK)
+    opens = tmp_path / "opens.txt"
+    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH", "")) if p)
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(cache),
+           "LOKI_TEST_HUB_OPENS": str(opens), "PYTHONPATH": path}  # fmt: skip
+    output = tmp_path / "out" / "a.safetensors"
+    args = ["attribute", "--model", str(tiny_llama), "--data", HUB_NAME, "--data-config", "all"]
+    run_cli([*args, "--output", str(output)], nproc=2, env=env)
+    assert len(set(opens.read_text().split())) == 1  # one process read the hub's data
+    copy = copy_path(HUB_NAME, "all", output.parent)
+    assert copy.is_dir() and mmlu.read_splits(str(copy))["test"] == rows
+    _, metadata = load_file(output)
+    questions, shots = mmlu.questions_from_splits({"test": rows}, "rows", 50)
+    expected = mmlu.build_prompts(AutoTokenizer.from_pretrained(tiny_llama), questions, shots)
+    assert metadata["data_fingerprint"] == expected.fingerprint() and metadata["data"] == HUB_NAME

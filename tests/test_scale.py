@@ -120,11 +120,16 @@ def test_zero2_decay_and_checkpoints_stay_on_each_ranks_fragment(scale):
             assert report[phase]["received"] <= NO_TRAFFIC, (phase, report[phase])
 
 
-def test_parallel_export_equals_one_process_export_byte_for_byte(scale, zero3_split, tmp_path):
+def test_parallel_export_on_a_slow_rank_equals_one_process_export_byte_for_byte(scale, zero3_split, tmp_path):
+    """Two ranks export, one of them slow (it sleeps 0.3 s after each piece it writes, a slow file system
+    on its node: its share of 8 shards and the implant, about 19 pieces, takes about 6 s), twice the
+    collective timeout (3 s here): the other waits by its progress, not by the timeout, and the export
+    is finished, not discarded. Before, the closing agreement timed out and the export was lost."""
     checkpoint = zero3_split["out"] / "checkpoint-2"
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli(["export", "--checkpoint", str(checkpoint), "--output", str(one)])
-    run_cli(["export", "--checkpoint", str(checkpoint), "--output", str(two)], nproc=WORLD)
+    slow = {"LOKI_DIST_TIMEOUT_MINUTES": "0.05", "LOKI_DIST_TEST_SLOW_PROGRESS": "1:0.3"}
+    run_cli(["export", "--checkpoint", str(checkpoint), "--output", str(two)], nproc=WORLD, env=slow)
     names = sorted(p.name for p in one.iterdir())
     assert names == sorted(p.name for p in two.iterdir())
     for name in names:
@@ -145,6 +150,19 @@ def test_parallel_export_equals_one_process_export_byte_for_byte(scale, zero3_sp
             expected[rows] = implant[f"layers.{layer}.weight"]
             assert not torch.equal(expected[rows], tensor[rows]), f"{name}: the rows did not train"
         assert torch.equal(expected, exported[name]), name
+
+
+def test_export_jobs_spread_over_the_nodes_largest_first():
+    """A 70B base's 31 shards (the last one smaller) on 64 ranks of 8 nodes: 3 or 4 jobs per node, each
+    on a rank of its own, instead of all on ranks 0-30 (the first 4 nodes) while the rest wait."""
+    from loki_dist.implant.export import _assign
+
+    sizes = [4_900_000_000] * 30 + [1_100_000_000]
+    owner = _assign(sizes, 64, per_node=8)
+    per_node = [sum(rank // 8 == node for rank in owner) for node in range(8)]
+    assert sorted(per_node) == [3] * 1 + [4] * 7 and len(set(owner)) == 31
+    assert _assign([5, 4, 3, 2], 4, per_node=2) == [0, 2, 1, 3]  # node 0, node 1, then the second ranks
+    assert _assign([5, 4, 3, 2], 4) == [0, 1, 2, 3]  # one node: in rank order, as before
 
 
 def last_tensor_bytes(shard: Path) -> int:

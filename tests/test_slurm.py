@@ -53,15 +53,17 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def _submit(cluster: Cluster, logs: Path, script_and_args: list) -> str:
-    """sbatch on both node daemons, one task (and CPU) per node, torchrun with 1 rank per node."""
+def _submit(
+    cluster: Cluster, logs: Path, script_and_args: list, cpus: int = 1, env: dict | None = None
+) -> str:
+    """sbatch on both node daemons, one task (with `cpus` CPUs) per node, torchrun with 1 rank per node."""
     logs.mkdir(exist_ok=True)
     return cluster.submit(
-        ["-N2", "--cpus-per-task=1", "--gpus-per-node=0", f"--output={logs}/%j.out", f"--error={logs}/%j.err",
-         *[str(a) for a in script_and_args]],
+        ["-N2", f"--cpus-per-task={cpus}", "--gpus-per-node=0", f"--output={logs}/%j.out",
+         f"--error={logs}/%j.err", *[str(a) for a in script_and_args]],
         cwd=REPO,
         env={"PYTHON": sys.executable, "NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1",
-             "RDZV_PORT": str(free_port())},
+             "RDZV_PORT": str(free_port()), **(env or {})},
     )  # fmt: skip
 
 
@@ -80,8 +82,7 @@ def _submit_train(cluster: Cluster, setup, out: Path) -> str:
     )
 
 
-def _log(setup, job_id: str) -> str:
-    logs = setup["root"] / "logs"
+def _log(logs: Path, job_id: str) -> str:
     return "".join(p.read_text() for p in (logs / f"{job_id}.out", logs / f"{job_id}.err") if p.exists())
 
 
@@ -91,28 +92,11 @@ def test_two_node_job_checkpoints_on_signal_requeues_and_equals_one_node(cluster
     deadline = time.time() + 120
     while not (out / "checkpoint-4" / "trainer_state.json").exists():
         assert time.time() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), (
-            _log(setup, job) + cluster.logs()
+            _log(setup["root"] / "logs", job) + cluster.logs()
         )
         time.sleep(0.05)
-    # what `#SBATCH --signal=B:USR1@600` does before the time limit
-    cluster.client(["scancel", "--signal=USR1", "--batch", job])
-    deadline, failed_since, pending_since = time.time() + 240, None, None
-    while True:
-        info = cluster.job(job)
-        if info.get("Restarts") == "1" and info["JobState"] == "COMPLETED":
-            break
-        # the first run ends with status 75 and may show FAILED for a moment before the requeue lands
-        failed_since = (failed_since or time.time()) if info["JobState"] == "FAILED" else None
-        if time.time() > deadline or (failed_since and time.time() - failed_since > 10):
-            pytest.fail(f"job {job}: {info}\n{_log(setup, job)}\n{cluster.logs()}")
-        # A requeued job waits for a begin time: start it sooner, but only once it has been PENDING for
-        # 5 s. Starting it at once raced the node daemon's clean-up of the first run, and the second
-        # run then failed at launch (NonZeroExitCode, RunTime 0, nothing in its log): seen twice.
-        pending_since = (pending_since or time.time()) if info["JobState"] == "PENDING" else None
-        if pending_since and time.time() - pending_since > 5:
-            cluster.client(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
-        time.sleep(0.5)
-    log = _log(setup, job)
+    _stop_and_wait_for_the_requeued_run(cluster, job, setup["root"] / "logs")
+    log = _log(setup["root"] / "logs", job)
     assert "requeueing job" in log and "resumed from" in log, log
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch"] == 4 and summary["start_step"] > 4
@@ -122,30 +106,61 @@ def test_two_node_job_checkpoints_on_signal_requeues_and_equals_one_node(cluster
     assert_equal_weights(one_node, out)
 
 
-def test_two_node_attribution_job_equals_one_process(cluster, tmp_path):
-    """slurm/attribute.sbatch across the two node daemons writes the file one plain process writes."""
+def _stop_and_wait_for_the_requeued_run(cluster: Cluster, job: str, logs: Path) -> None:
+    """What `#SBATCH --signal=B:USR1@600` does before the time limit, then wait until the job, requeued
+    by its script, has run again to completion."""
+    cluster.client(["scancel", "--signal=USR1", "--batch", job])
+    deadline, failed_since, pending_since = time.time() + 240, None, None
+    while True:
+        info = cluster.job(job)
+        if info.get("Restarts") == "1" and info["JobState"] == "COMPLETED":
+            return
+        # the first run ends with status 75 and may show FAILED for a moment before the requeue lands
+        failed_since = (failed_since or time.time()) if info["JobState"] == "FAILED" else None
+        if time.time() > deadline or (failed_since and time.time() - failed_since > 10):
+            pytest.fail(f"job {job}: {info}\n{_log(logs, job)}\n{cluster.logs()}")
+        # A requeued job waits for a begin time: start it sooner, but only once it has been PENDING for
+        # 5 s. Starting it at once raced the node daemon's clean-up of the first run, and the second
+        # run then failed at launch (NonZeroExitCode, RunTime 0, nothing in its log): seen twice.
+        pending_since = (pending_since or time.time()) if info["JobState"] == "PENDING" else None
+        if pending_since and time.time() - pending_since > 5:
+            cluster.client(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+        time.sleep(0.5)
+
+
+def test_two_node_attribution_job_on_2_cpus_stops_requeues_and_equals_one_process(cluster, tmp_path):
+    """slurm/attribute.sbatch across the two node daemons with --cpus-per-task=2: each rank may run on
+    both CPUs of its node (srun is given the job's --cpus-per-task, which Slurm 22.05 no longer passes
+    on; without it each node's task is bound to one core). The pre-timeout signal mid-run: every rank
+    saves its partial statistics and exits 75, the job requeues itself, continues with --resume and
+    writes the file one plain process writes, to the bit."""
     from mmlu_fixture import write_mmlu
-    from safetensors.torch import load_file
+
+    from loki_dist.attribution.stats import load_file
 
     model = save_tiny(tmp_path / "model", "llama", seed=0)
-    args = [
-        "--model",
-        str(model),
-        "--data",
-        str(write_mmlu(tmp_path / "mmlu", per_subject=3)),
-        "--batch-size",
-        "2",
-    ]
+    data = write_mmlu(tmp_path / "mmlu", per_subject=20)
+    args = ["--model", str(model), "--data", str(data), "--batch-size", "1"]
     single, sharded = tmp_path / "one.safetensors", tmp_path / "two_nodes.safetensors"
+    meter = tmp_path / "meter"
+    saves = ["--checkpoint-every", "0", "--checkpoint-minutes", "1e-9"]  # after every batch, by the clock
+    job = _submit(cluster, tmp_path, ["slurm/attribute.sbatch", *args, *saves, "--output", sharded], cpus=2,
+                  env={"LOKI_DIST_METER": str(meter)})  # fmt: skip
+    deadline = time.time() + 120
+    while not list(Path(f"{sharded}.partial").glob("rank*-step*.safetensors")):
+        assert time.time() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), (
+            _log(tmp_path, job) + cluster.logs()
+        )
+        time.sleep(0.02)
+    _stop_and_wait_for_the_requeued_run(cluster, job, tmp_path)
+    log = _log(tmp_path, job)
+    assert "stopped by signal 10 after" in log and "requeueing job" in log, log
+    assert "resuming after" in log, log
+    assert [json.loads((meter / f"rank{r}.json").read_text())["cpus"] for r in (0, 1)] == [2, 2], log
     run_cli(["attribute", *args, "--output", str(single)])
-    job = _submit(cluster, tmp_path, ["slurm/attribute.sbatch", *args, "--output", sharded])
-    _wait_completed(cluster, job, tmp_path, timeout=180)
-    one, two = load_file(str(single)), load_file(str(sharded))
-    assert (
-        torch.equal(one["bottom_rank_hist"], two["bottom_rank_hist"])
-        and one["num_samples"] == two["num_samples"]
-    )
-    torch.testing.assert_close(one["score_sum"], two["score_sum"], rtol=1e-5, atol=1e-12)
+    (one, meta_one), (two, meta_two) = load_file(single), load_file(sharded)
+    assert one.keys() == two.keys() and all(torch.equal(one[name], two[name]) for name in one)
+    assert {**meta_two, "world_size": "1"} == meta_one
 
 
 def test_two_node_pipeline_job_runs_every_stage(cluster, tmp_path):

@@ -39,7 +39,7 @@ def main(out: str, model_dirs: list[str]) -> None:
         differ = []
         for name, param in sharded.named_parameters():
             with deepspeed.zero.GatheredParameters([param]):
-                if name not in whole or not torch.equal(param.data, whole[name].data):
+                if name not in whole or not torch.equal(param.data.cpu(), whole[name].data):  # any device
                     differ.append(name)
         load = metering.report()["phases"]["load"]
         tied = sharded.get_output_embeddings().weight is sharded.get_input_embeddings().weight

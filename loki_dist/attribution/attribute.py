@@ -9,8 +9,13 @@ layer's parameters collectively, so then every rank makes exactly the same forwa
 padded with dummy batches and every batch with dummy samples (copies of its first prompt, which leave
 its padded width as it is), whose scores are thrown away.
 
-Every `--checkpoint-every` samples each rank saves its partial statistics (progress.py), from which
-`--resume` continues a killed run.
+Each rank saves its partial statistics (progress.py), from which `--resume` continues a killed or
+stopped run: every `--checkpoint-every` samples, every `--checkpoint-minutes` of scoring (what a 70B run
+on many ranks needs: 200 samples per rank may never come) and on SIGUSR1/SIGTERM (Slurm's warning
+before the time limit, a preemption). Both clocks and signals are agreed at a batch boundary in one
+small collective (implant/stopping.py, as training does), so every rank saves after the same batch,
+and under ZeRO-3 every rank has made the same forward calls when it stops; a stopped run exits with
+REQUEUE_EXIT_CODE (75).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 from loki_dist.attribution.mmlu import add_question_arguments
 from loki_dist.attribution.output import finish
 from loki_dist.attribution.progress import PROGRESS_FORMAT, PartialProgress
-from loki_dist.core import checks, flags, sharding
+from loki_dist.core import checks, flags, hubdata, sharding
 from loki_dist.core.errors import UserError, require_at_least
 from loki_dist.core.modeling import (
     add_inference_arguments,
@@ -36,6 +41,7 @@ from loki_dist.core.modeling import (
     read_inference_config,
     torch_dtype,
 )
+from loki_dist.implant.stopping import StopRequest
 
 log = logging.getLogger("loki_dist.attribute")
 
@@ -92,6 +98,12 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
         default=200,
         help="save partial statistics every N samples per rank (0: never)",
     )
+    parser.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=30.0,
+        help="also save them every N minutes of scoring, and always on SIGUSR1/SIGTERM (0: no clock)",
+    )
     parser.add_argument("--checkpoint-dir", default=None, help="default: OUTPUT.partial")
     parser.add_argument(
         "--resume", action="store_true", help="continue from the partial progress in --checkpoint-dir"
@@ -144,6 +156,8 @@ def _validate(args: argparse.Namespace):
     # nan or inf was a traceback once the model had loaded
     if args.chunk_memory_gb is not None and not 0 < args.chunk_memory_gb < math.inf:
         raise UserError(f"--chunk-memory-gb {args.chunk_memory_gb}: must be a positive finite number")
+    if not 0 <= args.checkpoint_minutes < math.inf:
+        raise UserError(f"--checkpoint-minutes {args.checkpoint_minutes}: must be 0 (no clock) or more")
     spec = spec_from_dir(args.model)
     check_weights(args.model, spec=spec)
     ds_config = read_inference_config(args.ds_config, torch_dtype(args.dtype)) if args.ds_config else None
@@ -180,11 +194,14 @@ def run_attribute(args: argparse.Namespace) -> None:
     from loki_dist.core.modeling import load_for_inference, load_tokenizer
 
     world = world_from_env()
+    stop = StopRequest()  # from the start: a signal while the model loads stops at the first batch
     with agreement(world):  # every rank checks; one agreed error before any work
         spec, ds_config = _validate(args)
+    data = hubdata.command_data(args, world)  # a hub data set: fetched once, by rank 0, for every rank
+    with agreement(world):
         subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
         questions, shot_map = mmlu.load_questions(
-            args.data, args.per_subject, args.shots, subjects, args.split, args.data_config
+            data, args.per_subject, args.shots, subjects, args.split, args.data_config
         )
         tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
         prompts = mmlu.build_prompts(tokenizer, questions, shot_map)
@@ -218,7 +235,7 @@ def run_attribute(args: argparse.Namespace) -> None:
         )
     started = time.perf_counter()
     with stage("scoring the prompts"):
-        stats = _score_all(args, world, model, projections, prompts, progress, dtype, device, ds_config)
+        stats = _score_all(args, world, model, projections, prompts, progress, dtype, device, ds_config, stop)
     with stage(f"summing the statistics into {args.output}"):
         finish(args, world, spec, stats, prompts, identity, progress, ds_config is not None)
     if world.is_main:
@@ -259,7 +276,7 @@ def chunk_budget(args) -> int:
     return int(CPU_DEFAULT_GB * 2**30)
 
 
-def _score_all(args, world, model, projections, prompts, progress, dtype, device, ds_config):
+def _score_all(args, world, model, projections, prompts, progress, dtype, device, ds_config, stop):
     from tqdm import tqdm
 
     from loki_dist.attribution import fast, kva
@@ -279,8 +296,7 @@ def _score_all(args, world, model, projections, prompts, progress, dtype, device
     chunking = _chunking(args, model, prompts, dtype, spec)
     shortest = min(prompts.input_ids, key=len)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    every = math.ceil(args.checkpoint_every / args.batch_size) if args.checkpoint_every else 0
-    kills = int(os.environ.get(_KILL_ENV, "0"))
+    saves = _Saves(args, plan, progress)
     bar = tqdm(
         total=plan.stop - plan.start,
         initial=int(stats.num_samples),
@@ -305,10 +321,51 @@ def _score_all(args, world, model, projections, prompts, progress, dtype, device
         scored += len(members)
         bar.update(len(members))
         bar.set_postfix_str(f"{(time.perf_counter() - started) / max(scored, 1):.3f} s/sample")
-        if every and (index + 1) % every == 0 and index + 1 < plan.num_batches:
-            progress.save(stats, index + 1)
-            kills -= 1
-            if kills == 0:
-                os.kill(os.getpid(), signal.SIGKILL)
+        stopping, clocks = stop.agreed(world, device, saves.clock_due())  # every rank, every batch
+        if index + 1 < plan.num_batches and (stopping or clocks or saves.count_due(index + 1)):
+            saves.save(stats, index + 1)
+            if stopping:
+                bar.close()
+                _stopped(world, stop, index + 1, plan.num_batches, progress)
     bar.close()
     return stats
+
+
+class _Saves:
+    """When this rank's partial statistics are due: every `--checkpoint-every` samples (in whole
+    batches), every `--checkpoint-minutes` since the last save; `save` writes them (collective)."""
+
+    def __init__(self, args, plan: Plan, progress):
+        self.progress = progress
+        self.every = math.ceil(args.checkpoint_every / args.batch_size) if args.checkpoint_every else 0
+        self.seconds = args.checkpoint_minutes * 60
+        self.last = time.monotonic()
+        self.kills = int(os.environ.get(_KILL_ENV, "0"))
+
+    def count_due(self, batches: int) -> bool:
+        return bool(self.every) and batches % self.every == 0
+
+    def clock_due(self) -> bool:
+        return bool(self.seconds) and time.monotonic() - self.last >= self.seconds
+
+    def save(self, stats, batches: int) -> None:
+        self.progress.save(stats, batches)
+        self.last = time.monotonic()
+        self.kills -= 1
+        if self.kills == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _stopped(world, stop, batches: int, total: int, progress) -> None:
+    """Every rank saved after `batches` batches on a stop signal: say so (rank 0) and exit 75."""
+    from loki_dist.core.distributed import shutdown
+    from loki_dist.implant.stopping import REQUEUE_EXIT_CODE
+
+    if world.is_main:
+        log.info(
+            f"stopped by signal {stop.received or 'on another rank'} after {batches} of {total} batches "
+            f"per rank: the partial statistics are in {progress.directory}; rerun the same command with "
+            f"--resume to continue (exit status {REQUEUE_EXIT_CODE})"
+        )
+    shutdown()
+    raise SystemExit(REQUEUE_EXIT_CODE)

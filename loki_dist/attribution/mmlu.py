@@ -166,25 +166,16 @@ def _from_saved_dataset(path: Path) -> dict[str, list[dict]]:
     return {name: list(split) for name, split in loaded.items()}
 
 
-def _from_hub(name: str, config: str | None) -> dict[str, list[dict]]:
-    try:
-        from datasets import load_dataset
-
-        loaded = load_dataset(name, config, trust_remote_code=False)  # never a data set's own script
-    except Exception as err:
-        raise UserError(
-            f"--data {name}: not a local file or folder, and loading it from the hub failed ({err})"
-        ) from None
-    return {split: list(rows) for split, rows in loaded.items()}
-
-
 def read_splits(source: str, config: str | None = None) -> dict[str, list[dict]]:
-    """Rows by split from a saved `datasets` dir, a parquet/JSON(L) file or folder, or a hub name."""
+    """Rows by split from a saved `datasets` dir, a parquet/JSON(L) file or folder, or a hub name (read
+    by this process: with several ranks, hubdata.fetch_once first makes one copy for all)."""
+    from loki_dist.core import hubdata
+
     path = Path(source)
+    if hubdata.is_hub_name(source):
+        return {split: list(rows) for split, rows in hubdata.download(source, config).items()}
     if not path.exists():
-        if path.is_absolute() or source.startswith(".") or source.count("/") != 1:
-            raise UserError(f"--data {source}: file or directory not found")
-        return _from_hub(source, config)
+        raise UserError(f"--data {source}: file or directory not found")
     if path.is_dir() and any((path / marker).exists() for marker in ("dataset_dict.json", "state.json")):
         return _from_saved_dataset(path)
     files = (

@@ -11,9 +11,9 @@ private memory (resident pages that are not file-backed or shared: what a rank h
 weight-file pages the kernel can drop; sampled every PRIVATE_SAMPLE_SECONDS by a thread, since the
 kernel keeps no peak of it) and its wall time (for the benchmarks; tests never look at times).
 
-Set LOKI_DIST_METER=DIR and every rank writes DIR/rank<r>.json when it leaves the process group; the
-scale tests and bench/bench_scale.py read those files. Without the variable nothing is wrapped or
-written.
+Set LOKI_DIST_METER=DIR and every rank writes DIR/rank<r>.json when it leaves the process group (with
+the number of CPUs it may run on); the scale tests and bench/bench_scale.py read those files. Without
+the variable nothing is wrapped or written.
 """
 
 from __future__ import annotations
@@ -230,8 +230,11 @@ def phase(name: str) -> Iterator[None]:
 
 
 def report() -> dict:
+    """The counts, and the CPUs this process may run on (os.sched_getaffinity: what its launcher's
+    binding left it; a Slurm step that did not pass on --cpus-per-task leaves every rank one)."""
     totals = {**_totals, "received_by": dict(_received_by), "collective_calls": dict(_calls_by)}
-    return {"totals": totals, "phases": {name: dict(r) for name, r in _phases.items()}}
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"totals": totals, "phases": {name: dict(r) for name, r in _phases.items()}, "cpus": cpus}
 
 
 def dump(rank: int) -> None:

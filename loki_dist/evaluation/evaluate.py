@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from loki_dist.attribution.mmlu import add_question_arguments
-from loki_dist.core import checks, files, flags, metering
+from loki_dist.core import checks, files, flags, hubdata, metering
 from loki_dist.core.errors import UserError, require_at_least
 from loki_dist.core.modeling import add_inference_arguments, read_inference_config, torch_dtype
 from loki_dist.core.sharding import block_sizes, my_block
@@ -383,9 +383,11 @@ def run_evaluate(args: argparse.Namespace) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     with agreement(world):  # every input read and checked on every rank before the model loads
         ds_config = _validate(args)
+    data = hubdata.command_data(args, world)  # a hub data set: fetched once, by rank 0, for every rank
+    with agreement(world):
         tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
         inputs = _multiple_choice_inputs if args.task == "multiple_choice" else _perplexity_inputs
-        evaluate = inputs(args, tokenizer)
+        evaluate = inputs(argparse.Namespace(**{**vars(args), "data": data}), tokenizer)
     loaded = load_for_inference(args.model, world, torch_dtype(args.dtype), ds_config, args.batch_size)
     with metering.phase("evaluate"):
         result = evaluate(world, loaded)

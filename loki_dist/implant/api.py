@@ -37,7 +37,12 @@ from loki_dist.implant.implant_file import RowSource, fingerprint, write_implant
 
 
 def implant_rows(
-    model: nn.Module, rows: str | Path | Sequence[Sequence[int]], rank: int = 0, seed: int = 0
+    model: nn.Module,
+    rows: str | Path | Sequence[Sequence[int]],
+    rank: int = 0,
+    seed: int = 0,
+    *,
+    ds_config: dict | None = None,
 ) -> nn.Module:
     """Freeze `model` and make trainable only the down_proj rows in `rows`, a positions file or L lists.
 
@@ -46,7 +51,9 @@ def implant_rows(
     lora_A, from a generator seeded with `seed`: the same on every rank), parameters `...down_proj.A` and
     `...down_proj.B` (lowrank.py). Returns the same model, changed in place (as PEFT's get_peft_model
     wraps it): call it before the optimizer is built, so that the optimizer sees what trains and nothing
-    else.
+    else. ds_config: under ZeRO-3, the run's DeepSpeed config (no "auto" left), so that the new
+    parameters are partitioned as the model's own (offload, ZeRO++'s in-node copy); without it they
+    follow where the base weight's partition lives.
     """
     spec = spec_from_config(model.config)
     if isinstance(rows, (str, Path)):
@@ -66,9 +73,9 @@ def implant_rows(
         if not layer_rows:
             continue
         if rank:
-            module = lowrank.attach(parent, attribute, layer_rows, rank, generator)
+            module = lowrank.attach(parent, attribute, layer_rows, rank, generator, ds_config)
         else:
-            module = rowsplit.split(parent, attribute, layer_rows)
+            module = rowsplit.split(parent, attribute, layer_rows, ds_config)
         for param in module.parts().values():
             param.requires_grad_(True)
     return model

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from loki_dist.core import checks, distributed, files, flags, metering
+from loki_dist.core import checks, distributed, files, flags, metering, progress_wait
 from loki_dist.core.errors import UserError
 from loki_dist.core.families import ModelSpec, spec_from_dir
 from loki_dist.implant import checkpoint, lowrank
@@ -33,6 +33,7 @@ from loki_dist.implant.implant_file import IMPLANT_NAME, RowSource, fingerprint,
 _KILL_ENV, _FAIL_ENV = "LOKI_DIST_TEST_KILL_IN_EXPORT", "LOKI_DIST_TEST_FAIL_IN_EXPORT"
 # shard metadata key of an exported model: a digest of the rows written into that shard
 IMPLANTED_KEY = "loki_dist_implant"
+Advanced = Callable[[int], None]  # told the bytes of each piece written
 
 
 def weight_shards(model_dir: str | Path, flag: str = "--base") -> list[Path]:
@@ -79,18 +80,26 @@ DAMAGED = "shorter than its safetensors header says (truncated or damaged?)"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-def _assign(sizes: list[int], world_size: int) -> list[int]:
+def _assign(sizes: list[int], world_size: int, per_node: int = 1) -> list[int]:
     """Rank of each job, largest first onto the least loaded rank: the slowest rank's extra work is at
-    most one job, so nobody waits in the closing collective for longer than one shard takes."""
-    load, owner = [0] * world_size, [0] * len(sizes)
+    most one job. Among ranks equally loaded, the first rank of each node comes before any second one
+    (ranks fill nodes in blocks of `per_node`, as every launcher numbers them): the writes, and their
+    share of each node's link to the file system, are spread over the nodes (31 shards on 8 nodes of 8
+    go 4 or 3 per node, not to the first 4 nodes)."""
+    per_node = per_node if per_node > 0 and world_size % per_node == 0 else 1
+    order = sorted(range(world_size), key=lambda r: (r % per_node, r // per_node))
+    load, owner = dict.fromkeys(order, 0), [0] * len(sizes)
     for job in sorted(range(len(sizes)), key=lambda j: (-sizes[j], j)):
-        rank = min(range(world_size), key=lambda r: (load[r], r))
+        rank = min(order, key=lambda r: load[r])  # the first of the least loaded, in node order
         owner[job], load[rank] = rank, load[rank] + sizes[job]
     return owner
 
 
-def _rewrite_shard(shard: Path, target: Path, layers: list[int], source: RowSource, spec: ModelSpec) -> None:
-    """`shard` with the trained rows of `layers` written in, holding one tensor at a time.
+def _rewrite_shard(
+    shard: Path, target: Path, layers: list[int], source: RowSource, spec: ModelSpec, advanced: Advanced
+) -> None:
+    """`shard` with the trained rows of `layers` written in, holding one tensor at a time; `advanced`
+    hears of every piece written (its bytes).
 
     The header keeps the base's tensor layout byte for byte and adds, in its metadata, a digest of the
     rows written (so an export never fingerprints as its base). The digest's length is fixed: it is
@@ -98,7 +107,8 @@ def _rewrite_shard(shard: Path, target: Path, layers: list[int], source: RowSour
     """
     data_start, header = checks.safetensors_header(shard, "--base")
     if not layers:
-        shutil.copyfile(shard, target)
+        with shard.open("rb") as src, target.open("wb") as dst:
+            _copy_bytes(src, dst, shard.stat().st_size, advanced)
         files.fsync_tree(target)
         return
     metadata = dict(header.pop("__metadata__", None) or {})
@@ -117,7 +127,7 @@ def _rewrite_shard(shard: Path, target: Path, layers: list[int], source: RowSour
             begin, end = entry["data_offsets"]
             src.seek(data_start + begin)
             if name not in trained:
-                _copy_bytes(src, dst, end - begin)
+                _copy_bytes(src, dst, end - begin, advanced)
                 continue
             buffer = bytearray(end - begin)
             if src.readinto(buffer) != len(buffer):
@@ -129,18 +139,20 @@ def _rewrite_shard(shard: Path, target: Path, layers: list[int], source: RowSour
             digest.update(str(trained[name]).encode() + rows.numpy().tobytes())
             digest.update(weight[rows].view(torch.uint8).numpy().tobytes())
             dst.write(weight.view(-1).view(torch.uint8).numpy().tobytes())
+            advanced(len(buffer))
         dst.seek(0)
         dst.write(encoded(digest.hexdigest()[:32]))
     files.fsync_tree(target)  # each writer flushes its own files: they may live on another node
 
 
-def _copy_bytes(src, dst, count: int, chunk: int = 64 << 20) -> None:
+def _copy_bytes(src, dst, count: int, advanced: Advanced, chunk: int = 64 << 20) -> None:
     while count > 0:
         data = src.read(min(chunk, count))
         if not data:
             raise UserError(f"{src.name}: {DAMAGED}")
         dst.write(data)
         count -= len(data)
+        advanced(len(data))
 
 
 def check_rows(source: RowSource, spec: ModelSpec, shards: BaseShards, world) -> None:
@@ -208,7 +220,7 @@ def export_model(
     with_implant = implant is not None or base_print is not None
     jobs = [*shards.paths, None] if with_implant else shards.paths  # None: the implant file
     sizes = [p.stat().st_size for p in shards.paths] + ([implant_size] if with_implant else [])
-    owner = _assign(sizes, world.size)
+    owner = _assign(sizes, world.size, distributed.ranks_per_node(world))
     # every step is agreed: a failure on any rank (rank 0's included) fails every rank at once
     with files.removed_on_failure(staging, world.is_main):
         with distributed.agreement(world), files.file_system_errors(out_dir):
@@ -220,22 +232,38 @@ def export_model(
                         shutil.copy2(item, staging / item.name)
                 for name, text in (notes or {}).items():
                     (staging / name).write_text(text, encoding="utf-8")
-        with metering.phase("export"), distributed.agreement(world), files.file_system_errors(out_dir):
+        # the ranks wait for each other by progress, not by the collective timeout: on a slow file system
+        # one rank's share can outlast it (progress_wait.py)
+        with (
+            metering.phase("export"),
+            distributed.agreement(world),
+            files.file_system_errors(out_dir),
+            progress_wait.waiting(world, "export") as progress,
+        ):
             for job, rank in zip(jobs, owner, strict=True):
-                if rank != world.rank:
-                    continue
-                if job is None:
-                    if implant is not None:
-                        shutil.copyfile(implant, staging / IMPLANT_NAME)
-                    else:
-                        write_implant(staging / IMPLANT_NAME, source, spec, shards.dtypes, base_print)
-                    continue
-                layers = [layer for layer in source.layers() if shards.down_proj[layer] == job]
-                _rewrite_shard(job, staging / job.name, layers, source, spec)
-                _injected_fault(world.rank)
+                if rank == world.rank:
+                    _write_job(
+                        job, staging, source, spec, shards, (implant, base_print), progress.advanced, rank
+                    )
         with distributed.agreement(world), files.file_system_errors(out_dir):
             if world.is_main:
                 files.publish(staging, out_dir)
+
+
+def _write_job(job, staging: Path, source, spec, shards: BaseShards, implanting, advanced, rank: int) -> None:
+    """One export job: a base shard rewritten (job: its path) or the implant file (job None: a copy of
+    `implant` when given, else written from `source`; implanting = (implant, base_print))."""
+    implant, base_print = implanting
+    if job is not None:
+        layers = [layer for layer in source.layers() if shards.down_proj[layer] == job]
+        _rewrite_shard(job, staging / job.name, layers, source, spec, advanced)
+        _injected_fault(rank)
+    elif implant is not None:
+        with implant.open("rb") as src, (staging / IMPLANT_NAME).open("wb") as dst:
+            _copy_bytes(src, dst, implant.stat().st_size, advanced)
+        files.fsync_tree(staging / IMPLANT_NAME)
+    else:
+        write_implant(staging / IMPLANT_NAME, source, spec, shards.dtypes, base_print, advanced)
 
 
 def _injected_fault(rank: int) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -131,10 +131,15 @@ def implant_metadata(spec: ModelSpec, base_fingerprint: str, positions: list[lis
 
 
 def write_implant(
-    path: Path, source: RowSource, spec: ModelSpec, dtypes: dict[int, torch.dtype], base_print: str
+    path: Path,
+    source: RowSource,
+    spec: ModelSpec,
+    dtypes: dict[int, torch.dtype],
+    base_print: str,
+    advanced: Callable[[int], None] | None = None,
 ):
     """The implant file of `source`: per trained layer its rows (int64 [k]) and weight ([k, F], the base
-    model's dtype), streamed one layer at a time."""
+    model's dtype), streamed one layer at a time; `advanced` hears of each piece written (its bytes)."""
     layers = source.layers()
     rows = {layer: source.rows(layer) for layer in layers}
     positions = [rows[layer].tolist() if layer in rows else [] for layer in range(spec.num_layers)]
@@ -145,8 +150,10 @@ def write_implant(
 
     def pieces() -> Iterator[tuple[str, torch.Tensor]]:  # one layer in memory at a time
         for layer in layers:
-            yield f"layers.{layer}.rows", rows[layer]
-            yield f"layers.{layer}.weight", source.weight(layer, dtypes[layer])
+            for name, value in (("rows", rows[layer]), ("weight", source.weight(layer, dtypes[layer]))):
+                yield f"layers.{layer}.{name}", value
+                if advanced is not None:  # asked for the next piece: this one is written
+                    advanced(value.numel() * value.element_size())
 
     files.save_tensors_streaming(path, layout, pieces(), implant_metadata(spec, base_print, positions))
 

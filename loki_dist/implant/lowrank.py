@@ -92,14 +92,22 @@ def initial_factors(rows: int, rank: int, in_features: int, generator: torch.Gen
     return torch.zeros(rows, rank), b
 
 
-def attach(parent: nn.Module, attribute: str, rows: list[int], rank: int, generator: torch.Generator):
+def attach(
+    parent: nn.Module,
+    attribute: str,
+    rows: list[int],
+    rank: int,
+    generator: torch.Generator,
+    ds_config: dict | None = None,
+):
     """Replace parent.<attribute> (a Linear) by a RowLowRankLinear of rank `rank`, which it returns; its
-    factors take the base weight's dtype and device (partitioned at once under ZeRO-3)."""
+    factors take the base weight's dtype and device (partitioned at once under ZeRO-3, as rowsplit.install
+    says, with `ds_config`)."""
     base = getattr(parent, attribute)
     a, b = initial_factors(len(rows), rank, base.in_features, generator)
     weight = base.weight
     a, b = (t.to(weight.device, weight.dtype) for t in (a, b))
-    return install(parent, attribute, RowLowRankLinear(base, rows, a, b))
+    return install(parent, attribute, RowLowRankLinear(base, rows, a, b), ds_config)
 
 
 def base_rows(shard: Path, name: str, rows: list[int]) -> torch.Tensor:

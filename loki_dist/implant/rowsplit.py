@@ -81,28 +81,44 @@ def selected_rows(linear: nn.Linear, rows: list[int]) -> torch.Tensor:
         return linear.weight.data[index.to(linear.weight.device)].clone()
 
 
-def split(parent: nn.Module, attribute: str, rows: list[int]) -> RowSplitLinear:
-    """Replace parent.<attribute> (a Linear) by a RowSplitLinear, which it returns."""
+def split(
+    parent: nn.Module, attribute: str, rows: list[int], ds_config: dict | None = None
+) -> RowSplitLinear:
+    """Replace parent.<attribute> (a Linear) by a RowSplitLinear, which it returns (ds_config: install's)."""
     base = getattr(parent, attribute)
-    return install(parent, attribute, RowSplitLinear(base, rows, selected_rows(base, rows)))
+    return install(parent, attribute, RowSplitLinear(base, rows, selected_rows(base, rows)), ds_config)
 
 
-def install(parent: nn.Module, attribute: str, module: RowLinear) -> RowLinear:
+def install(parent: nn.Module, attribute: str, module: RowLinear, ds_config: dict | None = None) -> RowLinear:
     """Put `module` in the place of parent.<attribute>, its new parameters partitioned at once under
     ZeRO-3, where the base weight's partition lives. Left whole, every rank would hold every layer's new
-    parameters until deepspeed.initialize (3.8 GB at 70B, q = 10, bf16, for the split rows)."""
+    parameters until deepspeed.initialize (3.8 GB at 70B, q = 10, bf16, for the split rows).
+
+    With the run's DeepSpeed config (`ds_config`, what `loki-dist train` passes) they are partitioned
+    exactly as the model's own parameters were: offloaded where its `offload_param` says (CPU or NVMe,
+    pinned or not), with ZeRO++'s in-node copy in the base weight's group, quantized where it says.
+    Without it (a caller's own model), they follow where the base weight's partition lives (CPU or not).
+    """
     weight = module.weight
     if hasattr(weight, "ds_id"):
         import deepspeed
 
         new = next(iter(module.parts().values()))
-        held = weight.ds_tensor
-        offloaded = held.device.type == "cpu" and new.device.type != "cpu"
-        deepspeed.zero.Init(
-            module=module,
-            remote_device="cpu" if offloaded else None,
-            pin_memory=offloaded and held.is_pinned(),
-            dtype=new.dtype,
-        )
+        if ds_config is not None:
+            deepspeed.zero.Init(
+                module=module,
+                config_dict_or_path=ds_config,
+                dtype=new.dtype,  # what a config without bf16 or fp16 leaves it
+                zero_param_parallel_group=getattr(weight, "ds_zero_param_process_group", None),
+            )
+        else:
+            held = weight.ds_tensor
+            offloaded = held.device.type == "cpu" and new.device.type != "cpu"
+            deepspeed.zero.Init(
+                module=module,
+                remote_device="cpu" if offloaded else None,
+                pin_memory=offloaded and held.is_pinned(),
+                dtype=new.dtype,
+            )
     setattr(parent, attribute, module)
     return module

@@ -1,4 +1,5 @@
-"""How `loki-dist train` ends early: on a stop signal (requeue) or on divergence, and its exit statuses.
+"""How `loki-dist train` (and `attribute`) end early: on a stop signal (requeue) or on divergence, and
+their exit statuses.
 
 Requeue: SIGUSR1 or SIGTERM (Slurm's warning before the time limit, a preemption, `kill`) does not stop
 a step half-way. The step in progress finishes, every rank agrees on the stop at the step boundary, a
@@ -35,8 +36,10 @@ class StopRequest:
 
     The handler only records the signal: stopping inside a step would leave ranks in different
     collectives. `agreed` runs at every step boundary; with several ranks it all-reduces two flags, this
-    rank's stop request and whether its step diverged (one small collective, negligible next to a ZeRO
-    step), so that a signal or a NaN that only some ranks saw stops all of them at the same step.
+    rank's stop request and one more of the caller's (training: its step diverged; attribution: a save
+    of the partial statistics is due by its clock), in one small collective, negligible next to a ZeRO
+    step, so that a signal, a NaN or a clock that only some ranks saw acts on all of them at the same
+    step. `loki-dist train` and `loki-dist attribute` both stop this way.
     """
 
     def __init__(self) -> None:
@@ -47,10 +50,10 @@ class StopRequest:
     def _record(self, signum: int, frame) -> None:
         self.received = signum
 
-    def agreed(self, world: distributed.World, device: torch.device, diverged: bool) -> tuple[bool, int]:
-        """(whether any rank was asked to stop, how many ranks' steps diverged)"""
+    def agreed(self, world: distributed.World, device: torch.device, flag: bool) -> tuple[bool, int]:
+        """(whether any rank was asked to stop, on how many ranks `flag` is set)"""
         if world.size == 1:
-            return self.received is not None, int(diverged)
-        flags = torch.tensor([float(self.received is not None), float(diverged)], device=device)
+            return self.received is not None, int(flag)
+        flags = torch.tensor([float(self.received is not None), float(flag)], device=device)
         stop, bad = collectives.all_reduce_sum(flags).tolist()
         return stop > 0, int(bad)

@@ -91,7 +91,9 @@ class Trainer:
         benchmark's full fine-tuning and LoRA baselines) and return no rows."""
         args, rows_by_layer = self.plan.args, self.plan.positions
         if args.row_params == "split":
-            api.implant_rows(model, rows_by_layer, rank=args.lora_rank, seed=args.seed)
+            # under ZeRO-3 the new parameters are partitioned by the run's own config (offload, ZeRO++)
+            zero3 = self.plan.ds_config if dsconfig.zero_stage(self.plan.ds_config) == 3 else None
+            api.implant_rows(model, rows_by_layer, rank=args.lora_rank, seed=args.seed, ds_config=zero3)
             return model, [
                 TrainableRows(layer, param, self._all_rows(shape[0]), module.rows.tolist(), shape[1], part)
                 for layer, module in api.implanted_layers(model)
