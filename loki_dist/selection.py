@@ -22,7 +22,7 @@ import math
 from fractions import Fraction
 
 from loki_dist import stability
-from loki_dist.core import checks, files
+from loki_dist.core import checks, plotting
 from loki_dist.core.errors import UserError
 
 STRATEGIES = ("layer_balanced", "global_lowest", "global_highest", "random")
@@ -299,7 +299,7 @@ def run_select(args: argparse.Namespace) -> None:
     if args.plot:
         if not args.plot.lower().endswith(".png"):
             raise UserError(f"--plot {args.plot}: expected a .png file name")
-        _pyplot()  # missing matplotlib is reported before any work
+        plotting.pyplot("--plot")  # missing matplotlib is reported before any work
     if args.attribution is None:
         if args.strategy != "random" or args.model is None:
             raise UserError("--attribution is required (only --strategy random can do with --model alone)")
@@ -345,17 +345,6 @@ def summary(positions: list[list[int]], tensors: dict | None, strategy: str, quo
     return "\n".join(lines)
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'loki-dist[plot]'") from None
-    return plt
-
-
 def colour_range(values) -> tuple[float, float]:
     """The 1st and 99th percentiles: a few outlying nodes (attribution scores have heavy tails) would
     otherwise take the whole colour scale and wash every other node out to one colour."""
@@ -370,7 +359,7 @@ def plot(positions: list[list[int]], tensors: dict | None, path: str, bins: int 
     """Heat maps, layers x binned nodes: share of selected rows, and the mean score."""
     import torch
 
-    plt = _pyplot()
+    plt = plotting.pyplot("--plot")
     num_layers = len(positions)
     hidden = (
         tensors["score_sum"].shape[1]
@@ -396,5 +385,4 @@ def plot(positions: list[list[int]], tensors: dict | None, path: str, bins: int 
         axis.set(title=title, xlabel=f"down_proj row (hidden unit){group}", ylabel="layer")
         fig.colorbar(image, ax=axis)
     fig.tight_layout()
-    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
+    plotting.save(fig, path)

@@ -9,6 +9,7 @@ the data flags in implant/data.py, the monitor's in implant/monitor.py.
 from __future__ import annotations
 
 import argparse
+import math
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRECISIONS = ("bf16", "fp32")
@@ -46,3 +47,23 @@ def add_ds_config(parser: argparse.ArgumentParser, default: str | None, what: st
 def add_max_seq_len(parser: argparse.ArgumentParser, default: int, longer: str) -> None:
     """Tokens per sequence; `longer` says what the command does with a longer one."""
     parser.add_argument("--max-seq-len", type=int, default=default, help=f"tokens per sequence; {longer}")
+
+
+def steps_or_share(text: str) -> int | float:
+    """A step count, or (as Hugging Face's TrainingArguments read `save_steps`, `logging_steps` and
+    `warmup_steps`) a share in (0, 1) of the run's total steps: LLaMA-Factory recipes write
+    `save_steps: 0.99999` for "once, at the end". A whole float (`2.0`) is the count 2."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if math.isfinite(value) and value >= 0 and (value < 1 or value.is_integer()):
+        return int(value) if value.is_integer() else value
+    raise argparse.ArgumentTypeError(
+        f"{text}: expected a whole number of steps, or a share of the run's steps in (0, 1)"
+    )
+
+
+def steps_of(value: int | float, total: int) -> int:
+    """What steps_or_share gave, in steps of a run of `total`: a share is rounded up, as HF does."""
+    return math.ceil(total * value) if isinstance(value, float) else value

@@ -172,7 +172,13 @@ def _scalar(action: argparse.Action, value: object, where: str, choices: bool = 
         raise UserError(f"{where}: expected a value, not {shown(value)} (only switches take true/false)")
     if choices and action.choices is not None and value not in action.choices:
         raise UserError(f"{where}: {preview(value)} is not one of {', '.join(map(str, action.choices))}")
-    return repr(value) if isinstance(value, float) else str(value)
+    text = repr(value) if isinstance(value, float) else str(value)
+    if action.type not in (None, int, float, str):  # a flag's own reader (flags.steps_or_share): its words
+        try:
+            action.type(text)
+        except (argparse.ArgumentTypeError, ValueError) as err:
+            raise UserError(f"{where}: {err}") from None
+    return text
 
 
 def _say(command: str, notes: list[str]) -> None:
