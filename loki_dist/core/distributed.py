@@ -28,7 +28,6 @@ import socket
 import subprocess
 import sys
 import traceback
-import warnings
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from loki_dist.core import metering
+from loki_dist.core import metering, quiet
 from loki_dist.core.errors import RankErrors, UserError, rank_list
 
 
@@ -360,13 +359,7 @@ def prepare_deepspeed(world: World) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    # DeepSpeed 0.19 calls the collectives torch 2.13 deprecates on every step (a FutureWarning each time,
-    # hundreds per run, about DeepSpeed's code, not the user's): those two messages, nothing else
-    warnings.filterwarnings(
-        "ignore",
-        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
-        category=FutureWarning,
-    )
+    quiet.deprecated_collectives()  # DeepSpeed's calls of deprecated torch collectives, nothing else
     init(world, always=True)
     if get_accelerator().device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

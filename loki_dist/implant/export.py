@@ -317,6 +317,8 @@ def check_checkpoint(path: Path, base: str | None) -> Path:
         checks.read_json(path / checkpoint.INDEX_FILE, "--checkpoint")
     try:
         reader = checkpoint.RowsReader(path)
+    except UserError:  # said as it is (a UserError is a ValueError too)
+        raise
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise UserError(f"--checkpoint {path}: damaged rows index ({type(err).__name__}: {err})") from None
     for name in reader.shards:
