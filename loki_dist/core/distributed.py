@@ -32,12 +32,28 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from loki_dist.core import metering, quiet
 from loki_dist.core.errors import RankErrors, UserError, rank_list
+
+if TYPE_CHECKING:
+    import torch
+    import torch.distributed as dist
+
+
+def _torch():
+    """torch, imported on first use: the commands that never need it (`--help`, `forgetting`, a mistake
+    refused before any work) start in a fraction of the time without it (issue 24.4)."""
+    import torch
+    import torch.distributed  # noqa: F401  (torch.distributed as an attribute of torch from here on)
+
+    return torch
+
+
+def in_group() -> bool:
+    """Whether this process has joined a process group. Before torch is imported it cannot have."""
+    return "torch.distributed" in sys.modules and _torch().distributed.is_initialized()
 
 
 @dataclass(frozen=True)
@@ -81,8 +97,9 @@ def world_from_env() -> World:
 def joined_world() -> World:
     """The world of the process group this process has joined (the Python API's: its caller's), or
     one process when it has joined none."""
-    if not dist.is_initialized():
+    if not in_group():
         return World(rank=0, size=1, local_rank=0)
+    dist = _torch().distributed
     return World(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", default=0))
 
 
@@ -115,12 +132,14 @@ def device_index(local_rank: int, visible: int) -> int:
 
 
 def _device_ordinal(world: World) -> int:
+    torch = _torch()
     if torch.cuda.is_available():
         return device_index(world.local_rank, torch.cuda.device_count())
     return world.local_rank
 
 
 def device_for(world: World) -> torch.device:
+    torch = _torch()
     if torch.cuda.is_available():
         index = _device_ordinal(world)
         torch.cuda.set_device(index)
@@ -199,8 +218,9 @@ def init(world: World, always: bool = False, timeout_minutes: float | None = Non
 
     timeout_minutes: how long a collective may wait for a peer (default: `timeout()`).
     """
-    if dist.is_initialized() or (world.size == 1 and not always):
+    if in_group() or (world.size == 1 and not always):
         return
+    torch = _torch()
     limit = timeout() if timeout_minutes is None else timedelta(minutes=timeout_minutes)
     if world.size == 1:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -222,7 +242,7 @@ def init(world: World, always: bool = False, timeout_minutes: float | None = Non
     # rather than leaving it blocked on the device; torchrun sets the same for its workers, srun does not
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     metering.count_collectives()
-    dist.init_process_group(backend, timeout=limit)
+    torch.distributed.init_process_group(backend, timeout=limit)
 
 
 def shutdown(wait_for_peers: bool = True) -> None:
@@ -233,8 +253,10 @@ def shutdown(wait_for_peers: bool = True) -> None:
     Calling it again, or without a process group, is harmless (the CLI calls it on every exit path).
     """
     global _agreement_group
-    metering.dump(dist.get_rank() if dist.is_initialized() else world_from_env().rank)
-    if dist.is_initialized():
+    joined = in_group()
+    metering.dump(_torch().distributed.get_rank() if joined else world_from_env().rank)
+    if joined:
+        dist = _torch().distributed
         if wait_for_peers:
             dist.barrier()
         _agreement_group = None
@@ -242,8 +264,8 @@ def shutdown(wait_for_peers: bool = True) -> None:
 
 
 def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    if in_group():
+        _torch().distributed.barrier()
 
 
 class CollectiveFailed(Exception):
@@ -272,7 +294,7 @@ def stage(name: str) -> Iterator[None]:
         yield
     except RuntimeError as err:
         text = str(err)
-        if not (isinstance(err, dist.DistError) or any(marker in text for marker in _PEER_GONE)):
+        if not (isinstance(err, _torch().distributed.DistError) or any(m in text for m in _PEER_GONE)):
             raise
         detail = text.strip().splitlines()[0] if text.strip() else type(err).__name__
         detail = detail.split("] ", 1)[1] if detail.startswith("[") and "] " in detail else detail
@@ -332,8 +354,8 @@ _agreement_group: dist.ProcessGroup | None = None
 def agreement_barrier() -> None:
     """Wait for every rank over the group `agreement` agrees on (gloo: no GPU needed, even where a
     rank's device could not be chosen)."""
-    if dist.is_initialized():
-        dist.barrier(group=_agreement_group)
+    if in_group():
+        _torch().distributed.barrier(group=_agreement_group)
 
 
 def _all_gather_objects(world: World, value: object) -> list:
@@ -342,6 +364,7 @@ def _all_gather_objects(world: World, value: object) -> list:
     if world.size == 1:
         return [value]
     init(world)
+    dist = _torch().distributed
     if dist.get_backend() != "gloo" and _agreement_group is None:
         _agreement_group = dist.new_group(backend="gloo", timeout=timeout())
     gathered: list = [None] * world.size
@@ -363,7 +386,7 @@ def prepare_deepspeed(world: World) -> None:
     init(world, always=True)
     if get_accelerator().device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    deepspeed.init_distributed(dist_backend=_torch().distributed.get_backend())
 
 
 def free_port() -> int:
