@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import assert_user_error, cli_command
 from safetensors.torch import load_file
@@ -154,7 +155,31 @@ def test_keys_are_flags_in_either_spelling_and_the_command_line_wins(tmp_path):
     config.write_text(yaml.safe_dump({"model": "m", "data": "d", "output": "o", "subjects": ["a", "b"],
                                       "save_scores": False, "dtype": "float32"}))  # fmt: skip
     args = parsed(["attribute", "--config", str(config), "--dtype", "bfloat16"])
-    assert (args.subjects, args.save_scores, args.dtype) == ("a,b", False, "bfloat16")
+    assert (args.subjects, args.save_scores, args.dtype) == ("a,b", False, "bf16")
+
+
+def test_one_precision_vocabulary_in_either_spelling_under_either_name(tmp_path, capsys):
+    """train said --precision fp32, attribute --dtype float32: every command takes both names and both
+    spellings, and reads them alike (issue 24.6)."""
+    from loki_dist.core.modeling import torch_dtype
+
+    train = ["train", "--model", "m", "--positions", "p", "--data", "d", "--output-dir", "o"]
+    for words in (["--precision", "fp32"], ["--precision", "float32"], ["--dtype", "fp32"]):
+        assert parsed([*train, *words]).precision == "fp32"
+    for command in (["evaluate", "--model", "m", "--data", "d", "--output", "o"], ["chat", "--model", "m"]):
+        for words in (["--dtype", "bfloat16"], ["--dtype", "bf16"], ["--precision", "bf16"]):
+            assert torch_dtype(parsed([*command, *words]).dtype) == torch.bfloat16
+    config = tmp_path / "run.yaml"
+    config.write_text("dtype: bfloat16\n")
+    assert parsed([*train, "--config", str(config)]).precision == "bf16"
+    assert parsed(["estimate-memory", "--preset", "llama-3-8b", "--dtype", "float32"]).precision == "fp32"
+    assert_user_error(
+        [*train, "--precision", "fp16"], capsys, "--precision fp16: loki_dist trains in bf16 or fp32"
+    )
+    config.write_text("precision: int8\n")
+    assert_user_error(
+        [*train, "--config", str(config)], capsys, "`precision`: int8: expected one of auto, fp32"
+    )
 
 
 def test_a_config_drives_a_whole_command(tmp_path, capsys):

@@ -70,7 +70,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch-size", type=int, help="per rank (default 1)")
     p.add_argument("--gradient-accumulation", type=int, help="micro-batches per update (default 1)")
     flags.add_max_seq_len(p, 2048, "a longer sample is cut, and counted in the log")
-    flags.add_precision(p, default=None)
+    flags.add_precision(
+        p, "precision", None, "bf16: bfloat16 weights and compute, the trained rows' master copy and Adam "
+        "state in fp32; fp32: all fp32; auto (default): bf16 on GPUs, fp32 on CPU; fp16 is refused"
+    )  # fmt: skip
     p.add_argument(
         "--row-params",
         choices=("split", "masked"),
@@ -181,6 +184,7 @@ def check_flags(args: argparse.Namespace) -> None:
     check_data_flags(args)
     if not -(2**62) <= args.seed < 2**62:
         raise UserError(f"--seed {args.seed}: expected an integer between -2**62 and 2**62")
+    flags.training_bf16(args.precision)  # fp16 is refused before anything is read
     held_out.check_flags(args)
     monitor.check_flags(args)
 
@@ -212,7 +216,7 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
     accum = dsconfig.settle(
         ds_config, "gradient_accumulation_steps", "--gradient-accumulation", args.gradient_accumulation, 1
     )
-    want_bf16 = None if args.precision is None else args.precision == "bf16"
+    want_bf16 = flags.training_bf16(args.precision)
     bf16 = dsconfig.settle(ds_config, "bf16.enabled", "--precision", want_bf16, torch.cuda.is_available())
     clip = dsconfig.settle(ds_config, "gradient_clipping", "--max-grad-norm", args.max_grad_norm, 1.0)
     if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip >= 0):
