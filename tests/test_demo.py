@@ -124,3 +124,30 @@ def test_demo_on_smollm2_at_reduced_size(tmp_path):
             m = run["measures"]
             assert 1 < m["prose_perplexity"] < 1000 and m["mmlu_gold_logprob"] < 0 and run["steps"] <= 1
             assert 0 <= m["probes_kept"] <= 1 and 0 <= m["held_out_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("folder", ["demo_smollm2", "demo_toy"])
+def test_the_trade_off_plot_gives_the_corner_its_own_panel_with_plain_ticks(folder):
+    """Every row method and full fine-tuning sit in one corner beside LoRA's ruined values: the bottom
+    row shows that corner alone, so LoKI against random rows can be read (issue 24.7)."""
+    pytest.importorskip("matplotlib")
+    from conftest import REPO
+
+    from loki_dist.demo.report import trade_off_figure, values_of
+
+    result = json.loads((REPO / "bench" / folder / "results.json").read_text())
+    fig = trade_off_figure(result, folder)
+    fig.canvas.draw()
+    columns = [("prose_perplexity", 1), ("mmlu_gold_logprob", 1), ("probes_kept", 100)]
+    for column, (key, scale) in enumerate(columns):
+        close = fig.axes[3 + column]
+        low, high = close.get_ylim()
+        for arm in result["arms"]:
+            values = [scale * v for v in values_of(arm["runs"], key)]
+            inside = low <= sum(values) / len(values) <= high
+            assert inside != arm["name"].startswith("LoRA"), (key, arm["name"], low, high)
+        assert "not shown: LoRA" in close.get_title()
+        for axis in fig.axes[column::3]:
+            assert axis.get_yscale() == "linear" and axis.yaxis.get_offset_text().get_text() == ""
+            labels = [t.get_text() for t in axis.get_yticklabels() + axis.get_xticklabels()]
+            assert labels and not any(mark in text for text in labels for mark in ("$", "e", "×")), labels
