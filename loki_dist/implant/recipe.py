@@ -188,6 +188,7 @@ class TrainRecipe:
             "global_batch": plan.global_batch,
             "world_size": world.size,
             "lora_rank": plan.args.lora_rank,  # LoKI*'s factors, or 0: the rows themselves
+            "train_bias": plan.args.train_bias,  # the rows' bias entries too (entries "<layer>.bias")
         }
         with distributed.stage(f"saving checkpoint-{done}"):
             state.update(self.watch.state())  # the evaluations too: a resume keeps the baseline

@@ -90,6 +90,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "B [R, F] (kaiming-uniform, as LoRA), R*(k+F) parameters instead of k*F; with --row-params "
         "split. 0 (default): the rows themselves",
     )
+    p.add_argument(
+        "--train-bias",
+        action="store_true",
+        help="the selected rows' down_proj bias entries train too, as in the LoKI reference (a model whose "
+        "down_proj has a bias: GPT-NeoX, Llama with mlp_bias); with --row-params split",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1.0; 0 disables)")
     p.add_argument("--seed", type=int, default=42)
@@ -176,6 +182,11 @@ def check_flags(args: argparse.Namespace) -> None:
     require_at_least(*counts)
     if args.plot_loss:
         plotting.pyplot("--plot-loss")  # before any work: matplotlib is optional
+    if args.train_bias and (args.lora_rank or args.row_params != "split"):
+        raise UserError(
+            "--train-bias: trains the rows' bias entries as a parameter beside the split rows; it cannot be "
+            "combined with " + (f"--lora-rank {args.lora_rank}" if args.lora_rank else "--row-params masked")
+        )
     if args.lora_rank and args.row_params != "split":
         raise UserError(
             f"--lora-rank {args.lora_rank}: LoKI*'s low-rank rows are a layout of their own; "
@@ -202,6 +213,8 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
     rows = positions.load(args.positions, spec)
     if not any(rows):
         raise UserError(f"--positions {args.positions}: every layer list is empty, nothing would train")
+    if args.train_bias:
+        _check_bias(args.model, spec, rows)
     ds_config = dsconfig.load(args.ds_config)
     for section in ("optimizer", "scheduler"):  # DeepSpeed drops them silently beside a client optimizer
         if ds_config is not None and section in ds_config:
@@ -279,6 +292,19 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
     plan.evals = monitor.read_inputs(args, tokenizer, world, task_held_out)
     plan.resume_from = find_resume(plan)
     return plan
+
+
+def _check_bias(model: str, spec: ModelSpec, rows: list[list[int]]) -> None:
+    """--train-bias: every trained layer's down_proj has a bias in the base's weights (shard headers)."""
+    from loki_dist.implant.export import BaseShards
+
+    biased = BaseShards.read(Path(model), spec, "--model").bias
+    missing = [layer for layer, chosen in enumerate(rows) if chosen and layer not in biased]
+    if missing:
+        raise UserError(
+            f"--train-bias: --model {model} has no down_proj bias in layers {missing[:8]}"
+            f"{'...' if len(missing) > 8 else ''}; leave --train-bias out for a model without one"
+        )
 
 
 def _data_print(examples: list[Example]) -> str:
