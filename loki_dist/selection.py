@@ -1,4 +1,4 @@
-"""`loki-dist select`: turn an attribution file into a positions file (DESIGN.md, method step 2).
+"""`loki-dist select`: turn an attribution file into a positions file (docs/method.md, method step 2).
 
 Layer-balanced with quota q: every layer keeps k = floor(q*D/100) rows, the ones most often among the
 k lowest-ranked nodes of a sample. The global ablations count per-sample bottom-T / top-T over all L*D
@@ -110,7 +110,7 @@ def tie_sums(tensors: dict, rule: str):
 def layer_balanced(
     tensors: dict, quota: Fraction, highest: bool = False, rule: str = "signed"
 ) -> list[list[int]]:
-    """k rows per layer, the most often among a sample's k lowest-ranked (DESIGN.md, step 2).
+    """k rows per layer, the most often among a sample's k lowest-ranked (docs/method.md, step 2).
 
     highest: the most often among the k *highest*-ranked instead (ties: higher sum, then lower
     index), the paper's "most important rows" contrast, which the selection study (bench/) trains as an

@@ -223,7 +223,7 @@ def mmlu_model(tmp_path_factory) -> dict[str, Path]:
 
 
 def _cpu_prompts(setup):
-    """The CPU model in fp32, its tokenizer and the data's prompts, as DESIGN.md builds them."""
+    """The CPU model in fp32, its tokenizer and the data's prompts, as docs/method.md builds them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loki_dist.attribution import mmlu

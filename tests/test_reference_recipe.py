@@ -181,7 +181,7 @@ def test_what_hugging_face_reads_as_shares_and_fractions(reference, monkeypatch,
                         "columns": {"messages": "conversations", "system": "system"}}  # fmt: skip
     (reference / "data" / "held_out.json").write_text(json.dumps(_rows(3, offset=100)))
     (reference / "data" / "dataset_info.json").write_text(json.dumps(info))
-    plan = _plan(reference, yaml + "eval_dataset: held_out\neval_steps: 1\n", monkeypatch)
+    plan = _plan(reference, yaml + "eval_dataset: [held_out]\neval_steps: 1\n", monkeypatch)  # a YAML list
     assert len(plan.examples) == SAMPLES and len(plan.evals.task) == 3 and plan.args.eval_steps == 1
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:  # two held-out sets: one line, after the notes on ignored keys

@@ -1,4 +1,4 @@
-"""`select` against a brute-force reading of DESIGN.md, on scores full of ties, under both rules (the
+"""`select` against a brute-force reading of docs/method.md, on scores full of ties, under both rules (the
 magnitude rule: the signed rule's reading applied to |score|, written out here)."""
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ def _tensors(scores: torch.Tensor, keep_scores: bool = True) -> dict:
 
 
 def _save(tensors: dict, path, metadata: dict) -> None:
-    """An attribution file as DESIGN.md has it: histograms widened to int64."""
+    """An attribution file as docs/method.md has it: histograms widened to int64."""
     widened = {n: t.long() if n.endswith("_hist") else t for n, t in tensors.items()}
     save_tensors(path, widened, metadata)
 
 
 def _brute(scores: torch.Tensor, quota: Fraction, strategy: str, rule: str = "signed") -> list[list[int]]:
-    """Plain Python from the text of DESIGN.md: each sample's nodes ranked by score (signed) or by
+    """Plain Python from the text of docs/method.md: each sample's nodes ranked by score (signed) or by
     |score| (magnitude), ties to the lower index; counts tied: lower sum of what was ranked (higher for
     the highest-ranked variants), then lower index."""
     _, L, D = scores.shape  # any shape (test_suppression brings a real model's)

@@ -37,16 +37,15 @@ def imported(args: list[str], cwd=REPO, expect: int = 0) -> set[str]:
     return set(json.loads(line.removeprefix("IMPORTED ")))
 
 
-def test_help_and_forgetting_import_none_of_torch_transformers_deepspeed(tmp_path):
+def test_each_command_imports_only_what_it_uses(tmp_path):
+    """--help and forgetting: none of the three; select, refusals before any work and building every
+    command's flags: no model library."""
     assert imported(["--help"]) == set()
     for name, score in (("base", 50.0), ("tuned", 45.0)):
         (tmp_path / f"{name}.json").write_text(json.dumps({"scores": {"mmlu": score}}))
     args = ["forgetting", "--base", str(tmp_path / "base.json"), "--tuned", str(tmp_path / "tuned.json")]
     assert imported(args) == set()
     assert imported(["forgetting", "--base", str(tmp_path / "none.json"), "--tuned", "x"], expect=2) == set()
-
-
-def test_select_and_refusals_import_no_model_library(tmp_path):
     attribution = tmp_path / "attribution.safetensors"
     _save(_tensors(_scores()), attribution, {"model_type": "llama"})
     out = tmp_path / "p.json"
@@ -62,10 +61,7 @@ def test_select_and_refusals_import_no_model_library(tmp_path):
     ]
     for args in refusals:
         assert not imported(args, expect=2) & set(MODEL_LIBRARIES), args
-
-
-def test_no_command_module_imports_a_model_library_to_build_its_parser():
-    """Every command's flags (its --help, its --config keys) come without transformers or DeepSpeed."""
+    # every command's flags (its --help, its --config keys) come without transformers or DeepSpeed
     code = "import json, sys; from loki_dist.cli import build_parser; build_parser(); "
     code += "print(json.dumps([*sys.modules]))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)

@@ -24,7 +24,7 @@ from loki_dist.core.errors import UserError, preview, shown
 CONFIG_FLAG = "--config"
 OWN_YAML = {"pipeline"}  # commands whose --config is their own format
 # flags that take comma-separated values: a YAML list is joined with commas
-LIST_FLAGS = {"--dataset", "--mix-ratios", "--subjects"}
+LIST_FLAGS = {"--dataset", "--eval-dataset", "--mix-ratios", "--subjects"}
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:

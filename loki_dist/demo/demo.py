@@ -5,7 +5,7 @@
      plain HF directory; general knowledge read from MMLU's dev files in `lm-eval` (assets.py) and
      from plain facts (task.PROBES). Nothing is downloaded.
    - toy: a tiny Llama and tokenizer built in code, taught the toy world of toyworld.py (clans, homes,
-     trades, colours, asked as four-way questions with DESIGN.md's prompt) until it answers most of it.
+     trades, colours, asked as four-way questions with docs/method.md's prompt) until it answers most of it.
 2. The real stages, each as its own `loki-dist` process (under torchrun when --nproc > 1): `attribute` on
    the general set, `select --quota Q` (layer-balanced) and `select --strategy random` (a draw per seed).
 3. A new task (every invented person's pet, decided by their clan; task.py) implanted four ways by

@@ -11,7 +11,7 @@ so `loki-dist train --chat-template` learns exactly these tokens.
 General knowledge is read by three measures that move before accuracy does (a 135M model answers MMLU
 near chance, where accuracy cannot show damage):
 - the perplexity of held-out text (`prose`);
-- the mean log-probability of the correct letter of MMLU-layout questions in DESIGN.md's prompt;
+- the mean log-probability of the correct letter of MMLU-layout questions in docs/method.md's prompt;
 - the share kept of plain facts the base model completes correctly, greedily, token for token.
 """
 

@@ -1,7 +1,7 @@
 """`loki-dist evaluate`: multiple-choice accuracy (MMLU layout) or perplexity, data-parallel.
 
 LoKI's claim is "learn the task, forget almost nothing", so both sides must be measurable with the same
-prompts that attribution used: a question is scored with DESIGN.md's prompt (mmlu.py, chat template,
+prompts that attribution used: a question is scored with docs/method.md's prompt (mmlu.py, chat template,
 k-shot from dev), and the model's answer is the letter A-D whose token has the highest log-likelihood
 right after the prompt (ties: the earlier letter).
 
