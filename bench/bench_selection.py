@@ -6,7 +6,7 @@ to what the model already knew is measured with measures sensitive enough to see
 rows damage no less than random rows, LoKI's attribution cost buys nothing on this model and task; the
 study reports whatever it finds.
 
-Arms (DESIGN.md's selections through loki_dist.selection, the rows trained through the Python API
+Arms (docs/method.md's selections through loki_dist.selection, the rows trained through the Python API
 `loki_dist.implant_rows` / `merge_rows`, the production path of `loki-dist train`'s split layout):
 - KVA layer-balanced lowest (LoKI) at q = 10 and q = 25, by signed score (the paper's rule) and by
   |score| (`select --rule magnitude`, issue 28);
@@ -39,7 +39,7 @@ rate; if no rate's seeds all reach it, the highest mean skill).
 General knowledge, measured on the base once (cached in memory) and on every trained model:
 - perplexity of held-out English prose: the worked explanations of MMLU's dev questions (lm-eval's flan
   chain-of-thought files, as the demo), the first of each subject, truncated to --prose-tokens tokens;
-- the mean log-probability of the correct letter of MMLU dev questions in DESIGN.md's prompt (continuous,
+- the mean log-probability of the correct letter of MMLU dev questions in docs/method.md's prompt (continuous,
   where a 135M model's accuracy sits at chance): the second question of each subject, the
   --mmlu-questions shortest prompts of those (the third of each subject is attribution's: no overlap);
 - a probe set of plain facts written for this study (PROBES: capitals, chemical symbols, authors, ...):

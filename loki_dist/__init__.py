@@ -7,8 +7,17 @@ The Python API (loki_dist/implant/api.py), for any training loop:
     merged = loki_dist.merge_rows(model)                     # plain Hugging Face modules again
 """
 
+from loki_dist.core import quiet as _quiet
+
 __version__ = "0.1.0"
 __all__ = ["implant_rows", "implanted_layers", "merge_rows", "save_implant"]
+
+_quiet.deprecated_collectives()  # DeepSpeed's calls of deprecated torch collectives (core/quiet.py) only
+
+
+def __dir__() -> list[str]:
+    """The API too (it is imported on first use, so it is not among the module's globals yet)."""
+    return sorted({*globals(), *__all__})
 
 
 def __getattr__(name: str):

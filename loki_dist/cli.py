@@ -2,8 +2,11 @@
 
 Each stage module owns its command line through two functions per command, `add_<command>_arguments` and
 `run_<command>`; this file only routes to them, after turning a `--config FILE.yaml` into the flags it
-holds (runconfig.py; every command but `pipeline`, which reads its own YAML). Stage modules keep their
-heavy imports (DeepSpeed, transformers) inside functions so that building the parser stays fast. A
+holds (runconfig.py; every command but `pipeline`, which reads its own YAML). Only the command that
+runs has its module imported (build_parser(only=)), and stage modules keep their heavy imports (torch,
+DeepSpeed, transformers) inside functions, so that `--help`, a mistake refused before any work and the
+commands that need no model (`forgetting`) start in a second or two, not the tens of seconds those
+imports take on a loaded machine (tests/test_startup.py counts what they import). A
 UserError becomes one line on stderr and exit status 2, with no traceback. With several ranks: one found
 by a command's checks is agreed by every rank (`distributed.agreement`) and printed by rank 0, once when
 all ranks found it, else one line per distinct message naming its ranks; one raised later, when peers
@@ -24,8 +27,6 @@ import signal
 import sys
 import traceback
 from typing import NoReturn
-
-import torch.distributed as dist
 
 from loki_dist import __version__
 from loki_dist.core import allocator, distributed, exits, files, runconfig
@@ -109,15 +110,19 @@ def _show_defaults(command: argparse.ArgumentParser) -> None:
             action.help = "(default: %(default)s)"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser; with `only`, the other commands are listed (for `--help` and argparse's
+    choices) but their modules are not imported (see the top)."""
     parser = OneLineErrors(prog="loki-dist", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"loki_dist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
         command = sub.add_parser(
             name, help=help_text, description=help_text, formatter_class=HelpWithDefaults
         )
+        if only is not None and name != only:
+            continue
+        module = importlib.import_module(module_name)
         function_name = name.replace("-", "_")
         getattr(module, f"add_{function_name}_arguments")(command)
         if name not in runconfig.OWN_YAML:
@@ -130,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     allocator.return_freed_memory()
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     command = runconfig.command_of(argv) or "loki-dist"
+    parser = build_parser(only=command)
     if command in COMMANDS:  # the top level says what the command's parser left over: the command's flags
         parser.prog = f"loki-dist {command}"
     try:
@@ -224,9 +229,7 @@ def _leave(keep_status: bool = False) -> None:
 
 
 def _rank_and_size() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    world = distributed.world_or_one()
+    world = distributed.joined_world() if distributed.in_group() else distributed.world_or_one()
     return world.rank, world.size
 
 

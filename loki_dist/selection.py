@@ -1,4 +1,4 @@
-"""`loki-dist select`: turn an attribution file into a positions file (DESIGN.md, method step 2).
+"""`loki-dist select`: turn an attribution file into a positions file (docs/method.md, method step 2).
 
 Layer-balanced with quota q: every layer keeps k = floor(q*D/100) rows, the ones most often among the
 k lowest-ranked nodes of a sample. The global ablations count per-sample bottom-T / top-T over all L*D
@@ -22,7 +22,7 @@ import math
 from fractions import Fraction
 
 from loki_dist import stability
-from loki_dist.core import checks, files, flags
+from loki_dist.core import checks, flags, plotting
 from loki_dist.core.errors import UserError
 from loki_dist.core.flags import parse_quota
 
@@ -50,7 +50,10 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> None:
         help="check the attribution file against this model (or give its shapes to random)",
     )
     parser.add_argument(
-        "--plot", default=None, help="also draw the selection and mean scores (PNG, needs matplotlib)"
+        "--plot",
+        default=None,
+        help="also draw, per layer, the rows chosen, their mean score and how stable the choice is (PNG, "
+        "needs matplotlib)",
     )
     stability.add_arguments(parser)
 
@@ -98,7 +101,7 @@ def tie_sums(tensors: dict, rule: str):
 def layer_balanced(
     tensors: dict, quota: Fraction, highest: bool = False, rule: str = "signed"
 ) -> list[list[int]]:
-    """k rows per layer, the most often among a sample's k lowest-ranked (DESIGN.md, step 2).
+    """k rows per layer, the most often among a sample's k lowest-ranked (docs/method.md, step 2).
 
     highest: the most often among the k *highest*-ranked instead (ties: higher sum, then lower
     index), the paper's "most important rows" contrast, which the selection study (bench/) trains as an
@@ -291,7 +294,7 @@ def run_select(args: argparse.Namespace) -> None:
     if args.plot:
         if not args.plot.lower().endswith(".png"):
             raise UserError(f"--plot {args.plot}: expected a .png file name")
-        _pyplot()  # missing matplotlib is reported before any work
+        plotting.pyplot("--plot")  # missing matplotlib is reported before any work
     if args.attribution is None:
         if args.strategy != "random" or args.model is None:
             raise UserError("--attribution is required (only --strategy random can do with --model alone)")
@@ -307,10 +310,12 @@ def run_select(args: argparse.Namespace) -> None:
     by = " by |score|" if args.rule == "magnitude" and args.strategy != "random" else ""
     print(summary(positions, tensors, args.strategy + by, quota))
     print(f"wrote {args.output}")
+    figures = stability.report(args, tensors, positions, quota)
     if args.plot:
-        plot(positions, tensors, args.plot)
+        from loki_dist import selection_plot
+
+        selection_plot.plot(positions, tensors, figures, args.rule, args.plot)
         print(f"wrote {args.plot}")
-    stability.report(args, tensors, positions, quota)
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -335,58 +340,3 @@ def summary(positions: list[list[int]], tensors: dict | None, strategy: str, quo
             text += f"  mean score {chosen:+.3e} (layer mean {mean[layer].mean().item():+.3e})"
         lines.append(text)
     return "\n".join(lines)
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'loki-dist[plot]'") from None
-    return plt
-
-
-def colour_range(values) -> tuple[float, float]:
-    """The 1st and 99th percentiles: a few outlying nodes (attribution scores have heavy tails) would
-    otherwise take the whole colour scale and wash every other node out to one colour."""
-    import torch
-
-    flat = values.reshape(-1).float()
-    low, high = (float(torch.quantile(flat, q)) for q in (0.01, 0.99))
-    return (low, high) if high > low else (float(flat.min()), float(flat.max()))
-
-
-def plot(positions: list[list[int]], tensors: dict | None, path: str, bins: int = 256) -> None:
-    """Heat maps, layers x binned nodes: share of selected rows, and the mean score."""
-    import torch
-
-    plt = _pyplot()
-    num_layers = len(positions)
-    hidden = (
-        tensors["score_sum"].shape[1]
-        if tensors is not None
-        else 1 + max(max(r, default=0) for r in positions)
-    )
-    bins = min(bins, hidden)
-    edges = torch.linspace(0, hidden, bins + 1).long()
-    chosen = torch.zeros(num_layers, hidden)
-    for layer, rows in enumerate(positions):
-        chosen[layer, rows] = 1.0
-    panels = [("share of the rows selected", chosen)]
-    if tensors is not None:
-        mean = tensors["score_sum"].float() / max(int(tensors["num_samples"].reshape(-1)[0]), 1)
-        panels.append(("mean attribution score (colours span its 1st to 99th percentile)", mean))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2 + 0.25 * num_layers * len(panels)), squeeze=False)
-    group = f"; a column averages {hidden // bins}" if hidden // bins > 1 else ""
-    for axis, (title, values) in zip(axes[:, 0], panels, strict=True):
-        binned = torch.stack([values[:, a:b].mean(1) for a, b in zip(edges[:-1], edges[1:], strict=True)], 1)
-        low, high = colour_range(binned) if values is not chosen else (0.0, 1.0)
-        image = axis.imshow(binned.numpy(), aspect="auto", interpolation="nearest", cmap="viridis",
-                            vmin=low, vmax=high, extent=(0, hidden, num_layers - 0.5, -0.5))  # fmt: skip
-        axis.set(title=title, xlabel=f"down_proj row (hidden unit){group}", ylabel="layer")
-        fig.colorbar(image, ax=axis)
-    fig.tight_layout()
-    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)

@@ -325,8 +325,9 @@ def measure(
 
 def report(
     args: argparse.Namespace, tensors: dict | None, positions: list[list[int]], quota: Fraction
-) -> None:
-    """`select`'s stability lines (or the one line saying why there are none), and --report's JSON."""
+) -> Stability | None:
+    """`select`'s stability lines (or the one line saying why there are none), and --report's JSON;
+    returns the figures (None where there are none), for --plot."""
     figures, note = None, None
     if tensors is None or args.strategy == "random":
         note = "random rows: no attribution whose stability to measure"
@@ -353,3 +354,4 @@ def report(
             "stability": None if figures is None else figures.as_dict(), "stability_note": note,
         })  # fmt: skip
         print(f"wrote {args.report}")
+    return figures

@@ -20,6 +20,17 @@ REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI") == "true"
 
 
+@pytest.fixture(autouse=True)
+def _own_environment():
+    """Each test sees the environment pytest started with: an in-process run that joins a process group
+    sets RANK, WORLD_SIZE, MASTER_PORT..., and a later test's subprocess (srun, torchrun) must not inherit
+    them as if a launcher had said so."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def missing_component(reason: str) -> None:
     """Skip the test for a reason that only a machine without the component has; fail it in CI."""
     if IN_CI:

@@ -1,7 +1,7 @@
 """KVA attribution: fast and reference equal the formula computed here in float64 (and by finite
 differences) on every supported family, and bf16 ranks the nodes as fp32 does; batching and ZeRO-3
 sharding change no result beyond rounding, the world size changes no bit; a killed run resumes to the
-identical file; the file is DESIGN.md's whatever the ranks kept, and only rank 0 receives the
+identical file; the file is docs/method.md's whatever the ranks kept, and only rank 0 receives the
 statistics and scores."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _model(name: str):
 
 
 def _formula(model, prompt: list[int], steps: int = 7) -> torch.Tensor:
-    """DESIGN.md's scores [L, D] for one prompt, written out: a float64 copy of the model, one layer and
+    """docs/method.md's scores [L, D] for one prompt, written out: a float64 copy of the model, one layer and
     one step at a time, plain autograd. y is the float32 model's own prediction, as in the method."""
     ids = torch.tensor([prompt])
     with torch.no_grad():
@@ -305,7 +305,7 @@ def _histogram(ranks: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def test_two_rank_file_is_the_design_contract_in_data_order(attribution_setup, two_rank_file):
-    """Streamed to rank 0 piece by piece, the file still holds DESIGN.md's tensors, consistent with
+    """Streamed to rank 0 piece by piece, the file still holds docs/method.md's tensors, consistent with
     its own scores, and the scores are in data order across the uneven 16 + 11 split."""
     root, args, _ = attribution_setup
     from loki_dist.attribution.stats import load_file as load_with_metadata

@@ -43,6 +43,12 @@ def test_chat_answers_greedily_through_the_template(base):
     assert proc.stdout == _greedy(base, "hello there", 6) + "\n"
 
 
+def test_several_prompts_one_load_each_its_own_conversation_with_separate(base):
+    proc = run_cli(["chat", "--model", str(base), "--prompt", "hello there", "--prompt", "what is this?",
+                    "--separate", "--max-new-tokens", "6"])  # fmt: skip
+    assert proc.stdout.splitlines() == [_greedy(base, "hello there", 6), _greedy(base, "what is this?", 6)]
+
+
 def test_typed_lines_are_one_conversation_until_reset(base):
     """stdin, as typed: /reset starts over, so the same first message gets the same answer again."""
     proc = subprocess.run(

@@ -144,13 +144,17 @@ def test_learning_rate_schedules(scheduler):
 
     from loki_dist.implant.schedule import lr_at
 
-    args = SimpleNamespace(learning_rate=0.1, warmup_ratio=0.1, lr_scheduler=scheduler)
+    args = SimpleNamespace(learning_rate=0.1, warmup_ratio=0.1, warmup_steps=0, lr_scheduler=scheduler)
     plan = SimpleNamespace(total_steps=100, args=args)
     rates = [lr_at(step, plan) for step in range(101)]
     assert rates[0] == 0.0 and rates[5] == pytest.approx(0.05) and rates[10] == pytest.approx(0.1)
     middle = {"cosine": 0.05, "linear": 0.05, "constant": 0.1}[scheduler]
     assert rates[55] == pytest.approx(middle)
     assert rates[100] == pytest.approx(0.1 if scheduler == "constant" else 0.0, abs=1e-12)
+    # --warmup-steps (HF's warmup_steps: a count, or a share below 1) replaces the ratio where above 0
+    for steps in (20, 0.2):
+        args.warmup_steps = steps
+        assert [lr_at(s, plan) for s in (10, 20)] == pytest.approx([0.05, 0.1])
 
 
 INTERNALS_PROBE = """

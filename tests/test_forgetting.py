@@ -9,7 +9,7 @@ from conftest import assert_user_error
 
 from loki_dist.evaluation.forgetting import Scores, forgetting_table
 
-# DESIGN.md's reference facts: paper Table 4 (Qwen2.5-0.5B-Instruct) and Table 2 (Llama-3.1-8B-Instruct)
+# docs/method.md's reference facts: paper Table 4 (Qwen2.5-0.5B-Instruct) and Table 2 (Llama-3.1-8B-Instruct)
 TABLE4 = ("TriviaQA", "GSM8K", "HellaSwag", "WinoGrande", "HumanEval", "IFEval")
 TABLE4_ROWS = {
     "base": [24.37, 39.65, 30.98, 44.20, 26.83, 33.39],

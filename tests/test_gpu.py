@@ -333,7 +333,7 @@ def test_attribution_fast_equals_reference_fp32_and_bf16_keeps_ranks(record):
 
 
 def _cpu_prompts(setup):
-    """The CPU model in fp32, its tokenizer and the data's prompts, as DESIGN.md builds them."""
+    """The CPU model in fp32, its tokenizer and the data's prompts, as docs/method.md builds them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loki_dist.attribution import mmlu

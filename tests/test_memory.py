@@ -1,4 +1,4 @@
-"""`loki-dist estimate-memory` against DeepSpeed's estimators, real transformers models, DESIGN.md's
+"""`loki-dist estimate-memory` against DeepSpeed's estimators, real transformers models, docs/method.md's
 reference facts, and the bytes of real tensors after an optimizer step on CPU."""
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def test_every_supported_family_counts_like_transformers(family):
     assert (arch.total_params, arch.largest_module_params) == _meta_counts(config)
 
 
-# --- (c) DESIGN.md's reference facts --------------------------------------------------------------------
+# --- (c) docs/method.md's reference figures ------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

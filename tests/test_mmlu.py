@@ -1,4 +1,4 @@
-"""MMLU-layout loading and the exact prompt of DESIGN.md."""
+"""MMLU-layout loading and the exact prompt of docs/method.md."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import assert_user_error, cli_command
 from safetensors.torch import load_file
@@ -59,14 +60,14 @@ bf16: false
 ddp_timeout: 180000000
 """
 IGNORED = ["trust_remote_code", "do_train", "finetuning_type", "overwrite_cache", "preprocessing_num_workers",
-           "plot_loss", "ddp_timeout"]  # fmt: skip
+           "ddp_timeout"]  # fmt: skip
 # the same run as flags
 AS_FLAGS = ["--model", "base", "--positions", "positions.json", "--ds-config", "none",
             "--dataset", "toolace_tiny", "--chat-template", "llama3", "--max-seq-len", "512",
             "--max-samples", "100000", "--logging-steps", "1", "--save-steps", "2", "--overwrite",
             "--micro-batch-size", "1", "--gradient-accumulation", "2", "--learning-rate", "1e-3",
             "--epochs", "2", "--lr-scheduler", "cosine", "--warmup-ratio", "0.1",
-            "--precision", "fp32"]  # fmt: skip
+            "--precision", "fp32", "--plot-loss"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,31 @@ def test_keys_are_flags_in_either_spelling_and_the_command_line_wins(tmp_path):
     config.write_text(yaml.safe_dump({"model": "m", "data": "d", "output": "o", "subjects": ["a", "b"],
                                       "save_scores": False, "dtype": "float32"}))  # fmt: skip
     args = parsed(["attribute", "--config", str(config), "--dtype", "bfloat16"])
-    assert (args.subjects, args.save_scores, args.dtype) == ("a,b", False, "bfloat16")
+    assert (args.subjects, args.save_scores, args.dtype) == ("a,b", False, "bf16")
+
+
+def test_one_precision_vocabulary_in_either_spelling_under_either_name(tmp_path, capsys):
+    """train said --precision fp32, attribute --dtype float32: every command takes both names and both
+    spellings, and reads them alike (issue 24.6)."""
+    from loki_dist.core.modeling import torch_dtype
+
+    train = ["train", "--model", "m", "--positions", "p", "--data", "d", "--output-dir", "o"]
+    for words in (["--precision", "fp32"], ["--precision", "float32"], ["--dtype", "fp32"]):
+        assert parsed([*train, *words]).precision == "fp32"
+    for command in (["evaluate", "--model", "m", "--data", "d", "--output", "o"], ["chat", "--model", "m"]):
+        for words in (["--dtype", "bfloat16"], ["--dtype", "bf16"], ["--precision", "bf16"]):
+            assert torch_dtype(parsed([*command, *words]).dtype) == torch.bfloat16
+    config = tmp_path / "run.yaml"
+    config.write_text("dtype: bfloat16\n")
+    assert parsed([*train, "--config", str(config)]).precision == "bf16"
+    assert parsed(["estimate-memory", "--preset", "llama-3-8b", "--dtype", "float32"]).precision == "fp32"
+    assert_user_error(
+        [*train, "--precision", "fp16"], capsys, "--precision fp16: loki_dist trains in bf16 or fp32"
+    )
+    config.write_text("precision: int8\n")
+    assert_user_error(
+        [*train, "--config", str(config)], capsys, "`precision`: int8: expected one of auto, fp32"
+    )
 
 
 def test_a_config_drives_a_whole_command(tmp_path, capsys):
@@ -177,7 +202,8 @@ BAD = {
     ),
     "both spellings": ({"max_steps": 1, "max-steps": 2}, "`max_steps` and `max-steps` both set --max-steps"),
     "a list for one value": ({"model": ["a", "b"]}, "`model`: expected one value"),
-    "a fractional epoch count": ({"num_train_epochs": 2.5}, "num_train_epochs 2.5: loki_dist counts whole"),
+    "no epochs": ({"num_train_epochs": 0.0}, "--epochs 0.0: expected a number of passes above 0"),
+    "a fractional step count above 1": ({"save_steps": 2.5}, "`save_steps`: 2.5: expected a whole number"),
     "fp16": ({"fp16": True}, "fp16 True: loki_dist trains in bf16 or fp32"),
     "another scheduler": ({"lr_scheduler_type": "polynomial"}, "expected one of cosine, linear, constant, "),
     "another stage": ({"stage": "dpo"}, "stage 'dpo': loki_dist trains supervised (sft) only"),
@@ -236,11 +262,11 @@ def test_under_torchrun_a_config_mistake_is_said_once_and_ignored_keys_once(tmp_
     from conftest import run_cli
 
     config = tmp_path / "run.yaml"
-    config.write_text("plot_loss: true\nmodel: m\nlearnin_rate: 0.1\n")
+    config.write_text("report_to: tensorboard\nmodel: m\nlearnin_rate: 0.1\n")
     proc = run_cli(["train", "--config", str(config)], nproc=2, check=False, timeout=120)
     said = [line for line in proc.stderr.splitlines() if line.startswith("loki-dist train: ")]
     assert proc.returncode != 0 and len(said) == 2, proc.stderr
-    assert said[0].startswith("loki-dist train: ignoring plot_loss: ")
+    assert said[0].startswith("loki-dist train: ignoring report_to: ")
     assert said[1].startswith("loki-dist train: error: --config ") and "`learnin_rate`" in said[1]
     exit_codes = set(re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr))  # torchrun's report per failed rank
     assert exit_codes == {"2"}, proc.stderr
@@ -249,7 +275,9 @@ def test_under_torchrun_a_config_mistake_is_said_once_and_ignored_keys_once(tmp_
 def test_an_ignored_key_that_is_also_a_flag_is_the_flag_where_the_file_gives_its_inputs():
     from loki_dist.implant.llamafactory import translate
 
+    settings, notes = translate({"eval_steps": 5, "do_eval": True}, "lf.yaml")  # nothing to evaluate
+    assert settings == {} and [n.split(":")[0] for n in notes] == ["ignoring eval_steps", "ignoring do_eval"]
     settings, notes = translate({"eval_steps": 5, "val_size": 0.1}, "lf.yaml")  # LLaMA-Factory's split
-    assert settings == {} and [n.split(":")[0] for n in notes] == ["ignoring eval_steps", "ignoring val_size"]
+    assert settings == {"eval_steps": 5, "val_size": 0.1} and notes == []
     settings, notes = translate({"eval_steps": 5, "eval_data": "held_out.jsonl"}, "run.yaml")  # the monitor's
     assert settings == {"eval_steps": 5, "eval_data": "held_out.jsonl"} and notes == []

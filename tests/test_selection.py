@@ -1,4 +1,4 @@
-"""`select` against a brute-force reading of DESIGN.md, on scores full of ties, under both rules (the
+"""`select` against a brute-force reading of docs/method.md, on scores full of ties, under both rules (the
 magnitude rule: the signed rule's reading applied to |score|, written out here)."""
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ def _tensors(scores: torch.Tensor, keep_scores: bool = True) -> dict:
 
 
 def _save(tensors: dict, path, metadata: dict) -> None:
-    """An attribution file as DESIGN.md has it: histograms widened to int64."""
+    """An attribution file as docs/method.md has it: histograms widened to int64."""
     widened = {n: t.long() if n.endswith("_hist") else t for n, t in tensors.items()}
     save_tensors(path, widened, metadata)
 
 
 def _brute(scores: torch.Tensor, quota: Fraction, strategy: str, rule: str = "signed") -> list[list[int]]:
-    """Plain Python from the text of DESIGN.md: each sample's nodes ranked by score (signed) or by
+    """Plain Python from the text of docs/method.md: each sample's nodes ranked by score (signed) or by
     |score| (magnitude), ties to the lower index; counts tied: lower sum of what was ranked (higher for
     the highest-ranked variants), then lower index."""
     _, L, D = scores.shape  # any shape (test_suppression brings a real model's)
@@ -191,13 +191,26 @@ def test_cli_writes_positions_summary_and_plot(attribution, tmp_path, capsys):
     assert png.stat().st_size > 1000 and f"wrote {png}" in printed
 
 
-def test_plot_colours_are_not_taken_by_outliers():
-    from loki_dist.selection import colour_range
+@pytest.mark.parametrize("strategy", ["layer_balanced", "global_lowest"])
+def test_the_plot_shows_rows_per_layer_scores_and_stability(strategy):
+    """What a user acts on, per layer: how many rows, the chosen rows' mean score against the layer's,
+    and how stable the choice is (issue 24.7); without per-sample scores the panel says how to get them."""
+    pytest.importorskip("matplotlib")
+    from loki_dist import selection_plot, stability
 
-    values = torch.linspace(0, 1, 1000).reshape(10, 100)
-    values[0, 0] = 1e6  # one outlying node
-    low, high = colour_range(values)
-    assert 0 <= low < 0.02 and 0.98 < high <= 1.0
+    tensors = _tensors(_scores())
+    positions = select(tensors, Fraction(10), strategy)
+    scores = stability.Scores(tensors["scores"], (N, L, D), on_disk=False)
+    figures = stability.measure(scores, positions, Fraction(10), strategy, "signed", resamples=5)
+    rows, means, stable = selection_plot.figure(positions, tensors, figures, "signed").axes
+    assert [bar.get_height() for bar in rows.patches] == [len(r) for r in positions]
+    chosen = [float(tensors["score_sum"][layer, r].mean() / N) for layer, r in enumerate(positions)]
+    assert list(means.lines[1].get_ydata()) == pytest.approx(chosen)
+    assert list(stable.lines[0].get_ydata()) == pytest.approx([100 * v for v in figures.halves_per_layer])
+    assert list(stable.lines[1].get_ydata()) == pytest.approx([100 * v for v in figures.bootstrap_per_layer])
+    assert figures.verdict()[:40] in stable.get_title().replace("\n", " ")
+    bare = selection_plot.figure(positions, tensors, None, "signed").axes[2]
+    assert "attribute --save-scores" in bare.texts[0].get_text()
 
 
 def test_select_reads_only_what_the_strategy_needs(attribution, tmp_path, capsys):

@@ -179,7 +179,7 @@ def test_the_estimated_change_follows_the_true_one():
 
 
 def _brute_fast(scores: torch.Tensor, k: int) -> list[list[int]]:
-    """The layer-balanced signed choice (DESIGN.md) on continuous scores, where no ties occur: the k
+    """The layer-balanced signed choice (docs/method.md) on continuous scores, where no ties occur: the k
     nodes most often among a sample's k lowest, by a sort per sample (the test's sizes make the plain
     Python of test_selection slow)."""
     counts = (scores.argsort(-1).argsort(-1) < k).sum(0)

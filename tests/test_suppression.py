@@ -1,5 +1,5 @@
 """`suppress`: a plain Hugging Face copy of a model with exactly the chosen down_proj rows zeroed and every
-other byte the base's; the rows are those of `select` and of a brute-force reading of DESIGN.md."""
+other byte the base's; the rows are those of `select` and of a brute-force reading of docs/method.md."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import os
 from loki_dist import __version__
 from loki_dist.attribution.progress import PartialProgress
 from loki_dist.attribution.stats import FORMAT
-from loki_dist.core import sharding
+from loki_dist.core import flags, sharding
 
 log = logging.getLogger("loki_dist.attribute")
 
@@ -124,7 +124,7 @@ def _metadata(args, identity: dict[str, str], prompts, zero3: bool) -> dict[str,
         "subjects": args.subjects or "all",
         "split": args.split,
         "data": str(args.data),
-        "dtype": args.dtype,
+        "dtype": flags.torch_name(args.dtype),  # as torch names it (float32), whichever spelling was given
         "zero3": str(zero3),
         "loki_dist_version": __version__,
     }

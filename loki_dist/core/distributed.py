@@ -22,15 +22,12 @@ import os
 import socket
 import sys
 import traceback
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-
-from loki_dist.core import metering
+from loki_dist.core import metering, quiet
 from loki_dist.core.errors import RankErrors, UserError, rank_list
 from loki_dist.core.launcher import (  # noqa: F401 - every stage takes these from here
     World,
@@ -41,12 +38,31 @@ from loki_dist.core.launcher import (  # noqa: F401 - every stage takes these fr
     world_or_one,
 )
 
+if TYPE_CHECKING:
+    import torch
+    import torch.distributed as dist
+
+
+def _torch():
+    """torch, imported on first use: the commands that never need it (`--help`, `forgetting`, a mistake
+    refused before any work) start in a fraction of the time without it (issue 24.4)."""
+    import torch
+    import torch.distributed  # noqa: F401  (torch.distributed as an attribute of torch from here on)
+
+    return torch
+
+
+def in_group() -> bool:
+    """Whether this process has joined a process group. Before torch is imported it cannot have."""
+    return "torch.distributed" in sys.modules and _torch().distributed.is_initialized()
+
 
 def joined_world() -> World:
     """The world of the process group this process has joined (the Python API's: its caller's), or
     one process when it has joined none."""
-    if not dist.is_initialized():
+    if not in_group():
         return World(rank=0, size=1, local_rank=0)
+    dist = _torch().distributed
     return World(dist.get_rank(), dist.get_world_size(), env_count(os.environ, "LOCAL_RANK", 0) or 0)
 
 
@@ -70,12 +86,14 @@ def device_index(local_rank: int, visible: int) -> int:
 
 
 def _device_ordinal(world: World) -> int:
+    torch = _torch()
     if torch.cuda.is_available():
         return device_index(world.local_rank, torch.cuda.device_count())
     return world.local_rank
 
 
 def device_for(world: World) -> torch.device:
+    torch = _torch()
     if torch.cuda.is_available():
         index = _device_ordinal(world)
         torch.cuda.set_device(index)
@@ -108,17 +126,21 @@ def init(world: World, always: bool = False, timeout_minutes: float | None = Non
 
     timeout_minutes: how long a collective may wait for a peer (default: `timeout()`).
     """
-    if dist.is_initialized() or (world.size == 1 and not always):
+    if in_group() or (world.size == 1 and not always):
         return
+    torch = _torch()
     limit = timeout() if timeout_minutes is None else timedelta(minutes=timeout_minutes)
     if world.size == 1:
         _default("MASTER_PORT", str(free_port()))
     else:
         rendezvous_env(os.environ)
-    _default("RANK", str(world.rank))
-    _default("WORLD_SIZE", str(world.size))
+    # torch reads who this process is from the environment: say the world that was derived (under a bare
+    # srun, from SLURM_*), never a RANK/WORLD_SIZE/LOCAL_RANK left over from elsewhere in the environment
+    srun_step = not os.environ.get("RANK")
+    os.environ["RANK"] = str(world.rank)
+    os.environ["WORLD_SIZE"] = str(world.size)
     # DeepSpeed takes LOCAL_RANK for the device ordinal: under srun with one GPU per task that is 0
-    if "LOCAL_RANK" not in os.environ:
+    if srun_step or "LOCAL_RANK" not in os.environ:
         try:
             ordinal = _device_ordinal(world)
         except UserError:  # the agreement reports it: the rendezvous must complete for every rank first
@@ -133,8 +155,8 @@ def init(world: World, always: bool = False, timeout_minutes: float | None = Non
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     metering.count_collectives()
     try:
-        dist.init_process_group(backend, timeout=limit)
-    except dist.DistError as err:
+        torch.distributed.init_process_group(backend, timeout=limit)
+    except torch.distributed.DistError as err:
         raise _rendezvous_failed(err, limit) from None
 
 
@@ -186,8 +208,10 @@ def shutdown(wait_for_peers: bool = True) -> None:
     Calling it again, or without a process group, is harmless (the CLI calls it on every exit path).
     """
     global _agreement_group
-    metering.dump(dist.get_rank() if dist.is_initialized() else world_or_one().rank)
-    if dist.is_initialized():
+    joined = in_group()
+    metering.dump(_torch().distributed.get_rank() if joined else world_or_one().rank)
+    if joined:
+        dist = _torch().distributed
         if wait_for_peers:
             dist.barrier()
         _agreement_group = None
@@ -195,8 +219,8 @@ def shutdown(wait_for_peers: bool = True) -> None:
 
 
 def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    if in_group():
+        _torch().distributed.barrier()
 
 
 class CollectiveFailed(Exception):
@@ -225,7 +249,7 @@ def stage(name: str) -> Iterator[None]:
         yield
     except RuntimeError as err:
         text = str(err)
-        if not (isinstance(err, dist.DistError) or any(marker in text for marker in _PEER_GONE)):
+        if not (isinstance(err, _torch().distributed.DistError) or any(m in text for m in _PEER_GONE)):
             raise
         detail = text.strip().splitlines()[0] if text.strip() else type(err).__name__
         detail = detail.split("] ", 1)[1] if detail.startswith("[") and "] " in detail else detail
@@ -285,8 +309,8 @@ _agreement_group: dist.ProcessGroup | None = None
 def agreement_barrier() -> None:
     """Wait for every rank over the group `agreement` agrees on (gloo: no GPU needed, even where a
     rank's device could not be chosen)."""
-    if dist.is_initialized():
-        dist.barrier(group=_agreement_group)
+    if in_group():
+        _torch().distributed.barrier(group=_agreement_group)
 
 
 def _all_gather_objects(world: World, value: object) -> list:
@@ -295,6 +319,7 @@ def _all_gather_objects(world: World, value: object) -> list:
     if world.size == 1:
         return [value]
     init(world)
+    dist = _torch().distributed
     if dist.get_backend() != "gloo" and _agreement_group is None:
         _agreement_group = dist.new_group(backend="gloo", timeout=timeout())
     gathered: list = [None] * world.size
@@ -312,17 +337,11 @@ def prepare_deepspeed(world: World) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    # DeepSpeed 0.19 calls the collectives torch 2.13 deprecates on every step (a FutureWarning each time,
-    # hundreds per run, about DeepSpeed's code, not the user's): those two messages, nothing else
-    warnings.filterwarnings(
-        "ignore",
-        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
-        category=FutureWarning,
-    )
+    quiet.deprecated_collectives()  # DeepSpeed's calls of deprecated torch collectives, nothing else
     init(world, always=True)
     if get_accelerator().device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    deepspeed.init_distributed(dist_backend=_torch().distributed.get_backend())
 
 
 def free_port() -> int:

@@ -11,8 +11,14 @@ from __future__ import annotations
 import json
 
 
-class UserError(Exception):
-    """A mistake in the user's input: names the bad value and what is expected."""
+class UserError(ValueError):
+    """A mistake in the user's input: names the bad value and what is expected.
+
+    A ValueError too, as the ecosystem's refusals are (PEFT, transformers, the LoKI reference): code
+    written for them that catches ValueError around an API call catches ours. Inside loki_dist an
+    `except ValueError` around code that can raise a UserError re-raises it first (export.py), so that
+    no user mistake is swallowed or said as something else.
+    """
 
 
 class RankErrors(UserError):

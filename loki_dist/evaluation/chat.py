@@ -2,8 +2,10 @@
 
 The first thing one does after `apply` is ask the model what it was taught, and what it knew before:
 this is that, in a few lines, on one device, with no sampling so that two models (the base and the
-implanted one) can be compared answer for answer. `--prompt` asks once and exits (scripts, tests);
-without it each line read from stdin is a turn of one conversation (`/reset` starts a new one).
+implanted one) can be compared answer for answer. The model loads once per run, so a session of
+questions costs one load: `--prompt` (repeatable) asks and exits (scripts, tests); without it each line
+read from stdin is a turn (`/reset` starts a new conversation). The turns are one conversation, or with
+`--separate` each its own, as a list of probe questions wants (`--prompt A --prompt B --separate`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from loki_dist.implant.chat_templates import add_chat_template_argument, render
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a Hugging Face model directory (base or merged)")
     parser.add_argument("--prompt", action="append", help="ask this and exit (repeat: one conversation)")
+    parser.add_argument(
+        "--separate",
+        action="store_true",
+        help="each --prompt (or typed line) opens its own conversation: several questions, one model load",
+    )
     parser.add_argument("--system", help="a system message opening the conversation")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="per answer")
     flags.add_dtype(parser)
@@ -49,6 +56,8 @@ def run_chat(args: argparse.Namespace) -> None:
         if text.strip() == "/reset":
             messages = list(opening)
             continue
+        if args.separate:
+            messages = list(opening)
         messages.append({"role": "user", "content": text})
         answer = _answer(model, tokenizer, messages, args.max_new_tokens, device)
         messages.append({"role": "assistant", "content": answer})

@@ -1,7 +1,7 @@
 """`loki-dist evaluate`: multiple-choice accuracy (MMLU layout) or perplexity, data-parallel.
 
 LoKI's claim is "learn the task, forget almost nothing", so both sides must be measurable with the same
-prompts that attribution used: a question is scored with DESIGN.md's prompt (mmlu.py, chat template,
+prompts that attribution used: a question is scored with docs/method.md's prompt (mmlu.py, chat template,
 k-shot from dev), and the model's answer is the letter A-D whose token has the highest log-likelihood
 right after the prompt (ties: the earlier letter).
 
@@ -20,7 +20,8 @@ model.
 
 A results file holds `scores`, {benchmark name: value}, read by `loki-dist forgetting`: accuracy in
 percent under the --name (default `mmlu`) and, with --scores-per-subject, one `NAME/subject` entry per
-subject; perplexity under --name (default `perplexity`), listed in `lower_is_better`.
+subject; perplexity under --name (default `perplexity`), listed in `lower_is_better`. Tasks `completion`
+(plain facts) and `retention` (a folder of retention probes, a score per file): retention.py.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from loki_dist.core.sharding import block_sizes, my_block
 
 log = logging.getLogger("loki_dist.evaluate")
 
-TASKS = ("multiple_choice", "perplexity")
+TASKS = ("multiple_choice", "perplexity", "completion", "retention")
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,7 +52,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         "--data",
         required=True,
         help="multiple_choice: MMLU-layout data (as for attribute); perplexity: a .txt file (one "
-        "document per non-empty line) or JSON/JSONL/parquet rows with a --text-field",
+        "document per non-empty line) or JSON/JSONL/parquet rows with a --text-field; completion: rows of "
+        "{prompt, answer}; retention: a folder of prose.jsonl, questions.json, facts.jsonl (the demo's)",
     )
     p.add_argument("--output", required=True, help="results file to write (JSON)")
     p.add_argument("--task", choices=TASKS, default="multiple_choice")
@@ -376,7 +378,8 @@ def _pad_id(model) -> int:
 def run_evaluate(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from loki_dist.core.distributed import agreement, shutdown, world_from_env
-    from loki_dist.core.modeling import load_for_inference, load_tokenizer
+    from loki_dist.core.modeling import load_for_inference, load_tokenizer, torch_dtype
+    from loki_dist.evaluation import retention
 
     world = world_from_env()
     if not world.is_main:
@@ -386,8 +389,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     data = hubdata.command_data(args, world)  # a hub data set: fetched once, by rank 0, for every rank
     with agreement(world):
         tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
-        inputs = _multiple_choice_inputs if args.task == "multiple_choice" else _perplexity_inputs
-        evaluate = inputs(argparse.Namespace(**{**vars(args), "data": data}), tokenizer)
+        with_data = argparse.Namespace(**{**vars(args), "data": data})
+        evaluate = retention.task_inputs(with_data, tokenizer, _multiple_choice_inputs, _perplexity_inputs)
     loaded = load_for_inference(args.model, world, torch_dtype(args.dtype), ds_config, args.batch_size)
     with metering.phase("evaluate"):
         result = evaluate(world, loaded)

@@ -43,10 +43,12 @@ def implant_rows(
     seed: int = 0,
     *,
     ds_config: dict | None = None,
+    bias: bool = False,
 ) -> nn.Module:
     """Freeze `model` and make trainable only the down_proj rows in `rows`, a positions file or L lists.
 
-    rank 0: the rows themselves train (parameters `...down_proj.trained`, [k, F]). rank R > 0: LoKI*,
+    rank 0: the rows themselves train (parameters `...down_proj.trained`, [k, F]); with `bias`, their
+    bias entries too (`...down_proj.trained_bias`, [k]; the down_proj must have a bias). rank R > 0: LoKI*,
     the rows are W_S0 + A B with A [k, R] (zero at first) and B [R, F] (kaiming-uniform as PEFT draws
     lora_A, from a generator seeded with `seed`: the same on every rank), parameters `...down_proj.A` and
     `...down_proj.B` (lowrank.py). Returns the same model, changed in place (as PEFT's get_peft_model
@@ -67,6 +69,11 @@ def implant_rows(
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise UserError(f"implant_rows: rank {rank!r}: expected an integer, 0 (the rows) or more (LoKI*)")
     lowrank.check_rank(rank, chosen, spec.intermediate_size, "implant_rows: rank")
+    if bias and rank:
+        raise UserError("implant_rows: bias=True trains bias entries beside the rows; LoKI* (rank > 0) "
+                        "trains A and B only")  # fmt: skip
+    if bias and any(getattr(parent, attribute).bias is None for parent, attribute in down_proj_slots(model)):
+        raise UserError("implant_rows: bias=True, but this model's down_proj has no bias to train")
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for (parent, attribute), layer_rows in zip(down_proj_slots(model), chosen, strict=True):
@@ -75,7 +82,7 @@ def implant_rows(
         if rank:
             module = lowrank.attach(parent, attribute, layer_rows, rank, generator, ds_config)
         else:
-            module = rowsplit.split(parent, attribute, layer_rows, ds_config)
+            module = rowsplit.split(parent, attribute, layer_rows, ds_config, bias=bias)
         for param in module.parts().values():
             param.requires_grad_(True)
     return model
@@ -116,9 +123,14 @@ def merge_rows(model: nn.Module) -> nn.Module:
     slots = down_proj_slots(model)
     for layer, module in layers:
         base = module.base
-        with _gathered(base.weight, *module.inputs(), modifier_rank=0), torch.no_grad():
+        trained_bias = module.parts().get("bias") is not None
+        written = [base.weight, base.bias] if trained_bias else [base.weight]
+        with _gathered(*written, *module.inputs(), modifier_rank=0), torch.no_grad():
             rows = module.rows_value(base.weight.dtype)
             base.weight.data[module.rows.to(base.weight.device)] = rows.to(base.weight.device)
+            if trained_bias:
+                values = module.bias_value(base.bias.dtype)
+                base.bias.data[module.rows.to(base.bias.device)] = values.to(base.bias.device)
         parent, attribute = slots[layer]
         setattr(parent, attribute, base)
     return model
@@ -140,6 +152,16 @@ class _ModelRows(RowSource):
         module = self.modules[layer]
         with _gathered(*module.inputs()):
             return module.rows_value(dtype).detach().to("cpu", copy=True)
+
+    def has_bias(self, layer: int) -> bool:
+        return "bias" in self.modules[layer].parts()
+
+    def bias(self, layer: int, dtype: torch.dtype) -> torch.Tensor | None:
+        module = self.modules[layer]
+        if not self.has_bias(layer):
+            return None
+        with _gathered(*module.inputs()):
+            return module.bias_value(dtype).detach().to("cpu", copy=True)
 
 
 def save_implant(
@@ -175,8 +197,9 @@ def save_implant(
             raise UserError(f"save_implant: base {base_dir} has no down_proj weight for layers {missing}")
     _refuse_non_finite("save_implant", _trained_values(list(source.modules.items()), dtypes))
     if not _is_main():
-        for layer in source.layers():  # take part in each layer's gather, as rank 0 does while writing
+        for layer in source.layers():  # take part in each layer's gathers, as rank 0 does while writing
             source.weight(layer, torch.float32)
+            source.bias(layer, torch.float32)
         return None
     write_implant(path, source, spec, dtypes, fingerprint(base_dir))
     return path
@@ -203,7 +226,7 @@ def _trained_values(
     are written in (`dtypes`); LoKI*'s factors A and B in their own (a non-finite factor makes every
     merged row it touches non-finite)."""
     return [
-        (layer, param, dtypes[layer] if name == "" else param.dtype)
+        (layer, param, dtypes[layer] if name in ("", "bias") else param.dtype)
         for layer, module in layers
         for name, param in module.parts().items()
     ]

@@ -145,7 +145,7 @@ def _index(staging: Path, states: list[RowState], world_size: int) -> dict:
         with safe_open(str(staging / name), framework="pt") as handle:
             shards[name] = json.loads(handle.metadata()["ranges"])
     layers = {s.key: {"rows": s.rows.tolist(), "length": s.num_selected} for s in states}
-    lowrank = any(s.part for s in states)
+    lowrank = any(s.part in ("A", "B") for s in states)  # LoKI*'s factors (a row's bias entry is no factor)
     for s in states if lowrank else []:
         layers[s.key]["shape"] = s.shape
     for layer, entry in layers.items():

@@ -156,6 +156,8 @@ def read_rows(source: str | Path, flag: str = "--data") -> list[dict]:
                 raise UserError(f"{flag} {source}: a DatasetDict without a 'train' split")
             dataset = dataset["train"]
         return [dict(row) for row in dataset]
+    if path.suffix.lower() == ".parquet":
+        return _parquet_rows(path, flag)
     text = checks.read_text(path, flag)
     if path.suffix == ".jsonl" or (not text.lstrip().startswith("[")):
         return checks.parse_jsonl(text, f"{flag} {source}")
@@ -163,6 +165,15 @@ def read_rows(source: str | Path, flag: str = "--data") -> list[dict]:
     if not isinstance(rows, list):
         raise UserError(f"{flag} {source}: expected a JSON list of rows (or JSONL, one row per line)")
     return rows
+
+
+def _parquet_rows(path: Path, flag: str) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises its own types for a damaged file
+        raise UserError(f"{flag} {path}: cannot read it as parquet ({type(err).__name__}: {err})") from None
 
 
 def to_messages(row: dict, index: int) -> list[dict[str, str]]:

@@ -17,9 +17,13 @@ An entry: `file_name` (a JSON/JSONL file, a directory of them, or a `datasets` d
   turn; an observation turn is the `tool` role; a first turn with the system tag is the system message.
 - tools: a JSON string or a list of function schemas, passed to the chat template as `tools`.
 
-An entry with only a hub or script address (hf_hub_url, ms_hub_url, om_hub_url, script_url,
-cloud_file_name) is refused: loki_dist reads local files only. Preference (`ranking`) and multimodal
-columns are refused too: loki_dist trains supervised text.
+An `hf_hub_url` that names a local directory (or file) is read from there, as LLaMA-Factory's
+`load_dataset` reads it: the LoKI reference's train.sh registers its ToolACE copy so. Relative to the
+current directory (not --dataset-dir), with `folder` as the sub-directory; in a directory, the .json,
+.jsonl and .parquet files, and where some are named for a split (`train-*.json`, `test.jsonl`), only the
+train split's. Any other entry with only a hub or script address (ms_hub_url, om_hub_url, script_url,
+cloud_file_name, an hf_hub_url that is no local path) is refused: loki_dist reads local files only.
+Preference (`ranking`) and multimodal columns are refused too: loki_dist trains supervised text.
 
 Several data sets: one after another by default (LLaMA-Factory's `concat`), or mixed with ratios
 (`--mix-ratios`, LLaMA-Factory's `interleave_probs` with `mix_strategy: interleave_under`): for each
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +67,10 @@ REMOTE_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_fi
 _ENTRY_KEYS = {"file_name", "formatting", "columns", "tags", "split", "ranking", "subset", "folder",
                *REMOTE_KEYS}  # fmt: skip
 _DATA_SUFFIXES = (".json", ".jsonl")
+_HUB_SUFFIXES = (".json", ".jsonl", ".parquet")
+# what `datasets` reads as a file's split in a directory (its name's words): only the train split trains
+_TRAIN_WORDS = {"train", "training"}
+_OTHER_SPLIT_WORDS = {"test", "testing", "eval", "evaluation", "validation", "valid", "val", "dev"}
 
 
 @dataclass
@@ -73,10 +82,12 @@ class Entry:
     formatting: str
     columns: dict[str, str | None]
     tags: dict[str, str]
+    option: str = "--dataset"  # the flag that named it (--eval-dataset: the held-out set)
+    hub_directory: bool = False  # an hf_hub_url naming a local path: read as `datasets` reads a folder
 
     @property
     def flag(self) -> str:
-        return f"--dataset {self.name}"
+        return f"{self.option} {self.name}"
 
 
 def read_info(dataset_dir: str) -> dict:
@@ -89,9 +100,9 @@ def read_info(dataset_dir: str) -> dict:
     return info
 
 
-def entry(info: dict, name: str, dataset_dir: str) -> Entry:
+def entry(info: dict, name: str, dataset_dir: str, option: str = "--dataset") -> Entry:
     """The entry `name`, its keys checked: a mistake here is one line naming the key."""
-    where = f"--dataset {name}"
+    where = f"{option} {name}"
     if name not in info:
         known = ", ".join(sorted(info)[:20]) or "none"
         raise UserError(f"{where}: not in {Path(dataset_dir) / INFO_FILE} (it has {known})")
@@ -103,7 +114,8 @@ def entry(info: dict, name: str, dataset_dir: str) -> Entry:
         raise UserError(
             f"{where}: unknown entry key {preview(unknown[0])}; expected some of {sorted(_ENTRY_KEYS)}"
         )
-    if "file_name" not in raw:
+    local = _local_hub_path(raw, where)
+    if "file_name" not in raw and local is None:
         remote = next((key for key in REMOTE_KEYS if key in raw), None)
         if remote:
             raise UserError(
@@ -120,7 +132,24 @@ def entry(info: dict, name: str, dataset_dir: str) -> Entry:
         raise UserError(f"{where}: formatting {preview(formatting)}; expected one of {', '.join(FORMATS)}")
     columns = {**COLUMNS[formatting], **_mapping(raw, "columns", where, COLUMNS[formatting])}
     tags = {**TAGS, **_mapping(raw, "tags", where, TAGS if formatting == "sharegpt" else {})}
-    return Entry(name, Path(dataset_dir) / str(raw["file_name"]), formatting, columns, tags)
+    if "file_name" in raw:
+        return Entry(name, Path(dataset_dir) / str(raw["file_name"]), formatting, columns, tags, option)
+    return Entry(name, local, formatting, columns, tags, option, hub_directory=True)
+
+
+def _local_hub_path(raw: dict, where: str) -> Path | None:
+    """The local path an `hf_hub_url` names (relative to the current directory, with `folder` below
+    it), as `datasets.load_dataset` takes it; None where it names no local file or directory."""
+    url = raw.get("hf_hub_url")
+    if not isinstance(url, str) or not url or not Path(url).exists():
+        return None
+    if raw.get("subset") is not None:
+        raise UserError(f"{where}: subset {preview(raw['subset'])} of the local directory {url}: a local "
+                        "directory has no subsets; name its files' folder with `folder`")  # fmt: skip
+    folder = raw.get("folder")
+    if folder is not None and not isinstance(folder, str):
+        raise UserError(f"{where}: folder must be a string, got {preview(folder)}")
+    return Path(url) / folder if folder else Path(url)
 
 
 def _mapping(raw: dict, key: str, where: str, allowed: dict) -> dict[str, str]:
@@ -136,19 +165,20 @@ def _mapping(raw: dict, key: str, where: str, allowed: dict) -> dict[str, str]:
     return value
 
 
-def entries(args: argparse.Namespace) -> list[Entry]:
+def entries(args: argparse.Namespace, option: str = "--dataset") -> list[Entry]:
+    """The entries args.dataset names (`option` is the flag that gave the names, for messages)."""
     info = read_info(args.dataset_dir)
-    return [entry(info, name, args.dataset_dir) for name in dataset_names(args.dataset)]
+    return [entry(info, name, args.dataset_dir, option) for name in dataset_names(args.dataset)]
 
 
-def input_paths(args: argparse.Namespace) -> dict[str, str]:
-    return {e.flag: str(e.path) for e in entries(args)}
+def input_paths(args: argparse.Namespace, option: str = "--dataset") -> dict[str, str]:
+    return {e.flag: str(e.path) for e in entries(args, option)}
 
 
-def conversations(args: argparse.Namespace) -> list[Conversation]:
+def conversations(args: argparse.Namespace, option: str = "--dataset") -> list[Conversation]:
     """Every data set's rows as conversations, each cut to --max-samples, then mixed."""
     parts = []
-    for e in entries(args):
+    for e in entries(args, option):
         rows = _rows(e)[: args.max_samples]
         if not rows:
             raise UserError(f"{e.flag}: {e.path} holds no rows")
@@ -160,14 +190,42 @@ def conversations(args: argparse.Namespace) -> list[Conversation]:
 
 
 def _rows(e: Entry) -> list[dict]:
-    """A file; a `datasets` directory; or a directory of JSON/JSONL files, read in name order."""
+    """A file; a `datasets` directory; or a directory of JSON/JSONL files, read in name order (a local
+    hf_hub_url: its train split's .json, .jsonl and .parquet files, read in path order, see the top)."""
     saved = (e.path / "state.json").is_file() or (e.path / "dataset_dict.json").is_file()
     if not e.path.is_dir() or saved:
         return read_rows(e.path, e.flag)
-    found = sorted(p for p in e.path.iterdir() if p.suffix in _DATA_SUFFIXES)
+    if e.hub_directory:
+        found = _train_split(sorted(_data_files(e.path)), e.path)
+        kinds = ".json, .jsonl or .parquet file of the train split"
+    else:
+        found, kinds = (
+            sorted(p for p in e.path.iterdir() if p.suffix in _DATA_SUFFIXES),
+            ".json or .jsonl file",
+        )
     if not found:
-        raise UserError(f"{e.flag}: {e.path} holds no .json or .jsonl file")
+        raise UserError(f"{e.flag}: {e.path} holds no {kinds}")
     return [row for path in found for row in read_rows(path, e.flag)]
+
+
+def _data_files(root: Path):
+    """A hub-style directory's data files, as `datasets` finds them: hidden and `__` paths skipped (a
+    clone's .git, a download's .cache)."""
+    for path in root.rglob("*"):
+        hidden = any(part.startswith((".", "__")) for part in path.relative_to(root).parts)
+        if path.suffix.lower() in _HUB_SUFFIXES and path.is_file() and not hidden:
+            yield path
+
+
+def _train_split(found: list[Path], root: Path) -> list[Path]:
+    """The files `datasets` reads as the train split: all of them, unless some name a split (a word of
+    the path below `root`, between - . _ or digits), then those that name the train split."""
+
+    def words(path: Path) -> set[str]:
+        return set(re.split(r"[-._ 0-9/]+", str(path.relative_to(root).with_suffix("")).lower()))
+
+    named = [p for p in found if words(p) & (_TRAIN_WORDS | _OTHER_SPLIT_WORDS)]
+    return [p for p in found if words(p) & _TRAIN_WORDS] if named else found
 
 
 def mix(parts: list[list], ratios: list[float], seed: int) -> list:

@@ -56,15 +56,18 @@ class BaseShards:
     down_proj: dict[int, Path]  # layer -> shard holding its down_proj weight
     dtypes: dict[int, torch.dtype]  # layer -> its down_proj dtype
     implanted: str | None  # a shard carrying an implant digest: the base is itself an export
+    bias: dict[int, Path]  # layer -> shard holding its down_proj bias, where the model has one
 
     @classmethod
     def read(cls, base_dir: Path, spec: ModelSpec, flag: str = "--base") -> BaseShards:
-        paths, down_proj, dtypes, implanted = weight_shards(base_dir, flag), {}, {}, None
+        paths, down_proj, dtypes, implanted, bias = weight_shards(base_dir, flag), {}, {}, None, {}
         for shard in paths:
             header = checks.safetensors_header(shard, flag)[1]  # whole, or a UserError naming it
             if IMPLANTED_KEY in (header.get("__metadata__") or {}):
                 implanted = implanted or shard.name
             for name, entry in header.items():
+                if spec.layer_of(name, "bias") is not None:
+                    bias[spec.layer_of(name, "bias")] = shard
                 layer = spec.layer_of(name) if name != "__metadata__" else None
                 if layer is not None and entry.get("dtype") not in _DTYPES:
                     raise UserError(
@@ -73,7 +76,7 @@ class BaseShards:
                     )
                 if layer is not None:
                     down_proj[layer], dtypes[layer] = shard, _DTYPES[entry["dtype"]]
-        return cls(paths, down_proj, dtypes, implanted)
+        return cls(paths, down_proj, dtypes, implanted, bias)
 
 
 DAMAGED = "shorter than its safetensors header says (truncated or damaged?)"
@@ -96,23 +99,30 @@ def _assign(sizes: list[int], world_size: int, per_node: int = 1) -> list[int]:
 
 
 def _rewrite_shard(
-    shard: Path, target: Path, layers: list[int], source: RowSource, spec: ModelSpec, advanced: Advanced
+    shard: Path,
+    target: Path,
+    layers: list[int],
+    source: RowSource,
+    spec: ModelSpec,
+    biased: list[int],
+    advanced: Advanced,
 ) -> None:
-    """`shard` with the trained rows of `layers` written in, holding one tensor at a time; `advanced`
-    hears of every piece written (its bytes).
+    """`shard` with the trained rows of `layers` (and the trained bias entries of `biased`) written in,
+    holding one tensor at a time; `advanced` hears of every piece written (its bytes).
 
     The header keeps the base's tensor layout byte for byte and adds, in its metadata, a digest of the
     rows written (so an export never fingerprints as its base). The digest's length is fixed: it is
     written as zeros first and filled in once the data is through.
     """
     data_start, header = checks.safetensors_header(shard, "--base")
-    if not layers:
+    if not layers and not biased:
         with shard.open("rb") as src, target.open("wb") as dst:
             _copy_bytes(src, dst, shard.stat().st_size, advanced)
         files.fsync_tree(target)
         return
     metadata = dict(header.pop("__metadata__", None) or {})
     trained = {spec.down_proj_name(layer): layer for layer in layers}
+    bias_of = {spec.down_proj_name(layer, "bias"): layer for layer in biased}
 
     def encoded(digest: str) -> bytes:
         head = {"__metadata__": dict(sorted({**metadata, IMPLANTED_KEY: digest}.items())), **header}
@@ -126,19 +136,22 @@ def _rewrite_shard(
         for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             begin, end = entry["data_offsets"]
             src.seek(data_start + begin)
-            if name not in trained:
+            if name not in trained and name not in bias_of:
                 _copy_bytes(src, dst, end - begin, advanced)
                 continue
             buffer = bytearray(end - begin)
             if src.readinto(buffer) != len(buffer):
                 raise UserError(f"{shard}: {DAMAGED}")
-            weight = torch.frombuffer(buffer, dtype=_DTYPES[entry["dtype"]])
-            weight = weight.view(entry["shape"])
-            rows = source.rows(trained[name])
-            weight[rows] = source.weight(trained[name], weight.dtype)
-            digest.update(str(trained[name]).encode() + rows.numpy().tobytes())
-            digest.update(weight[rows].view(torch.uint8).numpy().tobytes())
-            dst.write(weight.view(-1).view(torch.uint8).numpy().tobytes())
+            tensor = torch.frombuffer(buffer, dtype=_DTYPES[entry["dtype"]]).view(entry["shape"])
+            layer = trained.get(name, bias_of.get(name))
+            rows = source.rows(layer)
+            if name in trained:
+                tensor[rows] = source.weight(layer, tensor.dtype)
+            else:
+                tensor[rows] = source.bias(layer, tensor.dtype)
+            digest.update(f"{layer}{'' if name in trained else '.bias'}".encode() + rows.numpy().tobytes())
+            digest.update(tensor[rows].view(torch.uint8).numpy().tobytes())
+            dst.write(tensor.view(-1).view(torch.uint8).numpy().tobytes())
             advanced(len(buffer))
         dst.seek(0)
         dst.write(encoded(digest.hexdigest()[:32]))
@@ -170,14 +183,17 @@ def check_rows(source: RowSource, spec: ModelSpec, shards: BaseShards, world) ->
         bad = rows[(rows < 0) | (rows >= spec.hidden_size)]
         if rows.dim() != 1 or bad.numel() or rows.unique().numel() != rows.numel():
             raise UserError(f"{label}: layer {layer} lists rows outside [0, {spec.hidden_size}) or twice")
-        if tuple(weight.shape) != (rows.numel(), spec.intermediate_size):
-            raise UserError(
-                f"{label}: layer {layer} weight has shape {list(weight.shape)}, expected "
-                f"[{rows.numel()}, {spec.intermediate_size}]"
-            )
-        count = int((~torch.isfinite(weight)).sum())
-        if count:
-            raise non_finite_rows(label, layer, count, weight.dtype)
+        values = [("weight", weight, [rows.numel(), spec.intermediate_size])]
+        if source.has_bias(layer):  # the rows' bias entries trained too (train --train-bias)
+            if layer not in shards.bias:
+                raise UserError(f"{label}: layer {layer} trained bias entries; the base's down_proj has none")
+            values.append(("bias", source.bias(layer, shards.dtypes[layer]), [rows.numel()]))
+        for what, value, shape in values:
+            if list(value.shape) != shape:
+                raise UserError(f"{label}: layer {layer} {what} has shape {list(value.shape)}, not {shape}")
+            count = int((~torch.isfinite(value)).sum())
+            if count:
+                raise non_finite_rows(label, layer, count, value.dtype)
 
 
 def non_finite_rows(label: str, layer: int, count: int, dtype: torch.dtype) -> UserError:
@@ -256,7 +272,8 @@ def _write_job(job, staging: Path, source, spec, shards: BaseShards, implanting,
     implant, base_print = implanting
     if job is not None:
         layers = [layer for layer in source.layers() if shards.down_proj[layer] == job]
-        _rewrite_shard(job, staging / job.name, layers, source, spec, advanced)
+        biased = [layer for layer in source.layers() if source.has_bias(layer) and shards.bias[layer] == job]
+        _rewrite_shard(job, staging / job.name, layers, source, spec, biased, advanced)
         _injected_fault(rank)
     elif implant is not None:
         with implant.open("rb") as src, (staging / IMPLANT_NAME).open("wb") as dst:
@@ -310,6 +327,12 @@ class CheckpointRows(RowSource):
     def rows(self, layer: int) -> torch.Tensor:
         return torch.tensor(self.reader.layer_rows(layer), dtype=torch.int64)
 
+    def has_bias(self, layer: int) -> bool:
+        return f"{layer}.bias" in self.reader.rows
+
+    def bias(self, layer: int, dtype: torch.dtype) -> torch.Tensor | None:
+        return self.reader.whole(f"{layer}.bias").reshape(-1).to(dtype) if self.has_bias(layer) else None
+
     def weight(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
         # finite as saved; check_rows refuses what overflows the base's dtype, before any write
         if self.base is None:
@@ -345,6 +368,8 @@ def check_checkpoint(path: Path, base: str | None) -> Path:
         checks.read_json(path / checkpoint.INDEX_FILE, "--checkpoint")
     try:
         reader = checkpoint.RowsReader(path)
+    except UserError:  # said as it is (a UserError is a ValueError too)
+        raise
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise UserError(f"--checkpoint {path}: damaged rows index ({type(err).__name__}: {err})") from None
     for name in reader.shards:

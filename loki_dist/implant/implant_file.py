@@ -74,6 +74,14 @@ class RowSource:
         """Their trained values, [k, F] in `dtype`."""
         raise NotImplementedError
 
+    def has_bias(self, layer: int) -> bool:
+        """Whether the rows' bias entries trained too (`train --train-bias`)."""
+        return False
+
+    def bias(self, layer: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Their trained bias entries, [k] in `dtype`; None where the bias did not train."""
+        return None
+
 
 class ImplantRows(RowSource):
     """An implant file, read one layer at a time."""
@@ -97,13 +105,14 @@ class ImplantRows(RowSource):
             )
         parts = [name.split(".") for name in names]
         if any(
-            len(p) != 3 or p[0] != "layers" or not p[1].isdigit() or p[2] not in ("rows", "weight")
+            len(p) != 3 or p[0] != "layers" or not p[1].isdigit() or p[2] not in ("rows", "weight", "bias")
             for p in parts
         ):
             raise UserError(
-                f"--implant {self.path}: holds tensors other than layers.<l>.rows/.weight; damaged?"
+                f"--implant {self.path}: holds tensors other than layers.<l>.rows/.weight/.bias; damaged?"
             )
         self._layers = sorted({int(p[1]) for p in parts})
+        self._biased = {int(p[1]) for p in parts if p[2] == "bias"}
         self.label = f"--implant {self.path}"
 
     def layers(self) -> list[int]:
@@ -114,6 +123,12 @@ class ImplantRows(RowSource):
 
     def weight(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
         return self.handle.get_tensor(f"layers.{layer}.weight").to(dtype)
+
+    def has_bias(self, layer: int) -> bool:
+        return layer in self._biased
+
+    def bias(self, layer: int, dtype: torch.dtype) -> torch.Tensor | None:
+        return self.handle.get_tensor(f"layers.{layer}.bias").to(dtype) if self.has_bias(layer) else None
 
 
 def implant_metadata(spec: ModelSpec, base_fingerprint: str, positions: list[list[int]]) -> dict[str, str]:
@@ -139,7 +154,8 @@ def write_implant(
     advanced: Callable[[int], None] | None = None,
 ):
     """The implant file of `source`: per trained layer its rows (int64 [k]) and weight ([k, F], the base
-    model's dtype), streamed one layer at a time; `advanced` hears of each piece written (its bytes)."""
+    model's dtype), and their bias entries ([k]) where those trained, streamed one layer at a time;
+    `advanced` hears of each piece written (its bytes)."""
     layers = source.layers()
     rows = {layer: source.rows(layer) for layer in layers}
     positions = [rows[layer].tolist() if layer in rows else [] for layer in range(spec.num_layers)]
@@ -147,10 +163,15 @@ def write_implant(
     for layer in layers:
         layout[f"layers.{layer}.rows"] = (torch.int64, (len(rows[layer]),))
         layout[f"layers.{layer}.weight"] = (dtypes[layer], (len(rows[layer]), spec.intermediate_size))
+        if source.has_bias(layer):
+            layout[f"layers.{layer}.bias"] = (dtypes[layer], (len(rows[layer]),))
 
     def pieces() -> Iterator[tuple[str, torch.Tensor]]:  # one layer in memory at a time
         for layer in layers:
-            for name, value in (("rows", rows[layer]), ("weight", source.weight(layer, dtypes[layer]))):
+            named = [("rows", rows[layer]), ("weight", source.weight(layer, dtypes[layer]))]
+            if source.has_bias(layer):
+                named.append(("bias", source.bias(layer, dtypes[layer])))
+            for name, value in named:
                 yield f"layers.{layer}.{name}", value
                 if advanced is not None:  # asked for the next piece: this one is written
                     advanced(value.numel() * value.element_size())

@@ -2,10 +2,14 @@
 
 The LoKI reference trains through LLaMA-Factory (`llamafactory-cli train toolace.yaml`), so the people
 who would use loki_dist already hold such a file. Its keys are translated where they have a loki_dist
-meaning, and refused in one line where the value asks for something loki_dist does not do (fp16, a
-fractional epoch count, another training stage): running on regardless would train something else
-than the file says. A key with no loki_dist meaning (logging backends, worker counts, LoRA settings)
-is named on one line with the reason it changes nothing, and the run goes on. loki_dist's own flag names
+meaning, and refused in one line where the value asks for something loki_dist does not do (fp16,
+packing, another training stage): running on regardless would train something else than the file
+says. Values are read as Hugging Face's TrainingArguments read them: `save_steps: 0.99999` is a share of
+the run's steps, `num_train_epochs: 2.5` ends half-way through the third pass, `warmup_steps` replaces
+`warmup_ratio` where above 0; `val_size` and `eval_dataset` are the task's held-out set, which the
+forgetting monitor scores (held_out.py); `plot_loss` draws training_loss.png. A key with no loki_dist
+meaning (logging backends, worker counts, LoRA settings) is named on one line with the reason it changes
+nothing, and the run goes on. loki_dist's own flag names
 may stand beside the LLaMA-Factory keys; the one LoKI-specific key, `positions`, is one of them.
 `lora_rank` is both: LoRA's rank where `finetuning_type` is lora (LLaMA-Factory's default), which is
 LoKI*'s rank here (LoRA inside the selected rows, `--lora-rank`); beside another finetuning_type
@@ -19,7 +23,6 @@ with `mix_strategy: interleave_under` mixes them; `template` picks a built-in ch
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from loki_dist.core.errors import UserError, preview
@@ -41,15 +44,18 @@ SCHEDULERS = {
     "constant_with_warmup": "constant",
 }
 _BOARD = "the loss goes to TensorBoard in output_dir/runs"
-_NO_EVAL = "LLaMA-Factory's evaluation split is not made; train evaluates --eval-data and --general-data"
+_EVAL = (
+    "the held-out set (val_size, eval_dataset, eval_data) and general_data are scored at the first and "
+    "last step, and every eval_steps"
+)
+_EVALUATED = ("eval_data", "general_data", "val_size", "eval_dataset")
 # an ignored LLaMA-Factory key that is also a loki_dist flag: the flag, where the file sets what it needs
-SAME_NAME = {"eval_steps": ("eval_data", "general_data")}
+SAME_NAME = {"eval_steps": _EVALUATED}
 # keys with no loki_dist meaning, and why
 IGNORED = {
     "do_train": "loki-dist train always trains",
     "finetuning_type": "loki_dist trains the rows in --positions",
     "trust_remote_code": "loki_dist loads its supported families with transformers' own code",
-    "plot_loss": _BOARD,
     "report_to": _BOARD,
     "logging_dir": _BOARD,
     "run_name": _BOARD,
@@ -58,13 +64,11 @@ IGNORED = {
     "dataloader_num_workers": "batches are built in the training process",
     "ddp_timeout": "the process group's timeout is LOKI_DIST_TIMEOUT_MINUTES",
     "flash_attn": "the model's configured attention implementation is used",
-    "val_size": _NO_EVAL,
-    "eval_dataset": _NO_EVAL,
-    "do_eval": _NO_EVAL,
-    "per_device_eval_batch_size": _NO_EVAL,
-    "eval_strategy": _NO_EVAL,
-    "evaluation_strategy": _NO_EVAL,
-    "eval_steps": _NO_EVAL,
+    "do_eval": _EVAL,
+    "per_device_eval_batch_size": "the held-out sets are scored --micro-batch-size sequences at a time",
+    "eval_strategy": _EVAL,
+    "evaluation_strategy": _EVAL,
+    "eval_steps": _EVAL,
     "save_only_model": "a checkpoint holds the trained rows and their optimizer state, a few MB",
     "save_strategy": "a checkpoint is saved every save_steps optimizer steps and at the end",
     "include_num_input_tokens_seen": "tokens per second are logged",
@@ -86,7 +90,6 @@ ONLY = {
     "packing": (False, "loki_dist does not pack samples"),
     "neat_packing": (False, "loki_dist does not pack samples"),
     "streaming": (False, "loki_dist reads the data sets whole"),
-    "warmup_steps": (0, "set warmup_ratio instead"),
     "quantization_bit": (None, "loki_dist trains an unquantized base"),
 }
 
@@ -123,7 +126,7 @@ def translate(settings: dict, path: str) -> tuple[dict, list[str]]:
             if value not in (wanted, None):
                 raise UserError(f"{where}: {key} {preview(value)}: {why}")
         elif key == "num_train_epochs":
-            put("epochs", _whole_epochs(value, where), key)
+            put("epochs", value, key)
         elif key == "lr_scheduler_type":
             put("lr_scheduler", _scheduler(value, where), key)
         elif key == "bf16":
@@ -149,17 +152,6 @@ def _switch(value: object, key: str, where: str) -> bool:
     if not isinstance(value, bool):
         raise UserError(f"{where}: `{key}`: expected true or false, got {preview(value)}")
     return value
-
-
-def _whole_epochs(value: object, where: str) -> object:
-    """3.0 -> 3: LLaMA-Factory writes epochs as floats; loki_dist counts whole epochs."""
-    if isinstance(value, float) and math.isfinite(value):
-        if not value.is_integer():
-            raise UserError(
-                f"{where}: num_train_epochs {value}: loki_dist counts whole epochs (or use max_steps)"
-            )
-        return int(value)
-    return value  # an int, or a wrong type that runconfig names
 
 
 def _scheduler(value: object, where: str) -> str:

@@ -93,7 +93,7 @@ def add_monitor_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_flags(args: argparse.Namespace) -> None:
     """The monitor's flags alone and together, before anything is read."""
-    data = args.eval_data or args.general_data
+    data = args.eval_data or args.general_data or args.val_size or args.eval_dataset
     if args.eval_steps is not None:
         if args.eval_steps < 1:
             raise UserError(f"--eval-steps {args.eval_steps}: expected a positive number of steps")
@@ -137,17 +137,22 @@ class Inputs:
     letters: list[int] = field(default_factory=list)
 
 
-def read_inputs(args: argparse.Namespace, tokenizer, world: distributed.World) -> Inputs | None:
+def read_inputs(
+    args: argparse.Namespace, tokenizer, world: distributed.World, held_out: list | None = None
+) -> Inputs | None:
     """Read and check both sets (every rank, at planning, so a bad file is one line before any work);
     keep only this rank's block of each. The task set is tokenised whole, as --data is (dropped samples
-    must be known to cut blocks); of the general set only this rank's block is tokenised."""
-    if not (args.eval_data or args.general_data):
+    must be known to cut blocks); of the general set only this rank's block is tokenised. `held_out`:
+    the task set as conversations already read, where --val-size or --eval-dataset gave it
+    (held_out.py) instead of --eval-data."""
+    task = args.eval_data or held_out
+    if not (task or args.general_data):
         return None
-    digest = hashlib.sha256(json.dumps([args.max_seq_len, bool(args.eval_data)]).encode())
+    digest = hashlib.sha256(json.dumps([args.max_seq_len, bool(task)]).encode())
     inputs = Inputs(fingerprint="")
-    if args.eval_data:
-        with _as_flag("--eval-data"):
-            examples = load_examples(args.eval_data, tokenizer, args.max_seq_len).examples
+    if task:
+        with _as_flag("--eval-data") if args.eval_data else nullcontext():
+            examples = load_examples(task, tokenizer, args.max_seq_len, "the held-out task set").examples
         for e in examples:
             digest.update(json.dumps([e.input_ids, e.labels]).encode())
         inputs.task = [examples[i] for i in my_block(len(examples), world)]

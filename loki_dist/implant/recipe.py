@@ -124,7 +124,7 @@ class TrainRecipe:
                     lr = lr_at(step, plan)
                     loss, grad_norm = self._step(step, lr, window)
                     bar.update(1)
-                    if done % plan.args.logging_steps == 0 or done == last:
+                    if done % plan.every(plan.args.logging_steps) == 0 or done == last:
                         self._log(window, writer, bar, done, lr=lr, grad_norm=grad_norm)
                         window = _Window()
                     finite = math.isfinite(float(loss)) and (grad_norm is None or math.isfinite(grad_norm))
@@ -135,7 +135,8 @@ class TrainRecipe:
                     return self._diverged(bar, done, f"loss {float(loss):.4g}, gradient norm {norm}{ranks}")
                 forgetting = self.watch.after_step(done, bar, writer)  # evaluates when due; True: an end
                 stopping = stopping and done < last and not forgetting
-                save_due = plan.args.save_steps and done % plan.args.save_steps == 0
+                every = plan.every(plan.args.save_steps)
+                save_due = every and done % every == 0
                 if save_due or done == last or stopping or forgetting:
                     try:
                         self._checkpoint(done)
@@ -187,6 +188,7 @@ class TrainRecipe:
             "global_batch": plan.global_batch,
             "world_size": world.size,
             "lora_rank": plan.args.lora_rank,  # LoKI*'s factors, or 0: the rows themselves
+            "train_bias": plan.args.train_bias,  # the rows' bias entries too (entries "<layer>.bias")
         }
         with distributed.stage(f"saving checkpoint-{done}"):
             state.update(self.watch.state())  # the evaluations too: a resume keeps the baseline
@@ -245,6 +247,10 @@ class TrainRecipe:
                 **self.watch.summary(),
             }
             files.write_json(out / "train_summary.json", summary, indent=2)
+            if plan.args.plot_loss:
+                from loki_dist.implant.lossplot import plot_loss
+
+                print(f"loss plot: {plot_loss(out) or 'none (no loss was logged)'}", flush=True)
             print(f"done: {out / FINAL_DIR} (probe loss {probe:.6f})", flush=True)
 
     # ----------------------------------------------------------------------------------------- cleanup

@@ -59,13 +59,15 @@ def _choose_checkpoint(plan: Plan) -> Path | None:
             "data_fingerprint": plan.data_print,
             "global_batch": plan.global_batch,
             "lora_rank": args.lora_rank,
+            "train_bias": args.train_bias,
         }
+        unset = {"lora_rank": 0, "train_bias": False}  # what a checkpoint from before either flag ran
         for key, value in expected.items():
-            was = saved.get(key, 0 if key == "lora_rank" else None)
+            was = saved.get(key, unset.get(key))
             if was != value:
                 raise UserError(
-                    f"--resume {path}: its {key} ({was}) differs from this run's ({value}); "
-                    "resume needs the same base, positions, data, global batch size and --lora-rank"
+                    f"--resume {path}: its {key} ({was}) differs from this run's ({value}); resume needs "
+                    "the same base, positions, data, global batch size, --lora-rank and --train-bias"
                 )
     return path
 

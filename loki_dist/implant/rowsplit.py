@@ -11,6 +11,11 @@ flows through all of W, and the optimizer (and DeepSpeed's fp32 master) holds st
 instead of D*F. W itself never changes, so every unselected row is bit-identical by construction.
 Checkpoints, exports and implants are the same as with masking: they only ever hold the rows.
 
+A down_proj with a bias (GPT-NeoX, Llama with mlp_bias) can train its selected rows' bias entries too
+(`train --train-bias`, `implant_rows(bias=True)`; the LoKI reference trains them): b[S] becomes its own
+parameter [k] beside R, written back with the rows wherever rows are written (checkpoints hold it as the
+entry "<layer>.bias", implant files as `layers.<l>.bias`). Every other bias entry stays the base's.
+
 RowLinear is what every row layout shares (the frozen base Linear, the rows, and how the API reads the
 trained rows back); LoKI*'s low-rank rows (lowrank.py) are the other layout.
 """
@@ -47,46 +52,64 @@ class RowLinear(nn.Module):
         """The trained rows [k, F] in `dtype`, from the whole values of `inputs()`."""
         raise NotImplementedError
 
+    def bias_value(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The trained bias entries [k] in `dtype` (None where the bias does not train)."""
+        return None
+
 
 class RowSplitLinear(RowLinear):
-    """A Linear whose rows `rows` come from the trainable `trained` [k, in] instead of `weight`."""
+    """A Linear whose rows `rows` come from the trainable `trained` [k, in] instead of `weight`, and
+    their bias entries from `trained_bias` [k] where given (else from the frozen bias)."""
 
-    def __init__(self, base: nn.Linear, rows: list[int], trained: torch.Tensor):
+    def __init__(
+        self, base: nn.Linear, rows: list[int], trained: torch.Tensor, bias: torch.Tensor | None = None
+    ):
         super().__init__(base, rows, trained.device)
         self.trained = nn.Parameter(trained)
+        self.trained_bias = None if bias is None else nn.Parameter(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        bias = None if self.bias is None else self.bias[self.rows]
+        bias = self.trained_bias
+        if bias is None and self.bias is not None:
+            bias = self.bias[self.rows]
         return out.index_copy(-1, self.rows, F.linear(x, self.trained, bias))
 
     def parts(self) -> dict[str, nn.Parameter]:
-        return {"": self.trained}
+        parts = {"": self.trained}
+        return parts if self.trained_bias is None else {**parts, "bias": self.trained_bias}
 
     def inputs(self) -> list[nn.Parameter]:
-        return [self.trained]
+        return list(self.parts().values())
 
     def rows_value(self, dtype: torch.dtype) -> torch.Tensor:
         return self.trained.data.to(dtype)
 
+    def bias_value(self, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self.trained_bias is None else self.trained_bias.data.to(dtype)
 
-def selected_rows(linear: nn.Linear, rows: list[int]) -> torch.Tensor:
-    """A copy of linear.weight[rows], gathering the weight first if ZeRO-3 has partitioned it."""
+
+def selected_rows(linear: nn.Linear, rows: list[int], of: str = "weight") -> torch.Tensor:
+    """A copy of linear.weight[rows] (or of its bias), gathered first if ZeRO-3 has partitioned it."""
+    param = getattr(linear, of)
     index = torch.tensor(rows, dtype=torch.long)
-    if not hasattr(linear.weight, "ds_id"):
-        return linear.weight.data[index.to(linear.weight.device)].clone()
+    if not hasattr(param, "ds_id"):
+        return param.data[index.to(param.device)].clone()
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters([linear.weight], modifier_rank=None):
-        return linear.weight.data[index.to(linear.weight.device)].clone()
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+        return param.data[index.to(param.device)].clone()
 
 
 def split(
-    parent: nn.Module, attribute: str, rows: list[int], ds_config: dict | None = None
+    parent: nn.Module, attribute: str, rows: list[int], ds_config: dict | None = None, bias: bool = False
 ) -> RowSplitLinear:
-    """Replace parent.<attribute> (a Linear) by a RowSplitLinear, which it returns (ds_config: install's)."""
+    """Replace parent.<attribute> (a Linear) by a RowSplitLinear, which it returns (ds_config: install's);
+    `bias`: the rows' bias entries train too (the Linear must have a bias)."""
     base = getattr(parent, attribute)
-    return install(parent, attribute, RowSplitLinear(base, rows, selected_rows(base, rows)), ds_config)
+    trained_bias = selected_rows(base, rows, "bias") if bias else None
+    split_linear = RowSplitLinear(base, rows, selected_rows(base, rows), trained_bias)
+    return install(parent, attribute, split_linear, ds_config)
 
 
 def install(parent: nn.Module, attribute: str, module: RowLinear, ds_config: dict | None = None) -> RowLinear:

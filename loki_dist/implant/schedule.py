@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from loki_dist.core.flags import steps_of
 from loki_dist.implant.data import num_targets
 
 if TYPE_CHECKING:  # training imports this module
@@ -18,9 +19,11 @@ if TYPE_CHECKING:  # training imports this module
 
 
 def lr_at(step: int, plan: Plan) -> float:
-    """Linear warm-up from 0, then cosine or linear decay to 0, or constant (a pure function of the step)."""
+    """Linear warm-up from 0, then cosine or linear decay to 0, or constant (a pure function of the step).
+    The warm-up lasts --warmup-steps where that is above 0, else the --warmup-ratio share of the steps
+    (rounded up), as Hugging Face's schedulers count it."""
     total, base = plan.total_steps, plan.args.learning_rate
-    warmup = math.ceil(plan.args.warmup_ratio * total)
+    warmup = steps_of(plan.args.warmup_steps, total) or math.ceil(plan.args.warmup_ratio * total)
     if step < warmup:
         return base * step / warmup
     progress = (step - warmup) / max(1, total - warmup)

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from loki_dist.core import checks, distributed, dsconfig, flags, positions
+from loki_dist.core import checks, distributed, dsconfig, flags, plotting, positions
 from loki_dist.core.errors import UserError, require_at_least
 from loki_dist.core.families import ModelSpec, spec_from_dir
 from loki_dist.core.modeling import check_weights, load_tokenizer, sized_for
-from loki_dist.implant import checkpoint, lowrank, monitor, runlock
+from loki_dist.implant import checkpoint, held_out, lowrank, monitor, runlock
 from loki_dist.implant.checkpoint import FINAL_DIR
 from loki_dist.implant.data import (
     Example,
@@ -52,11 +52,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     flags.add_ds_config(
         p, "ds_configs/zero3.json", "(a path, a shipped name: zero3, zero3_offload, zero2; or none)"
     )
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=float, default=1, help="passes over the data; a fraction (2.5) ends "
+                   "part-way through the last, as Hugging Face's num_train_epochs")  # fmt: skip
     p.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled, applied to selected rows only")
     p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--warmup-steps", type=flags.steps_or_share, default=0, metavar="N",
+                   help="warm-up steps (a share in (0, 1) of the steps); above 0 it replaces --warmup-ratio, "
+                   "as in Hugging Face's TrainingArguments")  # fmt: skip
     p.add_argument(
         "--lr-scheduler",
         choices=("cosine", "linear", "constant"),
@@ -66,7 +70,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch-size", type=int, help="per rank (default 1)")
     p.add_argument("--gradient-accumulation", type=int, help="micro-batches per update (default 1)")
     flags.add_max_seq_len(p, 2048, "a longer sample is cut, and counted in the log")
-    flags.add_precision(p, default=None)
+    flags.add_precision(
+        p, "precision", None, "bf16: bfloat16 weights and compute, the trained rows' master copy and Adam "
+        "state in fp32; fp32: all fp32; auto (default): bf16 on GPUs, fp32 on CPU; fp16 is refused"
+    )  # fmt: skip
     p.add_argument(
         "--row-params",
         choices=("split", "masked"),
@@ -83,19 +90,34 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "B [R, F] (kaiming-uniform, as LoRA), R*(k+F) parameters instead of k*F; with --row-params "
         "split. 0 (default): the rows themselves",
     )
+    p.add_argument(
+        "--train-bias",
+        action="store_true",
+        help="the selected rows' down_proj bias entries train too, as in the LoKI reference (a model whose "
+        "down_proj has a bias: GPT-NeoX, Llama with mlp_bias); with --row-params split",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1.0; 0 disables)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
-        "--save-steps", type=int, default=500, help="checkpoint every N optimizer steps (0: end only)"
+        "--save-steps",
+        type=flags.steps_or_share,
+        default=500,
+        metavar="N",
+        help="checkpoint every N optimizer steps (0: end only; a share in (0, 1): that share of the steps)",
     )
     p.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
-    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--logging-steps", type=flags.steps_or_share, default=10, metavar="N",
+                   help="a log line every N steps (a share in (0, 1): that share of the steps)")  # fmt: skip
+    p.add_argument("--plot-loss", action="store_true",
+                   help="at the end, plot the logged training loss into OUTPUT_DIR/training_loss.png "
+                   "(needs matplotlib; LLaMA-Factory's plot_loss)")  # fmt: skip
     p.add_argument(
         "--resume", default="auto", help="auto (newest checkpoint in --output-dir), never, or a path"
     )
     flags.add_overwrite(p, "a finished run in --output-dir")
     monitor.add_monitor_arguments(p)
+    held_out.add_held_out_arguments(p)  # --val-size, --eval-dataset: LLaMA-Factory's held-out task set
 
 
 @dataclass
@@ -131,7 +153,12 @@ class Plan:
 
     @property
     def total_steps(self) -> int:
-        return self.args.max_steps or self.args.epochs * self.steps_per_epoch
+        """--max-steps, or the epochs' steps, a fractional last epoch rounded up (as HF's Trainer)."""
+        return self.args.max_steps or math.ceil(self.args.epochs * self.steps_per_epoch)
+
+    def every(self, flag_value: int | float) -> int:
+        """A steps flag (--save-steps, --logging-steps, --warmup-steps) in steps of this run."""
+        return flags.steps_of(flag_value, self.total_steps)
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -145,13 +172,21 @@ def check_flags(args: argparse.Namespace) -> None:
             raise UserError(f"{flag} {value}: expected a finite number, 0 or more, within float32's range")
     if args.warmup_ratio > 1:
         raise UserError(f"--warmup-ratio {args.warmup_ratio}: expected a fraction of the steps, in [0, 1]")
-    counts = [("--save-steps", args.save_steps, 0), ("--save-total-limit", args.save_total_limit, 0)]
-    counts.append(("--logging-steps", args.logging_steps, 1))
-    counts.append(
-        ("--max-steps", args.max_steps, 1) if args.max_steps is not None else ("--epochs", args.epochs, 1)
-    )
-    counts.append(("--lora-rank", args.lora_rank, 0))
+    counts = [("--save-total-limit", args.save_total_limit, 0), ("--lora-rank", args.lora_rank, 0)]
+    if args.max_steps is not None:
+        counts.append(("--max-steps", args.max_steps, 1))
+    elif not (math.isfinite(args.epochs) and 0 < args.epochs <= 1e6):
+        raise UserError(f"--epochs {args.epochs}: expected a number of passes above 0 (2.5 ends mid-pass)")
+    if args.logging_steps == 0:
+        raise UserError("--logging-steps 0: expected 1 or more steps between log lines, or a share in (0, 1)")
     require_at_least(*counts)
+    if args.plot_loss:
+        plotting.pyplot("--plot-loss")  # before any work: matplotlib is optional
+    if args.train_bias and (args.lora_rank or args.row_params != "split"):
+        raise UserError(
+            "--train-bias: trains the rows' bias entries as a parameter beside the split rows; it cannot be "
+            "combined with " + (f"--lora-rank {args.lora_rank}" if args.lora_rank else "--row-params masked")
+        )
     if args.lora_rank and args.row_params != "split":
         raise UserError(
             f"--lora-rank {args.lora_rank}: LoKI*'s low-rank rows are a layout of their own; "
@@ -159,6 +194,8 @@ def check_flags(args: argparse.Namespace) -> None:
         )
     check_data_flags(args)
     flags.check_seed(args.seed)
+    flags.training_bf16(args.precision)  # fp16 is refused before anything is read
+    held_out.check_flags(args)
     monitor.check_flags(args)
 
 
@@ -169,13 +206,15 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
     out = Path(args.output_dir)
     replaced = [out / FINAL_DIR, out / "runs", *checkpoint.list_checkpoints(out)] if out.is_dir() else []
     inputs = {"--model": args.model, "--positions": args.positions, **input_paths(args)}
-    inputs.update(monitor.input_files(args))
+    inputs.update({**monitor.input_files(args), **held_out.input_paths(args)})
     checks.refuse_output_over_inputs("--output-dir", out, inputs, replaced)
     checks.check_writable("--output-dir", out, directory=True)
     rows = positions.load(args.positions, spec)
     if not any(rows):
         raise UserError(f"--positions {args.positions}: every layer list is empty, nothing would train")
     lowrank.check_rank(args.lora_rank, rows, spec.intermediate_size, "--lora-rank")
+    if args.train_bias:
+        _check_bias(args.model, spec, rows)
     ds_config = dsconfig.load(args.ds_config)
     for section in ("optimizer", "scheduler"):  # DeepSpeed drops them silently beside a client optimizer
         if ds_config is not None and section in ds_config:
@@ -190,7 +229,7 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
     accum = dsconfig.settle(
         ds_config, "gradient_accumulation_steps", "--gradient-accumulation", args.gradient_accumulation, 1
     )
-    want_bf16 = None if args.precision is None else args.precision == "bf16"
+    want_bf16 = flags.training_bf16(args.precision)
     bf16 = dsconfig.settle(ds_config, "bf16.enabled", "--precision", want_bf16, torch.cuda.is_available())
     clip = dsconfig.settle(ds_config, "gradient_clipping", "--max-grad-norm", args.max_grad_norm, 1.0)
     stage = dsconfig.zero_stage(ds_config)
@@ -220,6 +259,7 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
             raise UserError(f"{name} {value}: expected a positive integer")
     tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
     conversations, data_name = read_conversations(args)
+    conversations, task_held_out = held_out.split(args, conversations)
     data = load_examples(conversations, tokenizer, args.max_seq_len, data_name)
     plan = Plan(
         args=args,
@@ -247,9 +287,22 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
         f"{len(data.examples)} samples ({data.truncated} truncated to {args.max_seq_len} tokens, "
         f"{data.dropped} dropped with no response token left)"
     )
-    plan.evals = monitor.read_inputs(args, tokenizer, world)
+    plan.evals = monitor.read_inputs(args, tokenizer, world, task_held_out)
     plan.resume_from = find_resume(plan)
     return plan
+
+
+def _check_bias(model: str, spec: ModelSpec, rows: list[list[int]]) -> None:
+    """--train-bias: every trained layer's down_proj has a bias in the base's weights (shard headers)."""
+    from loki_dist.implant.export import BaseShards
+
+    biased = BaseShards.read(Path(model), spec, "--model").bias
+    missing = [layer for layer, chosen in enumerate(rows) if chosen and layer not in biased]
+    if missing:
+        raise UserError(
+            f"--train-bias: --model {model} has no down_proj bias in layers {missing[:8]}"
+            f"{'...' if len(missing) > 8 else ''}; leave --train-bias out for a model without one"
+        )
 
 
 def _data_print(examples: list[Example]) -> str:

@@ -35,8 +35,8 @@ class TrainableRows:
     param: torch.nn.Parameter  # the down_proj weight (masked), its selected rows (split) or a LoKI* factor
     selected: torch.Tensor  # bool over the parameter's rows: which of them train
     rows: list[int]  # the down_proj rows those are (or that the factor updates)
-    row_len: int  # the length of one of the parameter's rows: F, or r for LoKI*'s A
-    part: str = ""  # "A" or "B" for LoKI*'s factors
+    row_len: int  # the length of one of the parameter's rows: F, r for LoKI*'s A, 1 for bias entries
+    part: str = ""  # "A" or "B" for LoKI*'s factors, "bias" for the rows' bias entries
 
 
 class Trainer:
@@ -93,12 +93,20 @@ class Trainer:
         if args.row_params == "split":
             # under ZeRO-3 the new parameters are partitioned by the run's own config (offload, ZeRO++)
             zero3 = self.plan.ds_config if dsconfig.zero_stage(self.plan.ds_config) == 3 else None
-            api.implant_rows(model, rows_by_layer, rank=args.lora_rank, seed=args.seed, ds_config=zero3)
+            api.implant_rows(
+                model,
+                rows_by_layer,
+                rank=args.lora_rank,
+                seed=args.seed,
+                ds_config=zero3,
+                bias=args.train_bias,
+            )
             return model, [
-                TrainableRows(layer, param, self._all_rows(shape[0]), module.rows.tolist(), shape[1], part)
+                TrainableRows(layer, param, self._all_rows(shape[0]), module.rows.tolist(), row_len, part)
                 for layer, module in api.implanted_layers(model)
                 for part, param in module.parts().items()
                 for shape in [getattr(param, "ds_shape", param.shape)]  # ZeRO-3 empties param.data
+                for row_len in [shape[1] if len(shape) > 1 else 1]  # a bias entry is a row of one
             ]
         trainable, F = [], self.plan.spec.intermediate_size
         for layer, (linear, rows) in enumerate(zip(down_projections(model), rows_by_layer, strict=True)):
@@ -167,7 +175,8 @@ class Trainer:
 
     def _prepare_update(self, lr: float) -> None:
         """Set the learning rate, zero unselected rows' gradients, decay what trains only: the selected
-        rows, or LoKI*'s A and B, never W_S0 (each rank on its own slice: nothing here communicates)."""
+        rows, or LoKI*'s A and B, never W_S0 (each rank on its own slice: nothing here communicates).
+        Trained bias entries are not decayed, as Hugging Face's Trainer decays no bias."""
         for group in self.inner.param_groups:
             group["lr"] = lr
         decay = 1.0 - lr * self.plan.args.weight_decay
@@ -176,7 +185,7 @@ class Trainer:
                 if state.needs_mask and not state.masks_by_hook:
                     with state.grad().edit() as grad:
                         state.partition.zero_unselected_(grad)
-                if decay != 1.0:
+                if decay != 1.0 and state.part != "bias":
                     with state.master().edit() as master:
                         state.partition.scale_selected_(master, decay)
 

@@ -73,7 +73,7 @@ def add_estimate_memory_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute each layer in backward"
     )
-    flags.add_precision(parser, default="bf16")
+    flags.add_precision(parser, "precision", "bf16", "training precision (auto: bf16, as on GPUs)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the numbers (bytes) here")
 
 
@@ -109,7 +109,7 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
         micro_batch=args.micro_batch,
         seq_len=args.seq_len,
         gradient_checkpointing=args.gradient_checkpointing,
-        precision=args.precision,
+        precision="fp32" if flags.training_bf16(args.precision) is False else "bf16",
     )
 
 

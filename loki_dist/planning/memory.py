@@ -207,7 +207,7 @@ def architecture(config: dict | object) -> Architecture:
 
 
 def loki_rows_per_layer(hidden_size: int, quota: Fraction) -> int:
-    """k = floor(q*D/100), DESIGN.md's layer-balanced count."""
+    """k = floor(q*D/100), docs/method.md's layer-balanced count."""
     return math.floor(quota * hidden_size / 100)
 
 
