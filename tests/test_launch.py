@@ -176,10 +176,10 @@ def _fake_bin(tmp_path: Path, with_scontrol: bool) -> Path:
 
 
 def test_slurm_wrapper_gives_each_node_its_id_and_finds_the_address_from_nodeaddr(tmp_path):
-    """...and meets on a port of the job's own (distributed.slurm_port of the job id, as for step 15): a
+    """...and meets on a port of the job's own (launcher.slurm_port of the job id, as for step 15): a
     fixed one is shared by every job whose first node is the same machine, and a job that finds it
     taken joins the other job's c10d store."""
-    from loki_dist.core.distributed import slurm_port
+    from loki_dist.core.launcher import slurm_port
 
     fake = _fake_bin(tmp_path, with_scontrol=True)
     env = _env(

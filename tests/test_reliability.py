@@ -652,8 +652,8 @@ def test_a_damaged_checkpoint_is_one_line(damage, job, tmp_path, capsys):
         (["--warmup-ratio", "1.5"], "--warmup-ratio 1.5: expected a fraction of the steps, in [0, 1]"),
         (["--warmup-ratio", "-0.1"], "--warmup-ratio -0.1: expected a finite number"),
         (["--max-grad-norm", "nan"], "--max-grad-norm nan: expected a finite number"),
-        (["--logging-steps", "0"], "--logging-steps 0: must be at least 1"),
-        (["--save-steps", "-1"], "--save-steps -1: must be at least 0"),
+        (["--logging-steps", "0"], "--logging-steps 0: expected 1 or more steps between log lines"),
+        (["--save-steps", "-1"], "--save-steps: -1: expected a whole number of steps, or a share"),
     ],
 )
 def test_train_refuses_bad_numbers(flags, words, job, tmp_path, capsys):
@@ -663,7 +663,7 @@ def test_train_refuses_bad_numbers(flags, words, job, tmp_path, capsys):
 
 def test_train_refuses_zero_epochs(job, tmp_path, capsys):
     argv = [x for x in train_argv(job, tmp_path) if x not in ("--max-steps", "1")]
-    assert_user_error([*argv, "--epochs", "0"], capsys, "--epochs 0: must be at least 1")
+    assert_user_error([*argv, "--epochs", "0"], capsys, "--epochs 0.0: expected a number of passes above 0")
 
 
 @pytest.fixture
