@@ -220,6 +220,9 @@ def test_bare_srun_on_two_nodes_equals_one_process(cluster, tmp_path):
     args += ["--batch-size", "2"]
     run_cli([*args, "--output", str(tmp_path / "one.json")])
     env = {k: v for k, v in cluster.env.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK")}
+    # a shell's leftovers from an earlier one-process run: without RANK they are not a launcher's, and
+    # each task must join as the rank srun says (this once failed CI as "rank < size. 1 vs 1")
+    env.update(WORLD_SIZE="1", LOCAL_RANK="0")
     srun = ["srun", "--nodes=2", "--ntasks=2", "--cpus-per-task=1", "--gpus-per-node=0", "--label"]
     proc = subprocess.run(
         [*srun, sys.executable, "-m", "loki_dist", *args, "--output", str(tmp_path / "two.json")],
