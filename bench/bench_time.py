@@ -3,12 +3,13 @@
     python bench/bench_time.py --markdown bench/time.md
 
 First this machine is measured as a cluster of one node of 2 ranks (gloo, one thread each, both ranks at
-once): the FLOP/s one rank sustains on float32 matrix products of the models' widths, what an all-gather
-delivers to a rank, and what a file read delivers. Then, for each model, `loki-dist attribute` (ZeRO-3
+once): the FLOP/s one rank sustains on float32 matrix products of the models' widths, the bytes an
+element-wise product moves, what an all-gather delivers to a rank, what ZeRO-3 costs per gathered module
+however small, and what a file read delivers. Then, for each model, `loki-dist attribute` (ZeRO-3
 inference) and `loki-dist train` (ZeRO-3, fp32) run for real on 2 ranks with metering on, and the seconds
 their ranks spent in attribution's prompt and chunk passes, and in training's steps (forward, backward,
 update, optimizer step), are compared with planning/timing.py's prediction for the same work on that
-cluster. The prediction reads no timing of loki_dist's own: only the machine's three figures.
+cluster. The prediction reads no timing of loki_dist's own: only the machine's figures.
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ WORLD, PROMPTS, SAMPLE_TOKENS, TRAIN_STEPS = 2, 16, 256, 4
 
 
 def calibrate(out: str) -> None:
-    """Under torchrun: each rank measures, all at once, its FLOP/s and an all-gather's delivery."""
+    """Under torchrun: each rank measures, all at once, its FLOP/s, its element-wise bandwidth, an
+    all-gather's delivery and ZeRO-3's cost per gathered module, with loki_dist's allocator setting."""
     import torch.distributed as dist
 
+    from loki_dist.core import allocator
+
+    allocator.return_freed_memory()  # as every loki-dist command runs: large tensors mmapped afresh
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rates = []
@@ -55,16 +60,43 @@ def calibrate(out: str) -> None:
     for _ in range(5):
         dist.all_gather_into_tensor(gathered, piece)
     received = 5 * piece.numel() * (WORLD - 1) / (time.perf_counter() - started)
-    small, small_out = torch.empty(256, dtype=torch.uint8), torch.empty(WORLD * 256, dtype=torch.uint8)
-    dist.barrier()
-    started = time.perf_counter()
-    for _ in range(200):
-        dist.all_gather_into_tensor(small_out, small)
-    latency = (time.perf_counter() - started) / 200
+    moved = []  # element-wise work: a product into a fresh tensor, as eager PyTorch runs it
+    for elements in (4 * SAMPLE_TOKENS * 1024, 4 * SAMPLE_TOKENS * 2752):
+        a, b = torch.randn(elements), torch.randn(elements)
+        a * b
+        dist.barrier()
+        started = time.perf_counter()
+        for _ in range(20):
+            a * b
+        moved.append(3 * 4 * elements * 20 / (time.perf_counter() - started))
+    machine = {"flops": min(rates), "gather_bytes_per_s": received, "memory_bytes_per_s": min(moved),
+               "latency_s": module_latency()}  # fmt: skip
     if dist.get_rank() == 0:
-        machine = {"flops": min(rates), "gather_bytes_per_s": received, "latency_s": latency}
         Path(out).write_text(json.dumps(machine))
     dist.destroy_process_group()
+
+
+def module_latency(count: int = 64) -> float:
+    """What ZeRO-3 costs per gathered module however small: a forward through `count` tiny Linears
+    partitioned by DeepSpeed (its hooks, its fetch and release, one all-gather each), per module."""
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # gloo does not need it
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
+        "stage": 3, "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0}}  # fmt: skip
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        stack = torch.nn.Sequential(*(torch.nn.Linear(64, 64, bias=False) for _ in range(count)))
+    engine, *_ = deepspeed.initialize(model=stack, config=config)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        for _ in range(3):
+            engine(x)
+        torch.distributed.barrier()
+        started = time.perf_counter()
+        for _ in range(10):
+            engine(x)
+    return (time.perf_counter() - started) / (10 * count)
 
 
 def torchrun(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
@@ -142,7 +174,8 @@ def run_model(root: Path, model: tuple, machine: dict) -> list[dict]:
     cluster = timing.Cluster(nodes=1, gpus_per_node=WORLD, tflops=machine["flops"] / 1e12,
                              intra_gbps=machine["gather_bytes_per_s"] / 1e9, inter_gbps=1.0,
                              fs_gbps=machine["read_bytes_per_s"] / 1e9, memory_gb=24.0,
-                             chunk_gb=2.0, latency_s=machine["latency_s"])  # fmt: skip
+                             chunk_gb=2.0, latency_s=machine["latency_s"],
+                             memory_gbps=machine["memory_bytes_per_s"] / 1e9)  # fmt: skip
     work = timing.Workload(prompts=PROMPTS, prompt_tokens=round(sum(lengths) / len(lengths)),
                            attribution_batch=4, samples=TRAIN_STEPS * 4, global_batch=4,
                            sample_tokens=round(sum(len(e.input_ids) for e in examples) / len(examples)),
@@ -180,9 +213,11 @@ def main() -> None:
         "",
         f"This machine as a cluster of one node of {WORLD} ranks: {machine['flops'] / 1e9:.1f} GFLOP/s a "
         "rank "
-        f"(float32 matrix products, both ranks at once), {machine['gather_bytes_per_s'] / 1e9:.2f} GB/s "
-        f"delivered to a rank by an all-gather (gloo) and {machine['latency_s'] * 1e6:.0f} us a call, "
-        f"{machine['read_bytes_per_s'] / 1e9:.1f} GB/s read.",
+        f"(float32 matrix products, both ranks at once), {machine['memory_bytes_per_s'] / 1e9:.1f} GB/s "
+        "moved by element-wise products, "
+        f"{machine['gather_bytes_per_s'] / 1e9:.2f} GB/s delivered to a rank by an all-gather (gloo), "
+        f"{machine['latency_s'] * 1e6:.0f} us per module that ZeRO-3 gathers (a forward through 64 tiny "
+        f"Linears), {machine['read_bytes_per_s'] / 1e9:.1f} GB/s read.",
         "",
         "| model | stage | predicted (s) | measured (s) | predicted / measured |",
         "|---|---|---|---|---|",

@@ -20,7 +20,7 @@ from loki_dist.selection import parse_quota
 
 # Defaults: a node of 8 H100 80 GB (NVLink 4), 8 x 400 Gb/s InfiniBand, a parallel file system
 CLUSTER_DEFAULTS = {"nodes": 4, "gpus_per_node": 8, "tflops": 400.0, "intra_gbps": 300.0, "inter_gbps": 40.0,
-                    "fs_gbps": 2.0, "memory_gb": 80.0, "latency_us": 30.0}  # fmt: skip
+                    "fs_gbps": 2.0, "memory_gb": 80.0, "latency_us": 30.0, "memory_gbps": 3000.0}  # fmt: skip
 
 
 def add_estimate_time_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +36,9 @@ def add_estimate_time_arguments(parser: argparse.ArgumentParser) -> None:
                          help="GB/s a GPU receives inside its node")  # fmt: skip
     cluster.add_argument("--inter-gbps", type=float, default=CLUSTER_DEFAULTS["inter_gbps"],
                          help="GB/s a GPU receives from other nodes (the network's share)")  # fmt: skip
+    cluster.add_argument("--memory-gbps", type=float, default=CLUSTER_DEFAULTS["memory_gbps"],
+                         help="GB/s a GPU's element-wise kernels move through its memory (H100 SXM: "
+                         "3.35 TB/s peak)")  # fmt: skip
     cluster.add_argument("--latency-us", type=float, default=CLUSTER_DEFAULTS["latency_us"],
                          help="microseconds one collective call costs however small")  # fmt: skip
     cluster.add_argument("--fs-gbps", type=float, default=CLUSTER_DEFAULTS["fs_gbps"],
@@ -63,7 +66,8 @@ def add_estimate_time_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cluster_from_args(args: argparse.Namespace) -> timing.Cluster:
     require_at_least(("--nodes", args.nodes, 1), ("--gpus-per-node", args.gpus_per_node, 1))
-    for flag in ("tflops", "intra_gbps", "inter_gbps", "fs_gbps", "gpu_memory_gb", "chunk_memory_gb"):
+    for flag in ("tflops", "intra_gbps", "inter_gbps", "fs_gbps", "gpu_memory_gb", "chunk_memory_gb",
+                 "memory_gbps"):  # fmt: skip
         value = getattr(args, flag)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UserError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
@@ -79,6 +83,7 @@ def cluster_from_args(args: argparse.Namespace) -> timing.Cluster:
         args.gpu_memory_gb,
         args.chunk_memory_gb,
         args.latency_us / 1e6,
+        args.memory_gbps,
     )
 
 
