@@ -3,13 +3,14 @@
     python bench/bench_time.py --markdown bench/time.md
 
 First this machine is measured as a cluster of one node of 2 ranks (gloo, one thread each, both ranks at
-once): the FLOP/s one rank sustains on float32 matrix products of the models' widths, the bytes an
-element-wise product moves, what an all-gather delivers to a rank, what ZeRO-3 costs per gathered module
-however small, and what a file read delivers. Then, for each model, `loki-dist attribute` (ZeRO-3
-inference) and `loki-dist train` (ZeRO-3, fp32) run for real on 2 ranks with metering on, and the seconds
-their ranks spent in attribution's prompt and chunk passes, and in training's steps (forward, backward,
-update, optimizer step), are compared with planning/timing.py's prediction for the same work on that
-cluster. The prediction reads no timing of loki_dist's own: only the machine's figures.
+once): the FLOP/s one rank sustains on float32 matrix products of the models' widths and in causal
+attention, the bytes an element-wise product moves, what an all-gather delivers to a rank, what ZeRO-3
+costs per gathered module however small, and what a file read delivers. Then, for each model,
+`loki-dist attribute` (ZeRO-3 inference) and `loki-dist train` (ZeRO-3, fp32) run for real on 2 ranks
+with metering on, and the seconds their ranks spent in attribution's prompt and chunk passes, and in
+training's steps (forward, backward, update, optimizer step), are compared with planning/timing.py's
+prediction for the same work on that cluster. The prediction reads no timing of loki_dist's own: only
+the machine's figures.
 """
 
 from __future__ import annotations
@@ -60,6 +61,18 @@ def calibrate(out: str) -> None:
     for _ in range(5):
         dist.all_gather_into_tensor(gathered, piece)
     received = 5 * piece.numel() * (WORLD - 1) / (time.perf_counter() - started)
+    attention = []  # the fused attention kernel, causal, at the models' widths; FLOPs as timing counts
+    for _, _, hidden, _, heads, _ in MODELS:
+        tokens = 2 * SAMPLE_TOKENS
+        q, k, v = (torch.randn(4, heads, tokens, hidden // heads) for _ in range(3))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        sdpa(q, k, v, is_causal=True)
+        dist.barrier()
+        started = time.perf_counter()
+        for _ in range(5):
+            sdpa(q, k, v, is_causal=True)
+        flops = 4 * 2 * 2 * hidden * tokens * (tokens + 1) / 2  # batch 4, scores and values, half masked
+        attention.append(flops * 5 / (time.perf_counter() - started))
     moved = []  # element-wise work: a product into a fresh tensor, as eager PyTorch runs it
     for elements in (4 * SAMPLE_TOKENS * 1024, 4 * SAMPLE_TOKENS * 2752):
         a, b = torch.randn(elements), torch.randn(elements)
@@ -69,7 +82,8 @@ def calibrate(out: str) -> None:
         for _ in range(20):
             a * b
         moved.append(3 * 4 * elements * 20 / (time.perf_counter() - started))
-    machine = {"flops": min(rates), "gather_bytes_per_s": received, "memory_bytes_per_s": min(moved),
+    machine = {"flops": min(rates), "attention_flops": min(attention), "gather_bytes_per_s": received,
+               "memory_bytes_per_s": min(moved),
                "latency_s": module_latency()}  # fmt: skip
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(machine))
@@ -175,7 +189,8 @@ def run_model(root: Path, model: tuple, machine: dict) -> list[dict]:
                              intra_gbps=machine["gather_bytes_per_s"] / 1e9, inter_gbps=1.0,
                              fs_gbps=machine["read_bytes_per_s"] / 1e9, memory_gb=24.0,
                              chunk_gb=2.0, latency_s=machine["latency_s"],
-                             memory_gbps=machine["memory_bytes_per_s"] / 1e9)  # fmt: skip
+                             memory_gbps=machine["memory_bytes_per_s"] / 1e9,
+                             attention_tflops=machine["attention_flops"] / 1e12)  # fmt: skip
     work = timing.Workload(prompts=PROMPTS, prompt_tokens=round(sum(lengths) / len(lengths)),
                            attribution_batch=4, samples=TRAIN_STEPS * 4, global_batch=4,
                            sample_tokens=round(sum(len(e.input_ids) for e in examples) / len(examples)),
@@ -213,7 +228,8 @@ def main() -> None:
         "",
         f"This machine as a cluster of one node of {WORLD} ranks: {machine['flops'] / 1e9:.1f} GFLOP/s a "
         "rank "
-        f"(float32 matrix products, both ranks at once), {machine['memory_bytes_per_s'] / 1e9:.1f} GB/s "
+        f"(float32 matrix products, both ranks at once), {machine['attention_flops'] / 1e9:.1f} GFLOP/s in "
+        f"causal attention, {machine['memory_bytes_per_s'] / 1e9:.1f} GB/s "
         "moved by element-wise products, "
         f"{machine['gather_bytes_per_s'] / 1e9:.2f} GB/s delivered to a rank by an all-gather (gloo), "
         f"{machine['latency_s'] * 1e6:.0f} us per module that ZeRO-3 gathers (a forward through 64 tiny "

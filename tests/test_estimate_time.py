@@ -31,6 +31,7 @@ def test_estimate_time_finds_a_70b_attribution_gathering_less_than_the_model_per
         (["--epochs", "inf"], "--epochs inf: expected a positive number"),
         (["--latency-us", "-1"], "--latency-us -1.0: must be 0 or more"),
         (["--memory-gbps", "nan"], "--memory-gbps nan: expected a positive number"),
+        (["--attention-tflops", "0"], "--attention-tflops 0.0: expected a positive number"),
         (["--quota", "0"], "--quota 0: must be in (0, 100]"),
         (["--gpu-memory-gb", "1"], "a GPU would hold its share of the model"),
     ],

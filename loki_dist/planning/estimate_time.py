@@ -36,6 +36,8 @@ def add_estimate_time_arguments(parser: argparse.ArgumentParser) -> None:
                          help="GB/s a GPU receives inside its node")  # fmt: skip
     cluster.add_argument("--inter-gbps", type=float, default=CLUSTER_DEFAULTS["inter_gbps"],
                          help="GB/s a GPU receives from other nodes (the network's share)")  # fmt: skip
+    cluster.add_argument("--attention-tflops", type=float, default=None,
+                         help="TFLOP/s of a GPU's fused attention kernel (default: --tflops)")  # fmt: skip
     cluster.add_argument("--memory-gbps", type=float, default=CLUSTER_DEFAULTS["memory_gbps"],
                          help="GB/s a GPU's element-wise kernels move through its memory (H100 SXM: "
                          "3.35 TB/s peak)")  # fmt: skip
@@ -67,7 +69,7 @@ def add_estimate_time_arguments(parser: argparse.ArgumentParser) -> None:
 def cluster_from_args(args: argparse.Namespace) -> timing.Cluster:
     require_at_least(("--nodes", args.nodes, 1), ("--gpus-per-node", args.gpus_per_node, 1))
     for flag in ("tflops", "intra_gbps", "inter_gbps", "fs_gbps", "gpu_memory_gb", "chunk_memory_gb",
-                 "memory_gbps"):  # fmt: skip
+                 "memory_gbps", "attention_tflops"):  # fmt: skip
         value = getattr(args, flag)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UserError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
@@ -84,6 +86,7 @@ def cluster_from_args(args: argparse.Namespace) -> timing.Cluster:
         args.chunk_memory_gb,
         args.latency_us / 1e6,
         args.memory_gbps,
+        args.attention_tflops,
     )
 
 

@@ -3,12 +3,13 @@
 
 Nothing here is timed: every volume is one the code is known to move (the counts tests/test_comm.py,
 tests/test_loading.py and tests/test_scale.py guard, per rank and per kind of collective), and every
-computation a count of FLOPs, or of the bytes the element-wise work between the matrix products moves
-(norms, rotary embeddings, residual additions, SiLU; layer_elementwise_elements). The cluster turns
-them into seconds: FLOP/s per GPU, the device memory's bandwidth, the bandwidth a GPU gets inside its
-node and between nodes and each gathered module's fixed cost, and what a node reads from or writes to
-the file system. A stage's time is its compute plus its communication plus its I/O, none overlapped
-(DeepSpeed's prefetch hides some of the gathers: the estimate errs on the slow side).
+computation a count of FLOPs (attention's apart, at its fused kernel's rate) or of the bytes that the
+element-wise work between the matrix products moves (norms, rotary embeddings, residual additions,
+SiLU; layer_elementwise_elements). The cluster turns them into seconds: FLOP/s per GPU, the device
+memory's bandwidth, the bandwidth a GPU gets inside its node and between nodes and each gathered
+module's fixed cost, and what a node reads from or writes to the file system. A stage's time is its
+compute plus its communication plus its I/O, none overlapped (DeepSpeed's prefetch hides some of the
+gathers: the estimate errs on the slow side).
 
 * load: each rank reads its share of the weight files (zero3_load.py); a node reads model/N.
 * attribution of P prompts of T tokens, B per batch (attribute's defaults): per batch one forward of the
@@ -49,6 +50,7 @@ class Cluster:
         0.0  # seconds one collective call costs however small (the network's and the library's)
     )
     memory_gbps: float = 3000.0  # GB/s a GPU's element-wise kernels move through its memory
+    attention_tflops: float | None = None  # TFLOP/s of its fused attention kernel; None: tflops
 
     @property
     def world(self) -> int:
@@ -63,6 +65,9 @@ class Cluster:
         group = self.gpus_per_node if in_node or self.nodes == 1 else self.world
         bandwidth = self.intra_gbps if in_node or self.nodes == 1 else self.inter_gbps
         return calls * self.latency_s + whole_bytes * (group - 1) / group / (bandwidth * GB)
+
+    def attention(self, flops: float) -> float:
+        return flops / ((self.attention_tflops or self.tflops) * 1e12)
 
     def elementwise(self, moved_bytes: float) -> float:
         return moved_bytes / (self.memory_gbps * GB)
@@ -86,11 +91,16 @@ class Workload:
     element: int = 2  # bytes per weight and activation (bf16)
 
 
-def layer_flops(arch: Architecture, tokens: int, keys: int) -> float:
+def attention_flops(arch: Architecture, tokens: float, keys: float) -> float:
+    """FLOPs of one layer's attention, scores and values, for `tokens` queries over `keys` keys each
+    (a causal pass over t tokens: (t + 1) / 2 keys on average, as its kernel skips the masked half)."""
+    return tokens * 2 * 2 * arch.num_heads * (arch.hidden_size // arch.num_heads) * keys
+
+
+def layer_flops(arch: Architecture, tokens: float, keys: float) -> float:
     """FLOPs of one decoder layer's forward for `tokens` queries over `keys` keys."""
     weights = sum(linear.in_features * linear.out_features for linear in arch.layer_linears)
-    attention = 2 * 2 * arch.num_heads * (arch.hidden_size // arch.num_heads) * keys  # scores and values
-    return tokens * (2 * weights + attention)
+    return tokens * 2 * weights + attention_flops(arch, tokens, keys)
 
 
 def layer_elementwise_elements(arch: Architecture) -> float:
@@ -155,13 +165,15 @@ def attribution_batch(arch: Architecture, cluster: Cluster, work: Workload) -> d
     """One batch of `attribute` on one rank: FLOPs, gathered bytes, chunks, and seconds."""
     plan = attribution_plan(arch, cluster, work)
     batch, t, m, L = work.attribution_batch, work.prompt_tokens, work.steps, arch.num_layers
-    flops = batch * (L * layer_flops(arch, t, t) + head_flops(arch, 1))  # the prompt pass
+    flops = batch * (L * layer_flops(arch, t, (t + 1) / 2) + head_flops(arch, 1))  # the prompt pass
+    attention = batch * L * attention_flops(arch, t, (t + 1) / 2)
     moved = batch * (L * t * layer_elementwise_elements(arch) + head_elementwise_elements(arch))
     for start, end in plan:
         for rows in chunks.rows_per_layer(
             _shape(arch, work), start, end, m
         ):  # forward, and the inputs' gradients
             flops += 2 * batch * layer_flops(arch, rows, t + rows)
+            attention += 2 * batch * attention_flops(arch, rows, t + rows)
             moved += 3 * batch * rows * layer_elementwise_elements(arch)
         flops += 2 * batch * head_flops(arch, end - start)
         moved += 3 * batch * (end - start) * head_elementwise_elements(arch)
@@ -172,8 +184,9 @@ def attribution_batch(arch: Architecture, cluster: Cluster, work: Workload) -> d
     )
     if cluster.world == 1:
         gathered, calls = 0, 0
+    compute = cluster.compute(flops - attention) + cluster.attention(attention)
     elementwise = cluster.elementwise(_bytes(arch, moved, work))
-    seconds = cluster.compute(flops) + elementwise + cluster.gather(_bytes(arch, gathered, work), calls)
+    seconds = compute + elementwise + cluster.gather(_bytes(arch, gathered, work), calls)
     return {"flops": flops, "gathered_elements": gathered, "chunks": len(plan), "seconds": seconds}
 
 
@@ -189,13 +202,15 @@ def train_step(arch: Architecture, cluster: Cluster, work: Workload) -> dict[str
     rows = arch.num_layers * loki_rows_per_layer(arch.hidden_size, work.quota) * arch.intermediate_size
     forward = arch.num_layers * layer_flops(arch, tokens, work.sample_tokens / 2) + head_flops(arch, tokens)
     flops = micro_steps * (2 * forward + 2 * tokens * rows)  # forward + inputs' gradients; the rows' own
+    attention = micro_steps * 2 * arch.num_layers * attention_flops(arch, tokens, work.sample_tokens / 2)
+    compute = cluster.compute(flops - attention) + cluster.attention(attention)
     per_token = arch.num_layers * layer_elementwise_elements(arch) + head_elementwise_elements(arch)
     elementwise = cluster.elementwise(_bytes(arch, micro_steps * 3 * tokens * per_token, work))
     in_node = cluster.nodes > 1  # the in-node copy of the frozen weights
     whole, calls = _bytes(arch, arch.total_params, work), gathered_modules(arch, arch.num_layers)
     gathers = micro_steps * 2 * cluster.gather(whole, calls, in_node=in_node) if cluster.world > 1 else 0.0
     reduce = cluster.gather(4 * rows, arch.num_layers) if cluster.world > 1 else 0.0  # as much as a gather
-    seconds = cluster.compute(flops) + elementwise + gathers + reduce
+    seconds = compute + elementwise + gathers + reduce
     return {"flops": flops, "micro_steps": micro_steps, "seconds": seconds}
 
 
