@@ -59,8 +59,9 @@ fine-tuning step about 2.2 s, the measures about 20 s a model (a timing of the p
 in CPU seconds). With the steps its sweep took at each rate (rates it stopped early taken to need 30-60
 steps), this design comes to about 90 min of training, 36 min of measures and 10 min of attribution (57
 and 200 prompts, cached after): 2-2.5 hours alone on that machine. --seeds 2, a lower --cap or fewer
---arms shorten it. --tiny runs the same code on a tiny model built in code (tests/test_bench_selection.py
-runs it in CI).
+--arms shorten it. Each run is kept in <out>/runs.json as it is measured: the same command again
+continues where a sitting stopped. --tiny runs the same code on a tiny model built in code
+(tests/test_bench_selection.py runs it in CI).
 
 What it cannot show: one 135M model and one small synthetic task; the answers to "which rows" on an 8B
 model and a real task (the paper's setting) may differ. The numbers are whatever the run measures.
@@ -145,17 +146,49 @@ def positions_for(arm: Arm, tensors: dict, seed: int) -> list[list[int]]:
 TINY_LRS = {"rows": (3e-2, 1e-1), "lowrank": (3e-2, 1e-1), "lora": (1e-2, 3e-2), "full": (1e-2, 3e-2)}
 
 
-def run_arm(arm: Arm, setup: Setup, tensors: dict, sizes: Sizes, grid, lora_rank: int, on_run: Callable):
-    """Every rate of the arm's grid with every seed, each run measured; (per rate its runs, chosen rate)."""
+class RunLog:
+    """The runs measured so far, kept in `<out>/runs.json` after each one, so that a study interrupted (or
+    spread over several sittings: it takes hours) continues where it stopped. Runs are reused only under
+    the same settings (sizes, rate grids, attribution file, threads); each keeps the commit and date it
+    was measured at, and the report names every commit its runs come from."""
+
+    def __init__(self, path: Path, settings: dict):
+        self.path, self.settings, self.runs = path, settings, {}
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("settings") == settings:
+                self.runs = saved["runs"]
+                print(f"{len(self.runs)} runs reused from {path}", flush=True)
+            else:
+                print(f"{path} was made under other settings: starting over (it is replaced)", flush=True)
+
+    def get(self, key: str) -> dict | None:
+        return self.runs.get(key)
+
+    def add(self, key: str, run: dict) -> None:
+        self.runs[key] = {**run, "commit": provenance.commit(), "date": str(datetime.date.today())}
+        files.write_json(self.path, {"settings": self.settings, "runs": self.runs})
+
+    def commits(self) -> list[str]:
+        return sorted({r["commit"] for r in self.runs.values()})
+
+
+def run_arm(arm: Arm, setup: Setup, tensors: dict, sizes: Sizes, grid, lora_rank: int, log: RunLog,
+            on_run: Callable):  # fmt: skip
+    """Every rate of the arm's grid with every seed, each run measured (or taken from the log when an
+    earlier sitting measured it); (per rate its runs, chosen rate)."""
     rates = []
     for lr in sorted(grid):
         runs = []
         for seed in range(sizes.seeds):
-            result, model = one_run(arm, setup, tensors, sizes, lr, seed, lora_rank)
-            result.measures = setup.measure(model)
-            runs.append(asdict(result))
-            del model
-            on_run()
+            key = f"{arm.name} | lr={lr!r} | seed={seed}"
+            if log.get(key) is None:
+                result, model = one_run(arm, setup, tensors, sizes, lr, seed, lora_rank)
+                result.measures = setup.measure(model)
+                log.add(key, asdict(result))
+                del model
+                on_run()
+            runs.append(log.get(key))
         rates.append({"lr": lr, "runs": runs})
     return rates, chosen_rate(rates)
 
@@ -262,6 +295,11 @@ def run_study(args: argparse.Namespace) -> dict:
     lora_rank = lora_rank_for(loki_count, setup.base)
     arms = [a for a in ARMS if not args.arms or a.name in args.arms]
     grids = {**(TINY_LRS if args.tiny else LR_GRIDS), **{k: tuple(v) for k, v in (args.lrs or {}).items()}}
+    threads = torch.get_num_threads()
+    settings = {"sizes": asdict(sizes), "lr_grids": {k: list(v) for k, v in grids.items()},
+                "attribution": setup.attribution.name, "lora_rank": lora_rank, "threads": threads,
+                "tiny": bool(args.tiny)}  # fmt: skip
+    log = RunLog(out / "runs.json", settings)
     done = [0]
 
     def on_run() -> None:
@@ -270,7 +308,7 @@ def run_study(args: argparse.Namespace) -> dict:
 
     result_arms = []
     for arm in arms:
-        rates, lr = run_arm(arm, setup, tensors, sizes, grids[arm.kind], lora_rank, on_run)
+        rates, lr = run_arm(arm, setup, tensors, sizes, grids[arm.kind], lora_rank, log, on_run)
         name = f"LoRA down_proj r={lora_rank}" if arm.kind == "lora" else arm.name
         result_arms.append({"name": name, "kind": arm.kind, "strategy": arm.strategy, "quota": arm.quota,
                             "rule": arm.rule, "lr": lr, "rates": rates,
@@ -292,8 +330,11 @@ def run_study(args: argparse.Namespace) -> dict:
         "stability": stability,
         "arms": result_arms,
         "total_seconds": time.perf_counter() - started,
-        "commit": provenance.commit(),
+        "commit": ", ".join(
+            dict.fromkeys([*log.commits(), provenance.commit()])
+        ),  # the runs' and the report's
         "machine": provenance.machine(),
+        "threads": threads,
         "date": str(datetime.date.today()),
         "command": "python bench/bench_selection.py " + " ".join(sys.argv[1:]),
     }

@@ -289,3 +289,38 @@ def test_prompts_that_agree_give_a_flat_curve_at_one(tmp_path):
     for c in stab["curves"]:
         assert all(d["min"] == 1.0 for d in (*c["nested"], *c["disjoint"]))
         assert c["arms_kept_of_pool"] == 1.0 and c["select_arms"]["settled"] and c["select_pool"]["settled"]
+
+
+def test_a_study_continues_from_its_run_log_only_under_the_same_settings(study, tmp_path, capsys):
+    """The study takes hours: a sitting that stops keeps its runs (runs.json), the next measures only
+    what is missing. A run planted in the log is taken as it is under the same settings, and dropped
+    when a setting changes (here the seeds)."""
+    out, result = study
+    log = json.loads((out / "runs.json").read_text())
+    assert len(log["runs"]) == sum(len(r["runs"]) for a in result["arms"] for r in a["rates"])
+    key = next(iter(log["runs"]))
+    log["runs"][key]["held_out_accuracy"] = 12.345  # no run measures this: it can only come from the log
+    del log["runs"][next(k for k in log["runs"] if k.startswith("full fine-tuning"))]  # one run missing
+    (tmp_path / "runs.json").write_text(json.dumps(log))  # a sitting of its own (the module's study stays)
+    threads, cache, out = torch.get_num_threads(), str(out / "cache"), tmp_path
+    try:
+        again = bench.run_study(
+            bench.parse_args(["--tiny", "--out", str(out), "--cache-dir", cache, "--seeds", "2"])
+        )
+        printed = capsys.readouterr().out
+        assert (
+            f"{len(log['runs'])} runs reused" in printed
+            and "--- 1 runs" in printed
+            and "--- 2 runs" not in printed
+        )
+        runs = [run for a in again["arms"] for r in a["rates"] for run in r["runs"]]
+        assert sum(run["held_out_accuracy"] == 12.345 for run in runs) == 1
+        other = bench.run_study(
+            bench.parse_args(["--tiny", "--out", str(out), "--cache-dir", cache, "--seeds", "1"])
+        )
+        assert "other settings: starting over" in capsys.readouterr().out
+        assert all(
+            run["held_out_accuracy"] != 12.345 for a in other["arms"] for r in a["rates"] for run in r["runs"]
+        )
+    finally:
+        torch.set_num_threads(threads)
