@@ -153,7 +153,8 @@ class RunLog:
     was measured at, and the report names every commit its runs come from."""
 
     def __init__(self, path: Path, settings: dict):
-        self.path, self.settings, self.runs = path, settings, {}
+        # the code this process runs is the checkout's when it started (later edits do not reach it)
+        self.path, self.settings, self.runs, self.commit = path, settings, {}, provenance.commit()
         if path.exists():
             saved = json.loads(path.read_text())
             if saved.get("settings") == settings:
@@ -166,7 +167,7 @@ class RunLog:
         return self.runs.get(key)
 
     def add(self, key: str, run: dict) -> None:
-        self.runs[key] = {**run, "commit": provenance.commit(), "date": str(datetime.date.today())}
+        self.runs[key] = {**run, "commit": self.commit, "date": str(datetime.date.today())}
         files.write_json(self.path, {"settings": self.settings, "runs": self.runs})
 
     def commits(self) -> list[str]:
