@@ -331,9 +331,8 @@ def run_study(args: argparse.Namespace) -> dict:
         "stability": stability,
         "arms": result_arms,
         "total_seconds": time.perf_counter() - started,
-        "commit": ", ".join(
-            dict.fromkeys([*log.commits(), provenance.commit()])
-        ),  # the runs' and the report's
+        # the runs' commits and this sitting's (its base measures and stability curve)
+        "commit": ", ".join(dict.fromkeys([*log.commits(), log.commit])),
         "machine": provenance.machine(),
         "threads": threads,
         "date": str(datetime.date.today()),
