@@ -6,8 +6,9 @@ to what the model already knew is measured with measures sensitive enough to see
 rows damage no less than random rows, LoKI's attribution cost buys nothing on this model and task; the
 study reports whatever it finds.
 
-Arms (docs/method.md's selections through loki_dist.selection, the rows trained through the Python API
-`loki_dist.implant_rows` / `merge_rows`, the production path of `loki-dist train`'s split layout):
+Arms (docs/method.md's selections through loki_dist.selection.strategies, the rows trained through the
+Python API `loki_dist.implant_rows` / `merge_rows`, the production path of `loki-dist train`'s split
+layout):
 - KVA layer-balanced lowest (LoKI) at q = 10 and q = 25, by signed score (the paper's rule) and by
   |score| (`select --rule magnitude`, issue 28);
 - KVA layer-balanced highest at q = 10 (the paper's "most important rows" contrast);
@@ -86,7 +87,6 @@ import torch
 from selection_report import comparisons, markdown_sweep
 from selection_setup import TINY, Setup, Sizes, real_setup, tiny_setup
 
-from loki_dist import selection
 from loki_dist.core import files, provenance
 from loki_dist.demo.methods import Budget, lora_rank_for, run_once
 from loki_dist.demo.report import plot, table_section
@@ -96,6 +96,7 @@ from loki_dist.demo.task import (
     held_out_accuracy,
     keep_known,
 )
+from loki_dist.selection import strategies
 
 # ------------------------------------------------------------------------------------------------- arms
 
@@ -106,7 +107,7 @@ class Arm:
     kind: str  # rows, lowrank (LoKI*), lora, full
     strategy: str = ""  # rows, lowrank: layer_balanced, layer_balanced_highest, global_lowest, random
     quota: int = 10
-    rule: str = "signed"  # rows: what each prompt ranks (selection.RULES)
+    rule: str = "signed"  # rows: what each prompt ranks (strategies.RULES)
     rank: int = 0  # lowrank: r of W_S0 + A B
 
 
@@ -135,8 +136,8 @@ LR_GRIDS = {
 
 
 def positions_for(arm: Arm, tensors: dict, seed: int) -> list[list[int]]:
-    """The rows of a rows arm, from loki_dist.selection (the `loki-dist select` code)."""
-    return selection.select(tensors, Fraction(arm.quota), arm.strategy, seed, arm.rule)
+    """The rows of a rows arm, from loki_dist.selection.strategies (the `loki-dist select` code)."""
+    return strategies.select(tensors, Fraction(arm.quota), arm.strategy, seed, arm.rule)
 
 
 # ------------------------------------------------------------------------------------------------ study
@@ -291,7 +292,7 @@ def run_study(args: argparse.Namespace) -> dict:
     base_measures = setup.measure(setup.base)
     print(f"base: {json.dumps(base_measures)}", flush=True)
     stability = selection_stability.curve(setup.pool, setup.attribution, sizes.draws)
-    tensors, _ = selection.load_attribution(str(setup.attribution))
+    tensors, _ = strategies.load_attribution(str(setup.attribution))
     loki_count = sum(map(len, positions_for(ARMS[0], tensors, 0))) * setup.base.config.intermediate_size
     lora_rank = lora_rank_for(loki_count, setup.base)
     arms = [a for a in ARMS if not args.arms or a.name in args.arms]

@@ -29,7 +29,7 @@ from loki_dist.demo.task import (
     task_corpus,
     tokenize_probes,
 )
-from loki_dist.evaluation.evaluate import letter_token_ids
+from loki_dist.evaluation.scoring import letter_token_ids
 
 
 @dataclass

@@ -4,7 +4,7 @@ how many, attribution used, on SmolLM2.
 The pool: every MMLU dev question that no retention measure reads (demo/task.py,
 retention_free_questions), attributed once with per-sample scores. For each number n of prompts, `draws`
 seeded random subsets of n pool prompts choose rows (layer-balanced, under each rule and quota, through
-loki_dist.stability.choices: the selection's own counting, weighted), and the curve gives
+loki_dist.selection.stability.choices: the selection's own counting, weighted), and the curve gives
 - nested: the overlap of each subset's choice with the whole pool's. It is the paper's kind of figure
   (its reduced MMLU set, 2850 prompts, kept 97.57% of the choice of its full set, 14042), and it rises
   as n nears the pool for a trivial reason too: the subset is then most of the pool;
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from loki_dist import selection, stability
 from loki_dist.core import files
+from loki_dist.selection import stability, strategies
 
 QUOTAS = (10, 25)
 RULES = ("signed", "magnitude")
@@ -50,8 +50,8 @@ def _figures(tensors: dict, positions: list[list[int]], quota: Fraction, rule: s
 
 def curve(pool: Path, arms: Path, draws: int, seed: int = 0) -> dict:
     """The curves for every rule and quota, and `select`'s figures (module docstring)."""
-    tensors, _ = selection.load_attribution(str(pool))
-    arm_tensors, _ = selection.load_attribution(str(arms))
+    tensors, _ = strategies.load_attribution(str(pool))
+    arm_tensors, _ = strategies.load_attribution(str(arms))
     total, num_layers, hidden = tensors["scores"].shape
     sizes = sorted({n for n in (*SIZES, total // 2) if 2 <= n < total})
     generator = torch.Generator().manual_seed(seed)
@@ -75,8 +75,8 @@ def curve(pool: Path, arms: Path, draws: int, seed: int = 0) -> dict:
         for quota in QUOTAS:
             q = Fraction(quota)
             chosen = stability.choices(scores, torch.stack(rows), q, "layer_balanced", rule)
-            pool_positions = selection.select(tensors, q, "layer_balanced", rule=rule)
-            arm_positions = selection.select(arm_tensors, q, "layer_balanced", rule=rule)
+            pool_positions = strategies.select(tensors, q, "layer_balanced", rule=rule)
+            arm_positions = strategies.select(arm_tensors, q, "layer_balanced", rule=rule)
             full = _mask(pool_positions, (num_layers, hidden))
             curves.append({
                 "rule": rule, "quota": quota,

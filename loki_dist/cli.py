@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "loki_dist.attribution.attribute",
         "score every down_proj row on general-knowledge prompts (KVA)",
     ),
-    "select": ("loki_dist.selection", "choose the rows to train from an attribution file"),
+    "select": ("loki_dist.selection.select", "choose the rows to train from an attribution file"),
     "train": ("loki_dist.implant.train", "implant: train only the selected down_proj rows"),
     "export": (
         "loki_dist.implant.export",

@@ -6,7 +6,7 @@ what each copy keeps (`loki-dist evaluate`, `loki-dist forgetting`). If attribut
 matter, S-H loses far more than S-L, with random rows in between (in the paper at q=1, S-H loses 36% on
 average, 25 points more than S-L).
 
-The rows come from the selection code of `select` (selection.select: the same rules and ties): S-L is
+The rows come from the selection code of `select` (strategies.select: the same rules and ties): S-L is
 `select --strategy layer_balanced`, random is `select --strategy random` with the same seed, and S-H the
 layer-balanced highest, per layer the k rows most often among a sample's k highest-ranked (it reads the
 per-sample scores of `attribute --save-scores`: the histograms only bin the bottom ranks). `--positions`
@@ -31,8 +31,10 @@ from loki_dist import __version__
 from loki_dist.core import distributed, flags
 from loki_dist.core import positions as positions_file
 from loki_dist.core.errors import UserError
+from loki_dist.core.flags import parse_quota
 from loki_dist.implant.implant_file import RowSource
-from loki_dist.selection import LAYER_HIGHEST, add_rule_argument, parse_quota
+from loki_dist.selection.select import add_rule_argument
+from loki_dist.selection.strategies import LAYER_HIGHEST
 
 # --which -> the selection strategy that picks its rows
 WHICH = {"lowest": "layer_balanced", "highest": LAYER_HIGHEST, "random": "random"}
@@ -75,7 +77,7 @@ def check_flags(args: argparse.Namespace) -> Fraction | None:
 
 def choose_rows(args: argparse.Namespace, quota: Fraction | None, spec) -> list[list[int]]:
     """The rows to zero in each layer, by the selection code of `select` (or from --positions)."""
-    from loki_dist.selection import load_attribution, random_selection, select
+    from loki_dist.selection.strategies import load_attribution, random_selection, select
 
     if args.positions is not None:
         return positions_file.load(args.positions, spec)

@@ -94,7 +94,7 @@ def test_rows_arms_leave_every_other_tensor_bit_identical(study):
 
 def test_arms_select_what_they_claim(study):
     out, result = study
-    tensors, _ = bench.selection.load_attribution(result["attribution"])
+    tensors, _ = bench.strategies.load_attribution(result["attribution"])
     by_name = {a.name: a for a in bench.ARMS}
     loki = bench.positions_for(by_name["LoKI q=10"], tensors, 0)
     draws = [bench.positions_for(by_name["random rows q=10"], tensors, seed) for seed in range(2)]
@@ -144,7 +144,7 @@ def test_layer_balanced_highest_matches_a_brute_force_reading():
     """The arm's selection: per layer, the k rows most often among a sample's k highest scores (ties:
     higher score sum, then lower index)."""
     from loki_dist.attribution.stats import Stats
-    from loki_dist.selection import layer_balanced
+    from loki_dist.selection.strategies import layer_balanced
 
     n, layers, hidden, k = 6, 2, 20, 4
     scores = torch.randint(-3, 4, (n, layers, hidden), generator=torch.Generator().manual_seed(1)).float()
@@ -243,7 +243,7 @@ def test_the_stability_curve_is_measured_on_the_retention_free_pool(study):
     """The pool is toyworld's general questions that no measure reads (16 of 24); the curve's sizes stay
     below it; the arms' choice kept of the pool's what the two files' selections share; the report says
     select's verdicts."""
-    from loki_dist import selection
+    from loki_dist.selection import strategies
 
     out, result = study
     stab = result["stability"]
@@ -251,16 +251,16 @@ def test_the_stability_curve_is_measured_on_the_retention_free_pool(study):
     assert [(c["rule"], c["quota"]) for c in stab["curves"]] == [
         (rule, q) for rule in ("signed", "magnitude") for q in (10, 25)
     ]
-    arms, _ = selection.load_attribution(result["attribution"])
+    arms, _ = strategies.load_attribution(result["attribution"])
     pool_file = next(
         p for p in (out / "cache").glob("attribution_*.safetensors") if p != Path(result["attribution"])
     )
-    pool, _ = selection.load_attribution(str(pool_file))
+    pool, _ = strategies.load_attribution(str(pool_file))
     assert int(pool["num_samples"]) == 16
     text = (out / "selection.md").read_text()
     for c in stab["curves"]:
         a, p = (
-            selection.select(t, Fraction(c["quota"]), "layer_balanced", rule=c["rule"]) for t in (arms, pool)
+            strategies.select(t, Fraction(c["quota"]), "layer_balanced", rule=c["rule"]) for t in (arms, pool)
         )
         shared = sum(len(set(x) & set(y)) for x, y in zip(a, p, strict=True))
         assert c["arms_kept_of_pool"] == shared / sum(map(len, p))

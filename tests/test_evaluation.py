@@ -238,7 +238,7 @@ def test_a_mistake_on_some_ranks_reaches_stderr_with_those_ranks(tiny_llama, tmp
 
 def test_token_nll_in_chunks_equals_a_float64_log_softmax():
     """bf16-valued logits (as a GPU model returns them), several chunks of 3 positions."""
-    from loki_dist.evaluation.evaluate import token_nll
+    from loki_dist.evaluation.scoring import token_nll
 
     torch.manual_seed(0)
     vocab = 5000
@@ -259,7 +259,7 @@ def test_document_nll_equals_float64_cross_entropy_per_document(tiny_llama):
     cross-entropy of the same model's logits written here, per document."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loki_dist.evaluation.evaluate import document_nll
+    from loki_dist.evaluation.scoring import document_nll
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()

@@ -366,7 +366,7 @@ def test_attribute_zero3_on_device_matches_cpu_reference(setup, launched, nproc,
 
 
 def test_evaluate_on_device_matches_cpu_predictions(setup, launched, record):
-    from loki_dist.evaluation.evaluate import letter_token_ids
+    from loki_dist.evaluation.scoring import letter_token_ids
 
     launched.output("evaluate")
     predictions = json.loads((setup["root"] / "evaluate.json").read_text())["predictions"]

@@ -15,7 +15,7 @@ from loki_dist.attribution.stats import Stats
 from loki_dist.cli import main
 from loki_dist.core.errors import UserError
 from loki_dist.core.files import save_tensors
-from loki_dist.selection import select
+from loki_dist.selection.strategies import select
 
 L, D, N = 3, 40, 7
 
@@ -196,20 +196,20 @@ def test_the_plot_shows_rows_per_layer_scores_and_stability(strategy):
     """What a user acts on, per layer: how many rows, the chosen rows' mean score against the layer's,
     and how stable the choice is (issue 24.7); without per-sample scores the panel says how to get them."""
     pytest.importorskip("matplotlib")
-    from loki_dist import selection_plot, stability
+    from loki_dist.selection import plot, stability
 
     tensors = _tensors(_scores())
     positions = select(tensors, Fraction(10), strategy)
     scores = stability.Scores(tensors["scores"], (N, L, D), on_disk=False)
     figures = stability.measure(scores, positions, Fraction(10), strategy, "signed", resamples=5)
-    rows, means, stable = selection_plot.figure(positions, tensors, figures, "signed").axes
+    rows, means, stable = plot.figure(positions, tensors, figures, "signed").axes
     assert [bar.get_height() for bar in rows.patches] == [len(r) for r in positions]
     chosen = [float(tensors["score_sum"][layer, r].mean() / N) for layer, r in enumerate(positions)]
     assert list(means.lines[1].get_ydata()) == pytest.approx(chosen)
     assert list(stable.lines[0].get_ydata()) == pytest.approx([100 * v for v in figures.halves_per_layer])
     assert list(stable.lines[1].get_ydata()) == pytest.approx([100 * v for v in figures.bootstrap_per_layer])
     assert figures.verdict()[:40] in stable.get_title().replace("\n", " ")
-    bare = selection_plot.figure(positions, tensors, None, "signed").axes[2]
+    bare = plot.figure(positions, tensors, None, "signed").axes[2]
     assert "attribute --save-scores" in bare.texts[0].get_text()
 
 

@@ -19,7 +19,7 @@ from test_selection import _brute, _save
 
 from loki_dist.attribution.stats import Stats
 from loki_dist.cli import main
-from loki_dist.stability import NO_SCORES, Scores, measure, overlaps, resample_weights
+from loki_dist.selection.stability import NO_SCORES, Scores, measure, overlaps, resample_weights
 
 STRATEGIES = ("layer_balanced", "global_lowest", "global_highest")
 

@@ -30,8 +30,8 @@ import torch
 from loki_dist.attribution.mmlu import Question, encode, question_rows
 from loki_dist.core import files
 from loki_dist.core.errors import UserError
-from loki_dist.evaluation.evaluate import document_nll, letter_logprobs, letter_token_ids
 from loki_dist.evaluation.retention import completion_results, tokenize_facts
+from loki_dist.evaluation.scoring import document_nll, letter_logprobs, letter_token_ids
 from loki_dist.implant.data import IGNORE_INDEX, Example
 
 TRAIN_PHRASINGS = ("Q: What is the pet of {who}?\nA:", "Q: Which pet does {who} have?\nA:")

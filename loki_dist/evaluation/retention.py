@@ -50,8 +50,8 @@ def completion_results(
     lockstep: bool = False,
 ) -> tuple[list[bool], list[float]]:
     """Per (prompt ids, answer ids): completed exactly (see the top), and the answer's log-probability.
-    One teacher-forced forward per batch, right-padded. lockstep: ZeRO-3, as evaluate.model_batches."""
-    from loki_dist.evaluation.evaluate import model_batches
+    One teacher-forced forward per batch, right-padded. lockstep: ZeRO-3, as scoring.model_batches."""
+    from loki_dist.evaluation.scoring import model_batches
     from loki_dist.implant.data import IGNORE_INDEX, Example, collate
 
     device = next(model.parameters()).device
@@ -118,15 +118,6 @@ def completion_inputs(args: argparse.Namespace, tokenizer) -> Callable:
         }
 
     return evaluate
-
-
-def task_inputs(args: argparse.Namespace, tokenizer, multiple_choice: Callable, perplexity: Callable):
-    """The --task's inputs read before the model loads, as its scorer (`multiple_choice`, `perplexity`:
-    evaluate's own input readers)."""
-    scorers = {"multiple_choice": multiple_choice, "perplexity": perplexity, "completion": completion_inputs}
-    if args.task == "retention":
-        return retention_inputs(args, tokenizer, scorers)
-    return scorers[args.task](args, tokenizer)
 
 
 def retention_inputs(args: argparse.Namespace, tokenizer, scorers: dict[str, Callable]) -> Callable:

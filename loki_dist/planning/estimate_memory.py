@@ -14,6 +14,7 @@ from pathlib import Path
 
 from loki_dist.core import checks, files, flags
 from loki_dist.core.errors import UserError
+from loki_dist.core.flags import parse_quota
 from loki_dist.planning.memory import (
     GIB,
     LORA_RANK,
@@ -28,7 +29,6 @@ from loki_dist.planning.memory import (
     estimate,
     loki_rows_per_layer,
 )
-from loki_dist.selection import parse_quota
 
 REQUIRED_KEYS = (
     "model_type",

@@ -13,10 +13,10 @@ from dataclasses import asdict
 
 from loki_dist.core import checks, files
 from loki_dist.core.errors import UserError, require_at_least
+from loki_dist.core.flags import parse_quota
 from loki_dist.planning import timing
 from loki_dist.planning.estimate_memory import load_config
 from loki_dist.planning.memory import PRESETS, architecture
-from loki_dist.selection import parse_quota
 
 # Defaults: a node of 8 H100 80 GB (NVLink 4), 8 x 400 Gb/s InfiniBand, a parallel file system
 CLUSTER_DEFAULTS = {"nodes": 4, "gpus_per_node": 8, "tflops": 400.0, "intra_gbps": 300.0, "inter_gbps": 40.0,

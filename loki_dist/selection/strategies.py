@@ -1,4 +1,5 @@
-"""`loki-dist select`: turn an attribution file into a positions file (docs/method.md, method step 2).
+"""How `loki-dist select` chooses rows from an attribution file (docs/method.md, method step 2): the
+strategies, the rules, their ties, and the attribution file read and checked for them.
 
 Layer-balanced with quota q: every layer keeps k = floor(q*D/100) rows, the ones most often among the
 k lowest-ranked nodes of a sample. The global ablations count per-sample bottom-T / top-T over all L*D
@@ -17,54 +18,15 @@ that on one sample a selection is that sample's own ranking.
 
 from __future__ import annotations
 
-import argparse
 import math
 from fractions import Fraction
 
-from loki_dist import stability
-from loki_dist.core import checks, flags, plotting
 from loki_dist.core.errors import UserError
-from loki_dist.core.flags import parse_quota
 
 STRATEGIES = ("layer_balanced", "global_lowest", "global_highest", "random")
 RULES = ("signed", "magnitude")
 # not a `select` choice: the selection study's "KVA highest" arm and `suppress --which highest`
 LAYER_HIGHEST = "layer_balanced_highest"
-
-
-def add_select_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--attribution", help="attribution file written by `loki-dist attribute`")
-    parser.add_argument(
-        "--quota",
-        required=True,
-        type=str,
-        help="percent of rows per layer, in (0, 100]; fractional needs per-sample scores",
-    )
-    parser.add_argument("--output", required=True, help="positions file to write (JSON list of L lists)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="layer_balanced")
-    add_rule_argument(parser)
-    parser.add_argument("--seed", type=int, default=0, help="seed of --strategy random and of the bootstrap")
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="check the attribution file against this model (or give its shapes to random)",
-    )
-    parser.add_argument(
-        "--plot",
-        default=None,
-        help="also draw, per layer, the rows chosen, their mean score and how stable the choice is (PNG, "
-        "needs matplotlib)",
-    )
-    stability.add_arguments(parser)
-
-
-def add_rule_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--rule",
-        choices=RULES,
-        default="signed",
-        help="rank each sample's rows by signed score or by magnitude |score| (lowest first)",
-    )
 
 
 # ----------------------------------------------------------------------------------------------- counts
@@ -279,64 +241,3 @@ def select(
     if strategy in ("layer_balanced", LAYER_HIGHEST):
         return layer_balanced(tensors, quota, highest=strategy == LAYER_HIGHEST, rule=rule)
     return global_selection(tensors, quota, highest=strategy == "global_highest", rule=rule)
-
-
-# ------------------------------------------------------------------------------------------------- run
-
-
-def run_select(args: argparse.Namespace) -> None:
-    from loki_dist.core import positions as positions_file
-
-    quota = parse_quota(args.quota)
-    flags.check_seed(args.seed)
-    check_outputs(args)
-    stability.check_arguments(args)
-    if args.plot:
-        if not args.plot.lower().endswith(".png"):
-            raise UserError(f"--plot {args.plot}: expected a .png file name")
-        plotting.pyplot("--plot")  # missing matplotlib is reported before any work
-    if args.attribution is None:
-        if args.strategy != "random" or args.model is None:
-            raise UserError("--attribution is required (only --strategy random can do with --model alone)")
-        from loki_dist.core.families import spec_from_dir
-
-        spec = spec_from_dir(args.model)
-        positions = random_selection(spec.num_layers, spec.hidden_size, quota, args.seed)
-        tensors = None
-    else:
-        tensors, _ = load_attribution(args.attribution, args.model, quota, args.strategy, args.rule)
-        positions = select(tensors, quota, args.strategy, args.seed, args.rule)
-    positions_file.save(positions, args.output)
-    by = " by |score|" if args.rule == "magnitude" and args.strategy != "random" else ""
-    print(summary(positions, tensors, args.strategy + by, quota))
-    print(f"wrote {args.output}")
-    figures = stability.report(args, tensors, positions, quota)
-    if args.plot:
-        from loki_dist import selection_plot
-
-        selection_plot.plot(positions, tensors, figures, args.rule, args.plot)
-        print(f"wrote {args.plot}")
-
-
-def check_outputs(args: argparse.Namespace) -> None:
-    """--output (and --plot) can be written and would not write over an input. An existing positions file
-    is replaced (atomically): a selection takes seconds to redo, unlike what it is made from."""
-    inputs = {"--attribution": args.attribution, "--model": args.model}
-    for flag, path in (("--output", args.output), ("--plot", args.plot)):
-        if path is not None:
-            checks.refuse_output_over_inputs(flag, path, inputs)
-            checks.check_writable(flag, path)
-
-
-def summary(positions: list[list[int]], tensors: dict | None, strategy: str, quota: Fraction) -> str:
-    lines = [f"{strategy} selection, quota {float(quota):g}%: {sum(map(len, positions))} rows"]
-    mean = None
-    if tensors is not None:
-        mean = tensors["score_sum"] / max(int(tensors["num_samples"].reshape(-1)[0]), 1)
-    for layer, rows in enumerate(positions):
-        text = f"  layer {layer:3d}: {len(rows):6d} rows"
-        if mean is not None:
-            chosen = mean[layer, rows].mean().item() if rows else float("nan")
-            text += f"  mean score {chosen:+.3e} (layer mean {mean[layer].mean().item():+.3e})"
-        lines.append(text)
-    return "\n".join(lines)

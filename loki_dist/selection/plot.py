@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import textwrap
 
-from loki_dist import stability
 from loki_dist.core import plotting
+from loki_dist.selection import stability
 
 
 def figure(positions: list[list[int]], tensors: dict | None, figures: stability.Stability | None, rule: str):

@@ -1,6 +1,6 @@
 """Is a selection stable? Would other prompts, or more of them, choose other rows? (issue 25, item 1)
 
-A selection counts, per node, the samples in whose k lowest-ranked rows it lies (selection.py). The
+A selection counts, per node, the samples in whose k lowest-ranked rows it lies (strategies.py). The
 counts, and the tie-breaking sums, of any subset or resample of the samples are weighted sums of
 per-sample terms (the weight: how many times a sample is in it), so they are exact functions of the
 per-sample scores (`attribute --save-scores`), read here one layer (global strategies: one block of
@@ -41,18 +41,17 @@ predicted: at N prompts the scores do not choose rows at this quota at all.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from pathlib import Path
 
 import torch
 
-from loki_dist.core import files, metering
+from loki_dist.core import metering
 from loki_dist.core.errors import UserError
+from loki_dist.selection.strategies import LAYER_HIGHEST, pick_rows
 
 PAPER_OVERLAP = 0.9757  # the paper: its reduced MMLU set's choice against the full set's
 LOW_PERCENT = 5
@@ -62,42 +61,6 @@ NO_SCORES = (
     "stability: needs the per-sample scores, which this attribution file does not hold; rerun "
     "`loki-dist attribute` with --save-scores"
 )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--resamples",
-        type=int,
-        default=DEFAULT_RESAMPLES,
-        help="bootstrap resamples for the stability figures (from the per-sample scores, attribute "
-        "--save-scores; seeded with --seed); 0: no stability figures",
-    )
-    parser.add_argument("--report", default=None, help="also write the selection and its stability as JSON")
-
-
-# the bootstrap's weights are [resamples, samples] int64: 228 MB at 10,000 resamples of 2,850 prompts, and a
-# 5th percentile needs no more than a few hundred
-MAX_RESAMPLES = 10_000
-
-
-def check_arguments(args: argparse.Namespace) -> None:
-    """Before any work: a usable count, and a --report that writes over no input and no other output."""
-    from loki_dist.core import checks
-
-    if not 0 <= args.resamples <= MAX_RESAMPLES:
-        raise UserError(
-            f"--resamples {args.resamples}: expected a count in [0, {MAX_RESAMPLES}] (0: no stability "
-            "figures)"
-        )
-    if args.report is None:
-        return
-    for flag in ("--output", "--plot"):
-        other = getattr(args, flag[2:])
-        if other is not None and Path(other).resolve() == Path(args.report).resolve():
-            raise UserError(f"--report {args.report}: is also {flag}; give the report a name of its own")
-    checks.refuse_output_over_inputs("--report", args.report, {"--attribution": args.attribution,
-                                                               "--model": args.model})  # fmt: skip
-    checks.check_writable("--report", args.report)
 
 
 # -------------------------------------------------------------------------------------------- choices
@@ -161,10 +124,9 @@ def resample_weights(num_samples: int, resamples: int, seed: int) -> torch.Tenso
 
 def choices(scores: Scores, weights: torch.Tensor, quota: Fraction, strategy: str, rule: str) -> torch.Tensor:
     """[R, L, D] bool: the rows the strategy chooses from each weighting of the samples (a row of
-    `weights`), with counts and tie sums weighted as selection.py takes them over all samples, ties
+    `weights`), with counts and tie sums weighted as strategies.py takes them over all samples, ties
     broken as there. Strategies: layer_balanced (and LAYER_HIGHEST), global_lowest, global_highest."""
     from loki_dist.attribution.stats import in_bottom, rule_key
-    from loki_dist.selection import LAYER_HIGHEST, pick_rows
 
     num_samples, num_layers, hidden = scores.shape
     highest = strategy in (LAYER_HIGHEST, "global_highest")
@@ -321,37 +283,3 @@ def measure(
         resamples, seed, boot.tolist(),
         _listed(boot_per_layer.nanmean(0)) if resamples else [None] * num_layers, chance, chance_sd,
     )  # fmt: skip
-
-
-def report(
-    args: argparse.Namespace, tensors: dict | None, positions: list[list[int]], quota: Fraction
-) -> Stability | None:
-    """`select`'s stability lines (or the one line saying why there are none), and --report's JSON;
-    returns the figures (None where there are none), for --plot."""
-    figures, note = None, None
-    if tensors is None or args.strategy == "random":
-        note = "random rows: no attribution whose stability to measure"
-    elif args.resamples == 0:
-        note = "stability figures not asked for (--resamples 0)"
-    elif int(tensors["num_samples"].reshape(-1)[0]) < 2:
-        note = "stability: needs at least 2 samples"
-    else:
-        with open_scores(args.attribution, tensors) as scores, metering.phase("select_stability"):
-            if scores is None:
-                note = NO_SCORES
-            else:
-                figures = measure(
-                    scores, positions, quota, args.strategy, args.rule, args.resamples, args.seed
-                )
-    if figures is not None:
-        print("\n".join(figures.lines()))
-    elif args.strategy != "random" and args.resamples:
-        print(note)
-    if args.report:
-        files.write_json(args.report, {
-            "attribution": args.attribution, "positions": args.output, "quota": str(quota),
-            "strategy": args.strategy, "rule": args.rule, "rows_per_layer": [len(r) for r in positions],
-            "stability": None if figures is None else figures.as_dict(), "stability_note": note,
-        })  # fmt: skip
-        print(f"wrote {args.report}")
-    return figures
