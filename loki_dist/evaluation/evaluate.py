@@ -269,7 +269,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     with agreement(world):  # every input read and checked on every rank before the model loads
         ds_config = _validate(args)
-    data = hubdata.command_data(args, world)  # a hub data set: fetched once, by rank 0, for every rank
+    # a hub data set: fetched once, by rank 0, for every rank
+    data = hubdata.command_data(args.data, args.data_config, args.output, world)
     with agreement(world):
         tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
         with_data = argparse.Namespace(**{**vars(args), "data": data})
