@@ -212,7 +212,7 @@ def forward_equivalents(tokens: int = 250, batch: int = 4, steps: int = 7) -> tu
     from torch.utils.flop_counter import FlopCounterMode
 
     from loki_dist.attribution import chunks
-    from loki_dist.attribution.attribute import CPU_DEFAULT_GB
+    from loki_dist.attribution.settings import CPU_DEFAULT_GB
 
     model = build_model("llama", seed=0, **SMOLLM2).requires_grad_(False)
     gen = torch.Generator().manual_seed(0)

@@ -30,11 +30,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loki_dist.attribution.mmlu import add_question_arguments
+from loki_dist.attribution.mmlu import QuestionSettings, add_question_arguments
 from loki_dist.attribution.output import finish
 from loki_dist.attribution.progress import PROGRESS_FORMAT, PartialProgress
+from loki_dist.attribution.settings import CPU_DEFAULT_GB, CUDA_BUDGET_SHARE, AttributeSettings
 from loki_dist.core import checks, flags, hubdata, sharding
-from loki_dist.core.errors import UserError, require_at_least
+from loki_dist.core.errors import UserError
 from loki_dist.core.modeling import (
     add_inference_arguments,
     check_weights,
@@ -45,9 +46,6 @@ from loki_dist.implant.stopping import StopRequest
 
 log = logging.getLogger("loki_dist.attribute")
 
-# the default chunk budget: this share of the GPU memory free once the model is loaded, or on CPU this
-# many GiB (host memory is shared by the ranks of a node, and by whatever else runs there)
-CUDA_BUDGET_SHARE, CPU_DEFAULT_GB = 0.8, 2.0
 _KILL_ENV = "LOKI_DIST_TEST_KILL_AFTER_CHECKPOINT"  # tests only: SIGKILL self after this many saves
 
 
@@ -143,44 +141,43 @@ class Plan:
 # ------------------------------------------------------------------------------------------- validation
 
 
-def _validate(args: argparse.Namespace):
+def read_settings(args: argparse.Namespace) -> AttributeSettings:
+    """The parsed flags as the run's settings, their values checked (the command line stops here)."""
+    values = vars(args)
+    return flags.to_settings(AttributeSettings, values, questions=flags.to_settings(QuestionSettings, values))
+
+
+def _validate(settings: AttributeSettings):
     """Everything that can be checked without a model: fails in a second, before any heavy work."""
     from loki_dist.core.families import spec_from_dir
 
-    require_at_least(
-        ("--steps", args.steps, 1),
-        ("--batch-size", args.batch_size, 1),
-        ("--max-rows", args.max_rows, 0),
-        ("--checkpoint-every", args.checkpoint_every, 0),
+    spec = spec_from_dir(settings.model)
+    check_weights(settings.model, spec=spec)
+    ds_config = (
+        read_inference_config(settings.ds_config, torch_dtype(settings.dtype)) if settings.ds_config else None
     )
-    # nan or inf was a traceback once the model had loaded
-    if args.chunk_memory_gb is not None and not 0 < args.chunk_memory_gb < math.inf:
-        raise UserError(f"--chunk-memory-gb {args.chunk_memory_gb}: must be a positive finite number")
-    if not 0 <= args.checkpoint_minutes < math.inf:
-        raise UserError(f"--checkpoint-minutes {args.checkpoint_minutes}: must be 0 (no clock) or more")
-    spec = spec_from_dir(args.model)
-    check_weights(args.model, spec=spec)
-    ds_config = read_inference_config(args.ds_config, torch_dtype(args.dtype)) if args.ds_config else None
-    _check_outputs(args)
+    _check_outputs(settings)
     return spec, ds_config
 
 
-def _check_outputs(args: argparse.Namespace) -> None:
+def _check_outputs(settings: AttributeSettings) -> None:
     """An attribution costs hours at 70B: neither a finished one nor a killed run's partial progress is
     discarded unless asked (--overwrite), and both places must be writable before the model loads."""
-    output, partial = Path(args.output), Path(args.checkpoint_dir or f"{args.output}.partial")
-    inputs = {"--model": args.model, "--data": args.data}
-    checks.refuse_output_over_inputs("--output", output, {**inputs, "--checkpoint-dir": args.checkpoint_dir})
+    output, partial = Path(settings.output), settings.progress_dir
+    inputs = {"--model": settings.model, "--data": settings.data}
+    checks.refuse_output_over_inputs(
+        "--output", output, {**inputs, "--checkpoint-dir": settings.checkpoint_dir}
+    )
     checks.refuse_output_over_inputs("--checkpoint-dir", partial, inputs)
     checks.check_writable("--output", output)
     checks.check_writable("--checkpoint-dir", partial, directory=True)
     progress = partial.is_dir() and any(partial.glob("rank*-step*.safetensors"))
-    if progress and not (args.resume or args.overwrite):
+    if progress and not (settings.resume or settings.overwrite):
         raise UserError(
             f"{partial} holds the partial progress of an earlier run: pass --resume to continue it "
             "or --overwrite to discard it"
         )
-    if output.exists() and not args.overwrite and not (args.resume and progress):
+    if output.exists() and not settings.overwrite and not (settings.resume and progress):
         raise UserError(f"--output {output}: already exists (pass --overwrite to replace it)")
 
 
@@ -196,14 +193,16 @@ def run_attribute(args: argparse.Namespace) -> None:
     world = world_from_env()
     stop = StopRequest()  # from the start: a signal while the model loads stops at the first batch
     with agreement(world):  # every rank checks; one agreed error before any work
-        spec, ds_config = _validate(args)
-    data = hubdata.command_data(args, world)  # a hub data set: fetched once, by rank 0, for every rank
+        settings = read_settings(args)
+        spec, ds_config = _validate(settings)
+    asked = settings.questions
+    # a hub data set: fetched once, by rank 0, for every rank
+    data = hubdata.command_data(settings.data, asked.data_config, settings.output, world)
     with agreement(world):
-        subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
         questions, shot_map = mmlu.load_questions(
-            data, args.per_subject, args.shots, subjects, args.split, args.data_config
+            data, asked.per_subject, asked.shots, asked.subject_names, asked.split, asked.data_config
         )
-        tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
+        tokenizer = load_tokenizer(settings.model, chat_template=settings.chat_template)
         prompts = mmlu.build_prompts(tokenizer, questions, shot_map)
     if not world.is_main:
         logging.getLogger().setLevel(logging.WARNING)
@@ -212,41 +211,44 @@ def run_attribute(args: argparse.Namespace) -> None:
         "model_type": spec.model_type,
         "num_layers": str(spec.num_layers),
         "hidden_size": str(spec.hidden_size),
-        "steps": str(args.steps),
+        "steps": str(settings.steps),
         "data_fingerprint": prompts.fingerprint(),
         "num_samples": str(len(questions)),
         "world_size": str(world.size),
-        "batch_size": str(args.batch_size),
-        "save_scores": str(args.save_scores),
+        "batch_size": str(settings.batch_size),
+        "save_scores": str(settings.save_scores),
     }
-    progress = PartialProgress(Path(args.checkpoint_dir or f"{args.output}.partial"), world.rank, identity)
-    if args.resume:
+    progress = PartialProgress(settings.progress_dir, world.rank, identity)
+    if settings.resume:
         with agreement(world):  # the progress to resume is this run's, found before the model loads
             progress.check_resumable()
-    dtype = torch_dtype(args.dtype)
-    loaded = load_for_inference(args.model, world, dtype, ds_config, args.batch_size)
+    dtype = torch_dtype(settings.dtype)
+    loaded = load_for_inference(settings.model, world, dtype, ds_config, settings.batch_size)
     model, device = loaded.model, loaded.device
     from loki_dist.core.families import down_projections
 
     projections = down_projections(model)
     if len(projections) != spec.num_layers:
         raise UserError(
-            f"--model {args.model}: config says {spec.num_layers} layers, the model has {len(projections)}"
+            f"--model {settings.model}: config says {spec.num_layers} layers, "
+            f"the model has {len(projections)}"
         )
     started = time.perf_counter()
     with stage("scoring the prompts"):
-        stats = _score_all(args, world, model, projections, prompts, progress, dtype, device, ds_config, stop)
-    with stage(f"summing the statistics into {args.output}"):
-        finish(args, world, spec, stats, prompts, identity, progress, ds_config is not None)
+        stats = _score_all(
+            settings, world, model, projections, prompts, progress, dtype, device, ds_config, stop
+        )
+    with stage(f"summing the statistics into {settings.output}"):
+        finish(settings, world, spec, stats, prompts, identity, progress, ds_config is not None)
     if world.is_main:
         wall, n = time.perf_counter() - started, len(prompts.input_ids)
         log.info(
             f"wall time {wall:.1f} s for {n} samples on {world.size} rank(s): {wall / n:.3f} s/sample "
-            f"-> {args.output}"
+            f"-> {settings.output}"
         )
 
 
-def _chunking(args, model, prompts, dtype, spec):
+def _chunking(settings: AttributeSettings, model, prompts, dtype, spec):
     """`fast`: the chunks of a batch's rows ([start, end) per sample); `reference`: full-prompt copies
     per forward. The same on every rank: from the longest prompt of the whole data set and the memory
     budget (or --max-rows for `fast`)."""
@@ -254,29 +256,32 @@ def _chunking(args, model, prompts, dtype, spec):
 
     longest = max(len(ids) for ids in prompts.input_ids)
     shape = chunks.Shape.of(model.config, longest - 1, dtype)
-    if args.algorithm == "fast":
-        if args.max_rows:
-            return chunks.uniform_chunks(spec.num_layers * args.steps, args.batch_size, args.max_rows)
-        return chunks.plan_chunks(shape, args.batch_size, args.steps, chunk_budget(args))
+    steps, batch_size, budget = settings.steps, settings.batch_size, settings.chunk_memory_gb
+    if settings.algorithm == "fast":
+        if settings.max_rows:
+            return chunks.uniform_chunks(spec.num_layers * steps, batch_size, settings.max_rows)
+        return chunks.plan_chunks(shape, batch_size, steps, chunk_budget(budget))
     per_copy = chunks.copy_bytes(shape, longest)
-    return max(1, min(chunk_budget(args) // per_copy, args.batch_size * args.steps))
+    return max(1, min(chunk_budget(budget) // per_copy, batch_size * steps))
 
 
-def chunk_budget(args) -> int:
+def chunk_budget(chunk_memory_gb: float | None) -> int:
     """Bytes one chunk may take: --chunk-memory-gb, or on a GPU by default most of what is free once the
     model is loaded (ZeRO-3's gathered layers, which stay within two layers, have their share of the rest;
     the rows and the chunk's gathers must fit together)."""
     import torch
 
-    if args.chunk_memory_gb is not None:
-        return int(args.chunk_memory_gb * 2**30)
+    if chunk_memory_gb is not None:
+        return int(chunk_memory_gb * 2**30)
     if torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info()
         return int(CUDA_BUDGET_SHARE * free)
     return int(CPU_DEFAULT_GB * 2**30)
 
 
-def _score_all(args, world, model, projections, prompts, progress, dtype, device, ds_config, stop):
+def _score_all(
+    settings: AttributeSettings, world, model, projections, prompts, progress, dtype, device, ds_config, stop
+):
     from tqdm import tqdm
 
     from loki_dist.attribution import fast, kva
@@ -284,19 +289,19 @@ def _score_all(args, world, model, projections, prompts, progress, dtype, device
     from loki_dist.core.families import spec_from_config
 
     spec = spec_from_config(model.config)
-    plan = Plan.make(len(prompts.input_ids), world.rank, world.size, args.batch_size)
-    stats = Stats(spec.num_layers, spec.hidden_size, args.save_scores, capacity=plan.stop - plan.start)
-    done = progress.restore(stats, world.size) if args.resume else 0
-    if not args.resume:
+    plan = Plan.make(len(prompts.input_ids), world.rank, world.size, settings.batch_size)
+    stats = Stats(spec.num_layers, spec.hidden_size, settings.save_scores, capacity=plan.stop - plan.start)
+    done = progress.restore(stats, world.size) if settings.resume else 0
+    if not settings.resume:
         progress.clear(world.size)
     if done:
         log.info(
             f"resuming after {done} batches per rank ({int(stats.num_samples)} samples on rank {world.rank})"
         )
-    chunking = _chunking(args, model, prompts, dtype, spec)
+    chunking = _chunking(settings, model, prompts, dtype, spec)
     shortest = min(prompts.input_ids, key=len)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    saves = _Saves(args, plan, progress)
+    saves = _Saves(settings.checkpoint_every, settings.checkpoint_minutes, settings.batch_size, progress)
     bar = tqdm(
         total=plan.stop - plan.start,
         initial=int(stats.num_samples),
@@ -310,13 +315,13 @@ def _score_all(args, world, model, projections, prompts, progress, dtype, device
         members = list(plan.batch(index))
         ids = [prompts.input_ids[i] for i in members]
         if ds_config is not None:  # ZeRO-3: identical calls on every rank, padded with dummy samples
-            ids += [ids[0] if ids else shortest] * (args.batch_size - len(ids))
+            ids += [ids[0] if ids else shortest] * (settings.batch_size - len(ids))
         if ids:
             batch = kva.Batch.left_pad(ids, pad_id, device)
-            if args.algorithm == "fast":
-                scores = fast.fast_scores(model, projections, batch, args.steps, chunks=chunking)
+            if settings.algorithm == "fast":
+                scores = fast.fast_scores(model, projections, batch, settings.steps, chunks=chunking)
             else:
-                scores = kva.reference_scores(model, projections, batch, args.steps, chunking)
+                scores = kva.reference_scores(model, projections, batch, settings.steps, chunking)
             stats.add(scores[: len(members)])
         scored += len(members)
         bar.update(len(members))
@@ -335,10 +340,10 @@ class _Saves:
     """When this rank's partial statistics are due: every `--checkpoint-every` samples (in whole
     batches), every `--checkpoint-minutes` since the last save; `save` writes them (collective)."""
 
-    def __init__(self, args, plan: Plan, progress):
+    def __init__(self, every_samples: int, minutes: float, batch_size: int, progress):
         self.progress = progress
-        self.every = math.ceil(args.checkpoint_every / args.batch_size) if args.checkpoint_every else 0
-        self.seconds = args.checkpoint_minutes * 60
+        self.every = math.ceil(every_samples / batch_size) if every_samples else 0
+        self.seconds = minutes * 60
         self.last = time.monotonic()
         self.kills = int(os.environ.get(_KILL_ENV, "0"))
 

@@ -40,6 +40,29 @@ def add_question_arguments(
 
 
 @dataclass(frozen=True)
+class QuestionSettings:
+    """The values of add_question_arguments' flags: which questions of an MMLU-layout --data are read.
+
+    One typed group for both commands that read questions (the flags are declared once above, so is
+    what they hold); each command checks the bounds it allows (attribute and evaluate differ on
+    --per-subject 0).
+    """
+
+    data_config: str | None  # --data-config: the hub data set's configuration (e.g. `all`); None: its default
+    split: str  # --split: the split whose questions are scored (test by default)
+    per_subject: int  # --per-subject: the first N questions of each subject, in data order
+    shots: int  # --shots: k-shot examples from the dev split put before each question
+    subjects: str | None  # --subjects as given, comma-separated (recorded so); None: every subject
+
+    @property
+    def subject_names(self) -> list[str] | None:
+        """--subjects as a list of names (blanks dropped), or None for all."""
+        if not self.subjects:
+            return None
+        return [s.strip() for s in self.subjects.split(",") if s.strip()]
+
+
+@dataclass(frozen=True)
 class Question:
     subject: str
     question: str

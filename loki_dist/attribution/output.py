@@ -14,6 +14,7 @@ import os
 
 from loki_dist import __version__
 from loki_dist.attribution.progress import PartialProgress
+from loki_dist.attribution.settings import AttributeSettings
 from loki_dist.attribution.stats import FORMAT
 from loki_dist.core import flags, sharding
 
@@ -23,15 +24,16 @@ CHUNK_BYTES = 64 << 20  # at the end, what a rank holds of the summed statistics
 _CHUNK_ENV = "LOKI_DIST_TEST_CHUNK_BYTES"  # tests and benches only: a smaller CHUNK_BYTES, many pieces
 
 
-def finish(args, world, spec, stats, prompts, identity, progress: PartialProgress, zero3: bool) -> None:
+def finish(
+    settings: AttributeSettings, world, spec, stats, prompts, identity, progress: PartialProgress, zero3: bool
+) -> None:
     """Bring the statistics to rank 0, which writes the file as they arrive; then remove the progress."""
     from loki_dist.core import metering
     from loki_dist.core.distributed import barrier, shutdown
 
     with metering.phase("attribute_finish"):
-        _write_attribution(
-            args, world, spec, stats, len(prompts.input_ids), _metadata(args, identity, prompts, zero3)
-        )
+        metadata = _metadata(settings, identity, prompts, zero3)
+        _write_attribution(settings, world, spec, stats, len(prompts.input_ids), metadata)
         barrier()
         progress.clear(world.size)
         barrier()  # every rank's files are gone before rank 0 looks at the directory
@@ -40,7 +42,9 @@ def finish(args, world, spec, stats, prompts, identity, progress: PartialProgres
     shutdown()
 
 
-def _write_attribution(args, world, spec, stats, num_samples: int, metadata: dict[str, str]) -> None:
+def _write_attribution(
+    settings: AttributeSettings, world, spec, stats, num_samples: int, metadata: dict[str, str]
+) -> None:
     """Sum the ranks' statistics into rank 0 piece by piece, and stream them and the scores to the file.
 
     At 70B (L=80, D=8192, 2850 samples) the summed histograms are 3.1 GB and the scores 7.5 GB: no
@@ -54,7 +58,7 @@ def _write_attribution(args, world, spec, stats, num_samples: int, metadata: dic
     from loki_dist.core.collectives import reduce_to_main, stream_to_main
     from loki_dist.core.files import save_tensors_streaming
 
-    layout = file_layout(spec.num_layers, spec.hidden_size, num_samples, args.save_scores)
+    layout = file_layout(spec.num_layers, spec.hidden_size, num_samples, settings.save_scores)
     tensors = stats.tensors()
     chunk = int(os.environ.get(_CHUNK_ENV, CHUNK_BYTES))
 
@@ -71,8 +75,8 @@ def _write_attribution(args, world, spec, stats, num_samples: int, metadata: dic
         if world.is_main:
             yield from ((name, total.view(-1)) for name, total in sums.items())
         yield from summed(HISTOGRAMS)
-        if args.save_scores:
-            per_rank = sharding.block_sizes(num_samples, world.size, args.batch_size)
+        if settings.save_scores:
+            per_rank = sharding.block_sizes(num_samples, world.size, settings.batch_size)
             sizes = [n * spec.num_layers * spec.hidden_size for n in per_rank]
             yield from (("scores", p) for p in stream_to_main(tensors["scores"], sizes, chunk))
 
@@ -80,7 +84,7 @@ def _write_attribution(args, world, spec, stats, num_samples: int, metadata: dic
         for _ in pieces():  # the collectives, in the same order as on rank 0
             pass
         return
-    save_tensors_streaming(args.output, layout, pieces(), metadata)
+    save_tensors_streaming(settings.output, layout, pieces(), metadata)
     _summary(sums["score_sum"], int(torch.cat(count).item()), spec)
 
 
@@ -111,20 +115,23 @@ def _exact_sum(local, local_error, world_size: int, chunk: int):
     return total + error if received else None
 
 
-def _metadata(args, identity: dict[str, str], prompts, zero3: bool) -> dict[str, str]:
+def _metadata(settings: AttributeSettings, identity: dict[str, str], prompts, zero3: bool) -> dict[str, str]:
+    asked = settings.questions
     metadata = {
         **identity,
         "format": FORMAT,
-        "model": str(args.model),
-        "algorithm": args.algorithm,
+        "model": str(settings.model),
+        "algorithm": settings.algorithm,
         "prompt": "mmlu single choice (DESIGN.md)",
         "chat_template": str(prompts.chat_template),
-        "shots": str(args.shots),
-        "per_subject": str(args.per_subject),
-        "subjects": args.subjects or "all",
-        "split": args.split,
-        "data": str(args.data),
-        "dtype": flags.torch_name(args.dtype),  # as torch names it (float32), whichever spelling was given
+        "shots": str(asked.shots),
+        "per_subject": str(asked.per_subject),
+        "subjects": asked.subjects or "all",
+        "split": asked.split,
+        "data": str(settings.data),
+        "dtype": flags.torch_name(
+            settings.dtype
+        ),  # as torch names it (float32), whichever spelling was given
         "zero3": str(zero3),
         "loki_dist_version": __version__,
     }

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Mapping
+from dataclasses import fields
 from fractions import Fraction
+from typing import Any, TypeVar
 
 from loki_dist.core.errors import UserError
 
@@ -20,6 +23,7 @@ from loki_dist.core.errors import UserError
 SPELLINGS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _SHORT = {torch_name: short for short, torch_name in SPELLINGS.items()}
+Settings = TypeVar("Settings")
 
 
 def add_overwrite(parser: argparse.ArgumentParser, replaces: str) -> None:
@@ -120,3 +124,10 @@ def steps_or_share(text: str) -> int | float:
 def steps_of(value: int | float, total: int) -> int:
     """What steps_or_share gave, in steps of a run of `total`: a share is rounded up, as HF does."""
     return math.ceil(total * value) if isinstance(value, float) else value
+
+
+def to_settings(cls: type[Settings], values: Mapping[str, Any], **given: Any) -> Settings:
+    """A command's settings dataclass from its parsed flags (`vars(args)`, at the command's boundary), each
+    field from the flag of the same name; `given`: the fields the command makes itself (a nested group of
+    settings). A field without its flag is a KeyError: a bug of the command, never a user's mistake."""
+    return cls(**{f.name: values[f.name] for f in fields(cls) if f.name not in given}, **given)

@@ -63,11 +63,11 @@ def fetch_once(source: str, config: str | None, world: distributed.World, near: 
     return str(target)
 
 
-def command_data(args, world: distributed.World) -> str:
+def command_data(source: str, config: str | None, output: str | Path, world: distributed.World) -> str:
     """fetch_once for a command's --data and --data-config, the copy beside its --output; every rank
     agrees on the outcome (one error, said once, if rank 0 could not fetch it)."""
     with distributed.agreement(world):
-        return fetch_once(args.data, args.data_config, world, Path(args.output).parent)
+        return fetch_once(source, config, world, Path(output).parent)
 
 
 def _save_copy(loaded, target: Path) -> None:

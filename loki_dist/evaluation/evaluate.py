@@ -27,6 +27,7 @@ subject; perplexity under --name (default `perplexity`), listed in `lower_is_bet
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import sys
@@ -35,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from loki_dist.attribution.mmlu import add_question_arguments
+from loki_dist.attribution.mmlu import QuestionSettings, add_question_arguments
 from loki_dist.core import checks, files, flags, hubdata, metering
-from loki_dist.core.errors import UserError, require_at_least
+from loki_dist.core.errors import UserError
 from loki_dist.core.modeling import add_inference_arguments, read_inference_config, torch_dtype
 from loki_dist.core.sharding import block_sizes, my_block
 
@@ -50,6 +51,7 @@ from loki_dist.evaluation.scoring import (  # noqa: F401
     model_batches,
     token_nll,
 )
+from loki_dist.evaluation.settings import EvaluateSettings
 
 log = logging.getLogger("loki_dist.evaluate")
 
@@ -93,13 +95,14 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def _read_documents(args: argparse.Namespace) -> list[str]:
+def _read_documents(settings: EvaluateSettings) -> list[str]:
     from loki_dist.attribution import mmlu
 
-    if Path(args.data).suffix.lower() == ".txt":
-        return read_text_lines(args.data)
-    _, rows = mmlu.pick_split(mmlu.read_splits(args.data, args.data_config), args.split, args.data)
-    return documents_from_rows(rows, args.data, args.text_field)
+    source, asked = settings.data, settings.questions
+    if Path(source).suffix.lower() == ".txt":
+        return read_text_lines(source)
+    _, rows = mmlu.pick_split(mmlu.read_splits(source, asked.data_config), asked.split, source)
+    return documents_from_rows(rows, source, settings.text_field)
 
 
 def read_text_lines(source: str) -> list[str]:
@@ -126,26 +129,29 @@ def documents_from_rows(rows: list, source: str, text_field: str, hint: str = "-
     return texts
 
 
-def _validate(args: argparse.Namespace) -> dict | None:
+def read_settings(args: argparse.Namespace) -> EvaluateSettings:
+    """The parsed flags as the run's settings, their values checked (the command line stops here)."""
+    values = vars(args)
+    return flags.to_settings(EvaluateSettings, values, questions=flags.to_settings(QuestionSettings, values))
+
+
+def _validate(settings: EvaluateSettings) -> dict | None:
     """Everything checked before any work; returns the --ds-config (None: the model whole per rank)."""
-    require_at_least(
-        ("--batch-size", args.batch_size, 1),
-        ("--max-seq-len", args.max_seq_len, 2),
-        ("--per-subject", args.per_subject, 0),
-        ("--shots", args.shots, 0),
-    )
     from loki_dist.core.families import FAMILIES, read_config, spec_from_config
     from loki_dist.core.modeling import check_known_to_transformers, check_weights
 
-    config = read_config(args.model)  # any causal LM; the shapes are checked where LoKI knows the family
+    model = settings.model
+    config = read_config(model)  # any causal LM; the shapes are checked where LoKI knows the family
     known = config.get("model_type") in FAMILIES
-    source = f"--model {Path(args.model) / 'config.json'}"
+    source = f"--model {Path(model) / 'config.json'}"
     check_known_to_transformers(config, source)
-    check_weights(args.model, spec=spec_from_config(config, source) if known else None)
+    check_weights(model, spec=spec_from_config(config, source) if known else None)
     # an existing results file is replaced (atomically), as an evaluation is cheap to redo
-    checks.refuse_output_over_inputs("--output", args.output, {"--model": args.model, "--data": args.data})
-    checks.check_writable("--output", args.output)
-    return read_inference_config(args.ds_config, torch_dtype(args.dtype)) if args.ds_config else None
+    checks.refuse_output_over_inputs("--output", settings.output, {"--model": model, "--data": settings.data})
+    checks.check_writable("--output", settings.output)
+    if not settings.ds_config:
+        return None
+    return read_inference_config(settings.ds_config, torch_dtype(settings.dtype))
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -183,13 +189,18 @@ def multiple_choice_results(questions, predictions: torch.Tensor, name: str, per
     }
 
 
-def _multiple_choice_inputs(args, tokenizer) -> Callable:
+def _multiple_choice_inputs(settings: EvaluateSettings, tokenizer) -> Callable:
     """Read and encode the questions (every input error before the model loads); returns the scorer."""
     from loki_dist.attribution import mmlu
 
-    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+    asked = settings.questions
     questions, shot_map = mmlu.load_questions(
-        args.data, args.per_subject or sys.maxsize, args.shots, subjects, args.split, args.data_config
+        settings.data,
+        asked.per_subject or sys.maxsize,
+        asked.shots,
+        asked.subject_names,
+        asked.split,
+        asked.data_config,
     )
     prompts = mmlu.build_prompts(tokenizer, questions, shot_map)
     letters = letter_token_ids(tokenizer)
@@ -198,34 +209,35 @@ def _multiple_choice_inputs(args, tokenizer) -> Callable:
         mine = my_block(len(questions), world)
         ids = [prompts.input_ids[i] for i in mine]
         model = loaded.model
-        scores = letter_logprobs(model, ids, letters, _pad_id(model), args.batch_size, loaded.sharded)
+        scores = letter_logprobs(model, ids, letters, _pad_id(model), settings.batch_size, loaded.sharded)
         local = scores.argmax(dim=-1)
         predictions = _gather(local, len(questions), world)
-        result = multiple_choice_results(questions, predictions, args.name or "mmlu", args.scores_per_subject)
-        return {**result, "shots": args.shots, "chat_template": prompts.chat_template}
+        name, per_subject = settings.name or "mmlu", settings.scores_per_subject
+        result = multiple_choice_results(questions, predictions, name, per_subject)
+        return {**result, "shots": asked.shots, "chat_template": prompts.chat_template}
 
     return evaluate
 
 
-def _perplexity_inputs(args, tokenizer) -> Callable:
+def _perplexity_inputs(settings: EvaluateSettings, tokenizer) -> Callable:
     """Read the documents before the model loads; returns the scorer."""
     from loki_dist.core.distributed import agreement
 
-    texts = _read_documents(args)
-    name = args.name or "perplexity"
+    texts = _read_documents(settings)
+    name = settings.name or "perplexity"
 
     def evaluate(world, loaded) -> dict:
         mine = my_block(len(texts), world)
         documents = [tokenizer(texts[i], add_special_tokens=True)["input_ids"] for i in mine]
         model = loaded.model
         nll, count = document_nll(
-            model, documents, args.max_seq_len, _pad_id(model), args.batch_size, loaded.sharded
+            model, documents, settings.max_seq_len, _pad_id(model), settings.batch_size, loaded.sharded
         )
         nll, count = (_gather(t, len(texts), world) for t in (nll, count))
         total_nll, tokens = math.fsum(nll.tolist()), int(count.sum())
         with agreement(world):  # every rank holds the same sums: one line, not one per rank
             if tokens == 0:
-                raise UserError(f"--data {args.data}: no document has 2 or more tokens")
+                raise UserError(f"--data {settings.data}: no document has 2 or more tokens")
         perplexity = math.exp(total_nll / tokens)
         return {
             "task": "perplexity",
@@ -233,7 +245,7 @@ def _perplexity_inputs(args, tokenizer) -> Callable:
             "nll_sum": total_nll,
             "tokens": tokens,
             "documents": len(texts),
-            "max_seq_len": args.max_seq_len,
+            "max_seq_len": settings.max_seq_len,
             "scores": {name: perplexity},
             "lower_is_better": [name],
         }
@@ -245,7 +257,7 @@ def _pad_id(model) -> int:
     return model.config.pad_token_id if model.config.pad_token_id is not None else 0
 
 
-def task_inputs(args: argparse.Namespace, tokenizer) -> Callable:
+def task_inputs(settings: EvaluateSettings, tokenizer) -> Callable:
     """The --task's inputs read before the model loads, as its scorer."""
     from loki_dist.evaluation import retention
 
@@ -254,9 +266,9 @@ def task_inputs(args: argparse.Namespace, tokenizer) -> Callable:
         "perplexity": _perplexity_inputs,
         "completion": retention.completion_inputs,
     }
-    if args.task == "retention":
-        return retention.retention_inputs(args, tokenizer, scorers)
-    return scorers[args.task](args, tokenizer)
+    if settings.task == "retention":
+        return retention.retention_inputs(settings, tokenizer, scorers)
+    return scorers[settings.task](settings, tokenizer)
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
@@ -268,19 +280,21 @@ def run_evaluate(args: argparse.Namespace) -> None:
     if not world.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     with agreement(world):  # every input read and checked on every rank before the model loads
-        ds_config = _validate(args)
-    data = hubdata.command_data(args, world)  # a hub data set: fetched once, by rank 0, for every rank
+        settings = read_settings(args)
+        ds_config = _validate(settings)
+    # a hub data set: fetched once, by rank 0, for every rank
+    data = hubdata.command_data(settings.data, settings.questions.data_config, settings.output, world)
     with agreement(world):
-        tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
-        with_data = argparse.Namespace(**{**vars(args), "data": data})
-        evaluate = task_inputs(with_data, tokenizer)
-    loaded = load_for_inference(args.model, world, torch_dtype(args.dtype), ds_config, args.batch_size)
+        tokenizer = load_tokenizer(settings.model, chat_template=settings.chat_template)
+        evaluate = task_inputs(dataclasses.replace(settings, data=data), tokenizer)
+    dtype = torch_dtype(settings.dtype)
+    loaded = load_for_inference(settings.model, world, dtype, ds_config, settings.batch_size)
     with metering.phase("evaluate"):
         result = evaluate(world, loaded)
-    result.update(model=str(args.model), data=str(args.data), world_size=world.size)
+    result.update(model=str(settings.model), data=str(settings.data), world_size=world.size)
     if world.is_main:
-        output = Path(args.output)
+        output = Path(settings.output)
         files.write_json(output, result)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in result["scores"].items() if "/" not in k)
-        log.info(f"{args.task}: {shown} -> {output}")
+        log.info(f"{settings.task}: {shown} -> {output}")
     shutdown()

@@ -23,7 +23,7 @@ scores its block, the per-fact results are gathered in data order.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,6 +31,7 @@ import torch
 
 from loki_dist.core.errors import UserError
 from loki_dist.core.sharding import block_sizes, my_block
+from loki_dist.evaluation.settings import EvaluateSettings
 
 # file in the folder -> (the task that scores it, its name in `scores`)
 FILES = {
@@ -91,18 +92,18 @@ def read_facts(source: str) -> list[tuple[str, str]]:
     return [(row["prompt"], row["answer"]) for row in rows]
 
 
-def completion_inputs(args: argparse.Namespace, tokenizer) -> Callable:
+def completion_inputs(settings: EvaluateSettings, tokenizer) -> Callable:
     """Read and tokenise the facts before the model loads; returns the scorer."""
     from loki_dist.core.collectives import all_gather_varlen
 
-    facts = read_facts(args.data)
+    facts = read_facts(settings.data)
     probes = tokenize_facts(tokenizer, facts)
-    name = args.name or "facts"
+    name = settings.name or "facts"
 
     def evaluate(world, loaded) -> dict:
         mine = [probes[i] for i in my_block(len(probes), world)]
         pad = loaded.model.config.pad_token_id or 0
-        correct, logprob = completion_results(loaded.model, mine, pad, args.batch_size, loaded.sharded)
+        correct, logprob = completion_results(loaded.model, mine, pad, settings.batch_size, loaded.sharded)
         local = torch.tensor([correct, logprob], dtype=torch.float64).T.reshape(-1)  # [hit, logprob] each
         sizes = [2 * n for n in block_sizes(len(probes), world.size)]
         every = all_gather_varlen(local, sizes).cpu().reshape(-1, 2)
@@ -120,10 +121,10 @@ def completion_inputs(args: argparse.Namespace, tokenizer) -> Callable:
     return evaluate
 
 
-def retention_inputs(args: argparse.Namespace, tokenizer, scorers: dict[str, Callable]) -> Callable:
+def retention_inputs(settings: EvaluateSettings, tokenizer, scorers: dict[str, Callable]) -> Callable:
     """Every probe file of the --data folder read before the model loads (`scorers`: each task's input
     reader, evaluate's own); returns one scorer that runs them all on the loaded model."""
-    folder = Path(args.data)
+    folder = Path(settings.data)
     if not folder.is_dir():
         raise UserError(f"--data {folder}: --task retention reads a folder of {', '.join(FILES)}")
     found = [name for name in FILES if (folder / name).is_file()]
@@ -132,7 +133,7 @@ def retention_inputs(args: argparse.Namespace, tokenizer, scorers: dict[str, Cal
     parts = {}
     for file in found:
         task, name = FILES[file]
-        part = argparse.Namespace(**{**vars(args), "data": str(folder / file), "task": task, "name": name})
+        part = dataclasses.replace(settings, data=str(folder / file), task=task, name=name)
         parts[file] = scorers[task](part, tokenizer)
 
     def evaluate(world, loaded) -> dict:

@@ -77,15 +77,15 @@ def add_estimate_memory_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the numbers (bytes) here")
 
 
-def load_config(args: argparse.Namespace) -> tuple[dict, str]:
+def load_config(preset: str | None, model_config: str | None) -> tuple[dict, str]:
     """The config dict and a name for it, from --preset or --model-config (file or model directory)."""
-    if args.preset:
-        return PRESETS[args.preset], args.preset
-    path = Path(args.model_config)
+    if preset:
+        return PRESETS[preset], preset
+    path = Path(model_config)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise UserError(f"--model-config {args.model_config}: no such config.json or model directory")
+        raise UserError(f"--model-config {model_config}: no such config.json or model directory")
     config = checks.read_json(path, "--model-config")
     if not isinstance(config, dict):
         raise UserError(f"--model-config {path}: expected a JSON object of settings")
@@ -162,7 +162,7 @@ def format_table(
 
 
 def run_estimate_memory(args: argparse.Namespace) -> None:
-    config, name = load_config(args)
+    config, name = load_config(args.preset, args.model_config)
     arch = architecture(config)
     quota = parse_quota(args.quota)
     setup = setup_from_args(args)

@@ -108,7 +108,7 @@ def _duration(seconds: float) -> str:
 
 
 def run_estimate_time(args: argparse.Namespace) -> None:
-    config, name = load_config(args)
+    config, name = load_config(args.preset, args.model_config)
     arch, cluster, work = architecture(config), cluster_from_args(args), workload_from_args(args)
     if args.json:
         checks.refuse_output_over_inputs("--json", args.json, {"--model-config": args.model_config})

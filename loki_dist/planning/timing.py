@@ -154,7 +154,7 @@ def held_bytes(arch: Architecture, cluster: Cluster, work: Workload) -> float:
 def attribution_plan(arch: Architecture, cluster: Cluster, work: Workload) -> list[tuple[int, int]]:
     """The chunks `attribute` cuts a batch into on this cluster's GPUs (its default budget, after the
     rank's share of the model and two gathered layers)."""
-    from loki_dist.attribution.attribute import CUDA_BUDGET_SHARE
+    from loki_dist.attribution.settings import CUDA_BUDGET_SHARE
 
     free = cluster.memory_gb * GB - held_bytes(arch, cluster, work)
     budget = cluster.chunk_gb * 2**30 if cluster.chunk_gb else CUDA_BUDGET_SHARE * free
