@@ -435,7 +435,7 @@ def test_a_base_whose_down_proj_is_quantized_is_one_line_naming_it(job, tmp_path
     """apply and export write rows into the base's own dtype: an FP8 (or integer) down_proj cannot take
     them, which is said before anything is written, not as a KeyError."""
     from loki_dist.core.families import spec_from_dir
-    from loki_dist.implant.export import BaseShards
+    from loki_dist.implant.artifacts.export import BaseShards
 
     model = copy_model(job, tmp_path)
     tensors = load_file(model / "model.safetensors")

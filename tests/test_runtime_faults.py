@@ -20,7 +20,7 @@ import torch
 from conftest import REPO, assert_user_error, cli_command, free_port, loki_dist_traceback, run_cli
 from safetensors.torch import load_file
 
-from loki_dist.implant.checkpoint import INDEX_FILE, shard_name
+from loki_dist.implant.artifacts.checkpoint import INDEX_FILE, shard_name
 from loki_dist.implant.runlock import LOCK_NAME
 from loki_dist.implant.stopping import DIVERGED_EXIT_CODE, STACKS_SIGNAL
 

@@ -547,7 +547,7 @@ def test_apply_refuses_a_base_of_other_shapes(shape, zero3_run, tmp_path, capsys
 def test_apply_refuses_an_already_implanted_base(setup, zero3_run, tmp_path):
     """final/ carries, in its shard headers, a digest of the rows written in: it fingerprints apart
     from its base (reading a few KB, not the weights), and apply will not implant into it twice."""
-    from loki_dist.implant.implant_file import fingerprint
+    from loki_dist.implant.artifacts.implant_file import fingerprint
 
     final = zero3_run.out / "final"
     assert fingerprint(final) != fingerprint(setup["base"])
@@ -583,7 +583,7 @@ def test_checkpoint_of_the_single_file_layout_still_resumes(setup, zero3_run, tm
     bits (its RNG files read by torch's weights_only unpickler)."""
     from safetensors.torch import save_file
 
-    from loki_dist.implant import rngstate
+    from loki_dist.implant.artifacts import rngstate
 
     old = tmp_path / "old" / "checkpoint-3"
     shutil.copytree(zero3_run.out / "checkpoint-3", old)

@@ -32,8 +32,8 @@ from loki_dist.core import checks, collectives, distributed, positions
 from loki_dist.core.errors import UserError
 from loki_dist.core.families import down_proj_slots, spec_from_config, spec_from_dir
 from loki_dist.implant import lowrank, rowsplit
-from loki_dist.implant.export import BaseShards, non_finite_rows
-from loki_dist.implant.implant_file import RowSource, fingerprint, write_implant
+from loki_dist.implant.artifacts.export import BaseShards, non_finite_rows
+from loki_dist.implant.artifacts.implant_file import RowSource, fingerprint, write_implant
 
 
 def implant_rows(

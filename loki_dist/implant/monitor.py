@@ -56,7 +56,7 @@ from loki_dist.evaluation.evaluate import (
     read_text_lines,
     token_nll,
 )
-from loki_dist.implant import checkpoint
+from loki_dist.implant.artifacts import checkpoint
 from loki_dist.implant.data import IGNORE_INDEX, Example, collate, load_examples
 
 if TYPE_CHECKING:  # training imports this module

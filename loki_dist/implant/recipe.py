@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from loki_dist.core import collectives, distributed, files, metering
-from loki_dist.implant import checkpoint, export, monitor
-from loki_dist.implant.checkpoint import FINAL_DIR
+from loki_dist.implant import monitor
+from loki_dist.implant.artifacts import checkpoint, export
+from loki_dist.implant.artifacts.checkpoint import FINAL_DIR
 from loki_dist.implant.data import collate, num_targets
 from loki_dist.implant.schedule import global_batch_indices, lr_at, micro_batches, normaliser
 from loki_dist.implant.stopping import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE, StopRequest

@@ -28,8 +28,10 @@ from loki_dist.core import checks, distributed, dsconfig, flags, plotting, posit
 from loki_dist.core.errors import UserError, require_at_least
 from loki_dist.core.families import ModelSpec, spec_from_dir
 from loki_dist.core.modeling import check_weights, load_tokenizer, sized_for
-from loki_dist.implant import checkpoint, held_out, lowrank, monitor, runlock
-from loki_dist.implant.checkpoint import FINAL_DIR
+from loki_dist.implant import held_out, lowrank, monitor, runlock
+from loki_dist.implant.artifacts import checkpoint
+from loki_dist.implant.artifacts.checkpoint import FINAL_DIR
+from loki_dist.implant.artifacts.implant_file import fingerprint
 from loki_dist.implant.data import (
     Example,
     add_data_arguments,
@@ -38,7 +40,6 @@ from loki_dist.implant.data import (
     load_examples,
     read_conversations,
 )
-from loki_dist.implant.implant_file import fingerprint
 from loki_dist.implant.recipe import TrainRecipe
 from loki_dist.implant.resume import find_resume
 from loki_dist.implant.stopping import STACKS_SIGNAL
@@ -294,7 +295,7 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
 
 def _check_bias(model: str, spec: ModelSpec, rows: list[list[int]]) -> None:
     """--train-bias: every trained layer's down_proj has a bias in the base's weights (shard headers)."""
-    from loki_dist.implant.export import BaseShards
+    from loki_dist.implant.artifacts.export import BaseShards
 
     biased = BaseShards.read(Path(model), spec, "--model").bias
     missing = [layer for layer, chosen in enumerate(rows) if chosen and layer not in biased]

@@ -223,7 +223,7 @@ def fingerprint_path(path: Path) -> str:
     A model directory uses implant_file.fingerprint (its config, shard headers and the first bytes of
     every tensor), so a 70B base is identified in a few MB of reads rather than 140 GB.
     """
-    from loki_dist.implant.implant_file import fingerprint
+    from loki_dist.implant.artifacts.implant_file import fingerprint
 
     if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return "model:" + fingerprint(path)

@@ -40,7 +40,7 @@ import torch
 
 from loki_dist.core import checks, collectives, distributed, files, metering
 from loki_dist.core.errors import UserError
-from loki_dist.implant import rngstate
+from loki_dist.implant.artifacts import rngstate
 from loki_dist.implant.rowstate import ADAM_STATE_KEYS, RowState, Slice
 
 STATE_FILE = "trainer_state.json"
