@@ -30,7 +30,7 @@ import torch
 from loki_dist.cli import build_parser
 from loki_dist.core import distributed, files, provenance
 from loki_dist.demo.tiny import save_tiny
-from loki_dist.implant.data import collate
+from loki_dist.implant.data.examples import collate
 from loki_dist.implant.schedule import global_batch_indices, micro_batches, normaliser
 from loki_dist.implant.train import plan_run
 from loki_dist.implant.trainer import Trainer

@@ -194,7 +194,7 @@ def test_what_hugging_face_reads_as_shares_and_fractions(reference, monkeypatch,
 
 
 def test_a_hub_directory_reads_its_train_split_and_a_hub_name_is_still_refused(tmp_path, monkeypatch):
-    from loki_dist.implant.dataset_info import conversations
+    from loki_dist.implant.data.dataset_info import conversations
 
     hub = tmp_path / "hub"
     (hub / "data").mkdir(parents=True)

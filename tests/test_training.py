@@ -222,7 +222,7 @@ def global_batches(num_samples: int, global_batch: int, steps: int, seed: int = 
 def train_oracle(base: Path, data: Path, options: dict, global_batch: int) -> Oracle:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loki_dist.implant.data import load_examples
+    from loki_dist.implant.data.examples import load_examples
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64).eval().requires_grad_(False)
     max_len = options.get("--max-seq-len", 2048)
@@ -425,7 +425,7 @@ def truncation_counts(setup, max_len: int) -> tuple[int, int]:
     the rendered conversation and of its prompt (the conversation before its one assistant turn)."""
     from transformers import AutoTokenizer
 
-    from loki_dist.implant.data import read_rows, to_messages
+    from loki_dist.implant.data.examples import read_rows, to_messages
 
     tokenizer = AutoTokenizer.from_pretrained(setup["base"])
 
@@ -498,7 +498,7 @@ def test_zero3_two_ranks_clipped_updates_match_the_oracle(setup, zero3_run, orac
 def test_apply_reproduces_final_and_from_pretrained_matches_engine(setup, zero3_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loki_dist.implant.data import collate, load_examples, num_targets
+    from loki_dist.implant.data.examples import collate, load_examples, num_targets
 
     final = zero3_run.out / "final"
     merged = tmp_path / "merged"

@@ -57,7 +57,7 @@ from loki_dist.evaluation.evaluate import (
     token_nll,
 )
 from loki_dist.implant.artifacts import checkpoint
-from loki_dist.implant.data import IGNORE_INDEX, Example, collate, load_examples
+from loki_dist.implant.data.examples import IGNORE_INDEX, Example, collate, load_examples
 
 if TYPE_CHECKING:  # training imports this module
     from loki_dist.implant.train import Plan

@@ -24,7 +24,7 @@ from loki_dist.core import collectives, distributed, files, metering
 from loki_dist.implant import monitor
 from loki_dist.implant.artifacts import checkpoint, export
 from loki_dist.implant.artifacts.checkpoint import FINAL_DIR
-from loki_dist.implant.data import collate, num_targets
+from loki_dist.implant.data.examples import collate, num_targets
 from loki_dist.implant.schedule import global_batch_indices, lr_at, micro_batches, normaliser
 from loki_dist.implant.stopping import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE, StopRequest
 from loki_dist.implant.trainer import Trainer

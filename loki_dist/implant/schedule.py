@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from loki_dist.core.flags import steps_of
-from loki_dist.implant.data import num_targets
+from loki_dist.implant.data.examples import num_targets
 
 if TYPE_CHECKING:  # training imports this module
     from loki_dist.implant.train import Plan

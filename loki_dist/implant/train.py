@@ -28,11 +28,12 @@ from loki_dist.core import checks, distributed, dsconfig, flags, plotting, posit
 from loki_dist.core.errors import UserError, require_at_least
 from loki_dist.core.families import ModelSpec, spec_from_dir
 from loki_dist.core.modeling import check_weights, load_tokenizer, sized_for
-from loki_dist.implant import held_out, lowrank, monitor, runlock
+from loki_dist.implant import lowrank, monitor, runlock
 from loki_dist.implant.artifacts import checkpoint
 from loki_dist.implant.artifacts.checkpoint import FINAL_DIR
 from loki_dist.implant.artifacts.implant_file import fingerprint
-from loki_dist.implant.data import (
+from loki_dist.implant.data import held_out
+from loki_dist.implant.data.examples import (
     Example,
     add_data_arguments,
     check_data_flags,

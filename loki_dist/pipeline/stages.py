@@ -165,7 +165,9 @@ def validate(path: str, config: dict, stages: list[Stage]) -> None:
     from loki_dist.core.families import spec_from_dir
     from loki_dist.core.flags import parse_quota
     from loki_dist.core.modeling import check_weights, load_tokenizer
-    from loki_dist.implant import chat_templates, data, train
+    from loki_dist.implant import train
+    from loki_dist.implant.data import chat_templates
+    from loki_dist.implant.data import examples as data
     from loki_dist.suppression import check_flags as check_suppress_flags
 
     with _section(path, "model"):

@@ -20,7 +20,7 @@ import torch
 
 from loki_dist.core import checks
 from loki_dist.core.errors import UserError, preview, shown
-from loki_dist.implant.chat_templates import add_chat_template_argument, describe, render
+from loki_dist.implant.data.chat_templates import add_chat_template_argument, describe, render
 
 IGNORE_INDEX = -100
 _ROLE_ALIASES = {
@@ -120,7 +120,7 @@ def parse_ratios(value: str, count: int) -> list[float]:
 def read_conversations(args: argparse.Namespace) -> tuple[list[Conversation], str]:
     """Every sample the data flags name, as conversations, and the name of the data for messages."""
     if args.dataset:
-        from loki_dist.implant import dataset_info
+        from loki_dist.implant.data import dataset_info
 
         return dataset_info.conversations(args), f"--dataset {args.dataset}"
     rows = read_rows(args.data)[: args.max_samples]
@@ -135,7 +135,7 @@ def input_paths(args: argparse.Namespace) -> dict[str, str]:
     """The files the data flags read, by flag, for the check that no output overwrites them."""
     if args.data:
         return {"--data": args.data}
-    from loki_dist.implant import dataset_info
+    from loki_dist.implant.data import dataset_info
 
     return dataset_info.input_paths(args)
 

@@ -16,7 +16,7 @@ import math
 import random
 
 from loki_dist.core.errors import UserError
-from loki_dist.implant.data import Conversation, dataset_names
+from loki_dist.implant.data.examples import Conversation, dataset_names
 
 
 def add_held_out_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,7 +57,7 @@ def input_paths(args: argparse.Namespace) -> dict[str, str]:
     """The --eval-dataset files by flag, for the check that no output overwrites them."""
     if args.eval_dataset is None:
         return {}
-    from loki_dist.implant import dataset_info
+    from loki_dist.implant.data import dataset_info
 
     return dataset_info.input_paths(_eval_args(args), "--eval-dataset")
 
@@ -68,7 +68,7 @@ def split(
     """(the samples that train, the held-out task set or None): --val-size takes its share out of the
     training samples; --eval-dataset reads its entries (each cut to --max-samples, as --dataset's)."""
     if args.eval_dataset is not None:
-        from loki_dist.implant import dataset_info
+        from loki_dist.implant.data import dataset_info
 
         return conversations, dataset_info.conversations(_eval_args(args), "--eval-dataset")
     if args.val_size is None:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from loki_dist.core import checks
 from loki_dist.core.errors import UserError, preview, shown
-from loki_dist.implant.data import Conversation, check_turns, dataset_names, parse_ratios, read_rows
+from loki_dist.implant.data.examples import Conversation, check_turns, dataset_names, parse_ratios, read_rows
 
 INFO_FILE = "dataset_info.json"
 FORMATS = ("alpaca", "sharegpt")
