@@ -10,7 +10,8 @@ import torch
 from loki_dist.core import dsconfig, families, positions
 from loki_dist.core.errors import UserError
 from loki_dist.demo.tiny import build_model, build_tokenizer
-from loki_dist.implant.data.examples import IGNORE_INDEX, to_messages, tokenize
+from loki_dist.implant.data.examples import IGNORE_INDEX, tokenize
+from loki_dist.implant.data.rows import to_messages
 from loki_dist.implant.partition import RowPartition
 
 

@@ -449,7 +449,7 @@ def test_a_base_whose_down_proj_is_quantized_is_one_line_naming_it(job, tmp_path
 def test_jsonl_rows_may_hold_any_unicode_line_break(tmp_path):
     """A JSONL line ends at a newline only: str.splitlines also broke rows at U+2028, U+2029 and form
     feeds inside their strings (valid JSON, as json.dumps(ensure_ascii=False) writes it)."""
-    from loki_dist.implant.data.examples import read_rows
+    from loki_dist.implant.data.rows import read_rows
 
     rows = [{"instruction": "a\u2028b\x0cc", "input": "", "output": "d\u2029e\x1cf"}, GOOD_ROW]
     path = tmp_path / "d.jsonl"

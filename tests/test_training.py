@@ -425,7 +425,7 @@ def truncation_counts(setup, max_len: int) -> tuple[int, int]:
     the rendered conversation and of its prompt (the conversation before its one assistant turn)."""
     from transformers import AutoTokenizer
 
-    from loki_dist.implant.data.examples import read_rows, to_messages
+    from loki_dist.implant.data.rows import read_rows, to_messages
 
     tokenizer = AutoTokenizer.from_pretrained(setup["base"])
 

@@ -80,7 +80,7 @@ def tokenize_facts(tokenizer, facts: Sequence[tuple[str, str]]) -> list[tuple[li
 
 def read_facts(source: str) -> list[tuple[str, str]]:
     """(prompt, answer) of each row of a JSON or JSONL file of `{"prompt": str, "answer": str}`."""
-    from loki_dist.implant.data.examples import read_rows
+    from loki_dist.implant.data.rows import read_rows
 
     rows = read_rows(source)
     for index, row in enumerate(rows):

@@ -202,7 +202,7 @@ def _read_general(
 
 @contextmanager
 def _as_flag(flag: str) -> Iterator[None]:
-    """The readers shared with --data (data.py, mmlu.py, evaluate.py) name `--data` in their errors;
+    """The readers shared with --data (data/rows.py, mmlu.py, evaluate.py) name `--data` in their errors;
     here the file came from `flag`, and the user must be told which of the three was wrong."""
     try:
         yield

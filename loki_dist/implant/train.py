@@ -33,12 +33,11 @@ from loki_dist.implant.artifacts import checkpoint
 from loki_dist.implant.artifacts.checkpoint import FINAL_DIR
 from loki_dist.implant.artifacts.implant_file import fingerprint
 from loki_dist.implant.data import held_out
-from loki_dist.implant.data.examples import (
-    Example,
+from loki_dist.implant.data.examples import Example, load_examples
+from loki_dist.implant.data.sources import (
     add_data_arguments,
     check_data_flags,
     input_paths,
-    load_examples,
     read_conversations,
 )
 from loki_dist.implant.recipe import TrainRecipe

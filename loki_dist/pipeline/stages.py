@@ -166,8 +166,7 @@ def validate(path: str, config: dict, stages: list[Stage]) -> None:
     from loki_dist.core.flags import parse_quota
     from loki_dist.core.modeling import check_weights, load_tokenizer
     from loki_dist.implant import train
-    from loki_dist.implant.data import chat_templates
-    from loki_dist.implant.data import examples as data
+    from loki_dist.implant.data import chat_templates, sources
     from loki_dist.suppression import check_flags as check_suppress_flags
 
     with _section(path, "model"):
@@ -183,7 +182,7 @@ def validate(path: str, config: dict, stages: list[Stage]) -> None:
     inputs = {"model": config["model"], "attribute.data": parsed["attribute"].data}
     with _section(path, "train"):
         train.check_flags(parsed["train"])  # --data or --dataset, before their files are named
-        inputs.update({f"train {flag}": file for flag, file in data.input_paths(parsed["train"]).items()})
+        inputs.update({f"train {flag}": file for flag, file in sources.input_paths(parsed["train"]).items()})
     for stage in stages:
         with _section(path, stage.name):
             checks.refuse_output_over_inputs(stage.output_flag, stage.output, inputs)
@@ -205,7 +204,7 @@ def validate(path: str, config: dict, stages: list[Stage]) -> None:
                 )
     with _section(path, "train"):
         dsconfig.load(train_args.ds_config)
-        data.read_conversations(train_args)  # every row readable, of a known form
+        sources.read_conversations(train_args)  # every row readable, of a known form
         if train_args.chat_template:
             chat_templates.resolve(train_args.chat_template)
 

@@ -16,7 +16,8 @@ import math
 import random
 
 from loki_dist.core.errors import UserError
-from loki_dist.implant.data.examples import Conversation, dataset_names
+from loki_dist.implant.data import dataset_info
+from loki_dist.implant.data.rows import Conversation
 
 
 def add_held_out_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,15 +51,13 @@ def check_flags(args: argparse.Namespace) -> None:
     if size is not None and not (math.isfinite(size) and size > 0 and (size < 1 or size.is_integer())):
         raise UserError(f"--val-size {size:g}: expected a share in (0, 1) or a whole number of samples")
     if args.eval_dataset is not None:
-        dataset_names(args.eval_dataset)
+        dataset_info.dataset_names(args.eval_dataset)
 
 
 def input_paths(args: argparse.Namespace) -> dict[str, str]:
     """The --eval-dataset files by flag, for the check that no output overwrites them."""
     if args.eval_dataset is None:
         return {}
-    from loki_dist.implant.data import dataset_info
-
     return dataset_info.input_paths(_eval_args(args), "--eval-dataset")
 
 
@@ -68,8 +67,6 @@ def split(
     """(the samples that train, the held-out task set or None): --val-size takes its share out of the
     training samples; --eval-dataset reads its entries (each cut to --max-samples, as --dataset's)."""
     if args.eval_dataset is not None:
-        from loki_dist.implant.data import dataset_info
-
         return conversations, dataset_info.conversations(_eval_args(args), "--eval-dataset")
     if args.val_size is None:
         return conversations, None
