@@ -699,7 +699,7 @@ def test_stop_signal_checkpoints_all_ranks_and_resumes_exactly(
     """SIGUSR1 to ONE worker (as Slurm's pre-timeout signal might reach it), or SIGTERM to every worker (a
     preemption, `scancel`, `kill`): both ranks finish the step, agree to stop, save a checkpoint and exit
     with REQUEUE_EXIT_CODE; the rerun ends bit-identical to the uninterrupted run."""
-    from loki_dist.implant.stopping import REQUEUE_EXIT_CODE
+    from loki_dist.implant.trainer.stopping import REQUEUE_EXIT_CODE
 
     out = tmp_path / "signalled"
     proc = _launch([*train_args(setup, out), *LONG_RUN], nproc=2)

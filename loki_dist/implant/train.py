@@ -2,13 +2,14 @@
 
 The command: its flags, its Plan (every input checked before any process group or model exists, so a
 mistake costs nothing and overwrites nothing) and `run_train`, which runs the training recipe's
-lifecycle (recipe.py: setup -> train -> save -> cleanup). A step is followed in recipe.py (the loop),
-trainer.py (the model, its trainable rows, the update), schedule.py (each step's learning rate and
-samples) and checkpoint.py; resume.py chooses the checkpoint to resume from, and stopping.py says how a
-run ends early: REQUEUE_EXIT_CODE after a stop signal and a checkpoint, DIVERGED_EXIT_CODE on NaN or Inf.
+lifecycle (trainer/recipe.py: setup -> train -> save -> cleanup). A step is followed in trainer/:
+recipe.py (the loop), model.py (the model, its trainable rows, the update), schedule.py (each step's
+learning rate and samples), and artifacts/checkpoint.py; trainer/resume.py chooses the checkpoint to
+resume from, and trainer/stopping.py says how a run ends early: REQUEUE_EXIT_CODE after a stop signal
+and a checkpoint, DIVERGED_EXIT_CODE on NaN or Inf.
 
-One run per output directory at a time (runlock.py); every collective is bounded by the process group's
-timeout, and one that breaks off names the stage (distributed.stage).
+One run per output directory at a time (trainer/runlock.py); every collective is bounded by the process
+group's timeout, and one that breaks off names the stage (distributed.stage).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from loki_dist.core import checks, distributed, dsconfig, flags, plotting, posit
 from loki_dist.core.errors import UserError, require_at_least
 from loki_dist.core.families import ModelSpec, spec_from_dir
 from loki_dist.core.modeling import check_weights, load_tokenizer, sized_for
-from loki_dist.implant import lowrank, monitor, runlock
 from loki_dist.implant.artifacts import checkpoint
 from loki_dist.implant.artifacts.checkpoint import FINAL_DIR
 from loki_dist.implant.artifacts.implant_file import fingerprint
@@ -40,9 +40,10 @@ from loki_dist.implant.data.sources import (
     input_paths,
     read_conversations,
 )
-from loki_dist.implant.recipe import TrainRecipe
-from loki_dist.implant.resume import find_resume
-from loki_dist.implant.stopping import STACKS_SIGNAL
+from loki_dist.implant.trainer import lowrank, monitor, runlock
+from loki_dist.implant.trainer.recipe import TrainRecipe
+from loki_dist.implant.trainer.resume import find_resume
+from loki_dist.implant.trainer.stopping import STACKS_SIGNAL
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

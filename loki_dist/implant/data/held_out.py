@@ -1,12 +1,12 @@
 """The task's held-out set for the forgetting monitor, as LLaMA-Factory names it: `--val-size` (a share
 or a count of the training samples, set aside) or `--eval-dataset NAME[,NAME...]` (dataset_info.json
-entries of --dataset-dir), beside monitor.py's own `--eval-data FILE`.
+entries of --dataset-dir), beside trainer/monitor.py's own `--eval-data FILE`.
 
 A LLaMA-Factory recipe says `val_size: 0.1` or `eval_dataset: my_eval`; read as it says, those samples
-are the task held out, scored at the run's first and last step and every --eval-steps (monitor.py). The
-split is LLaMA-Factory's in kind, not in draw: a share is rounded up (as `datasets`' train_test_split
-does), the held-out samples are drawn from a generator seeded with --seed, so every rank and every
-resume sets aside the same ones, and the others train in their file order.
+are the task held out, scored at the run's first and last step and every --eval-steps
+(trainer/monitor.py). The split is LLaMA-Factory's in kind, not in draw: a share is rounded up (as
+`datasets`' train_test_split does), the held-out samples are drawn from a generator seeded with --seed,
+so every rank and every resume sets aside the same ones, and the others train in their file order.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ from loki_dist.implant.data.examples import IGNORE_INDEX, Example, collate, load
 
 if TYPE_CHECKING:  # training imports this module
     from loki_dist.implant.train import Plan
-    from loki_dist.implant.trainer import Trainer
+    from loki_dist.implant.trainer.model import Trainer
 
 # what a stop compares: the metric and the sign of its change that means forgetting
 FORGETTING = {"general_perplexity": 1, "general_accuracy": -1}
@@ -144,7 +144,7 @@ def read_inputs(
     keep only this rank's block of each. The task set is tokenised whole, as --data is (dropped samples
     must be known to cut blocks); of the general set only this rank's block is tokenised. `held_out`:
     the task set as conversations already read, where --val-size or --eval-dataset gave it
-    (held_out.py) instead of --eval-data."""
+    (data/held_out.py) instead of --eval-data."""
     task = args.eval_data or held_out
     if not (task or args.general_data):
         return None

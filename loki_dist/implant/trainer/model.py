@@ -23,7 +23,8 @@ import torch
 from loki_dist.core import dsconfig, metering, positions
 from loki_dist.core.families import down_projections
 from loki_dist.core.modeling import load_causal_lm, zero3_share
-from loki_dist.implant import api, rowstate
+from loki_dist.implant import api
+from loki_dist.implant.trainer import rowstate
 
 if TYPE_CHECKING:  # training imports this module
     from loki_dist.implant.train import Plan
