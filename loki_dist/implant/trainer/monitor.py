@@ -37,9 +37,7 @@ import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -58,10 +56,8 @@ from loki_dist.evaluation.evaluate import (
 )
 from loki_dist.implant.artifacts import checkpoint
 from loki_dist.implant.data.examples import IGNORE_INDEX, Example, collate, load_examples
-
-if TYPE_CHECKING:  # training imports this module
-    from loki_dist.implant.train import Plan
-    from loki_dist.implant.trainer.model import Trainer
+from loki_dist.implant.trainer.model import Trainer
+from loki_dist.implant.trainer.plan import Inputs, Plan
 
 # what a stop compares: the metric and the sign of its change that means forgetting
 FORGETTING = {"general_perplexity": 1, "general_accuracy": -1}
@@ -123,18 +119,6 @@ def input_files(args: argparse.Namespace) -> dict[str, str]:
         for flag, value in (("--eval-data", args.eval_data), ("--general-data", args.general_data))
         if value
     }
-
-
-@dataclass
-class Inputs:
-    """This rank's block of each evaluation set, tokenised, and a fingerprint of the whole sets."""
-
-    fingerprint: str
-    task: list[Example] | None = None
-    documents: list[list[int]] | None = None  # perplexity form
-    prompts: list[list[int]] | None = None  # multiple-choice form
-    answers: list[int] = field(default_factory=list)
-    letters: list[int] = field(default_factory=list)
 
 
 def read_inputs(

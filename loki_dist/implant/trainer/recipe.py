@@ -16,7 +16,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,11 +25,9 @@ from loki_dist.implant.artifacts.checkpoint import FINAL_DIR
 from loki_dist.implant.data.examples import collate, num_targets
 from loki_dist.implant.trainer import monitor
 from loki_dist.implant.trainer.model import Trainer
+from loki_dist.implant.trainer.plan import Plan
 from loki_dist.implant.trainer.schedule import global_batch_indices, lr_at, micro_batches, normaliser
 from loki_dist.implant.trainer.stopping import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE, StopRequest
-
-if TYPE_CHECKING:  # training imports this module
-    from loki_dist.implant.train import Plan
 
 
 class TrainRecipe:
