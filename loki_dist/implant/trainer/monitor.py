@@ -13,7 +13,7 @@ Scoring is `loki-dist evaluate`'s own (token_nll, document_nll, letter_logprobs)
 what `evaluate` says of a saved model. Data-parallel: each rank keeps and scores only its contiguous
 block of every set (tokenised at planning; nothing else is kept), the sums are all-reduced in float64
 (one small collective), so every rank holds the same numbers. Under ZeRO-3 a forward gathers the
-parameters collectively, so all ranks make the same number of forwards (evaluate.model_batches'
+parameters collectively, so all ranks make the same number of forwards (scoring.model_batches'
 lockstep). The model runs in eval mode under no_grad and is put back in train mode after.
 
 Each value is also shown as its change from the first evaluation of the run, relative to it:
@@ -45,13 +45,12 @@ from loki_dist.attribution import mmlu
 from loki_dist.core import collectives, distributed, dsconfig, metering
 from loki_dist.core.errors import UserError
 from loki_dist.core.sharding import my_block
-from loki_dist.evaluation.evaluate import (
+from loki_dist.evaluation.evaluate import documents_from_rows, read_text_lines
+from loki_dist.evaluation.scoring import (
     document_nll,
-    documents_from_rows,
     letter_logprobs,
     letter_token_ids,
     model_batches,
-    read_text_lines,
     token_nll,
 )
 from loki_dist.implant.artifacts import checkpoint
