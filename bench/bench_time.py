@@ -152,7 +152,7 @@ def run_model(root: Path, model: tuple, machine: dict) -> list[dict]:
     from loki_dist.attribution import mmlu
     from loki_dist.core.modeling import load_tokenizer
     from loki_dist.demo.tiny import save_tiny
-    from loki_dist.implant.data import load_examples
+    from loki_dist.implant.data.examples import load_examples
     from loki_dist.planning import timing
     from loki_dist.planning.memory import architecture
 

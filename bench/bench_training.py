@@ -30,10 +30,10 @@ import torch
 from loki_dist.cli import build_parser
 from loki_dist.core import distributed, files, provenance
 from loki_dist.demo.tiny import save_tiny
-from loki_dist.implant.data import collate
-from loki_dist.implant.schedule import global_batch_indices, micro_batches, normaliser
+from loki_dist.implant.data.examples import collate
 from loki_dist.implant.train import plan_run
-from loki_dist.implant.trainer import Trainer
+from loki_dist.implant.trainer.model import Trainer
+from loki_dist.implant.trainer.schedule import global_batch_indices, micro_batches, normaliser
 
 METHODS = ("LoKI masked", "LoKI split", "masking off", "full fine-tuning", "LoRA r=16")
 
@@ -96,7 +96,7 @@ def make_inputs(root: Path, quota: float = 0.1) -> None:
 
 def optimizer_state_bytes(trainer: Trainer) -> int:
     """fp32 master partitions plus every tensor of Adam's state, as held by this rank."""
-    from loki_dist.implant.rowstate import optimizer_state_holders
+    from loki_dist.implant.trainer.rowstate import optimizer_state_holders
 
     holders = optimizer_state_holders(trainer.inner, trainer.engine.optimizer if trainer.engine else None)
     state = [t for s in trainer.inner.state.values() for t in s.values() if isinstance(t, torch.Tensor)]

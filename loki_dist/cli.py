@@ -41,10 +41,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "select": ("loki_dist.selection.select", "choose the rows to train from an attribution file"),
     "train": ("loki_dist.implant.train", "implant: train only the selected down_proj rows"),
     "export": (
-        "loki_dist.implant.export",
+        "loki_dist.implant.artifacts.export",
         "turn a training checkpoint into a Hugging Face model and an implant",
     ),
-    "apply": ("loki_dist.implant.apply", "merge an implant file into its base model"),
+    "apply": ("loki_dist.implant.artifacts.apply", "merge an implant file into its base model"),
     "suppress": ("loki_dist.suppression", "copy a model with its most (least) important rows zeroed"),
     "evaluate": (
         "loki_dist.evaluation.evaluate",

@@ -32,7 +32,7 @@ from loki_dist.core import distributed, flags
 from loki_dist.core import positions as positions_file
 from loki_dist.core.errors import UserError
 from loki_dist.core.flags import parse_quota
-from loki_dist.implant.implant_file import RowSource
+from loki_dist.implant.artifacts.implant_file import RowSource
 from loki_dist.selection.select import add_rule_argument
 from loki_dist.selection.strategies import LAYER_HIGHEST
 
@@ -128,7 +128,7 @@ def record(args: argparse.Namespace, positions: list[list[int]]) -> str:
 def run_suppress(args: argparse.Namespace) -> None:
     from loki_dist.core.families import spec_from_dir
     from loki_dist.core.modeling import check_weights
-    from loki_dist.implant.export import check_output, export_model, run_collectively
+    from loki_dist.implant.artifacts.export import check_output, export_model, run_collectively
 
     out, model = Path(args.output), Path(args.model)
 

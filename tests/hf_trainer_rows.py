@@ -4,12 +4,13 @@
 
 SETTINGS: base, positions, data, out, steps, micro, accum, learning_rate, weight_decay, warmup_steps,
 seed, and rank (optional: LoKI*'s, implant_rows(rank=), B drawn from seed as the CLI's). What is aligned
-with `loki-dist train` to make the two comparable: the same tokenised samples (loki_dist.implant.data),
-fed in the CLI's documented order (a seeded permutation cut into global batches), laid out so that
-accelerate's per-rank sharding hands rank r the micro-batches the CLI gives it), the
-same schedule (warm-up from 0 then cosine to 0), AdamW with HF's defaults (betas, eps: the CLI's), no
-clipping. Everything else is HF's own: its loss (summed over the global batch's response tokens, divided
-by their count, averaged across devices), its optimizer with decoupled decay, its DeepSpeed engine.
+with `loki-dist train` to make the two comparable: the same tokenised samples
+(loki_dist.implant.data.examples), fed in the CLI's documented order (a seeded permutation cut into
+global batches), laid out so that accelerate's per-rank sharding hands rank r the micro-batches the CLI
+gives it), the same schedule (warm-up from 0 then cosine to 0), AdamW with HF's defaults (betas, eps: the
+CLI's), no clipping. Everything else is HF's own: its loss (summed over the global batch's response
+tokens, divided by their count, averaged across devices), its optimizer with decoupled decay, its
+DeepSpeed engine.
 Writes OUT/implant.safetensors (save_implant) and OUT/merged (merge_rows, then Trainer.save_model).
 """
 
@@ -27,7 +28,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 import loki_dist
 from loki_dist.core import distributed
 from loki_dist.core.modeling import load_tokenizer
-from loki_dist.implant.data import collate, load_examples
+from loki_dist.implant.data.examples import collate, load_examples
 
 
 class InOrder(Dataset):

@@ -83,10 +83,10 @@ def measure_trainer(inputs: Path, method: str, world) -> dict[str, int]:
     """loki_dist's Trainer, built from `loki-dist train` arguments, after one update of its own."""
     import argparse
 
-    from loki_dist.implant.data import collate
-    from loki_dist.implant.schedule import global_batch_indices, micro_batches
+    from loki_dist.implant.data.examples import collate
     from loki_dist.implant.train import add_train_arguments, plan_run
-    from loki_dist.implant.trainer import Trainer
+    from loki_dist.implant.trainer.model import Trainer
+    from loki_dist.implant.trainer.schedule import global_batch_indices, micro_batches
 
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)

@@ -25,7 +25,7 @@ import loki_dist
 from loki_dist.core.errors import UserError
 from loki_dist.demo.tiny import save_tiny
 from loki_dist.implant.api import implanted_layers
-from loki_dist.implant.rowsplit import RowSplitLinear
+from loki_dist.implant.trainer.rowsplit import RowSplitLinear
 
 POSITIONS = [[0, 3, 5, 17, 31], [], [1, 2, 10, 30]]  # layer 1 stays frozen
 # The runs: 4 steps of 2 ranks x 2 micro-batches of 1, warm-up over 2 steps then cosine, decay 0.1,

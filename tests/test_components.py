@@ -10,8 +10,9 @@ import torch
 from loki_dist.core import dsconfig, families, positions
 from loki_dist.core.errors import UserError
 from loki_dist.demo.tiny import build_model, build_tokenizer
-from loki_dist.implant.data import IGNORE_INDEX, to_messages, tokenize
-from loki_dist.implant.partition import RowPartition
+from loki_dist.implant.data.examples import IGNORE_INDEX, tokenize
+from loki_dist.implant.data.rows import to_messages
+from loki_dist.implant.trainer.partition import RowPartition
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5, 7])
@@ -142,7 +143,7 @@ def test_tiny_tokenizer_is_deterministic_and_total():
 def test_learning_rate_schedules(scheduler):
     from types import SimpleNamespace
 
-    from loki_dist.implant.schedule import lr_at
+    from loki_dist.implant.trainer.schedule import lr_at
 
     args = SimpleNamespace(learning_rate=0.1, warmup_ratio=0.1, warmup_steps=0, lr_scheduler=scheduler)
     plan = SimpleNamespace(total_steps=100, args=args)
@@ -160,7 +161,7 @@ def test_learning_rate_schedules(scheduler):
 INTERNALS_PROBE = """
 import torch, deepspeed
 from loki_dist.core import distributed
-from loki_dist.implant import rowstate
+from loki_dist.implant.trainer import rowstate
 from loki_dist.demo.tiny import build_model
 
 distributed.prepare_deepspeed(distributed.World(0, 1, 0))
@@ -189,7 +190,7 @@ def test_deepspeed_internals_are_there_and_a_missing_one_is_named(tmp_path):
     import tomllib
     from conftest import REPO
 
-    from loki_dist.implant.rowstate import TESTED_DEEPSPEED
+    from loki_dist.implant.trainer.rowstate import TESTED_DEEPSPEED
 
     probe = tmp_path / "probe.py"
     probe.write_text(INTERNALS_PROBE)

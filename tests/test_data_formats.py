@@ -17,8 +17,8 @@ from test_train_errors import snapshot
 from loki_dist.core.errors import UserError
 from loki_dist.core.modeling import load_tokenizer
 from loki_dist.demo.tiny import build_tokenizer, save_tiny
-from loki_dist.implant import dataset_info
-from loki_dist.implant.data import IGNORE_INDEX, load_examples
+from loki_dist.implant.data import dataset_info
+from loki_dist.implant.data.examples import IGNORE_INDEX, load_examples
 
 # a template that renders `tools` (as tool-calling models' templates do), in the tiny tokenizer's format
 TOOLS_TEMPLATE = (
@@ -159,7 +159,7 @@ def plain_base(tmp_path_factory) -> Path:
 
 def test_chat_template_by_name_or_file_on_a_base_without_one(plain_base, tmp_path, capsys):
     from loki_dist.cli import main
-    from loki_dist.implant.chat_templates import BUILTIN
+    from loki_dist.implant.data.chat_templates import BUILTIN
 
     assert load_tokenizer(plain_base, chat_template="qwen").chat_template == BUILTIN["chatml"]
     template = tmp_path / "mine.jinja"

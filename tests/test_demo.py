@@ -113,7 +113,7 @@ def test_the_production_path_learns_the_tokens_the_loop_learns():
     from loki_dist.demo.task import build_task, task_corpus
     from loki_dist.demo.tiny import build_tokenizer
     from loki_dist.demo.toyworld import build_world
-    from loki_dist.implant.data import tokenize
+    from loki_dist.implant.data.examples import tokenize
 
     world = build_world(6, 0)
     tokenizer = build_tokenizer(vocab_size=512, corpus=(*world.corpus(), *task_corpus()))

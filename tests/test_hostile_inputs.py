@@ -380,7 +380,7 @@ def test_templates_render_as_transformers_renders_them(job):
     `{% generation %}`), on a long conversation, with and without the generation prompt."""
     from transformers import AutoTokenizer
 
-    from loki_dist.implant.chat_templates import BUILTIN, render
+    from loki_dist.implant.data.chat_templates import BUILTIN, render
 
     tokenizer = AutoTokenizer.from_pretrained(job["base"])
     rich = (

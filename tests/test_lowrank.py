@@ -307,7 +307,7 @@ def test_llamafactory_lora_rank_becomes_the_rank_of_loki_star():
     """A LLaMA-Factory YAML's lora_rank means LoRA's rank where finetuning_type is lora (its default):
     LoKI* then, of that rank. Beside a full or freeze fine-tuning LLaMA-Factory ignores it, and so does
     loki_dist, saying so."""
-    from loki_dist.implant.llamafactory import translate
+    from loki_dist.implant.data.llamafactory import translate
 
     settings, notes = translate({"lora_rank": 8, "lora_alpha": 16}, "x.yaml")
     assert settings == {"lora_rank": 8} and notes == ["ignoring lora_alpha: an adapter setting; loki_dist "

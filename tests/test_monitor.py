@@ -123,10 +123,10 @@ def _logprobs(model, ids: list[int]) -> torch.Tensor:
 
 
 def oracle(model_dir: Path, setup, general: str) -> dict[str, float]:
-    """The metrics of one model, one sample at a time (tokenised by loki_dist.implant.data and mmlu.encode,
-    whose own tests pin them down)."""
+    """The metrics of one model, one sample at a time (tokenised by loki_dist.implant.data.examples and
+    mmlu.encode, whose own tests pin them down)."""
     from loki_dist.attribution import mmlu
-    from loki_dist.implant.data import IGNORE_INDEX, load_examples
+    from loki_dist.implant.data.examples import IGNORE_INDEX, load_examples
 
     model, tokenizer = _load(model_dir)
     nll, correct, count = 0.0, 0, 0

@@ -18,7 +18,7 @@ from test_training import make_data
 
 from loki_dist.core.errors import UserError
 from loki_dist.demo.tiny import save_tiny
-from loki_dist.implant.stopping import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE
+from loki_dist.implant.trainer.stopping import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE
 from loki_dist.pipeline.run import StageEnded, run_stage
 
 

@@ -167,7 +167,7 @@ def test_what_hugging_face_reads_as_shares_and_fractions(reference, monkeypatch,
     """num_train_epochs 2.5 ends half-way through the third pass (HF rounds the steps up), warmup_steps
     replaces warmup_ratio, a share of steps is a share of them, val_size sets samples aside for the
     forgetting monitor, eval_dataset names them."""
-    from loki_dist.implant.schedule import lr_at
+    from loki_dist.implant.trainer.schedule import lr_at
 
     head = REFERENCE_YAML.format(model="models/base", deepspeed="none", output="saves/shares")
     yaml = head.replace("num_train_epochs: 3.0", "num_train_epochs: 2.5").replace("bf16: true", "bf16: false")
@@ -194,7 +194,7 @@ def test_what_hugging_face_reads_as_shares_and_fractions(reference, monkeypatch,
 
 
 def test_a_hub_directory_reads_its_train_split_and_a_hub_name_is_still_refused(tmp_path, monkeypatch):
-    from loki_dist.implant.dataset_info import conversations
+    from loki_dist.implant.data.dataset_info import conversations
 
     hub = tmp_path / "hub"
     (hub / "data").mkdir(parents=True)

@@ -435,7 +435,7 @@ def test_a_base_whose_down_proj_is_quantized_is_one_line_naming_it(job, tmp_path
     """apply and export write rows into the base's own dtype: an FP8 (or integer) down_proj cannot take
     them, which is said before anything is written, not as a KeyError."""
     from loki_dist.core.families import spec_from_dir
-    from loki_dist.implant.export import BaseShards
+    from loki_dist.implant.artifacts.export import BaseShards
 
     model = copy_model(job, tmp_path)
     tensors = load_file(model / "model.safetensors")
@@ -449,7 +449,7 @@ def test_a_base_whose_down_proj_is_quantized_is_one_line_naming_it(job, tmp_path
 def test_jsonl_rows_may_hold_any_unicode_line_break(tmp_path):
     """A JSONL line ends at a newline only: str.splitlines also broke rows at U+2028, U+2029 and form
     feeds inside their strings (valid JSON, as json.dumps(ensure_ascii=False) writes it)."""
-    from loki_dist.implant.data import read_rows
+    from loki_dist.implant.data.rows import read_rows
 
     rows = [{"instruction": "a\u2028b\x0cc", "input": "", "output": "d\u2029e\x1cf"}, GOOD_ROW]
     path = tmp_path / "d.jsonl"

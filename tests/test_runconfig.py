@@ -273,7 +273,7 @@ def test_under_torchrun_a_config_mistake_is_said_once_and_ignored_keys_once(tmp_
 
 
 def test_an_ignored_key_that_is_also_a_flag_is_the_flag_where_the_file_gives_its_inputs():
-    from loki_dist.implant.llamafactory import translate
+    from loki_dist.implant.data.llamafactory import translate
 
     settings, notes = translate({"eval_steps": 5, "do_eval": True}, "lf.yaml")  # nothing to evaluate
     assert settings == {} and [n.split(":")[0] for n in notes] == ["ignoring eval_steps", "ignoring do_eval"]

@@ -20,9 +20,9 @@ import torch
 from conftest import REPO, assert_user_error, cli_command, free_port, loki_dist_traceback, run_cli
 from safetensors.torch import load_file
 
-from loki_dist.implant.checkpoint import INDEX_FILE, shard_name
-from loki_dist.implant.runlock import LOCK_NAME
-from loki_dist.implant.stopping import DIVERGED_EXIT_CODE, STACKS_SIGNAL
+from loki_dist.implant.artifacts.checkpoint import INDEX_FILE, shard_name
+from loki_dist.implant.trainer.runlock import LOCK_NAME
+from loki_dist.implant.trainer.stopping import DIVERGED_EXIT_CODE, STACKS_SIGNAL
 
 POSITIONS = [[0, 3, 5], [1, 2]]
 # ever larger weight decay blows the trained rows up: the first makes them overflow a few steps in (the
@@ -107,7 +107,7 @@ def test_lock_held_elsewhere_is_refused_naming_the_file_and_an_earlier_slurm_run
     an earlier run of this same Slurm job (the job was requeued) or by a process whose pid has since been
     reused is stale and taken over. A file that is not a lock is refused."""
     from loki_dist.core.errors import UserError
-    from loki_dist.implant.runlock import RunLock, _process_start
+    from loki_dist.implant.trainer.runlock import RunLock, _process_start
 
     lock = tmp_path / LOCK_NAME
     elsewhere = {"host": "node-far-away", "pid": 4242, "started": "yesterday", "pid_start": "1",

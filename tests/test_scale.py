@@ -155,7 +155,7 @@ def test_parallel_export_on_a_slow_rank_equals_one_process_export_byte_for_byte(
 def test_export_jobs_spread_over_the_nodes_largest_first():
     """A 70B base's 31 shards (the last one smaller) on 64 ranks of 8 nodes: 3 or 4 jobs per node, each
     on a rank of its own, instead of all on ranks 0-30 (the first 4 nodes) while the rest wait."""
-    from loki_dist.implant.export import _assign
+    from loki_dist.implant.artifacts.export import _assign
 
     sizes = [4_900_000_000] * 30 + [1_100_000_000]
     owner = _assign(sizes, 64, per_node=8)

@@ -23,7 +23,7 @@ from mmlu_fixture import write_mmlu
 from safetensors.torch import save_file
 
 from loki_dist.cli import main
-from loki_dist.implant import checkpoint, rngstate
+from loki_dist.implant.artifacts import checkpoint, rngstate
 
 POSITIONS = [[0, 3, 5], [1, 2]]
 

@@ -23,7 +23,7 @@ def test_readme_layout_names_every_module_where_it_is():
     layout = readme[readme.index("## Layout") :]
     rows = dict(re.findall(r"^\| `(loki_dist/[a-z_/.]*)` \| (.*) \|$", layout, re.M))
     package = REPO / "loki_dist"
-    folders = [package, *sorted(p for p in package.iterdir() if (p / "__init__.py").is_file())]
+    folders = sorted(p.parent for p in package.rglob("__init__.py"))  # stage folders and their rooms
     tree = {f"loki_dist/{p.relative_to(package)}/".replace("/./", "/"): p for p in folders}
     for name, folder in tree.items():
         modules = {p.name for p in folder.glob("*.py")} - {"__init__.py", "__main__.py"}
@@ -42,5 +42,5 @@ def test_every_package_folder_is_shipped():
 
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     package = REPO / "loki_dist"
-    folders = {"loki_dist", *(f"loki_dist.{p.parent.name}" for p in package.glob("*/__init__.py"))}
+    folders = {".".join(p.parent.relative_to(package.parent).parts) for p in package.rglob("__init__.py")}
     assert folders <= listed, sorted(folders - listed)

@@ -222,7 +222,7 @@ def global_batches(num_samples: int, global_batch: int, steps: int, seed: int = 
 def train_oracle(base: Path, data: Path, options: dict, global_batch: int) -> Oracle:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loki_dist.implant.data import load_examples
+    from loki_dist.implant.data.examples import load_examples
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64).eval().requires_grad_(False)
     max_len = options.get("--max-seq-len", 2048)
@@ -425,7 +425,7 @@ def truncation_counts(setup, max_len: int) -> tuple[int, int]:
     the rendered conversation and of its prompt (the conversation before its one assistant turn)."""
     from transformers import AutoTokenizer
 
-    from loki_dist.implant.data import read_rows, to_messages
+    from loki_dist.implant.data.rows import read_rows, to_messages
 
     tokenizer = AutoTokenizer.from_pretrained(setup["base"])
 
@@ -498,7 +498,7 @@ def test_zero3_two_ranks_clipped_updates_match_the_oracle(setup, zero3_run, orac
 def test_apply_reproduces_final_and_from_pretrained_matches_engine(setup, zero3_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loki_dist.implant.data import collate, load_examples, num_targets
+    from loki_dist.implant.data.examples import collate, load_examples, num_targets
 
     final = zero3_run.out / "final"
     merged = tmp_path / "merged"
@@ -547,7 +547,7 @@ def test_apply_refuses_a_base_of_other_shapes(shape, zero3_run, tmp_path, capsys
 def test_apply_refuses_an_already_implanted_base(setup, zero3_run, tmp_path):
     """final/ carries, in its shard headers, a digest of the rows written in: it fingerprints apart
     from its base (reading a few KB, not the weights), and apply will not implant into it twice."""
-    from loki_dist.implant.implant_file import fingerprint
+    from loki_dist.implant.artifacts.implant_file import fingerprint
 
     final = zero3_run.out / "final"
     assert fingerprint(final) != fingerprint(setup["base"])
@@ -583,7 +583,7 @@ def test_checkpoint_of_the_single_file_layout_still_resumes(setup, zero3_run, tm
     bits (its RNG files read by torch's weights_only unpickler)."""
     from safetensors.torch import save_file
 
-    from loki_dist.implant import rngstate
+    from loki_dist.implant.artifacts import rngstate
 
     old = tmp_path / "old" / "checkpoint-3"
     shutil.copytree(zero3_run.out / "checkpoint-3", old)
@@ -699,7 +699,7 @@ def test_stop_signal_checkpoints_all_ranks_and_resumes_exactly(
     """SIGUSR1 to ONE worker (as Slurm's pre-timeout signal might reach it), or SIGTERM to every worker (a
     preemption, `scancel`, `kill`): both ranks finish the step, agree to stop, save a checkpoint and exit
     with REQUEUE_EXIT_CODE; the rerun ends bit-identical to the uninterrupted run."""
-    from loki_dist.implant.stopping import REQUEUE_EXIT_CODE
+    from loki_dist.implant.trainer.stopping import REQUEUE_EXIT_CODE
 
     out = tmp_path / "signalled"
     proc = _launch([*train_args(setup, out), *LONG_RUN], nproc=2)

@@ -82,7 +82,7 @@ def worker(opts) -> None:
     from loki_dist.cli import build_parser
     from loki_dist.core import distributed
     from loki_dist.implant import train
-    from loki_dist.implant import trainer as trainer_module
+    from loki_dist.implant.trainer import model as trainer_module
 
     root, world = Path(opts.root), distributed.world_from_env()
     distributed.prepare_deepspeed(world)

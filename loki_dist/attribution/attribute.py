@@ -13,7 +13,7 @@ Each rank saves its partial statistics (progress.py), from which `--resume` cont
 stopped run: every `--checkpoint-every` samples, every `--checkpoint-minutes` of scoring (what a 70B run
 on many ranks needs: 200 samples per rank may never come) and on SIGUSR1/SIGTERM (Slurm's warning
 before the time limit, a preemption). Both clocks and signals are agreed at a batch boundary in one
-small collective (implant/stopping.py, as training does), so every rank saves after the same batch,
+small collective (implant/trainer/stopping.py, as training does), so every rank saves after the same batch,
 and under ZeRO-3 every rank has made the same forward calls when it stops; a stopped run exits with
 REQUEUE_EXIT_CODE (75).
 """
@@ -42,7 +42,7 @@ from loki_dist.core.modeling import (
     read_inference_config,
     torch_dtype,
 )
-from loki_dist.implant.stopping import StopRequest
+from loki_dist.implant.trainer.stopping import StopRequest
 
 log = logging.getLogger("loki_dist.attribute")
 
@@ -364,7 +364,7 @@ class _Saves:
 def _stopped(world, stop, batches: int, total: int, progress) -> None:
     """Every rank saved after `batches` batches on a stop signal: say so (rank 0) and exit 75."""
     from loki_dist.core.distributed import shutdown
-    from loki_dist.implant.stopping import REQUEUE_EXIT_CODE
+    from loki_dist.implant.trainer.stopping import REQUEUE_EXIT_CODE
 
     if world.is_main:
         log.info(

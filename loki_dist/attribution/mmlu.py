@@ -133,7 +133,7 @@ def encode(tokenizer, q: Question, shots: list[Question], where: str = "--data")
     """Token ids of one prompt; the last id is the attributed position t. `where`: the prompt, for
     the one line that says what the chat template did wrong with it."""
     if tokenizer.chat_template:
-        from loki_dist.implant.chat_templates import render
+        from loki_dist.implant.data.chat_templates import render
 
         text = render(tokenizer, messages_for(q, shots), where, prompt=True)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])

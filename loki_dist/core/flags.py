@@ -3,8 +3,8 @@
 A flag that means one thing in two commands must read the same in both `--help`s; where its meaning
 differs by command (what `--overwrite` replaces, the default `--max-seq-len`), the command says only that
 part. Flags that travel as a group live beside what reads them: the question flags in attribution/mmlu.py,
-the data flags in implant/data.py, the monitor's in implant/monitor.py. A value several commands read
-alike is checked here once too (--seed, --quota).
+the data flags in implant/data/sources.py, the monitor's in implant/trainer/monitor.py. A value several
+commands read alike is checked here once too (--seed, --quota).
 """
 
 from __future__ import annotations

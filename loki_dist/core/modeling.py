@@ -218,7 +218,7 @@ def load_tokenizer(model_dir: str | Path, flag: str = "--model", chat_template: 
     `chat_template`: a --chat-template value (a file or a built-in name) that replaces the tokenizer's."""
     from transformers import AutoTokenizer
 
-    from loki_dist.implant import chat_templates
+    from loki_dist.implant.data import chat_templates
 
     found = [next(Path(model_dir).glob(p), None) for p in ("tokenizer*", "vocab*", "*.model")]
     if Path(model_dir).is_dir() and not any(found):
@@ -245,7 +245,7 @@ def zero3_share(model: torch.nn.Module) -> tuple[int, int]:
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """`--dtype`, `--ds-config` and `--chat-template`, as every inference command spells them."""
-    from loki_dist.implant.chat_templates import add_chat_template_argument
+    from loki_dist.implant.data.chat_templates import add_chat_template_argument
 
     add_chat_template_argument(parser)
     flags.add_dtype(parser)

@@ -59,7 +59,7 @@ def expand(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
         return argv
     settings = load(path)
     if command == "train":
-        from loki_dist.implant import llamafactory
+        from loki_dist.implant.data import llamafactory
 
         settings, notes = llamafactory.translate(settings, path)
         _say(command, notes)

@@ -176,7 +176,7 @@ def _toy_setup(args, out: Path) -> Setup:
     from loki_dist.demo.tiny import build_model, build_tokenizer
     from loki_dist.demo.toyworld import build_world
     from loki_dist.evaluation.scoring import letter_token_ids
-    from loki_dist.implant.data import Example, tokenize
+    from loki_dist.implant.data.examples import Example, tokenize
 
     world = build_world(args.people, args.seed)
     print(f"toy world: {len(world.general)} general questions, {len(world.task)} people with a pet")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from loki_dist.implant.data import IGNORE_INDEX, Example, collate
+from loki_dist.implant.data.examples import IGNORE_INDEX, Example, collate
 
 KINDS = ("rows", "lowrank", "full", "lora")  # lowrank: LoKI*, W_S0 + A B in the rows
 

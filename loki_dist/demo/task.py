@@ -32,7 +32,7 @@ from loki_dist.core import files
 from loki_dist.core.errors import UserError
 from loki_dist.evaluation.retention import completion_results, tokenize_facts
 from loki_dist.evaluation.scoring import document_nll, letter_logprobs, letter_token_ids
-from loki_dist.implant.data import IGNORE_INDEX, Example
+from loki_dist.implant.data.examples import IGNORE_INDEX, Example
 
 TRAIN_PHRASINGS = ("Q: What is the pet of {who}?\nA:", "Q: Which pet does {who} have?\nA:")
 HELD_OUT_PHRASINGS = ("Q: What animal does {who} keep?\nA:", "Q: {who} owns a pet. Which one is it?\nA:")

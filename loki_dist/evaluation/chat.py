@@ -15,7 +15,7 @@ import sys
 
 from loki_dist.core import flags
 from loki_dist.core.errors import UserError, require_at_least
-from loki_dist.implant.chat_templates import add_chat_template_argument, render
+from loki_dist.implant.data.chat_templates import add_chat_template_argument, render
 
 
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:

@@ -41,15 +41,10 @@ from loki_dist.core import checks, files, flags, hubdata, metering
 from loki_dist.core.errors import UserError
 from loki_dist.core.modeling import add_inference_arguments, read_inference_config, torch_dtype
 from loki_dist.core.sharding import block_sizes, my_block
-
-# model_batches and token_nll: for implant/monitor.py, which imports them from here (until it names
-# scoring.py)
-from loki_dist.evaluation.scoring import (  # noqa: F401
+from loki_dist.evaluation.scoring import (
     document_nll,
     letter_logprobs,
     letter_token_ids,
-    model_batches,
-    token_nll,
 )
 from loki_dist.evaluation.settings import EvaluateSettings
 

@@ -53,7 +53,7 @@ def completion_results(
     """Per (prompt ids, answer ids): completed exactly (see the top), and the answer's log-probability.
     One teacher-forced forward per batch, right-padded. lockstep: ZeRO-3, as scoring.model_batches."""
     from loki_dist.evaluation.scoring import model_batches
-    from loki_dist.implant.data import IGNORE_INDEX, Example, collate
+    from loki_dist.implant.data.examples import IGNORE_INDEX, Example, collate
 
     device = next(model.parameters()).device
     correct, logprob = [], []
@@ -81,7 +81,7 @@ def tokenize_facts(tokenizer, facts: Sequence[tuple[str, str]]) -> list[tuple[li
 
 def read_facts(source: str) -> list[tuple[str, str]]:
     """(prompt, answer) of each row of a JSON or JSONL file of `{"prompt": str, "answer": str}`."""
-    from loki_dist.implant.data import read_rows
+    from loki_dist.implant.data.rows import read_rows
 
     rows = read_rows(source)
     for index, row in enumerate(rows):

@@ -1,4 +1,4 @@
 """Method step 3, implanting: train only the selected down_proj rows. The `train` command (train.py)
-runs the recipe (recipe.py); one optimizer step goes recipe -> schedule -> trainer -> rowstate. Also the
-instruction data it reads, its checkpoints, `export` and `apply`, the forgetting monitor, and the Python
-API (api.py) for other training loops."""
+settles a plan and runs the row trainer (trainer/: plan, recipe, one optimizer step recipe -> schedule ->
+model -> rowstate, the monitor); it reads the instruction data (data/) and leaves checkpoints and an
+implant, with `export` and `apply` (artifacts/). api.py is the Python API for other training loops."""

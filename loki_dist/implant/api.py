@@ -31,9 +31,9 @@ from torch import nn
 from loki_dist.core import checks, collectives, distributed, positions
 from loki_dist.core.errors import UserError
 from loki_dist.core.families import down_proj_slots, spec_from_config, spec_from_dir
-from loki_dist.implant import lowrank, rowsplit
-from loki_dist.implant.export import BaseShards, non_finite_rows
-from loki_dist.implant.implant_file import RowSource, fingerprint, write_implant
+from loki_dist.implant.artifacts.export import BaseShards, non_finite_rows
+from loki_dist.implant.artifacts.implant_file import RowSource, fingerprint, write_implant
+from loki_dist.implant.trainer import lowrank, rowsplit
 
 
 def implant_rows(
@@ -51,7 +51,7 @@ def implant_rows(
     bias entries too (`...down_proj.trained_bias`, [k]; the down_proj must have a bias). rank R > 0: LoKI*,
     the rows are W_S0 + A B with A [k, R] (zero at first) and B [R, F] (kaiming-uniform as PEFT draws
     lora_A, from a generator seeded with `seed`: the same on every rank), parameters `...down_proj.A` and
-    `...down_proj.B` (lowrank.py). Returns the same model, changed in place (as PEFT's get_peft_model
+    `...down_proj.B` (trainer/lowrank.py). Returns the same model, changed in place (as PEFT's get_peft_model
     wraps it): call it before the optimizer is built, so that the optimizer sees what trains and nothing
     else. ds_config: under ZeRO-3, the run's DeepSpeed config (no "auto" left), so that the new
     parameters are partitioned as the model's own (offload, ZeRO++'s in-node copy); without it they

@@ -1,14 +1,15 @@
 """`loki-dist train`: implant new knowledge by training only the selected down_proj rows.
 
-The command: its flags, its Plan (every input checked before any process group or model exists, so a
-mistake costs nothing and overwrites nothing) and `run_train`, which runs the training recipe's
-lifecycle (recipe.py: setup -> train -> save -> cleanup). A step is followed in recipe.py (the loop),
-trainer.py (the model, its trainable rows, the update), schedule.py (each step's learning rate and
-samples) and checkpoint.py; resume.py chooses the checkpoint to resume from, and stopping.py says how a
-run ends early: REQUEUE_EXIT_CODE after a stop signal and a checkpoint, DIVERGED_EXIT_CODE on NaN or Inf.
+The command: its flags, `plan_run`, which builds the run's Plan (trainer/plan.py) with every input
+checked before any process group or model exists, so a mistake costs nothing and overwrites nothing,
+and `run_train`, which runs the training recipe's lifecycle (trainer/recipe.py: setup -> train -> save
+-> cleanup). A step is followed in trainer/: recipe.py (the loop), model.py (the model, its trainable
+rows, the update), schedule.py (each step's learning rate and samples), and artifacts/checkpoint.py;
+trainer/resume.py chooses the checkpoint to resume from, and trainer/stopping.py says how a run ends
+early: REQUEUE_EXIT_CODE after a stop signal and a checkpoint, DIVERGED_EXIT_CODE on NaN or Inf.
 
-One run per output directory at a time (runlock.py); every collective is bounded by the process group's
-timeout, and one that breaks off names the stage (distributed.stage).
+One run per output directory at a time (trainer/runlock.py); every collective is bounded by the process
+group's timeout, and one that breaks off names the stage (distributed.stage).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import hashlib
 import json
 import math
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,20 +28,22 @@ from loki_dist.core import checks, distributed, dsconfig, flags, plotting, posit
 from loki_dist.core.errors import UserError, require_at_least
 from loki_dist.core.families import ModelSpec, spec_from_dir
 from loki_dist.core.modeling import check_weights, load_tokenizer, sized_for
-from loki_dist.implant import checkpoint, held_out, lowrank, monitor, runlock
-from loki_dist.implant.checkpoint import FINAL_DIR
-from loki_dist.implant.data import (
-    Example,
+from loki_dist.implant.artifacts import checkpoint
+from loki_dist.implant.artifacts.checkpoint import FINAL_DIR
+from loki_dist.implant.artifacts.implant_file import fingerprint
+from loki_dist.implant.data import held_out
+from loki_dist.implant.data.examples import Example, load_examples
+from loki_dist.implant.data.sources import (
     add_data_arguments,
     check_data_flags,
     input_paths,
-    load_examples,
     read_conversations,
 )
-from loki_dist.implant.implant_file import fingerprint
-from loki_dist.implant.recipe import TrainRecipe
-from loki_dist.implant.resume import find_resume
-from loki_dist.implant.stopping import STACKS_SIGNAL
+from loki_dist.implant.trainer import lowrank, monitor
+from loki_dist.implant.trainer.plan import Plan
+from loki_dist.implant.trainer.recipe import TrainRecipe
+from loki_dist.implant.trainer.resume import find_resume
+from loki_dist.implant.trainer.stopping import STACKS_SIGNAL
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -118,47 +120,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     flags.add_overwrite(p, "a finished run in --output-dir")
     monitor.add_monitor_arguments(p)
     held_out.add_held_out_arguments(p)  # --val-size, --eval-dataset: LLaMA-Factory's held-out task set
-
-
-@dataclass
-class Plan:
-    """Everything validated and settled before any heavy work."""
-
-    args: argparse.Namespace
-    spec: ModelSpec
-    positions: list[list[int]]
-    examples: list[Example]
-    micro: int
-    accum: int
-    bf16: bool
-    max_grad_norm: float
-    ds_config: dict | None
-    out: Path
-    resume_from: Path | None
-    base_print: str
-    data_print: str
-    world: distributed.World
-    pad_id: int
-    log: list[str] = field(default_factory=list)
-    lock: runlock.RunLock | None = None  # the output directory's, held by rank 0 (resume.find_resume)
-    evals: monitor.Inputs | None = None  # this rank's share of --eval-data / --general-data
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro * self.accum * self.world.size
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.examples) // self.global_batch
-
-    @property
-    def total_steps(self) -> int:
-        """--max-steps, or the epochs' steps, a fractional last epoch rounded up (as HF's Trainer)."""
-        return self.args.max_steps or math.ceil(self.args.epochs * self.steps_per_epoch)
-
-    def every(self, flag_value: int | float) -> int:
-        """A steps flag (--save-steps, --logging-steps, --warmup-steps) in steps of this run."""
-        return flags.steps_of(flag_value, self.total_steps)
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -294,7 +255,7 @@ def plan_run(args: argparse.Namespace, world: distributed.World) -> Plan:
 
 def _check_bias(model: str, spec: ModelSpec, rows: list[list[int]]) -> None:
     """--train-bias: every trained layer's down_proj has a bias in the base's weights (shard headers)."""
-    from loki_dist.implant.export import BaseShards
+    from loki_dist.implant.artifacts.export import BaseShards
 
     biased = BaseShards.read(Path(model), spec, "--model").bias
     missing = [layer for layer, chosen in enumerate(rows) if chosen and layer not in biased]

@@ -132,7 +132,7 @@ def run_stage(name: str, args: list[str], nproc: int = 1, launcher: list[str] | 
             preexec_fn=_Forwarder.ignore_usr1 if own_group else None,
         )
         code = forwarder.child.wait()
-    from loki_dist.implant.stopping import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE
+    from loki_dist.implant.trainer.stopping import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE
 
     if code != 0 and forwarder.stopped:
         stopped = f"the {name} stage stopped on a signal; rerun the same command to continue"

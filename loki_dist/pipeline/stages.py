@@ -165,7 +165,8 @@ def validate(path: str, config: dict, stages: list[Stage]) -> None:
     from loki_dist.core.families import spec_from_dir
     from loki_dist.core.flags import parse_quota
     from loki_dist.core.modeling import check_weights, load_tokenizer
-    from loki_dist.implant import chat_templates, data, train
+    from loki_dist.implant import train
+    from loki_dist.implant.data import chat_templates, sources
     from loki_dist.suppression import check_flags as check_suppress_flags
 
     with _section(path, "model"):
@@ -181,7 +182,7 @@ def validate(path: str, config: dict, stages: list[Stage]) -> None:
     inputs = {"model": config["model"], "attribute.data": parsed["attribute"].data}
     with _section(path, "train"):
         train.check_flags(parsed["train"])  # --data or --dataset, before their files are named
-        inputs.update({f"train {flag}": file for flag, file in data.input_paths(parsed["train"]).items()})
+        inputs.update({f"train {flag}": file for flag, file in sources.input_paths(parsed["train"]).items()})
     for stage in stages:
         with _section(path, stage.name):
             checks.refuse_output_over_inputs(stage.output_flag, stage.output, inputs)
@@ -203,7 +204,7 @@ def validate(path: str, config: dict, stages: list[Stage]) -> None:
                 )
     with _section(path, "train"):
         dsconfig.load(train_args.ds_config)
-        data.read_conversations(train_args)  # every row readable, of a known form
+        sources.read_conversations(train_args)  # every row readable, of a known form
         if train_args.chat_template:
             chat_templates.resolve(train_args.chat_template)
 
@@ -223,7 +224,7 @@ def fingerprint_path(path: Path) -> str:
     A model directory uses implant_file.fingerprint (its config, shard headers and the first bytes of
     every tensor), so a 70B base is identified in a few MB of reads rather than 140 GB.
     """
-    from loki_dist.implant.implant_file import fingerprint
+    from loki_dist.implant.artifacts.implant_file import fingerprint
 
     if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return "model:" + fingerprint(path)

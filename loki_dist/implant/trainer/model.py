@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from loki_dist.core import dsconfig, metering, positions
 from loki_dist.core.families import down_projections
 from loki_dist.core.modeling import load_causal_lm, zero3_share
-from loki_dist.implant import api, rowstate
-
-if TYPE_CHECKING:  # training imports this module
-    from loki_dist.implant.train import Plan
+from loki_dist.implant import api
+from loki_dist.implant.trainer import rowstate
+from loki_dist.implant.trainer.plan import Plan
 
 
 @dataclass

@@ -39,7 +39,14 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 from jinja2.visitor import NodeTransformer
 
-from loki_dist.implant.template_bounds import binop_size, bounded_filter, charge, checked_args, spend, step
+from loki_dist.implant.data.template_bounds import (
+    binop_size,
+    bounded_filter,
+    charge,
+    checked_args,
+    spend,
+    step,
+)
 
 # ------------------------------------------------------------------ the environment
 

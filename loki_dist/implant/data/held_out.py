@@ -1,12 +1,12 @@
 """The task's held-out set for the forgetting monitor, as LLaMA-Factory names it: `--val-size` (a share
 or a count of the training samples, set aside) or `--eval-dataset NAME[,NAME...]` (dataset_info.json
-entries of --dataset-dir), beside monitor.py's own `--eval-data FILE`.
+entries of --dataset-dir), beside trainer/monitor.py's own `--eval-data FILE`.
 
 A LLaMA-Factory recipe says `val_size: 0.1` or `eval_dataset: my_eval`; read as it says, those samples
-are the task held out, scored at the run's first and last step and every --eval-steps (monitor.py). The
-split is LLaMA-Factory's in kind, not in draw: a share is rounded up (as `datasets`' train_test_split
-does), the held-out samples are drawn from a generator seeded with --seed, so every rank and every
-resume sets aside the same ones, and the others train in their file order.
+are the task held out, scored at the run's first and last step and every --eval-steps
+(trainer/monitor.py). The split is LLaMA-Factory's in kind, not in draw: a share is rounded up (as
+`datasets`' train_test_split does), the held-out samples are drawn from a generator seeded with --seed,
+so every rank and every resume sets aside the same ones, and the others train in their file order.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import math
 import random
 
 from loki_dist.core.errors import UserError
-from loki_dist.implant.data import Conversation, dataset_names
+from loki_dist.implant.data import dataset_info
+from loki_dist.implant.data.rows import Conversation
 
 
 def add_held_out_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,15 +51,13 @@ def check_flags(args: argparse.Namespace) -> None:
     if size is not None and not (math.isfinite(size) and size > 0 and (size < 1 or size.is_integer())):
         raise UserError(f"--val-size {size:g}: expected a share in (0, 1) or a whole number of samples")
     if args.eval_dataset is not None:
-        dataset_names(args.eval_dataset)
+        dataset_info.dataset_names(args.eval_dataset)
 
 
 def input_paths(args: argparse.Namespace) -> dict[str, str]:
     """The --eval-dataset files by flag, for the check that no output overwrites them."""
     if args.eval_dataset is None:
         return {}
-    from loki_dist.implant import dataset_info
-
     return dataset_info.input_paths(_eval_args(args), "--eval-dataset")
 
 
@@ -68,8 +67,6 @@ def split(
     """(the samples that train, the held-out task set or None): --val-size takes its share out of the
     training samples; --eval-dataset reads its entries (each cut to --max-samples, as --dataset's)."""
     if args.eval_dataset is not None:
-        from loki_dist.implant import dataset_info
-
         return conversations, dataset_info.conversations(_eval_args(args), "--eval-dataset")
     if args.val_size is None:
         return conversations, None

@@ -163,7 +163,7 @@ def _scheduler(value: object, where: str) -> str:
 
 def _template(value: object, where: str) -> object:
     """LLaMA-Factory's template name -> a built-in one; a file path stays as it is."""
-    from loki_dist.implant.chat_templates import ALIASES, BUILTIN, names
+    from loki_dist.implant.data.chat_templates import ALIASES, BUILTIN, names
 
     if not isinstance(value, str) or value in BUILTIN or value in ALIASES or Path(value).is_file():
         return value

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 
 import torch
 
-from loki_dist.implant.partition import RowPartition
+from loki_dist.implant.trainer.partition import RowPartition
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 #: DeepSpeed releases whose internals below are tested (pyproject pins the same range)

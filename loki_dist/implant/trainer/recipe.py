@@ -2,10 +2,10 @@
 
 After train.plan_run has checked every input: load the model sharded (ZeRO-3 zero.Init through the
 HF DeepSpeed integration, or ZeRO-1/2, or one plain process) -> freeze everything, then make the
-selected rows trainable (trainer.py) -> loop over global batches (schedule.py): forward/backward per
+selected rows trainable (model.py) -> loop over global batches (schedule.py): forward/backward per
 micro-batch, then at each update (masked layout) zero the gradients of unselected rows on this rank's
 partition, apply decoupled weight decay to selected rows only, let the optimizer step -> row-level
-checkpoints (checkpoint.py) -> OUT/final built from the base model's shards (export.py).
+checkpoints (artifacts/checkpoint.py) -> OUT/final built from the base model's shards (artifacts/export.py).
 """
 
 from __future__ import annotations
@@ -16,20 +16,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from loki_dist.core import collectives, distributed, files, metering
-from loki_dist.implant import checkpoint, export, monitor
-from loki_dist.implant.checkpoint import FINAL_DIR
-from loki_dist.implant.data import collate, num_targets
-from loki_dist.implant.schedule import global_batch_indices, lr_at, micro_batches, normaliser
-from loki_dist.implant.stopping import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE, StopRequest
-from loki_dist.implant.trainer import Trainer
-
-if TYPE_CHECKING:  # training imports this module
-    from loki_dist.implant.train import Plan
+from loki_dist.implant.artifacts import checkpoint, export
+from loki_dist.implant.artifacts.checkpoint import FINAL_DIR
+from loki_dist.implant.data.examples import collate, num_targets
+from loki_dist.implant.trainer import monitor
+from loki_dist.implant.trainer.model import Trainer
+from loki_dist.implant.trainer.plan import Plan
+from loki_dist.implant.trainer.schedule import global_batch_indices, lr_at, micro_batches, normaliser
+from loki_dist.implant.trainer.stopping import DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE, StopRequest
 
 
 class TrainRecipe:
@@ -43,9 +41,9 @@ class TrainRecipe:
     Features:
     - layouts: ZeRO-3 (zero.Init through the HF DeepSpeed integration), ZeRO-1/2, or one plain process
       (`--ds-config none`); the rows as their own parameter (`--row-params split`), LoKI*'s low-rank
-      update of them (`--lora-rank R`, lowrank.py) or masked in the whole down_proj weight (trainer.py);
+      update of them (`--lora-rank R`, lowrank.py) or masked in the whole down_proj weight (model.py);
     - row-level checkpoints every --save-steps and at the end, resumed on any world size (resume.py
-      chooses, checkpoint.py reads only this rank's ranges);
+      chooses, artifacts/checkpoint.py reads only this rank's ranges);
     - SIGUSR1/SIGTERM stop at the next step boundary, on every rank, after a checkpoint: `train` returns
       REQUEUE_EXIT_CODE (75; stopping.py); SIGUSR2 prints every thread's stack and goes on;
     - divergence (a NaN or Inf loss or gradient norm on any rank, or in the rows a checkpoint would save)
@@ -248,7 +246,7 @@ class TrainRecipe:
             }
             files.write_json(out / "train_summary.json", summary, indent=2)
             if plan.args.plot_loss:
-                from loki_dist.implant.lossplot import plot_loss
+                from loki_dist.implant.trainer.lossplot import plot_loss
 
                 print(f"loss plot: {plot_loss(out) or 'none (no loss was logged)'}", flush=True)
             print(f"done: {out / FINAL_DIR} (probe loss {probe:.6f})", flush=True)

@@ -26,8 +26,9 @@ import torch
 from loki_dist.core import checks, distributed, files, flags, metering, progress_wait
 from loki_dist.core.errors import UserError
 from loki_dist.core.families import ModelSpec, spec_from_dir
-from loki_dist.implant import checkpoint, lowrank
-from loki_dist.implant.implant_file import IMPLANT_NAME, RowSource, fingerprint, write_implant
+from loki_dist.implant.artifacts import checkpoint
+from loki_dist.implant.artifacts.implant_file import IMPLANT_NAME, RowSource, fingerprint, write_implant
+from loki_dist.implant.trainer import lowrank
 
 # tests only, after a rank writes a shard: SIGKILL itself (any value), or fail on the rank it names
 _KILL_ENV, _FAIL_ENV = "LOKI_DIST_TEST_KILL_IN_EXPORT", "LOKI_DIST_TEST_FAIL_IN_EXPORT"

@@ -129,7 +129,7 @@ def check(text: str, name: str) -> None:
     """Compile a template now, so that a broken one is one line before any work, not mid-run."""
     from jinja2 import TemplateSyntaxError
 
-    from loki_dist.implant import template_sandbox
+    from loki_dist.implant.data import template_sandbox
 
     if len(text) > MAX_TEMPLATE_CHARS:
         raise UserError(f"{name}: {len(text):,} characters; a chat template is at most 1 Mi (right file?)")
@@ -150,7 +150,7 @@ def render(
     row) and the template. `prompt`: end with the generation prompt (the assistant's turn opening)."""
     from jinja2 import TemplateError
 
-    from loki_dist.implant import template_bounds, template_sandbox
+    from loki_dist.implant.data import template_bounds, template_sandbox
 
     name = describe(tokenizer)
     try:

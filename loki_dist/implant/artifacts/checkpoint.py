@@ -5,7 +5,7 @@ moments, the step (from which the data position and the learning rate follow), a
 state. The frozen 99% of the model is re-read from the base on resume, so it cannot be lost or
 re-initialised, and a checkpoint of a 70B run is a few GB instead of hundreds.
 
-Each rank writes the part of the rows it owns (see rowstate.py: a contiguous range of each layer's
+Each rank writes the part of the rows it owns (see trainer/rowstate.py: a contiguous range of each layer's
 selected elements in flat order) to its own shard, so saving moves nothing between ranks; rank 0 then
 writes a small index saying which shard holds which range. A resume, on any number of ranks, reads only
 the ranges its own slices need (safetensors slices), so reading is spread over the ranks too.
@@ -17,7 +17,7 @@ directory is filled under a staging name and renamed when complete, so a checkpo
 absent. Checkpoints of loki_dist 0.1 (one rows.safetensors holding [k, F] tensors and layers.<l>.rows,
 and rng_state_<rank>.pt) are read as one shard covering everything.
 
-A LoKI* run (lowrank.py) stores its factors as rows are stored, each factor an entry of its own
+A LoKI* run (trainer/lowrank.py) stores its factors as rows are stored, each factor an entry of its own
 (RowState.key): tensors layers.<l>.A.<quantity> and layers.<l>.B.<quantity> over A's and B's flat
 elements, index entries "<l>.A" and "<l>.B" with their shapes, under the index format LOWRANK_FORMAT, so
 that a reader that knows rows alone refuses it by name instead of taking factors for rows.
@@ -40,8 +40,8 @@ import torch
 
 from loki_dist.core import checks, collectives, distributed, files, metering
 from loki_dist.core.errors import UserError
-from loki_dist.implant import rngstate
-from loki_dist.implant.rowstate import ADAM_STATE_KEYS, RowState, Slice
+from loki_dist.implant.artifacts import rngstate
+from loki_dist.implant.trainer.rowstate import ADAM_STATE_KEYS, RowState, Slice
 
 STATE_FILE = "trainer_state.json"
 INDEX_FILE = "rows_index.json"

@@ -13,7 +13,7 @@ Scoring is `loki-dist evaluate`'s own (token_nll, document_nll, letter_logprobs)
 what `evaluate` says of a saved model. Data-parallel: each rank keeps and scores only its contiguous
 block of every set (tokenised at planning; nothing else is kept), the sums are all-reduced in float64
 (one small collective), so every rank holds the same numbers. Under ZeRO-3 a forward gathers the
-parameters collectively, so all ranks make the same number of forwards (evaluate.model_batches'
+parameters collectively, so all ranks make the same number of forwards (scoring.model_batches'
 lockstep). The model runs in eval mode under no_grad and is put back in train mode after.
 
 Each value is also shown as its change from the first evaluation of the run, relative to it:
@@ -37,9 +37,7 @@ import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -47,21 +45,18 @@ from loki_dist.attribution import mmlu
 from loki_dist.core import collectives, distributed, dsconfig, metering
 from loki_dist.core.errors import UserError
 from loki_dist.core.sharding import my_block
-from loki_dist.evaluation.evaluate import (
+from loki_dist.evaluation.evaluate import documents_from_rows, read_text_lines
+from loki_dist.evaluation.scoring import (
     document_nll,
-    documents_from_rows,
     letter_logprobs,
     letter_token_ids,
     model_batches,
-    read_text_lines,
     token_nll,
 )
-from loki_dist.implant import checkpoint
-from loki_dist.implant.data import IGNORE_INDEX, Example, collate, load_examples
-
-if TYPE_CHECKING:  # training imports this module
-    from loki_dist.implant.train import Plan
-    from loki_dist.implant.trainer import Trainer
+from loki_dist.implant.artifacts import checkpoint
+from loki_dist.implant.data.examples import IGNORE_INDEX, Example, collate, load_examples
+from loki_dist.implant.trainer.model import Trainer
+from loki_dist.implant.trainer.plan import Inputs, Plan
 
 # what a stop compares: the metric and the sign of its change that means forgetting
 FORGETTING = {"general_perplexity": 1, "general_accuracy": -1}
@@ -125,18 +120,6 @@ def input_files(args: argparse.Namespace) -> dict[str, str]:
     }
 
 
-@dataclass
-class Inputs:
-    """This rank's block of each evaluation set, tokenised, and a fingerprint of the whole sets."""
-
-    fingerprint: str
-    task: list[Example] | None = None
-    documents: list[list[int]] | None = None  # perplexity form
-    prompts: list[list[int]] | None = None  # multiple-choice form
-    answers: list[int] = field(default_factory=list)
-    letters: list[int] = field(default_factory=list)
-
-
 def read_inputs(
     args: argparse.Namespace, tokenizer, world: distributed.World, held_out: list | None = None
 ) -> Inputs | None:
@@ -144,7 +127,7 @@ def read_inputs(
     keep only this rank's block of each. The task set is tokenised whole, as --data is (dropped samples
     must be known to cut blocks); of the general set only this rank's block is tokenised. `held_out`:
     the task set as conversations already read, where --val-size or --eval-dataset gave it
-    (held_out.py) instead of --eval-data."""
+    (data/held_out.py) instead of --eval-data."""
     task = args.eval_data or held_out
     if not (task or args.general_data):
         return None
@@ -202,7 +185,7 @@ def _read_general(
 
 @contextmanager
 def _as_flag(flag: str) -> Iterator[None]:
-    """The readers shared with --data (data.py, mmlu.py, evaluate.py) name `--data` in their errors;
+    """The readers shared with --data (data/rows.py, mmlu.py, evaluate.py) name `--data` in their errors;
     here the file came from `flag`, and the user must be told which of the three was wrong."""
     try:
         yield

@@ -7,15 +7,12 @@ same schedule over the same samples in the same order.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
 from loki_dist.core.flags import steps_of
-from loki_dist.implant.data import num_targets
-
-if TYPE_CHECKING:  # training imports this module
-    from loki_dist.implant.train import Plan
+from loki_dist.implant.data.examples import num_targets
+from loki_dist.implant.trainer.plan import Plan
 
 
 def lr_at(step: int, plan: Plan) -> float:

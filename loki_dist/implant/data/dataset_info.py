@@ -35,6 +35,7 @@ set. So the counts follow the ratios, the same seed gives the same mixture, and 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from pathlib import Path
 
 from loki_dist.core import checks
 from loki_dist.core.errors import UserError, preview, shown
-from loki_dist.implant.data import Conversation, check_turns, dataset_names, parse_ratios, read_rows
+from loki_dist.implant.data.rows import Conversation, check_turns, read_rows
 
 INFO_FILE = "dataset_info.json"
 FORMATS = ("alpaca", "sharegpt")
@@ -88,6 +89,30 @@ class Entry:
     @property
     def flag(self) -> str:
         return f"{self.option} {self.name}"
+
+
+def dataset_names(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",")]
+    if not all(names):
+        raise UserError(f"--dataset {value}: expected names separated by commas, with none empty")
+    return names
+
+
+def parse_ratios(value: str, count: int) -> list[float]:
+    """`0.7,0.3` -> [0.7, 0.3]: one positive finite number per data set (they need not sum to 1)."""
+    try:
+        ratios = [float(part) for part in value.split(",")]
+    except ValueError:
+        raise UserError(f"--mix-ratios {value}: expected numbers separated by commas") from None
+    if len(ratios) != count:
+        raise UserError(f"--mix-ratios {value}: {len(ratios)} ratios for {count} data sets; expected {count}")
+    if not all(math.isfinite(r) and r > 0 for r in ratios):
+        raise UserError(f"--mix-ratios {value}: expected positive finite numbers")
+    if not math.isfinite(sum(ratios)):  # the mixture draws with probability ratio / sum
+        raise UserError(
+            f"--mix-ratios {value}: their sum overflows; only the proportions count (1,1 for 1e308,1e308)"
+        )
+    return ratios
 
 
 def read_info(dataset_dir: str) -> dict:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loki_dist.core.errors import UserError
-from loki_dist.implant.rowsplit import RowLinear, install
+from loki_dist.implant.trainer.rowsplit import RowLinear, install
 
 
 class RowLowRankLinear(RowLinear):

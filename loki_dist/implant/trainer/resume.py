@@ -12,15 +12,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from loki_dist.core import distributed
 from loki_dist.core.errors import UserError
-from loki_dist.implant import checkpoint, runlock
-from loki_dist.implant.checkpoint import FINAL_DIR
-
-if TYPE_CHECKING:  # training imports this module
-    from loki_dist.implant.train import Plan
+from loki_dist.implant.artifacts import checkpoint
+from loki_dist.implant.artifacts.checkpoint import FINAL_DIR
+from loki_dist.implant.trainer import runlock
+from loki_dist.implant.trainer.plan import Plan
 
 
 def find_resume(plan: Plan) -> Path | None:

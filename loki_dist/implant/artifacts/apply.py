@@ -13,8 +13,8 @@ from pathlib import Path
 from loki_dist.core import distributed, flags
 from loki_dist.core.errors import UserError
 from loki_dist.core.families import spec_from_dir
-from loki_dist.implant.export import BaseShards, check_output, export_model, run_collectively
-from loki_dist.implant.implant_file import ImplantRows, check_implant_fits, fingerprint
+from loki_dist.implant.artifacts.export import BaseShards, check_output, export_model, run_collectively
+from loki_dist.implant.artifacts.implant_file import ImplantRows, check_implant_fits, fingerprint
 
 
 def add_apply_arguments(parser: argparse.ArgumentParser) -> None:
