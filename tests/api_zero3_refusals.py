@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 import loki_dist
+from loki_dist.core import distributed
 from loki_dist.core.errors import UserError
 from loki_dist.implant.api import implanted_layers
 
@@ -63,6 +64,7 @@ def main(base: str, positions: str, out: Path) -> None:
         lambda: loki_dist.save_implant(model, out / "good.safetensors", base=base)
     )
     (out / f"rank{rank}.json").write_text(json.dumps(results))
+    distributed.shutdown()  # leave the group together: a rank exiting first sometimes aborts (SIGABRT)
 
 
 if __name__ == "__main__":

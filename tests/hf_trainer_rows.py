@@ -119,6 +119,7 @@ def main(settings: dict) -> None:
         tokenizer.save_pretrained(str(out / "merged"))
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         (out / "losses.json").write_text(json.dumps(losses))
+    distributed.shutdown()  # leave the group together: a rank exiting first sometimes aborts (SIGABRT)
 
 
 if __name__ == "__main__":
