@@ -19,10 +19,12 @@ came out as signal 2 in about 1 of 4 interrupts during start-up (measured on thi
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import NoReturn
@@ -37,6 +39,20 @@ def install() -> None:
     ignoring SIGINT, as its shell wanted)."""
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupt)
+        sys.unraisablehook = _unraisable
+
+
+def _unraisable(unraisable, _previous=sys.unraisablehook) -> None:
+    """A KeyboardInterrupt raised inside a finalizer (a `__del__`, a weakref callback: a library's objects
+    collected during the run) is printed by Python as "Exception ignored" and dropped, and the run went
+    on past the Ctrl-C (seen under test: training continued). Deliver the signal again instead, so that
+    the interrupt is raised where the code runs next."""
+    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+        # raised from here it would be dropped again: trip the signal a moment later, from another
+        # thread, once the finalizer is left (a later finalizer catching it again comes back here)
+        threading.Timer(0.05, _thread.interrupt_main, (signal.SIGINT,)).start()
+        return
+    _previous(unraisable)
 
 
 def running() -> None:
